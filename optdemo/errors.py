@@ -1,0 +1,36 @@
+"""The project's own error types.
+
+Every error a user can meet is an ``OptdemoError`` whose message is a sentence that says what went
+wrong and what to do next. The UI turns these into ``gr.Error``; anything else reaching the UI is a
+bug and is reported as one.
+"""
+
+from __future__ import annotations
+
+
+class OptdemoError(Exception):
+    """Base class: a problem the user can act on; ``str(err)`` is the message to show."""
+
+
+class BudgetError(OptdemoError, ValueError):
+    """A max_memory specification that cannot be parsed or used on this machine."""
+
+
+class ConfigError(OptdemoError, ValueError):
+    """A load configuration that is invalid or cannot be resolved (unknown model, bad dtype...)."""
+
+
+class PlanError(OptdemoError):
+    """The model cannot be placed with the given budget and offload folder."""
+
+
+class LoadError(OptdemoError):
+    """Loading failed (network, gated repository, corrupt checkpoint, out of memory, disk full)."""
+
+
+class GenerationError(OptdemoError, ValueError):
+    """Invalid generation parameters, or generation requested with no model loaded."""
+
+
+class BusyError(OptdemoError):
+    """The model is busy (loading or generating) and the request could not wait."""

@@ -1,0 +1,376 @@
+"""Streamed generation: prompt continuation and a chat transcript for a model that is not
+instruction-tuned.
+
+``generate`` runs in a worker thread and feeds a ``TextIteratorStreamer``; the caller iterates
+:class:`GenerationUpdate` values carrying the accumulated text. A stop event (a ``StoppingCriteria``)
+ends generation within one token, and closing the iterator (a consumer that went away) sets it too,
+so no thread keeps generating for nobody.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from optdemo.errors import GenerationError
+
+if TYPE_CHECKING:
+    import torch
+
+# The hard ceiling; public deployments lower it (see the UI's caps).
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_PROMPT_CHARS = 100_000
+# How often the consumer wakes up while waiting for a slow (disk-offloaded) first token.
+_POLL_SECONDS = 0.1
+
+CHAT_PREAMBLE = (
+    "The following is a conversation between a curious user and a helpful, knowledgeable AI "
+    "assistant. The assistant answers clearly and truthfully.\n\n"
+)
+USER_TAG = "User:"
+ASSISTANT_TAG = "Assistant:"
+# Where a reply ends: the model starting the next turn itself.
+CHAT_STOP_STRINGS = ("\n" + USER_TAG, "\n" + ASSISTANT_TAG)
+
+ChatTurn = tuple[str, str]  # (user message, assistant reply)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings; validated on creation so a bad value never reaches ``generate``."""
+
+    max_new_tokens: int = 64  # tokens to generate at most
+    temperature: float = 0.7  # 0 means greedy decoding (deterministic)
+    top_p: float = 0.9  # nucleus sampling mass, in (0, 1]
+    top_k: int = 50  # sample among the k most likely tokens; 0 disables the filter
+    repetition_penalty: float = 1.1  # 1.0 means no penalty
+    seed: int | None = None  # fixed seed for reproducible sampling
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_new_tokens", _as_int("max_new_tokens", self.max_new_tokens))
+        object.__setattr__(self, "top_k", _as_int("top_k", self.top_k))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            object.__setattr__(self, name, _as_float(name, getattr(self, name)))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _as_int("seed", self.seed))
+            if not 0 <= self.seed < 2**32:
+                raise GenerationError("seed must be between 0 and 4294967295")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise GenerationError(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}"
+            )
+        if not 0 <= self.temperature <= 5:
+            raise GenerationError(f"temperature must be between 0 (greedy) and 5, got {self.temperature:g}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p:g}")
+        if not 0 <= self.top_k <= 100_000:
+            raise GenerationError(f"top_k must be between 0 (off) and 100000, got {self.top_k}")
+        if not 0.5 <= self.repetition_penalty <= 5:
+            raise GenerationError(
+                f"repetition_penalty must be between 0.5 and 5 (1 = none), got {self.repetition_penalty:g}"
+            )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for ``model.generate``."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+
+def _as_int(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise GenerationError(f"{name} must be a whole number, not {value!r}")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise GenerationError(f"{name} must be a whole number, got {str(value)[:40]!r}")
+
+
+def _as_float(name: str, value: object) -> float:
+    if isinstance(value, bool):
+        raise GenerationError(f"{name} must be a number, not {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise GenerationError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(number):
+        raise GenerationError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one reply cost: token counts and timings (seconds)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token: float | None
+    total_seconds: float
+    tokens_per_second: float | None  # decode rate after the first token
+    stopped: bool = False  # ended by the user (Stop) rather than by length or a stop string
+    truncated_prompt_tokens: int = 0  # tokens of old context dropped to fit the window
+
+    def summary(self) -> str:
+        """One line for people, e.g. ``24 tokens · first token 0.41 s · 12.3 tokens/s``."""
+        parts = [f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''}"]
+        if self.time_to_first_token is not None:
+            parts.append(f"first token {self.time_to_first_token:.2f} s")
+        if self.tokens_per_second is not None:
+            parts.append(f"{self.tokens_per_second:.1f} tokens/s")
+        parts.append(f"{self.total_seconds:.2f} s total")
+        if self.stopped:
+            parts.append("stopped")
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class GenerationUpdate:
+    """One step of a stream: the reply so far; ``stats`` is set on the final update only."""
+
+    text: str
+    stats: GenerationStats | None = None
+
+    @property
+    def done(self) -> bool:
+        """True for the last update of a stream."""
+        return self.stats is not None
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat transcript ready for the model, and how many old turns were left out to fit."""
+
+    text: str
+    dropped_turns: int
+
+
+def build_chat_prompt(
+    history: Sequence[ChatTurn],
+    message: str,
+    count_tokens: Callable[[str], int],
+    max_prompt_tokens: int,
+) -> ChatPrompt:
+    """Lay out a plain transcript (preamble, ``User:``/``Assistant:`` turns, open reply) and drop
+    the oldest turns until it fits ``max_prompt_tokens``.
+
+    Args:
+        history: earlier (user, assistant) turns, oldest first.
+        message: the new user message.
+        count_tokens: the tokenizer's token count for a text.
+        max_prompt_tokens: the context window minus the tokens reserved for the reply.
+
+    Raises:
+        GenerationError: the message alone does not fit.
+    """
+    turns = [f"{USER_TAG} {user.strip()}\n{ASSISTANT_TAG} {bot.strip()}\n" for user, bot in history]
+    tail = f"{USER_TAG} {message.strip()}\n{ASSISTANT_TAG}"
+    for dropped in range(len(turns) + 1):
+        text = CHAT_PREAMBLE + "".join(turns[dropped:]) + tail
+        if count_tokens(text) <= max_prompt_tokens:
+            return ChatPrompt(text, dropped)
+    raise GenerationError(
+        f"the message is too long for the model's context ({count_tokens(tail)} tokens with only "
+        f"{max_prompt_tokens} available after reserving the reply): shorten it or lower max_new_tokens"
+    )
+
+
+def context_window(model: Any) -> int:
+    """The model's maximum sequence length (positions it was trained with)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def stream_generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    params: GenerationParams,
+    *,
+    input_device: torch.device | str = "cpu",
+    stop_event: threading.Event | None = None,
+    stop_strings: Sequence[str] = (),
+) -> Iterator[GenerationUpdate]:
+    """Generate a continuation of ``prompt``, yielding the accumulated text as tokens arrive.
+
+    The prompt is cut from the left to fit the context window minus ``max_new_tokens``. Text is
+    held back while it could be the start of a stop string, and the stop string itself is never
+    shown. The final update carries :class:`GenerationStats`.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if not isinstance(prompt, str):
+        raise GenerationError("the prompt must be text")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise GenerationError(f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    stop_event = stop_event or threading.Event()
+    window = context_window(model)
+    if params.max_new_tokens >= window:
+        raise GenerationError(
+            f"max_new_tokens ({params.max_new_tokens}) must be smaller than the model's context "
+            f"window ({window} tokens)"
+        )
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    keep = window - params.max_new_tokens
+    truncated = max(0, input_ids.shape[1] - keep)
+    if truncated:
+        input_ids = input_ids[:, -keep:]
+    input_ids = input_ids.to(input_device)
+    prompt_tokens = int(input_ids.shape[1])
+
+    class _StopOnEvent(StoppingCriteria):
+        def __call__(self, ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=ids.device)
+
+    streamer = _timed_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = params.generate_kwargs()
+    extra: dict[str, Any] = {}
+    if stop_strings:
+        extra.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
+                    pad_token_id=pad_id,
+                    **kwargs,
+                    **extra,
+                )
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, name="optdemo-generate", daemon=True)
+    streamer.started = time.perf_counter()
+    worker.start()
+    text = ""
+    hit = False
+    try:
+        while True:
+            try:
+                chunk = streamer.text_queue.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if not worker.is_alive() and streamer.text_queue.empty():
+                    break
+                continue
+            if chunk is streamer.stop_signal:
+                break
+            text += chunk
+            visible, hit = _cut_at_stop(text, stop_strings)
+            if hit:
+                stop_event.set()
+                text = visible
+                break
+            if visible:
+                yield GenerationUpdate(visible)
+        # Set by the caller (Stop) before we set it ourselves below: the user ended the reply.
+        stopped_by_user = stop_event.is_set() and not hit
+        worker.join()
+    finally:
+        # Reached on normal end, on error, and when the consumer closes the stream early.
+        stop_event.set()
+        worker.join(timeout=60)
+    if failure:
+        raise _generation_failure(failure[0])
+    text, _ = _cut_at_stop(text, stop_strings, final=True)
+    yield GenerationUpdate(text, streamer.stats(prompt_tokens, truncated, stopped_by_user))
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> tuple[str, bool]:
+    """Text safe to show: cut at a stop string (second value True), or without a trailing partial
+    match that may still become one (unless ``final``)."""
+    for stop in stop_strings:
+        index = text.find(stop)
+        if index >= 0:
+            return text[:index].rstrip(), True
+    if final:
+        return text.rstrip() if stop_strings else text, False
+    hold = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return (text[:-hold] if hold else text), False
+
+
+def _generation_failure(exc: BaseException) -> Exception:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return GenerationError(
+            "the GPU ran out of memory while generating: lower max_new_tokens or the GPU budget"
+        )
+    if isinstance(exc, MemoryError):
+        return GenerationError("RAM ran out while generating: lower max_new_tokens or the cpu budget")
+    if isinstance(exc, Exception):
+        return GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
+    return GenerationError(f"generation was interrupted ({type(exc).__name__})")
+
+
+@functools.cache
+def _timed_streamer_class() -> type:
+    """A ``TextIteratorStreamer`` that also counts new tokens and times the first one (built on
+    first use so that importing this module does not import transformers)."""
+    from transformers import TextIteratorStreamer
+
+    class TimedStreamer(TextIteratorStreamer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.started = time.perf_counter()
+            self.first_token_at: float | None = None
+            self.last_token_at: float | None = None
+            self.new_tokens = 0
+            self._prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if self._prompt_seen:  # the first put is the prompt itself
+                now = time.perf_counter()
+                self.first_token_at = self.first_token_at or now
+                self.last_token_at = now
+                self.new_tokens += int(value.numel())
+            self._prompt_seen = True
+            super().put(value)
+
+        def stats(self, prompt_tokens: int, truncated: int, stopped: bool) -> GenerationStats:
+            end = time.perf_counter()
+            first, last = self.first_token_at, self.last_token_at
+            ttft = None if first is None else first - self.started
+            rate = None
+            if self.new_tokens > 1 and first is not None and last is not None and last > first:
+                rate = (self.new_tokens - 1) / (last - first)
+            return GenerationStats(
+                prompt_tokens, self.new_tokens, ttft, end - self.started, rate, stopped, truncated
+            )
+
+    return TimedStreamer

@@ -1,0 +1,345 @@
+"""Load a model with Accelerate across GPU / CPU / disk, and check a configuration before loading.
+
+``preflight`` validates everything that can be known before weights are touched (model resolves,
+budget usable here, offload folder writable with room, dtype and quantization possible), so a bad
+request is refused while the current model is still loaded. ``load_model`` then makes the single
+``from_pretrained(device_map="auto", ...)`` call and reports where the weights really went.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import pickle
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
+from optdemo.config import LoadConfig
+from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
+from optdemo.hardware import Hardware, probe_hardware
+from optdemo.models import ModelSource, hub_error_message, hub_token, resolve_model, scrub_token
+from optdemo.planner import Plan, device_of, plan_device_map, resolve_dtype
+
+# progress(fraction or None when unknown, description)
+ProgressCallback = Callable[[float | None, str], None]
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with its tokenizer, and the facts of its load."""
+
+    config: LoadConfig
+    model: Any
+    tokenizer: Any
+    plan: Plan
+    device_map: dict[str, Device]
+    bytes_per_device: dict[Device, int]
+    load_seconds: float
+
+    @property
+    def input_device(self) -> Any:
+        """Where input ids must go: the device of the input embeddings (CPU for disk/CPU)."""
+        return input_device(self.model, self.device_map)
+
+
+def preflight(config: LoadConfig, hardware: Hardware | None = None) -> Plan:
+    """Check that ``config`` can be loaded here, and return its plan; raise before any harm.
+
+    Raises:
+        ConfigError: the model cannot be resolved, or dtype / quantization impossible here.
+        BudgetError: the budget names GPUs this machine does not have.
+        PlanError: the model does not fit the budget and offload folder.
+    """
+    import torch
+
+    hardware = hardware or probe_hardware(config.offload_folder)
+    if config.max_memory is not None:
+        missing = missing_gpus(config.max_memory, hardware.gpu_count)
+        if missing:
+            raise BudgetError(
+                f"max_memory names GPU {missing[0]} but {describe_gpu_count(hardware.gpu_count)}: "
+                "remove it from the budget to load here (plans may name it)"
+            )
+    if config.quantization != "none":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{config.quantization} quantization needs an NVIDIA GPU (bitsandbytes); this "
+                "machine has none: set quantization to none"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                f"{config.quantization} quantization needs the bitsandbytes package: "
+                "pip install bitsandbytes, or set quantization to none"
+            )
+    if config.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bfloat16: choose float16 or float32")
+    plan = plan_device_map(config, hardware)
+    if not plan.fits:
+        raise PlanError(next(w for w in plan.warnings if "cannot hold" in w or "free" in w))
+    if plan.needs_offload_folder and config.offload_folder:
+        _check_writable(config.offload_folder)
+    return plan
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".optdemo-write-test-"):
+            pass
+    except OSError as exc:
+        raise PlanError(
+            f"the offload folder {folder} cannot be written ({exc.strerror or exc}): pick a folder "
+            "you can write to"
+        ) from None
+
+
+def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None = None) -> LoadedModel:
+    """Load ``config``'s model and tokenizer with ``device_map="auto"`` and its budget.
+
+    Raises:
+        LoadError: with a message that says what to do (network, gated, corrupt, memory, disk).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(config.model, config.revision, config.trust_remote_code)
+    dtype = resolve_dtype(config, source)
+    token = hub_token() if source.kind in ("hub", "catalog") else None
+    common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "token": token}
+    if config.revision and source.kind in ("hub", "catalog"):
+        common["revision"] = config.revision
+    started = time.perf_counter()
+    report = progress or (lambda fraction, text: None)
+    try:
+        report(0.0, f"Loading the tokenizer of {config.display_name}")
+        tokenizer_source = config.tokenizer or source.location
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **common)
+        kwargs: dict[str, Any] = {
+            "device_map": "auto",
+            "dtype": dtype,
+            # A fresh dict: transformers converts and adjusts it in place.
+            "max_memory": config.max_memory.as_max_memory() if config.max_memory else None,
+            "offload_folder": config.offload_folder,
+            "quantization_config": _quantization_config(config),
+            **common,
+        }
+        with _progress_bars(report) as bar_class:
+            model = AutoModelForCausalLM.from_pretrained(source.location, tqdm_class=bar_class, **kwargs)
+    except OptdemoError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes an actionable message
+        raise LoadError(load_error_message(exc, config, source)) from None
+    model.eval()
+    device_map = actual_device_map(model)
+    elapsed = time.perf_counter() - started
+    report(1.0, f"Loaded {config.display_name} in {elapsed:.1f} s")
+    return LoadedModel(
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        plan=plan,
+        device_map=device_map,
+        bytes_per_device=bytes_per_device(model, device_map),
+        load_seconds=elapsed,
+    )
+
+
+def _quantization_config(config: LoadConfig) -> Any:
+    if config.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "8bit":
+        # Layers the budget sends to CPU stay in float32 there (bitsandbytes int8 is GPU-only).
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype="float16")
+
+
+def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSource) -> str:
+    """A sentence for a failed load: what went wrong and what to do."""
+    import torch
+    from huggingface_hub import errors as hub_errors
+
+    name = config.display_name
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"the GPU ran out of memory loading {name}: lower the GPU budget so more goes to CPU"
+    if isinstance(exc, MemoryError):
+        return f"RAM ran out loading {name}: lower the cpu budget so more goes to disk"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"the disk filled up while loading {name}: free space in the offload folder "
+            f"({config.offload_folder}) and the Hugging Face cache, or raise the memory budget"
+        )
+    if isinstance(
+        exc,
+        (
+            hub_errors.HfHubHTTPError,
+            hub_errors.OfflineModeIsEnabled,
+            hub_errors.LocalEntryNotFoundError,
+            ConnectionError,
+        ),
+    ):
+        return hub_error_message(exc, source.location, config.revision)
+    if (
+        isinstance(exc, FileNotFoundError)
+        and exc.filename
+        and config.offload_folder
+        and str(exc.filename).startswith(config.offload_folder)
+    ):
+        return (
+            f"the offload folder {config.offload_folder} vanished during the load: recreate it and load again"
+        )
+    text = scrub_token(str(exc))
+    if _looks_corrupt(exc, text):
+        return (
+            f"a checkpoint file of {name} is corrupt or incomplete ({text[:160]}): delete it (or "
+            "the model's folder in the Hugging Face cache) and load again to re-download it"
+        )
+    if isinstance(exc, OSError) and ("does not appear to have" in text or "not a valid" in text):
+        return f"{name} has no weights that transformers can load: {text[:200]}"
+    if isinstance(exc, KeyboardInterrupt):
+        return f"loading {name} was interrupted"
+    return f"loading {name} failed ({type(exc).__name__}: {text[:300]})"
+
+
+def _looks_corrupt(exc: BaseException, text: str) -> bool:
+    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return True
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    lowered = text.lower()
+    return any(
+        marker in lowered
+        for marker in (
+            "header too",
+            "invalid header",
+            "pytorchstreamreader",
+            "incomplete metadata",
+            "unexpected end",
+            "corrupt",
+            "invalid load key",
+            "deserializ",
+        )
+    )
+
+
+def actual_device_map(model: Any) -> dict[str, Device]:
+    """Where the weights really are: ``hf_device_map``, or ``{"": device}`` when everything landed
+    on one device (transformers then sets no map)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        return dict(device_map)
+    device = next(model.parameters()).device
+    return {"": device.index if device.type == "cuda" else device.type}
+
+
+def bytes_per_device(model: Any, device_map: dict[str, Device]) -> dict[Device, int]:
+    """Bytes of weights on each device according to ``device_map`` (tied weights counted once)."""
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    sizes, _ = compute_module_sizes(model)
+    totals: dict[Device, int] = {}
+    for name, device in device_map.items():
+        totals[device] = totals.get(device, 0) + int(sizes.get(name, 0))
+    return totals
+
+
+def input_device(model: Any, device_map: dict[str, Device]) -> Any:
+    """The device the input ids must be on: that of the input embeddings (GPU index -> cuda)."""
+    import torch
+
+    embed = model.get_input_embeddings()
+    embed_name = next((name for name, module in model.named_modules() if module is embed), "")
+    device = device_of(embed_name, device_map) if embed_name else None
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    if device is None or device in ("cpu", "disk", "meta"):
+        return torch.device("cpu")
+    return torch.device(str(device))
+
+
+@contextmanager
+def _progress_bars(report: ProgressCallback):
+    """Route the download bars (``tqdm_class``) and the "Loading weights" bar (transformers'
+    tqdm hook) to ``report``."""
+    from transformers.utils import logging as hf_logging
+
+    class CallbackBar:
+        _lock = threading.RLock()
+
+        def __init__(
+            self,
+            iterable: Any = None,
+            *args: Any,
+            total: float | None = None,
+            desc: str | None = None,
+            initial: float = 0,
+            **kwargs: Any,
+        ) -> None:
+            self.iterable = iterable
+            self.total = total if total is not None else _len_or_none(iterable)
+            self.desc = desc or "Loading"
+            self.n = initial or 0
+
+        def __iter__(self):
+            for item in self.iterable:
+                yield item
+                self.update(1)
+
+        def update(self, n: float = 1) -> None:
+            self.n += n or 0
+            fraction = min(1.0, self.n / self.total) if self.total else None
+            unit = (
+                f" ({format_bytes(self.n)} of {format_bytes(self.total)})"
+                if (self.total or 0) > 10_000
+                else ""
+            )
+            report(fraction, f"{self.desc}{unit}")
+
+        def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+            self.desc = desc or self.desc
+
+        def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def refresh(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def reset(self, total: float | None = None) -> None:
+            self.n, self.total = 0, total if total is not None else self.total
+
+        def close(self) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.close()
+
+        @classmethod
+        def get_lock(cls):
+            return cls._lock
+
+        @classmethod
+        def set_lock(cls, lock: Any) -> None:
+            cls._lock = lock
+
+    previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: CallbackBar(*args, **kwargs))
+    try:
+        yield CallbackBar
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
+def _len_or_none(iterable: Any) -> int | None:
+    try:
+        return len(iterable)
+    except TypeError:
+        return None

@@ -1,0 +1,359 @@
+"""The model manager: the one object that owns the loaded model.
+
+One :class:`ModelManager` is created per process and handed to whoever needs the model (the UI, the
+benchmark, a script). It holds the model, tokenizer and configuration behind a lock that a load and
+a generation both take, so a reload never happens under a running generation and Accelerate's
+offload hooks (which move weights in and out of devices) never serve two forward passes at once.
+
+``load`` reuses the model when the configuration is equal, validates a new one before dropping the
+current model, and frees memory for real (hooks removed, references dropped, ``gc.collect()``, CUDA
+cache emptied) before loading the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from optdemo.budget import Device
+from optdemo.config import LoadConfig
+from optdemo.errors import BusyError, GenerationError, LoadError, OptdemoError
+from optdemo.generation import (
+    CHAT_STOP_STRINGS,
+    ChatTurn,
+    GenerationParams,
+    GenerationUpdate,
+    build_chat_prompt,
+    context_window,
+    stream_generate,
+)
+from optdemo.hardware import Hardware, probe_hardware
+from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
+from optdemo.planner import Plan, plan_device_map
+
+# How long a load waits for a running generation to notice its stop event and end.
+LOAD_WAIT_SECONDS = 120.0
+# How long a generation waits for the model (a load, or other users' generations) before giving up.
+GENERATION_WAIT_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The outcome of :meth:`ModelManager.load`."""
+
+    status: str  # "loaded" or "reused"
+    config: LoadConfig
+    load_seconds: float
+    device_map: dict[str, Device]
+    bytes_per_device: dict[Device, int]
+    plan: Plan
+    message: str
+    stopped_generation: bool = False  # a running reply was stopped to apply the new configuration
+
+    @property
+    def matches_plan(self) -> bool:
+        """Whether the weights went exactly where the plan said."""
+        return not self.plan_differences
+
+    @property
+    def plan_differences(self) -> dict[str, tuple[str, str]]:
+        """Modules whose actual device differs from the planned one: name -> (planned, actual)."""
+        return map_differences(self.plan.device_map, self.device_map)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-friendly data for the API."""
+        return {
+            "status": self.status,
+            "model": self.config.model,
+            "display_name": self.config.display_name,
+            "load_seconds": round(self.load_seconds, 4),
+            "device_map": {k: str(v) for k, v in self.device_map.items()},
+            "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
+            "matches_plan": self.matches_plan,
+            "plan_differences": {k: list(v) for k, v in self.plan_differences.items()},
+            "message": self.message,
+            "stopped_generation": self.stopped_generation,
+        }
+
+
+@dataclass(frozen=True)
+class ManagerStatus:
+    """What is loaded now (``config`` None when nothing is) and what the manager is doing."""
+
+    config: LoadConfig | None
+    busy: str | None  # "loading opt-1.3b", "generating", or None
+    load_seconds: float | None = None
+    device_map: dict[str, Device] = field(default_factory=dict)
+    bytes_per_device: dict[Device, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-friendly data for the API (never includes tokens or secrets)."""
+        config = self.config
+        return {
+            "loaded": config is not None,
+            "model": config.model if config else None,
+            "display_name": config.display_name if config else None,
+            "config": None
+            if config is None
+            else {
+                "model": config.model,
+                "revision": config.revision,
+                "dtype": config.dtype,
+                "max_memory": str(config.max_memory) if config.max_memory else None,
+                "offload_folder": config.offload_folder,
+                "quantization": config.quantization,
+                "tokenizer": config.tokenizer,
+            },
+            "busy": self.busy,
+            "load_seconds": self.load_seconds,
+            "device_map": {k: str(v) for k, v in self.device_map.items()},
+            "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
+        }
+
+
+def map_differences(planned: dict[str, Device], actual: dict[str, Device]) -> dict[str, tuple[str, str]]:
+    """Entries where two device maps disagree: name -> (planned, actual) as strings."""
+    names = list(dict.fromkeys([*planned, *actual]))
+    return {
+        name: (str(planned.get(name, "-")), str(actual.get(name, "-")))
+        for name in names
+        if planned.get(name) != actual.get(name)
+    }
+
+
+class ModelManager:
+    """Owns at most one loaded model; thread-safe; create one per process and pass it around."""
+
+    def __init__(self) -> None:
+        self._model_lock = threading.Lock()  # held by a load or a generation, never both
+        self._state_lock = threading.Lock()  # guards the small fields below for status()
+        self._loaded: LoadedModel | None = None
+        self._busy: str | None = None
+        self._active_stop: threading.Event | None = None
+
+    # ---------------------------------------------------------------- inspection
+    def hardware(self, offload_folder: str | None = None) -> Hardware:
+        """A fresh probe of this machine."""
+        return probe_hardware(offload_folder)
+
+    def plan(self, config: LoadConfig) -> Plan:
+        """Plan ``config`` without touching weights or the loaded model."""
+        return plan_device_map(config, probe_hardware(config.offload_folder))
+
+    def status(self) -> ManagerStatus:
+        """What is loaded, and whether a load or generation is running."""
+        with self._state_lock:
+            loaded, busy = self._loaded, self._busy
+        if loaded is None:
+            return ManagerStatus(None, busy)
+        return ManagerStatus(
+            loaded.config, busy, loaded.load_seconds, dict(loaded.device_map), dict(loaded.bytes_per_device)
+        )
+
+    @property
+    def current_config(self) -> LoadConfig | None:
+        """The configuration of the loaded model, or None."""
+        with self._state_lock:
+            return self._loaded.config if self._loaded else None
+
+    # ---------------------------------------------------------------- loading
+    def load(self, config: LoadConfig, progress: ProgressCallback | None = None) -> LoadReport:
+        """Make ``config``'s model the loaded one, reusing it when the configuration is unchanged.
+
+        A new configuration is validated first (:func:`~optdemo.loader.preflight`); only then is a
+        running generation stopped, the current model freed and the new one loaded. If the load
+        fails, nothing is left half-loaded and the error says why.
+
+        Raises:
+            OptdemoError: validation or load failure (the message says what to do).
+            BusyError: a generation did not end within ``LOAD_WAIT_SECONDS``.
+        """
+        reused = self._reuse(config)
+        if reused is not None:
+            return reused
+        plan = preflight(config, probe_hardware(config.offload_folder))
+        stopped = self._stop_active_generation()
+        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
+            raise BusyError("the model is still busy after two minutes: try loading again shortly")
+        try:
+            reused = self._reuse(config)  # another request may have loaded it meanwhile
+            if reused is not None:
+                return reused
+            self._set_busy(f"loading {config.display_name}")
+            previous = self._drop_current()
+            try:
+                loaded = load_model(config, plan, progress)
+            except OptdemoError as exc:
+                raise LoadError(self._after_failure(str(exc), previous)) from None
+            with self._state_lock:
+                self._loaded = loaded
+        finally:
+            self._set_busy(None)
+            self._model_lock.release()
+        moved = "; the reply in progress was stopped to apply it" if stopped else ""
+        return LoadReport(
+            "loaded",
+            config,
+            loaded.load_seconds,
+            dict(loaded.device_map),
+            dict(loaded.bytes_per_device),
+            plan,
+            f"loaded {config.display_name} in {loaded.load_seconds:.1f} s{moved}",
+            stopped,
+        )
+
+    def _reuse(self, config: LoadConfig) -> LoadReport | None:
+        started = time.perf_counter()
+        with self._state_lock:
+            loaded = self._loaded
+        if loaded is None or loaded.config != config:
+            return None
+        return LoadReport(
+            "reused",
+            config,
+            time.perf_counter() - started,
+            dict(loaded.device_map),
+            dict(loaded.bytes_per_device),
+            loaded.plan,
+            f"{config.display_name} is already loaded with this configuration: nothing reloaded",
+        )
+
+    def _after_failure(self, message: str, previous: LoadConfig | None) -> str:
+        """Leave a clean state after a failed load; the message says what is loaded now."""
+        gc.collect()
+        _empty_cuda_cache()
+        if previous is None:
+            return f"{message}. No model is loaded now."
+        return f"{message}. {previous.display_name} was unloaded to make room; load it again to chat."
+
+    def unload(self) -> bool:
+        """Free the loaded model (stopping a running generation). True if one was loaded."""
+        self._stop_active_generation()
+        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
+            raise BusyError("the model is still busy after two minutes: try unloading again shortly")
+        try:
+            return self._drop_current() is not None
+        finally:
+            self._model_lock.release()
+
+    def _drop_current(self) -> LoadConfig | None:
+        """Release every reference to the current model and return its memory (lock held)."""
+        with self._state_lock:
+            loaded, self._loaded = self._loaded, None
+        if loaded is None:
+            return None
+        config = loaded.config
+        _release(loaded)
+        del loaded
+        gc.collect()
+        _empty_cuda_cache()
+        return config
+
+    # ---------------------------------------------------------------- generation
+    def stream_completion(
+        self, prompt: str, params: GenerationParams, stop_event: threading.Event | None = None
+    ) -> Iterator[GenerationUpdate]:
+        """Continue ``prompt`` (the original scripts' mode), streaming the accumulated text."""
+        with self._using_model(stop_event) as (loaded, event):
+            yield from stream_generate(
+                loaded.model,
+                loaded.tokenizer,
+                prompt,
+                params,
+                input_device=loaded.input_device,
+                stop_event=event,
+            )
+
+    def stream_chat(
+        self,
+        history: Sequence[ChatTurn],
+        message: str,
+        params: GenerationParams,
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[GenerationUpdate]:
+        """Reply to ``message`` after ``history`` in a plain User/Assistant transcript."""
+        if not isinstance(message, str) or not message.strip():
+            raise GenerationError("the message is empty: type something to send")
+        with self._using_model(stop_event) as (loaded, event):
+            tokenizer = loaded.tokenizer
+            budget = context_window(loaded.model) - params.max_new_tokens
+            prompt = build_chat_prompt(history, message, lambda text: len(tokenizer(text).input_ids), budget)
+            yield from stream_generate(
+                loaded.model,
+                tokenizer,
+                prompt.text,
+                params,
+                input_device=loaded.input_device,
+                stop_event=event,
+                stop_strings=CHAT_STOP_STRINGS,
+            )
+
+    def _using_model(self, stop_event: threading.Event | None):
+        """Hold the model for one generation (a context manager yielding it and its stop event)."""
+        return _ModelUse(self, stop_event or threading.Event())
+
+    def _stop_active_generation(self) -> bool:
+        with self._state_lock:
+            event = self._active_stop
+        if event is not None and not event.is_set():
+            event.set()
+            return True
+        return False
+
+    def _set_busy(self, what: str | None) -> None:
+        with self._state_lock:
+            self._busy = what
+
+
+class _ModelUse:
+    """Context manager: wait for the model lock, expose the loaded model, always release."""
+
+    def __init__(self, manager: ModelManager, stop_event: threading.Event) -> None:
+        self.manager = manager
+        self.stop_event = stop_event
+
+    def __enter__(self) -> tuple[LoadedModel, threading.Event]:
+        manager = self.manager
+        if manager.current_config is None:
+            raise GenerationError("no model is loaded: load one in the Configuration tab first")
+        if not manager._model_lock.acquire(timeout=GENERATION_WAIT_SECONDS):
+            raise BusyError("the model is busy with other requests: try again in a moment")
+        with manager._state_lock:
+            loaded = manager._loaded
+            if loaded is not None:
+                manager._active_stop = self.stop_event
+                manager._busy = "generating"
+        if loaded is None:
+            manager._model_lock.release()
+            raise GenerationError("the model was unloaded: load one in the Configuration tab first")
+        return loaded, self.stop_event
+
+    def __exit__(self, *exc: object) -> None:
+        manager = self.manager
+        with manager._state_lock:
+            if manager._active_stop is self.stop_event:
+                manager._active_stop = None
+            manager._busy = None
+        manager._model_lock.release()
+
+
+def _release(loaded: LoadedModel) -> None:
+    """Detach Accelerate's hooks (they hold weight maps and offload indexes) before dropping."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    # Freeing must not fail: whatever happens here, the references are dropped below.
+    with contextlib.suppress(Exception):
+        remove_hook_from_submodules(loaded.model)
+    loaded.model = None
+    loaded.tokenizer = None
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
