@@ -89,6 +89,7 @@ class ManagerStatus:
     load_seconds: float | None = None
     device_map: dict[str, Device] = field(default_factory=dict)
     bytes_per_device: dict[Device, int] = field(default_factory=dict)
+    plan: Plan | None = None  # the plan the loaded model was loaded with
 
     def to_dict(self) -> dict:
         """Plain JSON-friendly data for the API (never includes tokens or secrets)."""
@@ -112,6 +113,7 @@ class ManagerStatus:
             "load_seconds": self.load_seconds,
             "device_map": {k: str(v) for k, v in self.device_map.items()},
             "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
+            "plan": self.plan.to_dict() if self.plan else None,
         }
 
 
@@ -151,7 +153,12 @@ class ModelManager:
         if loaded is None:
             return ManagerStatus(None, busy)
         return ManagerStatus(
-            loaded.config, busy, loaded.load_seconds, dict(loaded.device_map), dict(loaded.bytes_per_device)
+            loaded.config,
+            busy,
+            loaded.load_seconds,
+            dict(loaded.device_map),
+            dict(loaded.bytes_per_device),
+            loaded.plan,
         )
 
     @property

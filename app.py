@@ -1,0 +1,40 @@
+"""optdemo: plan, load and chat with models larger than your GPU.
+
+    python app.py --help
+
+Thin on purpose: parse the flags, build the app from the package, launch. Heavy imports (torch,
+transformers, gradio) happen inside main(), so importing this file is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the app with flags from ``argv`` (default: the command line)."""
+    from optdemo.errors import OptdemoError
+    from optdemo.settings import parse_settings
+
+    try:
+        settings = parse_settings(argv)
+    except OptdemoError as exc:
+        print(f"optdemo: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from optdemo.ui import create_app, launch
+
+    demo, service = create_app(settings)
+    if settings.preload:
+        try:
+            report = service.manager.load(service.initial_config(), progress=None)
+            logging.getLogger("optdemo").info("%s", report.message)
+        except OptdemoError as exc:
+            logging.getLogger("optdemo").error("preload failed, serving anyway: %s", exc)
+    launch(demo, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The app's operations as plain Python: what the UI callbacks and the named API endpoints call.
+
+:class:`DemoService` turns raw inputs (text from a form or an API call) into engine requests,
+enforces the deployment's rules (locked configuration in public mode, allowed models, confined
+offload folders, caps on tokens, message length and history) and returns plain data. It never
+imports gradio: the UI adapts its results to components and its exceptions to ``gr.Error``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from optdemo.budget import format_bytes, parse_max_memory
+from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
+from optdemo.config import LoadConfig, normalize_model
+from optdemo.errors import ConfigError, GenerationError, OptdemoError
+from optdemo.generation import ChatTurn, GenerationParams, GenerationStats
+from optdemo.hardware import probe_hardware, suggest_budget
+from optdemo.manager import LoadReport, ModelManager
+from optdemo.planner import device_label
+from optdemo.settings import AppSettings
+
+# API chat sessions kept in memory at most (least recently used are forgotten first).
+MAX_API_SESSIONS = 1000
+
+
+class AccessError(OptdemoError):
+    """A visitor tried something only an admin may do in public mode."""
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """One streamed step of a reply: the text so far, and the stats on the last step."""
+
+    text: str
+    stats: GenerationStats | None = None
+
+
+class DemoService:
+    """Everything the app can do, with the deployment's rules applied; one per server."""
+
+    def __init__(self, manager: ModelManager, settings: AppSettings) -> None:
+        self.manager = manager
+        self.settings = settings
+        self._admins: set[str] = set()
+        self._stops: dict[str, threading.Event] = {}
+        self._api_histories: OrderedDict[str, list[ChatTurn]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- access
+    def is_admin(self, session_id: str | None) -> bool:
+        """Whether this session may change the configuration (always, outside public mode)."""
+        if not self.settings.public:
+            return True
+        with self._lock:
+            return session_id is not None and session_id in self._admins
+
+    def sign_in(self, session_id: str | None, username: str, password: str) -> bool:
+        """Make this session an admin if the credentials match one ``--auth`` account."""
+        ok = any(
+            hmac.compare_digest(str(username), user) & hmac.compare_digest(str(password), secret)
+            for user, secret in self.settings.auth
+        )
+        if ok and session_id:
+            with self._lock:
+                self._admins.add(session_id)
+        return ok
+
+    def _require_admin(self, session_id: str | None, action: str) -> None:
+        if not self.is_admin(session_id):
+            reason = "this is a public deployment" if self.settings.public else "the configuration is locked"
+            how = "sign in as an admin" if self.settings.auth else "start the app without --lock-config"
+            raise AccessError(f"visitors cannot {action}: {reason}; {how} to change it")
+
+    # ---------------------------------------------------------------- configuration
+    def initial_config(self) -> LoadConfig:
+        """The configuration given at start (flags / environment), with a suggested budget."""
+        budget = self.settings.max_memory or str(suggest_budget(probe_hardware(self.settings.offload_folder)))
+        return LoadConfig(
+            model=self.settings.model,
+            dtype=self.settings.dtype,
+            max_memory=parse_max_memory(budget),
+            offload_folder=self.settings.offload_folder,
+        )
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the model picker: the tiny model and the eight OPT sizes."""
+        choices = [("tiny-opt (built-in, random weights, offline)", TINY_MODEL_ID)]
+        for name in OPT_SIZES:
+            entry = catalog_entry(name)
+            assert entry is not None
+            choices.append(
+                (
+                    f"{name} ({entry.parameters / 1e9:.2g}B params, {format_bytes(entry.checkpoint_bytes)})",
+                    entry.repo_id,
+                )
+            )
+        if self.settings.public:
+            allowed = set(self.allowed_models())
+            choices = [c for c in choices if c[1] in allowed]
+        return choices
+
+    def allowed_models(self) -> tuple[str, ...]:
+        """Models visitors may name in public mode: ``--allow-model`` entries, else the configured one."""
+        names = self.settings.allow_models or (self.settings.model,)
+        return tuple(normalize_model(name) for name in names)
+
+    def make_config(
+        self,
+        model: str,
+        max_memory: str | None = None,
+        dtype: str = "auto",
+        offload_folder: str | None = None,
+        revision: str | None = None,
+        quantization: str = "none",
+        tokenizer: str | None = None,
+    ) -> LoadConfig:
+        """Build a :class:`LoadConfig` from form or API values, applying public-mode rules.
+
+        Raises:
+            ConfigError / BudgetError: a value is invalid or not allowed here.
+        """
+        for name, value in (
+            ("model", model),
+            ("max_memory", max_memory),
+            ("dtype", dtype),
+            ("offload_folder", offload_folder),
+            ("revision", revision),
+            ("quantization", quantization),
+            ("tokenizer", tokenizer),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be text, not {type(value).__name__}")
+        config = LoadConfig(
+            model=model or "",
+            revision=revision or None,
+            dtype=dtype or "auto",
+            max_memory=parse_max_memory(max_memory) if max_memory and max_memory.strip() else None,
+            offload_folder=self._confine_offload(offload_folder),
+            quantization=quantization or "none",
+            tokenizer=tokenizer or None,
+        )
+        if self.settings.public and config.model not in self.allowed_models():
+            raise AccessError(
+                f"{config.model} is not offered here: this public deployment allows "
+                f"{', '.join(self.allowed_models())}"
+            )
+        if self.settings.public and config.tokenizer is not None:
+            raise AccessError("visitors cannot choose another tokenizer in this public deployment")
+        return config
+
+    def _confine_offload(self, folder: str | None) -> str | None:
+        """Keep offload folders under ``--offload-base`` (always in public mode)."""
+        if not folder or not folder.strip():
+            return None
+        base = self.settings.offload_base or (os.path.abspath("offload") if self.settings.public else None)
+        if base is None:
+            return folder.strip()
+        base_real = os.path.realpath(base)
+        candidate = folder.strip()
+        target = os.path.realpath(
+            candidate if os.path.isabs(candidate) else os.path.join(base_real, candidate)
+        )
+        if os.path.commonpath([base_real, target]) != base_real:
+            raise AccessError(
+                f"the offload folder must be inside {base_real}: {candidate[:80]!r} is outside it"
+            )
+        return target
+
+    # ---------------------------------------------------------------- plan / load
+    def plan(self, config: LoadConfig) -> dict:
+        """The plan for ``config`` as plain data (never touches weights)."""
+        return self.manager.plan(config).to_dict()
+
+    def load(
+        self, config: LoadConfig, session_id: str | None = None, progress: Callable | None = None
+    ) -> LoadReport:
+        """Load ``config`` (admins only in public mode); reuses when unchanged."""
+        current = self.manager.current_config
+        if current is None or current != config:
+            self._require_admin(session_id, "load or change the model")
+        return self.manager.load(config, progress)
+
+    def unload(self, session_id: str | None = None) -> bool:
+        """Unload the model (admins only in public mode)."""
+        self._require_admin(session_id, "unload the model")
+        return self.manager.unload()
+
+    # ---------------------------------------------------------------- generation
+    def params(
+        self,
+        max_new_tokens: object = 64,
+        temperature: object = 0.7,
+        top_p: object = 0.9,
+        top_k: object = 50,
+        repetition_penalty: object = 1.1,
+        seed: object = None,
+    ) -> GenerationParams:
+        """Validated generation parameters within this deployment's caps."""
+        if seed in ("", -1):
+            seed = None
+        params = GenerationParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        cap = self.settings.max_new_tokens_cap
+        if params.max_new_tokens > cap:
+            raise GenerationError(
+                f"max_new_tokens is capped at {cap} here; you asked for {params.max_new_tokens}"
+            )
+        return params
+
+    def _check_text(self, text: object, what: str) -> str:
+        if not isinstance(text, str):
+            raise GenerationError(f"the {what} must be text")
+        limit = self.settings.max_message_chars
+        if len(text) > limit:
+            raise GenerationError(f"the {what} is {len(text)} characters long; the limit here is {limit}")
+        if not text.strip():
+            raise GenerationError(f"the {what} is empty: type something to send")
+        return text
+
+    def chat(
+        self, session_id: str, history: Sequence[ChatTurn], message: str, params: GenerationParams
+    ) -> Iterator[ChatReply]:
+        """Stream a chat reply for one session; ``stop(session_id)`` ends it early."""
+        message = self._check_text(message, "message")
+        history = list(history)[-self.settings.max_history_turns :]
+        event = self._register_stop(session_id)
+        try:
+            for update in self.manager.stream_chat(history, message, params, event):
+                yield ChatReply(update.text, update.stats)
+        finally:
+            self._unregister_stop(session_id, event)
+
+    def complete(self, session_id: str, prompt: str, params: GenerationParams) -> Iterator[ChatReply]:
+        """Stream a continuation of ``prompt`` (the original scripts' mode)."""
+        prompt = self._check_text(prompt, "prompt")
+        event = self._register_stop(session_id)
+        try:
+            for update in self.manager.stream_completion(prompt, params, event):
+                yield ChatReply(update.text, update.stats)
+        finally:
+            self._unregister_stop(session_id, event)
+
+    def stop(self, session_id: str) -> bool:
+        """Stop this session's running reply, if any."""
+        with self._lock:
+            event = self._stops.get(session_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def _register_stop(self, session_id: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._stops[session_id] = event
+        return event
+
+    def _unregister_stop(self, session_id: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._stops.get(session_id) is event:
+                del self._stops[session_id]
+
+    # ---------------------------------------------------------------- API chat sessions
+    def api_history(self, session_id: str) -> list[ChatTurn]:
+        """The chat history of an API client session (a copy)."""
+        with self._lock:
+            return list(self._api_histories.get(session_id, []))
+
+    def remember_api_turn(self, session_id: str, turn: ChatTurn) -> None:
+        """Append a finished turn to an API session, keeping the newest sessions and turns."""
+        with self._lock:
+            turns = self._api_histories.pop(session_id, [])
+            turns = [*turns, turn][-self.settings.max_history_turns :]
+            self._api_histories[session_id] = turns
+            while len(self._api_histories) > MAX_API_SESSIONS:
+                self._api_histories.popitem(last=False)
+
+    def forget_api_history(self, session_id: str) -> None:
+        """Clear an API session's chat history."""
+        with self._lock:
+            self._api_histories.pop(session_id, None)
+
+
+def describe_placement(bytes_per_device: dict) -> str:
+    """``GPU 0: 3.1 GiB · CPU: 12 GiB · disk: 40 GiB`` for status lines."""
+    parts = []
+    for device, size in bytes_per_device.items():
+        key = int(device) if isinstance(device, str) and device.isdigit() else device
+        parts.append(f"{device_label(key)}: {format_bytes(size)}")
+    return " · ".join(parts)

@@ -1,0 +1,110 @@
+"""The named API endpoints, for ``gradio_client`` users (and the app's own tests).
+
+Each endpoint is a typed function registered with ``gr.api``: its parameter names are the API's.
+They call the same :class:`~optdemo.service.DemoService` methods as the tabs, so the browser and
+the API can never disagree. Errors come back as ``gr.Error`` messages; the next call works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradio as gr
+
+from optdemo.service import DemoService
+from optdemo.ui.errors import user_errors
+
+MODEL_GROUP = "model"  # loading and generating share one concurrency group: one at a time
+
+
+def register_api(service: DemoService) -> None:
+    """Register /plan, /load, /unload, /status, /chat, /generate, /stop, /clear_chat, /sign_in."""
+
+    @user_errors
+    def plan(model: str, max_memory: str = "", dtype: str = "auto", offload_folder: str = "") -> dict:
+        """Plan where the model's layers would go under max_memory, without touching weights.
+        Returns device_map (module -> device), bytes_per_device, fits and warnings."""
+        return service.plan(service.make_config(model, max_memory, dtype, offload_folder or None))
+
+    @user_errors
+    def load(
+        model: str,
+        max_memory: str = "",
+        dtype: str = "auto",
+        offload_folder: str = "",
+        request: gr.Request = None,
+    ) -> dict:
+        """Load the model (or reuse it when the configuration is unchanged). Returns status
+        ("loaded" or "reused"), load_seconds, device_map and bytes_per_device."""
+        config = service.make_config(model, max_memory, dtype, offload_folder or None)
+        return service.load(config, session_id=_session(request)).to_dict()
+
+    @user_errors
+    def unload(request: gr.Request = None) -> dict:
+        """Unload the model and free its memory."""
+        was_loaded = service.unload(_session(request))
+        return {"unloaded": was_loaded, "status": service.manager.status().to_dict()}
+
+    @user_errors
+    def status() -> dict:
+        """The loaded model and its configuration, or loaded: false."""
+        return service.manager.status().to_dict()
+
+    @user_errors
+    def chat(
+        message: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        request: gr.Request = None,
+    ) -> Iterator[str]:
+        """Send a chat message; streams the reply, the final value is the whole reply. Each client
+        session keeps its own history (clear it with /clear_chat)."""
+        session = _session(request)
+        params = service.params(max_new_tokens, temperature, top_p)
+        reply = ""
+        for step in service.chat(session, service.api_history(session), message, params):
+            reply = step.text
+            yield reply
+        service.remember_api_turn(session, (message, reply))
+
+    @user_errors
+    def generate(
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        request: gr.Request = None,
+    ) -> Iterator[str]:
+        """Continue the prompt; streams the text, the final value is the whole continuation."""
+        params = service.params(max_new_tokens, temperature, top_p)
+        for step in service.complete(_session(request), prompt, params):
+            yield step.text
+
+    def stop(request: gr.Request = None) -> bool:
+        """Stop this session's running reply; true if one was running."""
+        return service.stop(_session(request))
+
+    def clear_chat(request: gr.Request = None) -> bool:
+        """Forget this session's API chat history."""
+        service.forget_api_history(_session(request))
+        return True
+
+    def sign_in(username: str, password: str, request: gr.Request = None) -> bool:
+        """Become an admin for this session in public mode (with an --auth account)."""
+        return service.sign_in(_session(request), username, password)
+
+    in_group = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+    gr.api(plan, api_name="plan", concurrency_id="plan", concurrency_limit=4)
+    gr.api(load, api_name="load", **in_group)
+    gr.api(unload, api_name="unload", **in_group)
+    gr.api(status, api_name="status", queue=False)
+    gr.api(chat, api_name="chat", **in_group)
+    gr.api(generate, api_name="generate", **in_group)
+    gr.api(stop, api_name="stop", queue=False)
+    gr.api(clear_chat, api_name="clear_chat", queue=False)
+    gr.api(sign_in, api_name="sign_in", queue=False)
+
+
+def _session(request: gr.Request | None) -> str:
+    return request.session_hash if request is not None and request.session_hash else "anonymous"

@@ -1,0 +1,285 @@
+"""The Configuration tab: pick a model and a memory budget, see the plan at once, load, unload."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+
+from optdemo.budget import format_bytes
+from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
+from optdemo.hardware import Hardware, probe_hardware
+from optdemo.service import DemoService, describe_placement
+from optdemo.ui.errors import to_gradio_error, user_errors
+from optdemo.ui.render import plan_summary
+
+GIB = 2**30
+MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
+
+
+@dataclass
+class ConfigTab:
+    """The components other tabs and the wiring need."""
+
+    plan_state: gr.State  # the session's latest plan (Plan.to_dict()), or None
+    status: gr.Markdown
+    loaded: gr.State  # bumped after each load/unload so other tabs refresh
+    summary: gr.Markdown
+    form: list  # the controls whose values make a LoadConfig, in preview()'s order
+    preview: Callable[..., tuple[str, dict | None]]  # form values -> (summary, plan)
+
+
+def hardware_summary(hardware: Hardware) -> str:
+    """Markdown: this machine's GPUs, RAM and free disk."""
+    if hardware.gpus:
+        gpus = "; ".join(
+            f"GPU {g.index} {g.name}: {format_bytes(g.free_bytes)} free of {format_bytes(g.total_bytes)}"
+            for g in hardware.gpus
+        )
+    else:
+        gpus = "no CUDA GPU (everything runs on the CPU)"
+    return (
+        f"**GPUs:** {gpus}  \n**RAM:** {format_bytes(hardware.ram_available_bytes)} available of "
+        f"{format_bytes(hardware.ram_total_bytes)}  \n**Disk:** {format_bytes(hardware.disk_free_bytes)} "
+        f"free at `{hardware.disk_path}`"
+    )
+
+
+def quantization_availability(hardware: Hardware) -> tuple[bool, str]:
+    """Whether bitsandbytes quantization can work here, and a sentence saying why not."""
+    if not hardware.gpus:
+        return False, "8-bit / 4-bit need an NVIDIA GPU (bitsandbytes); this machine has none."
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False, "8-bit / 4-bit need the bitsandbytes package: pip install bitsandbytes."
+    return True, "bitsandbytes quantizes Linear weights on the GPU."
+
+
+def budget_spec(gpu_gib: list[float], cpu_gib: float, advanced: str) -> str:
+    """The max_memory spec from the sliders, unless the advanced field has one (it wins)."""
+    if advanced and advanced.strip():
+        return advanced.strip()
+    parts = [f"{index}={round(value * 1024)}MiB" for index, value in enumerate(gpu_gib)]
+    parts.append(f"cpu={round(cpu_gib * 1024)}MiB")
+    return ",".join(parts)
+
+
+def status_text(status: dict) -> str:
+    """Markdown status line for what is loaded now."""
+    if not status["loaded"]:
+        return "No model loaded yet. Choose one, check the plan, then **Load model**."
+    busy = f" — {status['busy']}" if status.get("busy") else ""
+    seconds = status.get("load_seconds") or 0.0
+    return (
+        f"**{status['display_name']}** is loaded (in {seconds:.1f} s){busy}: "
+        f"{describe_placement(status['bytes_per_device'])}"
+    )
+
+
+def create_config_tab(service: DemoService) -> ConfigTab:
+    """Build the Configuration tab's components and events inside the current Blocks."""
+    initial: LoadConfig = service.initial_config()
+    hardware = probe_hardware(initial.offload_folder)
+    quant_ok, quant_info = quantization_availability(hardware)
+    locked = service.settings.public
+    budget = initial.max_memory.as_max_memory() if initial.max_memory else {}
+
+    if locked:
+        gr.Markdown(
+            "🔒 **Public mode:** visitors can chat and preview plans; only an admin can load, "
+            "unload or change the model."
+        )
+    with gr.Row():
+        with gr.Column(scale=3):
+            model = gr.Dropdown(
+                choices=service.model_choices(),
+                value=initial.model,
+                label="Model",
+                info="An OPT size, the built-in tiny model, a Hugging Face repo id, or a local folder.",
+                allow_custom_value=not locked,
+                interactive=True,
+            )
+            with gr.Row():
+                dtype = gr.Dropdown(list(DTYPES), value=initial.dtype, label="dtype", scale=1)
+                revision = gr.Textbox(label="Revision", placeholder="main", scale=1)
+                quantization = gr.Radio(
+                    list(QUANTIZATIONS),
+                    value="none",
+                    label="Quantization",
+                    info=quant_info,
+                    interactive=quant_ok,
+                    scale=2,
+                )
+            gpu_sliders = [
+                gr.Slider(
+                    0,
+                    round(gpu.total_bytes / GIB, 2),
+                    step=0.25,
+                    value=round(budget.get(gpu.index, 0) / GIB, 2),
+                    label=f"GPU {gpu.index} memory (GiB) — {gpu.name}",
+                )
+                for gpu in hardware.gpus[:MAX_GPU_SLIDERS]
+            ]
+            cpu_slider = gr.Slider(
+                0,
+                round(hardware.ram_total_bytes / GIB, 2),
+                step=0.25,
+                value=round(budget.get("cpu", 0) / GIB, 2),
+                label="CPU RAM (GiB)",
+                info="Layers that fit neither GPU nor this budget go to the offload folder on disk.",
+            )
+            with gr.Accordion("Advanced", open=bool(service.settings.max_memory)):
+                advanced = gr.Textbox(
+                    label="max_memory (overrides the sliders)",
+                    value=service.settings.max_memory or "",
+                    placeholder='0=5GiB,cpu=20GiB   or   {0: "5GiB", "cpu": "20GiB"}',
+                )
+                tokenizer = gr.Textbox(
+                    label="Tokenizer (optional)",
+                    placeholder="another repo id or folder; empty: the model's own",
+                    interactive=not locked,
+                )
+            offload = gr.Textbox(
+                label="Offload folder",
+                value=initial.offload_folder or "",
+                placeholder="./offload — needed when layers go to disk",
+            )
+            offload_info = gr.Markdown(f"Free space there: {format_bytes(hardware.disk_free_bytes)}")
+            with gr.Row():
+                plan_btn = gr.Button("Plan", variant="secondary")
+                load_btn = gr.Button("Load model", variant="primary", interactive=not locked)
+                unload_btn = gr.Button("Unload", variant="stop", interactive=not locked)
+            status = gr.Markdown(status_text(service.manager.status().to_dict()), elem_id="od-status")
+        with gr.Column(scale=2):
+            gr.Markdown("### Plan")
+            summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
+            gr.Markdown("### This machine")
+            gr.Markdown(hardware_summary(hardware))
+            if locked and service.settings.auth:
+                with gr.Accordion("Admin sign-in", open=False):
+                    user = gr.Textbox(label="Username")
+                    password = gr.Textbox(label="Password", type="password")
+                    sign_in_btn = gr.Button("Sign in")
+                    sign_in_msg = gr.Markdown()
+
+    plan_state = gr.State(None)
+    loaded = gr.State(0)
+    form = [model, revision, dtype, *gpu_sliders, cpu_slider, advanced, offload, quantization, tokenizer]
+
+    def config_from_form(values: tuple) -> LoadConfig:
+        model_v, revision_v, dtype_v, *rest = values
+        gpu_values = rest[: len(gpu_sliders)]
+        cpu_v, advanced_v, offload_v, quant_v, tokenizer_v = rest[len(gpu_sliders) :]
+        return service.make_config(
+            model=model_v or "",
+            max_memory=budget_spec(list(gpu_values), float(cpu_v or 0), advanced_v or ""),
+            dtype=dtype_v or "auto",
+            offload_folder=offload_v or None,
+            revision=revision_v or None,
+            quantization=quant_v or "none",
+            tokenizer=tokenizer_v or None,
+        )
+
+    def preview(*values: object) -> tuple[str, dict | None]:
+        # Shown in place, not as a pop-up: this runs on every change of a control.
+        try:
+            plan = service.plan(config_from_form(values))
+        except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
+            return f"❌ {to_gradio_error(exc).message}", None
+        return plan_summary(plan), plan
+
+    @user_errors
+    def load_model(*values: object, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
+        config = config_from_form(values)
+
+        def report(fraction: float | None, text: str) -> None:
+            progress(fraction, desc=text)
+
+        result = service.load(config, session_id=request.session_hash, progress=report)
+        verb = "Reused" if result.status == "reused" else "Loaded"
+        placement = describe_placement({str(k): v for k, v in result.bytes_per_device.items()})
+        check = "as planned ✓" if result.matches_plan else "⚠ differs from the plan (see Device map)"
+        message = f"**{verb}** {config.display_name} in {result.load_seconds:.2f} s — {placement} — {check}"
+        if result.status == "reused":
+            message += "  \nConfiguration unchanged: nothing was reloaded."
+        return message, result.plan.to_dict(), time_token()
+
+    @user_errors
+    def unload_model(request: gr.Request) -> tuple:
+        was_loaded = service.unload(request.session_hash)
+        return ("Model unloaded; memory released." if was_loaded else "Nothing was loaded."), time_token()
+
+    def free_space(folder: str) -> str:
+        info = probe_hardware(folder or None)
+        return f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"
+
+    plan_outputs = [summary, plan_state]
+    plan_btn.click(
+        preview, form, plan_outputs, api_visibility="private", concurrency_id="plan", concurrency_limit=4
+    )
+    for control in (model, dtype, quantization, *gpu_sliders, cpu_slider):
+        event = control.release if isinstance(control, gr.Slider) else control.change
+        event(
+            preview,
+            form,
+            plan_outputs,
+            api_visibility="private",
+            trigger_mode="always_last",
+            concurrency_id="plan",
+            concurrency_limit=4,
+        )
+    for text in (revision, advanced, offload, tokenizer):
+        text.submit(
+            preview, form, plan_outputs, api_visibility="private", concurrency_id="plan", concurrency_limit=4
+        )
+        text.blur(
+            preview,
+            form,
+            plan_outputs,
+            api_visibility="private",
+            trigger_mode="always_last",
+            concurrency_id="plan",
+            concurrency_limit=4,
+        )
+    offload.blur(free_space, offload, offload_info, api_visibility="private", queue=False)
+    load_btn.click(
+        load_model,
+        form,
+        [status, plan_state, loaded],
+        api_visibility="private",
+        concurrency_id="model",
+        concurrency_limit=1,
+    )
+    unload_btn.click(
+        unload_model, None, [status, loaded], api_visibility="private", concurrency_id="model", concurrency_limit=1
+    )
+    if locked and service.settings.auth:
+
+        def sign_in(username: str, secret: str, request: gr.Request) -> tuple:
+            if not service.sign_in(request.session_hash, username, secret):
+                return "Wrong username or password.", gr.update(), gr.update(), gr.update(), gr.update()
+            unlocked = gr.update(interactive=True)
+            return (
+                "Signed in as admin: you can load and unload.",
+                unlocked,
+                unlocked,
+                unlocked,
+                gr.update(allow_custom_value=True),
+            )
+
+        sign_in_btn.click(
+            sign_in,
+            [user, password],
+            [sign_in_msg, load_btn, unload_btn, tokenizer, model],
+            api_visibility="private",
+            queue=False,
+        )
+    return ConfigTab(plan_state, status, loaded, summary, form, preview)
+
+
+def time_token() -> float:
+    """A fresh value for a State whose change tells other tabs to refresh."""
+    import time
+
+    return time.monotonic()

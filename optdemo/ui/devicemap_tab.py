@@ -1,0 +1,71 @@
+"""The Device map tab: where every layer goes (the plan) and where it went (the loaded model)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from optdemo.service import DemoService
+from optdemo.ui.render import device_map_rows, render_device_map
+
+TABLE_HEADERS = ["Module", "Device", "Size", "Planned", "Difference"]
+EMPTY_HTML = (
+    '<div style="padding:24px;color:#6b7280;font:14px system-ui,sans-serif">No plan yet: choose a model '
+    "in the Configuration tab.</div>"
+)
+
+
+def render_tab(plan: dict | None, service: DemoService) -> tuple[str, str, list[list[str]]]:
+    """Heading, picture and table for this session's plan and the loaded model.
+
+    The loaded model is drawn with its actual placement (differences from its plan outlined in
+    red); a plan preview for a different configuration is drawn above it.
+    """
+    status = service.manager.status().to_dict()
+    loaded_plan = status.get("plan")
+    sections: list[str] = []
+    heading: list[str] = []
+    table: list[list[str]] = []
+    showing_loaded = loaded_plan is not None
+    if plan is not None and not (showing_loaded and _same_plan(plan, loaded_plan)):
+        sections.append(render_device_map(plan, title=f"Plan preview: {plan['display_name']} (not loaded)"))
+        heading.append(f"**Plan preview** for {plan['display_name']}: nothing is loaded for it yet.")
+        table = device_map_rows(plan)
+    if showing_loaded:
+        actual = status["device_map"]
+        differences = [row for row in device_map_rows(loaded_plan, actual) if row[4]]
+        verdict = (
+            "every module is where the plan put it ✓"
+            if not differences
+            else f"⚠ {len(differences)} module(s) differ from the plan (outlined in red)"
+        )
+        sections.append(
+            render_device_map(
+                loaded_plan, actual, title=f"Loaded: {status['display_name']} — actual placement"
+            )
+        )
+        heading.append(f"**Loaded** {status['display_name']}: {verdict}.")
+        table = table or device_map_rows(loaded_plan, actual)
+    if not sections:
+        return "", EMPTY_HTML, []
+    return "  \n".join(heading), '<hr style="margin:16px 0">'.join(sections), table
+
+
+def _same_plan(plan: dict, loaded_plan: dict) -> bool:
+    """Whether the session's plan is for the configuration the loaded model was loaded with
+    (warnings may differ: they depend on the free RAM at the time)."""
+    keys = ("model", "dtype", "budget", "device_map")
+    return all(plan.get(key) == loaded_plan.get(key) for key in keys)
+
+
+def create_devicemap_tab(service: DemoService) -> tuple[gr.Markdown, gr.HTML, gr.Dataframe]:
+    """Build the Device map tab's components; the wiring refreshes them."""
+    gr.Markdown(
+        "Each block is a decoder layer (numbered), an embedding, the final norm or the LM head, "
+        "coloured by where its weights live: **GPUs** green, **CPU** blue, **disk** orange. Hover a "
+        "block for its name and size."
+    )
+    heading = gr.Markdown(elem_id="od-map-heading")
+    picture = gr.HTML(EMPTY_HTML, elem_id="od-devicemap")
+    with gr.Accordion("Module table", open=False):
+        table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
+    return heading, picture, table
