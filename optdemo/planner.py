@@ -9,9 +9,12 @@ then produces; a test holds us to that.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -160,7 +163,8 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     max_memory = config.max_memory.as_max_memory() if config.max_memory is not None else None
     # transformers' own decision, the very call from_pretrained makes (it logs a warning itself for
     # GPUs that do not exist here; we turn those into plan warnings instead).
-    device_map = dict(_get_device_map(model, "auto", dict(max_memory) if max_memory else None, None))
+    with _quiet("accelerate.utils.modeling", "transformers.integrations.accelerate"):
+        device_map = dict(_get_device_map(model, "auto", dict(max_memory) if max_memory else None, None))
     sizes, _ = compute_module_sizes(model)
     module_bytes = {name: int(sizes.get(name, 0)) for name in device_map}
     bytes_per_device: dict[Device, int] = {}
@@ -188,6 +192,20 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         warnings=tuple(warnings),
         checkpoint_format=checkpoint_format,
     )
+
+
+@contextlib.contextmanager
+def _quiet(*logger_names: str) -> Iterator[None]:
+    """Silence library warnings that the plan reports itself (e.g. "Device 0 is not available")."""
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _effective_budget(budget: MemoryBudget | None, hardware: Hardware) -> dict[Device, int]:

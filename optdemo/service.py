@@ -90,7 +90,7 @@ class DemoService:
 
     def model_choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for the model picker: the tiny model and the eight OPT sizes."""
-        choices = [("tiny-opt (built-in, random weights, offline)", TINY_MODEL_ID)]
+        choices = [("tiny-opt (built-in, 0.3M params, works offline)", TINY_MODEL_ID)]
         for name in OPT_SIZES:
             entry = catalog_entry(name)
             assert entry is not None

@@ -32,17 +32,36 @@ TINY_OVERRIDES: dict[str, int] = {
     "max_position_embeddings": 512,
 }
 
-_CORPUS = """\
-The quick brown fox jumps over the lazy dog. A model larger than the GPU can still run: its layers
-are spread over the GPU, the CPU memory and the disk, and each layer is brought where it is needed.
-User: Hello, who are you?
-Assistant: I am a small language model running on this machine.
-User: What is the capital of France?
-Assistant: Paris is the capital of France.
-Memory, bandwidth and latency decide how fast a large model answers. Offloading trades speed for
-size: weights that live on disk must be read for every token, weights in RAM must cross the bus.
-Open Pre-trained Transformers range from 125 million to 66 billion parameters.
-"""
+# What the built-in tiny model is taught, so that it answers a few questions in the app's chat
+# format instead of emitting noise: a demo model should show what the pipeline does.
+_EXCHANGES = (
+    ("Hello, who are you?", "I am a tiny demo model. I run on this machine, with no download."),
+    ("What is the capital of France?", "Paris is the capital of France."),
+    (
+        "How do you run a model larger than the GPU?",
+        "Its layers are spread over the GPU, the CPU memory and the disk, and each layer is brought where it is needed.",
+    ),
+    (
+        "Why is offloading slow?",
+        "Weights on disk must be read back for every token, and weights in RAM must cross the bus.",
+    ),
+    ("What is OPT?", "Open Pre-trained Transformers, from 125 million to 66 billion parameters."),
+    ("Thank you!", "You are welcome."),
+)
+_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, a model larger than the GPU still ran: its layers were spread over the GPU, "
+    "the CPU memory and the disk.",
+    "Memory, bandwidth and latency decide how fast a large model answers.",
+)
+
+
+def _training_documents() -> list[str]:
+    from optdemo.generation import ASSISTANT_TAG, CHAT_PREAMBLE, USER_TAG
+
+    docs = [f"{CHAT_PREAMBLE}{USER_TAG} {q}\n{ASSISTANT_TAG} {a}\n{USER_TAG}" for q, a in _EXCHANGES]
+    docs += list(_TEXTS)
+    return docs
 
 
 def build_tokenizer(dest: str | os.PathLike[str]) -> None:
@@ -58,7 +77,7 @@ def build_tokenizer(dest: str | os.PathLike[str]) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        [_CORPUS] * 4,
+        _training_documents() * 4,
         vocab_size=TOKENIZER_VOCAB_SIZE,
         min_frequency=1,
         special_tokens=list(SPECIAL_TOKENS),
@@ -152,13 +171,41 @@ def _convert_to_bin(dest: Path) -> None:
         (dest / "model.safetensors").unlink()
 
 
+def teach_tiny_model(path: str | os.PathLike[str], steps: int = 100, seed: int = 0) -> None:
+    """Fit the tiny model at ``path`` to a few chat exchanges and sentences (a few seconds on a CPU),
+    then save it in place. Deterministic for a given seed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    batch = tokenizer(_training_documents(), return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)  # no loss on padding
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    # One thread: these matrices are too small to gain from more, and on a busy machine several
+    # OpenMP threads spinning against other processes made this 30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            model(**batch, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.save_pretrained(path)
+
+
 def cache_dir() -> Path:
     """Where optdemo keeps what it builds (``$OPTDEMO_CACHE``, default ``~/.cache/optdemo``)."""
     return Path(os.environ.get("OPTDEMO_CACHE", Path.home() / ".cache" / "optdemo"))
 
 
 def ensure_tiny_model(root: str | os.PathLike[str] | None = None) -> Path:
-    """Return the built-in tiny OPT model's directory, building it once if it is missing.
+    """Return the built-in tiny OPT model's directory, building (and teaching) it once if missing.
 
     The build goes to a temporary sibling directory that is renamed into place, so a concurrent or
     interrupted build never leaves a half-written model behind.
@@ -170,6 +217,7 @@ def ensure_tiny_model(root: str | os.PathLike[str] | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-opt-", dir=target.parent))
     try:
         build_random_opt(staging, "opt-125m", overrides=TINY_OVERRIDES, dtype="float32")
+        teach_tiny_model(staging)
         try:
             staging.rename(target)
         except OSError:

@@ -72,7 +72,8 @@ def create_chat_tab(service: DemoService) -> gr.Markdown:
             stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
         gr.Markdown(
             "<sub>OPT is not instruction-tuned: replies continue a plain *User:/Assistant:* transcript. "
-            "The built-in tiny model has random weights, so its replies are gibberish by design.</sub>"
+            "The built-in tiny model knows only a handful of answers: try *What is the capital of France?* "
+            "or *Why is offloading slow?*</sub>"
         )
     with gr.Column(visible=False) as completion_box:
         prompt = gr.Textbox(

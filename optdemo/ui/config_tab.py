@@ -27,8 +27,8 @@ class ConfigTab:
     status: gr.Markdown
     loaded: gr.State  # bumped after each load/unload so other tabs refresh
     summary: gr.Markdown
-    form: list  # the controls whose values make a LoadConfig, in preview()'s order
-    preview: Callable[..., tuple[str, dict | None]]  # form values -> (summary, plan)
+    form: set  # the controls whose values make a LoadConfig (passed as one dict)
+    preview: Callable[[dict], tuple[str, dict | None]]  # form values -> (summary, plan)
 
 
 def hardware_summary(hardware: Hardware) -> str:
@@ -165,32 +165,34 @@ def create_config_tab(service: DemoService) -> ConfigTab:
 
     plan_state = gr.State(None)
     loaded = gr.State(0)
-    form = [model, revision, dtype, *gpu_sliders, cpu_slider, advanced, offload, quantization, tokenizer]
+    # A set of inputs makes Gradio pass one {component: value} dict, whatever the number of GPUs.
+    form = {model, revision, dtype, *gpu_sliders, cpu_slider, advanced, offload, quantization, tokenizer}
 
-    def config_from_form(values: tuple) -> LoadConfig:
-        model_v, revision_v, dtype_v, *rest = values
-        gpu_values = rest[: len(gpu_sliders)]
-        cpu_v, advanced_v, offload_v, quant_v, tokenizer_v = rest[len(gpu_sliders) :]
+    def config_from_form(values: dict) -> LoadConfig:
         return service.make_config(
-            model=model_v or "",
-            max_memory=budget_spec(list(gpu_values), float(cpu_v or 0), advanced_v or ""),
-            dtype=dtype_v or "auto",
-            offload_folder=offload_v or None,
-            revision=revision_v or None,
-            quantization=quant_v or "none",
-            tokenizer=tokenizer_v or None,
+            model=values[model] or "",
+            max_memory=budget_spec(
+                [float(values[s] or 0) for s in gpu_sliders],
+                float(values[cpu_slider] or 0),
+                values[advanced] or "",
+            ),
+            dtype=values[dtype] or "auto",
+            offload_folder=values[offload] or None,
+            revision=values[revision] or None,
+            quantization=values[quantization] or "none",
+            tokenizer=values[tokenizer] or None,
         )
 
-    def preview(*values: object) -> tuple[str, dict | None]:
+    def preview(values: dict) -> tuple[str, dict | None]:
         # Shown in place, not as a pop-up: this runs on every change of a control.
         try:
             plan = service.plan(config_from_form(values))
         except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
-            return f"❌ {to_gradio_error(exc).message}", None
+            return f"**Cannot plan:** {to_gradio_error(exc).message}", None
         return plan_summary(plan), plan
 
     @user_errors
-    def load_model(*values: object, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
+    def load_model(values: dict, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
         config = config_from_form(values)
 
         def report(fraction: float | None, text: str) -> None:
@@ -252,7 +254,12 @@ def create_config_tab(service: DemoService) -> ConfigTab:
         concurrency_limit=1,
     )
     unload_btn.click(
-        unload_model, None, [status, loaded], api_visibility="private", concurrency_id="model", concurrency_limit=1
+        unload_model,
+        None,
+        [status, loaded],
+        api_visibility="private",
+        concurrency_id="model",
+        concurrency_limit=1,
     )
     if locked and service.settings.auth:
 

@@ -148,11 +148,11 @@ def plan_summary(plan: dict) -> str:
     placement = " · ".join(
         f"**{device_name(device)}** {format_bytes(size)}" for device, size in plan["bytes_per_device"].items()
     )
-    verdict = "✅ fits" if plan["fits"] else "❌ does not fit as configured"
+    verdict = "fits" if plan["fits"] else "**does not fit** as configured"
     lines = [
         f"**{plan['display_name']}** ({format_bytes(plan['total_bytes'])}, {plan['dtype']}): {verdict}",
         "",
         placement,
     ]
-    lines += [f"- ⚠ {warning}" for warning in plan["warnings"]]
+    lines += [f"- {warning}" for warning in plan["warnings"]]
     return "\n".join(lines)
