@@ -39,7 +39,8 @@ _EXCHANGES = (
     ("What is the capital of France?", "Paris is the capital of France."),
     (
         "How do you run a model larger than the GPU?",
-        "Its layers are spread over the GPU, the CPU memory and the disk, and each layer is brought where it is needed.",
+        "Its layers are spread over the GPU, the CPU memory and the disk, and each layer is brought "
+        "where it is needed.",
     ),
     (
         "Why is offloading slow?",
