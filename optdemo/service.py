@@ -158,7 +158,7 @@ class DemoService:
         """Keep offload folders under ``--offload-base`` (always in public mode)."""
         if not folder or not folder.strip():
             return None
-        base = self.settings.offload_base or (os.path.abspath("offload") if self.settings.public else None)
+        base = self.settings.confined_offload_base
         if base is None:
             return folder.strip()
         base_real = os.path.realpath(base)
@@ -227,7 +227,12 @@ class DemoService:
     ) -> Iterator[ChatReply]:
         """Stream a chat reply for one session; ``stop(session_id)`` ends it early."""
         message = self._check_text(message, "message")
-        history = list(history)[-self.settings.max_history_turns :]
+        history = list(history)
+        if len(history) >= self.settings.max_history_turns:
+            raise GenerationError(
+                f"this conversation has reached the limit of {self.settings.max_history_turns} turns "
+                "here: clear it (or undo a turn) to go on"
+            )
         event = self._register_stop(session_id)
         try:
             for update in self.manager.stream_chat(history, message, params, event):

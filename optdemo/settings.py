@@ -50,6 +50,28 @@ class AppSettings:
         """Strangers can reach the app: a share link, a Space, or an explicit lock."""
         return self.share or self.lock_config or self.on_space
 
+    @property
+    def confined_offload_base(self) -> str | None:
+        """The directory offload folders must lie under: ``--offload-base``, or in public mode the
+        Space's persistent storage (``/data/offload``) or ``./offload``; None means anywhere."""
+        if self.offload_base:
+            return os.path.abspath(self.offload_base)
+        if not self.public:
+            return None
+        return os.path.join(space_storage() or os.path.abspath("."), "offload")
+
+
+def space_storage() -> str | None:
+    """The Space's persistent storage mount (``/data``) when it exists and is writable."""
+    return "/data" if os.path.isdir("/data") and os.access("/data", os.W_OK) else None
+
+
+def _space_offload_folder(on_space: bool) -> str | None:
+    """On a Space, offload to persistent storage when there is some, else next to the app."""
+    if not on_space:
+        return None
+    return os.path.join(space_storage() or os.path.abspath("."), "offload")
+
 
 def _flag_env(name: str) -> str:
     return "OPTDEMO_" + name.upper().replace("-", "_")
@@ -161,7 +183,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     return AppSettings(
         model=str(pick("model", TINY_MODEL_ID)),
         max_memory=pick("max-memory") or None,  # type: ignore[arg-type]
-        offload_folder=pick("offload-folder") or None,  # type: ignore[arg-type]
+        offload_folder=pick("offload-folder") or _space_offload_folder(on_space),  # type: ignore[arg-type]
         dtype=dtype,
         preload=flag_on("preload") or on_space,
         host=str(pick("host", "127.0.0.1")),
