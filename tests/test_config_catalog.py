@@ -151,13 +151,13 @@ def test_any_real_difference_makes_configs_unequal(changes: dict) -> None:
 
 @pytest.mark.parametrize("dtype", ["fp16", "float64", "", "FLOAT16", "int8", None])
 def test_invalid_dtype(dtype) -> None:
-    with pytest.raises(ConfigError, match="dtype .* is not supported"):
+    with pytest.raises(ConfigError, match=r"dtype .* is not supported"):
         LoadConfig("opt-1.3b", dtype=dtype)
 
 
 @pytest.mark.parametrize("quantization", ["16bit", "", "8-bit", "NONE", None])
 def test_invalid_quantization(quantization) -> None:
-    with pytest.raises(ConfigError, match="quantization .* is not supported"):
+    with pytest.raises(ConfigError, match=r"quantization .* is not supported"):
         LoadConfig("opt-1.3b", quantization=quantization)
 
 
@@ -228,7 +228,7 @@ SHAPES = {
 
 
 def test_catalog_has_all_eight_sizes_smallest_first() -> None:
-    assert OPT_SIZES == tuple(PARAMETERS)
+    assert tuple(PARAMETERS) == OPT_SIZES
     assert tuple(catalog()) == OPT_SIZES
     sizes = [entry.parameters for entry in catalog().values()]
     assert sizes == sorted(sizes)
@@ -310,7 +310,7 @@ def test_catalog_model_with_a_revision_needs_the_hub() -> None:
 
 def test_local_dir_without_config_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"\0")
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         resolve_model(LoadConfig(str(tmp_path)).model)
 
 

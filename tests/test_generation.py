@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -208,6 +209,66 @@ def test_generate_failure_becomes_generation_error(tiny_model_dir: Path) -> None
     assert not worker_threads()
 
 
+class Scripted:
+    """A stand-in model whose generate() streams a fixed reply token by token."""
+
+    config = SimpleNamespace(max_position_embeddings=512)
+
+    def __init__(self, tokenizer, reply: str) -> None:
+        self.reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
+
+    def generate(self, input_ids, streamer, **kwargs) -> None:
+        import torch
+
+        streamer.put(input_ids)
+        for token in self.reply_ids:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+
+
+def test_stream_cuts_at_a_stop_string_and_never_shows_part_of_it(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    reply = "Paris is the capital of France.\nUser: and the next turn\nAssistant: more"
+    model = Scripted(tokenizer, reply)
+    stop = threading.Event()
+    updates = list(
+        stream_generate(
+            model,
+            tokenizer,
+            "User: capital?\nAssistant:",
+            GenerationParams(max_new_tokens=100),
+            stop_event=stop,
+            stop_strings=CHAT_STOP_STRINGS,
+        )
+    )
+    assert updates[-1].text == "Paris is the capital of France."
+    for update in updates:
+        assert "User" not in update.text
+        assert not update.text.endswith("\n")
+        assert "Paris is the capital of France.".startswith(update.text.rstrip())
+    stats = updates[-1].stats
+    assert stats.stopped is False  # ended by the stop string, not by the user
+    assert 1 <= stats.new_tokens <= len(model.reply_ids)
+    assert stop.is_set()
+    assert not wait_for_no_workers()
+
+
+def test_stream_without_stop_strings_keeps_everything(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    reply = "Paris is the capital.\nUser: next "
+    model = Scripted(tokenizer, reply)
+    updates = list(stream_generate(model, tokenizer, "Hi", GenerationParams(max_new_tokens=100)))
+    assert updates[-1].text == reply
+    assert updates[-1].stats.new_tokens == len(model.reply_ids)
+    assert updates[-1].stats.prompt_tokens == len(tokenizer("Hi").input_ids)
+    texts = [u.text for u in updates]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+
+
 # ---------------------------------------------------------------- streaming on the tiny model
 
 slow = pytest.mark.slow
@@ -245,7 +306,7 @@ def test_greedy_completion_streams_and_is_deterministic(loaded) -> None:
     assert [u.text for u in first] == [u.text for u in second]
     texts = [u.text for u in first]
     assert len(set(texts)) > 1, "the reply arrived in one piece, not streamed"
-    for before, after in zip(texts, texts[1:], strict=False):
+    for before, after in itertools.pairwise(texts):
         assert after.startswith(before)
     assert all(u.stats is None for u in first[:-1])
     stats = first[-1].stats

@@ -50,7 +50,9 @@ def rank(device) -> int:
 
 def opt_layer_bytes(hidden: int, ffn: int, bytes_per_param: int = 2) -> int:
     """One OPT decoder layer: q/k/v/out projections, two LayerNorms, fc1, fc2 (with biases)."""
-    params = 4 * (hidden * hidden + hidden) + 2 * (2 * hidden) + (hidden * ffn + ffn) + (ffn * hidden + hidden)
+    params = (
+        4 * (hidden * hidden + hidden) + 2 * (2 * hidden) + (hidden * ffn + ffn) + (ffn * hidden + hidden)
+    )
     return bytes_per_param * params
 
 
@@ -220,7 +222,10 @@ def test_tiny_plan_cpu_and_disk(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir), max_memory="cpu=900KiB"), hardware())
     layer_devices = [b.device for b in plan.layers]
     assert layer_devices == ["cpu", "cpu", "disk", "disk", "disk", "disk"]
-    assert plan.bytes_per_device == {"cpu": TINY_TOTAL_BYTES - 4 * TINY_LAYER_BYTES, "disk": 4 * TINY_LAYER_BYTES}
+    assert plan.bytes_per_device == {
+        "cpu": TINY_TOTAL_BYTES - 4 * TINY_LAYER_BYTES,
+        "disk": 4 * TINY_LAYER_BYTES,
+    }
     assert plan.bytes_per_device["cpu"] <= 900 * KiB
 
 
