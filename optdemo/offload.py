@@ -1,0 +1,105 @@
+"""A zero-copy disk tier for models that run on the CPU.
+
+Plain Accelerate keeps disk-offloaded weights on the meta device and, on *every* forward pass of
+every offloaded module, opens the safetensors file again, builds the tensors and puts them back on
+meta afterwards. On a CPU-executed model that per-token work is pure overhead: the weights could
+simply stay memory-mapped. This module maps them once, from the safetensors files Accelerate's own
+offload index points to (the checkpoint itself, or our converted cache), and removes the offload
+hooks, the way llama.cpp runs a model with mmap: the OS page cache serves the weights in place.
+
+The budget keeps its meaning: the CPU budget bounds the process's own (anonymous) memory, while
+disk-tier weights live in the page cache, which the OS can reclaim at any time and re-read from
+disk when RAM is short. Nothing is copied, so a model larger than RAM still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DiskTierReport:
+    """What :func:`map_disk_tier` did: modules and bytes now memory-mapped, or why not."""
+
+    mapped_modules: int
+    mapped_bytes: int
+    skipped_reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any disk-tier weights are served from memory maps."""
+        return self.mapped_modules > 0
+
+
+def cpu_executed(device_map: dict[str, Any]) -> bool:
+    """True when every module runs on the CPU (the map holds only ``cpu`` and ``disk``)."""
+    return bool(device_map) and all(device in ("cpu", "disk") for device in device_map.values())
+
+
+def map_disk_tier(model: Any) -> DiskTierReport:
+    """Replace Accelerate's per-forward disk loading with persistent memory maps.
+
+    Applies only to CPU-executed models whose offloaded weights are safetensors tensors of the
+    model's own dtype (anything else would need a copy, which is what we avoid); other modules keep
+    Accelerate's hooks, so the result is always correct. Outputs are unchanged: the same bytes are
+    used, only how they reach the matmul differs.
+    """
+    import torch
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_module
+    from accelerate.utils import PrefixedDataset
+    from safetensors import safe_open
+
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if not cpu_executed(device_map) or "disk" not in device_map.values():
+        return DiskTierReport(0, 0, "no disk layers on a CPU-executed model")
+    handles: dict[str, Any] = {}
+    mapped_modules = mapped_bytes = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            for module in model.modules():
+                hook = getattr(module, "_hf_hook", None)
+                hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+                align = next((h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload), None)
+                if align is None or not isinstance(align.weights_map, PrefixedDataset):
+                    continue
+                tensors = _mapped_tensors(module, align.weights_map, handles, stack, safe_open)
+                if tensors is None:
+                    continue  # not mappable without a copy: Accelerate keeps serving this module
+                remove_hook_from_module(module)
+                for name, tensor in tensors.items():
+                    if name in module._parameters:
+                        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+                    else:
+                        module._buffers[name] = tensor
+                    mapped_bytes += tensor.numel() * tensor.element_size()
+                mapped_modules += 1
+    finally:
+        handles.clear()
+    if mapped_modules:
+        model.tie_weights()  # re-point tied heads at the mapped embeddings
+    return DiskTierReport(mapped_modules, mapped_bytes)
+
+
+def _mapped_tensors(module: Any, weights_map: Any, handles: dict, stack: Any, safe_open: Any) -> dict | None:
+    """The module's own offloaded tensors as memory-mapped views, or None if one would need a copy."""
+    loader = weights_map.dataset
+    index = getattr(loader, "index", None)
+    if index is None:
+        return None
+    tensors = {}
+    names = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+    for name in names:
+        info = index.get(weights_map.prefix + name)
+        if not info or not info.get("safetensors_file"):
+            return None
+        path = info["safetensors_file"]
+        if path not in handles:
+            handles[path] = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+        tensor = handles[path].get_tensor(info.get("weight_name", weights_map.prefix + name))
+        current = getattr(module, name)
+        if tensor.dtype != current.dtype or tuple(tensor.shape) != tuple(current.shape):
+            return None
+        tensors[name] = tensor
+    return tensors
