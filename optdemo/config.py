@@ -46,6 +46,9 @@ class LoadConfig:
     tokenizer: str | None = None
     # Never on by default: it executes code from the model repository.
     trust_remote_code: bool = False
+    # optdemo's offloading: disk-tier weights memory-mapped instead of re-read on every forward, and
+    # .bin checkpoints converted once to safetensors in a cache. False: plain Accelerate behaviour.
+    fast_offload: bool = True
     # Not part of equality: a cosmetic label for the UI is not a different load.
     label: str = field(default="", compare=False)
 
@@ -75,6 +78,8 @@ class LoadConfig:
             object.__setattr__(self, "tokenizer", normalize_model(tokenizer) if tokenizer else None)
         if not isinstance(self.trust_remote_code, bool):
             raise ConfigError("trust_remote_code must be true or false")
+        if not isinstance(self.fast_offload, bool):
+            raise ConfigError("fast_offload must be true or false")
 
     def with_changes(self, **changes: object) -> LoadConfig:
         """A copy with some fields changed (normalised and validated again)."""

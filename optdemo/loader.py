@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
@@ -25,6 +25,7 @@ from optdemo.config import LoadConfig
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.models import ModelSource, hub_error_message, hub_token, resolve_model, scrub_token
+from optdemo.offload import DiskTierReport, map_disk_tier
 from optdemo.planner import Plan, device_of, plan_device_map, resolve_dtype
 
 # progress(fraction or None when unknown, description)
@@ -42,6 +43,8 @@ class LoadedModel:
     device_map: dict[str, Device]
     bytes_per_device: dict[Device, int]
     load_seconds: float
+    disk_tier: DiskTierReport = field(default_factory=lambda: DiskTierReport(0, 0, "no disk layers"))
+    checkpoint: str = ""  # the folder or repo the weights were read from
 
     @property
     def input_device(self) -> Any:
@@ -130,12 +133,20 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
             **common,
         }
         with _progress_bars(report) as bar_class:
-            model = AutoModelForCausalLM.from_pretrained(source.location, tqdm_class=bar_class, **kwargs)
+            location = source.location
+            if config.fast_offload and plan.bytes_per_device.get("disk"):
+                location = fast_checkpoint(
+                    config, source, str(dtype).removeprefix("torch."), bar_class, report
+                )
+            model = AutoModelForCausalLM.from_pretrained(location, tqdm_class=bar_class, **kwargs)
     except OptdemoError:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an actionable message
         raise LoadError(load_error_message(exc, config, source)) from None
     model.eval()
+    disk_tier = (
+        map_disk_tier(model) if config.fast_offload else DiskTierReport(0, 0, "fast offloading is off")
+    )
     device_map = actual_device_map(model)
     elapsed = time.perf_counter() - started
     report(1.0, f"Loaded {config.display_name} in {elapsed:.1f} s")
@@ -147,7 +158,45 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
         device_map=device_map,
         bytes_per_device=bytes_per_device(model, device_map),
         load_seconds=elapsed,
+        disk_tier=disk_tier,
+        checkpoint=str(location),
     )
+
+
+def fast_checkpoint(
+    config: LoadConfig, source: ModelSource, dtype: str, bar_class: Any, report: ProgressCallback
+) -> str:
+    """Where to load from so that disk layers can be read in place: the checkpoint itself when it
+    is safetensors, else its converted copy in the cache (converted now if needed)."""
+    from optdemo import convert
+
+    if source.kind in ("local", "builtin"):
+        if not convert.is_bin_checkpoint(source.location):
+            return source.location
+        report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
+        return str(
+            convert.ensure_converted(source.location, config.revision, dtype, source.location, local=True)
+        )
+    hit = convert.cached(source.location, config.revision, dtype)
+    if hit is not None:
+        return str(hit)  # works offline: nothing to download
+    from huggingface_hub import HfApi, snapshot_download
+
+    token = hub_token()
+    files = HfApi().list_repo_files(source.location, revision=config.revision, token=token)
+    if any(name.endswith(".safetensors") for name in files) or not any(
+        name.endswith(".bin") for name in files
+    ):
+        return source.location
+    folder = snapshot_download(
+        source.location,
+        revision=config.revision,
+        token=token,
+        allow_patterns=["*.bin", "*.json", "*.txt", "*.model"],
+        tqdm_class=bar_class,
+    )
+    report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
+    return str(convert.ensure_converted(source.location, config.revision, dtype, folder, local=False))
 
 
 def _quantization_config(config: LoadConfig) -> Any:

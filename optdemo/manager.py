@@ -33,6 +33,7 @@ from optdemo.generation import (
 )
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
+from optdemo.offload import DiskTierReport
 from optdemo.planner import Plan, plan_device_map
 
 # How long a load waits for a running generation to notice its stop event and end.
@@ -53,6 +54,8 @@ class LoadReport:
     plan: Plan
     message: str
     stopped_generation: bool = False  # a running reply was stopped to apply the new configuration
+    disk_tier: DiskTierReport | None = None  # disk-tier weights memory-mapped by fast offloading
+    checkpoint: str = ""  # where the weights were read from (the converted cache for .bin)
 
     @property
     def matches_plan(self) -> bool:
@@ -77,6 +80,8 @@ class LoadReport:
             "plan_differences": {k: list(v) for k, v in self.plan_differences.items()},
             "message": self.message,
             "stopped_generation": self.stopped_generation,
+            "disk_tier": disk_tier_dict(self.disk_tier),
+            "checkpoint": self.checkpoint,
         }
 
 
@@ -115,6 +120,17 @@ class ManagerStatus:
             "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
             "plan": self.plan.to_dict() if self.plan else None,
         }
+
+
+def disk_tier_dict(report: DiskTierReport | None) -> dict | None:
+    """Plain data for a disk-tier report (None when nothing went to disk)."""
+    if report is None:
+        return None
+    return {
+        "memory_mapped_modules": report.mapped_modules,
+        "memory_mapped_bytes": report.mapped_bytes,
+        "note": report.skipped_reason,
+    }
 
 
 def map_differences(planned: dict[str, Device], actual: dict[str, Device]) -> dict[str, tuple[str, str]]:
@@ -211,6 +227,8 @@ class ModelManager:
             plan,
             f"loaded {config.display_name} in {loaded.load_seconds:.1f} s{moved}",
             stopped,
+            loaded.disk_tier,
+            loaded.checkpoint,
         )
 
     def _reuse(self, config: LoadConfig) -> LoadReport | None:
@@ -227,6 +245,8 @@ class ModelManager:
             dict(loaded.bytes_per_device),
             loaded.plan,
             f"{config.display_name} is already loaded with this configuration: nothing reloaded",
+            disk_tier=loaded.disk_tier,
+            checkpoint=loaded.checkpoint,
         )
 
     def _after_failure(self, message: str, previous: LoadConfig | None) -> str:

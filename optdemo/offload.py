@@ -89,7 +89,9 @@ def _mapped_tensors(module: Any, weights_map: Any, handles: dict, stack: Any, sa
     if index is None:
         return None
     tensors = {}
-    names = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+    names = [n for n, _ in module.named_parameters(recurse=False)] + [
+        n for n, _ in module.named_buffers(recurse=False)
+    ]
     for name in names:
         info = index.get(weights_map.prefix + name)
         if not info or not info.get("safetensors_file"):

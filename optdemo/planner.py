@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
+from optdemo.convert import cached, converted_root
 from optdemo.hardware import Hardware, existing_parent
 from optdemo.models import ModelSource, resolve_model
 
@@ -61,6 +63,7 @@ class Plan:
     fits: bool
     needs_offload_folder: bool
     disk_bytes_written: int  # bytes the load will write to the offload folder
+    conversion_bytes: int  # bytes a one-time .bin -> safetensors conversion writes to the cache
     warnings: tuple[str, ...] = field(default=())
     checkpoint_format: str = "unknown"
 
@@ -82,6 +85,7 @@ class Plan:
             "fits": self.fits,
             "needs_offload_folder": self.needs_offload_folder,
             "disk_bytes_written": self.disk_bytes_written,
+            "conversion_bytes": self.conversion_bytes,
             "checkpoint_format": self.checkpoint_format,
             "warnings": list(self.warnings),
             "blocks": [
@@ -174,8 +178,21 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     blocks = _blocks(model, device_map, sizes)
     checkpoint_format = _checkpoint_format(source)
     disk_bytes = bytes_per_device.get("disk", 0)
-    writes = disk_bytes if checkpoint_format != "safetensors" else 0
+    total = int(sizes.get("", 0))
+    writes, conversion = _disk_writes(config, source, checkpoint_format, disk_bytes, total, dtype)
     warnings, fits = _assess(config, source, hardware, bytes_per_device, budget, disk_bytes, writes)
+    if conversion:
+        free = int(shutil.disk_usage(existing_parent(str(converted_root()))).free)
+        warnings.append(
+            f"the first load converts the .bin checkpoint once to safetensors in {converted_root()} "
+            f"({format_bytes(conversion)}; {format_bytes(free)} free there); later loads write nothing"
+        )
+        if free < conversion:
+            fits = False
+            warnings.append(
+                f"not enough free space to convert the checkpoint ({format_bytes(conversion)} needed in "
+                f"{converted_root()}): free some space or turn fast offloading off"
+            )
     return Plan(
         model=config.model,
         display_name=config.display_name,
@@ -184,11 +201,12 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         module_bytes=module_bytes,
         bytes_per_device=_ordered(bytes_per_device),
         budget=budget,
-        total_bytes=int(sizes.get("", 0)),
+        total_bytes=total,
         blocks=blocks,
         fits=fits,
         needs_offload_folder=writes > 0,
         disk_bytes_written=writes,
+        conversion_bytes=conversion,
         warnings=tuple(warnings),
         checkpoint_format=checkpoint_format,
     )
@@ -269,6 +287,33 @@ def _kind(name: str, module: nn.Module, is_layer: bool) -> str:
     return "other"
 
 
+def _disk_writes(
+    config: LoadConfig,
+    source: ModelSource,
+    checkpoint_format: str,
+    disk_bytes: int,
+    total: int,
+    dtype: torch.dtype,
+) -> tuple[int, int]:
+    """(bytes written to the offload folder, bytes a one-time conversion writes to the cache).
+
+    Safetensors disk layers are read in place. A ``.bin`` checkpoint with disk layers is rewritten
+    into the offload folder on every load by plain Accelerate; with fast offloading it is converted
+    once into the cache instead (nothing when already converted).
+    """
+    if not disk_bytes or checkpoint_format == "safetensors":
+        return 0, 0
+    if not config.fast_offload:
+        return disk_bytes, 0
+    if checkpoint_format != "bin":  # unknown (a Hub repo not yet downloaded): converted if it is .bin
+        return 0, 0
+    dtype_name = str(dtype).removeprefix("torch.")
+    local = source.location if source.kind in ("local", "builtin") else None
+    if cached(source.location, config.revision, dtype_name, local) is not None:
+        return 0, 0
+    return 0, total
+
+
 def _checkpoint_format(source: ModelSource) -> str:
     """``safetensors`` or ``bin`` when known: it decides whether disk layers are copied at load."""
     if source.kind == "catalog":
@@ -339,8 +384,6 @@ def _assess(
 
 
 def _free_disk(folder: str, hardware: Hardware) -> int:
-    import shutil
-
     path = existing_parent(folder)
     if path == hardware.disk_path:
         return hardware.disk_free_bytes

@@ -1,0 +1,460 @@
+"""The named API end to end: a launched app driven through gradio_client, as a user's script would.
+
+One app per mode (a private one, and a public one with --lock-config --auth); the built-in tiny
+model is loaded through the API. HF_TOKEN is set to a fake value while the apps run, and every
+response (result or error) is checked not to contain it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from app_fixtures import FAKE_TOKEN, RunningApp, running_app
+from gradio_client.exceptions import AppError
+
+pytestmark = pytest.mark.slow
+
+TINY = "optdemo/tiny-opt"
+TINY_TOTAL_BYTES = 1462784  # tests/conftest.py derives it from the architecture
+LOAD_ARGS = ("tiny-opt", "cpu=1GiB", "auto", "")  # model, max_memory, dtype, offload_folder
+GREEDY = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 0.9}
+FRANCE = "What is the capital of France?"
+OFFLOADING = "Why is offloading slow?"
+# A Python exception dumped as "SomethingError: ..." (class name, colon) instead of a sentence.
+CLASS_DUMP = re.compile(r"\b[A-Z]\w*(Error|Exception|Warning)\b\s*[:(]")
+
+
+# ---------------------------------------------------------------------------------- helpers
+def no_token(value: object) -> None:
+    assert FAKE_TOKEN not in json.dumps(value, default=str)
+
+
+def call(client, api_name: str, *args, **kwargs):
+    """predict(), checking that the response never carries the Hub token."""
+    result = client.predict(*args, api_name=api_name, **kwargs)
+    no_token(result)
+    return result
+
+
+def stream(client, api_name: str, *args, **kwargs) -> tuple[list[str], str]:
+    """submit() a streaming endpoint: (every streamed value, the final result)."""
+    job = client.submit(*args, api_name=api_name, **kwargs)
+    outputs = list(job)
+    result = job.result()
+    no_token([outputs, result])
+    return outputs, result
+
+
+def assert_accumulates(outputs: list[str], final: str) -> None:
+    """Streamed values grow by appending: each one (less trailing whitespace that the final value
+    may trim) starts the next, and the last one is the final result."""
+    assert outputs, "nothing was streamed"
+    assert all(isinstance(o, str) for o in outputs)
+    for before, after in zip(outputs, outputs[1:], strict=False):
+        assert after.startswith(before.rstrip()), (before, after)
+    assert outputs[-1] == final
+
+
+def assert_readable(message: str) -> None:
+    """An error message for people: a sentence, no traceback, no exception class dump, no token."""
+    assert isinstance(message, str) and len(message.strip()) > 10, message
+    assert "Traceback" not in message, message
+    assert 'File "' not in message, message
+    assert not CLASS_DUMP.search(message), message
+    assert "Something went wrong" not in message, f"an expected error was reported as a bug: {message}"
+    assert FAKE_TOKEN not in message
+    assert len(message) < 600, message
+
+
+def app_error(client, api_name: str, *args, **kwargs) -> str:
+    """The message of the AppError an endpoint raises (streaming endpoints are drained)."""
+    with pytest.raises(AppError) as info:
+        job = client.submit(*args, api_name=api_name, **kwargs)
+        list(job)
+        job.result()
+    message = str(info.value)
+    assert_readable(message)
+    return message
+
+
+def comparable(status: dict) -> dict:
+    """A status without the fields that change while serving (busy, the plan's RAM warnings)."""
+    plan = dict(status.get("plan") or {})
+    plan.pop("warnings", None)
+    return {**status, "busy": None, "plan": plan}
+
+
+# ---------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def app() -> Iterator[RunningApp]:
+    with running_app() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(app: RunningApp):
+    return app.client()
+
+
+@pytest.fixture
+def loaded(client) -> dict:
+    """The tiny model loaded with LOAD_ARGS (reused when it already is); returns /status."""
+    report = call(client, "/load", *LOAD_ARGS)
+    assert report["status"] in ("loaded", "reused")
+    status = call(client, "/status")
+    assert status["loaded"] is True and status["model"] == TINY
+    assert status["config"]["max_memory"] == "cpu=1GiB"
+    return status
+
+
+# ---------------------------------------------------------------------------------- the API surface
+def test_named_endpoints_and_parameters(client) -> None:
+    api = client.view_api(print_info=False, return_format="dict")
+    endpoints = {
+        name: [p["parameter_name"] for p in info["parameters"]]
+        for name, info in api["named_endpoints"].items()
+    }
+    config = ["model", "max_memory", "dtype", "offload_folder"]
+    sampling = ["max_new_tokens", "temperature", "top_p"]
+    assert endpoints == {
+        "/plan": config,
+        "/load": config,
+        "/unload": [],
+        "/status": [],
+        "/chat": ["message", *sampling],
+        "/generate": ["prompt", *sampling],
+        "/stop": [],
+        "/clear_chat": [],
+        "/sign_in": ["username", "password"],
+    }
+    # The UI's own events are private: no unnamed endpoints for scripts to stumble on.
+    assert not api.get("unnamed_endpoints")
+    defaults = {
+        p["parameter_name"]: p.get("parameter_default") for p in api["named_endpoints"]["/chat"]["parameters"]
+    }
+    assert defaults["max_new_tokens"] == 64
+    assert defaults["temperature"] == 0.7
+
+
+def test_plan_never_loads(client) -> None:
+    call(client, "/unload")
+    plan = call(client, "/plan", "facebook/opt-66b", "0=5GiB,cpu=20GiB", "auto", "")
+    assert set(plan) >= {"device_map", "bytes_per_device", "fits", "warnings", "blocks", "budget"}
+    assert plan["model"] == "facebook/opt-66b"
+    assert plan["fits"] is False  # no offload folder for the 100+ GiB that go to disk
+    assert plan["needs_offload_folder"] is True
+    assert set(plan["bytes_per_device"]) == {"0", "cpu", "disk"}
+    assert set(plan["device_map"].values()) == {"0", "cpu", "disk"}
+    assert plan["budget"] == {"0": 5 * 2**30, "cpu": 20 * 2**30}
+    assert isinstance(plan["warnings"], list) and plan["warnings"]
+    assert any("offload folder" in w for w in plan["warnings"])
+
+    tiny = call(client, "/plan", "tiny-opt", "cpu=1GiB", "auto", "")
+    assert tiny["fits"] is True and tiny["model"] == TINY
+    assert tiny["device_map"] == {"": "cpu"}
+    assert tiny["bytes_per_device"] == {"cpu": TINY_TOTAL_BYTES}
+    # A plan for a GPU this machine lacks is allowed (planning for another machine), with a warning.
+    gpu = call(client, "/plan", "tiny-opt", "3=1GiB,cpu=1GiB", "auto", "")
+    assert any("GPU 3 is not on this machine" in w for w in gpu["warnings"])
+
+    status = call(client, "/status")
+    assert status["loaded"] is False and status["model"] is None
+
+
+def test_empty_max_memory_lets_the_machine_decide(client) -> None:
+    """An empty max_memory is not an error: the budget is measured on this machine."""
+    plan = call(client, "/plan", "tiny-opt", "", "auto", "")
+    assert plan["fits"] is True
+    assert set(plan["budget"]) == {"cpu"} and plan["budget"]["cpu"] > TINY_TOTAL_BYTES
+
+
+def test_load_reuse_and_reload(client) -> None:
+    call(client, "/unload")
+    first = call(client, "/load", *LOAD_ARGS)
+    assert first["status"] == "loaded"
+    assert first["model"] == TINY and first["display_name"] == "tiny-opt"
+    assert 0 < first["load_seconds"] < 60
+    assert first["device_map"] == {"": "cpu"}
+    assert first["bytes_per_device"] == {"cpu": TINY_TOTAL_BYTES}
+    assert first["matches_plan"] is True
+
+    again = call(client, "/load", *LOAD_ARGS)
+    assert again["status"] == "reused"
+    assert again["load_seconds"] < 0.05
+    assert again["device_map"] == first["device_map"]
+    # Same configuration written differently (catalog id, other spelling of the budget): reused.
+    assert call(client, "/load", TINY, "cpu=1024MiB", "auto", "")["status"] == "reused"
+
+    other = call(client, "/load", "tiny-opt", "cpu=2GiB", "auto", "")
+    assert other["status"] == "loaded"
+    status = call(client, "/status")
+    assert status["config"]["max_memory"] == "cpu=2GiB"
+    assert status["load_seconds"] == pytest.approx(other["load_seconds"], abs=1e-3)
+
+
+def test_load_split_between_cpu_and_disk(client, tmp_path: Path) -> None:
+    offload = str(tmp_path / "offload")
+    # The smallest cpu budget whose plan puts layers on both the CPU and the disk.
+    for kib in range(300, 1500, 50):
+        plan = call(client, "/plan", "tiny-opt", f"cpu={kib}KiB", "auto", offload)
+        if {"cpu", "disk"} <= set(plan["device_map"].values()):
+            break
+    else:
+        pytest.fail("no cpu budget splits the tiny model between cpu and disk")
+    assert plan["fits"] is True
+
+    report = call(client, "/load", "tiny-opt", f"cpu={kib}KiB", "auto", offload)
+    assert report["status"] == "loaded"
+    assert "disk" in report["device_map"].values()
+    assert report["device_map"] == plan["device_map"]
+    assert report["bytes_per_device"] == plan["bytes_per_device"]
+    assert report["matches_plan"] is True and report["plan_differences"] == {}
+    status = call(client, "/status")
+    assert status["config"]["offload_folder"] == offload
+    assert status["device_map"] == plan["device_map"]
+    # It generates with layers read back from disk.
+    call(client, "/clear_chat")
+    _, reply = stream(client, "/chat", FRANCE, **GREEDY)
+    assert "Paris" in reply
+
+
+def test_status_reports_the_loaded_model(client, loaded: dict) -> None:
+    status = loaded
+    assert status["display_name"] == "tiny-opt"
+    assert status["busy"] is None
+    assert status["config"] == {
+        "model": TINY,
+        "revision": None,
+        "dtype": "auto",
+        "max_memory": "cpu=1GiB",
+        "offload_folder": None,
+        "quantization": "none",
+        "tokenizer": None,
+    }
+    assert status["device_map"] == {"": "cpu"}
+    assert status["bytes_per_device"] == {"cpu": TINY_TOTAL_BYTES}
+    assert status["plan"]["model"] == TINY
+    assert FAKE_TOKEN not in json.dumps(status)
+
+
+# ---------------------------------------------------------------------------------- generation
+def test_chat_streams_the_reply(client, loaded: dict) -> None:
+    call(client, "/clear_chat")
+    outputs, reply = stream(client, "/chat", FRANCE, **GREEDY)
+    assert_accumulates(outputs, reply)
+    assert "Paris" in reply
+    assert "User:" not in reply and "Assistant:" not in reply  # stop strings are never shown
+    # Greedy decoding is deterministic.
+    call(client, "/clear_chat")
+    assert stream(client, "/chat", FRANCE, **GREEDY)[1] == reply
+
+
+def test_generate_streams_the_continuation(client, loaded: dict) -> None:
+    outputs, text = stream(client, "/generate", "Once upon a time", **GREEDY)
+    assert_accumulates(outputs, text)
+    assert text.strip()
+    assert not text.startswith("Once upon a time")  # the continuation only
+    assert call(client, "/generate", "Once upon a time", **GREEDY) == text
+
+
+def test_sessions_keep_separate_histories(app: RunningApp, loaded: dict) -> None:
+    first, second = app.client(), app.client()
+    assert first.session_hash != second.session_hash
+    for c in (first, second):
+        assert call(c, "/clear_chat") is True
+    results: dict[str, str] = {}
+
+    def ask(name: str, c, question: str) -> None:
+        results[name] = stream(c, "/chat", question, max_new_tokens=40, temperature=0.0, top_p=0.9)[1]
+
+    threads = [
+        threading.Thread(target=ask, args=("first", first, FRANCE)),
+        threading.Thread(target=ask, args=("second", second, OFFLOADING)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert "Paris" in results["first"]
+    assert "Paris" not in results["second"]
+    assert "disk" in results["second"]
+    service = app.service
+    assert service.api_history(first.session_hash) == [(FRANCE, results["first"])]
+    assert service.api_history(second.session_hash) == [(OFFLOADING, results["second"])]
+    # Clearing one session leaves the other alone.
+    call(first, "/clear_chat")
+    assert service.api_history(first.session_hash) == []
+    assert len(service.api_history(second.session_hash)) == 1
+    call(second, "/clear_chat")
+
+
+def test_stop_ends_only_this_sessions_reply(app: RunningApp, loaded: dict) -> None:
+    runner, other = app.client(), app.client()
+    assert call(runner, "/stop") is False  # nothing running
+    job = runner.submit("Once upon a time", 400, 1.0, 0.9, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and not job.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.outputs(), "no streamed output within 60 s"
+    assert call(other, "/stop") is False  # another session cannot stop it
+    stopped_at = time.perf_counter()
+    assert call(runner, "/stop") is True
+    text = job.result(timeout=60)
+    assert isinstance(text, str)
+    # 400 tokens take about ten seconds on this machine; a stopped reply ends at once.
+    assert time.perf_counter() - stopped_at < 3
+
+
+# ---------------------------------------------------------------------------------- errors
+CONFIG_ERRORS = [
+    ("max_memory", "cpu=lots", "not a size"),
+    ("max_memory", "{", "dict"),
+    ("max_memory", "tpu=1GiB", "unknown device"),
+    ("max_memory", "0=1GiB,cuda:0=1GiB", "twice"),
+    ("max_memory", "cpu=-1GiB", "positive"),
+    ("max_memory", "cpu=99999TiB", "large"),
+    ("model", "../etc", "does not exist"),
+    ("model", "/nonexistent", "does not exist"),
+    ("model", "a/b/c", "neither a local folder nor"),
+    ("model", "x" * 500, "500 characters"),
+    ("model", "someone/not-cached", "Hugging Face Hub"),
+    ("dtype", "float8", "not supported"),
+]
+CHAT_ERRORS = [
+    ({"max_new_tokens": -5}, "max_new_tokens"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 10**9}, "max_new_tokens"),
+    ({"max_new_tokens": 513}, "capped at 512"),
+    ({"max_new_tokens": "many"}, "whole number"),
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": 100}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 2}, "top_p"),
+    ({"message": ""}, "empty"),
+    ({"message": "   \n"}, "empty"),
+    ({"message": "x" * 100_000}, "limit"),
+    ({"message": "word " * 790}, "context"),
+]
+
+
+def assert_still_serving(client, before: dict) -> None:
+    """After an error: the same model is loaded and a valid chat still works."""
+    assert comparable(call(client, "/status")) == comparable(before)
+    call(client, "/clear_chat")
+    _, reply = stream(client, "/chat", FRANCE, **GREEDY)
+    assert "Paris" in reply
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"), CONFIG_ERRORS, ids=[f"{f}={v[:20]!r}" for f, v, _ in CONFIG_ERRORS]
+)
+def test_bad_configuration_is_a_readable_error(client, loaded: dict, field: str, value: str, expected) -> None:
+    args = dict(zip(("model", "max_memory", "dtype", "offload_folder"), LOAD_ARGS, strict=True))
+    args[field] = value
+    for endpoint in ("/plan", "/load"):
+        message = app_error(client, endpoint, *args.values())
+        assert expected in message, message
+    assert_still_serving(client, loaded)
+
+
+def test_loading_on_a_missing_gpu_is_a_readable_error(client, loaded: dict) -> None:
+    message = app_error(client, "/load", "tiny-opt", "3=1GiB,cpu=1GiB", "auto", "")
+    assert "GPU 3" in message and "no GPU" in message
+    assert_still_serving(client, loaded)
+
+
+@pytest.mark.parametrize(("change", "expected"), CHAT_ERRORS, ids=[repr(c)[:40] for c, _ in CHAT_ERRORS])
+def test_bad_generation_input_is_a_readable_error(client, loaded: dict, change: dict, expected) -> None:
+    kwargs = {"message": FRANCE, **GREEDY, **change}
+    message = app_error(client, "/chat", kwargs.pop("message"), **kwargs)
+    assert expected in message, message
+    assert_still_serving(client, loaded)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [({"prompt": ""}, "empty"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 2}, "top_p")],
+)
+def test_bad_completion_input_is_a_readable_error(client, loaded: dict, change: dict, expected) -> None:
+    kwargs = {"prompt": "Once upon a time", **GREEDY, **change}
+    message = app_error(client, "/generate", kwargs.pop("prompt"), **kwargs)
+    assert expected in message, message
+    assert_still_serving(client, loaded)
+
+
+def test_unload_then_chat_says_no_model_is_loaded(client, loaded: dict) -> None:
+    result = call(client, "/unload")
+    assert result["unloaded"] is True
+    assert result["status"]["loaded"] is False
+    status = call(client, "/status")
+    assert status["loaded"] is False and status["model"] is None and status["device_map"] == {}
+    assert "no model is loaded" in app_error(client, "/chat", FRANCE, **GREEDY)
+    assert "no model is loaded" in app_error(client, "/generate", "Once upon a time", **GREEDY)
+    assert call(client, "/unload")["unloaded"] is False
+    # Planning needs no model.
+    assert call(client, "/plan", *LOAD_ARGS)["fits"] is True
+
+
+# ---------------------------------------------------------------------------------- public mode
+@pytest.fixture(scope="module")
+def public_app() -> Iterator[RunningApp]:
+    with running_app(["--lock-config", "--auth", "admin:pw"]) as running:
+        assert running.service.settings.public
+        yield running
+
+
+def test_public_visitors_may_plan_the_offered_model_only(public_app: RunningApp) -> None:
+    visitor = public_app.client()
+    plan = call(visitor, "/plan", "tiny-opt", "cpu=1GiB", "auto", "")
+    assert plan["model"] == TINY and plan["fits"] is True
+    assert call(visitor, "/plan", TINY, "", "auto", "")["model"] == TINY
+    message = app_error(visitor, "/plan", "facebook/opt-66b", "0=5GiB,cpu=20GiB", "auto", "")
+    assert "not offered" in message
+    assert "facebook/opt-66b" in message and TINY in message
+
+
+def test_public_visitors_cannot_load_or_unload(public_app: RunningApp) -> None:
+    visitor = public_app.client()
+    message = app_error(visitor, "/load", *LOAD_ARGS)
+    assert "visitors cannot" in message and "admin" in message
+    assert "visitors cannot" in app_error(visitor, "/unload")
+    assert call(visitor, "/status")["loaded"] is False
+
+
+@pytest.mark.parametrize("folder", ["../../etc", "/etc", "sub/../../.."])
+def test_public_offload_folder_stays_inside_the_base(public_app: RunningApp, folder: str) -> None:
+    visitor = public_app.client()
+    message = app_error(visitor, "/plan", "tiny-opt", "cpu=1GiB", "auto", folder)
+    assert "must be inside" in message
+    assert str(Path("offload").resolve()) in message
+
+
+def test_public_offload_folder_inside_the_base_is_accepted(public_app: RunningApp) -> None:
+    visitor = public_app.client()
+    plan = call(visitor, "/plan", "tiny-opt", "cpu=1GiB", "auto", "spill")
+    assert plan["fits"] is True
+
+
+def test_public_admin_signs_in_per_session(public_app: RunningApp) -> None:
+    admin, visitor = public_app.client(), public_app.client()
+    assert call(admin, "/sign_in", "admin", "wrong") is False
+    assert call(admin, "/sign_in", "nobody", "pw") is False
+    assert "visitors cannot" in app_error(admin, "/load", *LOAD_ARGS)
+    assert call(admin, "/sign_in", "admin", "pw") is True
+    report = call(admin, "/load", *LOAD_ARGS)
+    assert report["status"] == "loaded" and report["model"] == TINY
+    # Admin rights belong to that session only.
+    assert "visitors cannot" in app_error(visitor, "/load", "tiny-opt", "cpu=2GiB", "auto", "")
+    assert "visitors cannot" in app_error(visitor, "/unload")
+    # Visitors chat with what the admin loaded, and "loading" the same configuration just reuses it.
+    _, reply = stream(visitor, "/chat", FRANCE, **GREEDY)
+    assert "Paris" in reply
+    assert call(visitor, "/load", *LOAD_ARGS)["status"] == "reused"
+    assert call(admin, "/unload")["unloaded"] is True
+    assert call(visitor, "/status")["loaded"] is False
