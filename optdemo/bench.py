@@ -1,0 +1,310 @@
+"""Benchmark: plain Accelerate against optdemo's offloading, side by side, in one invocation.
+
+    python -m optdemo.bench --build opt-1.3b --format bin --max-memory cpu=1GiB --tokens 30
+
+Reproduces the original scripts' methodology (load time, then the time to generate N tokens from
+a prompt) for both sides, alternating, each measured load in a fresh process so no cache inside
+Python flatters either side, and reports medians and the ratio. The *cold* regime drops the
+checkpoint, the offload folder and the converted cache from the page cache before loading and
+again before generating (``posix_fadvise(POSIX_FADV_DONTNEED)``), standing in for a model larger
+than RAM; the *warm* regime leaves the OS cache alone. An all-in-RAM run gives the reference speed.
+
+Sides: ``ram`` (``from_pretrained`` with no device map), ``accelerate`` (``from_pretrained(
+device_map="auto", max_memory, offload_folder)`` + ``generate``: nothing of ours) and ``optdemo``
+(:class:`~optdemo.manager.ModelManager` with fast offloading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SIDES = ("ram", "accelerate", "optdemo")
+PROMPT = "The history of large language models began"
+
+
+def bench_dir() -> Path:
+    """Where built benchmark checkpoints are kept (reused once built)."""
+    from optdemo.synthetic import cache_dir
+
+    return cache_dir() / "bench"
+
+
+def ensure_checkpoint(architecture: str, checkpoint_format: str, dtype: str = "float16") -> Path:
+    """A random-weight checkpoint of a catalog architecture, built once and reused."""
+    from optdemo.synthetic import build_random_opt
+
+    path = bench_dir() / f"{architecture}-{checkpoint_format}-{dtype}"
+    if not (path / "config.json").exists():
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=bench_dir().parent))
+        try:
+            build_random_opt(
+                staging, architecture, dtype=dtype, checkpoint_format=checkpoint_format, max_shard_size="1GB"
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def drop_page_cache(*roots: str | Path) -> int:
+    """Evict every file under ``roots`` from the OS page cache; returns the bytes advised."""
+    advised = 0
+    for root in roots:
+        root = Path(root)
+        files = (
+            [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+        )
+        for path in files:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())  # dirty pages cannot be dropped
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            advised += path.stat().st_size
+    return advised
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Total size of the files under ``folder``."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def _timing_streamer() -> Any:
+    """A streamer recording when each new token arrives (used identically on every side)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class TimingStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    return TimingStreamer()
+
+
+def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, dtype: str) -> dict:
+    """One measured run in this process: load, then generate ``tokens`` greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optdemo.budget import parse_max_memory
+    from optdemo.convert import converted_root
+
+    torch_dtype = getattr(torch, dtype)
+    offload = tempfile.mkdtemp(prefix="optdemo-bench-offload-")
+    if cold:
+        drop_page_cache(model, converted_root())
+    started = time.perf_counter()
+    if side == "optdemo":
+        from optdemo.config import LoadConfig
+        from optdemo.manager import ModelManager
+
+        manager = ModelManager()
+        config = LoadConfig(model, dtype=dtype, max_memory=max_memory, offload_folder=offload)
+        manager.load(config)
+        loaded = manager._loaded
+        net, tokenizer, device = loaded.model, loaded.tokenizer, loaded.input_device
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if side == "accelerate":
+            kwargs.update(
+                device_map="auto",
+                max_memory=parse_max_memory(max_memory).as_max_memory(),
+                offload_folder=offload,
+            )
+        net = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        device = torch.device("cpu")
+    load_seconds = time.perf_counter() - started
+    written = folder_bytes(offload)
+    if cold:
+        drop_page_cache(model, offload, converted_root())
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
+    streamer = _timing_streamer()
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        net.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=streamer,
+        )
+    times = streamer.times
+    first = times[0] - begin
+    per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else first
+    shutil.rmtree(offload, ignore_errors=True)
+    return {
+        "side": side,
+        "regime": "cold" if cold else "warm",
+        "load_s": load_seconds,
+        "first_token_s": first,
+        "s_per_token": per_token,
+        "tokens_per_s": 1 / per_token if per_token else None,
+        "generate_s": times[-1] - begin,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "offload_bytes_written": written,
+        "tokens": len(times),
+    }
+
+
+def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "optdemo.bench",
+        "--worker",
+        side,
+        "--model",
+        str(model),
+        "--max-memory",
+        args.max_memory,
+        "--tokens",
+        str(args.tokens),
+        "--dtype",
+        args.dtype,
+    ]
+    if cold:
+        command.append("--cold")
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{side} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Medians per (regime, side), with the ratio of s/token to the all-in-RAM run and to
+    plain Accelerate."""
+    rows = []
+    keys = (
+        "load_s",
+        "first_token_s",
+        "s_per_token",
+        "tokens_per_s",
+        "peak_rss_bytes",
+        "offload_bytes_written",
+    )
+    for regime in ("warm", "cold"):
+        for side in SIDES:
+            chosen = [r for r in runs if r["side"] == side and r["regime"] == regime]
+            if chosen:
+                row = {"regime": regime, "side": side, "runs": len(chosen)}
+                row.update({k: statistics.median(r[k] for r in chosen) for k in keys})
+                rows.append(row)
+    for row in rows:
+        ref = {r["side"]: r for r in rows if r["regime"] == row["regime"]}
+        base = next((r for r in rows if r["side"] == "ram"), None)
+        row["vs_ram"] = row["s_per_token"] / base["s_per_token"] if base else None
+        acc = ref.get("accelerate")
+        row["vs_accelerate"] = row["s_per_token"] / acc["s_per_token"] if acc else None
+        row["load_vs_accelerate"] = row["load_s"] / acc["load_s"] if acc else None
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of the summary."""
+    header = (
+        "| regime | side | load s | first token s | s/token | tokens/s | peak RSS | written to offload "
+        "| s/token vs RAM | vs Accelerate | load vs Accelerate |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    for r in rows:
+        cells = [
+            r["regime"],
+            r["side"],
+            f"{r['load_s']:.2f}",
+            f"{r['first_token_s']:.2f}",
+            f"{r['s_per_token']:.3f}",
+            f"{r['tokens_per_s']:.2f}",
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"{r['offload_bytes_written'] / 2**20:.0f} MiB",
+            *(
+                f"{r[k]:.2f}x" if r[k] is not None else "-"
+                for k in ("vs_ram", "vs_accelerate", "load_vs_accelerate")
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build or take a checkpoint, run the sides alternately, print the table."""
+    parser = argparse.ArgumentParser(prog="python -m optdemo.bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--build", metavar="ARCH", help="build (once) a random-weight checkpoint: opt-125m ... opt-66b"
+    )
+    parser.add_argument(
+        "--format", default="bin", choices=("bin", "safetensors"), help="checkpoint format to build"
+    )
+    parser.add_argument("--model", help="an existing checkpoint folder instead of --build")
+    parser.add_argument("--max-memory", default="cpu=1GiB", help="the budget both sides get")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--tokens", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--regime", default="both", choices=("warm", "cold", "both"))
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help="comma-separated subset of ram,accelerate,optdemo"
+    )
+    parser.add_argument("--json", help="write all runs and the summary here")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(
+            json.dumps(
+                run_worker(args.worker, args.model, args.max_memory, args.tokens, args.cold, args.dtype)
+            )
+        )
+        return 0
+    if not args.model and not args.build:
+        parser.error("give --build ARCH or --model FOLDER")
+    model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    regimes = {"warm": [False], "cold": [True], "both": [False, True]}[args.regime]
+    runs = []
+    for cold in regimes:
+        for repeat in range(args.repeats):
+            # Alternate the order so that neither side always runs right after the other.
+            order = sides if repeat % 2 == 0 else list(reversed(sides))
+            for side in order:
+                if side == "ram" and cold:
+                    continue  # the reference is the in-memory speed, measured warm
+                run = _spawn(side, args, model, cold)
+                runs.append(run)
+                print(
+                    f"  {run['regime']:>4} {side:>10}: load {run['load_s']:.2f}s, "
+                    f"{run['s_per_token']:.3f} s/token",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows = summarize(runs)
+    print(f"\n{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}\n")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"model": str(model), "args": vars(args), "runs": runs, "summary": rows}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
