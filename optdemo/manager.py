@@ -95,6 +95,7 @@ class ManagerStatus:
     device_map: dict[str, Device] = field(default_factory=dict)
     bytes_per_device: dict[Device, int] = field(default_factory=dict)
     plan: Plan | None = None  # the plan the loaded model was loaded with
+    disk_tier: DiskTierReport | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-friendly data for the API (never includes tokens or secrets)."""
@@ -119,6 +120,7 @@ class ManagerStatus:
             "device_map": {k: str(v) for k, v in self.device_map.items()},
             "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
             "plan": self.plan.to_dict() if self.plan else None,
+            "disk_tier": disk_tier_dict(self.disk_tier),
         }
 
 
@@ -175,6 +177,7 @@ class ModelManager:
             dict(loaded.device_map),
             dict(loaded.bytes_per_device),
             loaded.plan,
+            loaded.disk_tier,
         )
 
     @property

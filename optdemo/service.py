@@ -24,6 +24,7 @@ from optdemo.hardware import probe_hardware, suggest_budget
 from optdemo.manager import LoadReport, ModelManager
 from optdemo.planner import device_label
 from optdemo.settings import AppSettings
+from optdemo.speed import predict_plan
 
 # API chat sessions kept in memory at most (least recently used are forgotten first).
 MAX_API_SESSIONS = 1000
@@ -174,8 +175,17 @@ class DemoService:
 
     # ---------------------------------------------------------------- plan / load
     def plan(self, config: LoadConfig) -> dict:
-        """The plan for ``config`` as plain data (never touches weights)."""
-        return self.manager.plan(config).to_dict()
+        """The plan for ``config`` as plain data (never touches weights), with its predicted speed."""
+        plan = self.manager.plan(config).to_dict()
+        plan["prediction"] = predict_plan(plan, probe_hardware(config.offload_folder).ram_available_bytes)
+        return plan
+
+    def loaded_prediction(self) -> dict | None:
+        """The predicted speed of the loaded model, or None when nothing is loaded."""
+        status = self.manager.status().to_dict()
+        if status["plan"] is None:
+            return None
+        return predict_plan(status["plan"], probe_hardware().ram_available_bytes)
 
     def load(
         self, config: LoadConfig, session_id: str | None = None, progress: Callable | None = None

@@ -147,12 +147,17 @@ def test_plan_never_loads(client) -> None:
     plan = call(client, "/plan", "facebook/opt-66b", "0=5GiB,cpu=20GiB", "auto", "")
     assert set(plan) >= {"device_map", "bytes_per_device", "fits", "warnings", "blocks", "budget"}
     assert plan["model"] == "facebook/opt-66b"
-    assert plan["fits"] is False  # no offload folder for the 100+ GiB that go to disk
     assert set(plan["bytes_per_device"]) == {"0", "cpu", "disk"}
     assert set(plan["device_map"].values()) == {"0", "cpu", "disk"}
     assert plan["budget"] == {"0": 5 * 2**30, "cpu": 20 * 2**30}
     assert isinstance(plan["warnings"], list) and plan["warnings"]
-    assert any("offload folder" in w for w in plan["warnings"])
+    assert any("GPU 0 is not on this machine" in w for w in plan["warnings"])
+    assert any("go to disk" in w for w in plan["warnings"])
+    # Whether 100+ GiB on disk "fits" depends on this machine's free disk (the one-time .bin ->
+    # safetensors conversion, or an offload folder); a plan that does not fit says why.
+    assert isinstance(plan["fits"], bool)
+    if not plan["fits"]:
+        assert any(re.search(r"free|offload folder", w) for w in plan["warnings"]), plan["warnings"]
 
     tiny = call(client, "/plan", "tiny-opt", "cpu=1GiB", "auto", "")
     assert tiny["fits"] is True and tiny["model"] == TINY
@@ -353,7 +358,9 @@ def assert_still_serving(client, before: dict) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "expected"), CONFIG_ERRORS, ids=[f"{f}={v[:20]!r}" for f, v, _ in CONFIG_ERRORS]
 )
-def test_bad_configuration_is_a_readable_error(client, loaded: dict, field: str, value: str, expected) -> None:
+def test_bad_configuration_is_a_readable_error(
+    client, loaded: dict, field: str, value: str, expected
+) -> None:
     args = dict(zip(("model", "max_memory", "dtype", "offload_folder"), LOAD_ARGS, strict=True))
     args[field] = value
     for endpoint in ("/plan", "/load"):

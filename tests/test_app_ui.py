@@ -74,8 +74,8 @@ def od_blocks(picture: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def opt66b_plan() -> dict:
-    """A real plan (meta model, no weights) of opt-66b on a 5 GiB GPU and 20 GiB of RAM with no
-    offload folder: it does not fit."""
+    """A real plan (meta model, no weights) of opt-66b on a 5 GiB GPU and 20 GiB of RAM: GPU, CPU
+    and disk all used (whether it fits depends on this machine's free disk)."""
     from optdemo.config import LoadConfig
     from optdemo.planner import plan_device_map
 
@@ -184,12 +184,21 @@ def test_plan_summary_fits() -> None:
     assert "- a warning" in summary
 
 
-def test_real_plan_that_does_not_fit(opt66b_plan: dict) -> None:
+def test_plan_summary_does_not_fit() -> None:
+    from optdemo.ui.render import plan_summary
+
+    warning = "budget 16 KiB cannot hold opt-small: give an offload folder"
+    summary = plan_summary(make_plan(["cpu", "disk"], fits=False, warnings=(warning,)))
+    assert "**does not fit** as configured" in summary
+    assert f"- {warning}" in summary
+    assert "**CPU**" in summary and "**disk**" in summary
+
+
+def test_real_plan_on_three_devices(opt66b_plan: dict) -> None:
     from optdemo.ui.render import device_map_rows, plan_summary, render_device_map
 
-    assert opt66b_plan["fits"] is False
     summary = plan_summary(opt66b_plan)
-    assert "does not fit" in summary
+    assert ("does not fit" in summary) is (not opt66b_plan["fits"])
     assert "opt-66b" in summary
     for warning in opt66b_plan["warnings"]:
         assert f"- {warning}" in summary

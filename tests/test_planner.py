@@ -13,6 +13,7 @@ from conftest import TINY_LAYER_BYTES, TINY_TOTAL_BYTES
 
 from optdemo.budget import format_bytes
 from optdemo.config import LoadConfig
+from optdemo.convert import converted_root
 from optdemo.hardware import (
     GpuInfo,
     Hardware,
@@ -61,7 +62,9 @@ def opt_layer_bytes(hidden: int, ffn: int, bytes_per_param: int = 2) -> int:
 
 @pytest.fixture(scope="module")
 def plan_66b():
-    config = LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB")
+    """opt-66b with plain Accelerate offloading (fast_offload off): .bin disk layers are rewritten
+    into the offload folder on every load."""
+    config = LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB", fast_offload=False)
     return plan_device_map(config, hardware())
 
 
@@ -79,6 +82,7 @@ def test_66b_plan_totals(plan_66b) -> None:
     assert 0 < plan.bytes_per_device["cpu"] <= 20 * GiB
     assert plan.bytes_per_device["disk"] > 0
     assert plan.budget == {0: 5 * GiB, "cpu": 20 * GiB}
+    assert plan.conversion_bytes == 0
     for name, device in plan.device_map.items():
         assert plan.bytes_per_device[device] >= plan.module_bytes[name]
 
@@ -128,13 +132,15 @@ def test_66b_plan_warnings_without_offload_folder(plan_66b) -> None:
 
 
 def test_66b_plan_with_probed_hardware_warns_about_missing_gpu() -> None:
-    plan = plan_device_map(LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB"))
+    plan = plan_device_map(LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB", fast_offload=False))
     assert any(w.startswith("GPU 0 is not on this machine (this machine has no GPU)") for w in plan.warnings)
     assert plan.total_bytes == 2 * OPT_66B_PARAMETERS
 
 
 def test_66b_plan_with_offload_folder_fits(tmp_path: Path) -> None:
-    config = LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB", offload_folder=str(tmp_path / "off"))
+    config = LoadConfig(
+        "opt-66b", max_memory="0=5GiB,cpu=20GiB", offload_folder=str(tmp_path / "off"), fast_offload=False
+    )
     gpus = (GpuInfo(0, "Fake GPU", 24 * GiB, 24 * GiB),)
     plan = plan_device_map(config, hardware(gpus=gpus, disk_path=str(tmp_path), disk_free=200 * GiB))
     assert plan.fits is True
@@ -144,16 +150,52 @@ def test_66b_plan_with_offload_folder_fits(tmp_path: Path) -> None:
 
 
 def test_66b_plan_with_too_little_disk(tmp_path: Path) -> None:
-    config = LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB", offload_folder=str(tmp_path / "off"))
+    config = LoadConfig(
+        "opt-66b", max_memory="0=5GiB,cpu=20GiB", offload_folder=str(tmp_path / "off"), fast_offload=False
+    )
     plan = plan_device_map(config, hardware(disk_path=str(tmp_path), disk_free=1000))
     assert plan.fits is False
     needed = format_bytes(plan.disk_bytes_written)
     assert f"the offload folder has 1000 B free but opt-66b needs {needed} there" in plan.warnings[-1]
 
 
+def converted_free_bytes() -> int:
+    return shutil.disk_usage(existing_parent(str(converted_root()))).free
+
+
+def test_66b_fast_offload_plans_a_one_time_conversion(plan_66b) -> None:
+    plan = plan_device_map(LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB"), hardware())
+    assert plan.device_map == plan_66b.device_map  # fast offloading changes no placement
+    assert plan.needs_offload_folder is False
+    assert plan.disk_bytes_written == 0
+    assert plan.conversion_bytes == plan.total_bytes == 2 * OPT_66B_PARAMETERS
+    converting = [w for w in plan.warnings if w.startswith("the first load converts")]
+    assert len(converting) == 1
+    assert f"to safetensors in {converted_root()} (122 GiB; " in converting[0]
+    assert converting[0].endswith("free there); later loads write nothing")
+    no_room = [w for w in plan.warnings if w.startswith("not enough free space to convert")]
+    # Whether 122 GiB fits depends on this machine's disk: the plan must say what is true here.
+    room = converted_free_bytes() >= plan.conversion_bytes
+    assert plan.fits is room
+    assert bool(no_room) is not room
+
+
+def test_fast_offload_plan_without_room_to_convert(monkeypatch: pytest.MonkeyPatch) -> None:
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * GiB))
+    plan = plan_device_map(LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB"), hardware())
+    assert plan.fits is False
+    assert plan.warnings[-1] == (
+        f"not enough free space to convert the checkpoint (122 GiB needed in {converted_root()}): "
+        "free some space or turn fast offloading off"
+    )
+
+
 def test_plan_to_dict_is_json(plan_66b) -> None:
     data = json.loads(json.dumps(plan_66b.to_dict()))
     assert data["total_bytes"] == 131439403008
+    assert data["conversion_bytes"] == 0
+    assert data["needs_offload_folder"] is True
     assert data["bytes_per_device"] == {str(k): v for k, v in plan_66b.bytes_per_device.items()}
     assert data["device_map"]["model.decoder.layers.63"] == "disk"
     assert len(data["blocks"]) == len(plan_66b.blocks)
@@ -230,7 +272,7 @@ def test_tiny_plan_cpu_and_disk(tiny_model_dir: Path) -> None:
 
 
 def test_bin_checkpoint_on_disk_needs_an_offload_folder(tiny_bin_model_dir: Path, tmp_path: Path) -> None:
-    config = LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB")
+    config = LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB", fast_offload=False)
     plan = plan_device_map(config, hardware())
     assert plan.checkpoint_format == "bin"
     assert plan.fits is False
@@ -244,6 +286,25 @@ def test_bin_checkpoint_on_disk_needs_an_offload_folder(tiny_bin_model_dir: Path
     plan = plan_device_map(with_folder, hardware(disk_path=str(tmp_path), disk_free=4 * TINY_LAYER_BYTES - 1))
     assert plan.fits is False
     assert any("free" in w for w in plan.warnings)
+
+
+def test_bin_checkpoint_with_fast_offload_plans_a_conversion(
+    tiny_bin_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = shutil.copytree(tiny_bin_model_dir, tmp_path / "tiny-bin")  # never converted yet
+    plan = plan_device_map(LoadConfig(str(model_dir), max_memory="cpu=900KiB"), hardware())
+    assert plan.checkpoint_format == "bin"
+    assert plan.fits is True
+    assert plan.needs_offload_folder is False
+    assert plan.disk_bytes_written == 0
+    assert plan.conversion_bytes == TINY_TOTAL_BYTES  # the whole checkpoint, once
+    assert plan.warnings[-1].startswith(
+        f"the first load converts the .bin checkpoint once to safetensors in {converted_root()} (1.4 MiB; "
+    )
+    # Without disk layers nothing needs converting.
+    in_ram = plan_device_map(LoadConfig(str(model_dir)), hardware())
+    assert in_ram.conversion_bytes == 0
+    assert in_ram.warnings == ()
 
 
 def test_ram_warning_when_cpu_bytes_exceed_available_ram(tiny_model_dir: Path) -> None:

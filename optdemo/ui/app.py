@@ -41,7 +41,9 @@ def build_app(service: DemoService) -> gr.Blocks:
 
         def refresh_status() -> tuple[str, str]:
             text = status_text(service.manager.status().to_dict())
-            return text, text
+            prediction = service.loaded_prediction()
+            chat_text = text + (f"  \nPredicted speed: {prediction['summary']}" if prediction else "")
+            return text, chat_text
 
         private = {"api_visibility": "private", "queue": False}
         map_outputs = [map_heading, map_picture, map_table]

@@ -28,7 +28,9 @@ def render_tab(plan: dict | None, service: DemoService) -> tuple[str, str, list[
     showing_loaded = loaded_plan is not None
     if plan is not None and not (showing_loaded and _same_plan(plan, loaded_plan)):
         sections.append(render_device_map(plan, title=f"Plan preview: {plan['display_name']} (not loaded)"))
-        heading.append(f"**Plan preview** for {plan['display_name']}: nothing is loaded for it yet.")
+        heading.append(
+            f"**Plan preview** for {plan['display_name']}: nothing is loaded for it yet.{_speed(plan)}"
+        )
         table = device_map_rows(plan)
     if showing_loaded:
         actual = status["device_map"]
@@ -43,11 +45,24 @@ def render_tab(plan: dict | None, service: DemoService) -> tuple[str, str, list[
                 loaded_plan, actual, title=f"Loaded: {status['display_name']} — actual placement"
             )
         )
-        heading.append(f"**Loaded** {status['display_name']}: {verdict}.")
+        prediction = service.loaded_prediction()
+        speed = f" Predicted speed: {prediction['summary']}." if prediction else ""
+        tier = status.get("disk_tier") or {}
+        mapped = (
+            " Disk layers are memory-mapped (served from the page cache, no per-token copies)."
+            if tier.get("memory_mapped_modules")
+            else ""
+        )
+        heading.append(f"**Loaded** {status['display_name']}: {verdict}.{speed}{mapped}")
         table = table or device_map_rows(loaded_plan, actual)
     if not sections:
         return "", EMPTY_HTML, []
     return "  \n".join(heading), '<hr style="margin:16px 0">'.join(sections), table
+
+
+def _speed(plan: dict) -> str:
+    prediction = plan.get("prediction")
+    return f" Predicted speed: {prediction['summary']}." if prediction else ""
 
 
 def _same_plan(plan: dict, loaded_plan: dict) -> bool:

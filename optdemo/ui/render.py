@@ -154,5 +154,7 @@ def plan_summary(plan: dict) -> str:
         "",
         placement,
     ]
+    if plan.get("prediction"):
+        lines += ["", f"**Predicted speed:** {plan['prediction']['summary']}"]
     lines += [f"- {warning}" for warning in plan["warnings"]]
     return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""Predicted speed: seconds per token from the bytes each tier moves and this machine's bandwidths.
+
+Decoding one token reads every weight once, so for a model too big for its GPU the time per
+token is close to ``sum(bytes on tier / bandwidth of tier)``. The bandwidths are measured once on
+this machine (a few seconds) and cached in ``$OPTDEMO_CACHE/bandwidths.json``:
+
+* CPU matrix-vector speed per dtype (weight bytes per second that ``x @ W.T`` consumes),
+* disk read speed at the offload/cache folder with the page cache dropped,
+* host-to-device copy speed and GPU matrix-vector speed when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from optdemo.synthetic import cache_dir
+
+_PROBE_WEIGHT_BYTES = 64 * 2**20  # the probe weight: big enough to leave the CPU caches, as layers do
+_DISK_PROBE_BYTES = 64 * 2**20
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Bytes per second this machine moves or consumes, per tier (None: no such tier)."""
+
+    cpu_matvec: dict[str, float]  # dtype name -> weight bytes/s for a batch-1 linear layer on CPU
+    disk_read: float
+    host_to_device: float | None = None
+    gpu_matvec: dict[str, float] | None = None
+
+    def cpu_rate(self, dtype: str) -> float:
+        """CPU weight-consumption rate for ``dtype`` (float32's when unmeasured)."""
+        return self.cpu_matvec.get(dtype) or self.cpu_matvec["float32"]
+
+
+@dataclass(frozen=True)
+class SpeedPrediction:
+    """Predicted seconds per token, with the share of each tier."""
+
+    seconds_per_token: float
+    breakdown: dict[str, float]  # tier label -> seconds per token
+    assumption: str  # what the prediction assumes (warm page cache or disk reads)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """The reciprocal, for people."""
+        return 1.0 / self.seconds_per_token if self.seconds_per_token else float("inf")
+
+    def summary(self) -> str:
+        """``~0.84 s/token (1.2 tokens/s), mostly disk``."""
+        main = max(self.breakdown, key=self.breakdown.get) if self.breakdown else "-"
+        return (
+            f"~{self.seconds_per_token:.3g} s/token ({self.tokens_per_second:.3g} tokens/s), "
+            f"mostly {main}; {self.assumption}"
+        )
+
+
+def bandwidths_path() -> Path:
+    """Where measured bandwidths are cached."""
+    return cache_dir() / "bandwidths.json"
+
+
+def measured_bandwidths(refresh: bool = False, disk_folder: str | None = None) -> Bandwidths:
+    """This machine's bandwidths, measured once (a few seconds) and then read from the cache."""
+    path = bandwidths_path()
+    with _lock:
+        if path.exists() and not refresh:
+            try:
+                return Bandwidths(**json.loads(path.read_text()))
+            except (ValueError, TypeError):
+                pass  # an old or damaged file: measure again
+        result = measure_bandwidths(disk_folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(result), indent=2))
+        return result
+
+
+def measure_bandwidths(disk_folder: str | None = None) -> Bandwidths:
+    """Measure the bandwidths now (see the module docstring)."""
+    import torch
+
+    cpu = {name: _matvec_rate(getattr(torch, name), "cpu") for name in ("float32", "float16", "bfloat16")}
+    h2d = gpu = None
+    if torch.cuda.is_available():
+        h2d = _host_to_device_rate()
+        gpu = {
+            name: _matvec_rate(getattr(torch, name), "cuda") for name in ("float32", "float16", "bfloat16")
+        }
+    return Bandwidths(cpu, _disk_read_rate(disk_folder or str(cache_dir())), h2d, gpu)
+
+
+def _matvec_rate(dtype: object, device: str) -> float:
+    import torch
+
+    size = torch.empty((), dtype=dtype).element_size()
+    cols = 4096
+    rows = _PROBE_WEIGHT_BYTES // (cols * size)
+    weight = torch.randn(rows, cols, device=device).to(dtype)
+    x = torch.randn(1, cols, device=device).to(dtype)
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, weight)  # warm-up (kernel selection)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        repeats, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 0.3:
+            torch.nn.functional.linear(x, weight)
+            repeats += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    return repeats * weight.numel() * weight.element_size() / elapsed
+
+
+def _host_to_device_rate() -> float:
+    import torch
+
+    host = torch.empty(256 * 2**20, dtype=torch.uint8)  # pageable, as Accelerate's hooks copy from
+    host.to("cuda")
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(4):
+        host.to("cuda")
+    torch.cuda.synchronize()
+    return 4 * host.numel() / (time.perf_counter() - started)
+
+
+def _disk_read_rate(folder: str) -> float:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".optdemo-disk-probe-", delete=False) as handle:
+        handle.write(os.urandom(_DISK_PROBE_BYTES))
+        handle.flush()
+        os.fsync(handle.fileno())
+        name = handle.name
+    try:
+        with open(name, "rb", buffering=0) as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            started = time.perf_counter()
+            while handle.read(8 * 2**20):
+                pass
+            return _DISK_PROBE_BYTES / (time.perf_counter() - started)
+    finally:
+        os.unlink(name)
+
+
+def predict(plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = None) -> SpeedPrediction:
+    """Seconds per token for a plan (``Plan.to_dict()``).
+
+    GPU-resident weights are consumed at the GPU's rate; CPU-resident weights at the CPU's rate on
+    a CPU-executed model, or shipped over PCIe every token when a GPU executes them (Accelerate's
+    policy); disk-tier weights at the CPU's rate when the page cache can hold them
+    (``page_cache_bytes``), else at the disk's read rate plus the compute.
+    """
+    dtype = plan["dtype"]
+    per_device = {str(k): v for k, v in plan["bytes_per_device"].items()}
+    gpus = [d for d in per_device if d.isdigit()]
+    breakdown: dict[str, float] = {}
+    cpu_rate = bandwidths.cpu_rate(dtype)
+    gpu_rate = (bandwidths.gpu_matvec or {}).get(dtype) or 1e12
+    for device in gpus:
+        breakdown[f"GPU {device}"] = per_device[device] / gpu_rate
+    resident = per_device.get("cpu", 0)
+    disk = per_device.get("disk", 0)
+    if gpus and bandwidths.host_to_device:
+        # Accelerate executes offloaded layers on the GPU: their weights cross PCIe every token.
+        breakdown["CPU→GPU transfers"] = (resident + disk) / bandwidths.host_to_device
+    else:
+        breakdown["CPU"] = resident / cpu_rate
+    assumption = "weights in RAM"
+    if disk:
+        cacheable = page_cache_bytes is None or disk <= page_cache_bytes
+        if cacheable:
+            assumption = "disk layers served from the page cache after the first token"
+            if not gpus:
+                breakdown["disk (page cache)"] = disk / cpu_rate
+        else:
+            assumption = "disk layers re-read from disk every token (RAM cannot cache them)"
+            breakdown["disk reads"] = disk / bandwidths.disk_read + (0 if gpus else disk / cpu_rate)
+    return SpeedPrediction(sum(breakdown.values()), breakdown, assumption)
+
+
+def predict_plan(plan: dict, ram_available_bytes: int) -> dict:
+    """The prediction for a plan as plain data (for the API and the UI), measuring this machine's
+    bandwidths first if they are not cached yet."""
+    cpu_bytes = {str(k): v for k, v in plan["bytes_per_device"].items()}.get("cpu", 0)
+    prediction = predict(plan, measured_bandwidths(), max(0, ram_available_bytes - cpu_bytes))
+    return {
+        "seconds_per_token": prediction.seconds_per_token,
+        "tokens_per_second": prediction.tokens_per_second,
+        "breakdown": prediction.breakdown,
+        "assumption": prediction.assumption,
+        "summary": prediction.summary(),
+    }
