@@ -24,6 +24,11 @@ from optdemo.synthetic import cache_dir
 _PROBE_WEIGHT_BYTES = 64 * 2**20  # the probe weight: big enough to leave the CPU caches, as layers do
 _DISK_PROBE_BYTES = 64 * 2**20
 _lock = threading.Lock()
+# Eager PyTorch + generate() cost per token beyond moving weights: a fixed part per step and a part
+# per decoder layer (kernel launches, hooks, Python). Rough CPU figures; they only matter for small
+# models, where weights take less time than this bookkeeping.
+STEP_OVERHEAD_SECONDS = 0.004
+LAYER_OVERHEAD_SECONDS = 0.0004
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,8 @@ def predict(plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = N
         breakdown["CPU→GPU transfers"] = (resident + disk) / bandwidths.host_to_device
     else:
         breakdown["CPU"] = resident / cpu_rate
+    layers = sum(1 for block in plan.get("blocks", []) if block["kind"] == "layer")
+    breakdown["overhead"] = STEP_OVERHEAD_SECONDS + LAYER_OVERHEAD_SECONDS * layers
     assumption = "weights in RAM"
     if disk:
         cacheable = page_cache_bytes is None or disk <= page_cache_bytes

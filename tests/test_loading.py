@@ -79,22 +79,38 @@ def test_cpu_only_load_matches_plan(manager, tiny_model_dir: Path) -> None:
     generate(manager)
 
 
-def test_cpu_and_disk_load_matches_plan(manager, tiny_model_dir: Path) -> None:
-    config, plan = find_split_budget(tiny_model_dir)
+@pytest.mark.parametrize("fast_offload", [True, False], ids=["fast-offload", "plain-accelerate"])
+def test_cpu_and_disk_load_matches_plan(manager, tiny_model_dir: Path, fast_offload: bool) -> None:
+    config, plan = find_split_budget(tiny_model_dir, fast_offload=fast_offload)
     devices = layer_devices(plan)
     assert devices == sorted(devices, key=["cpu", "disk"].index)  # cpu layers first
     assert set(plan.bytes_per_device) == {"cpu", "disk"}
     assert plan.bytes_per_device["disk"] == devices.count("disk") * TINY_LAYER_BYTES
     assert plan.bytes_per_device["cpu"] <= config.max_memory.get("cpu")
     assert plan.needs_offload_folder is False  # safetensors are read in place
-    assert_load_matches_plan(manager, config, plan)
+    assert plan.conversion_bytes == 0
+    report = assert_load_matches_plan(manager, config, plan)
+    assert report.checkpoint == str(tiny_model_dir)
     loaded = manager._loaded
     disk_layer = next(b.name for b in plan.layers if b.device == "disk")
     cpu_layer = next(b.name for b in plan.layers if b.device == "cpu")
-    module = loaded.model.get_submodule(disk_layer)
-    assert next(module.parameters()).device.type == "meta"  # really offloaded: weights not in RAM
+    disk_param = next(loaded.model.get_submodule(disk_layer).parameters())
     assert next(loaded.model.get_submodule(cpu_layer).parameters()).device.type == "cpu"
-    generate(manager)
+    if fast_offload:
+        # The disk tier is memory-mapped from the checkpoint: CPU tensors, no hooks, no copy.
+        assert report.disk_tier.active
+        assert report.disk_tier.mapped_bytes == plan.bytes_per_device["disk"]
+        assert disk_param.device.type == "cpu"
+        assert not hasattr(loaded.model.get_submodule(disk_layer), "_hf_hook")
+    else:
+        assert not report.disk_tier.active
+        assert report.disk_tier.skipped_reason == "fast offloading is off"
+        assert disk_param.device.type == "meta"  # Accelerate reads it back on every forward
+    greedy = GenerationParams(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    offloaded_text = generate(manager, params=greedy).text
+    # Same weights, same greedy tokens as the model held entirely in RAM.
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    assert generate(manager, params=greedy).text == offloaded_text
 
 
 def test_all_disk_load_matches_plan(manager, tiny_model_dir: Path) -> None:
@@ -109,7 +125,7 @@ def test_bin_checkpoint_with_offload_folder_matches_plan(
     manager, tiny_bin_model_dir: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "offload"
-    config, plan = find_split_budget(tiny_bin_model_dir, offload_folder=str(folder))
+    config, plan = find_split_budget(tiny_bin_model_dir, offload_folder=str(folder), fast_offload=False)
     assert plan.checkpoint_format == "bin"
     assert plan.needs_offload_folder is True
     assert plan.fits is True
@@ -126,6 +142,40 @@ def test_bin_checkpoint_with_offload_folder_matches_plan(
     for layer in cpu_layers:
         assert not any(name.startswith(layer + ".") for name in names), f"{layer} written but on cpu"
     assert sum(p.stat().st_size for p in written) >= plan.disk_bytes_written
+    generate(manager)
+
+
+def test_bin_checkpoint_with_fast_offload_is_converted_once(
+    manager, tiny_bin_model_dir: Path, tmp_path: Path
+) -> None:
+    from optdemo.convert import cache_entries, converted_root
+
+    model_dir = shutil.copytree(tiny_bin_model_dir, tmp_path / "tiny-bin")  # its own cache entry
+    config, plan = find_split_budget(model_dir)
+    assert plan.fits is True
+    assert plan.needs_offload_folder is False
+    assert plan.conversion_bytes == TINY_TOTAL_BYTES
+    events: list[tuple[float | None, str]] = []
+    report = assert_load_matches_plan(manager, config, plan)
+    checkpoint = Path(report.checkpoint)
+    assert checkpoint.parent == converted_root()
+    assert (checkpoint / "model.safetensors.index.json").is_file()
+    assert not list(checkpoint.glob("*.bin"))
+    assert report.disk_tier.mapped_bytes == plan.bytes_per_device["disk"]
+    entry = next(e for e in cache_entries() if e.path == checkpoint)
+    assert (entry.model, entry.revision, entry.dtype) == (str(model_dir), "main", "float32")
+    generate(manager)
+    manager.unload()
+    # Converted once: the next plan writes nothing, the next load reads the same copy.
+    again = plan_device_map(config)
+    assert again.conversion_bytes == 0
+    assert not any("converts" in w for w in again.warnings)
+    stamp = (checkpoint / ".optdemo-complete").stat().st_mtime_ns
+    report = manager.load(config, progress=lambda f, text: events.append((f, text)))
+    assert report.checkpoint == str(checkpoint)
+    assert report.matches_plan
+    assert (checkpoint / ".optdemo-complete").stat().st_mtime_ns == stamp
+    assert not any("Converting" in text for _, text in events)
     generate(manager)
 
 
@@ -241,7 +291,7 @@ def test_disk_without_offload_folder_keeps_the_current_model(
     config = LoadConfig(str(tiny_model_dir))
     manager.load(config)
     with pytest.raises(PlanError) as info:
-        manager.load(LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB"))
+        manager.load(LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB", fast_offload=False))
     assert "give an offload folder" in str(info.value)
     assert isinstance(info.value, OptdemoError)
     assert manager.status().config == config
@@ -264,9 +314,39 @@ def test_unwritable_offload_folder_is_refused_before_unloading(
     manager.load(config)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    bad = LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB", offload_folder=str(blocker / "sub"))
+    bad = LoadConfig(
+        str(tiny_bin_model_dir),
+        max_memory="cpu=900KiB",
+        offload_folder=str(blocker / "sub"),
+        fast_offload=False,
+    )
     with pytest.raises(PlanError, match="cannot be written"):
         manager.load(bad)
+    assert manager.status().config == config
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG loader.py preflight checks the offload folder only when plan.needs_offload_folder, "
+    "but from_pretrained creates it whenever layers go to disk: an unwritable folder passes "
+    "preflight, the current model is unloaded, then the load fails (NotADirectoryError)",
+)
+@pytest.mark.parametrize("checkpoint", ["safetensors", "bin-fast-offload"])
+def test_unwritable_offload_folder_is_always_refused_before_unloading(
+    manager, tiny_model_dir: Path, tiny_bin_model_dir: Path, tmp_path: Path, checkpoint: str
+) -> None:
+    config = LoadConfig(str(tiny_model_dir))
+    manager.load(config)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    model_dir = tiny_model_dir if checkpoint == "safetensors" else tiny_bin_model_dir
+    bad = LoadConfig(str(model_dir), max_memory="cpu=900KiB", offload_folder=str(blocker / "sub"))
+    try:
+        manager.load(bad)
+    except PlanError as exc:
+        assert "cannot be written" in str(exc)
+    except LoadError:
+        pass  # refused too late: the assertion below fails
     assert manager.status().config == config
 
 
