@@ -84,11 +84,32 @@ def preflight(config: LoadConfig, hardware: Hardware | None = None) -> Plan:
     if config.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bfloat16: choose float16 or float32")
     plan = plan_device_map(config, hardware)
+    source = resolve_model(config.model, config.revision, config.trust_remote_code)
+    if source.kind in ("hub", "catalog"):
+        _check_hub_reachable(config, source, plan)
     if not plan.fits:
         raise PlanError(next(w for w in plan.warnings if "cannot hold" in w or "free" in w))
-    if plan.needs_offload_folder and config.offload_folder:
+    if plan.bytes_per_device.get("disk") and config.offload_folder:  # from_pretrained creates it
         _check_writable(config.offload_folder)
     return plan
+
+
+def _check_hub_reachable(config: LoadConfig, source: ModelSource, plan: Plan) -> None:
+    """Refuse early (before the current model is dropped) when the Hub is needed but unreachable:
+    the model is neither in the local Hugging Face cache nor already converted by us."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    from optdemo import convert
+
+    converted = config.fast_offload and plan.conversion_bytes == 0 and plan.bytes_per_device.get("disk")
+    if converted and convert.cached(source.location, config.revision, plan.dtype) is not None:
+        return  # converted before: loads from our cache, no Hub needed
+    if isinstance(try_to_load_from_cache(source.location, "config.json", revision=config.revision), str):
+        return  # downloaded before: from_pretrained can use the cache
+    try:
+        model_info(source.location, revision=config.revision, token=hub_token(), timeout=15)
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a message a user can act on
+        raise LoadError(hub_error_message(exc, source.location, config.revision)) from None
 
 
 def _check_writable(folder: str) -> None:
@@ -120,9 +141,6 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     started = time.perf_counter()
     report = progress or (lambda fraction, text: None)
     try:
-        report(0.0, f"Loading the tokenizer of {config.display_name}")
-        tokenizer_source = config.tokenizer or source.location
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **common)
         kwargs: dict[str, Any] = {
             "device_map": "auto",
             "dtype": dtype,
@@ -138,6 +156,9 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
                 location = fast_checkpoint(
                     config, source, str(dtype).removeprefix("torch."), bar_class, report
                 )
+            report(0.0, f"Loading the tokenizer of {config.display_name}")
+            # The converted cache holds the tokenizer files too, so a cached model loads offline.
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or location, **common)
             model = AutoModelForCausalLM.from_pretrained(location, tqdm_class=bar_class, **kwargs)
     except OptdemoError:
         raise

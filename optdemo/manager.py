@@ -252,13 +252,24 @@ class ModelManager:
             checkpoint=loaded.checkpoint,
         )
 
-    def _after_failure(self, message: str, previous: LoadConfig | None) -> str:
-        """Leave a clean state after a failed load; the message says what is loaded now."""
+    def _after_failure(self, message: str, previous: tuple[LoadConfig, Plan] | None) -> str:
+        """Leave a clean, usable state after a failed load (lock held): free what the failed load
+        left, then bring the previous model back when there was one. Returns the message to show,
+        which says what is loaded now."""
         gc.collect()
         _empty_cuda_cache()
         if previous is None:
             return f"{message}. No model is loaded now."
-        return f"{message}. {previous.display_name} was unloaded to make room; load it again to chat."
+        config, plan = previous
+        try:
+            restored = load_model(config, plan)
+        except OptdemoError:
+            gc.collect()
+            _empty_cuda_cache()
+            return f"{message}. {config.display_name} was unloaded to make room and could not be reloaded."
+        with self._state_lock:
+            self._loaded = restored
+        return f"{message}. {config.display_name} is loaded again, as before."
 
     def unload(self) -> bool:
         """Free the loaded model (stopping a running generation). True if one was loaded."""
@@ -270,18 +281,19 @@ class ModelManager:
         finally:
             self._model_lock.release()
 
-    def _drop_current(self) -> LoadConfig | None:
-        """Release every reference to the current model and return its memory (lock held)."""
+    def _drop_current(self) -> tuple[LoadConfig, Plan] | None:
+        """Release every reference to the current model and return its memory (lock held).
+        Returns what was loaded (configuration and plan), to restore it if a new load fails."""
         with self._state_lock:
             loaded, self._loaded = self._loaded, None
         if loaded is None:
             return None
-        config = loaded.config
+        dropped = (loaded.config, loaded.plan)
         _release(loaded)
         del loaded
         gc.collect()
         _empty_cuda_cache()
-        return config
+        return dropped
 
     # ---------------------------------------------------------------- generation
     def stream_completion(

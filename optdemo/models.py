@@ -147,8 +147,8 @@ def hub_error_message(exc: BaseException, repo_id: str, revision: str | None = N
     if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, ConnectionError)):
         return (
             f"cannot reach the Hugging Face Hub to fetch {where} (offline, and not in the local "
-            "cache): connect to the internet, or pick a built-in OPT size, the tiny model, or a "
-            "local folder"
+            "cache): connect to the internet, or pick the built-in tiny model or a local folder "
+            "(OPT sizes can be planned offline, but their weights come from the Hub)"
         )
     if isinstance(exc, errors.EntryNotFoundError):
         return f"{where} has no config.json: it is not a transformers model repository"

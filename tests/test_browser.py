@@ -1,0 +1,159 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright (never a downloaded browser).
+
+Walks the three tabs as a person would (plan, load, look at the device map, chat) and saves a
+full-page screenshot of each tab into $OPTDEMO_ARTIFACTS (default tests/artifacts/).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from app_fixtures import RunningApp, running_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 60_000
+TABS = ("Configuration", "Device map", "Chat")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to run "
+        "the browser tests; Playwright's own browser download is never used",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    folder = Path(os.environ.get("OPTDEMO_ARTIFACTS") or Path(__file__).parent / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[RunningApp]:
+    with running_app() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, app: RunningApp) -> Iterator:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(app.url, wait_until="domcontentloaded")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def wait_for_text(page, selector: str, pattern: str) -> str:
+    """Wait until the element's text matches ``pattern`` (a case-sensitive regex); return it."""
+    from playwright.sync_api import expect
+
+    element = page.locator(selector)
+    expect(element).to_have_text(re.compile(pattern), timeout=WAIT_MS)
+    return element.inner_text()
+
+
+def open_tab(page, name: str) -> None:
+    from playwright.sync_api import expect
+
+    tab = page.get_by_role("tab", name=name, exact=True)
+    tab.click()
+    expect(tab).to_have_attribute("aria-selected", "true", timeout=WAIT_MS)
+
+
+def test_plan_load_map_and_chat(page, app: RunningApp, artifacts: Path) -> None:
+    from playwright.sync_api import expect
+
+    for name in TABS:
+        expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+    assert page.get_by_role("tab").count() == len(TABS)
+
+    # Configuration: the initial plan (tiny-opt, this machine's suggested budget) fits.
+    summary = wait_for_text(page, "#od-plan-summary", r"\bfits\b")
+    assert "tiny-opt" in summary and "does not fit" not in summary
+    assert "No model loaded yet" in page.locator("#od-status").inner_text()
+    page.get_by_role("button", name="Load model", exact=True).click()
+    status = wait_for_text(page, "#od-status", r"Loaded")
+    assert "tiny-opt" in status and "CPU" in status
+    assert app.service.manager.status().config is not None
+    page.screenshot(path=str(artifacts / "configuration.png"), full_page=True)
+
+    # Device map: one block per module, on the CPU, the loaded model drawn as planned.
+    open_tab(page, "Device map")
+    cpu_blocks = page.locator('#od-devicemap .od-block[data-device="CPU"]')
+    expect(cpu_blocks.first).to_be_visible()
+    assert cpu_blocks.count() >= 8  # 2 embeddings, 6 layers, the final norm
+    layer0 = page.locator('#od-devicemap .od-block[data-module$="layers.0"]')
+    assert layer0.count() >= 1
+    assert layer0.first.get_attribute("data-device") == "CPU"
+    assert "model.decoder.layers.0" in layer0.first.get_attribute("title")
+    heading = wait_for_text(page, "#od-map-heading", r"Loaded")
+    assert "as planned" in heading or "where the plan put it" in heading
+    page.screenshot(path=str(artifacts / "device-map.png"), full_page=True)
+
+    # Chat: greedy decoding, so the built-in model gives its taught answer.
+    open_tab(page, "Chat")
+    page.get_by_text("Generation parameters", exact=True).click()
+    page.get_by_label("range slider for temperature").fill("0")
+    expect(page.get_by_label("number input for temperature")).to_have_value("0")
+    message = page.locator("#od-message textarea")
+    message.fill("What is the capital of France?")
+    message.press("Enter")
+    chat = wait_for_text(page, "#od-chatbot", r"tokens/s")
+    assert "What is the capital of France?" in chat
+    assert "Paris" in chat
+    expect(message).to_have_value("")  # the box is cleared after sending
+    page.screenshot(path=str(artifacts / "chat.png"), full_page=True)
+
+
+def test_invalid_budget_shows_a_readable_message(page, artifacts: Path) -> None:
+    from playwright.sync_api import expect
+
+    wait_for_text(page, "#od-plan-summary", r"\bfits\b")
+    page.get_by_text("Advanced", exact=True).click()
+    field = page.get_by_label("max_memory (overrides the sliders)")
+    field.fill("cpu=lots")
+    field.blur()
+    summary = wait_for_text(page, "#od-plan-summary", r"Cannot plan")
+    assert "not a size" in summary
+    assert "Traceback" not in summary and "Error:" not in summary
+    page.screenshot(path=str(artifacts / "configuration-error.png"), full_page=True)
+
+    # The page still works: tabs switch, and a valid budget plans again.
+    for name in ("Device map", "Chat", "Configuration"):
+        open_tab(page, name)
+    field.fill("cpu=1GiB")
+    field.blur()
+    summary = wait_for_text(page, "#od-plan-summary", r"\bfits\b")
+    assert "Cannot plan" not in summary
