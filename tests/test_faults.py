@@ -1,0 +1,151 @@
+"""Faults and steadiness: full or vanishing offload disk, unreachable Hub, client disconnects,
+memory that stays flat over load/unload cycles, and a concurrent load test over loopback."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import shutil
+import threading
+import time
+
+import psutil
+import pytest
+
+from optdemo.config import LoadConfig
+from optdemo.errors import LoadError, OptdemoError
+from optdemo.generation import GenerationParams
+from optdemo.loadtest import check_loopback, run_load_test
+
+SPLIT = "cpu=700KiB"
+GREEDY = GenerationParams(max_new_tokens=8, temperature=0)
+
+
+def _answers(manager) -> str:
+    *_, last = manager.stream_completion("Hello", GREEDY)
+    return last.text
+
+
+def _generate_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "optdemo-generate" and t.is_alive()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "disk filled up"),
+        ("vanish", "vanished"),
+    ],
+)
+def test_offload_disk_fault_mid_load_keeps_previous_model(
+    failure, expected, manager, tiny_model_dir, tiny_bin_model_dir, tmp_path, monkeypatch
+):
+    import transformers.integrations.accelerate as hf_accelerate
+
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    before = _answers(manager)
+    offload = tmp_path / "offload"
+
+    def failing_save(tensors, filename, *args, **kwargs):
+        if failure == "vanish":
+            shutil.rmtree(offload, ignore_errors=True)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(filename))
+        raise failure
+
+    monkeypatch.setattr(hf_accelerate, "save_file", failing_save)
+    plain = LoadConfig(
+        str(tiny_bin_model_dir), max_memory=SPLIT, offload_folder=str(offload), fast_offload=False
+    )
+    with pytest.raises(LoadError) as caught:
+        manager.load(plain)
+    message = str(caught.value)
+    assert expected in message and "Traceback" not in message
+    assert "loaded again" in message
+    assert manager.status().config == LoadConfig(str(tiny_model_dir))
+    assert _answers(manager) == before
+    assert not _generate_threads()
+
+
+def test_unreachable_hub_is_refused_before_unloading(manager, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    with pytest.raises(OptdemoError) as caught:
+        manager.load(LoadConfig("facebook/opt-125m"))
+    assert "cannot reach the Hugging Face Hub" in str(caught.value)
+    assert manager.status().config == LoadConfig(str(tiny_model_dir))
+    assert _answers(manager)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_ten_load_unload_cycles(tmp_path_factory):
+    """A 270 MB model loaded and unloaded ten times (alternating RAM and RAM+disk placements):
+    resident memory after each load stays within a few percent of the first."""
+    from optdemo.manager import ModelManager
+    from optdemo.synthetic import build_random_opt
+
+    model_dir = build_random_opt(
+        tmp_path_factory.mktemp("cycles"), "opt-125m", overrides={"num_hidden_layers": 4}, dtype="float32"
+    )
+    offload = tmp_path_factory.mktemp("cycles-offload")
+    configs = [
+        LoadConfig(str(model_dir)),
+        LoadConfig(str(model_dir), max_memory="cpu=200MiB", offload_folder=str(offload)),
+    ]
+    manager = ModelManager()
+    process = psutil.Process()
+    resident = []
+    try:
+        for cycle in range(10):
+            manager.load(configs[cycle % 2])
+            _answers(manager)
+            assert manager.unload()
+            gc.collect()
+            resident.append(process.memory_info().rss)
+    finally:
+        manager.unload()
+    first = resident[0]
+    assert max(resident[1:]) <= first * 1.05, [f"{r / 2**20:.0f} MiB" for r in resident]
+
+
+def test_loopback_only():
+    check_loopback("http://127.0.0.1:7860/")
+    check_loopback("http://localhost:7860/")
+    for url in ("http://10.0.0.1:7860/", "http://192.168.1.2/", "http://8.8.8.8/"):
+        with pytest.raises(ValueError, match="only loopback"):
+            check_loopback(url)
+
+
+@pytest.mark.slow
+def test_concurrent_clients_all_complete_in_order():
+    from app_fixtures import running_app
+
+    with running_app(["--model", "tiny-opt", "--max-memory", "cpu=1GiB"]) as app:
+        app.service.manager.load(app.service.initial_config())
+        result = run_load_test(app.url, clients=4, messages=2, max_new_tokens=6, deadline_seconds=180)
+    assert result.failed == 0, result.errors
+    assert result.completed == 8
+    assert result.p50 is not None and result.p95 >= result.p50 > 0
+
+
+@pytest.mark.slow
+def test_client_disconnect_mid_stream_stops_generation():
+    from app_fixtures import running_app
+
+    with running_app(["--model", "tiny-opt", "--max-memory", "cpu=1GiB"]) as app:
+        app.service.manager.load(app.service.initial_config())
+        client = app.client()
+        job = client.submit("Tell me a long story", 400, 0.7, 0.9, api_name="/chat")
+        deadline = time.monotonic() + 60
+        while not job.outputs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.outputs(), "no streamed output arrived"
+        job.cancel()
+        client.close()
+        deadline = time.monotonic() + 20
+        while (_generate_threads() or app.service.manager.status().busy) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _generate_threads()
+        assert app.service.manager.status().busy is None
+        # The app still serves: a new session chats at once.
+        assert app.client().predict("What is the capital of France?", 12, 0.0, 0.9, api_name="/chat")
