@@ -63,6 +63,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List the converted-checkpoint cache with sizes, or clear it."""
+    from optdemo import convert
+
+    if args.clear:
+        print(f"freed {format_bytes(convert.clear_cache())} in {convert.converted_root()}")
+        return 0
+    entries = convert.cache_entries()
+    for entry in entries:
+        print(
+            f"{format_bytes(entry.bytes):>10}  {entry.model}@{entry.revision} ({entry.dtype})  {entry.path}"
+        )
+    total = sum(entry.bytes for entry in entries)
+    print(f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in {convert.converted_root()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m optdemo``."""
     parser = argparse.ArgumentParser(prog="python -m optdemo", description=__doc__.split("\n")[0])
@@ -76,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--max-new-tokens", type=int, default=30)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.set_defaults(run=cmd_generate)
+    cache = commands.add_parser("cache", help="show (or --clear) the .bin -> safetensors conversion cache")
+    cache.add_argument("--clear", action="store_true", help="delete every converted checkpoint")
+    cache.set_defaults(run=cmd_cache)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

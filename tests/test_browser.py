@@ -104,7 +104,9 @@ def test_plan_load_map_and_chat(page, app: RunningApp, artifacts: Path) -> None:
     assert "tiny-opt" in summary and "does not fit" not in summary
     assert "No model loaded yet" in page.locator("#od-status").inner_text()
     page.get_by_role("button", name="Load model", exact=True).click()
-    status = wait_for_text(page, "#od-status", r"Loaded")
+    # The load's own message ("Loaded tiny-opt in 0.08 s ...") is soon replaced by the status line
+    # ("tiny-opt is loaded (in 0.1 s): ..."): either says so (see the xfail test below).
+    status = wait_for_text(page, "#od-status", r"Loaded|is loaded")
     assert "tiny-opt" in status and "CPU" in status
     assert app.service.manager.status().config is not None
     page.screenshot(path=str(artifacts / "configuration.png"), full_page=True)
@@ -124,6 +126,7 @@ def test_plan_load_map_and_chat(page, app: RunningApp, artifacts: Path) -> None:
 
     # Chat: greedy decoding, so the built-in model gives its taught answer.
     open_tab(page, "Chat")
+    wait_for_text(page, "#od-chat-model", r"tiny-opt")
     page.get_by_text("Generation parameters", exact=True).click()
     page.get_by_label("range slider for temperature").fill("0")
     expect(page.get_by_label("number input for temperature")).to_have_value("0")
@@ -135,6 +138,26 @@ def test_plan_load_map_and_chat(page, app: RunningApp, artifacts: Path) -> None:
     assert "Paris" in chat
     expect(message).to_have_value("")  # the box is cleared after sending
     page.screenshot(path=str(artifacts / "chat.png"), full_page=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: the Load model result (optdemo/ui/config_tab.py load_model: 'Loaded/Reused X in N s - "
+        "placement - as planned ✓' or '⚠ differs from the plan', and 'Configuration unchanged: "
+        "nothing was reloaded') is overwritten within ~0.1 s: load_model also bumps the `loaded` "
+        "State, whose change handler (optdemo/ui/app.py, config.loaded.change(refresh_status, None, "
+        "[config.status, ...])) rewrites #od-status with status_text(), so the plan check and the "
+        "reuse notice are never readable"
+    ),
+)
+def test_load_result_message_stays_visible(page) -> None:
+    wait_for_text(page, "#od-plan-summary", r"\bfits\b")
+    page.get_by_role("button", name="Load model", exact=True).click()
+    wait_for_text(page, "#od-status", r"Loaded|Reused|is loaded")
+    page.wait_for_timeout(3000)  # let every follow-up event finish
+    status = page.locator("#od-status").inner_text()
+    assert re.search(r"as planned|differs from the plan|nothing was reloaded", status), status
 
 
 def test_invalid_budget_shows_a_readable_message(page, artifacts: Path) -> None:

@@ -342,12 +342,6 @@ def test_unwritable_offload_folder_is_refused_before_unloading(
     assert manager.status().config == config
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG loader.py preflight checks the offload folder only when plan.needs_offload_folder, "
-    "but from_pretrained creates it whenever layers go to disk: an unwritable folder passes "
-    "preflight, the current model is unloaded, then the load fails (NotADirectoryError)",
-)
 @pytest.mark.parametrize("checkpoint", ["safetensors", "bin-fast-offload"])
 def test_unwritable_offload_folder_is_always_refused_before_unloading(
     manager, tiny_model_dir: Path, tiny_bin_model_dir: Path, tmp_path: Path, checkpoint: str
@@ -359,14 +353,10 @@ def test_unwritable_offload_folder_is_always_refused_before_unloading(
     blocker.write_text("not a folder")
     model_dir = tiny_model_dir if checkpoint == "safetensors" else tiny_bin_model_dir
     bad = LoadConfig(str(model_dir), max_memory="cpu=900KiB", offload_folder=str(blocker / "sub"))
-    try:
+    with pytest.raises(PlanError, match="cannot be written"):
         manager.load(bad)
-    except LoadError:
-        pass  # refused only after the current model was dropped: the assertions below fail
-    except PlanError as exc:
-        assert "cannot be written" in str(exc)
     assert manager.status().config == config
-    assert manager._loaded.model is model  # never unloaded
+    assert manager._loaded.model is model  # refused before anything was unloaded
 
 
 def corrupt_copy(source: Path, dest: Path) -> Path:
