@@ -18,6 +18,7 @@ from optdemo.errors import ConfigError
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+CPU_LAYER_POLICIES = ("auto", "gpu", "cpu", "accelerate")
 MAX_MODEL_CHARS = 300
 # A Hub repository id: "name" or "owner/name", letters, digits, '-', '_', '.', no '..' or leading '.'.
 _REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -49,6 +50,10 @@ class LoadConfig:
     # optdemo's offloading: disk-tier weights memory-mapped instead of re-read on every forward, and
     # .bin checkpoints converted once to safetensors in a cache. False: plain Accelerate behaviour.
     fast_offload: bool = True
+    # With a GPU in the map, where CPU-resident layers run: "auto" (the faster by prediction),
+    # "gpu" (weights cross PCIe, prefetched from pinned memory), "cpu" (activations cross), or
+    # "accelerate" (Accelerate's own synchronous transfers).
+    cpu_layers: str = "auto"
     # Not part of equality: a cosmetic label for the UI is not a different load.
     label: str = field(default="", compare=False)
 
@@ -78,6 +83,9 @@ class LoadConfig:
             object.__setattr__(self, "tokenizer", normalize_model(tokenizer) if tokenizer else None)
         if not isinstance(self.trust_remote_code, bool):
             raise ConfigError("trust_remote_code must be true or false")
+        if self.cpu_layers not in CPU_LAYER_POLICIES:
+            choices = ", ".join(CPU_LAYER_POLICIES)
+            raise ConfigError(f"cpu_layers {self.cpu_layers!r} is not supported: choose one of {choices}")
         if not isinstance(self.fast_offload, bool):
             raise ConfigError("fast_offload must be true or false")
 

@@ -23,6 +23,7 @@ from typing import Any
 from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
+from optdemo.gpu_offload import PolicyChoice, apply_policy
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.models import ModelSource, hub_error_message, hub_token, resolve_model, scrub_token
 from optdemo.offload import DiskTierReport, map_disk_tier
@@ -45,6 +46,7 @@ class LoadedModel:
     load_seconds: float
     disk_tier: DiskTierReport = field(default_factory=lambda: DiskTierReport(0, 0, "no disk layers"))
     checkpoint: str = ""  # the folder or repo the weights were read from
+    cpu_layers: PolicyChoice | None = None  # where CPU-resident layers run, with a GPU in the map
 
     @property
     def input_device(self) -> Any:
@@ -168,6 +170,9 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     disk_tier = (
         map_disk_tier(model) if config.fast_offload else DiskTierReport(0, 0, "fast offloading is off")
     )
+    policy = None
+    if config.quantization == "none":
+        policy = apply_policy(model, config.cpu_layers, str(dtype).removeprefix("torch."))
     device_map = actual_device_map(model)
     elapsed = time.perf_counter() - started
     report(1.0, f"Loaded {config.display_name} in {elapsed:.1f} s")
@@ -181,6 +186,7 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
         load_seconds=elapsed,
         disk_tier=disk_tier,
         checkpoint=str(location),
+        cpu_layers=policy,
     )
 
 

@@ -31,6 +31,7 @@ from optdemo.generation import (
     context_window,
     stream_generate,
 )
+from optdemo.gpu_offload import PolicyChoice
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
 from optdemo.offload import DiskTierReport
@@ -56,6 +57,7 @@ class LoadReport:
     stopped_generation: bool = False  # a running reply was stopped to apply the new configuration
     disk_tier: DiskTierReport | None = None  # disk-tier weights memory-mapped by fast offloading
     checkpoint: str = ""  # where the weights were read from (the converted cache for .bin)
+    cpu_layers: PolicyChoice | None = None  # with a GPU in the map: where CPU-resident layers run
 
     @property
     def matches_plan(self) -> bool:
@@ -82,6 +84,9 @@ class LoadReport:
             "stopped_generation": self.stopped_generation,
             "disk_tier": disk_tier_dict(self.disk_tier),
             "checkpoint": self.checkpoint,
+            "cpu_layers": None
+            if self.cpu_layers is None
+            else {"runs_on": self.cpu_layers.policy, "reason": self.cpu_layers.reason},
         }
 
 
@@ -232,6 +237,7 @@ class ModelManager:
             stopped,
             loaded.disk_tier,
             loaded.checkpoint,
+            loaded.cpu_layers,
         )
 
     def _reuse(self, config: LoadConfig) -> LoadReport | None:
@@ -250,6 +256,7 @@ class ModelManager:
             f"{config.display_name} is already loaded with this configuration: nothing reloaded",
             disk_tier=loaded.disk_tier,
             checkpoint=loaded.checkpoint,
+            cpu_layers=loaded.cpu_layers,
         )
 
     def _after_failure(self, message: str, previous: tuple[LoadConfig, Plan] | None) -> str:

@@ -66,6 +66,7 @@ class Plan:
     conversion_bytes: int  # bytes a one-time .bin -> safetensors conversion writes to the cache
     warnings: tuple[str, ...] = field(default=())
     checkpoint_format: str = "unknown"
+    cpu_layers: str = "auto"  # the configured policy for CPU-resident layers (with a GPU in the map)
 
     @property
     def layers(self) -> tuple[Block, ...]:
@@ -87,6 +88,7 @@ class Plan:
             "disk_bytes_written": self.disk_bytes_written,
             "conversion_bytes": self.conversion_bytes,
             "checkpoint_format": self.checkpoint_format,
+            "cpu_layers": self.cpu_layers,
             "warnings": list(self.warnings),
             "blocks": [
                 {
@@ -209,6 +211,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         conversion_bytes=conversion,
         warnings=tuple(warnings),
         checkpoint_format=checkpoint_format,
+        cpu_layers=config.cpu_layers,
     )
 
 

@@ -154,7 +154,9 @@ def _disk_read_rate(folder: str) -> float:
         os.unlink(name)
 
 
-def predict(plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = None) -> SpeedPrediction:
+def predict(
+    plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = None, cpu_layers: str = "gpu"
+) -> SpeedPrediction:
     """Seconds per token for a plan (``Plan.to_dict()``).
 
     GPU-resident weights are consumed at the GPU's rate; CPU-resident weights at the CPU's rate on
@@ -172,8 +174,8 @@ def predict(plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = N
         breakdown[f"GPU {device}"] = per_device[device] / gpu_rate
     resident = per_device.get("cpu", 0)
     disk = per_device.get("disk", 0)
-    if gpus and bandwidths.host_to_device:
-        # Accelerate executes offloaded layers on the GPU: their weights cross PCIe every token.
+    if gpus and bandwidths.host_to_device and cpu_layers == "gpu":
+        # Offloaded layers executed on the GPU: their weights cross PCIe every token.
         breakdown["CPU→GPU transfers"] = (resident + disk) / bandwidths.host_to_device
     else:
         breakdown["CPU"] = resident / cpu_rate
@@ -182,22 +184,33 @@ def predict(plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = N
     assumption = "weights in RAM"
     if disk:
         cacheable = page_cache_bytes is None or disk <= page_cache_bytes
+        on_cpu = not gpus or cpu_layers == "cpu"
         if cacheable:
             assumption = "disk layers served from the page cache after the first token"
-            if not gpus:
+            if on_cpu:
                 breakdown["disk (page cache)"] = disk / cpu_rate
         else:
             assumption = "disk layers re-read from disk every token (RAM cannot cache them)"
-            breakdown["disk reads"] = disk / bandwidths.disk_read + (0 if gpus else disk / cpu_rate)
+            breakdown["disk reads"] = disk / bandwidths.disk_read + (disk / cpu_rate if on_cpu else 0)
     return SpeedPrediction(sum(breakdown.values()), breakdown, assumption)
 
 
 def predict_plan(plan: dict, ram_available_bytes: int) -> dict:
     """The prediction for a plan as plain data (for the API and the UI), measuring this machine's
     bandwidths first if they are not cached yet."""
-    cpu_bytes = {str(k): v for k, v in plan["bytes_per_device"].items()}.get("cpu", 0)
-    prediction = predict(plan, measured_bandwidths(), max(0, ram_available_bytes - cpu_bytes))
+    from optdemo.gpu_offload import choose_policy
+
+    per_device = {str(k): v for k, v in plan["bytes_per_device"].items()}
+    cpu_bytes = per_device.get("cpu", 0)
+    bandwidths = measured_bandwidths()
+    policy = None
+    if any(device.isdigit() for device in per_device) and cpu_bytes + per_device.get("disk", 0):
+        policy = choose_policy(cpu_bytes, plan["dtype"], bandwidths, plan.get("cpu_layers", "auto"))
+    prediction = predict(
+        plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "gpu"
+    )
     return {
+        "cpu_layers": None if policy is None else {"runs_on": policy.policy, "reason": policy.reason},
         "seconds_per_token": prediction.seconds_per_token,
         "tokens_per_second": prediction.tokens_per_second,
         "breakdown": prediction.breakdown,
