@@ -84,9 +84,7 @@ class LoadReport:
             "stopped_generation": self.stopped_generation,
             "disk_tier": disk_tier_dict(self.disk_tier),
             "checkpoint": self.checkpoint,
-            "cpu_layers": None
-            if self.cpu_layers is None
-            else {"runs_on": self.cpu_layers.policy, "reason": self.cpu_layers.reason},
+            "cpu_layers": policy_dict(self.cpu_layers),
         }
 
 
@@ -101,6 +99,7 @@ class ManagerStatus:
     bytes_per_device: dict[Device, int] = field(default_factory=dict)
     plan: Plan | None = None  # the plan the loaded model was loaded with
     disk_tier: DiskTierReport | None = None
+    cpu_layers: PolicyChoice | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-friendly data for the API (never includes tokens or secrets)."""
@@ -126,7 +125,13 @@ class ManagerStatus:
             "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
             "plan": self.plan.to_dict() if self.plan else None,
             "disk_tier": disk_tier_dict(self.disk_tier),
+            "cpu_layers": policy_dict(self.cpu_layers),
         }
+
+
+def policy_dict(choice: PolicyChoice | None) -> dict | None:
+    """Plain data for the CPU-layer policy (None without a GPU in the map)."""
+    return None if choice is None else {"runs_on": choice.policy, "reason": choice.reason}
 
 
 def disk_tier_dict(report: DiskTierReport | None) -> dict | None:
@@ -183,6 +188,7 @@ class ModelManager:
             dict(loaded.bytes_per_device),
             loaded.plan,
             loaded.disk_tier,
+            loaded.cpu_layers,
         )
 
     @property

@@ -120,6 +120,8 @@ class DemoService:
         revision: str | None = None,
         quantization: str = "none",
         tokenizer: str | None = None,
+        fast_offload: bool = True,
+        cpu_layers: str = "auto",
     ) -> LoadConfig:
         """Build a :class:`LoadConfig` from form or API values, applying public-mode rules.
 
@@ -145,6 +147,8 @@ class DemoService:
             offload_folder=self._confine_offload(offload_folder),
             quantization=quantization or "none",
             tokenizer=tokenizer or None,
+            fast_offload=fast_offload,
+            cpu_layers=cpu_layers or "auto",
         )
         if self.settings.public and config.model not in self.allowed_models():
             raise AccessError(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from optdemo.budget import format_bytes
-from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
+from optdemo.config import CPU_LAYER_POLICIES, DTYPES, QUANTIZATIONS, LoadConfig
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.service import DemoService, describe_placement
 from optdemo.ui.errors import to_gradio_error, user_errors
@@ -135,6 +135,19 @@ def create_config_tab(service: DemoService) -> ConfigTab:
                     value=service.settings.max_memory or "",
                     placeholder='0=5GiB,cpu=20GiB   or   {0: "5GiB", "cpu": "20GiB"}',
                 )
+                with gr.Row():
+                    fast_offload = gr.Checkbox(
+                        value=True,
+                        label="Fast offloading",
+                        info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
+                    )
+                    cpu_layers = gr.Dropdown(
+                        list(CPU_LAYER_POLICIES),
+                        value="auto",
+                        label="CPU-resident layers run on",
+                        info="With a GPU: auto picks the faster of GPU (weights cross PCIe) and CPU.",
+                        visible=bool(hardware.gpus),
+                    )
                 tokenizer = gr.Textbox(
                     label="Tokenizer (optional)",
                     placeholder="another repo id or folder; empty: the model's own",
@@ -166,7 +179,19 @@ def create_config_tab(service: DemoService) -> ConfigTab:
     plan_state = gr.State(None)
     loaded = gr.State(0)
     # A set of inputs makes Gradio pass one {component: value} dict, whatever the number of GPUs.
-    form = {model, revision, dtype, *gpu_sliders, cpu_slider, advanced, offload, quantization, tokenizer}
+    form = {
+        model,
+        revision,
+        dtype,
+        *gpu_sliders,
+        cpu_slider,
+        advanced,
+        offload,
+        quantization,
+        tokenizer,
+        fast_offload,
+        cpu_layers,
+    }
 
     def config_from_form(values: dict) -> LoadConfig:
         return service.make_config(
@@ -181,6 +206,8 @@ def create_config_tab(service: DemoService) -> ConfigTab:
             revision=values[revision] or None,
             quantization=values[quantization] or "none",
             tokenizer=values[tokenizer] or None,
+            fast_offload=bool(values[fast_offload]),
+            cpu_layers=values[cpu_layers] or "auto",
         )
 
     def preview(values: dict) -> tuple[str, dict | None]:
@@ -220,7 +247,7 @@ def create_config_tab(service: DemoService) -> ConfigTab:
     plan_btn.click(
         preview, form, plan_outputs, api_visibility="private", concurrency_id="plan", concurrency_limit=4
     )
-    for control in (model, dtype, quantization, *gpu_sliders, cpu_slider):
+    for control in (model, dtype, quantization, fast_offload, cpu_layers, *gpu_sliders, cpu_slider):
         event = control.release if isinstance(control, gr.Slider) else control.change
         event(
             preview,

@@ -53,7 +53,13 @@ def render_tab(plan: dict | None, service: DemoService) -> tuple[str, str, list[
             if tier.get("memory_mapped_modules")
             else ""
         )
-        heading.append(f"**Loaded** {status['display_name']}: {verdict}.{speed}{mapped}")
+        policy = status.get("cpu_layers")
+        runs = (
+            f" CPU-resident layers run on the {policy['runs_on'].upper()}: {policy['reason']}."
+            if policy
+            else ""
+        )
+        heading.append(f"**Loaded** {status['display_name']}: {verdict}.{speed}{mapped}{runs}")
         table = table or device_map_rows(loaded_plan, actual)
     if not sections:
         return "", EMPTY_HTML, []
