@@ -246,6 +246,29 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Bar charts of seconds per token and load time per side and regime (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"ram": "#64748b", "accelerate": "#ea580c", "optdemo": "#2563eb"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in (
+        (axes[0], "s_per_token", "seconds per token"),
+        (axes[1], "load_s", "load seconds"),
+    ):
+        names = [f"{r['side']}\n{r['regime']}" for r in rows]
+        ax.bar(names, [r[key] for r in rows], color=[colors[r["side"]] for r in rows])
+        ax.set_title(label)
+        for index, row in enumerate(rows):
+            ax.text(index, row[key], f"{row[key]:.2f}", ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: build or take a checkpoint, run the sides alternately, print the table."""
     parser = argparse.ArgumentParser(prog="python -m optdemo.bench", description=__doc__.split("\n")[0])
@@ -265,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sides", default=",".join(SIDES), help="comma-separated subset of ram,accelerate,optdemo"
     )
     parser.add_argument("--json", help="write all runs and the summary here")
+    parser.add_argument("--plot", help="save a PNG chart here (needs matplotlib)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -297,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     rows = summarize(runs)
-    print(f"\n{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}\n")
+    title = f"{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}"
+    print(f"\n{title}\n")
     print(format_table(rows))
+    if args.plot:
+        plot(rows, args.plot, title)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"model": str(model), "args": vars(args), "runs": runs, "summary": rows}, indent=2)
