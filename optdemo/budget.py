@@ -17,6 +17,7 @@ import ast
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 from optdemo.errors import BudgetError
 
@@ -40,7 +41,8 @@ MAX_DEVICE_BYTES = 2**50
 MAX_SPEC_CHARS = 2000
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-_GPU_RE = re.compile(r"^(?:(?:cuda|gpu)\s*:\s*)?(\d+)$", re.IGNORECASE)
+_GPU_RE = re.compile(r"^(?:(?:cuda|gpu)\s*:\s*)?(\d{1,6})$", re.IGNORECASE)
+MAX_GPU_INDEX = 1024
 _DEVICE_ORDER = {"cpu": 1, "disk": 2}
 
 
@@ -48,7 +50,8 @@ def format_bytes(n: float) -> str:
     """Format a byte count the way people read memory sizes: ``1.5 GiB``, ``512 MiB``, ``0 B``."""
     n = float(n)
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
+        # Compare after rounding to 3 significant digits, so 1023.9 KiB reads "1 MiB", not "1024 KiB".
+        if abs(float(f"{n / size:.3g}")) >= 1 or (unit == "TiB" and abs(n) >= size):
             value = n / size
             return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
     return f"{n:.0f} B"
@@ -84,14 +87,15 @@ def parse_size(text: str | int | float, *, device: str = "") -> int:
             )
         if unit.lower() not in UNITS:
             raise BudgetError(f"unknown unit {unit!r}{where}: use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB")
-        value = float(number) * UNITS[unit.lower()]
+        # Decimal keeps "4.1GB" exactly 4_100_000_000 bytes (a float would make it 4_099_999_999).
+        value = Decimal(number) * UNITS[unit.lower()]
     else:
         raise BudgetError(f"size{where} must be text such as '5GiB', not {type(text).__name__}")
-    if not math.isfinite(value) or value < 0:
+    if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
         raise BudgetError(f"size{where} must be a positive number of bytes, got {text!r}")
     if value > MAX_DEVICE_BYTES:
         raise BudgetError(f"size{where} {format_bytes(value)} is absurdly large (over 1 PiB): check the unit")
-    return int(value)
+    return int(value)  # whole bytes; a Decimal truncates exactly
 
 
 def parse_device(key: str | int) -> Device:
@@ -101,6 +105,8 @@ def parse_device(key: str | int) -> Device:
     if isinstance(key, int):
         if key < 0:
             raise BudgetError(f"GPU index {key} is negative: GPUs are numbered 0, 1, ...")
+        if key > MAX_GPU_INDEX:
+            raise BudgetError(f"GPU index {key} is not a GPU any machine has")
         return key
     if not isinstance(key, str):
         raise BudgetError(f"unknown device {key!r}: use a GPU index (0, cuda:0), cpu or disk")
@@ -112,7 +118,7 @@ def parse_device(key: str | int) -> Device:
     match = _GPU_RE.match(name)
     if match:
         index = int(match.group(1))
-        if index > 1024:
+        if index > MAX_GPU_INDEX:
             raise BudgetError(f"GPU index {index} is not a GPU any machine has")
         return index
     shown = key.strip()[:40]
@@ -227,6 +233,9 @@ def _literal_dict(text: str) -> dict:
         ) from None
     if not isinstance(value, dict):
         raise BudgetError("max_memory must be a dict of device to size, e.g. {'cpu': '20GiB'}")
+    keys = [ast.literal_eval(key) for key in ast.parse(text, mode="eval").body.keys if key is not None]
+    if len({repr(key) for key in keys}) != len(keys):
+        raise BudgetError("a device appears twice in max_memory: give each device once")
     return value
 
 
@@ -236,7 +245,9 @@ def missing_gpus(budget: MemoryBudget, gpu_count: int) -> tuple[int, ...]:
 
 
 def describe_gpu_count(gpu_count: int) -> str:
-    """``this machine has 1 GPU`` / ``... no GPU``: for messages about missing GPUs."""
+    """``this machine has 1 GPU (0)`` / ``... no GPU``: for messages about missing GPUs."""
     if gpu_count == 0:
         return "this machine has no GPU"
-    return f"this machine has {gpu_count} GPU{'s' if gpu_count > 1 else ''} (0-{gpu_count - 1})"
+    if gpu_count == 1:
+        return "this machine has 1 GPU (0)"
+    return f"this machine has {gpu_count} GPUs (0-{gpu_count - 1})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import queue
 import threading
 import time
@@ -94,8 +95,8 @@ def _as_int(name: str, value: object) -> int:
         raise GenerationError(f"{name} must be a whole number, not {value!r}")
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    if isinstance(value, int):
-        return value
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        return int(value)
     if isinstance(value, str):
         try:
             return int(value.strip())
@@ -180,7 +181,10 @@ def build_chat_prompt(
     Raises:
         GenerationError: the message alone does not fit.
     """
-    turns = [f"{USER_TAG} {user.strip()}\n{ASSISTANT_TAG} {bot.strip()}\n" for user, bot in history]
+    turns = [
+        f"{USER_TAG} {str(user or '').strip()}\n{ASSISTANT_TAG} {str(bot or '').strip()}\n"
+        for user, bot in history
+    ]
     tail = f"{USER_TAG} {message.strip()}\n{ASSISTANT_TAG}"
     for dropped in range(len(turns) + 1):
         text = CHAT_PREAMBLE + "".join(turns[dropped:]) + tail
@@ -273,7 +277,7 @@ def stream_generate(
     worker = threading.Thread(target=run, name="optdemo-generate", daemon=True)
     streamer.started = time.perf_counter()
     worker.start()
-    text = ""
+    text = shown = ""
     hit = False
     try:
         while True:
@@ -291,7 +295,8 @@ def stream_generate(
                 stop_event.set()
                 text = visible
                 break
-            if visible:
+            if visible and visible != shown:  # empty chunks and held-back text change nothing
+                shown = visible
                 yield GenerationUpdate(visible)
         # Set by the caller (Stop) before we set it ourselves below: the user ended the reply.
         stopped_by_user = stop_event.is_set() and not hit

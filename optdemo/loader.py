@@ -200,6 +200,9 @@ def fast_checkpoint(
     if source.kind in ("local", "builtin"):
         if not convert.is_bin_checkpoint(source.location):
             return source.location
+        hit = convert.cached(source.location, config.revision, dtype, source.location)
+        if hit is not None:
+            return str(hit)
         report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
         return str(
             convert.ensure_converted(source.location, config.revision, dtype, source.location, local=True)
@@ -271,12 +274,13 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
         return (
             f"the offload folder {config.offload_folder} vanished during the load: recreate it and load again"
         )
-    text = scrub_token(str(exc))
+    text = scrub_token(str(exc)) or type(exc).__name__
     if _looks_corrupt(exc, text):
-        return (
-            f"a checkpoint file of {name} is corrupt or incomplete ({text[:160]}): delete it (or "
-            "the model's folder in the Hugging Face cache) and load again to re-download it"
-        )
+        if source.kind in ("local", "builtin"):
+            fix = f"save the model again into {source.location}"
+        else:
+            fix = "delete the model's folder in the Hugging Face cache and load again to re-download it"
+        return f"a checkpoint file of {name} is corrupt or incomplete ({text[:160]}): {fix}"
     if isinstance(exc, OSError) and ("does not appear to have" in text or "not a valid" in text):
         return f"{name} has no weights that transformers can load: {text[:200]}"
     if isinstance(exc, KeyboardInterrupt):

@@ -373,7 +373,9 @@ class _ModelUse:
 
     def __enter__(self) -> tuple[LoadedModel, threading.Event]:
         manager = self.manager
-        if manager.current_config is None:
+        with manager._state_lock:
+            idle = manager._loaded is None and manager._busy is None
+        if idle:  # nothing loaded and no load under way: say so now rather than wait
             raise GenerationError("no model is loaded: load one in the Configuration tab first")
         if not manager._model_lock.acquire(timeout=GENERATION_WAIT_SECONDS):
             raise BusyError("the model is busy with other requests: try again in a moment")

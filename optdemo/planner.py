@@ -10,6 +10,7 @@ then produces; a test holds us to that.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -135,9 +136,11 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
         if key in _meta_cache:
             _meta_cache.move_to_end(key)
             return _meta_cache[key]
+    # A copy: from_config writes the dtype into the config it is given, which is shared.
+    config = copy.deepcopy(source.config)
     with torch.device("meta"), no_init_weights():
         model = AutoModelForCausalLM.from_config(
-            source.config, dtype=dtype, trust_remote_code=bool(getattr(source.config, "auto_map", None))
+            config, dtype=dtype, trust_remote_code=bool(getattr(config, "auto_map", None))
         )
     with _meta_lock:
         _meta_cache[key] = model
@@ -352,10 +355,16 @@ def _assess(
             )
     if disk_bytes:
         in_memory = sum(size for device, size in budget.items() if device != "disk")
-        warnings.append(
-            f"{format_bytes(disk_bytes)} of {name}'s weights go to disk: every token reads them "
-            "back, so generation will be slow"
-        )
+        if config.fast_offload and not any(isinstance(d, int) for d in bytes_per_device):
+            warnings.append(
+                f"{format_bytes(disk_bytes)} of {name}'s weights go to disk: they are memory-mapped, "
+                "so they run at RAM speed while the OS can cache them and at disk speed when it cannot"
+            )
+        else:
+            warnings.append(
+                f"{format_bytes(disk_bytes)} of {name}'s weights go to disk: every token reads them "
+                "back, so generation will be slow"
+            )
         if writes and config.offload_folder is None:
             fits = False
             warnings.append(

@@ -176,11 +176,6 @@ def test_bin_checkpoint_with_fast_offload_is_converted_once(
     generate(manager)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG loader.py fast_checkpoint (local branch) reports 'Converting ... (once)' before "
-    "ensure_converted on every load, also when the converted copy is already cached",
-)
 def test_no_converting_message_when_already_converted(
     manager, tiny_bin_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -197,7 +192,7 @@ def test_no_converting_message_when_already_converted(
 
 
 def test_half_precision_load_matches_plan(manager, tiny_model_dir: Path, tmp_path: Path) -> None:
-    # A copy: an explicit dtype currently leaks into the cached config of its folder (xfail below).
+    # A copy: its own cache entries, whatever other tests planned for the shared folder.
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "tiny-bf16")
     config = LoadConfig(str(model_dir), dtype="bfloat16", max_memory="cpu=500KiB")
     plan = plan_device_map(config)
@@ -208,11 +203,6 @@ def test_half_precision_load_matches_plan(manager, tiny_model_dir: Path, tmp_pat
     generate(manager)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG planner.py meta_model mutates the cached source.config dtype: after a bfloat16 load, "
-    "an 'auto' load of the same folder is bfloat16 too (and its plan says so)",
-)
 def test_auto_dtype_after_an_explicit_dtype_load(manager, tiny_model_dir: Path, tmp_path: Path) -> None:
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "tiny-auto")
     manager.load(LoadConfig(str(model_dir), dtype="bfloat16"))
@@ -573,12 +563,6 @@ def test_generations_take_turns(manager, tiny_model_dir: Path) -> None:
     assert second["updates"][-1].done
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG manager.py _ModelUse.__enter__ checks current_config before waiting for the model "
-    "lock, so a generation requested while a (re)load runs fails at once with 'no model is loaded' "
-    "instead of waiting for the load as GENERATION_WAIT_SECONDS documents",
-)
 def test_generation_requested_during_a_load_waits_for_it(manager, tiny_model_dir: Path) -> None:
     manager.load(LoadConfig(str(tiny_model_dir)))
     in_load, release = threading.Event(), threading.Event()
