@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from optdemo.generation import GenerationParams
 from optdemo.service import DemoService
 from optdemo.ui.errors import to_gradio_error, user_errors
 
@@ -39,6 +40,10 @@ class GenerationControls:
             self.repetition_penalty,
             self.seed,
         ]
+
+    def params_from(self, service: DemoService, values: dict) -> GenerationParams:
+        """Validated parameters from a callback's {component: value} dict."""
+        return service.params(*(values[control] for control in self.all()))
 
 
 def to_messages(turns: list[Turn]) -> list[dict]:
@@ -105,55 +110,37 @@ def create_chat_tab(service: DemoService) -> gr.Markdown:
         queue=False,
     )
 
-    def respond(
-        text: str,
-        history: list[Turn],
-        max_new_tokens: float,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        repetition_penalty: float,
-        seed: float,
-        request: gr.Request,
-    ) -> Iterator[tuple]:
-        history = list(history or [])
+    # Inputs given as a set reach a callback as one {component: value} dict.
+    params_of = controls.params_from
+    with_params = {turns, *controls.all()}
+
+    def reply(text: str, history: list[Turn], values: dict, request: gr.Request) -> Iterator[tuple]:
+        """Stream one reply after ``history``; on failure restore the chat and the message box."""
         turn = {"user": text, "assistant": "", "stats": ""}
         try:
-            params = service.params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+            params = params_of(service, values)
             pairs = [(t["user"], t["assistant"]) for t in history]
             yield to_messages([*history, turn]), history, ""
-            for reply in service.chat(request.session_hash, pairs, text, params):
-                turn = {
-                    "user": text,
-                    "assistant": reply.text,
-                    "stats": reply.stats.summary() if reply.stats else "",
-                }
+            for step in service.chat(request.session_hash, pairs, text, params):
+                stats = step.stats.summary() if step.stats else ""
+                turn = {"user": text, "assistant": step.text, "stats": stats}
                 yield to_messages([*history, turn]), history, ""
         except Exception as exc:  # noqa: BLE001 - the chat is restored, then the error is shown
             yield to_messages(history), history, text
             raise to_gradio_error(exc) from None
         yield to_messages([*history, turn]), [*history, turn], ""
 
-    def retry(
-        history: list[Turn],
-        max_new_tokens: float,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        repetition_penalty: float,
-        seed: float,
-        request: gr.Request,
-    ) -> Iterator[tuple]:
+    def respond(values: dict, request: gr.Request) -> Iterator[tuple]:
+        yield from reply(values[message], list(values[turns] or []), values, request)
+
+    def retry(values: dict, request: gr.Request) -> Iterator[tuple]:
+        history = list(values[turns] or [])
         if not history:
             raise gr.Error("Nothing to retry yet.")
         *earlier, last = history
-        params = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-        for messages, new_history, leftover in respond(last["user"], earlier, *params, request):
-            # On failure respond() restores "earlier": keep the original last turn instead.
-            yield (
-                messages if leftover == "" else to_messages(history),
-                new_history if leftover == "" else history,
-            )
+        for messages, new_history, leftover in reply(last["user"], earlier, values, request):
+            # On failure reply() restores "earlier": keep the original last turn instead.
+            yield (messages, new_history) if leftover == "" else (to_messages(history), history)
 
     def undo(history: list[Turn]) -> tuple:
         if not history:
@@ -165,29 +152,28 @@ def create_chat_tab(service: DemoService) -> gr.Markdown:
         service.stop(request.session_hash)
 
     @user_errors
-    def complete(
-        text: str,
-        max_new_tokens: float,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        repetition_penalty: float,
-        seed: float,
-        request: gr.Request,
-    ) -> Iterator[tuple[str, str]]:
-        params = service.params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-        for reply in service.complete(request.session_hash, text, params):
-            yield reply.text, reply.stats.summary() if reply.stats else ""
+    def complete(values: dict, request: gr.Request) -> Iterator[tuple[str, str]]:
+        params = params_of(service, values)
+        for step in service.complete(request.session_hash, values[prompt], params):
+            yield step.text, step.stats.summary() if step.stats else ""
 
-    params = controls.all()
     model_group = {"concurrency_id": "model", "concurrency_limit": 1, "api_visibility": "private"}
-    for trigger in (message.submit, send.click):
-        trigger(respond, [message, turns, *params], [chatbot, turns, message], **model_group)
-    chatbot.retry(retry, [turns, *params], [chatbot, turns], **model_group)
+    gr.on(
+        [message.submit, send.click],
+        respond,
+        {message, *with_params},
+        [chatbot, turns, message],
+        **model_group,
+    )
+    chatbot.retry(retry, with_params, [chatbot, turns], **model_group)
     chatbot.undo(undo, turns, [chatbot, turns, message], api_visibility="private", queue=False)
     chatbot.clear(lambda: ([], []), None, [chatbot, turns], api_visibility="private", queue=False)
-    for button in (stop, stop_completion):
-        button.click(stop_reply, None, None, api_visibility="private", queue=False)
-    for trigger in (generate.click, prompt.submit):
-        trigger(complete, [prompt, *params], [completion, completion_stats], **model_group)
+    gr.on([stop.click, stop_completion.click], stop_reply, None, None, api_visibility="private", queue=False)
+    gr.on(
+        [generate.click, prompt.submit],
+        complete,
+        {prompt, *controls.all()},
+        [completion, completion_stats],
+        **model_group,
+    )
     return model_line

@@ -243,34 +243,23 @@ def create_config_tab(service: DemoService) -> ConfigTab:
         info = probe_hardware(folder or None)
         return f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"
 
-    plan_outputs = [summary, plan_state]
-    plan_btn.click(
-        preview, form, plan_outputs, api_visibility="private", concurrency_id="plan", concurrency_limit=4
+    # Every control re-plans at once (sliders when released, text fields on Enter or leaving them).
+    gr.on(
+        [
+            plan_btn.click,
+            *(c.change for c in (model, dtype, quantization, fast_offload, cpu_layers)),
+            *(slider.release for slider in (*gpu_sliders, cpu_slider)),
+            *(text.submit for text in (revision, advanced, offload, tokenizer)),
+            *(text.blur for text in (revision, advanced, offload, tokenizer)),
+        ],
+        preview,
+        form,
+        [summary, plan_state],
+        api_visibility="private",
+        trigger_mode="always_last",
+        concurrency_id="plan",
+        concurrency_limit=4,
     )
-    for control in (model, dtype, quantization, fast_offload, cpu_layers, *gpu_sliders, cpu_slider):
-        event = control.release if isinstance(control, gr.Slider) else control.change
-        event(
-            preview,
-            form,
-            plan_outputs,
-            api_visibility="private",
-            trigger_mode="always_last",
-            concurrency_id="plan",
-            concurrency_limit=4,
-        )
-    for text in (revision, advanced, offload, tokenizer):
-        text.submit(
-            preview, form, plan_outputs, api_visibility="private", concurrency_id="plan", concurrency_limit=4
-        )
-        text.blur(
-            preview,
-            form,
-            plan_outputs,
-            api_visibility="private",
-            trigger_mode="always_last",
-            concurrency_id="plan",
-            concurrency_limit=4,
-        )
     offload.blur(free_space, offload, offload_info, api_visibility="private", queue=False)
     load_btn.click(
         load_model,
