@@ -17,7 +17,7 @@ import gc
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from optdemo.budget import Device
 from optdemo.config import LoadConfig
@@ -337,7 +337,8 @@ class ModelManager:
             tokenizer = loaded.tokenizer
             budget = context_window(loaded.model) - params.max_new_tokens
             prompt = build_chat_prompt(history, message, lambda text: len(tokenizer(text).input_ids), budget)
-            yield from stream_generate(
+            # The transcript ends with "Assistant:"; the reply itself starts after its space.
+            for update in stream_generate(
                 loaded.model,
                 tokenizer,
                 prompt.text,
@@ -345,7 +346,8 @@ class ModelManager:
                 input_device=loaded.input_device,
                 stop_event=event,
                 stop_strings=CHAT_STOP_STRINGS,
-            )
+            ):
+                yield replace(update, text=update.text.lstrip())
 
     def _using_model(self, stop_event: threading.Event | None):
         """Hold the model for one generation (a context manager yielding it and its stop event)."""

@@ -7,6 +7,7 @@ response (result or error) is checked not to contain it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -56,7 +57,7 @@ def assert_accumulates(outputs: list[str], final: str) -> None:
     may trim) starts the next, and the last one is the final result."""
     assert outputs, "nothing was streamed"
     assert all(isinstance(o, str) for o in outputs)
-    for before, after in zip(outputs, outputs[1:], strict=False):
+    for before, after in itertools.pairwise(outputs):
         assert after.startswith(before.rstrip()), (before, after)
     assert outputs[-1] == final
 
@@ -416,24 +417,12 @@ def public_app() -> Iterator[RunningApp]:
 
 
 def sign_in_endpoint(client) -> str:
-    """The public app's sign-in endpoint: /sign_in, or whatever Gradio renamed it to (see the
-    xfail test below); the behaviour is tested either way."""
+    """The public app's sign-in endpoint, exactly /sign_in."""
     names = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    found = [name for name in names if name.startswith("/sign_in")]
-    assert len(found) == 1, found
-    return found[0]
+    assert [name for name in names if name.startswith("/sign_in")] == ["/sign_in"]
+    return "/sign_in"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: in public mode with --auth, the Configuration tab's own callback is also named "
-        "sign_in (optdemo/ui/config_tab.py:266, wired at :278 without api_name) and is registered "
-        "before the API's (optdemo/ui/api.py:106), so Gradio renames the public endpoint to "
-        "/sign_in_1: client.predict('admin', 'pw', api_name='/sign_in') raises "
-        "'Cannot find a function with `api_name`: /sign_in' exactly where signing in is needed"
-    ),
-)
 def test_public_named_endpoints_are_the_same(public_app: RunningApp) -> None:
     api = public_app.client().view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) == {

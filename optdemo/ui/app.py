@@ -27,6 +27,7 @@ def build_app(service: DemoService) -> gr.Blocks:
             "disk), load with Accelerate, and chat.",
             elem_id="od-header",
         )
+        register_api(service)  # first, so the named endpoints keep their names
         with gr.Tabs():
             with gr.Tab("Configuration", id="configuration"):
                 config = create_config_tab(service)
@@ -34,16 +35,17 @@ def build_app(service: DemoService) -> gr.Blocks:
                 map_heading, map_picture, map_table = create_devicemap_tab(service)
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_model_line = create_chat_tab(service)
-        register_api(service)
 
         def refresh_map(plan: dict | None) -> tuple:
             return render_tab(plan, service)
 
-        def refresh_status() -> tuple[str, str]:
+        def chat_status() -> str:
             text = status_text(service.manager.status().to_dict())
             prediction = service.loaded_prediction()
-            chat_text = text + (f"  \nPredicted speed: {prediction['summary']}" if prediction else "")
-            return text, chat_text
+            return text + (f"  \nPredicted speed: {prediction['summary']}" if prediction else "")
+
+        def refresh_status() -> tuple[str, str]:
+            return status_text(service.manager.status().to_dict()), chat_status()
 
         private = {"api_visibility": "private", "queue": False}
         map_outputs = [map_heading, map_picture, map_table]
@@ -51,9 +53,10 @@ def build_app(service: DemoService) -> gr.Blocks:
         demo.load(refresh_status, None, [config.status, chat_model_line], **private)
         config.plan_state.change(refresh_map, config.plan_state, map_outputs, **private)
         config.loaded.change(refresh_map, config.plan_state, map_outputs, **private)
-        config.loaded.change(refresh_status, None, [config.status, chat_model_line], **private)
+        # After a load the Configuration tab keeps the load's own message (reused, plan check).
+        config.loaded.change(chat_status, None, chat_model_line, **private)
         map_tab.select(refresh_map, config.plan_state, map_outputs, **private)
-        chat_tab.select(refresh_status, None, [config.status, chat_model_line], **private)
+        chat_tab.select(chat_status, None, chat_model_line, **private)
     demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
     return demo
 

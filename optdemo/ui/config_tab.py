@@ -135,19 +135,19 @@ def create_config_tab(service: DemoService) -> ConfigTab:
                     value=service.settings.max_memory or "",
                     placeholder='0=5GiB,cpu=20GiB   or   {0: "5GiB", "cpu": "20GiB"}',
                 )
-                with gr.Row():
-                    fast_offload = gr.Checkbox(
-                        value=True,
-                        label="Fast offloading",
-                        info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
-                    )
-                    cpu_layers = gr.Dropdown(
-                        list(CPU_LAYER_POLICIES),
-                        value="auto",
-                        label="CPU-resident layers run on",
-                        info="With a GPU: auto picks the faster of GPU (weights cross PCIe) and CPU.",
-                        visible=bool(hardware.gpus),
-                    )
+                fast_offload = gr.Checkbox(
+                    value=True,
+                    label="Fast offloading",
+                    info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
+                )
+                # Only meaningful with a GPU in the map; hidden (and "auto") without one.
+                cpu_layers = gr.Dropdown(
+                    list(CPU_LAYER_POLICIES),
+                    value="auto",
+                    label="CPU-resident layers run on",
+                    info="With a GPU: auto picks the faster of GPU (weights cross PCIe) and CPU.",
+                    visible=bool(hardware.gpus),
+                )
                 tokenizer = gr.Textbox(
                     label="Tokenizer (optional)",
                     placeholder="another repo id or folder; empty: the model's own",
@@ -279,7 +279,7 @@ def create_config_tab(service: DemoService) -> ConfigTab:
     )
     if locked and service.settings.auth:
 
-        def sign_in(username: str, secret: str, request: gr.Request) -> tuple:
+        def sign_in_admin(username: str, secret: str, request: gr.Request) -> tuple:
             if not service.sign_in(request.session_hash, username, secret):
                 return "Wrong username or password.", gr.update(), gr.update(), gr.update(), gr.update()
             unlocked = gr.update(interactive=True)
@@ -292,7 +292,7 @@ def create_config_tab(service: DemoService) -> ConfigTab:
             )
 
         sign_in_btn.click(
-            sign_in,
+            sign_in_admin,
             [user, password],
             [sign_in_msg, load_btn, unload_btn, tokenizer, model],
             api_visibility="private",
