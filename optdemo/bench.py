@@ -246,6 +246,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def predicted_speed(model: Path, max_memory: str, dtype: str) -> dict:
+    """optdemo's prediction for this configuration (what the Device map tab shows)."""
+    from optdemo.config import LoadConfig
+    from optdemo.hardware import probe_hardware
+    from optdemo.planner import plan_device_map
+    from optdemo.speed import predict_plan
+
+    plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory)).to_dict()
+    return predict_plan(plan, probe_hardware().ram_available_bytes)
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     """Bar charts of seconds per token and load time per side and regime (needs matplotlib)."""
     import matplotlib
@@ -327,9 +338,18 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     rows = summarize(runs)
+    prediction = predicted_speed(model, args.max_memory, args.dtype)
     title = f"{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}"
     print(f"\n{title}\n")
     print(format_table(rows))
+    measured = next(
+        (r["s_per_token"] for r in rows if r["side"] == "optdemo" and r["regime"] == "warm"), None
+    )
+    if measured:
+        print(
+            f"\npredicted {prediction['summary']}; measured (optdemo, warm) {measured:.3g} s/token: "
+            f"ratio {measured / prediction['seconds_per_token']:.2f}"
+        )
     if args.plot:
         plot(rows, args.plot, title)
     if args.json:
