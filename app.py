@@ -23,8 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"optdemo: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import threading
+
+    from optdemo.speed import measured_bandwidths
+    from optdemo.synthetic import ensure_tiny_model
     from optdemo.ui import create_app, launch
 
+    # Slow first-time work happens now rather than on the first visitor's page load: building the
+    # built-in tiny model (a few seconds, once) and measuring this machine's bandwidths for the
+    # speed predictions (a few seconds, once, in the background).
+    ensure_tiny_model()
+    threading.Thread(target=measured_bandwidths, name="optdemo-bandwidths", daemon=True).start()
     demo, service = create_app(settings)
     if settings.preload:
         try:
