@@ -35,7 +35,7 @@ PROMPT = "The history of large language models began"
 
 def bench_dir() -> Path:
     """Where built benchmark checkpoints are kept (reused once built)."""
-    from optdemo.synthetic import cache_dir
+    from optdemo.paths import cache_dir
 
     return cache_dir() / "bench"
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from optdemo.synthetic import cache_dir
+from optdemo.paths import cache_dir
 
 _WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 _COMPLETE_MARKER = ".optdemo-complete"

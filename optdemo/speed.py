@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from optdemo.synthetic import cache_dir
+from optdemo.paths import cache_dir
 
 _PROBE_WEIGHT_BYTES = 64 * 2**20  # the probe weight: big enough to leave the CPU caches, as layers do
 _DISK_PROBE_BYTES = 64 * 2**20

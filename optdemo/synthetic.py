@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from optdemo.catalog import catalog_config_dict
+from optdemo.paths import cache_dir
 
 # Special tokens in OPT's order and ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -198,11 +199,6 @@ def teach_tiny_model(path: str | os.PathLike[str], steps: int = 100, seed: int =
         torch.set_num_threads(threads)
     model.eval()
     model.save_pretrained(path)
-
-
-def cache_dir() -> Path:
-    """Where optdemo keeps what it builds (``$OPTDEMO_CACHE``, default ``~/.cache/optdemo``)."""
-    return Path(os.environ.get("OPTDEMO_CACHE", Path.home() / ".cache" / "optdemo"))
 
 
 def ensure_tiny_model(root: str | os.PathLike[str] | None = None) -> Path:
