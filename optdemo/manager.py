@@ -32,7 +32,7 @@ from optdemo.generation import (
     stream_generate,
 )
 from optdemo.gpu_offload import PolicyChoice
-from optdemo.hardware import Hardware, probe_hardware
+from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
 from optdemo.offload import DiskTierReport
 from optdemo.planner import Plan, plan_device_map
@@ -166,10 +166,6 @@ class ModelManager:
         self._active_stop: threading.Event | None = None
 
     # ---------------------------------------------------------------- inspection
-    def hardware(self, offload_folder: str | None = None) -> Hardware:
-        """A fresh probe of this machine."""
-        return probe_hardware(offload_folder)
-
     def plan(self, config: LoadConfig) -> Plan:
         """Plan ``config`` without touching weights or the loaded model."""
         return plan_device_map(config, probe_hardware(config.offload_folder))
