@@ -47,6 +47,7 @@ class LoadedModel:
     disk_tier: DiskTierReport = field(default_factory=lambda: DiskTierReport(0, 0, "no disk layers"))
     checkpoint: str = ""  # the folder or repo the weights were read from
     cpu_layers: PolicyChoice | None = None  # where CPU-resident layers run, with a GPU in the map
+    last_stats: Any = None  # GenerationStats of the latest reply: the measured speed
 
     @property
     def input_device(self) -> Any:

@@ -17,7 +17,7 @@ import gc
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from optdemo.budget import Device
 from optdemo.config import LoadConfig
@@ -26,6 +26,7 @@ from optdemo.generation import (
     CHAT_STOP_STRINGS,
     ChatTurn,
     GenerationParams,
+    GenerationStats,
     GenerationUpdate,
     build_chat_prompt,
     context_window,
@@ -100,6 +101,7 @@ class ManagerStatus:
     plan: Plan | None = None  # the plan the loaded model was loaded with
     disk_tier: DiskTierReport | None = None
     cpu_layers: PolicyChoice | None = None
+    last_stats: GenerationStats | None = None  # the latest reply's measured speed
 
     def to_dict(self) -> dict:
         """Plain JSON-friendly data for the API (never includes tokens or secrets)."""
@@ -126,6 +128,7 @@ class ManagerStatus:
             "plan": self.plan.to_dict() if self.plan else None,
             "disk_tier": disk_tier_dict(self.disk_tier),
             "cpu_layers": policy_dict(self.cpu_layers),
+            "last_generation": None if self.last_stats is None else asdict(self.last_stats),
         }
 
 
@@ -185,6 +188,7 @@ class ModelManager:
             loaded.plan,
             loaded.disk_tier,
             loaded.cpu_layers,
+            loaded.last_stats,
         )
 
     @property
@@ -310,13 +314,16 @@ class ModelManager:
     ) -> Iterator[GenerationUpdate]:
         """Continue ``prompt`` (the original scripts' mode), streaming the accumulated text."""
         with self._using_model(stop_event) as (loaded, event):
-            yield from stream_generate(
-                loaded.model,
-                loaded.tokenizer,
-                prompt,
-                params,
-                input_device=loaded.input_device,
-                stop_event=event,
+            yield from _recording_stats(
+                loaded,
+                stream_generate(
+                    loaded.model,
+                    loaded.tokenizer,
+                    prompt,
+                    params,
+                    input_device=loaded.input_device,
+                    stop_event=event,
+                ),
             )
 
     def stream_chat(
@@ -343,6 +350,8 @@ class ModelManager:
                 stop_event=event,
                 stop_strings=CHAT_STOP_STRINGS,
             ):
+                if update.stats is not None:
+                    loaded.last_stats = update.stats
                 yield replace(update, text=update.text.lstrip())
 
     def _using_model(self, stop_event: threading.Event | None):
@@ -360,6 +369,14 @@ class ModelManager:
     def _set_busy(self, what: str | None) -> None:
         with self._state_lock:
             self._busy = what
+
+
+def _recording_stats(loaded: LoadedModel, updates: Iterator[GenerationUpdate]) -> Iterator[GenerationUpdate]:
+    """Pass updates through, keeping the final stats as the loaded model's measured speed."""
+    for update in updates:
+        if update.stats is not None:
+            loaded.last_stats = update.stats
+        yield update
 
 
 class _ModelUse:

@@ -47,6 +47,10 @@ def render_tab(plan: dict | None, service: DemoService) -> tuple[str, str, list[
         )
         prediction = service.loaded_prediction()
         speed = f" Predicted speed: {prediction['summary']}." if prediction else ""
+        measured = status.get("last_generation")
+        if measured and measured.get("tokens_per_second"):
+            rate = measured["tokens_per_second"]
+            speed += f" Measured on the last reply: {1 / rate:.3g} s/token ({rate:.3g} tokens/s)."
         tier = status.get("disk_tier") or {}
         mapped = (
             " Disk layers are memory-mapped (served from the page cache, no per-token copies)."
