@@ -19,6 +19,7 @@ from optdemo.budget import MemoryBudget
 GPU_HEADROOM_FRACTION = 0.10
 CPU_HEADROOM_FRACTION = 0.20
 MIN_CPU_HEADROOM_BYTES = 2 * 2**30
+BUDGET_STEP_BYTES = 2**28  # suggestions are whole quarter GiB
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,15 @@ def existing_parent(path: str) -> str:
 
 def suggest_budget(hardware: Hardware) -> MemoryBudget:
     """A default max_memory for this machine: 90% of each GPU's free memory and the available
-    RAM less 20% (at least 2 GiB) for the OS and the app, rounded down to whole MiB."""
+    RAM less 20% (at least 2 GiB) for the OS and the app, rounded down to a quarter GiB (the UI
+    sliders' step, so the suggested budget and the sliders' budget are the same configuration)."""
     limits: list[tuple[int | str, int]] = []
     for gpu in hardware.gpus:
-        limits.append((gpu.index, _round_mib(gpu.free_bytes * (1 - GPU_HEADROOM_FRACTION))))
+        limits.append((gpu.index, _round_step(gpu.free_bytes * (1 - GPU_HEADROOM_FRACTION))))
     headroom = max(MIN_CPU_HEADROOM_BYTES, hardware.ram_available_bytes * CPU_HEADROOM_FRACTION)
-    limits.append(("cpu", _round_mib(max(0, hardware.ram_available_bytes - headroom))))
+    limits.append(("cpu", _round_step(max(0, hardware.ram_available_bytes - headroom))))
     return MemoryBudget(tuple(limits))
 
 
-def _round_mib(n: float) -> int:
-    return int(n) // 2**20 * 2**20
+def _round_step(n: float) -> int:
+    return int(n) // BUDGET_STEP_BYTES * BUDGET_STEP_BYTES

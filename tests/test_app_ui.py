@@ -614,3 +614,19 @@ def test_import_app_is_light() -> None:
     gradio, torch, transformers, seconds = result.stdout.split()
     assert (gradio, torch, transformers) == ("False", "False", "False")
     assert float(seconds) < 1.0
+
+
+def test_suggested_budget_survives_the_sliders():
+    """The sliders start at the suggested budget; what they send back must be the same
+    configuration, or pressing Load on an unchanged form would reload instead of reuse."""
+    from optdemo.budget import parse_max_memory
+    from optdemo.hardware import GpuInfo, Hardware, suggest_budget
+    from optdemo.ui.config_tab import GIB, budget_spec
+
+    for ram, gpu_free in ((23.5 * GIB, None), (16 * GIB + 12345, 7_999_999_999), (64 * GIB, 10 * GIB + 1)):
+        gpus = () if gpu_free is None else (GpuInfo(0, "GPU", 16 * GIB, gpu_free),)
+        hw = Hardware(gpus, int(ram), int(ram), "/", 10**12)
+        budget = suggest_budget(hw).as_max_memory()
+        sliders = [round(budget[g.index] / GIB, 2) for g in gpus]  # as the tab sets them
+        spec = budget_spec(sliders, round(budget["cpu"] / GIB, 2), "")
+        assert parse_max_memory(spec) == suggest_budget(hw), spec

@@ -373,10 +373,11 @@ def test_device_label() -> None:
 
 
 def test_suggest_budget_without_gpu() -> None:
-    assert suggest_budget(hardware(ram=16 * GiB)).as_max_memory() == {"cpu": 13107 * MiB}  # 80%
+    # Whole quarter GiB (the sliders' step), rounded down.
+    assert suggest_budget(hardware(ram=16 * GiB)).as_max_memory() == {"cpu": 12.75 * GiB}  # 80% = 12.8
     assert suggest_budget(hardware(ram=4 * GiB)).as_max_memory() == {"cpu": 2 * GiB}  # 2 GiB kept
     assert suggest_budget(hardware(ram=1 * GiB)).as_max_memory() == {"cpu": 0}
-    assert suggest_budget(hardware(ram=2 * GiB + 5 * MiB + 7)).as_max_memory() == {"cpu": 5 * MiB}
+    assert suggest_budget(hardware(ram=2 * GiB + 300 * MiB + 7)).as_max_memory() == {"cpu": 256 * MiB}
 
 
 def test_suggest_budget_with_two_gpus() -> None:
@@ -386,9 +387,9 @@ def test_suggest_budget_with_two_gpus() -> None:
     )
     budget = suggest_budget(hardware(gpus=gpus, ram=32 * GiB))
     assert budget.as_max_memory() == {
-        0: 9216 * MiB,  # 90% of 10 GiB free
-        1: 6866 * MiB,  # 90% of 8e9 = 7.2e9 bytes, rounded down to whole MiB
-        "cpu": 26214 * MiB,  # 80% of 32 GiB, rounded down to whole MiB
+        0: 9 * GiB,  # 90% of 10 GiB free = 9.0 GiB
+        1: 6.5 * GiB,  # 90% of 8e9 = 7.2e9 bytes = 6.71 GiB, rounded down to a quarter GiB
+        "cpu": 25.5 * GiB,  # 80% of 32 GiB = 25.6 GiB, rounded down to a quarter GiB
     }
     assert list(budget.as_max_memory()) == [0, 1, "cpu"]
     assert hardware(gpus=gpus).gpu_count == 2

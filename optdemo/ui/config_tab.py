@@ -87,7 +87,7 @@ def create_config_tab(service: DemoService) -> ConfigTab:
 
     if locked:
         gr.Markdown(
-            "🔒 **Public mode:** visitors can chat and preview plans; only an admin can load, "
+            "**Public mode:** visitors can chat and preview plans; only an admin can load, "
             "unload or change the model."
         )
     with gr.Row():
