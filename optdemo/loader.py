@@ -25,7 +25,14 @@ from optdemo.config import LoadConfig
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.gpu_offload import PolicyChoice, apply_policy
 from optdemo.hardware import Hardware, probe_hardware
-from optdemo.models import ModelSource, hub_error_message, hub_token, resolve_model, scrub_token
+from optdemo.models import (
+    ModelSource,
+    construction_lock,
+    hub_error_message,
+    hub_token,
+    resolve_model,
+    scrub_token,
+)
 from optdemo.offload import DiskTierReport, map_disk_tier
 from optdemo.planner import Plan, device_of, plan_device_map, resolve_dtype
 
@@ -162,7 +169,8 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
             report(0.0, f"Loading the tokenizer of {config.display_name}")
             # The converted cache holds the tokenizer files too, so a cached model loads offline.
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or location, **common)
-            model = AutoModelForCausalLM.from_pretrained(location, tqdm_class=bar_class, **kwargs)
+            with construction_lock:
+                model = AutoModelForCausalLM.from_pretrained(location, tqdm_class=bar_class, **kwargs)
     except OptdemoError:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an actionable message

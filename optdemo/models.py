@@ -31,6 +31,11 @@ class ModelSource:
     catalog: CatalogEntry | None = None
 
 
+# transformers builds models under process-wide patches (torch's default dtype, tie_weights, the
+# init functions), so two constructions in different threads can corrupt each other (a model left
+# with untied, uninitialised weights on "meta"). Every real construction takes this lock.
+construction_lock = threading.RLock()
+
 _cache: dict[tuple[str, str | None, bool], ModelSource] = {}
 _cache_lock = threading.Lock()
 

@@ -126,22 +126,33 @@ def resolve_dtype(config: LoadConfig, source: ModelSource) -> torch.dtype:
 
 
 def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
-    """The model instantiated on the meta device in ``dtype``: shapes and sizes, no memory."""
+    """The model instantiated on the meta device in ``dtype``: shapes and sizes, no memory.
+
+    Built by calling the model class directly under a (thread-local) meta-device context, not with
+    ``from_config``: transformers' construction helpers patch process-wide state (the default
+    dtype, ``tie_weights``, the init functions), and a plan previewed in one thread while a model
+    loads in another must not disturb that load. Sizes do not depend on either: tied weights are
+    known from ``all_tied_weights_keys``, and the dtype is applied afterwards.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
+
+    from optdemo.models import construction_lock
 
     key = (source.model, source.location, str(dtype))
     with _meta_lock:
         if key in _meta_cache:
             _meta_cache.move_to_end(key)
             return _meta_cache[key]
-    # A copy: from_config writes the dtype into the config it is given, which is shared.
-    config = copy.deepcopy(source.config)
-    with torch.device("meta"), no_init_weights():
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=bool(getattr(config, "auto_map", None))
-        )
+    config = copy.deepcopy(source.config)  # never touch the shared, cached configuration
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is not None:
+        with torch.device("meta"):
+            model = model_class(config)
+        model = model.to(dtype)
+    else:  # code from the repository (auto_map): only from_config knows how to build it
+        with construction_lock, torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
     with _meta_lock:
         _meta_cache[key] = model
         while len(_meta_cache) > _META_CACHE_SIZE:

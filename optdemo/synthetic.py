@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from optdemo.catalog import catalog_config_dict
+from optdemo.models import construction_lock
 from optdemo.paths import cache_dir
 
 # Special tokens in OPT's order and ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3.
@@ -139,7 +140,8 @@ def build_random_opt(
     fields["torch_dtype"] = dtype
     config = OPTConfig(**fields)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with construction_lock:
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.eval()
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,8 @@ def teach_tiny_model(path: str | os.PathLike[str], steps: int = 100, seed: int =
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with construction_lock:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     batch = tokenizer(_training_documents(), return_tensors="pt", padding=True)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)  # no loss on padding
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)

@@ -196,3 +196,25 @@ def test_invalid_budget_shows_a_readable_message(page, artifacts: Path) -> None:
     field.blur()
     summary = wait_for_text(page, "#od-plan-summary", r"\bfits\b")
     assert "Cannot plan" not in summary
+
+
+def test_a_failed_reply_keeps_the_chat_and_the_message(page, app: RunningApp) -> None:
+    """An error while chatting (here: the model was unloaded meanwhile) shows a readable message,
+    keeps the earlier turns on screen, and puts the unsent message back in the box."""
+    from playwright.sync_api import expect
+
+    app.service.manager.load(app.service.initial_config())
+    open_tab(page, "Chat")
+    box = page.locator("#od-message textarea")
+    box.fill("What is the capital of France?")
+    box.press("Enter")
+    wait_for_text(page, "#od-chatbot", r"tokens/s")
+    first_turns = page.locator("#od-chatbot").inner_text()
+    app.service.manager.unload()
+    box.fill("Are you still there?")
+    box.press("Enter")
+    expect(page.get_by_text("no model is loaded", exact=False).first).to_be_visible(timeout=WAIT_MS)
+    expect(box).to_have_value("Are you still there?", timeout=WAIT_MS)
+    # Gradio flags the output with an "Error" badge; the conversation itself is unchanged.
+    assert page.locator("#od-chatbot").inner_text().removeprefix("Error\n") == first_turns
+    assert "Traceback" not in page.content()

@@ -149,3 +149,39 @@ def test_client_disconnect_mid_stream_stops_generation():
         assert app.service.manager.status().busy is None
         # The app still serves: a new session chats at once.
         assert app.client().predict("What is the capital of France?", 12, 0.0, 0.9, api_name="/chat")
+
+
+@pytest.mark.slow
+def test_planning_while_loading_does_not_corrupt_model_construction(manager, tiny_model_dir):
+    """transformers builds models under process-wide patches (default dtype, tie_weights, init
+    functions). Plans previewed in one thread while another thread loads must leave every loaded
+    model whole: tied head, no meta weights, and transformers' own methods restored."""
+    from transformers import PreTrainedModel
+
+    from optdemo import planner
+
+    original_tie = PreTrainedModel.tie_weights
+    stop = threading.Event()
+    planned = []
+
+    def keep_planning() -> None:
+        while not stop.is_set():
+            planner._meta_cache.clear()  # force a fresh construction every time
+            planned.append(
+                planner.plan_device_map(LoadConfig("opt-1.3b", max_memory="cpu=64GiB")).total_bytes
+            )
+
+    thread = threading.Thread(target=keep_planning)
+    thread.start()
+    try:
+        for dtype in ("float32", "bfloat16", "float32", "bfloat16", "float32", "bfloat16"):
+            manager.load(LoadConfig(str(tiny_model_dir), dtype=dtype))
+            model = manager._loaded.model
+            assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+            assert {p.device.type for p in model.parameters()} == {"cpu"}
+            assert {str(p.dtype) for p in model.parameters()} == {f"torch.{dtype}"}
+    finally:
+        stop.set()
+        thread.join(60)
+    assert planned and set(planned) == {2 * 1315758080}
+    assert PreTrainedModel.tie_weights is original_tie
