@@ -205,6 +205,23 @@ class DemoService:
         self._require_admin(session_id, "unload the model")
         return self.manager.unload()
 
+    def conversion_cache(self) -> str:
+        """One line on the .bin -> safetensors conversion cache: how many checkpoints, how big."""
+        from optdemo import convert
+
+        entries = convert.cache_entries()
+        total = sum(entry.bytes for entry in entries)
+        return (
+            f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in `{convert.converted_root()}`"
+        )
+
+    def clear_conversion_cache(self, session_id: str | None = None) -> int:
+        """Delete the converted checkpoints (admins only in public mode); returns bytes freed."""
+        from optdemo import convert
+
+        self._require_admin(session_id, "clear the conversion cache")
+        return convert.clear_cache()
+
     # ---------------------------------------------------------------- generation
     def params(
         self,

@@ -630,3 +630,22 @@ def test_suggested_budget_survives_the_sliders():
         sliders = [round(budget[g.index] / GIB, 2) for g in gpus]  # as the tab sets them
         spec = budget_spec(sliders, round(budget["cpu"] / GIB, 2), "")
         assert parse_max_memory(spec) == suggest_budget(hw), spec
+
+
+def test_conversion_cache_is_shown_and_cleared_by_admins_only(tiny_bin_model_dir, tmp_path, monkeypatch):
+    from optdemo import convert
+    from optdemo.manager import ModelManager
+    from optdemo.service import AccessError, DemoService
+    from optdemo.settings import AppSettings
+
+    monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path))
+    source = str(tiny_bin_model_dir)
+    convert.ensure_converted(source, None, "float32", source, local=True)
+    size = convert.cache_entries()[0].bytes
+    public = DemoService(ModelManager(), AppSettings(lock_config=True, auth=(("admin", "pw"),)))
+    assert public.conversion_cache().startswith("1 converted checkpoint(s), ")
+    with pytest.raises(AccessError, match="visitors cannot clear the conversion cache"):
+        public.clear_conversion_cache("visitor")
+    assert public.sign_in("owner", "admin", "pw")
+    assert public.clear_conversion_cache("owner") == size
+    assert public.conversion_cache().startswith("0 converted checkpoint(s), 0 B")

@@ -169,6 +169,9 @@ def create_config_tab(service: DemoService) -> ConfigTab:
             summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
             gr.Markdown("### This machine")
             gr.Markdown(hardware_summary(hardware))
+            with gr.Row():
+                cache_info = gr.Markdown(f"**Conversion cache:** {service.conversion_cache()}")
+                clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
             if locked and service.settings.auth:
                 with gr.Accordion("Admin sign-in", open=False):
                     user = gr.Textbox(label="Username")
@@ -239,6 +242,11 @@ def create_config_tab(service: DemoService) -> ConfigTab:
         was_loaded = service.unload(request.session_hash)
         return ("Model unloaded; memory released." if was_loaded else "Nothing was loaded."), time_token()
 
+    @user_errors
+    def clear_cache(request: gr.Request) -> str:
+        freed = service.clear_conversion_cache(request.session_hash)
+        return f"**Conversion cache:** cleared ({format_bytes(freed)} freed). {service.conversion_cache()}"
+
     def free_space(folder: str) -> str:
         info = probe_hardware(folder or None)
         return f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"
@@ -261,6 +269,7 @@ def create_config_tab(service: DemoService) -> ConfigTab:
         concurrency_limit=4,
     )
     offload.blur(free_space, offload, offload_info, api_visibility="private", queue=False)
+    clear_cache_btn.click(clear_cache, None, cache_info, api_visibility="private", concurrency_id="model")
     load_btn.click(
         load_model,
         form,
@@ -281,20 +290,15 @@ def create_config_tab(service: DemoService) -> ConfigTab:
 
         def sign_in_admin(username: str, secret: str, request: gr.Request) -> tuple:
             if not service.sign_in(request.session_hash, username, secret):
-                return "Wrong username or password.", gr.update(), gr.update(), gr.update(), gr.update()
+                return "Wrong username or password.", *(gr.update() for _ in range(5))
             unlocked = gr.update(interactive=True)
-            return (
-                "Signed in as admin: you can load and unload.",
-                unlocked,
-                unlocked,
-                unlocked,
-                gr.update(allow_custom_value=True),
-            )
+            message = "Signed in as admin: you can load, unload and clear the cache."
+            return message, unlocked, unlocked, unlocked, unlocked, gr.update(allow_custom_value=True)
 
         sign_in_btn.click(
             sign_in_admin,
             [user, password],
-            [sign_in_msg, load_btn, unload_btn, tokenizer, model],
+            [sign_in_msg, load_btn, unload_btn, clear_cache_btn, tokenizer, model],
             api_visibility="private",
             queue=False,
         )
