@@ -481,13 +481,13 @@ def test_status_while_loaded(manager, tiny_model_dir: Path) -> None:
     assert set(data["device_map"].values()) == {"cpu", "disk"}
 
 
-def test_load_stops_a_running_generation(manager, tiny_model_dir: Path) -> None:
-    manager.load(LoadConfig(str(tiny_model_dir)))
-    updates = []
+def start_long_generation(manager, seed: int) -> tuple[threading.Thread, list]:
+    """A 400-token reply streaming in another thread; returns once its first update arrived."""
+    updates: list = []
     first = threading.Event()
 
     def consume() -> None:
-        params = GenerationParams(max_new_tokens=400, temperature=1.0, seed=1)
+        params = GenerationParams(max_new_tokens=400, temperature=1.0, seed=seed)
         for update in manager.stream_completion("Hello there", params):
             updates.append(update)
             first.set()
@@ -495,6 +495,12 @@ def test_load_stops_a_running_generation(manager, tiny_model_dir: Path) -> None:
     consumer = threading.Thread(target=consume)
     consumer.start()
     assert first.wait(10)
+    return consumer, updates
+
+
+def test_load_stops_a_running_generation(manager, tiny_model_dir: Path) -> None:
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    consumer, updates = start_long_generation(manager, seed=1)
     assert manager.status().busy == "generating"
     report = manager.load(LoadConfig(str(tiny_model_dir), max_memory="cpu=900KiB"))
     consumer.join(10)
@@ -519,18 +525,7 @@ def test_builtin_tiny_model_loads(manager) -> None:
 
 def test_unload_stops_a_running_generation(manager, tiny_model_dir: Path) -> None:
     manager.load(LoadConfig(str(tiny_model_dir)))
-    updates = []
-    first = threading.Event()
-
-    def consume() -> None:
-        params = GenerationParams(max_new_tokens=400, temperature=1.0, seed=2)
-        for update in manager.stream_completion("Hello there", params):
-            updates.append(update)
-            first.set()
-
-    consumer = threading.Thread(target=consume)
-    consumer.start()
-    assert first.wait(10)
+    consumer, updates = start_long_generation(manager, seed=2)
     ref = weakref.ref(manager._loaded.model)
     assert manager.unload() is True
     consumer.join(10)
