@@ -40,11 +40,10 @@ def render_tab(plan: dict | None, service: DemoService) -> tuple[str, str, list[
             if not differences
             else f"⚠ {len(differences)} module(s) differ from the plan (outlined in red)"
         )
-        sections.append(
-            render_device_map(
-                loaded_plan, actual, title=f"Loaded: {status['display_name']} — actual placement"
-            )
-        )
+        # The legend shows the bytes that really landed on each device.
+        landed = {**loaded_plan, "bytes_per_device": status["bytes_per_device"]}
+        title = f"Loaded: {status['display_name']} — actual placement"
+        sections.append(render_device_map(landed, actual, title=title))
         prediction = service.loaded_prediction()
         speed = f" Predicted speed: {prediction['summary']}." if prediction else ""
         measured = status.get("last_generation")
