@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sides", default=",".join(SIDES), help="comma-separated subset of ram,accelerate,optdemo"
     )
+    parser.add_argument(
+        "--ram-limit", help="cap each run's RAM, page cache included (e.g. 2.2GiB; cgroup v1, root)"
+    )
     parser.add_argument("--json", help="write all runs and the summary here")
     parser.add_argument("--plot", help="save a PNG chart here (needs matplotlib)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs)
     prediction = predicted_speed(model, args.max_memory, args.dtype)
     title = f"{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}"
+    if args.ram_limit:
+        title += f", RAM capped at {args.ram_limit}"
     print(f"\n{title}\n")
     print(format_table(rows))
     measured = next(
