@@ -167,6 +167,20 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     }
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # the cgroup v1 memory controller
+
+
+def ram_limited_cgroup(limit_bytes: int) -> Path:
+    """A memory cgroup capping a worker's RAM, page cache included: it stands in for a machine
+    whose RAM cannot cache the disk tier, so every token reads it from disk again."""
+    group = CGROUP_ROOT / "optdemo-bench"
+    if not CGROUP_ROOT.is_dir() or not os.access(CGROUP_ROOT, os.W_OK):
+        raise SystemExit("--ram-limit needs the cgroup v1 memory controller, writable (run as root)")
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    return group
+
+
 def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict:
     command = [
         sys.executable,
@@ -185,7 +199,18 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
     ]
     if cold:
         command.append("--cold")
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
+    join_group = None
+    if args.ram_limit:
+        from optdemo.budget import parse_size
+
+        procs = ram_limited_cgroup(parse_size(args.ram_limit)) / "cgroup.procs"
+
+        def join_group() -> None:  # runs in the child, before it starts Python
+            procs.write_text(str(os.getpid()))
+
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, timeout=3600, preexec_fn=join_group
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{side} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
