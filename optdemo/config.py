@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 from optdemo.budget import MemoryBudget, parse_max_memory
 from optdemo.catalog import TINY_MODEL_ID, catalog_entry
 from optdemo.errors import ConfigError
+from optdemo.speed import CPU_LAYER_POLICIES, DEFAULT_CPU_LAYERS
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
-CPU_LAYER_POLICIES = ("auto", "gpu", "cpu", "accelerate")
 MAX_MODEL_CHARS = 300
 # A Hub repository id: "name" or "owner/name", letters, digits, '-', '_', '.', no '..' or leading '.'.
 _REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -50,10 +50,10 @@ class LoadConfig:
     # optdemo's offloading: disk-tier weights memory-mapped instead of re-read on every forward, and
     # .bin checkpoints converted once to safetensors in a cache. False: plain Accelerate behaviour.
     fast_offload: bool = True
-    # With a GPU in the map, where CPU-resident layers run: "auto" (the faster by prediction),
-    # "gpu" (weights cross PCIe, prefetched from pinned memory), "cpu" (activations cross), or
-    # "accelerate" (Accelerate's own synchronous transfers).
-    cpu_layers: str = "auto"
+    # With a GPU in the map, where offloaded layers run: "accelerate" (Accelerate's own synchronous
+    # transfers; the default until another policy is measured faster on a GPU), "auto" (the faster
+    # by prediction), "gpu" (weights prefetched from pinned memory) or "cpu" (activations cross).
+    cpu_layers: str = DEFAULT_CPU_LAYERS
     # Not part of equality: a cosmetic label for the UI is not a different load.
     label: str = field(default="", compare=False)
 
@@ -88,6 +88,11 @@ class LoadConfig:
             raise ConfigError(f"cpu_layers {self.cpu_layers!r} is not supported: choose one of {choices}")
         if not isinstance(self.fast_offload, bool):
             raise ConfigError("fast_offload must be true or false")
+
+    @property
+    def cpu_layers_in_force(self) -> str:
+        """The CPU-layer policy a load applies: plain Accelerate whenever fast offloading is off."""
+        return self.cpu_layers if self.fast_offload else "accelerate"
 
     def with_changes(self, **changes: object) -> LoadConfig:
         """A copy with some fields changed (normalised and validated again)."""

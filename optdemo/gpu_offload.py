@@ -2,49 +2,42 @@
 
 With a GPU in the device map, Accelerate executes every layer on the GPU: the weights of each
 CPU-mapped (or disk-mapped) layer are copied over PCIe on every token, synchronously, from pageable
-memory. Two better policies:
+memory. That is the ``accelerate`` policy, and the default until a GPU measurement shows another
+one to be faster (docs/BENCHMARKS.md). Two alternatives:
 
 * ``cpu``: run CPU-resident layers on the CPU where their weights live; only the activations (a
-  few KiB per token) cross the bus. Wins when the CPU consumes weights faster than PCIe moves them.
-* ``gpu`` with prefetch: keep running them on the GPU, but from pinned host memory, copying the
-  *next* offloaded layer on a separate CUDA stream while the current one computes, so transfers
-  overlap compute.
+  few KiB per token) cross the bus. Disk-tier layers run on the CPU too, from memory-mapped
+  safetensors (page cache, never copied into anonymous RAM).
+* ``gpu``: keep running CPU-resident layers on the GPU, but from pinned host memory, copying the
+  *next* block into one of two fixed GPU buffers on a side stream while the current one computes.
 
-:func:`choose_policy` predicts both from measured bandwidths and picks the faster; the user can
-override it (``LoadConfig.cpu_layers``). The mechanics are device-agnostic (``device`` is a
-parameter, streams are optional), so the tests exercise them on the CPU; on a GPU they use CUDA
-streams and events.
+Memory bounds, for any policy (what the CUDA tests check):
+
+* host: the CPU budget, nothing more. ``gpu`` moves each block's weights into one exact-size host
+  buffer and pins it in place (``cudaHostRegister``: no rounding, no second copy); the pageable
+  originals are released as each block is packed, so the only transient extra is one block.
+* GPU: the GPU budget plus two buffers of the largest prefetched block, allocated once. Copies
+  wait on GPU events, never on new allocations, so nothing grows however far the host runs ahead.
+* nothing grows per token (the schedule log is a bounded ring), and :func:`release` returns the
+  GPU buffers and unpins the host memory before the model is dropped.
+
+The mechanics are device-agnostic (``device`` is a parameter, streams and pinning only on CUDA),
+so the CPU tests exercise the schedule; the CUDA tests exercise streams, events and pinning.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+from collections.abc import Callable
 from typing import Any
 
-POLICIES = ("auto", "gpu", "cpu")
+from optdemo.offload import map_offloaded_module
+from optdemo.speed import PolicyChoice, choose_policy, measured_bandwidths
 
-
-@dataclass(frozen=True)
-class PolicyChoice:
-    """The chosen policy for CPU-resident layers, with both predictions (seconds per token)."""
-
-    policy: str  # "gpu" (weights cross PCIe, prefetched) or "cpu" (activations cross)
-    gpu_seconds: float | None
-    cpu_seconds: float | None
-    reason: str
-
-
-def choose_policy(offloaded_bytes: int, dtype: str, bandwidths: Any, requested: str = "auto") -> PolicyChoice:
-    """Pick where CPU-resident layers run: the faster of shipping ``offloaded_bytes`` over PCIe
-    every token (``gpu``) and consuming them on the CPU (``cpu``), unless ``requested`` forces one."""
-    h2d = getattr(bandwidths, "host_to_device", None)
-    gpu_s = offloaded_bytes / h2d if h2d else None
-    cpu_s = offloaded_bytes / bandwidths.cpu_rate(dtype)
-    if requested in ("gpu", "cpu"):
-        return PolicyChoice(requested, gpu_s, cpu_s, "chosen by the user")
-    if gpu_s is None or cpu_s <= gpu_s:
-        return PolicyChoice("cpu", gpu_s, cpu_s, "the CPU consumes these weights faster than PCIe moves them")
-    return PolicyChoice("gpu", gpu_s, cpu_s, "PCIe moves these weights faster than the CPU consumes them")
+# Byte alignment of each tensor inside a packed block (keeps every view aligned for any dtype).
+_ALIGN = 64
+# The schedule log keeps the latest events only: it is for tests and debugging, never a history.
+LOG_EVENTS = 256
 
 
 def offloaded_entries(device_map: dict[str, Any]) -> list[str]:
@@ -54,12 +47,39 @@ def offloaded_entries(device_map: dict[str, Any]) -> list[str]:
     return [name for name, device in device_map.items() if device in ("cpu", "disk")]
 
 
-def _own_tensors(module: Any) -> dict[str, Any]:
-    """A module subtree's weights as CPU tensors, from Accelerate's offload hooks where it holds
-    them (meta parameters) or from the modules themselves; hooks are removed on the way."""
+def main_gpu(device_map: dict[str, Any]) -> int | None:
+    """The GPU that executes offloaded entries: the one Accelerate's ``dispatch_model`` picks
+    (``list(set_of_gpu_indices)[0]``), so our hooks run where Accelerate's would have."""
+    gpus = {device for device in device_map.values() if isinstance(device, int)}
+    return next(iter(gpus)) if gpus else None
+
+
+def movable_entries(model: Any, entries: list[str]) -> list[str]:
+    """The entries whose weights are their own: an entry sharing a parameter with a module outside
+    it (a tied LM head and embedding) stays with Accelerate, which keeps ties consistent."""
+    movable = []
+    for name in entries:
+        module = model.get_submodule(name)
+        inside = {id(p) for p in module.parameters()}
+        outside = any(
+            id(p) in inside
+            for other, sub in model.named_modules()
+            if not (other == name or other.startswith(f"{name}."))
+            for p in sub.parameters(recurse=False)
+        )
+        if not outside:
+            movable.append(name)
+    return movable
+
+
+def _take_tensors(module: Any) -> dict[str, Any]:
+    """A module subtree's weights, from Accelerate's offload hooks where it holds them (meta
+    parameters) or from the modules themselves; hooks are removed, and the hooks' references to the
+    CPU copies dropped, so these tensors become the only ones."""
     from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_module
 
     tensors: dict[str, Any] = {}
+    held: list[tuple[dict, str]] = []  # (Accelerate's shared dict, key) of each tensor taken from it
     for prefix, sub in module.named_modules():
         hook = getattr(sub, "_hf_hook", None)
         hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
@@ -67,9 +87,18 @@ def _own_tensors(module: Any) -> dict[str, Any]:
         for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
             if tensor.device.type == "meta" and align is not None and align.weights_map is not None:
                 tensor = align.weights_map[name]
-            tensors[f"{prefix}.{name}" if prefix else name] = tensor.to("cpu")
+                dataset = align.weights_map.dataset
+                store = getattr(dataset, "state_dict", dataset)
+                if isinstance(store, dict):
+                    held.append((store, align.weights_map.prefix + name))
+            tensors[f"{prefix}.{name}" if prefix else name] = tensor
         if hook is not None:
-            remove_hook_from_module(sub)
+            remove_hook_from_module(sub)  # (restores the weights it held onto the module)
+    # Accelerate keeps CPU-resident weights in one shared dict (an OffloadedWeightsLoader's
+    # state_dict, or a plain dict) for as long as any offload hook lives: drop our entries there,
+    # or every packed block would be doubled.
+    for store, key in held:
+        store.pop(key, None)
     return tensors
 
 
@@ -85,130 +114,275 @@ def _assign(module: Any, tensors: dict[str, Any]) -> None:
             owner._buffers[leaf] = tensor
 
 
-def run_on_cpu(model: Any, entries: list[str]) -> int:
-    """The ``cpu`` policy: give each entry its weights on the CPU and a hook that moves its inputs
-    there; the next GPU module's hook moves the activations back. Returns the entries moved."""
+# ------------------------------------------------------------------------------------- cpu policy
+def run_on_cpu(model: Any, entries: list[str], disk: frozenset[str] = frozenset()) -> int:
+    """The ``cpu`` policy: CPU-resident entries compute on the CPU from the weights they already
+    have; ``disk`` entries compute on the CPU from memory-mapped safetensors (or, when their
+    weights cannot be mapped, from Accelerate's own per-forward loading retargeted to the CPU, one
+    module at a time): the disk tier is never copied into anonymous RAM, nor sent through the GPU.
+    The next GPU module's hook moves the activations back. Returns the entries now on the CPU."""
     import torch
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module
 
+    cpu = torch.device("cpu")
     for name in entries:
         module = model.get_submodule(name)
-        _assign(module, _own_tensors(module))
-        add_hook_to_module(
-            module, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=False)
-        )
-    model.tie_weights()
+        if name not in disk:
+            _assign(module, _take_tensors(module))
+        elif map_offloaded_module(module) is None:
+            for sub in module.modules():
+                hook = getattr(sub, "_hf_hook", None)
+                for align in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+                    if isinstance(align, AlignDevicesHook):
+                        align.execution_device = cpu
+        # Inputs of the whole entry go to the CPU (residual connections included).
+        add_hook_to_module(module, inputs_to_hook(cpu), append=True)
     return len(entries)
 
 
-class Prefetcher:
-    """Copies offloaded blocks' weights to ``device`` one block ahead of execution.
+def inputs_to_hook(device: Any) -> Any:
+    """An Accelerate hook that only moves a module's inputs to ``device`` (weights untouched).
+    Built on first use so that importing this module does not import torch."""
+    from accelerate.hooks import ModelHook
+    from accelerate.utils import send_to_device
 
-    Each block's weights sit in pinned host memory (when ``device`` is CUDA). When block *i*
-    starts, its copy (issued when block *i-1* started) is awaited and block *i+1*'s copy is issued
-    on a side stream, so it overlaps block *i*'s compute; when block *i* ends its device copies
-    are dropped. At most two offloaded blocks occupy the device at a time.
+    class _InputsTo(ModelHook):
+        def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple:
+            return send_to_device(args, device), send_to_device(kwargs, device)
+
+    return _InputsTo()
+
+
+# ------------------------------------------------------------------------------------- gpu policy
+class PackedBlock:
+    """One block's weights packed into a single exact-size host buffer (pinned in place on CUDA),
+    with a view per tensor; ``views_in(buffer)`` gives the same layout inside another buffer."""
+
+    def __init__(self, module: Any, tensors: dict[str, Any], pin: bool) -> None:
+        import torch
+
+        self.module = module
+        self.layout: dict[str, tuple[int, Any, tuple[int, ...]]] = {}  # name -> (offset, dtype, shape)
+        offset = 0
+        for name, tensor in tensors.items():
+            self.layout[name] = (offset, tensor.dtype, tuple(tensor.shape))
+            offset += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+        self.nbytes = offset
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8)
+        views = self.views_in(self.host)
+        for name in list(tensors):
+            views[name].copy_(tensors.pop(name))  # the original goes as soon as it is packed
+        self.pinned = pin and _register_pinned(self.host)
+        self.host_views = views
+
+    def views_in(self, buffer: Any) -> dict[str, Any]:
+        """Tensors viewing ``buffer`` with this block's layout."""
+        views = {}
+        for name, (offset, dtype, shape) in self.layout.items():
+            size = dtype.itemsize
+            for dim in shape:
+                size *= dim
+            views[name] = buffer[offset : offset + size].view(dtype).view(shape)
+        return views
+
+    def unpin(self) -> None:
+        """Return the host buffer to pageable memory (CUDA only; idempotent)."""
+        if self.pinned:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self.pinned = False
+
+
+def _register_pinned(buffer: Any) -> bool:
+    """Pin ``buffer`` in place (``cudaHostRegister``, as PyTorch's checkpoint stager does): no
+    copy and no power-of-two rounding, unlike ``Tensor.pin_memory()``. False when CUDA refuses,
+    in which case copies are still correct, only synchronous."""
+    import torch
+
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Prefetcher:
+    """Runs packed blocks on ``device`` from two fixed device buffers, one block ahead.
+
+    When block *i* starts, the compute stream waits for its copy (issued when block *i-1*
+    started) and block *i+1*'s copy is issued on a side stream into the other buffer, after the
+    block that last used that buffer has finished computing (a GPU-side event wait). When block *i*
+    ends, its parameters point back at host memory. On the CPU (tests) the same schedule runs with
+    synchronous copies.
     """
 
-    def __init__(self, blocks: list[tuple[Any, dict[str, Any]]], device: Any) -> None:
+    def __init__(self, blocks: list[PackedBlock], device: Any) -> None:
         import torch
 
         self.device = torch.device(device)
+        self.blocks = blocks
+        self.order = {id(block.module): index for index, block in enumerate(blocks)}
         cuda = self.device.type == "cuda"
-        self.blocks = [
-            (module, {k: t.pin_memory() if cuda else t for k, t in tensors.items()})
-            for module, tensors in blocks
-        ]
-        self.order = {id(module): index for index, (module, _) in enumerate(self.blocks)}
+        slot_bytes = max(block.nbytes for block in blocks)
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.pending: dict[int, tuple[dict[str, Any], Any]] = {}
-        self.log: list[tuple[str, int]] = []  # ("copy"|"run"|"drop", block): for tests and debugging
+        self.copied = [torch.cuda.Event() for _ in self.slots] if cuda else None
+        self.freed = [torch.cuda.Event() for _ in self.slots] if cuda else None
+        self.next_slot = 0
+        self.pending: dict[int, int] = {}  # block index -> slot holding (or receiving) its copy
+        self.running: dict[int, int] = {}
+        self.log: collections.deque[tuple[str, int]] = collections.deque(maxlen=LOG_EVENTS)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Device memory this prefetcher holds: its two buffers (the bound on top of the budget)."""
+        return sum(slot.numel() for slot in self.slots)
 
     def _issue(self, index: int) -> None:
         import torch
 
-        if index >= len(self.blocks) or index in self.pending:
+        if index in self.pending:
             return
-        _, host = self.blocks[index]
+        slot = self.next_slot
+        self.next_slot = 1 - slot
+        block = self.blocks[index]
+        target = self.slots[slot][: block.nbytes]
         self.log.append(("copy", index))
         if self.stream is None:
-            self.pending[index] = ({k: t.to(self.device, copy=True) for k, t in host.items()}, None)
-            return
-        with torch.cuda.stream(self.stream):
-            copies = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.pending[index] = (copies, event)
+            target.copy_(block.host)
+        else:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self.freed[slot])  # the buffer's previous block is done
+                target.copy_(block.host, non_blocking=block.pinned)
+                self.copied[slot].record(self.stream)
+        self.pending[index] = slot
 
     def before(self, module: Any) -> None:
-        """Block ``module`` is about to run: make its weights resident, prefetch the next."""
+        """Block ``module`` is about to run: point it at its device copy, prefetch the next."""
         import torch
 
         index = self.order[id(module)]
         self._issue(index)
-        copies, event = self.pending.pop(index)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-            for tensor in copies.values():  # the compute stream now owns these allocations
-                tensor.record_stream(torch.cuda.current_stream(self.device))
-        _assign(module, copies)
+        slot = self.pending.pop(index)
+        if self.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        block = self.blocks[index]
+        _assign(module, block.views_in(self.slots[slot]))
+        self.running[index] = slot
         self.log.append(("run", index))
-        self._issue(index + 1 if index + 1 < len(self.blocks) else 0)  # the next token starts at 0
+        self._issue((index + 1) % len(self.blocks))  # after the last block, the next token's first
 
     def after(self, module: Any) -> None:
-        """Block ``module`` finished: point it back at host memory, freeing its device copies."""
+        """Block ``module`` finished (or failed): point it back at host memory and free its buffer
+        for the copy after next."""
+        import torch
+
         index = self.order[id(module)]
-        _assign(module, self.blocks[index][1])
+        slot = self.running.pop(index, None)
+        if slot is not None and self.freed is not None:
+            self.freed[slot].record(torch.cuda.current_stream(self.device))
+        _assign(module, self.blocks[index].host_views)
         self.log.append(("drop", index))
+
+    def close(self) -> None:
+        """Stop using the device: wait for copies in flight, free the buffers, unpin host memory."""
+        import torch
+
+        if self.stream is not None:
+            torch.cuda.synchronize(self.device)
+        self.slots = []
+        self.pending.clear()
+        for block in self.blocks:
+            block.unpin()
 
 
 def prefetch_on_device(model: Any, entries: list[str], device: Any) -> Prefetcher:
-    """The ``gpu`` policy: run the entries on ``device`` from pinned memory with one-ahead prefetch,
-    replacing Accelerate's synchronous per-module loading. Returns the prefetcher (its log shows the
-    schedule)."""
-    from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_hook_to_module
+    """The ``gpu`` policy: run the entries on ``device`` from packed (pinned) host memory with
+    one-ahead prefetch, replacing Accelerate's synchronous per-module loading."""
+    import torch
+    from accelerate.utils import send_to_device
 
-    blocks = [(model.get_submodule(name), None) for name in entries]
-    blocks = [(module, _own_tensors(module)) for module, _ in blocks]
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    blocks = []
+    for name in entries:
+        module = model.get_submodule(name)
+        block = PackedBlock(module, _take_tensors(module), pin)
+        _assign(module, block.host_views)  # the module lets go of the originals too
+        blocks.append(block)
     prefetcher = Prefetcher(blocks, device)
-
-    class PrefetchHook(ModelHook):
-        def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple:
-            prefetcher.before(module)
-            return args, kwargs
-
-        def post_forward(self, module: Any, output: Any) -> Any:
-            prefetcher.after(module)
-            return output
-
-    for module, _ in prefetcher.blocks:
-        # Inputs still go to the execution device (as Accelerate's hook did), then the prefetch hook.
-        align = AlignDevicesHook(execution_device=prefetcher.device, io_same_device=False)
-        add_hook_to_module(module, SequentialHook(align, PrefetchHook()))
-    model.tie_weights()
+    for block in blocks:
+        _wrap_forward(block.module, prefetcher, lambda args, kwargs: send_to_device((args, kwargs), device))
+    model._optdemo_prefetcher = prefetcher  # released by release(model)
     return prefetcher
 
 
+def _wrap_forward(module: Any, prefetcher: Prefetcher, move_inputs: Callable) -> None:
+    """Make ``module.forward`` run between ``prefetcher.before`` and ``prefetcher.after``, the
+    latter even when the forward raises (no device copy is left pointed at)."""
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = move_inputs(args, kwargs)
+        prefetcher.before(module)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            prefetcher.after(module)
+
+    module._optdemo_own_forward = module.__dict__.get("forward")  # an Accelerate hook's, or None
+    module.forward = forward
+
+
+def release(model: Any) -> None:
+    """Undo what a policy holds outside the model: restore wrapped forwards, free the prefetch
+    buffers and unpin host memory. Called before a model is dropped; safe on any model."""
+    prefetcher = getattr(model, "_optdemo_prefetcher", None)
+    if prefetcher is None:
+        return
+    for block in prefetcher.blocks:
+        module = block.module
+        own = module.__dict__.pop("_optdemo_own_forward", None)
+        if own is None:
+            module.__dict__.pop("forward", None)  # back to the class's forward
+        else:
+            module.forward = own
+    prefetcher.close()
+    del model._optdemo_prefetcher
+
+
+# ------------------------------------------------------------------------------------- applying
+def module_bytes(model: Any, name: str) -> int:
+    """Weight bytes of one device-map entry (parameters and buffers; meta tensors count by size)."""
+    module = model.get_submodule(name)
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 def apply_policy(model: Any, requested: str, dtype: str) -> PolicyChoice | None:
-    """Apply the chosen policy to a freshly loaded model with a GPU in its map; None when there is
-    nothing to decide (no GPU, nothing offloaded) or the user asked for plain Accelerate."""
+    """Apply the CPU-layer policy to a freshly loaded model with a GPU in its map.
+
+    Returns the policy in force with its reason (``accelerate`` included, so the UI can say
+    which one is active), or None when there is nothing to decide (no GPU in the map, or nothing
+    offloaded)."""
     import torch
 
-    from optdemo.speed import measured_bandwidths
-
     device_map = getattr(model, "hf_device_map", None) or {}
-    entries = offloaded_entries(device_map)
-    if not entries or requested == "accelerate":
+    entries = movable_entries(model, offloaded_entries(device_map))
+    if not entries:
         return None
     resident = [name for name in entries if device_map[name] == "cpu"]
-    sizes = {
-        name: sum(p.numel() * p.element_size() for p in model.get_submodule(name).parameters())
-        for name in entries
-    }
-    choice = choose_policy(sum(sizes[n] for n in resident), dtype, measured_bandwidths(), requested)
+    disk = [name for name in entries if device_map[name] == "disk"]
+    choice = choose_policy(
+        sum(module_bytes(model, n) for n in resident),
+        sum(module_bytes(model, n) for n in disk),
+        dtype,
+        measured_bandwidths(),
+        requested,
+    )
+    if choice is None:
+        return None
     if choice.policy == "cpu":
-        run_on_cpu(model, entries)  # disk entries too: their weights stay memory-mapped
-    elif resident:
-        gpu = min(device for device in device_map.values() if isinstance(device, int))
-        prefetch_on_device(model, resident, torch.device("cuda", gpu))
+        run_on_cpu(model, entries, frozenset(disk))
+    elif choice.policy == "gpu" and resident:
+        prefetch_on_device(model, resident, torch.device("cuda", main_gpu(device_map)))
     return choice

@@ -23,7 +23,7 @@ from typing import Any
 from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
-from optdemo.gpu_offload import PolicyChoice, apply_policy
+from optdemo.gpu_offload import apply_policy
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.models import (
     ModelSource,
@@ -35,6 +35,7 @@ from optdemo.models import (
 )
 from optdemo.offload import DiskTierReport, map_disk_tier
 from optdemo.planner import Plan, device_of, plan_device_map, resolve_dtype
+from optdemo.speed import PolicyChoice
 
 # progress(fraction or None when unknown, description)
 ProgressCallback = Callable[[float | None, str], None]
@@ -181,7 +182,7 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     )
     policy = None
     if config.quantization == "none":
-        policy = apply_policy(model, config.cpu_layers, str(dtype).removeprefix("torch."))
+        policy = apply_policy(model, config.cpu_layers_in_force, str(dtype).removeprefix("torch."))
     device_map = actual_device_map(model)
     elapsed = time.perf_counter() - started
     report(1.0, f"Loaded {config.display_name} in {elapsed:.1f} s")

@@ -32,11 +32,12 @@ from optdemo.generation import (
     context_window,
     stream_generate,
 )
-from optdemo.gpu_offload import PolicyChoice
+from optdemo.gpu_offload import release as release_offload
 from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
 from optdemo.offload import DiskTierReport
 from optdemo.planner import Plan, plan_device_map
+from optdemo.speed import PolicyChoice
 
 # How long a load waits for a running generation to notice its stop event and end.
 LOAD_WAIT_SECONDS = 120.0
@@ -418,6 +419,8 @@ def _release(loaded: LoadedModel) -> None:
     from accelerate.hooks import remove_hook_from_submodules
 
     # Freeing must not fail: whatever happens here, the references are dropped below.
+    with contextlib.suppress(Exception):
+        release_offload(loaded.model)  # prefetch buffers and pinned host memory
     with contextlib.suppress(Exception):
         remove_hook_from_submodules(loaded.model)
     loaded.model = None

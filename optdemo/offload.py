@@ -49,7 +49,6 @@ def map_disk_tier(model: Any) -> DiskTierReport:
     Accelerate's hooks, so the result is always correct. Outputs are unchanged: the same bytes are
     used, only how they reach the matmul differs.
     """
-    import torch
     from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_module
     from accelerate.utils import PrefixedDataset
     from safetensors import safe_open
@@ -71,12 +70,7 @@ def map_disk_tier(model: Any) -> DiskTierReport:
                 if tensors is None:
                     continue  # not mappable without a copy: Accelerate keeps serving this module
                 remove_hook_from_module(module)
-                for name, tensor in tensors.items():
-                    if name in module._parameters:
-                        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
-                    else:
-                        module._buffers[name] = tensor
-                    mapped_bytes += tensor.numel() * tensor.element_size()
+                mapped_bytes += _install(module, tensors)
                 mapped_modules += 1
     finally:
         handles.clear()
@@ -84,6 +78,45 @@ def map_disk_tier(model: Any) -> DiskTierReport:
         model.tie_weights()  # re-point tied heads at the mapped embeddings
         read_ahead([model.get_submodule(name) for name, device in device_map.items() if device == "disk"])
     return DiskTierReport(mapped_modules, mapped_bytes)
+
+
+def map_offloaded_module(module: Any) -> int | None:
+    """Memory-map every Accelerate-offloaded tensor in ``module``'s subtree from its safetensors
+    file and remove the subtree's hooks, so the module computes on the CPU from the page cache.
+    Returns the bytes mapped, or None (nothing changed) when a tensor would need a copy."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_submodules
+    from accelerate.utils import PrefixedDataset
+    from safetensors import safe_open
+
+    mapped: list[tuple[Any, dict]] = []
+    handles: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        for sub in module.modules():
+            hook = getattr(sub, "_hf_hook", None)
+            hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+            align = next((h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload), None)
+            if align is None:
+                continue
+            if not isinstance(align.weights_map, PrefixedDataset):
+                return None
+            tensors = _mapped_tensors(sub, align.weights_map, handles, stack, safe_open)
+            if tensors is None:
+                return None
+            mapped.append((sub, tensors))
+    remove_hook_from_submodules(module)
+    return sum(_install(sub, tensors) for sub, tensors in mapped)
+
+
+def _install(module: Any, tensors: dict[str, Any]) -> int:
+    """Make ``tensors`` the module's own parameters/buffers; returns their bytes."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[name] = tensor
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def read_ahead(blocks: list[Any]) -> None:

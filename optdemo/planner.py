@@ -25,6 +25,7 @@ from optdemo.config import LoadConfig
 from optdemo.convert import cached, converted_root
 from optdemo.hardware import Hardware, existing_parent
 from optdemo.models import ModelSource, resolve_model
+from optdemo.speed import DEFAULT_CPU_LAYERS
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +68,7 @@ class Plan:
     conversion_bytes: int  # bytes a one-time .bin -> safetensors conversion writes to the cache
     warnings: tuple[str, ...] = field(default=())
     checkpoint_format: str = "unknown"
-    cpu_layers: str = "auto"  # the configured policy for CPU-resident layers (with a GPU in the map)
+    cpu_layers: str = DEFAULT_CPU_LAYERS  # the policy in force for offloaded layers, with a GPU
 
     @property
     def layers(self) -> tuple[Block, ...]:
@@ -225,7 +226,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         conversion_bytes=conversion,
         warnings=tuple(warnings),
         checkpoint_format=checkpoint_format,
-        cpu_layers=config.cpu_layers,
+        cpu_layers=config.cpu_layers_in_force,
     )
 
 

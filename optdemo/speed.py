@@ -37,12 +37,63 @@ class Bandwidths:
 
     cpu_matvec: dict[str, float]  # dtype name -> weight bytes/s for a batch-1 linear layer on CPU
     disk_read: float
-    host_to_device: float | None = None
+    host_to_device: float | None = None  # from pageable memory, as Accelerate's hooks copy
     gpu_matvec: dict[str, float] | None = None
+    host_to_device_pinned: float | None = None  # from pinned memory, as the prefetcher copies
 
     def cpu_rate(self, dtype: str) -> float:
         """CPU weight-consumption rate for ``dtype`` (float32's when unmeasured)."""
         return self.cpu_matvec.get(dtype) or self.cpu_matvec["float32"]
+
+    @property
+    def pinned_rate(self) -> float | None:
+        """Host-to-device bytes/s from pinned memory (the pageable rate when not measured)."""
+        return self.host_to_device_pinned or self.host_to_device
+
+
+# Where CPU-resident layers run with a GPU in the map (LoadConfig.cpu_layers). "accelerate" is the
+# default until a policy is measured on a GPU and shown faster (docs/BENCHMARKS.md).
+CPU_LAYER_POLICIES = ("accelerate", "auto", "gpu", "cpu")
+DEFAULT_CPU_LAYERS = "accelerate"
+_POLICY_REASONS = {
+    "accelerate": "plain Accelerate: offloaded weights cross PCIe from pageable memory every token",
+    "gpu": "weights cross PCIe from pinned memory, the next block copied while one computes",
+    "cpu": "offloaded layers compute on the CPU; only activations cross PCIe",
+}
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """The policy for offloaded layers with a GPU in the map, with each policy's predicted seconds
+    per token (None where unknown: no GPU measured)."""
+
+    policy: str  # "accelerate", "gpu" or "cpu"
+    gpu_seconds: float | None
+    cpu_seconds: float | None
+    reason: str
+    accelerate_seconds: float | None = None
+
+
+def choose_policy(
+    resident_bytes: int, disk_bytes: int, dtype: str, bandwidths: Bandwidths, requested: str = "auto"
+) -> PolicyChoice | None:
+    """Where offloaded layers run: ``requested`` when it names a policy; for ``auto`` the faster
+    by prediction of moving their weights over PCIe (``gpu``: resident bytes from pinned memory,
+    disk bytes through Accelerate) and consuming all of them on the CPU (``cpu``). None when
+    nothing is offloaded (there is nothing to decide)."""
+    if resident_bytes + disk_bytes <= 0:
+        return None
+    pageable, pinned = bandwidths.host_to_device, bandwidths.pinned_rate
+    accelerate_s = (resident_bytes + disk_bytes) / pageable if pageable else None
+    gpu_s = resident_bytes / pinned + disk_bytes / pageable if pageable and pinned else None
+    cpu_s = (resident_bytes + disk_bytes) / bandwidths.cpu_rate(dtype)
+    if requested in _POLICY_REASONS:
+        policy = requested
+        why = "the default until measured on a GPU" if policy == DEFAULT_CPU_LAYERS else "chosen by the user"
+    else:
+        policy = "cpu" if gpu_s is None or cpu_s <= gpu_s else "gpu"
+        why = "predicted faster"
+    return PolicyChoice(policy, gpu_s, cpu_s, f"{_POLICY_REASONS[policy]} ({why})", accelerate_s)
 
 
 @dataclass(frozen=True)
@@ -92,13 +143,14 @@ def measure_bandwidths(disk_folder: str | None = None) -> Bandwidths:
     import torch
 
     cpu = {name: _matvec_rate(getattr(torch, name), "cpu") for name in ("float32", "float16", "bfloat16")}
-    h2d = gpu = None
+    h2d = pinned = gpu = None
     if torch.cuda.is_available():
-        h2d = _host_to_device_rate()
+        h2d = _host_to_device_rate(pinned=False)
+        pinned = _host_to_device_rate(pinned=True)
         gpu = {
             name: _matvec_rate(getattr(torch, name), "cuda") for name in ("float32", "float16", "bfloat16")
         }
-    return Bandwidths(cpu, _disk_read_rate(disk_folder or str(cache_dir())), h2d, gpu)
+    return Bandwidths(cpu, _disk_read_rate(disk_folder or str(cache_dir())), h2d, gpu, pinned)
 
 
 def _matvec_rate(dtype: object, device: str) -> float:
@@ -123,15 +175,18 @@ def _matvec_rate(dtype: object, device: str) -> float:
     return repeats * weight.numel() * weight.element_size() / elapsed
 
 
-def _host_to_device_rate() -> float:
+def _host_to_device_rate(pinned: bool) -> float:
+    """Bytes/s of a 256 MiB host-to-device copy, from pageable memory (as Accelerate's hooks copy)
+    or pinned memory (as the prefetcher copies)."""
     import torch
 
-    host = torch.empty(256 * 2**20, dtype=torch.uint8)  # pageable, as Accelerate's hooks copy from
-    host.to("cuda")
+    host = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=pinned)
+    device = torch.empty_like(host, device="cuda")
+    device.copy_(host, non_blocking=pinned)
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(4):
-        host.to("cuda")
+        device.copy_(host, non_blocking=pinned)
     torch.cuda.synchronize()
     return 4 * host.numel() / (time.perf_counter() - started)
 
@@ -155,7 +210,7 @@ def _disk_read_rate(folder: str) -> float:
 
 
 def predict(
-    plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = None, cpu_layers: str = "gpu"
+    plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = None, cpu_layers: str = "accelerate"
 ) -> SpeedPrediction:
     """Seconds per token for a plan (``Plan.to_dict()``).
 
@@ -174,9 +229,11 @@ def predict(
         breakdown[f"GPU {device}"] = per_device[device] / gpu_rate
     resident = per_device.get("cpu", 0)
     disk = per_device.get("disk", 0)
-    if gpus and bandwidths.host_to_device and cpu_layers == "gpu":
-        # Offloaded layers executed on the GPU: their weights cross PCIe every token.
-        breakdown["CPU→GPU transfers"] = (resident + disk) / bandwidths.host_to_device
+    if gpus and bandwidths.host_to_device and cpu_layers in ("gpu", "accelerate"):
+        # Offloaded layers executed on the GPU: their weights cross PCIe every token, resident ones
+        # from pinned memory under the prefetcher, everything from pageable memory under Accelerate.
+        resident_rate = bandwidths.pinned_rate if cpu_layers == "gpu" else bandwidths.host_to_device
+        breakdown["CPU→GPU transfers"] = resident / resident_rate + disk / bandwidths.host_to_device
     else:
         breakdown["CPU"] = resident / cpu_rate
     layers = sum(1 for block in plan.get("blocks", []) if block["kind"] == "layer")
@@ -198,16 +255,15 @@ def predict(
 def predict_plan(plan: dict, ram_available_bytes: int) -> dict:
     """The prediction for a plan as plain data (for the API and the UI), measuring this machine's
     bandwidths first if they are not cached yet."""
-    from optdemo.gpu_offload import choose_policy
-
     per_device = {str(k): v for k, v in plan["bytes_per_device"].items()}
     cpu_bytes = per_device.get("cpu", 0)
     bandwidths = measured_bandwidths()
     policy = None
-    if any(device.isdigit() for device in per_device) and cpu_bytes + per_device.get("disk", 0):
-        policy = choose_policy(cpu_bytes, plan["dtype"], bandwidths, plan.get("cpu_layers", "auto"))
+    if any(device.isdigit() for device in per_device):
+        requested = plan.get("cpu_layers", DEFAULT_CPU_LAYERS)
+        policy = choose_policy(cpu_bytes, per_device.get("disk", 0), plan["dtype"], bandwidths, requested)
     prediction = predict(
-        plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "gpu"
+        plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "accelerate"
     )
     return {
         "cpu_layers": None if policy is None else {"runs_on": policy.policy, "reason": policy.reason},
