@@ -28,7 +28,6 @@ so the CPU tests exercise the schedule; the CUDA tests exercise streams, events 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from typing import Any
 
 from optdemo.offload import map_offloaded_module
@@ -102,6 +101,11 @@ def _take_tensors(module: Any) -> dict[str, Any]:
     return tensors
 
 
+def _skip_keys(model: Any) -> Any:
+    """Input keys Accelerate must not move for this model (as ``dispatch_model`` is told)."""
+    return getattr(model, "_skip_keys_device_placement", None)
+
+
 def _assign(module: Any, tensors: dict[str, Any]) -> None:
     import torch
 
@@ -136,19 +140,20 @@ def run_on_cpu(model: Any, entries: list[str], disk: frozenset[str] = frozenset(
                     if isinstance(align, AlignDevicesHook):
                         align.execution_device = cpu
         # Inputs of the whole entry go to the CPU (residual connections included).
-        add_hook_to_module(module, inputs_to_hook(cpu), append=True)
+        add_hook_to_module(module, inputs_to_hook(cpu, _skip_keys(model)), append=True)
     return len(entries)
 
 
-def inputs_to_hook(device: Any) -> Any:
-    """An Accelerate hook that only moves a module's inputs to ``device`` (weights untouched).
-    Built on first use so that importing this module does not import torch."""
+def inputs_to_hook(device: Any, skip_keys: Any = None) -> Any:
+    """An Accelerate hook that only moves a module's inputs to ``device`` (weights untouched),
+    skipping the keys the model asks Accelerate to skip (a KV cache). Built on first use so that
+    importing this module does not import torch."""
     from accelerate.hooks import ModelHook
     from accelerate.utils import send_to_device
 
     class _InputsTo(ModelHook):
         def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple:
-            return send_to_device(args, device), send_to_device(kwargs, device)
+            return send_to_device(args, device), send_to_device(kwargs, device, skip_keys=skip_keys)
 
     return _InputsTo()
 
@@ -300,7 +305,6 @@ def prefetch_on_device(model: Any, entries: list[str], device: Any) -> Prefetche
     """The ``gpu`` policy: run the entries on ``device`` from packed (pinned) host memory with
     one-ahead prefetch, replacing Accelerate's synchronous per-module loading."""
     import torch
-    from accelerate.utils import send_to_device
 
     device = torch.device(device)
     pin = device.type == "cuda"
@@ -312,18 +316,23 @@ def prefetch_on_device(model: Any, entries: list[str], device: Any) -> Prefetche
         blocks.append(block)
     prefetcher = Prefetcher(blocks, device)
     for block in blocks:
-        _wrap_forward(block.module, prefetcher, lambda args, kwargs: send_to_device((args, kwargs), device))
+        _wrap_forward(block.module, prefetcher, _skip_keys(model))
     model._optdemo_prefetcher = prefetcher  # released by release(model)
     return prefetcher
 
 
-def _wrap_forward(module: Any, prefetcher: Prefetcher, move_inputs: Callable) -> None:
-    """Make ``module.forward`` run between ``prefetcher.before`` and ``prefetcher.after``, the
-    latter even when the forward raises (no device copy is left pointed at)."""
+def _wrap_forward(module: Any, prefetcher: Prefetcher, skip_keys: Any) -> None:
+    """Make ``module.forward`` move its inputs to the prefetcher's device and run between
+    ``prefetcher.before`` and ``prefetcher.after``, the latter even when the forward raises (no
+    device copy is left pointed at)."""
+    from accelerate.utils import send_to_device
+
     inner = module.forward
+    device = prefetcher.device
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = move_inputs(args, kwargs)
+        args = send_to_device(args, device)
+        kwargs = send_to_device(kwargs, device, skip_keys=skip_keys)
         prefetcher.before(module)
         try:
             return inner(*args, **kwargs)
