@@ -121,8 +121,10 @@ def test_prefetch_stays_within_the_gpu_budget_plus_two_blocks(manager, model_dir
         torch.cuda.reset_peak_memory_stats()
         _greedy(model, tokens)
         peaks.append(torch.cuda.max_memory_allocated())
-    activations = 16 * MIB  # KV cache and activations of a 1024-wide model over 40 positions
-    bound = report.bytes_per_device[0] + prefetcher.in_flight_bytes + activations
+    # Besides the two buffers: activations and KV cache (a few MiB at 1024 wide over 40 positions),
+    # and the disk layers' weights, which Accelerate still loads one Linear (16 MiB) at a time.
+    slack = 40 * MIB
+    bound = report.bytes_per_device[0] + prefetcher.in_flight_bytes + slack
     assert peaks[1] <= bound, (peaks, bound)
     assert peaks[1] - peaks[0] <= 2 * MIB, peaks
 
@@ -131,6 +133,7 @@ def test_prefetch_does_not_double_host_memory(manager, model_dir, tmp_path):
     torch.cuda.init()
     baseline = _rss_anon()
     manager.load(_config(model_dir, tmp_path, "accelerate"))
+    _greedy(_loaded(manager).model, 4)  # both sides measured after generating (CUDA kernels loaded)
     plain = _rss_anon() - baseline
     manager.unload()
     baseline = _rss_anon()
