@@ -35,16 +35,16 @@ transformers.__version__, '| accelerate', accelerate.__version__, '| cuda', torc
 
 # Engine tests only: the app tests need gradio and a browser, which GPU boxes often lack.
 echo "== tests"
-timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_gpu_offload.py \
+timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_gpu_offload.py \
   tests/test_budget.py tests/test_config_catalog.py tests/test_planner.py tests/test_loading.py \
   tests/test_generation.py tests/test_fast_offload.py 2>&1 | tee "$OUT/pytest.txt"
 tests=${PIPESTATUS[0]}
-[ "$tests" = 124 ] && echo "NOT RUN: the tests passed their 150 s limit" | tee -a "$OUT/pytest.txt"
+[ "$tests" = 124 ] && echo "NOT RUN: the tests passed their 120 s limit" | tee -a "$OUT/pytest.txt"
 
 echo "== benchmark"
-timeout 300 "$PY" scripts/gpu_bench.py --out "$OUT" --time-limit 270 "$@" 2>&1 | tee "$OUT/bench.txt"
+timeout 360 "$PY" scripts/gpu_bench.py --out "$OUT" --time-limit 330 "$@" 2>&1 | tee "$OUT/bench.txt"
 bench=${PIPESTATUS[0]}
-[ "$bench" = 124 ] && echo "NOT RUN: the benchmark passed its 300 s limit" | tee -a "$OUT/bench.txt"
+[ "$bench" = 124 ] && echo "NOT RUN: the benchmark passed its 360 s limit" | tee -a "$OUT/bench.txt"
 
 echo "== summary: tests exit $tests, benchmark exit $bench; results in $OUT"
 [ "$tests" = 0 ] && [ "$bench" = 0 ]
