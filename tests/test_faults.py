@@ -15,7 +15,7 @@ import pytest
 from optdemo.config import LoadConfig
 from optdemo.errors import LoadError, OptdemoError
 from optdemo.generation import GenerationParams
-from optdemo.loadtest import check_loopback, run_load_test
+from tools.loadtest import check_loopback, run_load_test
 
 SPLIT = "cpu=700KiB"
 GREEDY = GenerationParams(max_new_tokens=8, temperature=0)

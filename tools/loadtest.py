@@ -1,7 +1,7 @@
 """Load test: N concurrent chat clients x M messages against a running optdemo, over loopback only.
 
-    python -m optdemo.loadtest --clients 8 --messages 3            # launches its own app (tiny model)
-    python -m optdemo.loadtest --url http://127.0.0.1:7860 --clients 4
+    python -m tools.loadtest --clients 8 --messages 3            # launches its own app (tiny model)
+    python -m tools.loadtest --url http://127.0.0.1:7860 --clients 4
 
 Each client is a separate ``gradio_client`` session (its own chat history) calling ``/chat``. The
 run is bounded in count and time (``--deadline``), refuses any address outside 127.0.0.0/8 or ::1,
@@ -141,7 +141,7 @@ def run_load_test(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; exits 1 when any request failed."""
-    parser = argparse.ArgumentParser(prog="python -m optdemo.loadtest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.loadtest", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running app on loopback; default: launch one with the tiny model")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--messages", type=int, default=3)

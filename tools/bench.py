@@ -1,6 +1,6 @@
 """Benchmark: plain Accelerate against optdemo's offloading, side by side, in one invocation.
 
-    python -m optdemo.bench --build opt-1.3b --format bin --max-memory cpu=1GiB --tokens 30
+    python -m tools.bench --build opt-1.3b --format bin --max-memory cpu=1GiB --tokens 30
 
 Reproduces the original scripts' methodology (load time, then the time to generate N tokens from
 a prompt) for both sides, alternating, each measured load in a fresh process so no cache inside
@@ -31,6 +31,7 @@ from typing import Any
 
 SIDES = ("ram", "accelerate", "optdemo")
 PROMPT = "The history of large language models began"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench_dir() -> Path:
@@ -185,7 +186,7 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
     command = [
         sys.executable,
         "-m",
-        "optdemo.bench",
+        "tools.bench",
         "--worker",
         side,
         "--model",
@@ -208,8 +209,15 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
         def join_group() -> None:  # runs in the child, before it starts Python
             procs.write_text(str(os.getpid()))
 
+    # The worker runs ``-m tools.bench`` from the repository root, where ``tools`` is importable.
     done = subprocess.run(
-        command, capture_output=True, text=True, check=False, timeout=3600, preexec_fn=join_group
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=3600,
+        preexec_fn=join_group,
+        cwd=REPO_ROOT,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{side} run failed:\n{done.stderr[-3000:]}")
@@ -307,7 +315,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: build or take a checkpoint, run the sides alternately, print the table."""
-    parser = argparse.ArgumentParser(prog="python -m optdemo.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--build", metavar="ARCH", help="build (once) a random-weight checkpoint: opt-125m ... opt-66b"
     )
