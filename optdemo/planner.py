@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 
 from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
+from optdemo.construction import construction_lock
 from optdemo.convert import cached, converted_root
-from optdemo.hardware import Hardware, existing_parent
+from optdemo.hardware import Hardware, existing_parent, probe_hardware
 from optdemo.models import ModelSource, resolve_model
 
 if TYPE_CHECKING:
@@ -137,8 +138,6 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
     import torch
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
-    from optdemo.models import construction_lock
-
     key = (source.model, source.location, str(dtype))
     with _meta_lock:
         if key in _meta_cache:
@@ -173,8 +172,6 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         ConfigError: the model cannot be resolved.
     """
     from transformers.integrations.accelerate import _get_device_map, compute_module_sizes
-
-    from optdemo.hardware import probe_hardware
 
     hardware = hardware or probe_hardware(config.offload_folder)
     source = resolve_model(config.model, config.revision, config.trust_remote_code)

@@ -29,6 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from optdemo.budget import parse_max_memory, parse_size
+from optdemo.config import LoadConfig
+from optdemo.convert import converted_root
+from optdemo.hardware import probe_hardware
+from optdemo.manager import ModelManager
+from optdemo.paths import cache_dir
+from optdemo.planner import plan_device_map
+from optdemo.speed import predict_plan
+from optdemo.synthetic import build_random_opt
+
 SIDES = ("ram", "accelerate", "optdemo")
 PROMPT = "The history of large language models began"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,15 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def bench_dir() -> Path:
     """Where built benchmark checkpoints are kept (reused once built)."""
-    from optdemo.paths import cache_dir
-
     return cache_dir() / "bench"
 
 
 def ensure_checkpoint(architecture: str, checkpoint_format: str, dtype: str = "float16") -> Path:
     """A random-weight checkpoint of a catalog architecture, built once and reused."""
-    from optdemo.synthetic import build_random_opt
-
     path = bench_dir() / f"{architecture}-{checkpoint_format}-{dtype}"
     if not (path / "config.json").exists():
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=bench_dir().parent))
@@ -106,18 +112,12 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optdemo.budget import parse_max_memory
-    from optdemo.convert import converted_root
-
     torch_dtype = getattr(torch, dtype)
     offload = tempfile.mkdtemp(prefix="optdemo-bench-offload-")
     if cold:
         drop_page_cache(model, converted_root())
     started = time.perf_counter()
     if side == "optdemo":
-        from optdemo.config import LoadConfig
-        from optdemo.manager import ModelManager
-
         manager = ModelManager()
         config = LoadConfig(model, dtype=dtype, max_memory=max_memory, offload_folder=offload)
         manager.load(config)
@@ -202,8 +202,6 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
         command.append("--cold")
     join_group = None
     if args.ram_limit:
-        from optdemo.budget import parse_size
-
         procs = ram_limited_cgroup(parse_size(args.ram_limit)) / "cgroup.procs"
 
         def join_group() -> None:  # runs in the child, before it starts Python
@@ -281,11 +279,6 @@ def format_table(rows: list[dict]) -> str:
 
 def predicted_speed(model: Path, max_memory: str, dtype: str) -> dict:
     """optdemo's prediction for this configuration (what the Device map tab shows)."""
-    from optdemo.config import LoadConfig
-    from optdemo.hardware import probe_hardware
-    from optdemo.planner import plan_device_map
-    from optdemo.speed import predict_plan
-
     plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory)).to_dict()
     return predict_plan(plan, probe_hardware().ram_available_bytes)
 

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
+from optdemo.settings import AppSettings
+
 MAX_CLIENTS = 64
 MAX_MESSAGES = 50
 
@@ -152,8 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = service = None
     url = args.url
     if url is None:
-        from optdemo.settings import AppSettings
-        from optdemo.ui import create_app, launch
+        from optdemo.ui import create_app, launch  # gradio: only when the tool launches its own app
 
         demo, service = create_app(AppSettings(model="optdemo/tiny-opt", preload=True))
         service.manager.load(service.initial_config())
