@@ -25,6 +25,7 @@ from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
 from optdemo.convert import cached, converted_root
 from optdemo.hardware import Hardware, existing_parent, probe_hardware
+from optdemo.hf_compat import auto_device_map
 from optdemo.models import ModelSource, resolve_model
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     Raises:
         ConfigError: the model cannot be resolved.
     """
-    from transformers.integrations.accelerate import _get_device_map, compute_module_sizes
+    from transformers.integrations.accelerate import compute_module_sizes
 
     hardware = hardware or probe_hardware(config.offload_folder)
     source = resolve_model(config.model, config.revision, config.trust_remote_code)
@@ -181,7 +182,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     # transformers' own decision, the very call from_pretrained makes (it logs a warning itself for
     # GPUs that do not exist here; we turn those into plan warnings instead).
     with _quiet("accelerate.utils.modeling", "transformers.integrations.accelerate"):
-        device_map = dict(_get_device_map(model, "auto", dict(max_memory) if max_memory else None, None))
+        device_map = auto_device_map(model, dict(max_memory) if max_memory else None)
     sizes, _ = compute_module_sizes(model)
     module_bytes = {name: int(sizes.get(name, 0)) for name in device_map}
     bytes_per_device: dict[Device, int] = {}

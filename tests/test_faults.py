@@ -15,7 +15,7 @@ import pytest
 from optdemo.config import LoadConfig
 from optdemo.errors import LoadError, OptdemoError
 from optdemo.generation import GenerationParams
-from tools.loadtest import check_loopback, run_load_test
+from tools.loadtest import LoadTestResult, check_loopback, run_load_test
 
 SPLIT = "cpu=700KiB"
 GREEDY = GenerationParams(max_new_tokens=8, temperature=0)
@@ -106,6 +106,15 @@ def test_memory_stays_flat_over_ten_load_unload_cycles(tmp_path_factory):
         manager.unload()
     first = resident[0]
     assert max(resident[1:]) <= first * 1.05, [f"{r / 2**20:.0f} MiB" for r in resident]
+
+
+def test_latency_percentiles_interpolate_between_ranks():
+    result = LoadTestResult(1, 4, latencies=[4.0, 1.0, 3.0, 2.0])
+    assert result.p50 == 2.5
+    assert result.p95 == pytest.approx(3.85)  # 3 + 0.85 of the way to 4
+    assert LoadTestResult(1, 1, latencies=[2.0]).p95 == 2.0
+    assert LoadTestResult(1, 1).p50 is None and LoadTestResult(1, 1).p95 is None
+    assert "p50 2.50s, p95 3.85s" in result.summary()
 
 
 def test_loopback_only():

@@ -10,16 +10,26 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_LAYER_BYTES, TINY_TOTAL_BYTES
+from packaging.version import Version
 
+from optdemo import hf_compat
 from optdemo.budget import format_bytes
 from optdemo.config import LoadConfig
 from optdemo.convert import converted_root
+from optdemo.errors import PlanError
 from optdemo.hardware import (
     GpuInfo,
     Hardware,
     existing_parent,
     probe_hardware,
     suggest_budget,
+)
+from optdemo.hf_compat import (
+    PINNED_TRANSFORMERS,
+    TESTED_TRANSFORMERS,
+    TransformersCompatError,
+    auto_device_map,
+    installed_transformers,
 )
 from optdemo.planner import device_label, device_of, plan_device_map
 
@@ -410,3 +420,50 @@ def test_existing_parent(tmp_path: Path) -> None:
     assert existing_parent(str(tmp_path / "a" / "b" / "c")) == str(tmp_path)
     assert existing_parent(str(tmp_path)) == str(tmp_path)
     assert existing_parent("/definitely/not/here") == "/"
+
+
+# ------------------------------------------------------------- the private transformers call
+def test_planner_reports_a_missing_private_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations import accelerate as hf_accelerate
+
+    monkeypatch.delattr(hf_accelerate, "_get_device_map")
+    with pytest.raises(TransformersCompatError) as caught:
+        plan_device_map(LoadConfig("opt-125m", max_memory="cpu=1GiB"), hardware())
+    message = str(caught.value)
+    assert "_get_device_map is missing" in message
+    assert f"pip install transformers=={PINNED_TRANSFORMERS}" in message
+    assert "report it" in message
+    assert isinstance(caught.value, PlanError)  # shown to users like every other planning error
+
+
+def test_adapter_refuses_a_changed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations import accelerate as hf_accelerate
+
+    def changed(model, device_map, max_memory):  # hf_quantizer dropped
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(hf_accelerate, "_get_device_map", changed)
+    with pytest.raises(TransformersCompatError, match=r"now takes \(model, device_map, max_memory\)"):
+        auto_device_map(None, None)
+
+
+def test_adapter_warns_outside_the_tested_range_and_still_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations import accelerate as hf_accelerate
+
+    calls = []
+
+    def same_signature(model, device_map, max_memory, hf_quantizer):
+        calls.append((model, device_map, max_memory, hf_quantizer))
+        return {"": "cpu"}
+
+    monkeypatch.setattr(hf_accelerate, "_get_device_map", same_signature)
+    monkeypatch.setattr(hf_compat, "installed_transformers", lambda: Version("5.30.0"))
+    with pytest.warns(UserWarning, match=r"transformers 5\.30\.0 is outside the range"):
+        assert auto_device_map("model", {"cpu": 5}) == {"": "cpu"}
+    assert calls == [("model", "auto", {"cpu": 5}, None)]
+
+
+def test_installed_transformers_is_in_the_tested_range() -> None:
+    first, last = TESTED_TRANSFORMERS
+    assert first <= installed_transformers() < last
+    assert Version(PINNED_TRANSFORMERS) == first

@@ -43,15 +43,12 @@ class LoadTestResult:
     @property
     def p50(self) -> float | None:
         """Median latency."""
-        return statistics.median(self.latencies) if self.latencies else None
+        return _percentile(self.latencies, 50)
 
     @property
     def p95(self) -> float | None:
-        """95th-percentile latency (nearest rank)."""
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        """95th-percentile latency."""
+        return _percentile(self.latencies, 95)
 
     def summary(self) -> str:
         """One line for people."""
@@ -61,6 +58,14 @@ class LoadTestResult:
             f"{self.clients} clients x {self.messages} messages: {self.completed} completed, "
             f"{self.failed} failed, p50 {p50}, p95 {p95}, {self.seconds:.1f}s total"
         )
+
+
+def _percentile(values: Sequence[float], percent: int) -> float | None:
+    """The ``percent``-th percentile of ``values``, interpolated between the closest ranks (the
+    "inclusive" method: it never leaves the range of the measured values); None without values."""
+    if len(values) < 2:
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
 
 
 def check_loopback(url: str) -> None:
