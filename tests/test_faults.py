@@ -67,6 +67,7 @@ def test_offload_disk_fault_mid_load_keeps_previous_model(
     assert not _generate_threads()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_is_refused_before_unloading(manager, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manager.load(LoadConfig(str(tiny_model_dir)))
@@ -134,6 +135,10 @@ def test_concurrent_clients_all_complete_in_order():
         result = run_load_test(app.url, clients=4, messages=2, max_new_tokens=6, deadline_seconds=180)
     assert result.failed == 0, result.errors
     assert result.completed == 8
+    # Every message was answered once, and each session's answers came in the order they were sent.
+    assert sorted(result.answered) == [(client, turn) for client in range(4) for turn in range(2)]
+    for client in range(4):
+        assert [turn for c, turn in result.answered if c == client] == [0, 1]
     assert result.p50 is not None and result.p95 >= result.p50 > 0
 
 

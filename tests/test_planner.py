@@ -238,6 +238,7 @@ def test_dtype_sets_plan_sizes(dtype: str, size: int) -> None:
 # ---------------------------------------------------------------- the tiny model
 
 
+@pytest.mark.slow
 def test_tiny_plan_without_budget_is_all_cpu(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir)), hardware())
     assert plan.device_map == {"": "cpu"}
@@ -253,6 +254,7 @@ def test_tiny_plan_without_budget_is_all_cpu(tiny_model_dir: Path) -> None:
     assert {b.device for b in plan.blocks if b.name != "lm_head"} == {"cpu"}
 
 
+@pytest.mark.slow
 def test_tiny_plan_small_cpu_budget_puts_everything_on_disk(tiny_model_dir: Path) -> None:
     # Accelerate keeps room for the largest layer on the main device, so 300 KiB holds nothing.
     plan = plan_device_map(LoadConfig(str(tiny_model_dir), max_memory="cpu=300KiB"), hardware())
@@ -276,6 +278,7 @@ def test_tiny_plan_small_cpu_budget_puts_everything_on_disk(tiny_model_dir: Path
     )
 
 
+@pytest.mark.slow
 def test_tiny_plan_cpu_and_disk(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir), max_memory="cpu=900KiB"), hardware())
     layer_devices = [b.device for b in plan.layers]
@@ -287,6 +290,7 @@ def test_tiny_plan_cpu_and_disk(tiny_model_dir: Path) -> None:
     assert plan.bytes_per_device["cpu"] <= 900 * KiB
 
 
+@pytest.mark.slow
 def test_bin_checkpoint_on_disk_needs_an_offload_folder(tiny_bin_model_dir: Path, tmp_path: Path) -> None:
     config = LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB", fast_offload=False)
     plan = plan_device_map(config, hardware())
@@ -304,10 +308,11 @@ def test_bin_checkpoint_on_disk_needs_an_offload_folder(tiny_bin_model_dir: Path
     assert any("free" in w for w in plan.warnings)
 
 
+@pytest.mark.slow
 def test_bin_checkpoint_with_fast_offload_plans_a_conversion(
-    tiny_bin_model_dir: Path, tmp_path: Path
+    tiny_bin_model_dir: Path, fresh_cache: Path
 ) -> None:
-    model_dir = shutil.copytree(tiny_bin_model_dir, tmp_path / "tiny-bin")  # never converted yet
+    model_dir = tiny_bin_model_dir  # never converted: the cache is empty
     plan = plan_device_map(LoadConfig(str(model_dir), max_memory="cpu=900KiB"), hardware())
     assert plan.checkpoint_format == "bin"
     assert plan.fits is True
@@ -323,6 +328,7 @@ def test_bin_checkpoint_with_fast_offload_plans_a_conversion(
     assert in_ram.warnings == ()
 
 
+@pytest.mark.slow
 def test_ram_warning_when_cpu_bytes_exceed_available_ram(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir)), hardware(ram=1000))
     assert plan.warnings == (
@@ -332,6 +338,7 @@ def test_ram_warning_when_cpu_bytes_exceed_available_ram(tiny_model_dir: Path) -
     assert plan.fits is True  # a warning, not a refusal: the OS may still find the memory
 
 
+@pytest.mark.slow
 def test_quantization_warning(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir), quantization="8bit"), hardware())
     assert plan.warnings == (
@@ -339,6 +346,7 @@ def test_quantization_warning(tiny_model_dir: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_builtin_tiny_model_is_built_in_the_cache() -> None:
     plan = plan_device_map(LoadConfig("tiny-opt"), hardware())
     from optdemo.models import resolve_model
@@ -352,9 +360,9 @@ def test_builtin_tiny_model_is_built_in_the_cache() -> None:
     assert plan.device_map == {"": "cpu"}
 
 
-def test_explicit_dtype_does_not_change_what_auto_means(tiny_model_dir: Path, tmp_path: Path) -> None:
-    model_dir = tmp_path / "tiny-copy"  # its own resolve cache entry: other tests stay unaffected
-    shutil.copytree(tiny_model_dir, model_dir)
+@pytest.mark.slow
+def test_explicit_dtype_does_not_change_what_auto_means(tiny_model_dir: Path) -> None:
+    model_dir = tiny_model_dir
     assert plan_device_map(LoadConfig(str(model_dir)), hardware()).dtype == "float32"
     assert plan_device_map(LoadConfig(str(model_dir), dtype="float16"), hardware()).dtype == "float16"
     plan = plan_device_map(LoadConfig(str(model_dir)), hardware())

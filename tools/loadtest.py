@@ -37,6 +37,7 @@ class LoadTestResult:
     completed: int = 0
     failed: int = 0
     latencies: list[float] = field(default_factory=list)
+    answered: list[tuple[int, int]] = field(default_factory=list)  # (client, message), as answered
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -136,6 +137,7 @@ def run_load_test(
             with lock:
                 result.completed += 1
                 result.latencies.append(time.perf_counter() - asked)
+                result.answered.append((index, turn))
 
     threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
