@@ -306,8 +306,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: build or take a checkpoint, run the sides alternately, print the table."""
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line (``--worker``/``--cold`` are internal: one measured run)."""
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--build", metavar="ARCH", help="build (once) a random-weight checkpoint: opt-125m ... opt-66b"
@@ -331,18 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="save a PNG chart here (needs matplotlib)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(
-            json.dumps(
-                run_worker(args.worker, args.model, args.max_memory, args.tokens, args.cold, args.dtype)
-            )
-        )
-        return 0
-    if not args.model and not args.build:
-        parser.error("give --build ARCH or --model FOLDER")
-    model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    return parser
+
+
+def run_sides(args: argparse.Namespace, model: Path, sides: list[str]) -> tuple[list[dict], float | None]:
+    """Every measured run, the sides alternating; returns the runs and optdemo's first load time
+    (its one-time conversion included), None when optdemo is not among the sides."""
     regimes = {"warm": [False], "cold": [True], "both": [False, True]}[args.regime]
     runs = []
     first_load = None
@@ -366,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+    return runs, first_load
+
+
+def report(args: argparse.Namespace, model: Path, runs: list[dict], first_load: float | None) -> None:
+    """Print the table and the prediction next to the measurement; write the chart and JSON asked for."""
     rows = summarize(runs)
     prediction = predicted_speed(model, args.max_memory, args.dtype)
     title = f"{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}"
@@ -396,6 +395,25 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build or take a checkpoint, run the sides alternately, print the table."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(
+            json.dumps(
+                run_worker(args.worker, args.model, args.max_memory, args.tokens, args.cold, args.dtype)
+            )
+        )
+        return 0
+    if not args.model and not args.build:
+        parser.error("give --build ARCH or --model FOLDER")
+    model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    runs, first_load = run_sides(args, model, sides)
+    report(args, model, runs, first_load)
     return 0
 
 
