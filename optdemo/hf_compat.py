@@ -52,6 +52,7 @@ def auto_device_map(model: nn.Module, max_memory: dict[int | str, int] | None) -
 
 
 def _private_get_device_map() -> Callable[..., Any]:
+    """transformers' private ``_get_device_map``, once its presence and signature are checked."""
     version = installed_transformers()
     from transformers.integrations import accelerate as hf_accelerate  # heavy: imports torch
 
