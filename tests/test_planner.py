@@ -432,6 +432,7 @@ def test_existing_parent(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------- the private transformers call
 def test_planner_reports_a_missing_private_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import modeling_utils  # noqa: F401 - imports _get_device_map itself: load it first
     from transformers.integrations import accelerate as hf_accelerate
 
     monkeypatch.delattr(hf_accelerate, "_get_device_map")
