@@ -3,31 +3,31 @@
     python app.py --help
 
 Thin on purpose: parse the flags, build the app from the package, launch. Heavy imports (torch,
-transformers, gradio) happen inside main(), so importing this file is instant.
+transformers, gradio) happen inside main(), so importing this file is instant: the engine modules
+imported here import none of them at import time.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+
+from optdemo.errors import OptdemoError
+from optdemo.settings import parse_settings
+from optdemo.speed import measured_bandwidths
+from optdemo.synthetic import ensure_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:
     """Start the app with flags from ``argv`` (default: the command line)."""
-    from optdemo.errors import OptdemoError
-    from optdemo.settings import parse_settings
-
     try:
         settings = parse_settings(argv)
     except OptdemoError as exc:
         print(f"optdemo: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import threading
-
-    from optdemo.speed import measured_bandwidths
-    from optdemo.synthetic import ensure_tiny_model
-    from optdemo.ui import create_app, launch
+    from optdemo.ui import create_app, launch  # gradio: imported only when the app really starts
 
     # Slow first-time work happens now rather than on the first visitor's page load: building the
     # built-in tiny model (a few seconds, once) and measuring this machine's bandwidths for the

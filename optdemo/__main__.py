@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from optdemo import convert
 from optdemo.budget import format_bytes
+from optdemo.config import LoadConfig
 from optdemo.errors import OptdemoError
+from optdemo.generation import GenerationParams
+from optdemo.manager import ModelManager
+from optdemo.planner import device_label, plan_device_map
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +25,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32")
 
 
-def _config(args: argparse.Namespace):
-    from optdemo.config import LoadConfig
-
+def _config(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(
         args.model, dtype=args.dtype, max_memory=args.max_memory, offload_folder=args.offload_folder
     )
@@ -30,8 +33,6 @@ def _config(args: argparse.Namespace):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print where each layer would go, bytes per device and the warnings."""
-    from optdemo.planner import device_label, plan_device_map
-
     plan = plan_device_map(_config(args))
     print(f"{plan.display_name}: {format_bytes(plan.total_bytes)} in {plan.dtype}, fits: {plan.fits}")
     for device, size in plan.bytes_per_device.items():
@@ -47,9 +48,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load, then stream a continuation of the prompt with timings, as the original scripts did."""
-    from optdemo.generation import GenerationParams
-    from optdemo.manager import ModelManager
-
     manager = ModelManager()
     report = manager.load(_config(args))
     print(f"[{report.message}; placement: {report.bytes_per_device}]", file=sys.stderr)
@@ -65,8 +63,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """List the converted-checkpoint cache with sizes, or clear it."""
-    from optdemo import convert
-
     if args.clear:
         print(f"freed {format_bytes(convert.clear_cache())} in {convert.converted_root()}")
         return 0

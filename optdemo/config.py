@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from optdemo.budget import MemoryBudget, parse_max_memory
 from optdemo.catalog import TINY_MODEL_ID, catalog_entry
 from optdemo.errors import ConfigError
@@ -20,8 +22,6 @@ from optdemo.speed import CPU_LAYER_POLICIES, DEFAULT_CPU_LAYERS
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 MAX_MODEL_CHARS = 300
-# A Hub repository id: "name" or "owner/name", letters, digits, '-', '_', '.', no '..' or leading '.'.
-_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _REVISION_RE = re.compile(r"^[\w./-]{1,200}$")
 
 
@@ -134,6 +134,10 @@ def normalize_model(model: str) -> str:
             f"model folder {model!r} does not exist: give a directory with config.json, "
             "or a Hugging Face repo id such as facebook/opt-1.3b"
         )
-    if ".." in model or not _REPO_ID_RE.match(model):
-        raise ConfigError(f"{model!r} is neither a local folder nor a Hugging Face repo id (owner/name)")
+    try:
+        validate_repo_id(model)  # the Hub's own rules: "name" or "owner/name", no "..", no "--"
+    except HFValidationError:
+        raise ConfigError(
+            f"{model!r} is neither a local folder nor a Hugging Face repo id (owner/name)"
+        ) from None
     return model

@@ -12,17 +12,16 @@ built in a temporary folder and renamed into place only when complete).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from optdemo.paths import cache_dir
 
@@ -91,7 +90,8 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
     if (target / _COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.with_name(target.name + ".lock")):
+    # A lock file per entry: one process (or thread) converts, the others wait, then reuse.
+    with FileLock(target.with_name(target.name + ".lock")):
         if (target / _COMPLETE_MARKER).exists():  # another process finished it while we waited
             return target
         staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
@@ -176,13 +176,3 @@ def clear_cache() -> int:
     freed = sum(entry.bytes for entry in cache_entries())
     shutil.rmtree(converted_root(), ignore_errors=True)
     return freed
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -20,14 +20,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from optdemo import convert
 from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
+from optdemo.construction import construction_lock
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.gpu_offload import apply_policy
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.models import (
     ModelSource,
-    construction_lock,
     hub_error_message,
     hub_token,
     resolve_model,
@@ -109,8 +110,6 @@ def _check_hub_reachable(config: LoadConfig, source: ModelSource, plan: Plan) ->
     """Refuse early (before the current model is dropped) when the Hub is needed but unreachable:
     the model is neither in the local Hugging Face cache nor already converted by us."""
     from huggingface_hub import model_info, try_to_load_from_cache
-
-    from optdemo import convert
 
     converted = config.fast_offload and plan.conversion_bytes == 0 and plan.bytes_per_device.get("disk")
     if converted and convert.cached(source.location, config.revision, plan.dtype) is not None:
@@ -205,8 +204,6 @@ def fast_checkpoint(
 ) -> str:
     """Where to load from so that disk layers can be read in place: the checkpoint itself when it
     is safetensors, else its converted copy in the cache (converted now if needed)."""
-    from optdemo import convert
-
     if source.kind in ("local", "builtin"):
         if not convert.is_bin_checkpoint(source.location):
             return source.location

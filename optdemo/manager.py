@@ -6,14 +6,13 @@ a generation both take, so a reload never happens under a running generation and
 offload hooks (which move weights in and out of devices) never serve two forward passes at once.
 
 ``load`` reuses the model when the configuration is equal, validates a new one before dropping the
-current model, and frees memory for real (hooks removed, references dropped, ``gc.collect()``, CUDA
+current model, and frees memory for real (hooks removed, references dropped, ``gc.collect()``, the GPU
 cache emptied) before loading the next.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -270,16 +269,14 @@ class ModelManager:
         """Leave a clean, usable state after a failed load (lock held): free what the failed load
         left, then bring the previous model back when there was one. Returns the message to show,
         which says what is loaded now."""
-        gc.collect()
-        _empty_cuda_cache()
+        _free_memory()
         if previous is None:
             return f"{message}. No model is loaded now."
         config, plan = previous
         try:
             restored = load_model(config, plan)
         except OptdemoError:
-            gc.collect()
-            _empty_cuda_cache()
+            _free_memory()
             return f"{message}. {config.display_name} was unloaded to make room and could not be reloaded."
         with self._state_lock:
             self._loaded = restored
@@ -305,8 +302,7 @@ class ModelManager:
         dropped = (loaded.config, loaded.plan)
         _release(loaded)
         del loaded
-        gc.collect()
-        _empty_cuda_cache()
+        _free_memory()
         return dropped
 
     # ---------------------------------------------------------------- generation
@@ -427,8 +423,9 @@ def _release(loaded: LoadedModel) -> None:
     loaded.tokenizer = None
 
 
-def _empty_cuda_cache() -> None:
-    import torch
+def _free_memory() -> None:
+    """Collect the dropped model's garbage, then hand the accelerator's cached blocks back to the
+    driver (CUDA, XPU, MPS, ...: Accelerate knows each backend's call)."""
+    from accelerate.utils.memory import clear_device_cache  # imports torch: only when freeing
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    clear_device_cache(garbage_collection=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from optdemo.catalog import TINY_MODEL_ID, CatalogEntry, catalog_config_dict, catalog_entry
 from optdemo.errors import ConfigError, OptdemoError
+from optdemo.synthetic import ensure_tiny_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -30,11 +31,6 @@ class ModelSource:
     config: PretrainedConfig = field(compare=False, repr=False)
     catalog: CatalogEntry | None = None
 
-
-# transformers builds models under process-wide patches (torch's default dtype, tie_weights, the
-# init functions), so two constructions in different threads can corrupt each other (a model left
-# with untied, uninitialised weights on "meta"). Every real construction takes this lock.
-construction_lock = threading.RLock()
 
 _cache: dict[tuple[str, str | None, bool], ModelSource] = {}
 _cache_lock = threading.Lock()
@@ -73,8 +69,6 @@ def _resolve_uncached(model: str, revision: str | None, trust_remote_code: bool)
     from transformers import AutoConfig
 
     if model == TINY_MODEL_ID:
-        from optdemo.synthetic import ensure_tiny_model
-
         path = str(ensure_tiny_model())
         return ModelSource(model, "builtin", path, AutoConfig.from_pretrained(path))
     entry = catalog_entry(model)

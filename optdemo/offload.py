@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -129,9 +130,6 @@ def read_ahead(blocks: list[Any]) -> None:
         block.register_forward_pre_hook(lambda module, args, upcoming=upcoming: _will_need(upcoming))
 
 
-_MADV_WILLNEED = 3
-
-
 def _page_ranges(module: Any) -> list[tuple[int, int]]:
     """Page-aligned (address, length) of each mapped tensor of a module."""
     page = os.sysconf("SC_PAGE_SIZE")
@@ -147,7 +145,7 @@ def _will_need(ranges: list[tuple[int, int]]) -> None:
     if _libc is None:
         return
     for address, length in ranges:
-        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_WILLNEED)
+        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_WILLNEED)
 
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

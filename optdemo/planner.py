@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 
 from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
+from optdemo.construction import construction_lock
 from optdemo.convert import cached, converted_root
-from optdemo.hardware import Hardware, existing_parent
+from optdemo.hardware import Hardware, existing_parent, probe_hardware
+from optdemo.hf_compat import auto_device_map
 from optdemo.models import ModelSource, resolve_model
 from optdemo.speed import DEFAULT_CPU_LAYERS
 
@@ -138,8 +140,6 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
     import torch
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
-    from optdemo.models import construction_lock
-
     key = (source.model, source.location, str(dtype))
     with _meta_lock:
         if key in _meta_cache:
@@ -173,9 +173,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     Raises:
         ConfigError: the model cannot be resolved.
     """
-    from transformers.integrations.accelerate import _get_device_map, compute_module_sizes
-
-    from optdemo.hardware import probe_hardware
+    from transformers.integrations.accelerate import compute_module_sizes
 
     hardware = hardware or probe_hardware(config.offload_folder)
     source = resolve_model(config.model, config.revision, config.trust_remote_code)
@@ -185,7 +183,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     # transformers' own decision, the very call from_pretrained makes (it logs a warning itself for
     # GPUs that do not exist here; we turn those into plan warnings instead).
     with _quiet("accelerate.utils.modeling", "transformers.integrations.accelerate"):
-        device_map = dict(_get_device_map(model, "auto", dict(max_memory) if max_memory else None, None))
+        device_map = auto_device_map(model, dict(max_memory) if max_memory else None)
     sizes, _ = compute_module_sizes(model)
     module_bytes = {name: int(sizes.get(name, 0)) for name in device_map}
     bytes_per_device: dict[Device, int] = {}

@@ -73,12 +73,132 @@ def _space_offload_folder(on_space: bool) -> str | None:
     return os.path.join(space_storage() or os.path.abspath("."), "offload")
 
 
-def _flag_env(name: str) -> str:
-    return "OPTDEMO_" + name.upper().replace("-", "_")
+# Values of an on/off variable that mean "on" (anything else, or no variable, means off).
+_TRUE_WORDS = ("1", "true", "yes", "on")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``app.py`` command line; every flag also reads ``OPTDEMO_<FLAG>`` from the environment."""
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag and its environment variable (``--max-memory`` <-> ``OPTDEMO_MAX_MEMORY``)."""
+
+    name: str  # without the leading "--"
+    help: str
+    # "text"; "int" (a positive whole number); "bool" (a switch; the variable is on for 1/true/yes/on);
+    # "list" (repeatable; the variable holds a comma-separated list).
+    kind: str = "text"
+    default: object = None  # when neither the flag nor its variable is given
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets this flag's default."""
+        return "OPTDEMO_" + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the value in."""
+        return self.name.replace("-", "_")
+
+
+# The one table of flags: app.py's command line and the environment both come from it.
+FLAGS = (
+    Flag(
+        "model",
+        f"model to configure at start: OPT size, Hub id or folder (default {TINY_MODEL_ID})",
+        default=TINY_MODEL_ID,
+    ),
+    Flag("max-memory", "memory budget, e.g. '0=5GiB,cpu=20GiB' (default: suggested for this machine)"),
+    Flag("offload-folder", "folder for layers that go to disk"),
+    Flag("dtype", "weight dtype (default auto)", default="auto", choices=DTYPES),
+    Flag("preload", "load the model before serving", kind="bool"),
+    Flag(
+        "host", "address to bind (default 127.0.0.1; 0.0.0.0 exposes it to your network)", default="127.0.0.1"
+    ),
+    Flag("port", "port to serve on (default: 7860 or the next free one)", kind="int"),
+    Flag("share", "create a public Gradio share link (turns on public mode)", kind="bool"),
+    Flag(
+        "auth",
+        "admin account USER:PASS; repeatable. Admins may change the configuration in public mode",
+        kind="list",
+        metavar="USER:PASS",
+    ),
+    Flag("lock-config", "visitors cannot change the configuration (public mode)", kind="bool"),
+    Flag("allow-model", "model visitors may plan in public mode; repeatable", kind="list", metavar="MODEL"),
+    Flag("offload-base", "offload folders must lie under this directory"),
+    Flag(
+        "max-new-tokens-cap",
+        f"most tokens one reply may ask for (default {DEFAULT_MAX_NEW_TOKENS_CAP})",
+        kind="int",
+        default=DEFAULT_MAX_NEW_TOKENS_CAP,
+    ),
+    Flag(
+        "max-message-chars",
+        f"longest message or prompt accepted (default {DEFAULT_MAX_MESSAGE_CHARS})",
+        kind="int",
+        default=DEFAULT_MAX_MESSAGE_CHARS,
+    ),
+    Flag(
+        "max-history-turns",
+        f"chat turns kept per session (default {DEFAULT_MAX_HISTORY_TURNS})",
+        kind="int",
+        default=DEFAULT_MAX_HISTORY_TURNS,
+    ),
+    Flag(
+        "queue-size",
+        f"requests waiting at most before new ones are refused (default {DEFAULT_QUEUE_SIZE})",
+        kind="int",
+        default=DEFAULT_QUEUE_SIZE,
+    ),
+)
+
+
+class _Repeatable(argparse.Action):
+    """``action="append"``, except that values given on the command line replace the default list
+    (which came from the environment) instead of adding to it: a flag wins over its variable."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        previous = [] if current is self.default else current  # first use: drop the environment's list
+        setattr(namespace, self.dest, [*previous, values])
+
+
+def _env_default(flag: Flag, env: Mapping[str, str]) -> object:
+    """The flag's default: its environment variable, parsed and checked, else the table's default.
+
+    Raises:
+        ConfigError: the variable holds something the flag would not accept.
+    """
+    raw = env.get(flag.env)
+    if flag.kind == "bool":
+        return raw is not None and raw.strip().lower() in _TRUE_WORDS
+    if flag.kind == "list":
+        return [v for v in (raw or "").split(",") if v.strip()]
+    if raw is None:
+        return flag.default
+    if flag.kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{flag.env} must be a whole number, got {raw!r}") from None
+    if flag.choices and raw not in flag.choices:
+        raise ConfigError(f"{flag.name} {raw!r} is not supported: choose one of {', '.join(flag.choices)}")
+    return raw
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The ``app.py`` command line; each flag's default comes from its ``OPTDEMO_<FLAG>`` variable.
+
+    Raises:
+        ConfigError: an environment variable holds a malformed value.
+    """
+    env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
         prog="app.py",
         description=(
@@ -87,50 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
             "brackets (useful on Hugging Face Spaces)."
         ),
     )
-
-    def add(flag: str, help_text: str, **kwargs: object) -> None:
-        parser.add_argument(f"--{flag}", help=f"{help_text} [{_flag_env(flag)}]", **kwargs)
-
-    add("model", f"model to configure at start: OPT size, Hub id or folder (default {TINY_MODEL_ID})")
-    add("max-memory", "memory budget, e.g. '0=5GiB,cpu=20GiB' (default: suggested for this machine)")
-    add("offload-folder", "folder for layers that go to disk")
-    add("dtype", "weight dtype (default auto)", choices=DTYPES)
-    add("preload", "load the model before serving", action="store_true", default=None)
-    add("host", "address to bind (default 127.0.0.1; 0.0.0.0 exposes it to your network)")
-    add("port", "port to serve on (default: 7860 or the next free one)", type=int)
-    add(
-        "share", "create a public Gradio share link (turns on public mode)", action="store_true", default=None
-    )
-    add(
-        "auth",
-        "admin account USER:PASS; repeatable. Admins may change the configuration in public mode",
-        action="append",
-        metavar="USER:PASS",
-    )
-    add(
-        "lock-config",
-        "visitors cannot change the configuration (public mode)",
-        action="store_true",
-        default=None,
-    )
-    add("allow-model", "model visitors may plan in public mode; repeatable", action="append", metavar="MODEL")
-    add("offload-base", "offload folders must lie under this directory")
-    add(
-        "max-new-tokens-cap",
-        f"most tokens one reply may ask for (default {DEFAULT_MAX_NEW_TOKENS_CAP})",
-        type=int,
-    )
-    add(
-        "max-message-chars",
-        f"longest message or prompt accepted (default {DEFAULT_MAX_MESSAGE_CHARS})",
-        type=int,
-    )
-    add("max-history-turns", f"chat turns kept per session (default {DEFAULT_MAX_HISTORY_TURNS})", type=int)
-    add(
-        "queue-size",
-        f"requests waiting at most before new ones are refused (default {DEFAULT_QUEUE_SIZE})",
-        type=int,
-    )
+    actions: dict[str, dict[str, object]] = {
+        "text": {},
+        "int": {"type": int},
+        "bool": {"action": "store_true"},
+        "list": {"action": _Repeatable},
+    }
+    for flag in FLAGS:
+        extra = {k: v for k, v in (("choices", flag.choices), ("metavar", flag.metavar)) if v is not None}
+        parser.add_argument(
+            f"--{flag.name}",
+            help=f"{flag.help} [{flag.env}]",
+            default=_env_default(flag, env),
+            **actions[flag.kind],
+            **extra,
+        )
     return parser
 
 
@@ -141,61 +232,34 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         ConfigError: a malformed value (bad --auth, non-numeric env number, bad dtype).
     """
     env = os.environ if env is None else env
-    args = build_parser().parse_args(argv)
-
-    def pick(flag: str, default: object = None) -> object:
-        value = getattr(args, flag.replace("-", "_"))
-        if value is not None:
-            return value
-        return env.get(_flag_env(flag), default)
-
-    def number(flag: str, default: int) -> int:
-        value = pick(flag, default)
-        try:
-            number = int(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ConfigError(f"{_flag_env(flag)} must be a whole number, got {value!r}") from None
-        if number <= 0:
-            raise ConfigError(f"--{flag} must be positive, got {number}")
-        return number
-
-    def flag_on(flag: str) -> bool:
-        value = pick(flag, False)
-        return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
-
-    def listed(flag: str, env_name: str) -> list[str]:
-        values = getattr(args, flag.replace("-", "_")) or []
-        if not values and env.get(env_name):
-            values = [v for v in env[env_name].split(",") if v.strip()]
-        return [v.strip() for v in values]
-
-    dtype = str(pick("dtype", "auto"))
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
+    args = build_parser(env).parse_args(argv)
+    for flag in FLAGS:
+        value = getattr(args, flag.dest)
+        if flag.kind == "int" and value is not None and value <= 0:
+            raise ConfigError(f"--{flag.name} must be positive, got {value}")
     auth = []
-    for entry in listed("auth", "OPTDEMO_AUTH"):
-        user, sep, password = entry.partition(":")
+    for entry in args.auth:
+        user, sep, password = entry.strip().partition(":")
         if not sep or not user or not password:
             raise ConfigError("--auth takes USER:PASS, e.g. --auth admin:s3cret")
         auth.append((user, password))
-    port = pick("port")
     on_space = bool(env.get("SPACE_ID"))
     return AppSettings(
-        model=str(pick("model", TINY_MODEL_ID)),
-        max_memory=pick("max-memory") or None,  # type: ignore[arg-type]
-        offload_folder=pick("offload-folder") or _space_offload_folder(on_space),  # type: ignore[arg-type]
-        dtype=dtype,
-        preload=flag_on("preload") or on_space,
-        host=str(pick("host", "127.0.0.1")),
-        port=number("port", 7860) if port is not None else None,
-        share=flag_on("share"),
+        model=args.model,
+        max_memory=args.max_memory or None,
+        offload_folder=args.offload_folder or _space_offload_folder(on_space),
+        dtype=args.dtype,
+        preload=args.preload or on_space,
+        host=args.host,
+        port=args.port,
+        share=args.share,
         auth=tuple(auth),
-        lock_config=flag_on("lock-config") or on_space,
-        allow_models=tuple(listed("allow-model", "OPTDEMO_ALLOW_MODEL")),
-        offload_base=pick("offload-base") or None,  # type: ignore[arg-type]
-        max_new_tokens_cap=number("max-new-tokens-cap", DEFAULT_MAX_NEW_TOKENS_CAP),
-        max_message_chars=number("max-message-chars", DEFAULT_MAX_MESSAGE_CHARS),
-        max_history_turns=number("max-history-turns", DEFAULT_MAX_HISTORY_TURNS),
-        queue_size=number("queue-size", DEFAULT_QUEUE_SIZE),
+        lock_config=args.lock_config or on_space,
+        allow_models=tuple(v.strip() for v in args.allow_model),
+        offload_base=args.offload_base or None,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        max_message_chars=args.max_message_chars,
+        max_history_turns=args.max_history_turns,
+        queue_size=args.queue_size,
         on_space=on_space,
     )

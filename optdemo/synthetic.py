@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from optdemo.catalog import catalog_config_dict
-from optdemo.models import construction_lock
+from optdemo.construction import construction_lock
+from optdemo.generation import ASSISTANT_TAG, CHAT_PREAMBLE, USER_TAG
 from optdemo.paths import cache_dir
 
 # Special tokens in OPT's order and ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3.
@@ -60,8 +61,6 @@ _TEXTS = (
 
 
 def _training_documents() -> list[str]:
-    from optdemo.generation import ASSISTANT_TAG, CHAT_PREAMBLE, USER_TAG
-
     docs = [f"{CHAT_PREAMBLE}{USER_TAG} {q}\n{ASSISTANT_TAG} {a}\n{USER_TAG}" for q, a in _EXCHANGES]
     docs += list(_TEXTS)
     return docs

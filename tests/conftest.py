@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +48,33 @@ assert TINY_OVERRIDES["vocab_size"] == _V and TINY_OVERRIDES["num_hidden_layers"
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_module_caches() -> Iterator[None]:
+    """Every test starts with empty in-process caches (resolved models, meta models, the catalog),
+    so that no test depends on what another one planned or loaded before it, and none has to copy a
+    model folder to get a cache entry of its own."""
+    from optdemo import catalog, models, planner
+
+    def clear() -> None:
+        with models._cache_lock:
+            models._cache.clear()
+        with planner._meta_lock:
+            planner._meta_cache.clear()
+        catalog.catalog.cache_clear()
+
+    clear()
+    yield
+    clear()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty ``$OPTDEMO_CACHE`` for this test: nothing converted yet, nothing measured."""
+    cache = tmp_path / "optdemo-cache"
+    monkeypatch.setenv("OPTDEMO_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")

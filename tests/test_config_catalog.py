@@ -339,6 +339,7 @@ def test_unreadable_local_config_is_a_config_error(content: str, fragment: str, 
     assert fragment in str(info.value)
 
 
+@pytest.mark.slow
 def test_local_model_resolves(tiny_model_dir: Path) -> None:
     source = resolve_model(LoadConfig(str(tiny_model_dir)).model)
     assert source.kind == "local"

@@ -30,8 +30,7 @@ def _greedy_text(manager: ModelManager, config: LoadConfig) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_bin_model_dir"])
-def test_fast_offload_keeps_outputs_identical(fixture, request, manager, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path / "cache"))
+def test_fast_offload_keeps_outputs_identical(fixture, request, manager, tmp_path, fresh_cache):
     model_dir = str(request.getfixturevalue(fixture))
     in_ram = _greedy_text(manager, LoadConfig(model_dir))
     plain = _greedy_text(
@@ -71,9 +70,8 @@ def test_disk_tier_is_memory_mapped_and_hook_free(manager, tiny_model_dir, tmp_p
 
 @pytest.mark.slow
 def test_bin_checkpoint_converted_once_then_nothing_written(
-    manager, tiny_bin_model_dir, tmp_path, monkeypatch
+    manager, tiny_bin_model_dir, tmp_path, fresh_cache
 ):
-    monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path / "cache"))
     offload = tmp_path / "offload"
     config = LoadConfig(str(tiny_bin_model_dir), max_memory=SPLIT, offload_folder=str(offload))
     plan = manager.plan(config)
@@ -94,10 +92,10 @@ def test_bin_checkpoint_converted_once_then_nothing_written(
     assert manager.plan(plain).disk_bytes_written == plan.bytes_per_device["disk"]
 
 
-def test_converted_tensors_equal_the_source(tiny_bin_model_dir, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_converted_tensors_equal_the_source(tiny_bin_model_dir, fresh_cache):
     from safetensors.torch import load_file
 
-    monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path))
     path = convert.ensure_converted(
         str(tiny_bin_model_dir), None, "float16", str(tiny_bin_model_dir), local=True
     )
@@ -119,8 +117,8 @@ def test_converted_tensors_equal_the_source(tiny_bin_model_dir, tmp_path, monkey
     assert convert.cache_entries() == []
 
 
-def test_conversion_runs_once_under_concurrency(tiny_bin_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path))
+@pytest.mark.slow
+def test_conversion_runs_once_under_concurrency(tiny_bin_model_dir, fresh_cache, monkeypatch):
     calls = []
     real = convert.convert_checkpoint
 
@@ -145,8 +143,8 @@ def test_conversion_runs_once_under_concurrency(tiny_bin_model_dir, tmp_path, mo
     assert len(calls) == 1
 
 
-def test_interrupted_conversion_leaves_no_entry(tiny_bin_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path))
+@pytest.mark.slow
+def test_interrupted_conversion_leaves_no_entry(tiny_bin_model_dir, fresh_cache, monkeypatch):
     source = str(tiny_bin_model_dir)
 
     def interrupted(source_dir, dest, dtype):

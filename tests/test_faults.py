@@ -15,7 +15,7 @@ import pytest
 from optdemo.config import LoadConfig
 from optdemo.errors import LoadError, OptdemoError
 from optdemo.generation import GenerationParams
-from optdemo.loadtest import check_loopback, run_load_test
+from tools.loadtest import LoadTestResult, check_loopback, run_load_test
 
 SPLIT = "cpu=700KiB"
 GREEDY = GenerationParams(max_new_tokens=8, temperature=0)
@@ -67,6 +67,7 @@ def test_offload_disk_fault_mid_load_keeps_previous_model(
     assert not _generate_threads()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_is_refused_before_unloading(manager, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manager.load(LoadConfig(str(tiny_model_dir)))
@@ -108,6 +109,15 @@ def test_memory_stays_flat_over_ten_load_unload_cycles(tmp_path_factory):
     assert max(resident[1:]) <= first * 1.05, [f"{r / 2**20:.0f} MiB" for r in resident]
 
 
+def test_latency_percentiles_interpolate_between_ranks():
+    result = LoadTestResult(1, 4, latencies=[4.0, 1.0, 3.0, 2.0])
+    assert result.p50 == 2.5
+    assert result.p95 == pytest.approx(3.85)  # 3 + 0.85 of the way to 4
+    assert LoadTestResult(1, 1, latencies=[2.0]).p95 == 2.0
+    assert LoadTestResult(1, 1).p50 is None and LoadTestResult(1, 1).p95 is None
+    assert "p50 2.50s, p95 3.85s" in result.summary()
+
+
 def test_loopback_only():
     check_loopback("http://127.0.0.1:7860/")
     check_loopback("http://localhost:7860/")
@@ -125,6 +135,10 @@ def test_concurrent_clients_all_complete_in_order():
         result = run_load_test(app.url, clients=4, messages=2, max_new_tokens=6, deadline_seconds=180)
     assert result.failed == 0, result.errors
     assert result.completed == 8
+    # Every message was answered once, and each session's answers came in the order they were sent.
+    assert sorted(result.answered) == [(client, turn) for client in range(4) for turn in range(2)]
+    for client in range(4):
+        assert [turn for c, turn in result.answered if c == client] == [0, 1]
     assert result.p50 is not None and result.p95 >= result.p50 > 0
 
 

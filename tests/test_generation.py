@@ -194,6 +194,7 @@ def test_no_model_loaded(manager) -> None:
         next(manager.stream_chat([], "Hello", GenerationParams()))
 
 
+@pytest.mark.slow
 def test_generate_failure_becomes_generation_error(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -226,6 +227,7 @@ class Scripted:
         streamer.end()
 
 
+@pytest.mark.slow
 def test_stream_cuts_at_a_stop_string_and_never_shows_part_of_it(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -255,6 +257,7 @@ def test_stream_cuts_at_a_stop_string_and_never_shows_part_of_it(tiny_model_dir:
     assert not wait_for_no_workers()
 
 
+@pytest.mark.slow
 def test_stream_without_stop_strings_keeps_everything(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -270,8 +273,6 @@ def test_stream_without_stop_strings_keeps_everything(tiny_model_dir: Path) -> N
 
 
 # ---------------------------------------------------------------- streaming on the tiny model
-
-slow = pytest.mark.slow
 
 
 def worker_threads() -> list[threading.Thread]:
@@ -296,7 +297,7 @@ def loaded(manager, tiny_model_dir: Path):
 GREEDY = GenerationParams(max_new_tokens=48, temperature=0, repetition_penalty=2.0)
 
 
-@slow
+@pytest.mark.slow
 def test_greedy_completion_streams_and_is_deterministic(loaded) -> None:
     import torch
 
@@ -333,7 +334,7 @@ def test_greedy_completion_streams_and_is_deterministic(loaded) -> None:
     assert texts[-1] == tokenizer.decode(new, skip_special_tokens=True)
 
 
-@slow
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(loaded) -> None:
     def sample(seed: int) -> str:
         params = GenerationParams(max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
@@ -343,7 +344,7 @@ def test_seeded_sampling_is_reproducible(loaded) -> None:
     assert len({sample(seed) for seed in (1, 2, 3, 4)}) > 1
 
 
-@slow
+@pytest.mark.slow
 def test_stop_event_ends_the_stream(loaded) -> None:
     stop = threading.Event()
     params = GenerationParams(max_new_tokens=400, temperature=1.0, seed=3)
@@ -365,7 +366,7 @@ def test_stop_event_ends_the_stream(loaded) -> None:
     assert loaded.status().busy is None
 
 
-@slow
+@pytest.mark.slow
 def test_consumer_going_away_stops_the_worker(loaded) -> None:
     params = GenerationParams(max_new_tokens=400, temperature=1.0, seed=3)
     stream = loaded.stream_completion("Hello there", params)
@@ -382,7 +383,7 @@ def test_consumer_going_away_stops_the_worker(loaded) -> None:
     assert done[-1].stats.new_tokens >= 1
 
 
-@slow
+@pytest.mark.slow
 def test_long_prompt_is_truncated_from_the_left(loaded) -> None:
     tokenizer = loaded._loaded.tokenizer
     prompt = " ".join(f"word{i}" for i in range(900))
@@ -395,7 +396,7 @@ def test_long_prompt_is_truncated_from_the_left(loaded) -> None:
     assert 1 <= stats.new_tokens <= 16
 
 
-@slow
+@pytest.mark.slow
 def test_max_new_tokens_must_fit_the_context(loaded) -> None:
     with pytest.raises(GenerationError, match=r"must be smaller than the model's context window \(512"):
         list(loaded.stream_completion("Hi", GenerationParams(max_new_tokens=512)))
@@ -403,7 +404,7 @@ def test_max_new_tokens_must_fit_the_context(loaded) -> None:
     assert list(loaded.stream_completion("Hi", GenerationParams(max_new_tokens=2)))[-1].done
 
 
-@slow
+@pytest.mark.slow
 def test_prompt_checks(loaded) -> None:
     with pytest.raises(GenerationError, match="the prompt must be text"):
         list(loaded.stream_completion(None, GenerationParams(max_new_tokens=2)))  # type: ignore[arg-type]
@@ -411,7 +412,7 @@ def test_prompt_checks(loaded) -> None:
         list(loaded.stream_completion("x" * 100_001, GenerationParams(max_new_tokens=2)))
 
 
-@slow
+@pytest.mark.slow
 def test_chat_reply_never_shows_the_next_turn(loaded) -> None:
     history = [("Hello, who are you?", "I am a small model."), ("What is the capital of France?", "Paris.")]
     for seed in range(3):
@@ -425,23 +426,37 @@ def test_chat_reply_never_shows_the_next_turn(loaded) -> None:
         assert updates[-1].text == updates[-1].text.rstrip()
 
 
-@slow
+@pytest.mark.slow
 def test_chat_with_a_long_history_drops_old_turns(loaded) -> None:
-    history = [(f"question {i} " * 10, f"answer {i} " * 10) for i in range(40)]
+    history = [(" ".join([f"question {i}"] * 10), " ".join([f"answer {i}"] * 10)) for i in range(40)]
     params = GenerationParams(max_new_tokens=16, temperature=0)
     stats = list(loaded.stream_chat(history, "last question", params))[-1].stats
     assert stats.truncated_prompt_tokens == 0  # old turns were dropped, not cut mid-way
-    assert stats.prompt_tokens <= 512 - 16
+    # The prompt is the newest turns that fit, in their order: laid out here independently.
+    tokenizer = loaded._loaded.tokenizer
+
+    def count(text: str) -> int:
+        return len(tokenizer(text).input_ids)
+
+    tail = "User: last question\nAssistant:"
+    kept: list[str] = []
+    for user, answer in reversed(history):
+        turn = f"User: {user}\nAssistant: {answer}\n"
+        if count(CHAT_PREAMBLE + turn + "".join(kept) + tail) > 512 - 16:
+            break
+        kept.insert(0, turn)
+    assert 0 < len(kept) < len(history)
+    assert stats.prompt_tokens == count(CHAT_PREAMBLE + "".join(kept) + tail)
 
 
-@slow
+@pytest.mark.slow
 @pytest.mark.parametrize("message", ["", "   \n", None])
 def test_chat_with_empty_message(loaded, message) -> None:
     with pytest.raises(GenerationError, match="the message is empty"):
         next(loaded.stream_chat([], message, GenerationParams()))
 
 
-@slow
+@pytest.mark.slow
 def test_stats_rates_are_consistent(loaded) -> None:
     stats = list(loaded.stream_completion("Hello", GREEDY))[-1].stats
     assert math.isfinite(stats.tokens_per_second)

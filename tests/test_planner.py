@@ -10,16 +10,26 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_LAYER_BYTES, TINY_TOTAL_BYTES
+from packaging.version import Version
 
+from optdemo import hf_compat
 from optdemo.budget import format_bytes
 from optdemo.config import LoadConfig
 from optdemo.convert import converted_root
+from optdemo.errors import PlanError
 from optdemo.hardware import (
     GpuInfo,
     Hardware,
     existing_parent,
     probe_hardware,
     suggest_budget,
+)
+from optdemo.hf_compat import (
+    PINNED_TRANSFORMERS,
+    TESTED_TRANSFORMERS,
+    TransformersCompatError,
+    auto_device_map,
+    installed_transformers,
 )
 from optdemo.planner import device_label, device_of, plan_device_map
 
@@ -228,6 +238,7 @@ def test_dtype_sets_plan_sizes(dtype: str, size: int) -> None:
 # ---------------------------------------------------------------- the tiny model
 
 
+@pytest.mark.slow
 def test_tiny_plan_without_budget_is_all_cpu(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir)), hardware())
     assert plan.device_map == {"": "cpu"}
@@ -243,6 +254,7 @@ def test_tiny_plan_without_budget_is_all_cpu(tiny_model_dir: Path) -> None:
     assert {b.device for b in plan.blocks if b.name != "lm_head"} == {"cpu"}
 
 
+@pytest.mark.slow
 def test_tiny_plan_small_cpu_budget_puts_everything_on_disk(tiny_model_dir: Path) -> None:
     # Accelerate keeps room for the largest layer on the main device, so 300 KiB holds nothing.
     plan = plan_device_map(LoadConfig(str(tiny_model_dir), max_memory="cpu=300KiB"), hardware())
@@ -266,6 +278,7 @@ def test_tiny_plan_small_cpu_budget_puts_everything_on_disk(tiny_model_dir: Path
     )
 
 
+@pytest.mark.slow
 def test_tiny_plan_cpu_and_disk(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir), max_memory="cpu=900KiB"), hardware())
     layer_devices = [b.device for b in plan.layers]
@@ -277,6 +290,7 @@ def test_tiny_plan_cpu_and_disk(tiny_model_dir: Path) -> None:
     assert plan.bytes_per_device["cpu"] <= 900 * KiB
 
 
+@pytest.mark.slow
 def test_bin_checkpoint_on_disk_needs_an_offload_folder(tiny_bin_model_dir: Path, tmp_path: Path) -> None:
     config = LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB", fast_offload=False)
     plan = plan_device_map(config, hardware())
@@ -294,10 +308,11 @@ def test_bin_checkpoint_on_disk_needs_an_offload_folder(tiny_bin_model_dir: Path
     assert any("free" in w for w in plan.warnings)
 
 
+@pytest.mark.slow
 def test_bin_checkpoint_with_fast_offload_plans_a_conversion(
-    tiny_bin_model_dir: Path, tmp_path: Path
+    tiny_bin_model_dir: Path, fresh_cache: Path
 ) -> None:
-    model_dir = shutil.copytree(tiny_bin_model_dir, tmp_path / "tiny-bin")  # never converted yet
+    model_dir = tiny_bin_model_dir  # never converted: the cache is empty
     plan = plan_device_map(LoadConfig(str(model_dir), max_memory="cpu=900KiB"), hardware())
     assert plan.checkpoint_format == "bin"
     assert plan.fits is True
@@ -313,6 +328,7 @@ def test_bin_checkpoint_with_fast_offload_plans_a_conversion(
     assert in_ram.warnings == ()
 
 
+@pytest.mark.slow
 def test_ram_warning_when_cpu_bytes_exceed_available_ram(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir)), hardware(ram=1000))
     assert plan.warnings == (
@@ -322,6 +338,7 @@ def test_ram_warning_when_cpu_bytes_exceed_available_ram(tiny_model_dir: Path) -
     assert plan.fits is True  # a warning, not a refusal: the OS may still find the memory
 
 
+@pytest.mark.slow
 def test_quantization_warning(tiny_model_dir: Path) -> None:
     plan = plan_device_map(LoadConfig(str(tiny_model_dir), quantization="8bit"), hardware())
     assert plan.warnings == (
@@ -329,6 +346,7 @@ def test_quantization_warning(tiny_model_dir: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_builtin_tiny_model_is_built_in_the_cache() -> None:
     plan = plan_device_map(LoadConfig("tiny-opt"), hardware())
     from optdemo.models import resolve_model
@@ -342,9 +360,9 @@ def test_builtin_tiny_model_is_built_in_the_cache() -> None:
     assert plan.device_map == {"": "cpu"}
 
 
-def test_explicit_dtype_does_not_change_what_auto_means(tiny_model_dir: Path, tmp_path: Path) -> None:
-    model_dir = tmp_path / "tiny-copy"  # its own resolve cache entry: other tests stay unaffected
-    shutil.copytree(tiny_model_dir, model_dir)
+@pytest.mark.slow
+def test_explicit_dtype_does_not_change_what_auto_means(tiny_model_dir: Path) -> None:
+    model_dir = tiny_model_dir
     assert plan_device_map(LoadConfig(str(model_dir)), hardware()).dtype == "float32"
     assert plan_device_map(LoadConfig(str(model_dir), dtype="float16"), hardware()).dtype == "float16"
     plan = plan_device_map(LoadConfig(str(model_dir)), hardware())
@@ -410,3 +428,51 @@ def test_existing_parent(tmp_path: Path) -> None:
     assert existing_parent(str(tmp_path / "a" / "b" / "c")) == str(tmp_path)
     assert existing_parent(str(tmp_path)) == str(tmp_path)
     assert existing_parent("/definitely/not/here") == "/"
+
+
+# ------------------------------------------------------------- the private transformers call
+def test_planner_reports_a_missing_private_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import modeling_utils  # noqa: F401 - imports _get_device_map itself: load it first
+    from transformers.integrations import accelerate as hf_accelerate
+
+    monkeypatch.delattr(hf_accelerate, "_get_device_map")
+    with pytest.raises(TransformersCompatError) as caught:
+        plan_device_map(LoadConfig("opt-125m", max_memory="cpu=1GiB"), hardware())
+    message = str(caught.value)
+    assert "_get_device_map is missing" in message
+    assert f"pip install transformers=={PINNED_TRANSFORMERS}" in message
+    assert "report it" in message
+    assert isinstance(caught.value, PlanError)  # shown to users like every other planning error
+
+
+def test_adapter_refuses_a_changed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations import accelerate as hf_accelerate
+
+    def changed(model, device_map, max_memory):  # hf_quantizer dropped
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(hf_accelerate, "_get_device_map", changed)
+    with pytest.raises(TransformersCompatError, match=r"now takes \(model, device_map, max_memory\)"):
+        auto_device_map(None, None)
+
+
+def test_adapter_warns_outside_the_tested_range_and_still_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations import accelerate as hf_accelerate
+
+    calls = []
+
+    def same_signature(model, device_map, max_memory, hf_quantizer):
+        calls.append((model, device_map, max_memory, hf_quantizer))
+        return {"": "cpu"}
+
+    monkeypatch.setattr(hf_accelerate, "_get_device_map", same_signature)
+    monkeypatch.setattr(hf_compat, "installed_transformers", lambda: Version("5.30.0"))
+    with pytest.warns(UserWarning, match=r"transformers 5\.30\.0 is outside the range"):
+        assert auto_device_map("model", {"cpu": 5}) == {"": "cpu"}
+    assert calls == [("model", "auto", {"cpu": 5}, None)]
+
+
+def test_installed_transformers_is_in_the_tested_range() -> None:
+    first, last = TESTED_TRANSFORMERS
+    assert first <= installed_transformers() < last
+    assert Version(PINNED_TRANSFORMERS) == first

@@ -1,7 +1,7 @@
 """Load test: N concurrent chat clients x M messages against a running optdemo, over loopback only.
 
-    python -m optdemo.loadtest --clients 8 --messages 3            # launches its own app (tiny model)
-    python -m optdemo.loadtest --url http://127.0.0.1:7860 --clients 4
+    python -m tools.loadtest --clients 8 --messages 3            # launches its own app (tiny model)
+    python -m tools.loadtest --url http://127.0.0.1:7860 --clients 4
 
 Each client is a separate ``gradio_client`` session (its own chat history) calling ``/chat``. The
 run is bounded in count and time (``--deadline``), refuses any address outside 127.0.0.0/8 or ::1,
@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
+from optdemo.settings import AppSettings
+
 MAX_CLIENTS = 64
 MAX_MESSAGES = 50
 
@@ -35,21 +37,19 @@ class LoadTestResult:
     completed: int = 0
     failed: int = 0
     latencies: list[float] = field(default_factory=list)
+    answered: list[tuple[int, int]] = field(default_factory=list)  # (client, message), as answered
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def p50(self) -> float | None:
         """Median latency."""
-        return statistics.median(self.latencies) if self.latencies else None
+        return _percentile(self.latencies, 50)
 
     @property
     def p95(self) -> float | None:
-        """95th-percentile latency (nearest rank)."""
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        """95th-percentile latency."""
+        return _percentile(self.latencies, 95)
 
     def summary(self) -> str:
         """One line for people."""
@@ -59,6 +59,14 @@ class LoadTestResult:
             f"{self.clients} clients x {self.messages} messages: {self.completed} completed, "
             f"{self.failed} failed, p50 {p50}, p95 {p95}, {self.seconds:.1f}s total"
         )
+
+
+def _percentile(values: Sequence[float], percent: int) -> float | None:
+    """The ``percent``-th percentile of ``values``, interpolated between the closest ranks (the
+    "inclusive" method: it never leaves the range of the measured values); None without values."""
+    if len(values) < 2:
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
 
 
 def check_loopback(url: str) -> None:
@@ -129,6 +137,7 @@ def run_load_test(
             with lock:
                 result.completed += 1
                 result.latencies.append(time.perf_counter() - asked)
+                result.answered.append((index, turn))
 
     threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
@@ -141,7 +150,7 @@ def run_load_test(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; exits 1 when any request failed."""
-    parser = argparse.ArgumentParser(prog="python -m optdemo.loadtest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.loadtest", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running app on loopback; default: launch one with the tiny model")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--messages", type=int, default=3)
@@ -152,8 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = service = None
     url = args.url
     if url is None:
-        from optdemo.settings import AppSettings
-        from optdemo.ui import create_app, launch
+        from optdemo.ui import create_app, launch  # gradio: only when the tool launches its own app
 
         demo, service = create_app(AppSettings(model="optdemo/tiny-opt", preload=True))
         service.manager.load(service.initial_config())

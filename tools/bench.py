@@ -1,6 +1,6 @@
 """Benchmark: plain Accelerate against optdemo's offloading, side by side, in one invocation.
 
-    python -m optdemo.bench --build opt-1.3b --format bin --max-memory cpu=1GiB --tokens 30
+    python -m tools.bench --build opt-1.3b --format bin --max-memory cpu=1GiB --tokens 30
 
 Reproduces the original scripts' methodology (load time, then the time to generate N tokens from
 a prompt) for both sides, alternating, each measured load in a fresh process so no cache inside
@@ -29,21 +29,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from optdemo.budget import parse_max_memory, parse_size
+from optdemo.config import LoadConfig
+from optdemo.convert import converted_root
+from optdemo.hardware import probe_hardware
+from optdemo.manager import ModelManager
+from optdemo.paths import cache_dir
+from optdemo.planner import plan_device_map
+from optdemo.speed import predict_plan
+from optdemo.synthetic import build_random_opt
+
 SIDES = ("ram", "accelerate", "optdemo")
 PROMPT = "The history of large language models began"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench_dir() -> Path:
     """Where built benchmark checkpoints are kept (reused once built)."""
-    from optdemo.paths import cache_dir
-
     return cache_dir() / "bench"
 
 
 def ensure_checkpoint(architecture: str, checkpoint_format: str, dtype: str = "float16") -> Path:
     """A random-weight checkpoint of a catalog architecture, built once and reused."""
-    from optdemo.synthetic import build_random_opt
-
     path = bench_dir() / f"{architecture}-{checkpoint_format}-{dtype}"
     if not (path / "config.json").exists():
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=bench_dir().parent))
@@ -105,18 +112,12 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optdemo.budget import parse_max_memory
-    from optdemo.convert import converted_root
-
     torch_dtype = getattr(torch, dtype)
     offload = tempfile.mkdtemp(prefix="optdemo-bench-offload-")
     if cold:
         drop_page_cache(model, converted_root())
     started = time.perf_counter()
     if side == "optdemo":
-        from optdemo.config import LoadConfig
-        from optdemo.manager import ModelManager
-
         manager = ModelManager()
         config = LoadConfig(model, dtype=dtype, max_memory=max_memory, offload_folder=offload)
         manager.load(config)
@@ -185,7 +186,7 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
     command = [
         sys.executable,
         "-m",
-        "optdemo.bench",
+        "tools.bench",
         "--worker",
         side,
         "--model",
@@ -201,15 +202,20 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
         command.append("--cold")
     join_group = None
     if args.ram_limit:
-        from optdemo.budget import parse_size
-
         procs = ram_limited_cgroup(parse_size(args.ram_limit)) / "cgroup.procs"
 
         def join_group() -> None:  # runs in the child, before it starts Python
             procs.write_text(str(os.getpid()))
 
+    # The worker runs ``-m tools.bench`` from the repository root, where ``tools`` is importable.
     done = subprocess.run(
-        command, capture_output=True, text=True, check=False, timeout=3600, preexec_fn=join_group
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=3600,
+        preexec_fn=join_group,
+        cwd=REPO_ROOT,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{side} run failed:\n{done.stderr[-3000:]}")
@@ -273,11 +279,6 @@ def format_table(rows: list[dict]) -> str:
 
 def predicted_speed(model: Path, max_memory: str, dtype: str) -> dict:
     """optdemo's prediction for this configuration (what the Device map tab shows)."""
-    from optdemo.config import LoadConfig
-    from optdemo.hardware import probe_hardware
-    from optdemo.planner import plan_device_map
-    from optdemo.speed import predict_plan
-
     plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory)).to_dict()
     return predict_plan(plan, probe_hardware().ram_available_bytes)
 
@@ -305,9 +306,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: build or take a checkpoint, run the sides alternately, print the table."""
-    parser = argparse.ArgumentParser(prog="python -m optdemo.bench", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line (``--worker``/``--cold`` are internal: one measured run)."""
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--build", metavar="ARCH", help="build (once) a random-weight checkpoint: opt-125m ... opt-66b"
     )
@@ -330,18 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="save a PNG chart here (needs matplotlib)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(
-            json.dumps(
-                run_worker(args.worker, args.model, args.max_memory, args.tokens, args.cold, args.dtype)
-            )
-        )
-        return 0
-    if not args.model and not args.build:
-        parser.error("give --build ARCH or --model FOLDER")
-    model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    return parser
+
+
+def run_sides(args: argparse.Namespace, model: Path, sides: list[str]) -> tuple[list[dict], float | None]:
+    """Every measured run, the sides alternating; returns the runs and optdemo's first load time
+    (its one-time conversion included), None when optdemo is not among the sides."""
     regimes = {"warm": [False], "cold": [True], "both": [False, True]}[args.regime]
     runs = []
     first_load = None
@@ -365,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+    return runs, first_load
+
+
+def report(args: argparse.Namespace, model: Path, runs: list[dict], first_load: float | None) -> None:
+    """Print the table and the prediction next to the measurement; write the chart and JSON asked for."""
     rows = summarize(runs)
     prediction = predicted_speed(model, args.max_memory, args.dtype)
     title = f"{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}"
@@ -395,6 +395,25 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build or take a checkpoint, run the sides alternately, print the table."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(
+            json.dumps(
+                run_worker(args.worker, args.model, args.max_memory, args.tokens, args.cold, args.dtype)
+            )
+        )
+        return 0
+    if not args.model and not args.build:
+        parser.error("give --build ARCH or --model FOLDER")
+    model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    runs, first_load = run_sides(args, model, sides)
+    report(args, model, runs, first_load)
     return 0
 
 
