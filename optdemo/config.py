@@ -50,9 +50,9 @@ class LoadConfig:
     # optdemo's offloading: disk-tier weights memory-mapped instead of re-read on every forward, and
     # .bin checkpoints converted once to safetensors in a cache. False: plain Accelerate behaviour.
     fast_offload: bool = True
-    # With a GPU in the map, where offloaded layers run: "accelerate" (Accelerate's own synchronous
-    # transfers; the default until another policy is measured faster on a GPU), "auto" (the faster
-    # by prediction), "gpu" (weights prefetched from pinned memory) or "cpu" (activations cross).
+    # With a GPU in the map, where offloaded layers run: "auto" (the faster by prediction; the
+    # default since measured on a GPU), "accelerate" (Accelerate's own synchronous transfers),
+    # "gpu" (weights prefetched from pinned memory) or "cpu" (activations cross).
     cpu_layers: str = DEFAULT_CPU_LAYERS
     # Not part of equality: a cosmetic label for the UI is not a different load.
     label: str = field(default="", compare=False)

@@ -2,8 +2,8 @@
 
 With a GPU in the device map, Accelerate executes every layer on the GPU: the weights of each
 CPU-mapped (or disk-mapped) layer are copied over PCIe on every token, synchronously, from pageable
-memory. That is the ``accelerate`` policy, and the default until a GPU measurement shows another
-one to be faster (docs/BENCHMARKS.md). Two alternatives:
+memory. That is the ``accelerate`` policy. Two alternatives, chosen between by predicted speed
+(``auto``, the default since measured on an H100: docs/BENCHMARKS.md):
 
 * ``cpu``: run CPU-resident layers on the CPU where their weights live; only the activations (a
   few KiB per token) cross the bus. Disk-tier layers run on the CPU too, from memory-mapped

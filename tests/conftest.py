@@ -31,6 +31,7 @@ if _ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
+from optdemo.hardware import probe_hardware  # noqa: E402
 from optdemo.synthetic import TINY_OVERRIDES  # noqa: E402
 
 # Exact sizes of the tiny model (TINY_OVERRIDES, float32), from OPT's architecture:
@@ -40,6 +41,11 @@ TINY_LAYER_PARAMS = 4 * (_H * _H + _H) + 2 * (2 * _H) + (_H * _F + _F) + (_F * _
 TINY_PARAMS = _V * _H + _P * _H + 2 * _H + 6 * TINY_LAYER_PARAMS
 TINY_LAYER_BYTES = 4 * TINY_LAYER_PARAMS  # 199936
 TINY_TOTAL_BYTES = 4 * TINY_PARAMS  # 1462784
+
+# What the hardware probe finds here. Tests whose expectation depends on it (where a model with no
+# budget lands, which GPUs a budget may name) use these, so the suite passes on a GPU host too.
+GPU_COUNT = probe_hardware().gpu_count
+WHOLE_MODEL_DEVICE = 0 if GPU_COUNT else "cpu"  # where from_pretrained(device_map="auto") puts it all
 
 assert TINY_OVERRIDES["hidden_size"] == _H and TINY_OVERRIDES["ffn_dim"] == _F
 assert TINY_OVERRIDES["vocab_size"] == _V and TINY_OVERRIDES["num_hidden_layers"] == 6

@@ -14,9 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY_UI = ("gradio", "gradio_client")
 
-# gpu_offload <-> speed is being broken inside gpu_offload.py by a separate change (issue #8); the
-# test names it so that no other cycle can hide beside it. Delete the entry once it is gone.
-KNOWN_CYCLES = {frozenset({"optdemo.gpu_offload", "optdemo.speed"})}
+# No cycle is tolerated (gpu_offload <-> speed was broken by moving the policy choice to speed).
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY_LAYER_BYTES, TINY_TOTAL_BYTES
+from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES, WHOLE_MODEL_DEVICE
 
+from optdemo.budget import describe_gpu_count
 from optdemo.config import LoadConfig
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.generation import GenerationParams
@@ -206,7 +207,7 @@ def test_auto_dtype_after_an_explicit_dtype_load(manager, tiny_model_dir: Path) 
     report = manager.load(LoadConfig(str(tiny_model_dir)))
     assert report.status == "loaded"
     assert {str(p.dtype) for p in manager._loaded.model.parameters()} == {"torch.float32"}
-    assert report.bytes_per_device == {"cpu": TINY_TOTAL_BYTES}
+    assert report.bytes_per_device == {WHOLE_MODEL_DEVICE: TINY_TOTAL_BYTES}
 
 
 # ---------------------------------------------------------------- reuse versus reload
@@ -281,7 +282,7 @@ def test_budget_naming_a_missing_gpu_keeps_the_current_model(manager, tiny_model
     with pytest.raises(BudgetError) as info:
         manager.load(LoadConfig(str(tiny_model_dir), max_memory="3=1GiB,cpu=1GiB"))
     assert str(info.value) == (
-        "max_memory names GPU 3 but this machine has no GPU: remove it from the budget to load "
+        f"max_memory names GPU 3 but {describe_gpu_count(GPU_COUNT)}: remove it from the budget to load "
         "here (plans may name it)"
     )
     assert manager.status().config == config
@@ -511,8 +512,8 @@ def test_load_stops_a_running_generation(manager, tiny_model_dir: Path) -> None:
 
 def test_builtin_tiny_model_loads(manager) -> None:
     report = manager.load(LoadConfig("tiny-opt"))
-    assert report.device_map == {"": "cpu"}
-    assert report.bytes_per_device == {"cpu": TINY_TOTAL_BYTES}
+    assert report.device_map == {"": WHOLE_MODEL_DEVICE}
+    assert report.bytes_per_device == {WHOLE_MODEL_DEVICE: TINY_TOTAL_BYTES}
     assert report.matches_plan
     assert manager.status().config.model == "optdemo/tiny-opt"
     assert os.path.isdir(os.environ["OPTDEMO_CACHE"])

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LAYER_BYTES, TINY_TOTAL_BYTES
+from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES, WHOLE_MODEL_DEVICE
 from packaging.version import Version
 
 from optdemo import hf_compat
-from optdemo.budget import format_bytes
+from optdemo.budget import describe_gpu_count, format_bytes
 from optdemo.config import LoadConfig
 from optdemo.convert import converted_root
 from optdemo.errors import PlanError
@@ -142,8 +142,11 @@ def test_66b_plan_warnings_without_offload_folder(plan_66b) -> None:
 
 
 def test_66b_plan_with_probed_hardware_warns_about_missing_gpu() -> None:
-    plan = plan_device_map(LoadConfig("opt-66b", max_memory="0=5GiB,cpu=20GiB", fast_offload=False))
-    assert any(w.startswith("GPU 0 is not on this machine (this machine has no GPU)") for w in plan.warnings)
+    # Name the first GPU index this machine lacks (0 here without a GPU).
+    budget = f"{GPU_COUNT}=5GiB,cpu=20GiB"
+    plan = plan_device_map(LoadConfig("opt-66b", max_memory=budget, fast_offload=False))
+    missing = f"GPU {GPU_COUNT} is not on this machine ({describe_gpu_count(GPU_COUNT)})"
+    assert any(w.startswith(missing) for w in plan.warnings)
     assert plan.total_bytes == 2 * OPT_66B_PARAMETERS
 
 
@@ -240,9 +243,10 @@ def test_dtype_sets_plan_sizes(dtype: str, size: int) -> None:
 
 @pytest.mark.slow
 def test_tiny_plan_without_budget_is_all_cpu(tiny_model_dir: Path) -> None:
+    # No budget: transformers measures this machine's free memory itself, GPUs included.
     plan = plan_device_map(LoadConfig(str(tiny_model_dir)), hardware())
-    assert plan.device_map == {"": "cpu"}
-    assert plan.bytes_per_device == {"cpu": TINY_TOTAL_BYTES}
+    assert plan.device_map == {"": WHOLE_MODEL_DEVICE}
+    assert plan.bytes_per_device == {WHOLE_MODEL_DEVICE: TINY_TOTAL_BYTES}
     assert plan.total_bytes == TINY_TOTAL_BYTES
     assert plan.dtype == "float32"
     assert plan.checkpoint_format == "safetensors"
@@ -251,7 +255,7 @@ def test_tiny_plan_without_budget_is_all_cpu(tiny_model_dir: Path) -> None:
     assert plan.budget == {"cpu": 64 * GiB}  # no budget: all available RAM
     assert [b.name for b in plan.layers] == [f"model.decoder.layers.{i}" for i in range(6)]
     assert {b.bytes for b in plan.layers} == {TINY_LAYER_BYTES}
-    assert {b.device for b in plan.blocks if b.name != "lm_head"} == {"cpu"}
+    assert {b.device for b in plan.blocks if b.name != "lm_head"} == {WHOLE_MODEL_DEVICE}
 
 
 @pytest.mark.slow
@@ -330,7 +334,7 @@ def test_bin_checkpoint_with_fast_offload_plans_a_conversion(
 
 @pytest.mark.slow
 def test_ram_warning_when_cpu_bytes_exceed_available_ram(tiny_model_dir: Path) -> None:
-    plan = plan_device_map(LoadConfig(str(tiny_model_dir)), hardware(ram=1000))
+    plan = plan_device_map(LoadConfig(str(tiny_model_dir), max_memory="cpu=2MiB"), hardware(ram=1000))
     assert plan.warnings == (
         f"{format_bytes(TINY_TOTAL_BYTES)} would be held in RAM but only 1000 B is available now: "
         "lower the cpu budget so more goes to disk",
@@ -357,7 +361,7 @@ def test_builtin_tiny_model_is_built_in_the_cache() -> None:
     assert (Path(source.location) / "model.safetensors").is_file()
     assert plan.total_bytes == TINY_TOTAL_BYTES
     assert plan.display_name == "tiny-opt"
-    assert plan.device_map == {"": "cpu"}
+    assert plan.device_map == {"": WHOLE_MODEL_DEVICE}
 
 
 @pytest.mark.slow
@@ -414,14 +418,17 @@ def test_suggest_budget_with_two_gpus() -> None:
 
 
 def test_probe_hardware_here(tmp_path: Path) -> None:
+    import torch
+
     probed = probe_hardware(str(tmp_path / "not" / "yet"))
-    assert probed.gpus == ()
-    assert probed.gpu_count == 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert [gpu.index for gpu in probed.gpus] == list(range(count))
+    assert all(gpu.total_bytes >= gpu.free_bytes > 0 for gpu in probed.gpus)
     assert probed.ram_total_bytes >= probed.ram_available_bytes > 0
     assert probed.disk_path == str(tmp_path)
     assert probed.disk_free_bytes > 0
     assert probe_hardware().disk_path == os.getcwd()
-    assert set(suggest_budget(probed).as_max_memory()) == {"cpu"}
+    assert set(suggest_budget(probed).as_max_memory()) == {"cpu", *range(count)}
 
 
 def test_existing_parent(tmp_path: Path) -> None:
