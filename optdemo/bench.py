@@ -278,8 +278,8 @@ def predicted_speed(model: Path, max_memory: str, dtype: str) -> dict:
     from optdemo.planner import plan_device_map
     from optdemo.speed import predict_plan
 
-    plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory)).to_dict()
-    return predict_plan(plan, probe_hardware().ram_available_bytes)
+    plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory))
+    return predict_plan(plan, probe_hardware().ram_available_bytes).to_dict()
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

@@ -15,16 +15,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from optdemo.budget import format_bytes, parse_max_memory
+from optdemo.budget import Device, format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.config import LoadConfig, normalize_model
 from optdemo.errors import ConfigError, GenerationError, OptdemoError
 from optdemo.generation import ChatTurn, GenerationParams, GenerationStats
 from optdemo.hardware import probe_hardware, suggest_budget
-from optdemo.manager import LoadReport, ModelManager
-from optdemo.planner import device_label
+from optdemo.manager import ModelManager
+from optdemo.planner import Plan, device_label
 from optdemo.settings import AppSettings
-from optdemo.speed import predict_plan
+from optdemo.speed import SpeedPrediction, predict_plan
+from optdemo.status import LoadReport, ModelStatus
 
 # API chat sessions kept in memory at most (least recently used are forgotten first).
 MAX_API_SESSIONS = 1000
@@ -32,6 +33,20 @@ MAX_API_SESSIONS = 1000
 
 class AccessError(OptdemoError):
     """A visitor tried something only an admin may do in public mode."""
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """A plan with the speed it is predicted to run at on this machine."""
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts; compared by value, never hashed
+
+    plan: Plan
+    prediction: SpeedPrediction
+
+    def to_dict(self) -> dict:
+        """The ``/plan`` JSON: the plan's fields and a ``prediction``."""
+        return {**self.plan.to_dict(), "prediction": self.prediction.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -178,18 +193,22 @@ class DemoService:
         return target
 
     # ---------------------------------------------------------------- plan / load
-    def plan(self, config: LoadConfig) -> dict:
-        """The plan for ``config`` as plain data (never touches weights), with its predicted speed."""
-        plan = self.manager.plan(config).to_dict()
-        plan["prediction"] = predict_plan(plan, probe_hardware(config.offload_folder).ram_available_bytes)
-        return plan
+    def plan(self, config: LoadConfig) -> PlanView:
+        """The plan for ``config`` (never touches weights), with its predicted speed here."""
+        return self.view(self.manager.plan(config), config.offload_folder)
 
-    def loaded_prediction(self) -> dict | None:
+    def view(self, plan: Plan, offload_folder: str | None = None) -> PlanView:
+        """``plan`` with its predicted speed on this machine (RAM free now decides the page cache)."""
+        return PlanView(plan, predict_plan(plan, probe_hardware(offload_folder).ram_available_bytes))
+
+    def status(self) -> ModelStatus:
+        """What is loaded now, and whether a load or a reply is running."""
+        return self.manager.status()
+
+    def loaded_prediction(self) -> SpeedPrediction | None:
         """The predicted speed of the loaded model, or None when nothing is loaded."""
-        status = self.manager.status().to_dict()
-        if status["plan"] is None:
-            return None
-        return predict_plan(status["plan"], probe_hardware().ram_available_bytes)
+        plan = self.manager.status().plan
+        return None if plan is None else predict_plan(plan, probe_hardware().ram_available_bytes)
 
     def load(
         self, config: LoadConfig, session_id: str | None = None, progress: Callable | None = None
@@ -322,10 +341,8 @@ class DemoService:
             self._api_histories.pop(session_id, None)
 
 
-def describe_placement(bytes_per_device: dict) -> str:
+def describe_placement(bytes_per_device: dict[Device, int]) -> str:
     """``GPU 0: 3.1 GiB · CPU: 12 GiB · disk: 40 GiB`` for status lines."""
-    parts = []
-    for device, size in bytes_per_device.items():
-        key = int(device) if isinstance(device, str) and device.isdigit() else device
-        parts.append(f"{device_label(key)}: {format_bytes(size)}")
-    return " · ".join(parts)
+    return " · ".join(
+        f"{device_label(device)}: {format_bytes(size)}" for device, size in bytes_per_device.items()
+    )

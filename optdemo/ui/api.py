@@ -24,7 +24,7 @@ def register_api(service: DemoService) -> None:
     def plan(model: str, max_memory: str = "", dtype: str = "auto", offload_folder: str = "") -> dict:
         """Plan where the model's layers would go under max_memory, without touching weights.
         Returns device_map (module -> device), bytes_per_device, fits and warnings."""
-        return service.plan(service.make_config(model, max_memory, dtype, offload_folder or None))
+        return service.plan(service.make_config(model, max_memory, dtype, offload_folder or None)).to_dict()
 
     @user_errors
     def load(
@@ -43,12 +43,12 @@ def register_api(service: DemoService) -> None:
     def unload(request: gr.Request = None) -> dict:
         """Unload the model and free its memory."""
         was_loaded = service.unload(_session(request))
-        return {"unloaded": was_loaded, "status": service.manager.status().to_dict()}
+        return {"unloaded": was_loaded, "status": service.status().to_dict()}
 
     @user_errors
     def status() -> dict:
         """The loaded model and its configuration, or loaded: false."""
-        return service.manager.status().to_dict()
+        return service.status().to_dict()
 
     @user_errors
     def chat(

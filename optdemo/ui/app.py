@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from optdemo.manager import ModelManager
-from optdemo.service import DemoService
+from optdemo.service import DemoService, PlanView
 from optdemo.settings import AppSettings
 from optdemo.ui.api import register_api
 from optdemo.ui.chat_tab import create_chat_tab
@@ -36,16 +36,16 @@ def build_app(service: DemoService) -> gr.Blocks:
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_model_line = create_chat_tab(service)
 
-        def refresh_map(plan: dict | None) -> tuple:
-            return render_tab(plan, service)
+        def refresh_map(view: PlanView | None) -> tuple:
+            return render_tab(view, service)
 
         def chat_status() -> str:
-            text = status_text(service.manager.status().to_dict())
+            text = status_text(service.status())
             prediction = service.loaded_prediction()
-            return text + (f"  \nPredicted speed: {prediction['summary']}" if prediction else "")
+            return text + (f"  \nPredicted speed: {prediction.summary()}" if prediction else "")
 
         def refresh_status() -> tuple[str, str]:
-            return status_text(service.manager.status().to_dict()), chat_status()
+            return status_text(service.status()), chat_status()
 
         private = {"api_visibility": "private", "queue": False}
         map_outputs = [map_heading, map_picture, map_table]

@@ -11,7 +11,8 @@ import gradio as gr
 from optdemo.budget import format_bytes
 from optdemo.config import CPU_LAYER_POLICIES, DTYPES, QUANTIZATIONS, LoadConfig
 from optdemo.hardware import Hardware, probe_hardware
-from optdemo.service import DemoService, describe_placement
+from optdemo.service import DemoService, PlanView, describe_placement
+from optdemo.status import ModelStatus
 from optdemo.ui.errors import to_gradio_error, user_errors
 from optdemo.ui.render import plan_summary
 
@@ -23,12 +24,12 @@ MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced fie
 class ConfigTab:
     """The components other tabs and the wiring need."""
 
-    plan_state: gr.State  # the session's latest plan (Plan.to_dict()), or None
+    plan_state: gr.State  # the session's latest PlanView, or None
     status: gr.Markdown
     loaded: gr.State  # bumped after each load/unload so other tabs refresh
     summary: gr.Markdown
     form: set  # the controls whose values make a LoadConfig (passed as one dict)
-    preview: Callable[[dict], tuple[str, dict | None]]  # form values -> (summary, plan)
+    preview: Callable[[dict], tuple[str, PlanView | None]]  # form values -> (summary, plan)
 
 
 def hardware_summary(hardware: Hardware) -> str:
@@ -65,15 +66,15 @@ def budget_spec(gpu_gib: list[float], cpu_gib: float, advanced: str) -> str:
     return ",".join(parts)
 
 
-def status_text(status: dict) -> str:
+def status_text(status: ModelStatus) -> str:
     """Markdown status line for what is loaded now."""
-    if not status["loaded"]:
+    if not status.loaded:
         return "No model loaded yet. Choose one, check the plan, then **Load model**."
-    busy = f" — {status['busy']}" if status.get("busy") else ""
-    seconds = status.get("load_seconds") or 0.0
+    busy = f" — {status.busy}" if status.busy else ""
+    seconds = status.load_seconds or 0.0
     return (
-        f"**{status['display_name']}** is loaded (in {seconds:.1f} s){busy}: "
-        f"{describe_placement(status['bytes_per_device'])}"
+        f"**{status.display_name}** is loaded (in {seconds:.1f} s){busy}: "
+        f"{describe_placement(status.bytes_per_device)}"
     )
 
 
@@ -163,7 +164,7 @@ def create_config_tab(service: DemoService) -> ConfigTab:
                 plan_btn = gr.Button("Plan", variant="secondary")
                 load_btn = gr.Button("Load model", variant="primary", interactive=not locked)
                 unload_btn = gr.Button("Unload", variant="stop", interactive=not locked)
-            status = gr.Markdown(status_text(service.manager.status().to_dict()), elem_id="od-status")
+            status = gr.Markdown(status_text(service.status()), elem_id="od-status")
         with gr.Column(scale=2):
             gr.Markdown("### Plan")
             summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
@@ -213,13 +214,13 @@ def create_config_tab(service: DemoService) -> ConfigTab:
             cpu_layers=values[cpu_layers] or "auto",
         )
 
-    def preview(values: dict) -> tuple[str, dict | None]:
+    def preview(values: dict) -> tuple[str, PlanView | None]:
         # Shown in place, not as a pop-up: this runs on every change of a control.
         try:
-            plan = service.plan(config_from_form(values))
+            view = service.plan(config_from_form(values))
         except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
             return f"**Cannot plan:** {to_gradio_error(exc).message}", None
-        return plan_summary(plan), plan
+        return plan_summary(view.plan, view.prediction), view
 
     @user_errors
     def load_model(values: dict, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
@@ -230,12 +231,12 @@ def create_config_tab(service: DemoService) -> ConfigTab:
 
         result = service.load(config, session_id=request.session_hash, progress=report)
         verb = "Reused" if result.status == "reused" else "Loaded"
-        placement = describe_placement({str(k): v for k, v in result.bytes_per_device.items()})
+        placement = describe_placement(result.bytes_per_device)
         check = "as planned ✓" if result.matches_plan else "⚠ differs from the plan (see Device map)"
         message = f"**{verb}** {config.display_name} in {result.load_seconds:.2f} s — {placement} — {check}"
         if result.status == "reused":
             message += "  \nConfiguration unchanged: nothing was reloaded."
-        return message, result.plan.to_dict(), time_token()
+        return message, service.view(result.plan), time_token()
 
     @user_errors
     def unload_model(request: gr.Request) -> tuple:
