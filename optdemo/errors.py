@@ -34,3 +34,8 @@ class GenerationError(OptdemoError, ValueError):
 
 class BusyError(OptdemoError):
     """The model is busy (loading or generating) and the request could not wait."""
+
+
+class AccessError(OptdemoError):
+    """A visitor tried something only an admin may do in public mode, or named something this
+    deployment does not offer (a model, a tokenizer, an offload folder outside its base)."""

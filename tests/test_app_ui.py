@@ -638,8 +638,9 @@ def test_suggested_budget_survives_the_sliders():
 
 def test_conversion_cache_is_shown_and_cleared_by_admins_only(tiny_bin_model_dir, tmp_path, monkeypatch):
     from optdemo import convert
+    from optdemo.errors import AccessError
     from optdemo.manager import ModelManager
-    from optdemo.service import AccessError, DemoService
+    from optdemo.service import DemoService
     from optdemo.settings import AppSettings
 
     monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path))
