@@ -32,6 +32,10 @@ class GenerationError(OptdemoError, ValueError):
     """Invalid generation parameters, or generation requested with no model loaded."""
 
 
+class NoModelError(GenerationError):
+    """Generation was requested while no model is loaded (the UI says where to load one)."""
+
+
 class BusyError(OptdemoError):
     """The model is busy (loading or generating) and the request could not wait."""
 

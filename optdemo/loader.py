@@ -9,7 +9,6 @@ request is refused while the current model is still loaded. ``load_model`` then 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import pickle
 import tempfile
@@ -24,7 +23,7 @@ from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpu
 from optdemo.config import LoadConfig
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.gpu_offload import apply_policy
-from optdemo.hardware import Hardware, probe_hardware
+from optdemo.hardware import Hardware, probe_hardware, quantization_unavailable
 from optdemo.models import (
     ModelSource,
     construction_lock,
@@ -80,17 +79,9 @@ def preflight(config: LoadConfig, hardware: Hardware | None = None) -> Plan:
                 f"max_memory names GPU {missing[0]} but {describe_gpu_count(hardware.gpu_count)}: "
                 "remove it from the budget to load here (plans may name it)"
             )
-    if config.quantization != "none":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"{config.quantization} quantization needs an NVIDIA GPU (bitsandbytes); this "
-                "machine has none: set quantization to none"
-            )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(
-                f"{config.quantization} quantization needs the bitsandbytes package: "
-                "pip install bitsandbytes, or set quantization to none"
-            )
+    lacking = quantization_unavailable(torch.cuda.is_available())
+    if config.quantization != "none" and lacking:
+        raise ConfigError(f"{config.quantization} quantization needs {lacking}: set quantization to none")
     if config.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bfloat16: choose float16 or float32")
     plan = plan_device_map(config, hardware)

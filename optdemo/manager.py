@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 from optdemo.config import LoadConfig
-from optdemo.errors import BusyError, GenerationError, LoadError, OptdemoError
+from optdemo.defaults import GENERATION_WAIT_SECONDS, LOAD_WAIT_SECONDS, describe_seconds
+from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError
 from optdemo.generation import (
     CHAT_STOP_STRINGS,
     ChatTurn,
@@ -34,11 +35,6 @@ from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
 from optdemo.planner import Plan, plan_device_map
 from optdemo.status import LoadReport, ModelStatus
-
-# How long a load waits for a running generation to notice its stop event and end.
-LOAD_WAIT_SECONDS = 120.0
-# How long a generation waits for the model (a load, or other users' generations) before giving up.
-GENERATION_WAIT_SECONDS = 600.0
 
 
 class ModelManager:
@@ -87,8 +83,7 @@ class ModelManager:
             return reused
         plan = preflight(config, probe_hardware(config.offload_folder))
         stopped = self._stop_active_generation()
-        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
-            raise BusyError("the model is still busy after two minutes: try loading again shortly")
+        self._take_model_lock("loading")
         try:
             reused = self._reuse(config)  # another request may have loaded it meanwhile
             if reused is not None:
@@ -140,12 +135,17 @@ class ModelManager:
     def unload(self) -> bool:
         """Free the loaded model (stopping a running generation). True if one was loaded."""
         self._stop_active_generation()
-        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
-            raise BusyError("the model is still busy after two minutes: try unloading again shortly")
+        self._take_model_lock("unloading")
         try:
             return self._drop_current() is not None
         finally:
             self._model_lock.release()
+
+    def _take_model_lock(self, action: str) -> None:
+        """Wait up to ``LOAD_WAIT_SECONDS`` for a stopped generation to let go of the model."""
+        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
+            waited = describe_seconds(LOAD_WAIT_SECONDS)
+            raise BusyError(f"the model is still busy after {waited}: try {action} again shortly")
 
     def _drop_current(self) -> tuple[LoadConfig, Plan] | None:
         """Release every reference to the current model and return its memory (lock held).
@@ -244,7 +244,7 @@ class _ModelUse:
         with manager._state_lock:
             idle = manager._loaded is None and manager._busy is None
         if idle:  # nothing loaded and no load under way: say so now rather than wait
-            raise GenerationError("no model is loaded: load one in the Configuration tab first")
+            raise NoModelError("no model is loaded: load one first")
         if not manager._model_lock.acquire(timeout=GENERATION_WAIT_SECONDS):
             raise BusyError("the model is busy with other requests: try again in a moment")
         with manager._state_lock:
@@ -254,7 +254,7 @@ class _ModelUse:
                 manager._busy = "generating"
         if loaded is None:
             manager._model_lock.release()
-            raise GenerationError("the model was unloaded: load one in the Configuration tab first")
+            raise NoModelError("the model was unloaded: load one first")
         return loaded, self.stop_event
 
     def __exit__(self, *exc: object) -> None:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from optdemo import defaults
 from optdemo.access import AccessPolicy
 from optdemo.budget import Device, format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
@@ -195,11 +196,11 @@ class DemoService:
     # ---------------------------------------------------------------- generation
     def params(
         self,
-        max_new_tokens: object = 64,
-        temperature: object = 0.7,
-        top_p: object = 0.9,
-        top_k: object = 50,
-        repetition_penalty: object = 1.1,
+        max_new_tokens: object = defaults.MAX_NEW_TOKENS,
+        temperature: object = defaults.TEMPERATURE,
+        top_p: object = defaults.TOP_P,
+        top_k: object = defaults.TOP_K,
+        repetition_penalty: object = defaults.REPETITION_PENALTY,
         seed: object = None,
     ) -> GenerationParams:
         """Validated generation parameters within this deployment's caps."""

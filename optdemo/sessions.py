@@ -6,10 +6,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from optdemo.defaults import MAX_API_SESSIONS
 from optdemo.generation import ChatTurn
-
-# API chat sessions kept in memory at most (least recently used are forgotten first).
-MAX_API_SESSIONS = 1000
 
 
 class SessionStore:

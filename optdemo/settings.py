@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 from optdemo.catalog import TINY_MODEL_ID
 from optdemo.config import DTYPES
+from optdemo.defaults import (
+    DEFAULT_MAX_HISTORY_TURNS,
+    DEFAULT_MAX_MESSAGE_CHARS,
+    DEFAULT_MAX_NEW_TOKENS_CAP,
+    DEFAULT_QUEUE_SIZE,
+)
 from optdemo.errors import ConfigError
-
-# Limits a visitor cannot exceed; public deployments may lower them further with flags.
-DEFAULT_MAX_NEW_TOKENS_CAP = 512
-DEFAULT_MAX_MESSAGE_CHARS = 4000
-DEFAULT_MAX_HISTORY_TURNS = 50
-DEFAULT_QUEUE_SIZE = 64
 
 
 @dataclass(frozen=True)

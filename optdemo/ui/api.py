@@ -11,10 +11,13 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from optdemo import defaults
 from optdemo.service import DemoService
 from optdemo.ui.errors import user_errors
 
 MODEL_GROUP = "model"  # loading and generating share one concurrency group: one at a time
+# Plans touch no weights: a few run at once, in their own group, beside a load or a reply.
+PLAN_GROUP = {"concurrency_id": "plan", "concurrency_limit": 4}
 
 
 def register_api(service: DemoService) -> None:
@@ -53,9 +56,9 @@ def register_api(service: DemoService) -> None:
     @user_errors
     def chat(
         message: str,
-        max_new_tokens: int = 64,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        temperature: float = defaults.TEMPERATURE,
+        top_p: float = defaults.TOP_P,
         request: gr.Request = None,
     ) -> Iterator[str]:
         """Send a chat message; streams the reply, the final value is the whole reply. Each client
@@ -71,9 +74,9 @@ def register_api(service: DemoService) -> None:
     @user_errors
     def generate(
         prompt: str,
-        max_new_tokens: int = 64,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        temperature: float = defaults.TEMPERATURE,
+        top_p: float = defaults.TOP_P,
         request: gr.Request = None,
     ) -> Iterator[str]:
         """Continue the prompt; streams the text, the final value is the whole continuation."""
@@ -95,7 +98,7 @@ def register_api(service: DemoService) -> None:
         return service.sign_in(_session(request), username, password)
 
     in_group = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
-    gr.api(plan, api_name="plan", concurrency_id="plan", concurrency_limit=4)
+    gr.api(plan, api_name="plan", **PLAN_GROUP)
     gr.api(load, api_name="load", **in_group)
     gr.api(unload, api_name="unload", **in_group)
     gr.api(status, api_name="status", queue=False)

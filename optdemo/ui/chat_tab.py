@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from optdemo import defaults
 from optdemo.generation import GenerationParams
 from optdemo.service import DemoService
+from optdemo.ui.api import MODEL_GROUP
 from optdemo.ui.errors import to_gradio_error, user_errors
 
 Turn = dict  # {"user": str, "assistant": str, "stats": str}
@@ -94,11 +96,11 @@ def create_chat_tab(service: DemoService) -> gr.Markdown:
         completion_stats = gr.Markdown()
     with gr.Accordion("Generation parameters", open=False), gr.Row():
         controls = GenerationControls(
-            gr.Slider(1, cap, value=min(64, cap), step=1, label="max_new_tokens"),
-            gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", info="0 = greedy"),
-            gr.Slider(0.05, 1, value=0.9, step=0.05, label="top_p"),
-            gr.Slider(0, 200, value=50, step=1, label="top_k", info="0 = off"),
-            gr.Slider(1, 2, value=1.1, step=0.05, label="repetition_penalty"),
+            gr.Slider(1, cap, value=min(defaults.MAX_NEW_TOKENS, cap), step=1, label="max_new_tokens"),
+            gr.Slider(0, 2, value=defaults.TEMPERATURE, step=0.05, label="temperature", info="0 = greedy"),
+            gr.Slider(0.05, 1, value=defaults.TOP_P, step=0.05, label="top_p"),
+            gr.Slider(0, 200, value=defaults.TOP_K, step=1, label="top_k", info="0 = off"),
+            gr.Slider(1, 2, value=defaults.REPETITION_PENALTY, step=0.05, label="repetition_penalty"),
             gr.Number(value=-1, precision=0, label="seed", info="-1 = random"),
         )
     turns = gr.State([])
@@ -157,7 +159,7 @@ def create_chat_tab(service: DemoService) -> gr.Markdown:
         for step in service.complete(request.session_hash, values[prompt], params):
             yield step.text, step.stats.summary() if step.stats else ""
 
-    model_group = {"concurrency_id": "model", "concurrency_limit": 1, "api_visibility": "private"}
+    model_group = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1, "api_visibility": "private"}
     gr.on(
         [message.submit, send.click],
         respond,

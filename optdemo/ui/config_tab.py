@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,9 +9,10 @@ import gradio as gr
 
 from optdemo.budget import format_bytes
 from optdemo.config import CPU_LAYER_POLICIES, DTYPES, QUANTIZATIONS, LoadConfig
-from optdemo.hardware import Hardware, probe_hardware
+from optdemo.hardware import Hardware, probe_hardware, quantization_unavailable
 from optdemo.service import DemoService, PlanView, describe_placement
 from optdemo.status import ModelStatus
+from optdemo.ui.api import MODEL_GROUP, PLAN_GROUP
 from optdemo.ui.errors import to_gradio_error, user_errors
 from optdemo.ui.render import plan_summary
 
@@ -50,10 +50,9 @@ def hardware_summary(hardware: Hardware) -> str:
 
 def quantization_availability(hardware: Hardware) -> tuple[bool, str]:
     """Whether bitsandbytes quantization can work here, and a sentence saying why not."""
-    if not hardware.gpus:
-        return False, "8-bit / 4-bit need an NVIDIA GPU (bitsandbytes); this machine has none."
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False, "8-bit / 4-bit need the bitsandbytes package: pip install bitsandbytes."
+    lacking = quantization_unavailable(bool(hardware.gpus))
+    if lacking:
+        return False, f"8-bit / 4-bit need {lacking}."
     return True, "bitsandbytes quantizes Linear weights on the GPU."
 
 
@@ -266,17 +265,16 @@ def create_config_tab(service: DemoService) -> ConfigTab:
         [summary, plan_state],
         api_visibility="private",
         trigger_mode="always_last",
-        concurrency_id="plan",
-        concurrency_limit=4,
+        **PLAN_GROUP,
     )
     offload.blur(free_space, offload, offload_info, api_visibility="private", queue=False)
-    clear_cache_btn.click(clear_cache, None, cache_info, api_visibility="private", concurrency_id="model")
+    clear_cache_btn.click(clear_cache, None, cache_info, api_visibility="private", concurrency_id=MODEL_GROUP)
     load_btn.click(
         load_model,
         form,
         [status, plan_state, loaded],
         api_visibility="private",
-        concurrency_id="model",
+        concurrency_id=MODEL_GROUP,
         concurrency_limit=1,
     )
     unload_btn.click(
@@ -284,7 +282,7 @@ def create_config_tab(service: DemoService) -> ConfigTab:
         None,
         [status, loaded],
         api_visibility="private",
-        concurrency_id="model",
+        concurrency_id=MODEL_GROUP,
         concurrency_limit=1,
     )
     if locked and service.settings.auth:
