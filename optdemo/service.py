@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 from optdemo import defaults
 from optdemo.access import AccessPolicy
-from optdemo.budget import Device, format_bytes, parse_max_memory
+from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.config import LoadConfig
 from optdemo.errors import ConfigError, GenerationError
 from optdemo.generation import ChatTurn, GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.hardware import probe_hardware, suggest_budget
 from optdemo.manager import ModelManager
-from optdemo.planner import Plan, device_label
+from optdemo.planner import Plan
 from optdemo.sessions import SessionStore
 from optdemo.settings import AppSettings
 from optdemo.speed import SpeedPrediction, predict_plan
@@ -273,10 +273,3 @@ class DemoService:
     def forget_api_history(self, session_id: str) -> None:
         """Clear an API session's chat history."""
         self.sessions.forget(session_id)
-
-
-def describe_placement(bytes_per_device: dict[Device, int]) -> str:
-    """``GPU 0: 3.1 GiB · CPU: 12 GiB · disk: 40 GiB`` for status lines."""
-    return " · ".join(
-        f"{device_label(device)}: {format_bytes(size)}" for device, size in bytes_per_device.items()
-    )

@@ -1,6 +1,14 @@
-"""The Device map tab: where every layer goes (the plan) and where it went (the loaded model)."""
+"""The Device map tab: where every layer goes (the plan) and where it went (the loaded model).
+
+:func:`layout_devicemap_tab` builds the components (a :class:`DeviceMapTab`), the handler
+:func:`refresh` redraws them from the session's plan and the loaded model, and
+:func:`wire_devicemap_tab` redraws on every new plan, load or unload, and when the tab is opened.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
@@ -8,6 +16,7 @@ from optdemo.planner import Plan
 from optdemo.service import DemoService, PlanView
 from optdemo.speed import SpeedPrediction
 from optdemo.status import ModelStatus
+from optdemo.ui.binding import Updates, bind
 from optdemo.ui.render import device_map_rows, render_device_map
 
 TABLE_HEADERS = ["Module", "Device", "Size", "Planned", "Difference"]
@@ -17,13 +26,25 @@ EMPTY_HTML = (
 )
 
 
-def render_tab(view: PlanView | None, service: DemoService) -> tuple[str, str, list[list[str]]]:
-    """Heading, picture and table for this session's plan and the loaded model.
+@dataclass
+class DeviceMapTab:
+    """The Device map tab's components, and the session's plan it draws."""
+
+    heading: gr.Markdown
+    picture: gr.HTML
+    table: gr.Dataframe
+    plan_state: gr.State  # the Configuration tab's PlanView state
+
+
+def render_tab(
+    view: PlanView | None, status: ModelStatus, prediction: SpeedPrediction | None
+) -> tuple[str, str, list[list[str]]]:
+    """Heading, picture and table for this session's plan and the loaded model (``status``, with
+    its predicted speed).
 
     The loaded model is drawn with its actual placement (differences from its plan outlined in
     red); a plan preview for a different configuration is drawn above it.
     """
-    status = service.status()
     sections: list[str] = []
     heading: list[str] = []
     table: list[list[str]] = []
@@ -36,7 +57,7 @@ def render_tab(view: PlanView | None, service: DemoService) -> tuple[str, str, l
         )
         table = device_map_rows(plan)
     if status.plan is not None:
-        heading.append(_loaded_heading(status, service.loaded_prediction()))
+        heading.append(_loaded_heading(status, prediction))
         title = f"Loaded: {status.display_name} — actual placement"
         # The legend shows the bytes that really landed on each device.
         sections.append(render_device_map(status.plan, status.device_map, title, status.bytes_per_device))
@@ -79,8 +100,16 @@ def _same_plan(plan: Plan, loaded_plan: Plan) -> bool:
     )
 
 
-def create_devicemap_tab(service: DemoService) -> tuple[gr.Markdown, gr.HTML, gr.Dataframe]:
-    """Build the Device map tab's components; the wiring refreshes them."""
+def refresh(service: DemoService, tab: DeviceMapTab, values: dict, request: Any) -> Updates:
+    """Redraw the tab for this session's plan and the loaded model."""
+    heading, picture, table = render_tab(
+        values[tab.plan_state], service.status(), service.loaded_prediction()
+    )
+    return {tab.heading: heading, tab.picture: picture, tab.table: table}
+
+
+def layout_devicemap_tab(plan_state: gr.State) -> DeviceMapTab:
+    """Build the Device map tab's components, drawing ``plan_state`` (a PlanView state)."""
     gr.Markdown(
         "Each block is a decoder layer (numbered), an embedding, the final norm or the LM head, "
         "coloured by where its weights live: **GPUs** green, **CPU** blue, **disk** orange. Hover a "
@@ -90,4 +119,16 @@ def create_devicemap_tab(service: DemoService) -> tuple[gr.Markdown, gr.HTML, gr
     picture = gr.HTML(EMPTY_HTML, elem_id="od-devicemap")
     with gr.Accordion("Module table", open=False):
         table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
-    return heading, picture, table
+    return DeviceMapTab(heading, picture, table, plan_state)
+
+
+def wire_devicemap_tab(service: DemoService, tab: DeviceMapTab, triggers: list[Any]) -> None:
+    """Redraw the tab on each of ``triggers`` (events: a new plan, a load, opening the tab)."""
+    gr.on(
+        triggers,
+        bind(refresh, service, tab),
+        {tab.plan_state},
+        [tab.heading, tab.picture, tab.table],
+        api_visibility="private",
+        queue=False,
+    )

@@ -14,6 +14,7 @@ import re
 from optdemo.budget import Device, format_bytes
 from optdemo.planner import Block, Plan, device_label, device_of
 from optdemo.speed import SpeedPrediction
+from optdemo.status import ModelStatus
 
 GPU_COLORS = ("#15803d", "#0f766e", "#4d7c0f", "#047857", "#166534", "#115e59", "#3f6212", "#065f46")
 DEVICE_COLORS = {"cpu": "#2563eb", "disk": "#ea580c", "tied": "#9ca3af", "meta": "#6b7280"}
@@ -150,3 +151,22 @@ def plan_summary(plan: Plan, prediction: SpeedPrediction | None = None) -> str:
         lines += ["", f"**Predicted speed:** {prediction.summary()}"]
     lines += [f"- {warning}" for warning in plan.warnings]
     return "\n".join(lines)
+
+
+def describe_placement(bytes_per_device: dict[Device, int]) -> str:
+    """``GPU 0: 3.1 GiB · CPU: 12 GiB · disk: 40 GiB`` for status lines."""
+    return " · ".join(
+        f"{device_label(device)}: {format_bytes(size)}" for device, size in bytes_per_device.items()
+    )
+
+
+def status_text(status: ModelStatus) -> str:
+    """Markdown status line for what is loaded now."""
+    if not status.loaded:
+        return "No model loaded yet. Choose one, check the plan, then **Load model**."
+    busy = f" — {status.busy}" if status.busy else ""
+    seconds = status.load_seconds or 0.0
+    return (
+        f"**{status.display_name}** is loaded (in {seconds:.1f} s){busy}: "
+        f"{describe_placement(status.bytes_per_device)}"
+    )
