@@ -45,7 +45,7 @@ def build_app(service: DemoService) -> gr.Blocks:
         )
         private = {"api_visibility": "private", "queue": False}
         gr.on(
-            [config.loaded.change, chat_tab.select],
+            [demo.load, config.loaded.change, chat_tab.select],
             bind(refresh_model_line, service, chat),
             {chat.turns},
             chat.model_line,
@@ -58,7 +58,6 @@ def build_app(service: DemoService) -> gr.Blocks:
             api_visibility="private",
         )
         demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
-        demo.load(bind(refresh_model_line, service, chat), {chat.turns}, chat.model_line, **private)
     demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
     return demo
 

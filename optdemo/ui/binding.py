@@ -6,6 +6,10 @@ event's inputs are given as a set, and ``tab`` is the dataclass of the tab's com
 them directly, with no browser and no server. Gradio reads a callback's signature (the
 ``gr.Request`` annotation, a ``gr.Progress`` default, generator or not), so :func:`bind` builds a
 callback with exactly that signature around the handler and its bound service and tab.
+
+Every event bound this way needs at least one input (a set), even when the handler reads none:
+Gradio places the request by position among the inputs, so without one it would land in
+``values``. Such events pass a state of their tab, which costs nothing (states stay on the server).
 """
 
 from __future__ import annotations

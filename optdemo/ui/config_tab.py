@@ -24,7 +24,6 @@ from optdemo.ui.render import describe_placement, plan_summary, status_text
 
 GIB = 2**30
 MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
-__all__ = ["ConfigTab", "budget_spec", "hardware_summary", "layout_config_tab", "status_text"]
 
 
 @dataclass
