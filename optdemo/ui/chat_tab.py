@@ -22,8 +22,8 @@ from optdemo.generation import GenerationParams
 from optdemo.service import DemoService
 from optdemo.ui.api import MODEL_GROUP, session_of
 from optdemo.ui.binding import Updates, bind
-from optdemo.ui.config_tab import status_text
 from optdemo.ui.errors import to_gradio_error, user_errors
+from optdemo.ui.render import status_text
 
 Turn = dict  # {"user": str, "assistant": str, "stats": str}
 
