@@ -275,3 +275,24 @@ def test_load_then_device_map_then_unload(tiny_model_dir: Path) -> None:
         device_map.picture: devicemap_tab.EMPTY_HTML,
         device_map.table: [],
     }
+
+
+# ---------------------------------------------------------------------------------- binding
+def test_bind_gives_gradio_the_signature_it_reads() -> None:
+    import inspect
+    import typing
+
+    from optdemo.ui.binding import bind, bind_with_progress
+
+    service, tab = chat_ui({"Hi": [["Hello"]]})
+    streamed = bind(chat_tab.respond, service, tab)
+    assert inspect.isgeneratorfunction(streamed) and streamed.__name__ == "respond"
+    assert list(inspect.signature(streamed).parameters) == ["values", "request"]
+    assert typing.get_type_hints(streamed)["request"] is gr.Request
+    plain = bind(chat_tab.undo, service, tab)
+    assert not inspect.isgeneratorfunction(plain)
+    assert plain({tab.turns: [turn("Hi", "Hello")]}, REQUEST)[tab.message] == "Hi"
+    *_, last = streamed(chat_values(tab, "Hi"), REQUEST)
+    assert last[tab.turns] == [turn("Hi", "Hello", last[tab.turns][0]["stats"])]
+    with_progress = bind_with_progress(config_tab.load, service, tab)
+    assert isinstance(inspect.signature(with_progress).parameters["progress"].default, gr.Progress)
