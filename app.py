@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     demo, service = create_app(settings)
     if settings.preload:
         try:
-            report = service.manager.load(service.initial_config(), progress=None)
+            report = service.preload()
             logging.getLogger("optdemo").info("%s", report.message)
         except OptdemoError as exc:
             logging.getLogger("optdemo").error("preload failed, serving anyway: %s", exc)

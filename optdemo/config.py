@@ -16,8 +16,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from optdemo.budget import MemoryBudget, parse_max_memory
 from optdemo.catalog import TINY_MODEL_ID, catalog_entry
+from optdemo.defaults import CPU_LAYER_POLICIES, DEFAULT_CPU_LAYERS
 from optdemo.errors import ConfigError
-from optdemo.speed import CPU_LAYER_POLICIES, DEFAULT_CPU_LAYERS
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")

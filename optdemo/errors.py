@@ -32,5 +32,14 @@ class GenerationError(OptdemoError, ValueError):
     """Invalid generation parameters, or generation requested with no model loaded."""
 
 
+class NoModelError(GenerationError):
+    """Generation was requested while no model is loaded (the UI says where to load one)."""
+
+
 class BusyError(OptdemoError):
     """The model is busy (loading or generating) and the request could not wait."""
+
+
+class AccessError(OptdemoError):
+    """A visitor tried something only an admin may do in public mode, or named something this
+    deployment does not offer (a model, a tokenizer, an offload folder outside its base)."""

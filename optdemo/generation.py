@@ -19,14 +19,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from optdemo import defaults
+from optdemo.defaults import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS
 from optdemo.errors import GenerationError
 
 if TYPE_CHECKING:
     import torch
 
-# The hard ceiling; public deployments lower it (see the UI's caps).
-MAX_NEW_TOKENS_LIMIT = 4096
-MAX_PROMPT_CHARS = 100_000
 # How often the consumer wakes up while waiting for a slow (disk-offloaded) first token.
 _POLL_SECONDS = 0.1
 
@@ -46,11 +45,11 @@ ChatTurn = tuple[str, str]  # (user message, assistant reply)
 class GenerationParams:
     """Sampling settings; validated on creation so a bad value never reaches ``generate``."""
 
-    max_new_tokens: int = 64  # tokens to generate at most
-    temperature: float = 0.7  # 0 means greedy decoding (deterministic)
-    top_p: float = 0.9  # nucleus sampling mass, in (0, 1]
-    top_k: int = 50  # sample among the k most likely tokens; 0 disables the filter
-    repetition_penalty: float = 1.1  # 1.0 means no penalty
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS  # tokens to generate at most
+    temperature: float = defaults.TEMPERATURE  # 0 means greedy decoding (deterministic)
+    top_p: float = defaults.TOP_P  # nucleus sampling mass, in (0, 1]
+    top_k: int = defaults.TOP_K  # sample among the k most likely tokens; 0 disables the filter
+    repetition_penalty: float = defaults.REPETITION_PENALTY  # 1.0 means no penalty
     seed: int | None = None  # fixed seed for reproducible sampling
 
     def __post_init__(self) -> None:
@@ -66,15 +65,20 @@ class GenerationParams:
             raise GenerationError(
                 f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}"
             )
-        if not 0 <= self.temperature <= 5:
-            raise GenerationError(f"temperature must be between 0 (greedy) and 5, got {self.temperature:g}")
+        if not 0 <= self.temperature <= defaults.MAX_TEMPERATURE:
+            raise GenerationError(
+                f"temperature must be between 0 (greedy) and {defaults.MAX_TEMPERATURE:g}, "
+                f"got {self.temperature:g}"
+            )
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p:g}")
-        if not 0 <= self.top_k <= 100_000:
-            raise GenerationError(f"top_k must be between 0 (off) and 100000, got {self.top_k}")
-        if not 0.5 <= self.repetition_penalty <= 5:
+        if not 0 <= self.top_k <= defaults.MAX_TOP_K:
+            raise GenerationError(f"top_k must be between 0 (off) and {defaults.MAX_TOP_K}, got {self.top_k}")
+        low, high = defaults.REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
             raise GenerationError(
-                f"repetition_penalty must be between 0.5 and 5 (1 = none), got {self.repetition_penalty:g}"
+                f"repetition_penalty must be between {low:g} and {high:g} (1 = none), "
+                f"got {self.repetition_penalty:g}"
             )
 
     def generate_kwargs(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ the UI can call it on every page load.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
@@ -105,3 +106,13 @@ def suggest_budget(hardware: Hardware) -> MemoryBudget:
 
 def _round_step(n: float) -> int:
     return int(n) // BUDGET_STEP_BYTES * BUDGET_STEP_BYTES
+
+
+def quantization_unavailable(has_gpu: bool) -> str | None:
+    """What bitsandbytes 8-bit / 4-bit quantization lacks here (``"an NVIDIA GPU ..."``), or None
+    when it can work: the one check behind the Configuration form and the load's preflight."""
+    if not has_gpu:
+        return "an NVIDIA GPU (bitsandbytes); this machine has none"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "the bitsandbytes package (pip install bitsandbytes)"
+    return None

@@ -9,7 +9,6 @@ request is refused while the current model is still loaded. ``load_model`` then 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import pickle
 import tempfile
@@ -17,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from optdemo import convert
@@ -26,7 +25,7 @@ from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.gpu_offload import apply_policy
-from optdemo.hardware import Hardware, probe_hardware
+from optdemo.hardware import Hardware, probe_hardware, quantization_unavailable
 from optdemo.models import (
     ModelSource,
     hub_error_message,
@@ -36,7 +35,7 @@ from optdemo.models import (
 )
 from optdemo.offload import DiskTierReport, map_disk_tier
 from optdemo.planner import Plan, device_of, plan_device_map, resolve_dtype
-from optdemo.speed import PolicyChoice
+from optdemo.status import ModelStatus
 
 # progress(fraction or None when unknown, description)
 ProgressCallback = Callable[[float | None, str], None]
@@ -44,24 +43,23 @@ ProgressCallback = Callable[[float | None, str], None]
 
 @dataclass
 class LoadedModel:
-    """A model in memory with its tokenizer, and the facts of its load."""
+    """A model in memory with its tokenizer, and the facts of its load (replaced, not edited, when
+    a reply records its measured speed)."""
 
-    config: LoadConfig
     model: Any
     tokenizer: Any
-    plan: Plan
-    device_map: dict[str, Device]
-    bytes_per_device: dict[Device, int]
-    load_seconds: float
-    disk_tier: DiskTierReport = field(default_factory=lambda: DiskTierReport(0, 0, "no disk layers"))
-    checkpoint: str = ""  # the folder or repo the weights were read from
-    cpu_layers: PolicyChoice | None = None  # where CPU-resident layers run, with a GPU in the map
-    last_stats: Any = None  # GenerationStats of the latest reply: the measured speed
+    status: ModelStatus  # configuration, plan, actual placement, timings; ``busy`` is always None
+
+    @property
+    def config(self) -> LoadConfig:
+        """The configuration the model was loaded with."""
+        assert self.status.config is not None
+        return self.status.config
 
     @property
     def input_device(self) -> Any:
         """Where input ids must go: the device of the input embeddings (CPU for disk/CPU)."""
-        return input_device(self.model, self.device_map)
+        return input_device(self.model, self.status.device_map)
 
 
 def preflight(config: LoadConfig, hardware: Hardware | None = None) -> Plan:
@@ -82,25 +80,17 @@ def preflight(config: LoadConfig, hardware: Hardware | None = None) -> Plan:
                 f"max_memory names GPU {missing[0]} but {describe_gpu_count(hardware.gpu_count)}: "
                 "remove it from the budget to load here (plans may name it)"
             )
-    if config.quantization != "none":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"{config.quantization} quantization needs an NVIDIA GPU (bitsandbytes); this "
-                "machine has none: set quantization to none"
-            )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(
-                f"{config.quantization} quantization needs the bitsandbytes package: "
-                "pip install bitsandbytes, or set quantization to none"
-            )
+    lacking = quantization_unavailable(torch.cuda.is_available())
+    if config.quantization != "none" and lacking:
+        raise ConfigError(f"{config.quantization} quantization needs {lacking}: set quantization to none")
     if config.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bfloat16: choose float16 or float32")
     plan = plan_device_map(config, hardware)
     source = resolve_model(config.model, config.revision, config.trust_remote_code)
     if source.kind in ("hub", "catalog"):
         _check_hub_reachable(config, source, plan)
-    if not plan.fits:
-        raise PlanError(next(w for w in plan.warnings if "cannot hold" in w or "free" in w))
+    if plan.blockers:
+        raise PlanError(plan.blockers[0])
     if plan.bytes_per_device.get("disk") and config.offload_folder:  # from_pretrained creates it
         _check_writable(config.offload_folder)
     return plan
@@ -185,10 +175,8 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     device_map = actual_device_map(model)
     elapsed = time.perf_counter() - started
     report(1.0, f"Loaded {config.display_name} in {elapsed:.1f} s")
-    return LoadedModel(
+    status = ModelStatus(
         config=config,
-        model=model,
-        tokenizer=tokenizer,
         plan=plan,
         device_map=device_map,
         bytes_per_device=bytes_per_device(model, device_map),
@@ -197,6 +185,7 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
         checkpoint=str(location),
         cpu_layers=policy,
     )
+    return LoadedModel(model, tokenizer, status)
 
 
 def fast_checkpoint(

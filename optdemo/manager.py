@@ -16,16 +16,15 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
-from optdemo.budget import Device
 from optdemo.config import LoadConfig
-from optdemo.errors import BusyError, GenerationError, LoadError, OptdemoError
+from optdemo.defaults import GENERATION_WAIT_SECONDS, LOAD_WAIT_SECONDS, describe_seconds
+from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError
 from optdemo.generation import (
     CHAT_STOP_STRINGS,
     ChatTurn,
     GenerationParams,
-    GenerationStats,
     GenerationUpdate,
     build_chat_prompt,
     context_window,
@@ -34,128 +33,8 @@ from optdemo.generation import (
 from optdemo.gpu_offload import release as release_offload
 from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
-from optdemo.offload import DiskTierReport
 from optdemo.planner import Plan, plan_device_map
-from optdemo.speed import PolicyChoice
-
-# How long a load waits for a running generation to notice its stop event and end.
-LOAD_WAIT_SECONDS = 120.0
-# How long a generation waits for the model (a load, or other users' generations) before giving up.
-GENERATION_WAIT_SECONDS = 600.0
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """The outcome of :meth:`ModelManager.load`."""
-
-    status: str  # "loaded" or "reused"
-    config: LoadConfig
-    load_seconds: float
-    device_map: dict[str, Device]
-    bytes_per_device: dict[Device, int]
-    plan: Plan
-    message: str
-    stopped_generation: bool = False  # a running reply was stopped to apply the new configuration
-    disk_tier: DiskTierReport | None = None  # disk-tier weights memory-mapped by fast offloading
-    checkpoint: str = ""  # where the weights were read from (the converted cache for .bin)
-    cpu_layers: PolicyChoice | None = None  # with a GPU in the map: where CPU-resident layers run
-
-    @property
-    def matches_plan(self) -> bool:
-        """Whether the weights went exactly where the plan said."""
-        return not self.plan_differences
-
-    @property
-    def plan_differences(self) -> dict[str, tuple[str, str]]:
-        """Modules whose actual device differs from the planned one: name -> (planned, actual)."""
-        return map_differences(self.plan.device_map, self.device_map)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-friendly data for the API."""
-        return {
-            "status": self.status,
-            "model": self.config.model,
-            "display_name": self.config.display_name,
-            "load_seconds": round(self.load_seconds, 4),
-            "device_map": {k: str(v) for k, v in self.device_map.items()},
-            "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
-            "matches_plan": self.matches_plan,
-            "plan_differences": {k: list(v) for k, v in self.plan_differences.items()},
-            "message": self.message,
-            "stopped_generation": self.stopped_generation,
-            "disk_tier": disk_tier_dict(self.disk_tier),
-            "checkpoint": self.checkpoint,
-            "cpu_layers": policy_dict(self.cpu_layers),
-        }
-
-
-@dataclass(frozen=True)
-class ManagerStatus:
-    """What is loaded now (``config`` None when nothing is) and what the manager is doing."""
-
-    config: LoadConfig | None
-    busy: str | None  # "loading opt-1.3b", "generating", or None
-    load_seconds: float | None = None
-    device_map: dict[str, Device] = field(default_factory=dict)
-    bytes_per_device: dict[Device, int] = field(default_factory=dict)
-    plan: Plan | None = None  # the plan the loaded model was loaded with
-    disk_tier: DiskTierReport | None = None
-    cpu_layers: PolicyChoice | None = None
-    last_stats: GenerationStats | None = None  # the latest reply's measured speed
-
-    def to_dict(self) -> dict:
-        """Plain JSON-friendly data for the API (never includes tokens or secrets)."""
-        config = self.config
-        return {
-            "loaded": config is not None,
-            "model": config.model if config else None,
-            "display_name": config.display_name if config else None,
-            "config": None
-            if config is None
-            else {
-                "model": config.model,
-                "revision": config.revision,
-                "dtype": config.dtype,
-                "max_memory": str(config.max_memory) if config.max_memory else None,
-                "offload_folder": config.offload_folder,
-                "quantization": config.quantization,
-                "tokenizer": config.tokenizer,
-            },
-            "busy": self.busy,
-            "load_seconds": self.load_seconds,
-            "device_map": {k: str(v) for k, v in self.device_map.items()},
-            "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
-            "plan": self.plan.to_dict() if self.plan else None,
-            "disk_tier": disk_tier_dict(self.disk_tier),
-            "cpu_layers": policy_dict(self.cpu_layers),
-            "last_generation": None if self.last_stats is None else asdict(self.last_stats),
-        }
-
-
-def policy_dict(choice: PolicyChoice | None) -> dict | None:
-    """Plain data for the CPU-layer policy (None without a GPU in the map)."""
-    return None if choice is None else {"runs_on": choice.policy, "reason": choice.reason}
-
-
-def disk_tier_dict(report: DiskTierReport | None) -> dict | None:
-    """Plain data for a disk-tier report (None when nothing went to disk)."""
-    if report is None:
-        return None
-    return {
-        "memory_mapped_modules": report.mapped_modules,
-        "memory_mapped_bytes": report.mapped_bytes,
-        "note": report.skipped_reason,
-    }
-
-
-def map_differences(planned: dict[str, Device], actual: dict[str, Device]) -> dict[str, tuple[str, str]]:
-    """Entries where two device maps disagree: name -> (planned, actual) as strings."""
-    names = list(dict.fromkeys([*planned, *actual]))
-    return {
-        name: (str(planned.get(name, "-")), str(actual.get(name, "-")))
-        for name in names
-        if planned.get(name) != actual.get(name)
-    }
+from optdemo.status import LoadReport, ModelStatus
 
 
 class ModelManager:
@@ -173,23 +52,13 @@ class ModelManager:
         """Plan ``config`` without touching weights or the loaded model."""
         return plan_device_map(config, probe_hardware(config.offload_folder))
 
-    def status(self) -> ManagerStatus:
+    def status(self) -> ModelStatus:
         """What is loaded, and whether a load or generation is running."""
         with self._state_lock:
             loaded, busy = self._loaded, self._busy
         if loaded is None:
-            return ManagerStatus(None, busy)
-        return ManagerStatus(
-            loaded.config,
-            busy,
-            loaded.load_seconds,
-            dict(loaded.device_map),
-            dict(loaded.bytes_per_device),
-            loaded.plan,
-            loaded.disk_tier,
-            loaded.cpu_layers,
-            loaded.last_stats,
-        )
+            return ModelStatus(None, busy)
+        return replace(loaded.status, busy=busy)
 
     @property
     def current_config(self) -> LoadConfig | None:
@@ -214,8 +83,7 @@ class ModelManager:
             return reused
         plan = preflight(config, probe_hardware(config.offload_folder))
         stopped = self._stop_active_generation()
-        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
-            raise BusyError("the model is still busy after two minutes: try loading again shortly")
+        self._take_model_lock("loading")
         try:
             reused = self._reuse(config)  # another request may have loaded it meanwhile
             if reused is not None:
@@ -232,19 +100,8 @@ class ModelManager:
             self._set_busy(None)
             self._model_lock.release()
         moved = "; the reply in progress was stopped to apply it" if stopped else ""
-        return LoadReport(
-            "loaded",
-            config,
-            loaded.load_seconds,
-            dict(loaded.device_map),
-            dict(loaded.bytes_per_device),
-            plan,
-            f"loaded {config.display_name} in {loaded.load_seconds:.1f} s{moved}",
-            stopped,
-            loaded.disk_tier,
-            loaded.checkpoint,
-            loaded.cpu_layers,
-        )
+        message = f"loaded {config.display_name} in {loaded.status.load_seconds:.1f} s{moved}"
+        return LoadReport.of(loaded.status, "loaded", message, stopped)
 
     def _reuse(self, config: LoadConfig) -> LoadReport | None:
         started = time.perf_counter()
@@ -252,18 +109,9 @@ class ModelManager:
             loaded = self._loaded
         if loaded is None or loaded.config != config:
             return None
-        return LoadReport(
-            "reused",
-            config,
-            time.perf_counter() - started,
-            dict(loaded.device_map),
-            dict(loaded.bytes_per_device),
-            loaded.plan,
-            f"{config.display_name} is already loaded with this configuration: nothing reloaded",
-            disk_tier=loaded.disk_tier,
-            checkpoint=loaded.checkpoint,
-            cpu_layers=loaded.cpu_layers,
-        )
+        message = f"{config.display_name} is already loaded with this configuration: nothing reloaded"
+        state = replace(loaded.status, load_seconds=time.perf_counter() - started)
+        return LoadReport.of(state, "reused", message)
 
     def _after_failure(self, message: str, previous: tuple[LoadConfig, Plan] | None) -> str:
         """Leave a clean, usable state after a failed load (lock held): free what the failed load
@@ -285,12 +133,17 @@ class ModelManager:
     def unload(self) -> bool:
         """Free the loaded model (stopping a running generation). True if one was loaded."""
         self._stop_active_generation()
-        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
-            raise BusyError("the model is still busy after two minutes: try unloading again shortly")
+        self._take_model_lock("unloading")
         try:
             return self._drop_current() is not None
         finally:
             self._model_lock.release()
+
+    def _take_model_lock(self, action: str) -> None:
+        """Wait up to ``LOAD_WAIT_SECONDS`` for a stopped generation to let go of the model."""
+        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
+            waited = describe_seconds(LOAD_WAIT_SECONDS)
+            raise BusyError(f"the model is still busy after {waited}: try {action} again shortly")
 
     def _drop_current(self) -> tuple[LoadConfig, Plan] | None:
         """Release every reference to the current model and return its memory (lock held).
@@ -299,7 +152,7 @@ class ModelManager:
             loaded, self._loaded = self._loaded, None
         if loaded is None:
             return None
-        dropped = (loaded.config, loaded.plan)
+        dropped = (loaded.config, loaded.status.plan)
         _release(loaded)
         del loaded
         _free_memory()
@@ -348,7 +201,7 @@ class ModelManager:
                 stop_strings=CHAT_STOP_STRINGS,
             ):
                 if update.stats is not None:
-                    loaded.last_stats = update.stats
+                    loaded.status = replace(loaded.status, last_stats=update.stats)
                 yield replace(update, text=update.text.lstrip())
 
     def _using_model(self, stop_event: threading.Event | None):
@@ -372,7 +225,7 @@ def _recording_stats(loaded: LoadedModel, updates: Iterator[GenerationUpdate]) -
     """Pass updates through, keeping the final stats as the loaded model's measured speed."""
     for update in updates:
         if update.stats is not None:
-            loaded.last_stats = update.stats
+            loaded.status = replace(loaded.status, last_stats=update.stats)
         yield update
 
 
@@ -388,7 +241,7 @@ class _ModelUse:
         with manager._state_lock:
             idle = manager._loaded is None and manager._busy is None
         if idle:  # nothing loaded and no load under way: say so now rather than wait
-            raise GenerationError("no model is loaded: load one in the Configuration tab first")
+            raise NoModelError("no model is loaded: load one first")
         if not manager._model_lock.acquire(timeout=GENERATION_WAIT_SECONDS):
             raise BusyError("the model is busy with other requests: try again in a moment")
         with manager._state_lock:
@@ -398,7 +251,7 @@ class _ModelUse:
                 manager._busy = "generating"
         if loaded is None:
             manager._model_lock.release()
-            raise GenerationError("the model was unloaded: load one in the Configuration tab first")
+            raise NoModelError("the model was unloaded: load one first")
         return loaded, self.stop_event
 
     def __exit__(self, *exc: object) -> None:

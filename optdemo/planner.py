@@ -24,10 +24,10 @@ from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_byte
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
 from optdemo.convert import cached, converted_root
+from optdemo.defaults import DEFAULT_CPU_LAYERS
 from optdemo.hardware import Hardware, existing_parent, probe_hardware
 from optdemo.hf_compat import auto_device_map
 from optdemo.models import ModelSource, resolve_model
-from optdemo.speed import DEFAULT_CPU_LAYERS
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,8 @@ class Block:
 class Plan:
     """Where every module goes, and what it costs each device."""
 
+    __hash__ = None  # type: ignore[assignment]  # holds dicts; compared by value, never hashed
+
     model: str
     display_name: str
     dtype: str
@@ -64,13 +66,20 @@ class Plan:
     budget: dict[Device, int]  # the max_memory the plan used (bytes)
     total_bytes: int
     blocks: tuple[Block, ...]
-    fits: bool
     needs_offload_folder: bool
     disk_bytes_written: int  # bytes the load will write to the offload folder
     conversion_bytes: int  # bytes a one-time .bin -> safetensors conversion writes to the cache
+    # Everything a user should read before loading, in order; the blockers among them too.
     warnings: tuple[str, ...] = field(default=())
+    # What prevents loading as configured (no room on disk, no offload folder): a subset of warnings.
+    blockers: tuple[str, ...] = field(default=())
     checkpoint_format: str = "unknown"
     cpu_layers: str = DEFAULT_CPU_LAYERS  # the policy in force for offloaded layers, with a GPU
+
+    @property
+    def fits(self) -> bool:
+        """Whether the model can be loaded as configured: nothing blocks it."""
+        return not self.blockers
 
     @property
     def layers(self) -> tuple[Block, ...]:
@@ -83,9 +92,9 @@ class Plan:
             "model": self.model,
             "display_name": self.display_name,
             "dtype": self.dtype,
-            "device_map": {name: str(device) for name, device in self.device_map.items()},
-            "bytes_per_device": {str(d): n for d, n in self.bytes_per_device.items()},
-            "budget": {str(d): n for d, n in self.budget.items()},
+            "device_map": device_map_json(self.device_map),
+            "bytes_per_device": per_device_json(self.bytes_per_device),
+            "budget": per_device_json(self.budget),
             "total_bytes": self.total_bytes,
             "fits": self.fits,
             "needs_offload_folder": self.needs_offload_folder,
@@ -94,6 +103,7 @@ class Plan:
             "checkpoint_format": self.checkpoint_format,
             "cpu_layers": self.cpu_layers,
             "warnings": list(self.warnings),
+            "blockers": list(self.blockers),
             "blocks": [
                 {
                     "name": b.name,
@@ -105,6 +115,16 @@ class Plan:
                 for b in self.blocks
             ],
         }
+
+
+def per_device_json(per_device: dict[Device, int]) -> dict[str, int]:
+    """Per-device numbers with the API's device keys: ``"0"`` (GPU 0), ``"cpu"``, ``"disk"``."""
+    return {str(device): value for device, value in per_device.items()}
+
+
+def device_map_json(device_map: dict[str, Device]) -> dict[str, str]:
+    """A module -> device map with devices written as the API writes them (``"0"``, ``"cpu"``)."""
+    return {name: str(device) for name, device in device_map.items()}
 
 
 def device_label(device: Device | None) -> str:
@@ -195,16 +215,15 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     disk_bytes = bytes_per_device.get("disk", 0)
     total = int(sizes.get("", 0))
     writes, conversion = _disk_writes(config, source, checkpoint_format, disk_bytes, total, dtype)
-    warnings, fits = _assess(config, source, hardware, bytes_per_device, budget, disk_bytes, writes)
+    notes = _assess(config, source, hardware, bytes_per_device, budget, disk_bytes, writes)
     if conversion:
         free = int(shutil.disk_usage(existing_parent(str(converted_root()))).free)
-        warnings.append(
+        notes.warn(
             f"the first load converts the .bin checkpoint once to safetensors in {converted_root()} "
             f"({format_bytes(conversion)}; {format_bytes(free)} free there); later loads write nothing"
         )
         if free < conversion:
-            fits = False
-            warnings.append(
+            notes.block(
                 f"not enough free space to convert the checkpoint ({format_bytes(conversion)} needed in "
                 f"{converted_root()}): free some space or turn fast offloading off"
             )
@@ -218,11 +237,11 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         budget=budget,
         total_bytes=total,
         blocks=blocks,
-        fits=fits,
         needs_offload_folder=writes > 0,
         disk_bytes_written=writes,
         conversion_bytes=conversion,
-        warnings=tuple(warnings),
+        warnings=tuple(notes.warnings),
+        blockers=tuple(notes.blockers),
         checkpoint_format=checkpoint_format,
         cpu_layers=config.cpu_layers_in_force,
     )
@@ -343,6 +362,23 @@ def _checkpoint_format(source: ModelSource) -> str:
     return "unknown"
 
 
+@dataclass
+class _Notes:
+    """The plan's messages as they are found: warnings, and the blockers among them."""
+
+    warnings: list[str] = field(default_factory=list)
+    blockers: list[str] = field(default_factory=list)
+
+    def warn(self, text: str) -> None:
+        """Something to read before loading."""
+        self.warnings.append(text)
+
+    def block(self, text: str) -> None:
+        """Something that prevents loading (shown among the warnings too)."""
+        self.warnings.append(text)
+        self.blockers.append(text)
+
+
 def _assess(
     config: LoadConfig,
     source: ModelSource,
@@ -351,58 +387,55 @@ def _assess(
     budget: dict[Device, int],
     disk_bytes: int,
     writes: int,
-) -> tuple[list[str], bool]:
-    """Warnings a user should read before loading, and whether the load can succeed."""
-    warnings: list[str] = []
-    fits = True
+) -> _Notes:
+    """Warnings a user should read before loading, and what blocks the load."""
+    notes = _Notes()
     name = config.display_name
     total = sum(bytes_per_device.values())
     if config.max_memory is not None:
         for index in missing_gpus(config.max_memory, hardware.gpu_count):
-            warnings.append(
+            notes.warn(
                 f"GPU {index} is not on this machine ({describe_gpu_count(hardware.gpu_count)}): "
                 "this plan is for another machine and cannot be loaded here"
             )
     if disk_bytes:
         in_memory = sum(size for device, size in budget.items() if device != "disk")
         if config.fast_offload and not any(isinstance(d, int) for d in bytes_per_device):
-            warnings.append(
+            notes.warn(
                 f"{format_bytes(disk_bytes)} of {name}'s weights go to disk: they are memory-mapped, "
                 "so they run at RAM speed while the OS can cache them and at disk speed when it cannot"
             )
         else:
-            warnings.append(
+            notes.warn(
                 f"{format_bytes(disk_bytes)} of {name}'s weights go to disk: every token reads them "
                 "back, so generation will be slow"
             )
         if writes and config.offload_folder is None:
-            fits = False
-            warnings.append(
+            notes.block(
                 f"budget {format_bytes(in_memory)} cannot hold {name} ({format_bytes(total)}): "
                 f"give an offload folder with {format_bytes(writes)} free or raise the memory budget"
             )
         elif writes and config.offload_folder is not None:
             free = _free_disk(config.offload_folder, hardware)
             if free < writes:
-                fits = False
-                warnings.append(
+                notes.block(
                     f"the offload folder has {format_bytes(free)} free but {name} needs "
                     f"{format_bytes(writes)} there: free some space, pick another folder, or raise "
                     "the memory budget"
                 )
     cpu_bytes = bytes_per_device.get("cpu", 0)
     if cpu_bytes > hardware.ram_available_bytes:
-        warnings.append(
+        notes.warn(
             f"{format_bytes(cpu_bytes)} would be held in RAM but only "
             f"{format_bytes(hardware.ram_available_bytes)} is available now: lower the cpu budget "
             "so more goes to disk"
         )
     if config.quantization != "none":
-        warnings.append(
+        notes.warn(
             f"sizes are shown unquantized; {config.quantization} quantization makes the Linear "
             "weights smaller once loaded"
         )
-    return warnings, fits
+    return notes
 
 
 def _free_disk(folder: str, hardware: Hardware) -> int:

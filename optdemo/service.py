@@ -1,37 +1,47 @@
 """The app's operations as plain Python: what the UI callbacks and the named API endpoints call.
 
-:class:`DemoService` turns raw inputs (text from a form or an API call) into engine requests,
-enforces the deployment's rules (locked configuration in public mode, allowed models, confined
-offload folders, caps on tokens, message length and history) and returns plain data. It never
-imports gradio: the UI adapts its results to components and its exceptions to ``gr.Error``.
+:class:`DemoService` is a thin facade: it turns raw inputs (text from a form or an API call) into
+engine requests and returns dataclasses, delegating each other job to one part: the deployment's
+access rules to :class:`~optdemo.access.AccessPolicy`, per-session state (stop events, API chat
+histories) to :class:`~optdemo.sessions.SessionStore`, the model to
+:class:`~optdemo.manager.ModelManager`. It never imports gradio: the UI adapts its results to
+components and its exceptions to ``gr.Error``.
 """
 
 from __future__ import annotations
 
-import hmac
-import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from optdemo import defaults
+from optdemo.access import AccessPolicy
 from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
-from optdemo.config import LoadConfig, normalize_model
-from optdemo.errors import ConfigError, GenerationError, OptdemoError
-from optdemo.generation import ChatTurn, GenerationParams, GenerationStats
+from optdemo.config import LoadConfig
+from optdemo.errors import ConfigError, GenerationError
+from optdemo.generation import ChatTurn, GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.hardware import probe_hardware, suggest_budget
-from optdemo.manager import LoadReport, ModelManager
-from optdemo.planner import device_label
+from optdemo.manager import ModelManager
+from optdemo.planner import Plan
+from optdemo.sessions import SessionStore
 from optdemo.settings import AppSettings
-from optdemo.speed import predict_plan
-
-# API chat sessions kept in memory at most (least recently used are forgotten first).
-MAX_API_SESSIONS = 1000
+from optdemo.speed import SpeedPrediction, predict_plan
+from optdemo.status import LoadReport, ModelStatus
 
 
-class AccessError(OptdemoError):
-    """A visitor tried something only an admin may do in public mode."""
+@dataclass(frozen=True)
+class PlanView:
+    """A plan with the speed it is predicted to run at on this machine."""
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts; compared by value, never hashed
+
+    plan: Plan
+    prediction: SpeedPrediction
+
+    def to_dict(self) -> dict:
+        """The ``/plan`` JSON: the plan's fields and a ``prediction``."""
+        return {**self.plan.to_dict(), "prediction": self.prediction.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -48,35 +58,17 @@ class DemoService:
     def __init__(self, manager: ModelManager, settings: AppSettings) -> None:
         self.manager = manager
         self.settings = settings
-        self._admins: set[str] = set()
-        self._stops: dict[str, threading.Event] = {}
-        self._api_histories: OrderedDict[str, list[ChatTurn]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.access = AccessPolicy(settings)
+        self.sessions = SessionStore(settings.max_history_turns)
 
     # ---------------------------------------------------------------- access
     def is_admin(self, session_id: str | None) -> bool:
         """Whether this session may change the configuration (always, outside public mode)."""
-        if not self.settings.public:
-            return True
-        with self._lock:
-            return session_id is not None and session_id in self._admins
+        return self.access.is_admin(session_id)
 
     def sign_in(self, session_id: str | None, username: str, password: str) -> bool:
         """Make this session an admin if the credentials match one ``--auth`` account."""
-        ok = any(
-            hmac.compare_digest(str(username), user) & hmac.compare_digest(str(password), secret)
-            for user, secret in self.settings.auth
-        )
-        if ok and session_id:
-            with self._lock:
-                self._admins.add(session_id)
-        return ok
-
-    def _require_admin(self, session_id: str | None, action: str) -> None:
-        if not self.is_admin(session_id):
-            reason = "this is a public deployment" if self.settings.public else "the configuration is locked"
-            how = "sign in as an admin" if self.settings.auth else "start the app without --lock-config"
-            raise AccessError(f"visitors cannot {action}: {reason}; {how} to change it")
+        return self.access.sign_in(session_id, username, password)
 
     # ---------------------------------------------------------------- configuration
     def initial_config(self) -> LoadConfig:
@@ -87,6 +79,8 @@ class DemoService:
             dtype=self.settings.dtype,
             max_memory=parse_max_memory(budget),
             offload_folder=self.settings.offload_folder,
+            fast_offload=self.settings.fast_offload,
+            cpu_layers=self.settings.cpu_layers,
         )
 
     def model_choices(self) -> list[tuple[str, str]]:
@@ -102,14 +96,9 @@ class DemoService:
                 )
             )
         if self.settings.public:
-            allowed = set(self.allowed_models())
+            allowed = set(self.access.allowed_models())
             choices = [c for c in choices if c[1] in allowed]
         return choices
-
-    def allowed_models(self) -> tuple[str, ...]:
-        """Models visitors may name in public mode: ``--allow-model`` entries, else the configured one."""
-        names = self.settings.allow_models or (self.settings.model,)
-        return tuple(normalize_model(name) for name in names)
 
     def make_config(
         self,
@@ -121,7 +110,7 @@ class DemoService:
         quantization: str = "none",
         tokenizer: str | None = None,
         fast_offload: bool = True,
-        cpu_layers: str = "auto",
+        cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
     ) -> LoadConfig:
         """Build a :class:`LoadConfig` from form or API values, applying public-mode rules.
 
@@ -136,6 +125,7 @@ class DemoService:
             ("revision", revision),
             ("quantization", quantization),
             ("tokenizer", tokenizer),
+            ("cpu_layers", cpu_layers),
         ):
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be text, not {type(value).__name__}")
@@ -144,52 +134,32 @@ class DemoService:
             revision=revision or None,
             dtype=dtype or "auto",
             max_memory=parse_max_memory(max_memory) if max_memory and max_memory.strip() else None,
-            offload_folder=self._confine_offload(offload_folder),
+            offload_folder=self.access.confine_offload(offload_folder),
             quantization=quantization or "none",
             tokenizer=tokenizer or None,
             fast_offload=fast_offload,
-            cpu_layers=cpu_layers or "auto",
+            cpu_layers=cpu_layers or defaults.DEFAULT_CPU_LAYERS,
         )
-        if self.settings.public and config.model not in self.allowed_models():
-            raise AccessError(
-                f"{config.model} is not offered here: this public deployment allows "
-                f"{', '.join(self.allowed_models())}"
-            )
-        if self.settings.public and config.tokenizer is not None:
-            raise AccessError("visitors cannot choose another tokenizer in this public deployment")
+        self.access.check_config(config)
         return config
 
-    def _confine_offload(self, folder: str | None) -> str | None:
-        """Keep offload folders under ``--offload-base`` (always in public mode)."""
-        if not folder or not folder.strip():
-            return None
-        base = self.settings.confined_offload_base
-        if base is None:
-            return folder.strip()
-        base_real = os.path.realpath(base)
-        candidate = folder.strip()
-        target = os.path.realpath(
-            candidate if os.path.isabs(candidate) else os.path.join(base_real, candidate)
-        )
-        if os.path.commonpath([base_real, target]) != base_real:
-            raise AccessError(
-                f"the offload folder must be inside {base_real}: {candidate[:80]!r} is outside it"
-            )
-        return target
-
     # ---------------------------------------------------------------- plan / load
-    def plan(self, config: LoadConfig) -> dict:
-        """The plan for ``config`` as plain data (never touches weights), with its predicted speed."""
-        plan = self.manager.plan(config).to_dict()
-        plan["prediction"] = predict_plan(plan, probe_hardware(config.offload_folder).ram_available_bytes)
-        return plan
+    def plan(self, config: LoadConfig) -> PlanView:
+        """The plan for ``config`` (never touches weights), with its predicted speed here."""
+        return self.view(self.manager.plan(config), config.offload_folder)
 
-    def loaded_prediction(self) -> dict | None:
+    def view(self, plan: Plan, offload_folder: str | None = None) -> PlanView:
+        """``plan`` with its predicted speed on this machine (RAM free now decides the page cache)."""
+        return PlanView(plan, predict_plan(plan, probe_hardware(offload_folder).ram_available_bytes))
+
+    def status(self) -> ModelStatus:
+        """What is loaded now, and whether a load or a reply is running."""
+        return self.manager.status()
+
+    def loaded_prediction(self) -> SpeedPrediction | None:
         """The predicted speed of the loaded model, or None when nothing is loaded."""
-        status = self.manager.status().to_dict()
-        if status["plan"] is None:
-            return None
-        return predict_plan(status["plan"], probe_hardware().ram_available_bytes)
+        plan = self.manager.status().plan
+        return None if plan is None else predict_plan(plan, probe_hardware().ram_available_bytes)
 
     def load(
         self, config: LoadConfig, session_id: str | None = None, progress: Callable | None = None
@@ -197,12 +167,16 @@ class DemoService:
         """Load ``config`` (admins only in public mode); reuses when unchanged."""
         current = self.manager.current_config
         if current is None or current != config:
-            self._require_admin(session_id, "load or change the model")
+            self.access.require_admin(session_id, "load or change the model")
         return self.manager.load(config, progress)
+
+    def preload(self) -> LoadReport:
+        """Load the configuration given at start: the operator's own request, so no access check."""
+        return self.manager.load(self.initial_config())
 
     def unload(self, session_id: str | None = None) -> bool:
         """Unload the model (admins only in public mode)."""
-        self._require_admin(session_id, "unload the model")
+        self.access.require_admin(session_id, "unload the model")
         return self.manager.unload()
 
     def conversion_cache(self) -> str:
@@ -219,17 +193,17 @@ class DemoService:
         """Delete the converted checkpoints (admins only in public mode); returns bytes freed."""
         from optdemo import convert
 
-        self._require_admin(session_id, "clear the conversion cache")
+        self.access.require_admin(session_id, "clear the conversion cache")
         return convert.clear_cache()
 
     # ---------------------------------------------------------------- generation
     def params(
         self,
-        max_new_tokens: object = 64,
-        temperature: object = 0.7,
-        top_p: object = 0.9,
-        top_k: object = 50,
-        repetition_penalty: object = 1.1,
+        max_new_tokens: object = defaults.MAX_NEW_TOKENS,
+        temperature: object = defaults.TEMPERATURE,
+        top_p: object = defaults.TOP_P,
+        top_k: object = defaults.TOP_K,
+        repetition_penalty: object = defaults.REPETITION_PENALTY,
         seed: object = None,
     ) -> GenerationParams:
         """Validated generation parameters within this deployment's caps."""
@@ -264,68 +238,41 @@ class DemoService:
                 f"this conversation has reached the limit of {self.settings.max_history_turns} turns "
                 "here: clear it (or undo a turn) to go on"
             )
-        event = self._register_stop(session_id)
-        try:
-            for update in self.manager.stream_chat(history, message, params, event):
-                yield ChatReply(update.text, update.stats)
-        finally:
-            self._unregister_stop(session_id, event)
+        yield from self._streamed(
+            session_id, lambda stop: self.manager.stream_chat(history, message, params, stop)
+        )
 
     def complete(self, session_id: str, prompt: str, params: GenerationParams) -> Iterator[ChatReply]:
         """Stream a continuation of ``prompt`` (the original scripts' mode)."""
         prompt = self._check_text(prompt, "prompt")
-        event = self._register_stop(session_id)
+        yield from self._streamed(
+            session_id, lambda stop: self.manager.stream_completion(prompt, params, stop)
+        )
+
+    def _streamed(
+        self, session_id: str, start: Callable[[threading.Event], Iterator[GenerationUpdate]]
+    ) -> Iterator[ChatReply]:
+        """Run one reply with a stop event registered for the session, as ChatReply steps."""
+        event = self.sessions.start_reply(session_id)
         try:
-            for update in self.manager.stream_completion(prompt, params, event):
+            for update in start(event):
                 yield ChatReply(update.text, update.stats)
         finally:
-            self._unregister_stop(session_id, event)
+            self.sessions.end_reply(session_id, event)
 
     def stop(self, session_id: str) -> bool:
         """Stop this session's running reply, if any."""
-        with self._lock:
-            event = self._stops.get(session_id)
-        if event is None:
-            return False
-        event.set()
-        return True
-
-    def _register_stop(self, session_id: str) -> threading.Event:
-        event = threading.Event()
-        with self._lock:
-            self._stops[session_id] = event
-        return event
-
-    def _unregister_stop(self, session_id: str, event: threading.Event) -> None:
-        with self._lock:
-            if self._stops.get(session_id) is event:
-                del self._stops[session_id]
+        return self.sessions.stop(session_id)
 
     # ---------------------------------------------------------------- API chat sessions
     def api_history(self, session_id: str) -> list[ChatTurn]:
         """The chat history of an API client session (a copy)."""
-        with self._lock:
-            return list(self._api_histories.get(session_id, []))
+        return self.sessions.history(session_id)
 
     def remember_api_turn(self, session_id: str, turn: ChatTurn) -> None:
         """Append a finished turn to an API session, keeping the newest sessions and turns."""
-        with self._lock:
-            turns = self._api_histories.pop(session_id, [])
-            turns = [*turns, turn][-self.settings.max_history_turns :]
-            self._api_histories[session_id] = turns
-            while len(self._api_histories) > MAX_API_SESSIONS:
-                self._api_histories.popitem(last=False)
+        self.sessions.remember(session_id, turn)
 
     def forget_api_history(self, session_id: str) -> None:
         """Clear an API session's chat history."""
-        with self._lock:
-            self._api_histories.pop(session_id, None)
-
-
-def describe_placement(bytes_per_device: dict) -> str:
-    """``GPU 0: 3.1 GiB · CPU: 12 GiB · disk: 40 GiB`` for status lines."""
-    parts = []
-    for device, size in bytes_per_device.items():
-        key = int(device) if isinstance(device, str) and device.isdigit() else device
-        parts.append(f"{device_label(key)}: {format_bytes(size)}")
-    return " · ".join(parts)
+        self.sessions.forget(session_id)

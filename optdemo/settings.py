@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 
 from optdemo.catalog import TINY_MODEL_ID
 from optdemo.config import DTYPES
+from optdemo.defaults import (
+    CPU_LAYER_POLICIES,
+    DEFAULT_CPU_LAYERS,
+    DEFAULT_MAX_HISTORY_TURNS,
+    DEFAULT_MAX_MESSAGE_CHARS,
+    DEFAULT_MAX_NEW_TOKENS_CAP,
+    DEFAULT_QUEUE_SIZE,
+)
 from optdemo.errors import ConfigError
-
-# Limits a visitor cannot exceed; public deployments may lower them further with flags.
-DEFAULT_MAX_NEW_TOKENS_CAP = 512
-DEFAULT_MAX_MESSAGE_CHARS = 4000
-DEFAULT_MAX_HISTORY_TURNS = 50
-DEFAULT_QUEUE_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class AppSettings:
     max_memory: str | None = None  # max_memory spec; None: suggested from this machine
     offload_folder: str | None = None
     dtype: str = "auto"
+    cpu_layers: str = DEFAULT_CPU_LAYERS  # with a GPU: where offloaded layers run
+    fast_offload: bool = True  # False: plain Accelerate everywhere
     preload: bool = False  # load the model before serving the first request
     host: str = "127.0.0.1"
     port: int | None = None  # None: Gradio picks 7860 or the next free port
@@ -111,6 +115,15 @@ FLAGS = (
     Flag("max-memory", "memory budget, e.g. '0=5GiB,cpu=20GiB' (default: suggested for this machine)"),
     Flag("offload-folder", "folder for layers that go to disk"),
     Flag("dtype", "weight dtype (default auto)", default="auto", choices=DTYPES),
+    Flag(
+        "cpu-layers",
+        f"with a GPU, where offloaded layers run (default {DEFAULT_CPU_LAYERS}: the faster by prediction)",
+        default=DEFAULT_CPU_LAYERS,
+        choices=CPU_LAYER_POLICIES,
+    ),
+    Flag(
+        "plain-accelerate", "turn fast offloading off: load and run exactly as plain Accelerate", kind="bool"
+    ),
     Flag("preload", "load the model before serving", kind="bool"),
     Flag(
         "host", "address to bind (default 127.0.0.1; 0.0.0.0 exposes it to your network)", default="127.0.0.1"
@@ -249,6 +262,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         max_memory=args.max_memory or None,
         offload_folder=args.offload_folder or _space_offload_folder(on_space),
         dtype=args.dtype,
+        cpu_layers=args.cpu_layers,
+        fast_offload=not args.plain_accelerate,
         preload=args.preload or on_space,
         host=args.host,
         port=args.port,

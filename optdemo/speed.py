@@ -16,10 +16,14 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optdemo.paths import cache_dir
+
+if TYPE_CHECKING:
+    from optdemo.planner import Plan
 
 _PROBE_WEIGHT_BYTES = 64 * 2**20  # the probe weight: big enough to leave the CPU caches, as layers do
 _DISK_PROBE_BYTES = 64 * 2**20
@@ -51,11 +55,6 @@ class Bandwidths:
         return self.host_to_device_pinned or self.host_to_device
 
 
-# Where offloaded layers run with a GPU in the map (LoadConfig.cpu_layers). "auto" became the
-# default once measured on a GPU (docs/BENCHMARKS.md, H100, 2026-11-25): on opt-6.7b it picked the
-# faster policy in both maps, 7x and 4x faster than plain Accelerate, within the stated budgets.
-CPU_LAYER_POLICIES = ("auto", "accelerate", "gpu", "cpu")
-DEFAULT_CPU_LAYERS = "auto"
 _POLICY_REASONS = {
     "accelerate": "plain Accelerate: offloaded weights cross PCIe from pageable memory every token",
     "gpu": "weights cross PCIe from pinned memory, the next block copied while one computes",
@@ -104,6 +103,7 @@ class SpeedPrediction:
     seconds_per_token: float
     breakdown: dict[str, float]  # tier label -> seconds per token
     assumption: str  # what the prediction assumes (warm page cache or disk reads)
+    cpu_layers: PolicyChoice | None = None  # with a GPU and offloaded layers: where they run, and why
 
     @property
     def tokens_per_second(self) -> float:
@@ -117,6 +117,18 @@ class SpeedPrediction:
             f"~{self.seconds_per_token:.3g} s/token ({self.tokens_per_second:.3g} tokens/s), "
             f"mostly {main}; {self.assumption}"
         )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-friendly data for the API."""
+        policy = self.cpu_layers
+        return {
+            "cpu_layers": None if policy is None else {"runs_on": policy.policy, "reason": policy.reason},
+            "seconds_per_token": self.seconds_per_token,
+            "tokens_per_second": self.tokens_per_second,
+            "breakdown": self.breakdown,
+            "assumption": self.assumption,
+            "summary": self.summary(),
+        }
 
 
 def bandwidths_path() -> Path:
@@ -211,18 +223,18 @@ def _disk_read_rate(folder: str) -> float:
 
 
 def predict(
-    plan: dict, bandwidths: Bandwidths, page_cache_bytes: int | None = None, cpu_layers: str = "accelerate"
+    plan: Plan, bandwidths: Bandwidths, page_cache_bytes: int | None = None, cpu_layers: str = "accelerate"
 ) -> SpeedPrediction:
-    """Seconds per token for a plan (``Plan.to_dict()``).
+    """Seconds per token for a plan.
 
     GPU-resident weights are consumed at the GPU's rate; CPU-resident weights at the CPU's rate on
     a CPU-executed model, or shipped over PCIe every token when a GPU executes them (Accelerate's
     policy); disk-tier weights at the CPU's rate when the page cache can hold them
     (``page_cache_bytes``), else at the disk's read rate plus the compute.
     """
-    dtype = plan["dtype"]
-    per_device = {str(k): v for k, v in plan["bytes_per_device"].items()}
-    gpus = [d for d in per_device if d.isdigit()]
+    dtype = plan.dtype
+    per_device = plan.bytes_per_device
+    gpus = [device for device in per_device if isinstance(device, int)]
     breakdown: dict[str, float] = {}
     cpu_rate = bandwidths.cpu_rate(dtype)
     gpu_rate = (bandwidths.gpu_matvec or {}).get(dtype) or 1e12
@@ -237,8 +249,7 @@ def predict(
         breakdown["CPU→GPU transfers"] = resident / resident_rate + disk / bandwidths.host_to_device
     else:
         breakdown["CPU"] = resident / cpu_rate
-    layers = sum(1 for block in plan.get("blocks", []) if block["kind"] == "layer")
-    breakdown["overhead"] = STEP_OVERHEAD_SECONDS + LAYER_OVERHEAD_SECONDS * layers
+    breakdown["overhead"] = STEP_OVERHEAD_SECONDS + LAYER_OVERHEAD_SECONDS * len(plan.layers)
     assumption = "weights in RAM"
     if disk:
         cacheable = page_cache_bytes is None or disk <= page_cache_bytes
@@ -253,24 +264,17 @@ def predict(
     return SpeedPrediction(sum(breakdown.values()), breakdown, assumption)
 
 
-def predict_plan(plan: dict, ram_available_bytes: int) -> dict:
-    """The prediction for a plan as plain data (for the API and the UI), measuring this machine's
-    bandwidths first if they are not cached yet."""
-    per_device = {str(k): v for k, v in plan["bytes_per_device"].items()}
+def predict_plan(plan: Plan, ram_available_bytes: int) -> SpeedPrediction:
+    """The prediction for a plan on this machine, with the CPU-layer policy it would get, measuring
+    this machine's bandwidths first if they are not cached yet."""
+    per_device = plan.bytes_per_device
     cpu_bytes = per_device.get("cpu", 0)
     bandwidths = measured_bandwidths()
     policy = None
-    if any(device.isdigit() for device in per_device):
-        requested = plan.get("cpu_layers", DEFAULT_CPU_LAYERS)
-        policy = choose_policy(cpu_bytes, per_device.get("disk", 0), plan["dtype"], bandwidths, requested)
+    if any(isinstance(device, int) for device in per_device):
+        disk = per_device.get("disk", 0)
+        policy = choose_policy(cpu_bytes, disk, plan.dtype, bandwidths, plan.cpu_layers)
     prediction = predict(
         plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "accelerate"
     )
-    return {
-        "cpu_layers": None if policy is None else {"runs_on": policy.policy, "reason": policy.reason},
-        "seconds_per_token": prediction.seconds_per_token,
-        "tokens_per_second": prediction.tokens_per_second,
-        "breakdown": prediction.breakdown,
-        "assumption": prediction.assumption,
-        "summary": prediction.summary(),
-    }
+    return replace(prediction, cpu_layers=policy)

@@ -121,7 +121,7 @@ def test_named_endpoints_and_parameters(client) -> None:
         name: [p["parameter_name"] for p in info["parameters"]]
         for name, info in api["named_endpoints"].items()
     }
-    config = ["model", "max_memory", "dtype", "offload_folder"]
+    config = ["model", "max_memory", "dtype", "offload_folder", "cpu_layers"]
     sampling = ["max_new_tokens", "temperature", "top_p"]
     assert endpoints == {
         "/plan": config,
@@ -488,3 +488,25 @@ def test_public_admin_signs_in_per_session(public_app: RunningApp) -> None:
     assert call(visitor, "/load", *LOAD_ARGS)["status"] == "reused"
     assert call(admin, "/unload")["unloaded"] is True
     assert call(visitor, "/status")["loaded"] is False
+
+
+# ---------------------------------------------------------------------------------- scripted model
+def test_streamed_answers_token_for_token() -> None:
+    """Against a model whose replies are known, /chat and /generate stream exactly its steps, in
+    order, and the final value is the whole text (the way Gradio tests its own streaming)."""
+    from app_fixtures import ScriptedManager
+
+    reply = ["Paris", "Paris is", "Paris is the capital", "Paris is the capital."]
+    story = [" there", " there was", " there was a king."]
+    manager = ScriptedManager({FRANCE: [reply, ["Again: Paris."]], "Once upon a time": [story]})
+    with running_app(manager=manager) as running:
+        client = running.client()
+        job = client.submit(FRANCE, **GREEDY, api_name="/chat")
+        assert job.result() == "Paris is the capital."
+        assert job.outputs() == reply
+        job = client.submit("Once upon a time", **GREEDY, api_name="/generate")
+        assert job.result() == " there was a king."
+        assert job.outputs() == story
+        # The session's history went with the next message.
+        assert call(client, "/chat", FRANCE, **GREEDY) == "Again: Paris."
+    assert manager.histories == [[], [(FRANCE, "Paris is the capital.")]]

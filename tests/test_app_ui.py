@@ -9,11 +9,14 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from optdemo.budget import Device
 from optdemo.errors import BudgetError, ConfigError, GenerationError, OptdemoError
+from optdemo.planner import Block, Plan
 from optdemo.settings import (
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MAX_NEW_TOKENS_CAP,
@@ -26,41 +29,41 @@ TINY = "optdemo/tiny-opt"
 
 
 # ---------------------------------------------------------------------------------- plan fixtures
-def block(name: str, device: str | None, size: int, kind: str, tied_to: str | None = None) -> dict:
-    return {"name": name, "device": device, "bytes": size, "kind": kind, "tied_to": tied_to}
-
-
-def make_plan(layer_devices: list[str], fits: bool = True, warnings: tuple[str, ...] = ()) -> dict:
-    """A ``Plan.to_dict()``-shaped plan of a small OPT: embeddings and norm on the first layer's
-    device, one block per decoder layer, a tied LM head."""
+def make_plan(
+    layer_devices: list[Device], warnings: tuple[str, ...] = (), blockers: tuple[str, ...] = ()
+) -> Plan:
+    """A plan of a small OPT: embeddings and norm on the first layer's device, one block per
+    decoder layer, a tied LM head."""
     first = layer_devices[0]
-    blocks = [
-        block("model.decoder.embed_tokens", first, 4096, "embedding"),
-        block("model.decoder.embed_positions", first, 2048, "embedding"),
-        block("model.decoder.final_layer_norm", first, 512, "norm"),
-        *(block(f"model.decoder.layers.{i}", d, 1024, "layer") for i, d in enumerate(layer_devices)),
-        block("lm_head", None, 0, "head", tied_to="model.decoder.embed_tokens"),
-    ]
-    device_map = {b["name"]: b["device"] for b in blocks if b["device"] is not None}
-    per_device: dict[str, int] = {}
+    blocks = (
+        Block("model.decoder.embed_tokens", first, 4096, "embedding"),
+        Block("model.decoder.embed_positions", first, 2048, "embedding"),
+        Block("model.decoder.final_layer_norm", first, 512, "norm"),
+        *(Block(f"model.decoder.layers.{i}", d, 1024, "layer") for i, d in enumerate(layer_devices)),
+        Block("lm_head", None, 0, "head", tied_to="model.decoder.embed_tokens"),
+    )
+    device_map = {b.name: b.device for b in blocks if b.device is not None}
+    per_device: dict[Device, int] = {}
     for b in blocks:
-        if b["device"] is not None:
-            per_device[b["device"]] = per_device.get(b["device"], 0) + b["bytes"]
-    return {
-        "model": "facebook/opt-small",
-        "display_name": "opt-small",
-        "dtype": "float16",
-        "device_map": device_map,
-        "bytes_per_device": per_device,
-        "budget": {"0": 8192, "cpu": 8192},
-        "total_bytes": sum(per_device.values()),
-        "fits": fits,
-        "needs_offload_folder": "disk" in per_device,
-        "disk_bytes_written": per_device.get("disk", 0),
-        "checkpoint_format": "safetensors",
-        "warnings": list(warnings),
-        "blocks": blocks,
-    }
+        if b.device is not None:
+            per_device[b.device] = per_device.get(b.device, 0) + b.bytes
+    return Plan(
+        model="facebook/opt-small",
+        display_name="opt-small",
+        dtype="float16",
+        device_map=device_map,
+        module_bytes={b.name: b.bytes for b in blocks if b.device is not None},
+        bytes_per_device=per_device,
+        budget={0: 8192, "cpu": 8192},
+        total_bytes=sum(per_device.values()),
+        blocks=blocks,
+        needs_offload_folder="disk" in per_device,
+        disk_bytes_written=per_device.get("disk", 0),
+        conversion_bytes=0,
+        warnings=warnings + blockers,
+        blockers=blockers,
+        checkpoint_format="safetensors",
+    )
 
 
 def od_blocks(picture: str) -> list[dict[str, str]]:
@@ -73,40 +76,41 @@ def od_blocks(picture: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def opt66b_plan() -> dict:
+def opt66b_plan() -> Plan:
     """A real plan (meta model, no weights) of opt-66b on a 5 GiB GPU and 20 GiB of RAM: GPU, CPU
     and disk all used (whether it fits depends on this machine's free disk)."""
     from optdemo.config import LoadConfig
     from optdemo.planner import plan_device_map
 
-    return plan_device_map(LoadConfig("facebook/opt-66b", max_memory="0=5GiB,cpu=20GiB")).to_dict()
+    return plan_device_map(LoadConfig("facebook/opt-66b", max_memory="0=5GiB,cpu=20GiB"))
 
 
 # ---------------------------------------------------------------------------------- render
-def test_device_name_and_color() -> None:
-    from optdemo.ui.render import DEVICE_COLORS, GPU_COLORS, device_color, device_name
+def test_device_label_and_color() -> None:
+    from optdemo.planner import device_label
+    from optdemo.ui.render import DEVICE_COLORS, GPU_COLORS, device_color
 
-    assert device_name("0") == "GPU 0"
-    assert device_name("3") == "GPU 3"
-    assert device_name("cpu") == "CPU"
-    assert device_name("disk") == "disk"
-    assert device_name(None) == "tied"
-    assert device_color("0") == GPU_COLORS[0]
-    assert device_color("1") == GPU_COLORS[1]
-    assert device_color(str(len(GPU_COLORS))) == GPU_COLORS[0]  # wraps around
+    assert device_label(0) == "GPU 0"
+    assert device_label(3) == "GPU 3"
+    assert device_label("cpu") == "CPU"
+    assert device_label("disk") == "disk"
+    assert device_label(None) == "tied"
+    assert device_color(0) == GPU_COLORS[0]
+    assert device_color(1) == GPU_COLORS[1]
+    assert device_color(len(GPU_COLORS)) == GPU_COLORS[0]  # wraps around
     assert device_color("cpu") == DEVICE_COLORS["cpu"]
     assert device_color("disk") == DEVICE_COLORS["disk"]
     assert device_color(None) == DEVICE_COLORS["tied"]
-    assert len({device_color("0"), device_color("cpu"), device_color("disk")}) == 3
+    assert len({device_color(0), device_color("cpu"), device_color("disk")}) == 3
 
 
 def test_render_device_map_one_block_per_module() -> None:
     from optdemo.ui.render import render_device_map
 
-    plan = make_plan(["0", "0", "cpu", "disk"])
+    plan = make_plan([0, 0, "cpu", "disk"])
     picture = render_device_map(plan, title="Plan <preview>")
     found = od_blocks(picture)
-    assert [b["data-module"] for b in found] == [b["name"] for b in plan["blocks"]]
+    assert [b["data-module"] for b in found] == [b.name for b in plan.blocks]
     by_module = {b["data-module"]: b for b in found}
     assert by_module["model.decoder.embed_tokens"]["data-device"] == "GPU 0"
     assert [by_module[f"model.decoder.layers.{i}"]["data-device"] for i in range(4)] == [
@@ -134,7 +138,7 @@ def test_render_device_map_outlines_differences_from_the_plan() -> None:
     from optdemo.ui.render import render_device_map
 
     plan = make_plan(["cpu", "cpu", "disk"])
-    actual = dict(plan["device_map"])
+    actual = dict(plan.device_map)
     actual["model.decoder.layers.1"] = "disk"  # planned CPU, loaded on disk
     picture = render_device_map(plan, actual)
     by_module = {b["data-module"]: b for b in od_blocks(picture)}
@@ -155,9 +159,9 @@ def test_render_device_map_outlines_differences_from_the_plan() -> None:
 def test_device_map_rows() -> None:
     from optdemo.ui.render import device_map_rows
 
-    plan = make_plan(["0", "cpu"])
+    plan = make_plan([0, "cpu"])
     rows = device_map_rows(plan)
-    assert [r[0] for r in rows] == [b["name"] for b in plan["blocks"]]
+    assert [r[0] for r in rows] == [b.name for b in plan.blocks]
     assert all(len(r) == 5 for r in rows)
     by_module = {r[0]: r for r in rows}
     assert by_module["model.decoder.layers.0"][1:] == ["GPU 0", "1 KiB", "GPU 0", ""]
@@ -165,7 +169,7 @@ def test_device_map_rows() -> None:
     assert by_module["lm_head"][1] == "tied to model.decoder.embed_tokens"
     assert not any(r[4] for r in rows)
 
-    actual = dict(plan["device_map"])
+    actual = dict(plan.device_map)
     actual["model.decoder.layers.0"] = "cpu"
     rows = {r[0]: r for r in device_map_rows(plan, actual)}
     assert rows["model.decoder.layers.0"][1] == "CPU"  # actual device
@@ -188,23 +192,23 @@ def test_plan_summary_does_not_fit() -> None:
     from optdemo.ui.render import plan_summary
 
     warning = "budget 16 KiB cannot hold opt-small: give an offload folder"
-    summary = plan_summary(make_plan(["cpu", "disk"], fits=False, warnings=(warning,)))
+    summary = plan_summary(make_plan(["cpu", "disk"], blockers=(warning,)))
     assert "**does not fit** as configured" in summary
     assert f"- {warning}" in summary
     assert "**CPU**" in summary and "**disk**" in summary
 
 
-def test_real_plan_on_three_devices(opt66b_plan: dict) -> None:
+def test_real_plan_on_three_devices(opt66b_plan: Plan) -> None:
     from optdemo.ui.render import device_map_rows, plan_summary, render_device_map
 
     summary = plan_summary(opt66b_plan)
-    assert ("does not fit" in summary) is (not opt66b_plan["fits"])
+    assert ("does not fit" in summary) is (not opt66b_plan.fits)
     assert "opt-66b" in summary
-    for warning in opt66b_plan["warnings"]:
+    for warning in opt66b_plan.warnings:
         assert f"- {warning}" in summary
     picture = render_device_map(opt66b_plan)
     found = od_blocks(picture)
-    assert len(found) == len(opt66b_plan["blocks"]) == 64 + 4
+    assert len(found) == len(opt66b_plan.blocks) == 64 + 4
     assert {b["data-device"] for b in found} == {"GPU 0", "CPU", "disk", "tied"}
     assert sum(b["data-module"].startswith("model.decoder.layers.") for b in found) == 64
     assert len(device_map_rows(opt66b_plan)) == len(found)
@@ -230,21 +234,21 @@ def test_budget_spec_advanced_field_wins() -> None:
 
 
 def test_status_text() -> None:
+    from optdemo.config import LoadConfig
+    from optdemo.status import ModelStatus
     from optdemo.ui.config_tab import status_text
 
-    assert status_text({"loaded": False}).startswith("No model loaded yet")
-    loaded = {
-        "loaded": True,
-        "display_name": "tiny-opt",
-        "busy": None,
-        "load_seconds": 1.234,
-        "bytes_per_device": {"cpu": 2**20, "disk": 3 * 2**20},
-    }
+    assert status_text(ModelStatus(None)).startswith("No model loaded yet")
+    loaded = ModelStatus(
+        LoadConfig("tiny-opt"),
+        load_seconds=1.234,
+        bytes_per_device={0: 2**19, "cpu": 2**20, "disk": 3 * 2**20},
+    )
     text = status_text(loaded)
     assert "**tiny-opt** is loaded (in 1.2 s)" in text
-    assert "CPU: 1 MiB" in text and "disk: 3 MiB" in text
-    assert "generating" in status_text({**loaded, "busy": "generating"})
-    assert "(in 0.0 s)" in status_text({**loaded, "load_seconds": None})
+    assert "GPU 0: 512 KiB · CPU: 1 MiB · disk: 3 MiB" in text
+    assert "generating" in status_text(replace(loaded, busy="generating"))
+    assert "(in 0.0 s)" in status_text(replace(loaded, load_seconds=None))
 
 
 def test_quantization_unavailable_without_gpu() -> None:
@@ -634,8 +638,9 @@ def test_suggested_budget_survives_the_sliders():
 
 def test_conversion_cache_is_shown_and_cleared_by_admins_only(tiny_bin_model_dir, tmp_path, monkeypatch):
     from optdemo import convert
+    from optdemo.errors import AccessError
     from optdemo.manager import ModelManager
-    from optdemo.service import AccessError, DemoService
+    from optdemo.service import DemoService
     from optdemo.settings import AppSettings
 
     monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path))

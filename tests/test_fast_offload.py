@@ -7,6 +7,7 @@ the cache must be correct, convert once under concurrency, and survive interrupt
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from optdemo import convert
 from optdemo.config import LoadConfig
 from optdemo.generation import GenerationParams
 from optdemo.manager import ModelManager
+from optdemo.planner import Block, Plan
 from optdemo.speed import Bandwidths, predict
 
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0)
@@ -162,13 +164,29 @@ def test_interrupted_conversion_leaves_no_entry(tiny_bin_model_dir, fresh_cache,
     assert convert.cached(source, None, "float32", source) == path
 
 
+def speed_plan(bytes_per_device: dict, layers: int) -> Plan:
+    """A float16 plan with ``layers`` decoder layers and the given bytes per device (what the speed
+    prediction reads)."""
+    blocks = tuple(Block(f"layers.{i}", "cpu", 0, "layer") for i in range(layers))
+    return Plan(
+        model="m",
+        display_name="m",
+        dtype="float16",
+        device_map={},
+        module_bytes={},
+        bytes_per_device=bytes_per_device,
+        budget={},
+        total_bytes=sum(bytes_per_device.values()),
+        blocks=blocks,
+        needs_offload_folder=False,
+        disk_bytes_written=0,
+        conversion_bytes=0,
+    )
+
+
 def test_prediction_adds_each_tier():
     bandwidths = Bandwidths(cpu_matvec={"float32": 10e9, "float16": 5e9, "bfloat16": 5e9}, disk_read=1e9)
-    plan = {
-        "dtype": "float16",
-        "bytes_per_device": {"cpu": 5_000_000_000, "disk": 2_000_000_000},
-        "blocks": [{"kind": "layer"}] * 10,
-    }
+    plan = speed_plan({"cpu": 5_000_000_000, "disk": 2_000_000_000}, layers=10)
     warm = predict(plan, bandwidths, page_cache_bytes=10**12)
     overhead = 0.004 + 0.0004 * 10
     assert warm.seconds_per_token == pytest.approx(1.0 + 0.4 + overhead)
@@ -178,6 +196,6 @@ def test_prediction_adds_each_tier():
     gpu = Bandwidths(
         cpu_matvec={"float32": 10e9}, disk_read=1e9, host_to_device=10e9, gpu_matvec={"float16": 1e12}
     )
-    on_gpu = predict({**plan, "bytes_per_device": {"0": 4e9, "cpu": 6e9}}, gpu, page_cache_bytes=10**12)
+    on_gpu = predict(replace(plan, bytes_per_device={0: 4e9, "cpu": 6e9}), gpu, page_cache_bytes=10**12)
     assert on_gpu.breakdown["CPU→GPU transfers"] == pytest.approx(0.6)
     assert on_gpu.breakdown["GPU 0"] == pytest.approx(0.004)

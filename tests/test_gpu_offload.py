@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from optdemo.config import LoadConfig
+from optdemo.defaults import DEFAULT_CPU_LAYERS
 from optdemo.gpu_offload import (
     LOG_EVENTS,
     PackedBlock,
@@ -24,7 +25,7 @@ from optdemo.gpu_offload import (
     release,
     run_on_cpu,
 )
-from optdemo.speed import DEFAULT_CPU_LAYERS, Bandwidths, choose_policy
+from optdemo.speed import Bandwidths, choose_policy
 
 IDS = torch.tensor([[2, 10, 20, 30, 40, 50]])
 GIB = 2**30
@@ -253,3 +254,24 @@ def _mapped_file(address: int) -> str:
 def test_apply_policy_decides_nothing_without_a_gpu_in_the_map(tiny_model):
     tiny_model.hf_device_map = {"model.decoder.layers.0": "cpu", "model.decoder.layers.1": "disk"}
     assert apply_policy(tiny_model, "auto", "float32") is None
+
+
+# ------------------------------------------------------------------------------ selectable everywhere
+def test_policy_is_selectable_from_flags_environment_and_the_service():
+    from optdemo.errors import ConfigError
+    from optdemo.manager import ModelManager
+    from optdemo.service import DemoService
+    from optdemo.settings import parse_settings
+
+    assert parse_settings([], env={}).cpu_layers == DEFAULT_CPU_LAYERS
+    flags = parse_settings(["--cpu-layers", "gpu", "--plain-accelerate"], env={})
+    assert (flags.cpu_layers, flags.fast_offload) == ("gpu", False)
+    env = parse_settings([], env={"OPTDEMO_CPU_LAYERS": "cpu", "OPTDEMO_PLAIN_ACCELERATE": "1"})
+    assert (env.cpu_layers, env.fast_offload) == ("cpu", False)
+    service = DemoService(ModelManager(), flags)
+    initial = service.initial_config()
+    assert (initial.cpu_layers, initial.fast_offload) == ("gpu", False)
+    assert initial.cpu_layers_in_force == "accelerate"
+    assert service.make_config("optdemo/tiny-opt", cpu_layers="cpu").cpu_layers == "cpu"
+    with pytest.raises(ConfigError, match="cpu_layers 'fast' is not supported: choose one of auto"):
+        service.make_config("optdemo/tiny-opt", cpu_layers="fast")

@@ -279,8 +279,8 @@ def format_table(rows: list[dict]) -> str:
 
 def predicted_speed(model: Path, max_memory: str, dtype: str) -> dict:
     """optdemo's prediction for this configuration (what the Device map tab shows)."""
-    plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory)).to_dict()
-    return predict_plan(plan, probe_hardware().ram_available_bytes)
+    plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory))
+    return predict_plan(plan, probe_hardware().ram_available_bytes).to_dict()
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

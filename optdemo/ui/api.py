@@ -11,100 +11,131 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from optdemo import defaults
 from optdemo.service import DemoService
 from optdemo.ui.errors import user_errors
 
 MODEL_GROUP = "model"  # loading and generating share one concurrency group: one at a time
+# Plans touch no weights: a few run at once, in their own group, beside a load or a reply.
+PLAN_GROUP = {"concurrency_id": "plan", "concurrency_limit": 4}
 
 
-def register_api(service: DemoService) -> None:
-    """Register /plan, /load, /unload, /status, /chat, /generate, /stop, /clear_chat, /sign_in."""
+class Endpoints:
+    """The named endpoints as methods over one service: their parameter names are the API's."""
+
+    def __init__(self, service: DemoService) -> None:
+        self.service = service
 
     @user_errors
-    def plan(model: str, max_memory: str = "", dtype: str = "auto", offload_folder: str = "") -> dict:
-        """Plan where the model's layers would go under max_memory, without touching weights.
-        Returns device_map (module -> device), bytes_per_device, fits and warnings."""
-        return service.plan(service.make_config(model, max_memory, dtype, offload_folder or None))
-
-    @user_errors
-    def load(
+    def plan(
+        self,
         model: str,
         max_memory: str = "",
         dtype: str = "auto",
         offload_folder: str = "",
+        cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
+    ) -> dict:
+        """Plan where the model's layers would go under max_memory, without touching weights.
+        Returns device_map (module -> device), bytes_per_device, fits and warnings; with a GPU in
+        the map, prediction.cpu_layers says where offloaded layers would run
+        (cpu_layers: auto, accelerate, gpu or cpu)."""
+        config = self.service.make_config(
+            model, max_memory, dtype, offload_folder or None, cpu_layers=cpu_layers
+        )
+        return self.service.plan(config).to_dict()
+
+    @user_errors
+    def load(
+        self,
+        model: str,
+        max_memory: str = "",
+        dtype: str = "auto",
+        offload_folder: str = "",
+        cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
         request: gr.Request = None,
     ) -> dict:
         """Load the model (or reuse it when the configuration is unchanged). Returns status
-        ("loaded" or "reused"), load_seconds, device_map and bytes_per_device."""
-        config = service.make_config(model, max_memory, dtype, offload_folder or None)
-        return service.load(config, session_id=_session(request)).to_dict()
+        ("loaded" or "reused"), load_seconds, device_map, bytes_per_device and, with a GPU in the
+        map, cpu_layers: the policy in force for offloaded layers and why (cpu_layers: auto,
+        accelerate, gpu or cpu)."""
+        config = self.service.make_config(
+            model, max_memory, dtype, offload_folder or None, cpu_layers=cpu_layers
+        )
+        return self.service.load(config, session_id=session_of(request)).to_dict()
 
     @user_errors
-    def unload(request: gr.Request = None) -> dict:
+    def unload(self, request: gr.Request = None) -> dict:
         """Unload the model and free its memory."""
-        was_loaded = service.unload(_session(request))
-        return {"unloaded": was_loaded, "status": service.manager.status().to_dict()}
+        was_loaded = self.service.unload(session_of(request))
+        return {"unloaded": was_loaded, "status": self.service.status().to_dict()}
 
     @user_errors
-    def status() -> dict:
+    def status(self) -> dict:
         """The loaded model and its configuration, or loaded: false."""
-        return service.manager.status().to_dict()
+        return self.service.status().to_dict()
 
     @user_errors
     def chat(
+        self,
         message: str,
-        max_new_tokens: int = 64,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        temperature: float = defaults.TEMPERATURE,
+        top_p: float = defaults.TOP_P,
         request: gr.Request = None,
     ) -> Iterator[str]:
         """Send a chat message; streams the reply, the final value is the whole reply. Each client
         session keeps its own history (clear it with /clear_chat)."""
-        session = _session(request)
-        params = service.params(max_new_tokens, temperature, top_p)
+        session = session_of(request)
+        params = self.service.params(max_new_tokens, temperature, top_p)
         reply = ""
-        for step in service.chat(session, service.api_history(session), message, params):
+        for step in self.service.chat(session, self.service.api_history(session), message, params):
             reply = step.text
             yield reply
-        service.remember_api_turn(session, (message, reply))
+        self.service.remember_api_turn(session, (message, reply))
 
     @user_errors
     def generate(
+        self,
         prompt: str,
-        max_new_tokens: int = 64,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        temperature: float = defaults.TEMPERATURE,
+        top_p: float = defaults.TOP_P,
         request: gr.Request = None,
     ) -> Iterator[str]:
         """Continue the prompt; streams the text, the final value is the whole continuation."""
-        params = service.params(max_new_tokens, temperature, top_p)
-        for step in service.complete(_session(request), prompt, params):
+        params = self.service.params(max_new_tokens, temperature, top_p)
+        for step in self.service.complete(session_of(request), prompt, params):
             yield step.text
 
-    def stop(request: gr.Request = None) -> bool:
+    def stop(self, request: gr.Request = None) -> bool:
         """Stop this session's running reply; true if one was running."""
-        return service.stop(_session(request))
+        return self.service.stop(session_of(request))
 
-    def clear_chat(request: gr.Request = None) -> bool:
+    def clear_chat(self, request: gr.Request = None) -> bool:
         """Forget this session's API chat history."""
-        service.forget_api_history(_session(request))
+        self.service.forget_api_history(session_of(request))
         return True
 
-    def sign_in(username: str, password: str, request: gr.Request = None) -> bool:
+    def sign_in(self, username: str, password: str, request: gr.Request = None) -> bool:
         """Become an admin for this session in public mode (with an --auth account)."""
-        return service.sign_in(_session(request), username, password)
+        return self.service.sign_in(session_of(request), username, password)
 
+
+def register_api(service: DemoService) -> None:
+    """Register /plan, /load, /unload, /status, /chat, /generate, /stop, /clear_chat, /sign_in."""
+    api = Endpoints(service)
     in_group = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
-    gr.api(plan, api_name="plan", concurrency_id="plan", concurrency_limit=4)
-    gr.api(load, api_name="load", **in_group)
-    gr.api(unload, api_name="unload", **in_group)
-    gr.api(status, api_name="status", queue=False)
-    gr.api(chat, api_name="chat", **in_group)
-    gr.api(generate, api_name="generate", **in_group)
-    gr.api(stop, api_name="stop", queue=False)
-    gr.api(clear_chat, api_name="clear_chat", queue=False)
-    gr.api(sign_in, api_name="sign_in", queue=False)
+    gr.api(api.plan, api_name="plan", **PLAN_GROUP)
+    gr.api(api.load, api_name="load", **in_group)
+    gr.api(api.unload, api_name="unload", **in_group)
+    gr.api(api.status, api_name="status", queue=False)
+    gr.api(api.chat, api_name="chat", **in_group)
+    gr.api(api.generate, api_name="generate", **in_group)
+    gr.api(api.stop, api_name="stop", queue=False)
+    gr.api(api.clear_chat, api_name="clear_chat", queue=False)
+    gr.api(api.sign_in, api_name="sign_in", queue=False)
 
 
-def _session(request: gr.Request | None) -> str:
+def session_of(request: gr.Request | None) -> str:
+    """The client session's id (``"anonymous"`` for a call without one)."""
     return request.session_hash if request is not None and request.session_hash else "anonymous"

@@ -8,9 +8,10 @@ from optdemo.manager import ModelManager
 from optdemo.service import DemoService
 from optdemo.settings import AppSettings
 from optdemo.ui.api import register_api
-from optdemo.ui.chat_tab import create_chat_tab
-from optdemo.ui.config_tab import create_config_tab, status_text
-from optdemo.ui.devicemap_tab import create_devicemap_tab, render_tab
+from optdemo.ui.binding import bind
+from optdemo.ui.chat_tab import layout_chat_tab, refresh_model_line, wire_chat_tab
+from optdemo.ui.config_tab import layout_config_tab, preview, refresh_status, wire_config_tab
+from optdemo.ui.devicemap_tab import layout_devicemap_tab, wire_devicemap_tab
 
 THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
 CSS = """
@@ -30,33 +31,33 @@ def build_app(service: DemoService) -> gr.Blocks:
         register_api(service)  # first, so the named endpoints keep their names
         with gr.Tabs():
             with gr.Tab("Configuration", id="configuration"):
-                config = create_config_tab(service)
+                config = layout_config_tab(service)
             with gr.Tab("Device map", id="device-map") as map_tab:
-                map_heading, map_picture, map_table = create_devicemap_tab(service)
+                device_map = layout_devicemap_tab(config.plan_state)
             with gr.Tab("Chat", id="chat") as chat_tab:
-                chat_model_line = create_chat_tab(service)
-
-        def refresh_map(plan: dict | None) -> tuple:
-            return render_tab(plan, service)
-
-        def chat_status() -> str:
-            text = status_text(service.manager.status().to_dict())
-            prediction = service.loaded_prediction()
-            return text + (f"  \nPredicted speed: {prediction['summary']}" if prediction else "")
-
-        def refresh_status() -> tuple[str, str]:
-            return status_text(service.manager.status().to_dict()), chat_status()
-
+                chat = layout_chat_tab(service)
+        wire_config_tab(service, config)
+        wire_chat_tab(service, chat)
+        # Across tabs: the map follows the session's plan and the loaded model; the chat's model
+        # line follows loads. After a load the Configuration tab keeps the load's own message.
+        wire_devicemap_tab(
+            service, device_map, [config.plan_state.change, config.loaded.change, map_tab.select]
+        )
         private = {"api_visibility": "private", "queue": False}
-        map_outputs = [map_heading, map_picture, map_table]
-        demo.load(config.preview, config.form, [config.summary, config.plan_state], api_visibility="private")
-        demo.load(refresh_status, None, [config.status, chat_model_line], **private)
-        config.plan_state.change(refresh_map, config.plan_state, map_outputs, **private)
-        config.loaded.change(refresh_map, config.plan_state, map_outputs, **private)
-        # After a load the Configuration tab keeps the load's own message (reused, plan check).
-        config.loaded.change(chat_status, None, chat_model_line, **private)
-        map_tab.select(refresh_map, config.plan_state, map_outputs, **private)
-        chat_tab.select(chat_status, None, chat_model_line, **private)
+        gr.on(
+            [demo.load, config.loaded.change, chat_tab.select],
+            bind(refresh_model_line, service, chat),
+            {chat.turns},
+            chat.model_line,
+            **private,
+        )
+        demo.load(
+            bind(preview, service, config),
+            config.form,
+            [config.summary, config.plan_state],
+            api_visibility="private",
+        )
+        demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
     demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
     return demo
 

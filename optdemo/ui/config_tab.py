@@ -1,34 +1,86 @@
-"""The Configuration tab: pick a model and a memory budget, see the plan at once, load, unload."""
+"""The Configuration tab: pick a model and a memory budget, see the plan at once, load, unload.
+
+Three parts: :func:`layout_config_tab` builds the components (a :class:`ConfigTab`); the
+module-level handlers ``(service, tab, values, request) -> {component: update}`` do the work and are
+tested without a browser; :func:`wire_config_tab` connects them to the components' events.
+"""
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
+from optdemo import defaults
 from optdemo.budget import format_bytes
-from optdemo.config import CPU_LAYER_POLICIES, DTYPES, QUANTIZATIONS, LoadConfig
-from optdemo.hardware import Hardware, probe_hardware
-from optdemo.service import DemoService, describe_placement
+from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
+from optdemo.hardware import Hardware, probe_hardware, quantization_unavailable
+from optdemo.service import DemoService
+from optdemo.ui.api import MODEL_GROUP, PLAN_GROUP, session_of
+from optdemo.ui.binding import Updates, bind, bind_with_progress
 from optdemo.ui.errors import to_gradio_error, user_errors
-from optdemo.ui.render import plan_summary
+from optdemo.ui.render import describe_placement, plan_summary, status_text
 
 GIB = 2**30
 MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
 
 
 @dataclass
-class ConfigTab:
-    """The components other tabs and the wiring need."""
+class SignIn:
+    """The admin sign-in form (public mode with --auth accounts only)."""
 
-    plan_state: gr.State  # the session's latest plan (Plan.to_dict()), or None
+    user: gr.Textbox
+    password: gr.Textbox
+    button: gr.Button
+    message: gr.Markdown
+
+
+@dataclass
+class ConfigTab:
+    """The Configuration tab's components."""
+
+    model: gr.Dropdown
+    revision: gr.Textbox
+    dtype: gr.Dropdown
+    quantization: gr.Radio
+    gpu_sliders: list[gr.Slider]
+    cpu_slider: gr.Slider
+    advanced: gr.Textbox  # a full max_memory spec; wins over the sliders
+    fast_offload: gr.Checkbox
+    cpu_layers: gr.Dropdown
+    tokenizer: gr.Textbox
+    offload: gr.Textbox
+    offload_info: gr.Markdown
+    plan_btn: gr.Button
+    load_btn: gr.Button
+    unload_btn: gr.Button
     status: gr.Markdown
-    loaded: gr.State  # bumped after each load/unload so other tabs refresh
     summary: gr.Markdown
-    form: set  # the controls whose values make a LoadConfig (passed as one dict)
-    preview: Callable[[dict], tuple[str, dict | None]]  # form values -> (summary, plan)
+    cache_info: gr.Markdown
+    clear_cache_btn: gr.Button
+    sign_in: SignIn | None
+    plan_state: gr.State  # the session's latest PlanView, or None
+    loaded: gr.State  # bumped after each load/unload so other tabs refresh
+
+    @property
+    def form(self) -> set:
+        """The controls whose values make a LoadConfig (a set: Gradio passes them as one dict,
+        whatever the number of GPUs)."""
+        return {
+            self.model,
+            self.revision,
+            self.dtype,
+            *self.gpu_sliders,
+            self.cpu_slider,
+            self.advanced,
+            self.offload,
+            self.quantization,
+            self.tokenizer,
+            self.fast_offload,
+            self.cpu_layers,
+        }
 
 
 def hardware_summary(hardware: Hardware) -> str:
@@ -49,10 +101,9 @@ def hardware_summary(hardware: Hardware) -> str:
 
 def quantization_availability(hardware: Hardware) -> tuple[bool, str]:
     """Whether bitsandbytes quantization can work here, and a sentence saying why not."""
-    if not hardware.gpus:
-        return False, "8-bit / 4-bit need an NVIDIA GPU (bitsandbytes); this machine has none."
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False, "8-bit / 4-bit need the bitsandbytes package: pip install bitsandbytes."
+    lacking = quantization_unavailable(bool(hardware.gpus))
+    if lacking:
+        return False, f"8-bit / 4-bit need {lacking}."
     return True, "bitsandbytes quantizes Linear weights on the GPU."
 
 
@@ -65,26 +116,12 @@ def budget_spec(gpu_gib: list[float], cpu_gib: float, advanced: str) -> str:
     return ",".join(parts)
 
 
-def status_text(status: dict) -> str:
-    """Markdown status line for what is loaded now."""
-    if not status["loaded"]:
-        return "No model loaded yet. Choose one, check the plan, then **Load model**."
-    busy = f" — {status['busy']}" if status.get("busy") else ""
-    seconds = status.get("load_seconds") or 0.0
-    return (
-        f"**{status['display_name']}** is loaded (in {seconds:.1f} s){busy}: "
-        f"{describe_placement(status['bytes_per_device'])}"
-    )
-
-
-def create_config_tab(service: DemoService) -> ConfigTab:
-    """Build the Configuration tab's components and events inside the current Blocks."""
+# ---------------------------------------------------------------------------------- layout
+def layout_config_tab(service: DemoService) -> ConfigTab:
+    """Build the Configuration tab's components inside the current Blocks."""
     initial: LoadConfig = service.initial_config()
     hardware = probe_hardware(initial.offload_folder)
-    quant_ok, quant_info = quantization_availability(hardware)
     locked = service.settings.public
-    budget = initial.max_memory.as_max_memory() if initial.max_memory else {}
-
     if locked:
         gr.Markdown(
             "**Public mode:** visitors can chat and preview plans; only an admin can load, "
@@ -92,78 +129,12 @@ def create_config_tab(service: DemoService) -> ConfigTab:
         )
     with gr.Row():
         with gr.Column(scale=3):
-            model = gr.Dropdown(
-                choices=service.model_choices(),
-                value=initial.model,
-                label="Model",
-                info="An OPT size, the built-in tiny model, a Hugging Face repo id, or a local folder.",
-                allow_custom_value=not locked,
-                interactive=True,
-            )
-            with gr.Row():
-                dtype = gr.Dropdown(list(DTYPES), value=initial.dtype, label="dtype", scale=1)
-                revision = gr.Textbox(label="Revision", placeholder="main", scale=1)
-                quantization = gr.Radio(
-                    list(QUANTIZATIONS),
-                    value="none",
-                    label="Quantization",
-                    info=quant_info,
-                    interactive=quant_ok,
-                    scale=2,
-                )
-            gpu_sliders = [
-                gr.Slider(
-                    0,
-                    round(gpu.total_bytes / GIB, 2),
-                    step=0.25,
-                    value=round(budget.get(gpu.index, 0) / GIB, 2),
-                    label=f"GPU {gpu.index} memory (GiB) — {gpu.name}",
-                )
-                for gpu in hardware.gpus[:MAX_GPU_SLIDERS]
-            ]
-            cpu_slider = gr.Slider(
-                0,
-                round(hardware.ram_total_bytes / GIB, 2),
-                step=0.25,
-                value=round(budget.get("cpu", 0) / GIB, 2),
-                label="CPU RAM (GiB)",
-                info="Layers that fit neither GPU nor this budget go to the offload folder on disk.",
-            )
-            with gr.Accordion("Advanced", open=bool(service.settings.max_memory)):
-                advanced = gr.Textbox(
-                    label="max_memory (overrides the sliders)",
-                    value=service.settings.max_memory or "",
-                    placeholder='0=5GiB,cpu=20GiB   or   {0: "5GiB", "cpu": "20GiB"}',
-                )
-                fast_offload = gr.Checkbox(
-                    value=True,
-                    label="Fast offloading",
-                    info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
-                )
-                # Only meaningful with a GPU in the map; hidden (and "auto") without one.
-                cpu_layers = gr.Dropdown(
-                    list(CPU_LAYER_POLICIES),
-                    value="auto",
-                    label="CPU-resident layers run on",
-                    info="With a GPU: auto picks the faster of GPU (weights cross PCIe) and CPU.",
-                    visible=bool(hardware.gpus),
-                )
-                tokenizer = gr.Textbox(
-                    label="Tokenizer (optional)",
-                    placeholder="another repo id or folder; empty: the model's own",
-                    interactive=not locked,
-                )
-            offload = gr.Textbox(
-                label="Offload folder",
-                value=initial.offload_folder or "",
-                placeholder="./offload — needed when layers go to disk",
-            )
-            offload_info = gr.Markdown(f"Free space there: {format_bytes(hardware.disk_free_bytes)}")
+            form = _form(service, initial, hardware)
             with gr.Row():
                 plan_btn = gr.Button("Plan", variant="secondary")
                 load_btn = gr.Button("Load model", variant="primary", interactive=not locked)
                 unload_btn = gr.Button("Unload", variant="stop", interactive=not locked)
-            status = gr.Markdown(status_text(service.manager.status().to_dict()), elem_id="od-status")
+            status = gr.Markdown(status_text(service.status()), elem_id="od-status")
         with gr.Column(scale=2):
             gr.Markdown("### Plan")
             summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
@@ -172,141 +143,245 @@ def create_config_tab(service: DemoService) -> ConfigTab:
             with gr.Row():
                 cache_info = gr.Markdown(f"**Conversion cache:** {service.conversion_cache()}")
                 clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
-            if locked and service.settings.auth:
-                with gr.Accordion("Admin sign-in", open=False):
-                    user = gr.Textbox(label="Username")
-                    password = gr.Textbox(label="Password", type="password")
-                    sign_in_btn = gr.Button("Sign in")
-                    sign_in_msg = gr.Markdown()
+            sign_in = _sign_in_form() if locked and service.settings.auth else None
+    return ConfigTab(
+        **form,
+        plan_btn=plan_btn,
+        load_btn=load_btn,
+        unload_btn=unload_btn,
+        status=status,
+        summary=summary,
+        cache_info=cache_info,
+        clear_cache_btn=clear_cache_btn,
+        sign_in=sign_in,
+        plan_state=gr.State(None),
+        loaded=gr.State(0),
+    )
 
-    plan_state = gr.State(None)
-    loaded = gr.State(0)
-    # A set of inputs makes Gradio pass one {component: value} dict, whatever the number of GPUs.
-    form = {
-        model,
-        revision,
-        dtype,
-        *gpu_sliders,
-        cpu_slider,
-        advanced,
-        offload,
-        quantization,
-        tokenizer,
-        fast_offload,
-        cpu_layers,
-    }
 
-    def config_from_form(values: dict) -> LoadConfig:
-        return service.make_config(
-            model=values[model] or "",
-            max_memory=budget_spec(
-                [float(values[s] or 0) for s in gpu_sliders],
-                float(values[cpu_slider] or 0),
-                values[advanced] or "",
-            ),
-            dtype=values[dtype] or "auto",
-            offload_folder=values[offload] or None,
-            revision=values[revision] or None,
-            quantization=values[quantization] or "none",
-            tokenizer=values[tokenizer] or None,
-            fast_offload=bool(values[fast_offload]),
-            cpu_layers=values[cpu_layers] or "auto",
+def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict[str, Any]:
+    """The controls that make a configuration, by ConfigTab field name."""
+    locked = service.settings.public
+    quant_ok, quant_info = quantization_availability(hardware)
+    budget = initial.max_memory.as_max_memory() if initial.max_memory else {}
+    controls: dict[str, Any] = {}
+    controls["model"] = gr.Dropdown(
+        choices=service.model_choices(),
+        value=initial.model,
+        label="Model",
+        info="An OPT size, the built-in tiny model, a Hugging Face repo id, or a local folder.",
+        allow_custom_value=not locked,
+        interactive=True,
+    )
+    with gr.Row():
+        controls["dtype"] = gr.Dropdown(list(DTYPES), value=initial.dtype, label="dtype", scale=1)
+        controls["revision"] = gr.Textbox(label="Revision", placeholder="main", scale=1)
+        controls["quantization"] = gr.Radio(
+            list(QUANTIZATIONS),
+            value="none",
+            label="Quantization",
+            info=quant_info,
+            interactive=quant_ok,
+            scale=2,
+        )
+    controls["gpu_sliders"] = [
+        gr.Slider(
+            0,
+            round(gpu.total_bytes / GIB, 2),
+            step=0.25,
+            value=round(budget.get(gpu.index, 0) / GIB, 2),
+            label=f"GPU {gpu.index} memory (GiB) — {gpu.name}",
+        )
+        for gpu in hardware.gpus[:MAX_GPU_SLIDERS]
+    ]
+    controls["cpu_slider"] = gr.Slider(
+        0,
+        round(hardware.ram_total_bytes / GIB, 2),
+        step=0.25,
+        value=round(budget.get("cpu", 0) / GIB, 2),
+        label="CPU RAM (GiB)",
+        info="Layers that fit neither GPU nor this budget go to the offload folder on disk.",
+    )
+    with gr.Accordion("Advanced", open=bool(service.settings.max_memory)):
+        controls["advanced"] = gr.Textbox(
+            label="max_memory (overrides the sliders)",
+            value=service.settings.max_memory or "",
+            placeholder='0=5GiB,cpu=20GiB   or   {0: "5GiB", "cpu": "20GiB"}',
+        )
+        controls["fast_offload"] = gr.Checkbox(
+            value=initial.fast_offload,
+            label="Fast offloading",
+            info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
+        )
+        # Only meaningful with a GPU in the map; hidden without one.
+        controls["cpu_layers"] = gr.Dropdown(
+            [
+                ("auto: the faster by prediction", "auto"),
+                ("gpu: prefetch weights from pinned memory", "gpu"),
+                ("cpu: compute offloaded layers on the CPU", "cpu"),
+                ("accelerate: plain Accelerate", "accelerate"),
+            ],
+            value=initial.cpu_layers,
+            label="Offloaded layers run",
+            info="With a GPU in the map. The Device map tab says which one is in force, and why.",
+            visible=bool(hardware.gpus),
+        )
+        controls["tokenizer"] = gr.Textbox(
+            label="Tokenizer (optional)",
+            placeholder="another repo id or folder; empty: the model's own",
+            interactive=not locked,
+        )
+    controls["offload"] = gr.Textbox(
+        label="Offload folder",
+        value=initial.offload_folder or "",
+        placeholder="./offload — needed when layers go to disk",
+    )
+    controls["offload_info"] = gr.Markdown(f"Free space there: {format_bytes(hardware.disk_free_bytes)}")
+    return controls
+
+
+def _sign_in_form() -> SignIn:
+    with gr.Accordion("Admin sign-in", open=False):
+        return SignIn(
+            gr.Textbox(label="Username"),
+            gr.Textbox(label="Password", type="password"),
+            gr.Button("Sign in"),
+            gr.Markdown(),
         )
 
-    def preview(values: dict) -> tuple[str, dict | None]:
-        # Shown in place, not as a pop-up: this runs on every change of a control.
-        try:
-            plan = service.plan(config_from_form(values))
-        except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
-            return f"**Cannot plan:** {to_gradio_error(exc).message}", None
-        return plan_summary(plan), plan
 
-    @user_errors
-    def load_model(values: dict, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
-        config = config_from_form(values)
+# ---------------------------------------------------------------------------------- handlers
+def config_from_form(service: DemoService, tab: ConfigTab, values: dict) -> LoadConfig:
+    """The configuration the form describes (validated by the service)."""
+    return service.make_config(
+        model=values[tab.model] or "",
+        max_memory=budget_spec(
+            [float(values[s] or 0) for s in tab.gpu_sliders],
+            float(values[tab.cpu_slider] or 0),
+            values[tab.advanced] or "",
+        ),
+        dtype=values[tab.dtype] or "auto",
+        offload_folder=values[tab.offload] or None,
+        revision=values[tab.revision] or None,
+        quantization=values[tab.quantization] or "none",
+        tokenizer=values[tab.tokenizer] or None,
+        fast_offload=bool(values[tab.fast_offload]),
+        cpu_layers=values[tab.cpu_layers] or defaults.DEFAULT_CPU_LAYERS,
+    )
 
-        def report(fraction: float | None, text: str) -> None:
+
+def preview(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Plan the form's configuration (no weights touched). Shown in place, not as a pop-up: this
+    runs on every change of a control."""
+    try:
+        view = service.plan(config_from_form(service, tab, values))
+    except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
+        return {tab.summary: f"**Cannot plan:** {to_gradio_error(exc).message}", tab.plan_state: None}
+    return {tab.summary: plan_summary(view.plan, view.prediction), tab.plan_state: view}
+
+
+@user_errors
+def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progress: Any = None) -> Updates:
+    """Load the form's configuration (or reuse the loaded model), reporting progress."""
+    config = config_from_form(service, tab, values)
+
+    def report(fraction: float | None, text: str) -> None:
+        if progress is not None:
             progress(fraction, desc=text)
 
-        result = service.load(config, session_id=request.session_hash, progress=report)
-        verb = "Reused" if result.status == "reused" else "Loaded"
-        placement = describe_placement({str(k): v for k, v in result.bytes_per_device.items()})
-        check = "as planned ✓" if result.matches_plan else "⚠ differs from the plan (see Device map)"
-        message = f"**{verb}** {config.display_name} in {result.load_seconds:.2f} s — {placement} — {check}"
-        if result.status == "reused":
-            message += "  \nConfiguration unchanged: nothing was reloaded."
-        return message, result.plan.to_dict(), time_token()
+    result = service.load(config, session_id=session_of(request), progress=report)
+    verb = "Reused" if result.status == "reused" else "Loaded"
+    check = "as planned ✓" if result.matches_plan else "⚠ differs from the plan (see Device map)"
+    message = (
+        f"**{verb}** {config.display_name} in {result.load_seconds:.2f} s — "
+        f"{describe_placement(result.bytes_per_device)} — {check}"
+    )
+    if result.status == "reused":
+        message += "  \nConfiguration unchanged: nothing was reloaded."
+    assert result.plan is not None
+    return {tab.status: message, tab.plan_state: service.view(result.plan), tab.loaded: time.monotonic()}
 
-    @user_errors
-    def unload_model(request: gr.Request) -> tuple:
-        was_loaded = service.unload(request.session_hash)
-        return ("Model unloaded; memory released." if was_loaded else "Nothing was loaded."), time_token()
 
-    @user_errors
-    def clear_cache(request: gr.Request) -> str:
-        freed = service.clear_conversion_cache(request.session_hash)
-        return f"**Conversion cache:** cleared ({format_bytes(freed)} freed). {service.conversion_cache()}"
+@user_errors
+def unload(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Unload the model and free its memory."""
+    was_loaded = service.unload(session_of(request))
+    message = "Model unloaded; memory released." if was_loaded else "Nothing was loaded."
+    return {tab.status: message, tab.loaded: time.monotonic()}
 
-    def free_space(folder: str) -> str:
-        info = probe_hardware(folder or None)
-        return f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"
 
+@user_errors
+def clear_cache(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Empty the conversion cache and say how much it freed."""
+    freed = service.clear_conversion_cache(session_of(request))
+    cleared = f"cleared ({format_bytes(freed)} freed)"
+    return {tab.cache_info: f"**Conversion cache:** {cleared}. {service.conversion_cache()}"}
+
+
+def free_space(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """The free space where the offload folder would be."""
+    info = probe_hardware(values[tab.offload] or None)
+    return {tab.offload_info: f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"}
+
+
+def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Sign this session in as an admin, unlocking loading, unloading and the cache button."""
+    form = tab.sign_in
+    assert form is not None, "the sign-in form exists only in public mode with --auth accounts"
+    if not service.sign_in(session_of(request), values[form.user], values[form.password]):
+        return {form.message: "Wrong username or password."}
+    unlocked = gr.update(interactive=True)
+    return {
+        form.message: "Signed in as admin: you can load, unload and clear the cache.",
+        **dict.fromkeys((tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer), unlocked),
+        tab.model: gr.update(allow_custom_value=True),
+    }
+
+
+def refresh_status(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """The status line for what is loaded now."""
+    return {tab.status: status_text(service.status())}
+
+
+# ---------------------------------------------------------------------------------- wiring
+def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
+    """Connect the Configuration tab's events to its handlers (all private: the API has its own)."""
+    private = {"api_visibility": "private"}
+    in_model_group = {**private, "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+    texts = (tab.revision, tab.advanced, tab.offload, tab.tokenizer)
     # Every control re-plans at once (sliders when released, text fields on Enter or leaving them).
     gr.on(
         [
-            plan_btn.click,
-            *(c.change for c in (model, dtype, quantization, fast_offload, cpu_layers)),
-            *(slider.release for slider in (*gpu_sliders, cpu_slider)),
-            *(text.submit for text in (revision, advanced, offload, tokenizer)),
-            *(text.blur for text in (revision, advanced, offload, tokenizer)),
+            tab.plan_btn.click,
+            *(c.change for c in (tab.model, tab.dtype, tab.quantization, tab.fast_offload, tab.cpu_layers)),
+            *(slider.release for slider in (*tab.gpu_sliders, tab.cpu_slider)),
+            *(text.submit for text in texts),
+            *(text.blur for text in texts),
         ],
-        preview,
-        form,
-        [summary, plan_state],
-        api_visibility="private",
+        bind(preview, service, tab),
+        tab.form,
+        [tab.summary, tab.plan_state],
         trigger_mode="always_last",
-        concurrency_id="plan",
-        concurrency_limit=4,
+        **private,
+        **PLAN_GROUP,
     )
-    offload.blur(free_space, offload, offload_info, api_visibility="private", queue=False)
-    clear_cache_btn.click(clear_cache, None, cache_info, api_visibility="private", concurrency_id="model")
-    load_btn.click(
-        load_model,
-        form,
-        [status, plan_state, loaded],
-        api_visibility="private",
-        concurrency_id="model",
-        concurrency_limit=1,
+    tab.offload.blur(bind(free_space, service, tab), {tab.offload}, tab.offload_info, queue=False, **private)
+    tab.clear_cache_btn.click(
+        bind(clear_cache, service, tab), {tab.loaded}, tab.cache_info, concurrency_id=MODEL_GROUP, **private
     )
-    unload_btn.click(
-        unload_model,
-        None,
-        [status, loaded],
-        api_visibility="private",
-        concurrency_id="model",
-        concurrency_limit=1,
+    tab.load_btn.click(
+        bind_with_progress(load, service, tab),
+        tab.form,
+        [tab.status, tab.plan_state, tab.loaded],
+        **in_model_group,
     )
-    if locked and service.settings.auth:
-
-        def sign_in_admin(username: str, secret: str, request: gr.Request) -> tuple:
-            if not service.sign_in(request.session_hash, username, secret):
-                return "Wrong username or password.", *(gr.update() for _ in range(5))
-            unlocked = gr.update(interactive=True)
-            message = "Signed in as admin: you can load, unload and clear the cache."
-            return message, unlocked, unlocked, unlocked, unlocked, gr.update(allow_custom_value=True)
-
-        sign_in_btn.click(
-            sign_in_admin,
-            [user, password],
-            [sign_in_msg, load_btn, unload_btn, clear_cache_btn, tokenizer, model],
-            api_visibility="private",
+    tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
+    if tab.sign_in is not None:
+        form = tab.sign_in
+        form.button.click(
+            bind(sign_in, service, tab),
+            {form.user, form.password},
+            [form.message, tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer, tab.model],
             queue=False,
+            **private,
         )
-    return ConfigTab(plan_state, status, loaded, summary, form, preview)
-
-
-def time_token() -> float:
-    """A fresh value for a State whose change tells other tabs to refresh."""
-    import time
-
-    return time.monotonic()

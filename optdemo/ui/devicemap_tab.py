@@ -1,10 +1,22 @@
-"""The Device map tab: where every layer goes (the plan) and where it went (the loaded model)."""
+"""The Device map tab: where every layer goes (the plan) and where it went (the loaded model).
+
+:func:`layout_devicemap_tab` builds the components (a :class:`DeviceMapTab`), the handler
+:func:`refresh` redraws them from the session's plan and the loaded model, and
+:func:`wire_devicemap_tab` redraws on every new plan, load or unload, and when the tab is opened.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import gradio as gr
 
-from optdemo.service import DemoService
+from optdemo.planner import Plan
+from optdemo.service import DemoService, PlanView
+from optdemo.speed import SpeedPrediction
+from optdemo.status import ModelStatus
+from optdemo.ui.binding import Updates, bind
 from optdemo.ui.render import device_map_rows, render_device_map
 
 TABLE_HEADERS = ["Module", "Device", "Size", "Planned", "Difference"]
@@ -14,75 +26,90 @@ EMPTY_HTML = (
 )
 
 
-def render_tab(plan: dict | None, service: DemoService) -> tuple[str, str, list[list[str]]]:
-    """Heading, picture and table for this session's plan and the loaded model.
+@dataclass
+class DeviceMapTab:
+    """The Device map tab's components, and the session's plan it draws."""
+
+    heading: gr.Markdown
+    picture: gr.HTML
+    table: gr.Dataframe
+    plan_state: gr.State  # the Configuration tab's PlanView state
+
+
+def render_tab(
+    view: PlanView | None, status: ModelStatus, prediction: SpeedPrediction | None
+) -> tuple[str, str, list[list[str]]]:
+    """Heading, picture and table for this session's plan and the loaded model (``status``, with
+    its predicted speed).
 
     The loaded model is drawn with its actual placement (differences from its plan outlined in
     red); a plan preview for a different configuration is drawn above it.
     """
-    status = service.manager.status().to_dict()
-    loaded_plan = status.get("plan")
     sections: list[str] = []
     heading: list[str] = []
     table: list[list[str]] = []
-    showing_loaded = loaded_plan is not None
-    if plan is not None and not (showing_loaded and _same_plan(plan, loaded_plan)):
-        sections.append(render_device_map(plan, title=f"Plan preview: {plan['display_name']} (not loaded)"))
+    if view is not None and not (status.plan is not None and _same_plan(view.plan, status.plan)):
+        plan = view.plan
+        sections.append(render_device_map(plan, title=f"Plan preview: {plan.display_name} (not loaded)"))
         heading.append(
-            f"**Plan preview** for {plan['display_name']}: nothing is loaded for it yet.{_speed(plan)}"
+            f"**Plan preview** for {plan.display_name}: nothing is loaded for it yet. "
+            f"Predicted speed: {view.prediction.summary()}."
         )
         table = device_map_rows(plan)
-    if showing_loaded:
-        actual = status["device_map"]
-        differences = [row for row in device_map_rows(loaded_plan, actual) if row[4]]
-        verdict = (
-            "every module is where the plan put it ✓"
-            if not differences
-            else f"⚠ {len(differences)} module(s) differ from the plan (outlined in red)"
-        )
+    if status.plan is not None:
+        heading.append(_loaded_heading(status, prediction))
+        title = f"Loaded: {status.display_name} — actual placement"
         # The legend shows the bytes that really landed on each device.
-        landed = {**loaded_plan, "bytes_per_device": status["bytes_per_device"]}
-        title = f"Loaded: {status['display_name']} — actual placement"
-        sections.append(render_device_map(landed, actual, title=title))
-        prediction = service.loaded_prediction()
-        speed = f" Predicted speed: {prediction['summary']}." if prediction else ""
-        measured = status.get("last_generation")
-        if measured and measured.get("tokens_per_second"):
-            rate = measured["tokens_per_second"]
-            speed += f" Measured on the last reply: {1 / rate:.3g} s/token ({rate:.3g} tokens/s)."
-        tier = status.get("disk_tier") or {}
-        mapped = (
-            " Disk layers are memory-mapped (served from the page cache, no per-token copies)."
-            if tier.get("memory_mapped_modules")
-            else ""
-        )
-        policy = status.get("cpu_layers")
-        runs = (
-            f" CPU-resident layers run on the {policy['runs_on'].upper()}: {policy['reason']}."
-            if policy
-            else ""
-        )
-        heading.append(f"**Loaded** {status['display_name']}: {verdict}.{speed}{mapped}{runs}")
-        table = table or device_map_rows(loaded_plan, actual)
+        sections.append(render_device_map(status.plan, status.device_map, title, status.bytes_per_device))
+        table = table or device_map_rows(status.plan, status.device_map)
     if not sections:
         return "", EMPTY_HTML, []
     return "  \n".join(heading), '<hr style="margin:16px 0">'.join(sections), table
 
 
-def _speed(plan: dict) -> str:
-    prediction = plan.get("prediction")
-    return f" Predicted speed: {prediction['summary']}." if prediction else ""
+def _loaded_heading(status: ModelStatus, prediction: SpeedPrediction | None) -> str:
+    """One paragraph on the loaded model: plan check, predicted and measured speed, disk tier and
+    where CPU-resident layers run."""
+    differences = len(status.plan_differences)
+    verdict = (
+        "every module is where the plan put it ✓"
+        if not differences
+        else f"⚠ {differences} module(s) differ from the plan (outlined in red)"
+    )
+    speed = f" Predicted speed: {prediction.summary()}." if prediction else ""
+    measured = status.last_stats
+    if measured is not None and measured.tokens_per_second:
+        rate = measured.tokens_per_second
+        speed += f" Measured on the last reply: {1 / rate:.3g} s/token ({rate:.3g} tokens/s)."
+    tier = status.disk_tier
+    mapped = (
+        " Disk layers are memory-mapped (served from the page cache, no per-token copies)."
+        if tier is not None and tier.mapped_modules
+        else ""
+    )
+    policy = status.cpu_layers
+    runs = f" Offloaded layers: {policy.policy} policy, {policy.reason}." if policy else ""
+    return f"**Loaded** {status.display_name}: {verdict}.{speed}{mapped}{runs}"
 
 
-def _same_plan(plan: dict, loaded_plan: dict) -> bool:
+def _same_plan(plan: Plan, loaded_plan: Plan) -> bool:
     """Whether the session's plan is for the configuration the loaded model was loaded with
     (warnings may differ: they depend on the free RAM at the time)."""
-    keys = ("model", "dtype", "budget", "device_map")
-    return all(plan.get(key) == loaded_plan.get(key) for key in keys)
+    return all(
+        getattr(plan, key) == getattr(loaded_plan, key) for key in ("model", "dtype", "budget", "device_map")
+    )
 
 
-def create_devicemap_tab(service: DemoService) -> tuple[gr.Markdown, gr.HTML, gr.Dataframe]:
-    """Build the Device map tab's components; the wiring refreshes them."""
+def refresh(service: DemoService, tab: DeviceMapTab, values: dict, request: Any) -> Updates:
+    """Redraw the tab for this session's plan and the loaded model."""
+    heading, picture, table = render_tab(
+        values[tab.plan_state], service.status(), service.loaded_prediction()
+    )
+    return {tab.heading: heading, tab.picture: picture, tab.table: table}
+
+
+def layout_devicemap_tab(plan_state: gr.State) -> DeviceMapTab:
+    """Build the Device map tab's components, drawing ``plan_state`` (a PlanView state)."""
     gr.Markdown(
         "Each block is a decoder layer (numbered), an embedding, the final norm or the LM head, "
         "coloured by where its weights live: **GPUs** green, **CPU** blue, **disk** orange. Hover a "
@@ -92,4 +119,16 @@ def create_devicemap_tab(service: DemoService) -> tuple[gr.Markdown, gr.HTML, gr
     picture = gr.HTML(EMPTY_HTML, elem_id="od-devicemap")
     with gr.Accordion("Module table", open=False):
         table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
-    return heading, picture, table
+    return DeviceMapTab(heading, picture, table, plan_state)
+
+
+def wire_devicemap_tab(service: DemoService, tab: DeviceMapTab, triggers: list[Any]) -> None:
+    """Redraw the tab on each of ``triggers`` (events: a new plan, a load, opening the tab)."""
+    gr.on(
+        triggers,
+        bind(refresh, service, tab),
+        {tab.plan_state},
+        [tab.heading, tab.picture, tab.table],
+        api_visibility="private",
+        queue=False,
+    )

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from optdemo.errors import OptdemoError
+from optdemo.errors import NoModelError, OptdemoError
 from optdemo.models import scrub_token
 
 log = logging.getLogger("optdemo")
@@ -27,13 +27,20 @@ def to_gradio_error(exc: BaseException) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, OptdemoError):
-        return gr.Error(scrub_token(str(exc)), print_exception=False)
+        return gr.Error(scrub_token(str(exc)) + _ui_advice(exc), print_exception=False)
     log.exception("unexpected error", exc_info=exc)
     return gr.Error(
         f"Something went wrong ({type(exc).__name__}: {scrub_token(str(exc))[:200]}). The app is "
         "still running: try again, and report this if it repeats.",
         print_exception=False,
     )
+
+
+def _ui_advice(exc: OptdemoError) -> str:
+    """Where in this UI to act on an engine error (the engine's messages never name the UI)."""
+    if isinstance(exc, NoModelError):
+        return " (in the Configuration tab)"
+    return ""
 
 
 def user_errors(fn: F) -> F:

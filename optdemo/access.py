@@ -1,0 +1,129 @@
+"""Who may do what: the deployment's access rules, in one place.
+
+Outside public mode the person at the machine is the admin and everything is allowed. In public
+mode (``--share``, ``--lock-config``, or a Hugging Face Space; see :class:`AppSettings.public`)
+visitors may chat and preview plans of the allowed models, and only sessions signed in with an
+``--auth`` account may load, unload or clear the conversion cache. Offload folders are confined
+under ``--offload-base`` (always in public mode). Refusals say the true reason and the remedy.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import threading
+
+from optdemo.config import LoadConfig, normalize_model
+from optdemo.errors import AccessError
+from optdemo.settings import AppSettings
+
+
+class AccessPolicy:
+    """The deployment's access rules and the sessions signed in as admins; thread-safe."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self._admins: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- admins
+    def is_admin(self, session_id: str | None) -> bool:
+        """Whether this session may change the configuration (always, outside public mode)."""
+        if not self.settings.public:
+            return True
+        with self._lock:
+            return session_id is not None and session_id in self._admins
+
+    def sign_in(self, session_id: str | None, username: str, password: str) -> bool:
+        """Make this session an admin if the credentials match one ``--auth`` account (compared
+        in constant time, every account checked)."""
+        ok = False
+        for user, secret in self.settings.auth:
+            ok |= hmac.compare_digest(str(username), user) & hmac.compare_digest(str(password), secret)
+        if ok and session_id:
+            with self._lock:
+                self._admins.add(session_id)
+        return ok
+
+    def require_admin(self, session_id: str | None, action: str) -> None:
+        """Refuse ``action`` (e.g. "unload the model") unless this session is an admin.
+
+        Raises:
+            AccessError: saying why visitors are refused here and what would allow it.
+        """
+        if not self.is_admin(session_id):
+            raise AccessError(f"visitors cannot {action}: {self.public_reason()}; {self.remedy()}")
+
+    def public_reason(self) -> str:
+        """Why this deployment is in public mode, as the settings say."""
+        settings = self.settings
+        if settings.on_space:
+            return "this app runs on a Hugging Face Space, where anyone can reach it"
+        if settings.share and settings.lock_config:
+            return (
+                "this app is shared with a public link (--share) and its configuration is locked "
+                "(--lock-config)"
+            )
+        if settings.share:
+            return "this app is shared with a public link (--share)"
+        return "the configuration is locked (--lock-config)"
+
+    def remedy(self) -> str:
+        """What would allow a configuration change: signing in, or the operator restarting."""
+        settings = self.settings
+        if settings.auth:
+            return "sign in as an admin to change it"
+        if settings.on_space:
+            return (
+                "the operator must add an admin account (the OPTDEMO_AUTH secret, USER:PASS) and "
+                "restart the Space, or run the app off the Space"
+            )
+        without = " and ".join(
+            flag for flag, on in (("--share", settings.share), ("--lock-config", settings.lock_config)) if on
+        )
+        return f"the operator must restart the app with --auth USER:PASS, or without {without}"
+
+    # ---------------------------------------------------------------- what visitors may name
+    def allowed_models(self) -> tuple[str, ...]:
+        """Models visitors may name in public mode: ``--allow-model`` entries, else the configured one."""
+        names = self.settings.allow_models or (self.settings.model,)
+        return tuple(normalize_model(name) for name in names)
+
+    def check_config(self, config: LoadConfig) -> None:
+        """Refuse, in public mode, a model that is not allowed or a tokenizer of the visitor's choice.
+
+        Raises:
+            AccessError: naming what is allowed.
+        """
+        if not self.settings.public:
+            return
+        if config.model not in self.allowed_models():
+            raise AccessError(
+                f"{config.model} is not offered here: this public deployment allows "
+                f"{', '.join(self.allowed_models())}"
+            )
+        if config.tokenizer is not None:
+            raise AccessError("visitors cannot choose another tokenizer in this public deployment")
+
+    def confine_offload(self, folder: str | None) -> str | None:
+        """The offload folder to use for ``folder``: kept under ``--offload-base`` (always in public
+        mode), ``..`` and symlinks resolved first; None for an empty field.
+
+        Raises:
+            AccessError: the folder lies outside the base.
+        """
+        if not folder or not folder.strip():
+            return None
+        candidate = folder.strip()
+        base = self.settings.confined_offload_base
+        if base is None:
+            return candidate
+        base_real = os.path.realpath(base)
+        target = os.path.realpath(
+            candidate if os.path.isabs(candidate) else os.path.join(base_real, candidate)
+        )
+        if os.path.commonpath([base_real, target]) != base_real:
+            raise AccessError(
+                f"the offload folder must be inside {base_real}: {candidate[:80]!r} is outside it"
+            )
+        return target

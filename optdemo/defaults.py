@@ -1,0 +1,53 @@
+"""Every limit, default and wait time of the app, in one place.
+
+The engine (generation, manager), the settings (flags and their defaults), the service and the UI
+(sliders, text boxes, the API's parameter defaults) all read these names, so a number changes in one
+line. Public deployments may lower the ``DEFAULT_*`` caps with flags; the hard ceilings hold always.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- sampling defaults
+# What a reply uses when nobody says otherwise: the chat sliders, /chat and /generate, and
+# GenerationParams() all start here.
+MAX_NEW_TOKENS = 64  # tokens one reply generates at most
+TEMPERATURE = 0.7  # 0 means greedy decoding (deterministic)
+TOP_P = 0.9  # nucleus sampling mass, in (0, 1]
+TOP_K = 50  # sample among the k most likely tokens; 0 disables the filter
+REPETITION_PENALTY = 1.1  # 1.0 means no penalty
+
+# ---------------------------------------------------------------- offloading with a GPU
+# Where offloaded layers run with a GPU in the map (LoadConfig.cpu_layers, --cpu-layers, /load).
+# "auto" became the default once measured on a GPU (docs/BENCHMARKS.md, H100, 2026-11-25): on
+# opt-6.7b it picked the faster policy in both maps, 7x and 4x faster than plain Accelerate, within
+# the stated memory bounds.
+CPU_LAYER_POLICIES = ("auto", "accelerate", "gpu", "cpu")
+DEFAULT_CPU_LAYERS = "auto"
+
+# ---------------------------------------------------------------- hard ceilings (the engine's)
+MAX_NEW_TOKENS_LIMIT = 4096  # no deployment may allow more tokens per reply
+MAX_TEMPERATURE = 5.0
+MAX_TOP_K = 100_000
+REPETITION_PENALTY_RANGE = (0.5, 5.0)
+MAX_PROMPT_CHARS = 100_000  # longest prompt the engine accepts, whatever the deployment allows
+
+# ---------------------------------------------------------------- deployment caps (flags lower them)
+DEFAULT_MAX_NEW_TOKENS_CAP = 512  # --max-new-tokens-cap
+DEFAULT_MAX_MESSAGE_CHARS = 4000  # --max-message-chars: longest message or prompt a visitor sends
+DEFAULT_MAX_HISTORY_TURNS = 50  # --max-history-turns: chat turns kept per session
+DEFAULT_QUEUE_SIZE = 64  # --queue-size: waiting requests before new ones are refused
+MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used are forgotten)
+
+# ---------------------------------------------------------------- wait times (seconds)
+# How long a load (or unload) waits for a running generation to notice its stop event and end.
+LOAD_WAIT_SECONDS = 120.0
+# How long a generation waits for the model (a load, or other users' generations) before giving up.
+GENERATION_WAIT_SECONDS = 600.0
+
+
+def describe_seconds(seconds: float) -> str:
+    """``2 minutes``, ``90 s``: a wait time as people say it, for messages."""
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{seconds:g} s"

@@ -1,0 +1,160 @@
+"""The access policy and the session store, as plain objects: no gradio, no model."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from optdemo.access import AccessPolicy
+from optdemo.config import LoadConfig
+from optdemo.errors import AccessError
+from optdemo.sessions import SessionStore
+from optdemo.settings import AppSettings, parse_settings
+
+ADMIN = (("admin", "s3cret"),)
+
+
+# ---------------------------------------------------------------------------------- admins
+def test_outside_public_mode_everyone_is_admin() -> None:
+    policy = AccessPolicy(AppSettings())
+    assert policy.is_admin(None) and policy.is_admin("anyone")
+    policy.require_admin("anyone", "unload the model")  # no error
+    assert policy.confine_offload("  ./off  ") == "./off"
+    policy.check_config(LoadConfig("facebook/opt-66b", tokenizer="gpt2"))  # anything goes
+
+
+def test_sign_in_makes_only_that_session_admin() -> None:
+    policy = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN))
+    assert not policy.is_admin("a")
+    assert policy.sign_in("a", "admin", "wrong") is False
+    assert policy.sign_in("a", "nobody", "s3cret") is False
+    assert not policy.is_admin("a")
+    assert policy.sign_in("a", "admin", "s3cret") is True
+    assert policy.is_admin("a")
+    assert not policy.is_admin("b") and not policy.is_admin(None)
+    # Right credentials without a session (an anonymous call) make nobody admin.
+    assert policy.sign_in(None, "admin", "s3cret") is True
+    assert not policy.is_admin(None)
+
+
+def refusal(settings: AppSettings) -> str:
+    with pytest.raises(AccessError) as info:
+        AccessPolicy(settings).require_admin("visitor", "unload the model")
+    return str(info.value)
+
+
+def test_refusal_with_accounts_says_sign_in() -> None:
+    message = refusal(AppSettings(lock_config=True, auth=ADMIN))
+    assert message == (
+        "visitors cannot unload the model: the configuration is locked (--lock-config); "
+        "sign in as an admin to change it"
+    )
+
+
+def test_refusal_names_the_true_reason_and_remedy() -> None:
+    assert refusal(AppSettings(share=True)) == (
+        "visitors cannot unload the model: this app is shared with a public link (--share); "
+        "the operator must restart the app with --auth USER:PASS, or without --share"
+    )
+    assert refusal(AppSettings(lock_config=True)) == (
+        "visitors cannot unload the model: the configuration is locked (--lock-config); "
+        "the operator must restart the app with --auth USER:PASS, or without --lock-config"
+    )
+    both = refusal(AppSettings(share=True, lock_config=True))
+    assert both.endswith("with --auth USER:PASS, or without --share and --lock-config")
+    # On a Space public mode comes from the Space itself (settings turn lock_config on there too).
+    space = refusal(parse_settings([], env={"SPACE_ID": "me/demo"}))
+    assert "runs on a Hugging Face Space" in space
+    assert "OPTDEMO_AUTH" in space and "--lock-config" not in space
+    # Engine messages never name a tab of the UI.
+    for message in (space, both, refusal(AppSettings(share=True, auth=ADMIN))):
+        assert "tab" not in message
+
+
+# ---------------------------------------------------------------------------------- what visitors may name
+def test_allowed_models_default_to_the_configured_one() -> None:
+    policy = AccessPolicy(AppSettings(model="opt-125m", lock_config=True))
+    assert policy.allowed_models() == ("facebook/opt-125m",)
+    policy.check_config(LoadConfig("opt-125m"))
+    with pytest.raises(AccessError) as info:
+        policy.check_config(LoadConfig("opt-350m"))
+    assert str(info.value) == (
+        "facebook/opt-350m is not offered here: this public deployment allows facebook/opt-125m"
+    )
+    with pytest.raises(AccessError, match="cannot choose another tokenizer"):
+        policy.check_config(LoadConfig("opt-125m", tokenizer="gpt2"))
+    listed = AccessPolicy(AppSettings(lock_config=True, allow_models=("opt-125m", "opt-1.3b")))
+    assert listed.allowed_models() == ("facebook/opt-125m", "facebook/opt-1.3b")
+
+
+def test_offload_folders_are_confined(tmp_path: Path) -> None:
+    base = tmp_path / "offload"
+    base.mkdir()
+    policy = AccessPolicy(AppSettings(lock_config=True, offload_base=str(base)))
+    real = os.path.realpath(base)
+    assert policy.confine_offload("") is None and policy.confine_offload("   ") is None
+    assert policy.confine_offload("run1") == os.path.join(real, "run1")
+    assert policy.confine_offload(str(base / "a" / ".." / "b")) == os.path.join(real, "b")
+    for outside in ("../escape", "/etc", str(tmp_path)):
+        with pytest.raises(AccessError, match=f"must be inside {real}"):
+            policy.confine_offload(outside)
+    (base / "link").symlink_to(tmp_path)
+    with pytest.raises(AccessError, match="is outside it"):
+        policy.confine_offload("link/x")
+
+
+# ---------------------------------------------------------------------------------- session store
+def test_stop_sets_only_the_sessions_running_reply() -> None:
+    store = SessionStore(max_history_turns=5)
+    assert store.stop("a") is False
+    first = store.start_reply("a")
+    other = store.start_reply("b")
+    assert store.stop("a") is True
+    assert first.is_set() and not other.is_set()
+    store.end_reply("a", first)
+    assert store.stop("a") is False
+
+
+def test_a_newer_reply_keeps_its_stop_event() -> None:
+    store = SessionStore(max_history_turns=5)
+    old = store.start_reply("a")
+    new = store.start_reply("a")
+    store.end_reply("a", old)  # the old reply ends after the new one started
+    assert store.stop("a") is True
+    assert new.is_set() and not old.is_set()
+
+
+def test_histories_are_capped_per_session_and_least_recently_used_go_first() -> None:
+    store = SessionStore(max_history_turns=2, max_sessions=2)
+    for i in range(3):
+        store.remember("a", (f"q{i}", f"r{i}"))
+    assert store.history("a") == [("q1", "r1"), ("q2", "r2")]
+    store.remember("b", ("hi", "hello"))
+    store.remember("a", ("q3", "r3"))  # "a" is now the most recently used
+    store.remember("c", ("x", "y"))  # over two sessions: "b" goes
+    assert store.history("b") == []
+    assert store.history("a") == [("q2", "r2"), ("q3", "r3")]
+    assert store.history("c") == [("x", "y")]
+    copy = store.history("c")
+    copy.append(("changed", "outside"))
+    assert store.history("c") == [("x", "y")]
+    store.forget("c")
+    assert store.history("c") == []
+
+
+def test_the_store_is_safe_under_concurrent_sessions() -> None:
+    store = SessionStore(max_history_turns=1000, max_sessions=1000)
+
+    def chat(session: str) -> None:
+        for i in range(200):
+            store.remember(session, (str(i), str(i)))
+
+    threads = [threading.Thread(target=chat, args=(f"s{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(len(store.history(f"s{n}")) == 200 for n in range(8))

@@ -1,0 +1,298 @@
+"""The tabs' handlers called directly: no browser, no launched server.
+
+Components are built inside a ``gr.Blocks()`` (never launched) only to serve as the keys of the
+``{component: value}`` dicts handlers read and return. Chat handlers run against a scripted manager
+whose replies are known; the Configuration and Device map handlers plan the built-in tiny model and
+load a tiny random one.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+from app_fixtures import ScriptedManager
+
+from optdemo.manager import ModelManager
+from optdemo.service import DemoService, PlanView
+from optdemo.settings import AppSettings
+from optdemo.ui import chat_tab, config_tab, devicemap_tab
+from optdemo.ui.chat_tab import ChatTab, to_messages
+
+REQUEST = SimpleNamespace(session_hash="session-1")
+PARIS = ["Paris", "Paris is", "Paris is the capital."]
+STATS = "3 tokens · first token 0.01 s · 10.0 tokens/s · 0.10 s total"
+
+
+# ---------------------------------------------------------------------------------- chat
+def chat_ui(script: dict[str, list[list[str]]], **settings: object) -> tuple[DemoService, ChatTab]:
+    service = DemoService(ScriptedManager(script), AppSettings(**settings))  # type: ignore[arg-type]
+    with gr.Blocks():
+        tab = chat_tab.layout_chat_tab(service)
+    return service, tab
+
+
+def chat_values(tab: ChatTab, message: str = "", turns: list | None = None, **controls: object) -> dict:
+    """What Gradio passes: the message, the session's turns and the sampling controls' values."""
+    values = {control: control.value for control in tab.controls.all()}
+    for name, value in controls.items():
+        values[getattr(tab.controls, name)] = value
+    return {**values, tab.message: message, tab.turns: turns or []}
+
+
+def turn(user: str, assistant: str, stats: str = STATS) -> dict:
+    return {"user": user, "assistant": assistant, "stats": stats}
+
+
+def test_respond_streams_the_reply_then_keeps_the_turn() -> None:
+    service, tab = chat_ui({"Capital?": [PARIS]})
+    updates = list(chat_tab.respond(service, tab, chat_values(tab, "Capital?"), REQUEST))
+    # The message shows at once with a placeholder, then each streamed step, then the kept turn.
+    assert [u[tab.chatbot][-1]["content"] for u in updates] == [
+        "…",
+        "Paris",
+        "Paris is",
+        f"Paris is the capital.\n\n<sub>{STATS}</sub>",
+        f"Paris is the capital.\n\n<sub>{STATS}</sub>",
+    ]
+    assert all(u[tab.message] == "" for u in updates)
+    assert [u[tab.turns] for u in updates[:-1]] == [[]] * 4  # the state changes once, at the end
+    assert updates[-1][tab.turns] == [turn("Capital?", "Paris is the capital.")]
+
+
+def test_a_failed_reply_restores_the_chat_and_the_message() -> None:
+    service, tab = chat_ui({})  # no reply: fails as with no model loaded
+    earlier = [turn("Hi", "Hello")]
+    stream = chat_tab.respond(service, tab, chat_values(tab, "Still there?", earlier), REQUEST)
+    updates = []
+    with pytest.raises(gr.Error) as info:
+        updates.extend(stream)
+    assert info.value.message == "no model is loaded: load one first (in the Configuration tab)"
+    assert updates[-1] == {tab.chatbot: to_messages(earlier), tab.turns: earlier, tab.message: "Still there?"}
+
+
+def test_bad_parameters_restore_the_chat() -> None:
+    service, tab = chat_ui({"Hi": [["Hello"]]}, max_new_tokens_cap=32)
+    values = chat_values(tab, "Hi", max_new_tokens=100)
+    stream = chat_tab.respond(service, tab, values, REQUEST)
+    with pytest.raises(gr.Error, match="max_new_tokens is capped at 32 here; you asked for 100"):
+        assert next(stream) == {tab.chatbot: [], tab.turns: [], tab.message: "Hi"}
+        next(stream)
+
+
+def test_history_cap_refuses_and_keeps_the_conversation() -> None:
+    service, tab = chat_ui({"Third": [["never"]]}, max_history_turns=2)
+    full = [turn("One", "1"), turn("Two", "2")]
+    updates = []
+    with pytest.raises(gr.Error) as info:
+        updates.extend(chat_tab.respond(service, tab, chat_values(tab, "Third", full), REQUEST))
+    assert info.value.message == (
+        "this conversation has reached the limit of 2 turns here: clear it (or undo a turn) to go on"
+    )
+    assert updates[-1] == {tab.chatbot: to_messages(full), tab.turns: full, tab.message: "Third"}
+    # One turn fewer (after an undo) and the conversation goes on, with the whole history sent.
+    service.manager.script["Third"] = [["Three"]]
+    *_, last = chat_tab.respond(service, tab, chat_values(tab, "Third", full[:1]), REQUEST)
+    assert last[tab.turns] == [full[0], turn("Third", "Three", last[tab.turns][1]["stats"])]
+    assert service.manager.histories[-1] == [("One", "1")]
+
+
+def test_retry_replaces_the_last_reply() -> None:
+    service, tab = chat_ui({"Capital?": [PARIS]})
+    first = [turn("Hi", "Hello"), turn("Capital?", "Lyon")]
+    *_, last = chat_tab.retry(service, tab, chat_values(tab, "", first), REQUEST)
+    assert last == {
+        tab.chatbot: to_messages([first[0], turn("Capital?", "Paris is the capital.")]),
+        tab.turns: [first[0], turn("Capital?", "Paris is the capital.")],
+    }
+    # The retried message was sent after the earlier turns only.
+    assert service.manager.histories == [[("Hi", "Hello")]]
+
+
+def test_a_failed_retry_keeps_the_last_turn() -> None:
+    service, tab = chat_ui({})
+    history = [turn("Hi", "Hello")]
+    updates = []
+    with pytest.raises(gr.Error, match="no model is loaded"):
+        updates.extend(chat_tab.retry(service, tab, chat_values(tab, "", history), REQUEST))
+    assert updates[-1] == {tab.chatbot: to_messages(history), tab.turns: history}
+
+
+def test_retry_with_nothing_to_retry() -> None:
+    service, tab = chat_ui({})
+    with pytest.raises(gr.Error, match="Nothing to retry yet"):
+        list(chat_tab.retry(service, tab, chat_values(tab), REQUEST))
+
+
+def test_undo_puts_the_last_message_back_and_clear_forgets() -> None:
+    service, tab = chat_ui({})
+    history = [turn("Hi", "Hello"), turn("Capital?", "Paris")]
+    assert chat_tab.undo(service, tab, {tab.turns: history}, REQUEST) == {
+        tab.chatbot: to_messages(history[:1]),
+        tab.turns: history[:1],
+        tab.message: "Capital?",
+    }
+    assert chat_tab.undo(service, tab, {tab.turns: []}, REQUEST) == {
+        tab.chatbot: [],
+        tab.turns: [],
+        tab.message: "",
+    }
+    assert chat_tab.clear(service, tab, {tab.turns: history}, REQUEST) == {tab.chatbot: [], tab.turns: []}
+
+
+def test_stop_ends_this_sessions_reply_only() -> None:
+    service, tab = chat_ui({"Long": [["One", "One two", "One two three"]]})
+    service.manager.pause = threading.Event()
+    stream = chat_tab.respond(service, tab, chat_values(tab, "Long"), REQUEST)
+    next(stream)  # the placeholder
+    assert next(stream)[tab.chatbot][-1]["content"] == "One"
+    other = SimpleNamespace(session_hash="session-2")
+    assert chat_tab.stop(service, tab, {}, other) == {}
+    assert service.sessions.stop("session-2") is False  # nothing runs there
+    chat_tab.stop(service, tab, {}, REQUEST)
+    service.manager.pause.set()
+    *_, last = stream
+    (kept,) = last[tab.turns]
+    assert kept["assistant"] == "One two"  # one more step, then it stopped
+    assert kept["stats"].endswith("· stopped")
+
+
+def test_complete_streams_the_continuation_and_its_stats() -> None:
+    service, tab = chat_ui({"Once upon a time": [[" there", " there was"]]})
+    values = {**chat_values(tab), tab.prompt: "Once upon a time"}
+    updates = list(chat_tab.complete(service, tab, values, REQUEST))
+    assert updates == [
+        {tab.completion: " there", tab.completion_stats: ""},
+        {tab.completion: " there was", tab.completion_stats: updates[-1][tab.completion_stats]},
+    ]
+    assert updates[-1][tab.completion_stats].startswith("2 tokens")
+
+
+def test_mode_switch_and_model_line() -> None:
+    service, tab = chat_ui({})
+    shown = chat_tab.switch_mode(service, tab, {tab.mode: "Completion"}, REQUEST)
+    assert shown[tab.chat_box]["visible"] is False and shown[tab.completion_box]["visible"] is True
+    line = chat_tab.refresh_model_line(service, tab, {}, REQUEST)
+    assert line == {tab.model_line: "No model loaded yet. Choose one, check the plan, then **Load model**."}
+
+
+# ---------------------------------------------------------------------------------- configuration
+def config_ui(**settings: object) -> tuple[DemoService, config_tab.ConfigTab]:
+    service = DemoService(ModelManager(), AppSettings(**settings))  # type: ignore[arg-type]
+    with gr.Blocks():
+        tab = config_tab.layout_config_tab(service)
+    return service, tab
+
+
+def form_values(tab: config_tab.ConfigTab, **changes: object) -> dict:
+    """The form as the page starts, with some controls changed (by ConfigTab field name)."""
+    values = {control: control.value for control in tab.form}
+    for name, value in changes.items():
+        values[getattr(tab, name)] = value
+    return values
+
+
+def test_preview_plans_the_form() -> None:
+    service, tab = config_ui()
+    updates = config_tab.preview(service, tab, form_values(tab, advanced="cpu=1GiB"), REQUEST)
+    view = updates[tab.plan_state]
+    assert isinstance(view, PlanView) and view.plan.model == "optdemo/tiny-opt"
+    assert view.plan.bytes_per_device == {"cpu": view.plan.total_bytes}
+    assert updates[tab.summary].startswith("**tiny-opt** (")
+    assert "fits" in updates[tab.summary] and view.prediction.summary() in updates[tab.summary]
+
+
+def test_preview_shows_a_bad_budget_in_place() -> None:
+    service, tab = config_ui()
+    updates = config_tab.preview(service, tab, form_values(tab, advanced="cpu=lots"), REQUEST)
+    assert updates[tab.plan_state] is None
+    assert updates[tab.summary].startswith("**Cannot plan:** ")
+    assert "not a size" in updates[tab.summary]
+
+
+def test_sign_in_unlocks_the_admin_controls() -> None:
+    service, tab = config_ui(lock_config=True, auth=(("admin", "pw"),))
+    form = tab.sign_in
+    assert form is not None
+    assert tab.load_btn.interactive is False
+    wrong = config_tab.sign_in(service, tab, {form.user: "admin", form.password: "nope"}, REQUEST)
+    assert wrong == {form.message: "Wrong username or password."}
+    assert not service.is_admin(REQUEST.session_hash)
+    right = config_tab.sign_in(service, tab, {form.user: "admin", form.password: "pw"}, REQUEST)
+    assert right[form.message] == "Signed in as admin: you can load, unload and clear the cache."
+    for control in (tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer):
+        assert right[control]["interactive"] is True
+    assert right[tab.model]["allow_custom_value"] is True
+    assert service.is_admin(REQUEST.session_hash)
+    assert not service.is_admin("someone-else")
+
+
+def test_no_sign_in_form_without_accounts() -> None:
+    _, tab = config_ui(lock_config=True)
+    assert tab.sign_in is None
+
+
+def test_visitors_cannot_unload() -> None:
+    service, tab = config_ui(lock_config=True, auth=(("admin", "pw"),))
+    with pytest.raises(gr.Error) as info:
+        config_tab.unload(service, tab, {}, REQUEST)
+    assert info.value.message == (
+        "visitors cannot unload the model: the configuration is locked (--lock-config); "
+        "sign in as an admin to change it"
+    )
+
+
+@pytest.mark.slow
+def test_load_then_device_map_then_unload(tiny_model_dir: Path) -> None:
+    service, tab = config_ui(model=str(tiny_model_dir))
+    values = form_values(tab, advanced="cpu=1GiB")
+    loaded = config_tab.load(service, tab, values, REQUEST)
+    assert loaded[tab.status].startswith(f"**Loaded** {tiny_model_dir.name} in ")
+    assert loaded[tab.status].endswith("— as planned ✓")
+    view = loaded[tab.plan_state]
+    assert view.plan == service.status().plan
+    again = config_tab.load(service, tab, values, REQUEST)
+    assert again[tab.status].startswith(f"**Reused** {tiny_model_dir.name} in ")
+    assert again[tab.status].endswith("Configuration unchanged: nothing was reloaded.")
+    assert again[tab.loaded] > loaded[tab.loaded]
+
+    with gr.Blocks():
+        device_map = devicemap_tab.layout_devicemap_tab(tab.plan_state)
+    drawn = devicemap_tab.refresh(service, device_map, {tab.plan_state: view}, REQUEST)
+    assert drawn[device_map.heading].startswith(f"**Loaded** {tiny_model_dir.name}: every module is where")
+    assert "Plan preview" not in drawn[device_map.heading]  # the session's plan is the loaded one
+    assert len(drawn[device_map.table]) == len(view.plan.blocks)
+
+    unloaded = config_tab.unload(service, tab, {}, REQUEST)
+    assert unloaded[tab.status] == "Model unloaded; memory released."
+    assert config_tab.unload(service, tab, {}, REQUEST)[tab.status] == "Nothing was loaded."
+    empty = devicemap_tab.refresh(service, device_map, {tab.plan_state: None}, REQUEST)
+    assert empty == {
+        device_map.heading: "",
+        device_map.picture: devicemap_tab.EMPTY_HTML,
+        device_map.table: [],
+    }
+
+
+# ---------------------------------------------------------------------------------- binding
+def test_bind_gives_gradio_the_signature_it_reads() -> None:
+    import inspect
+    import typing
+
+    from optdemo.ui.binding import bind, bind_with_progress
+
+    service, tab = chat_ui({"Hi": [["Hello"]]})
+    streamed = bind(chat_tab.respond, service, tab)
+    assert inspect.isgeneratorfunction(streamed) and streamed.__name__ == "respond"
+    assert list(inspect.signature(streamed).parameters) == ["values", "request"]
+    assert typing.get_type_hints(streamed)["request"] is gr.Request
+    plain = bind(chat_tab.undo, service, tab)
+    assert not inspect.isgeneratorfunction(plain)
+    assert plain({tab.turns: [turn("Hi", "Hello")]}, REQUEST)[tab.message] == "Hi"
+    *_, last = streamed(chat_values(tab, "Hi"), REQUEST)
+    assert last[tab.turns] == [turn("Hi", "Hello", last[tab.turns][0]["stats"])]
+    with_progress = bind_with_progress(config_tab.load, service, tab)
+    assert isinstance(inspect.signature(with_progress).parameters["progress"].default, gr.Progress)
