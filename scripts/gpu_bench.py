@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from optdemo.budget import parse_max_memory
 from optdemo.paths import cache_dir
+from tools.bench import timing_streamer
 
 SIDES = ("plain", "accelerate", "gpu", "cpu")
 DEFAULT_SIDES = ("plain", "gpu", "cpu")  # optdemo's "accelerate" policy is plain Accelerate's path
@@ -78,25 +79,11 @@ def _rss_anon() -> int:
 
 def _timed_generate(model: Any, tokens: int) -> tuple[list[int], list[float], float]:
     import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    class Times(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.seen_prompt = False
-
-        def put(self, value: Any) -> None:
-            if self.seen_prompt:
-                self.times.append(time.perf_counter())
-            self.seen_prompt = True
-
-        def end(self) -> None:
-            pass
 
     device = model.get_input_embeddings().weight.device
     device = torch.device("cpu") if device.type == "meta" else device
     ids = torch.tensor([PROMPT_IDS], device=device)
-    streamer = Times()
+    streamer = timing_streamer()
     begin = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(

@@ -49,3 +49,41 @@ def test_bench_command_line() -> None:
         [sys.executable, "-m", "tools.bench", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert done.returncode == 0 and "usage: python -m tools.bench" in done.stdout
+
+
+def test_gpu_bench_floors_and_ratios() -> None:
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import gpu_bench
+
+    from optdemo.speed import Bandwidths
+
+    bus = Bandwidths(
+        cpu_matvec={"float16": 20e9}, disk_read=1e9, host_to_device=10e9, host_to_device_pinned=40e9
+    )
+    tiers = {"gpu+cpu": {"0": 4 * 10**9, "cpu": 8 * 10**9}}
+    # The floor: offloaded bytes over the pinned bandwidth (GPU sides) or the CPU rate (cpu).
+    assert gpu_bench.floor_seconds("gpu", tiers["gpu+cpu"], bus) == pytest.approx(0.2)
+    assert gpu_bench.floor_seconds("cpu", tiers["gpu+cpu"], bus) == pytest.approx(0.4)
+
+    def run(side: str, per_token: float, ids: list[int]) -> dict:
+        return {
+            "scenario": "gpu+cpu",
+            "side": side,
+            "s_per_token": per_token,
+            "token_ids": ids,
+            "load_s": 10.0,
+            "gpu_peak_during_generation_bytes": 5 * 2**30,
+            "host_anon_after_generation_bytes": 2**30,
+        }
+
+    rows = gpu_bench.summarize(
+        [run("plain", 2.0, [1, 2]), run("gpu", 0.3, [1, 2]), run("cpu", 0.5, [1, 3])], tiers, bus
+    )
+    by_side = {row["side"]: row for row in rows}
+    assert by_side["gpu"]["vs_plain"] == pytest.approx(0.15)
+    assert by_side["gpu"]["vs_floor"] == pytest.approx(1.5)
+    assert by_side["cpu"]["vs_floor"] == pytest.approx(1.25)
+    assert by_side["gpu"]["same_tokens_as_plain"] and not by_side["cpu"]["same_tokens_as_plain"]
+    table = gpu_bench.format_table(rows)
+    assert "| gpu+cpu | gpu | 0.300 | 0.15x | 0.200 | 1.50x | yes | 10.0 | 5.00 | 1.00 |" in table
+    assert "| NO |" in table

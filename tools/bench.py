@@ -87,7 +87,7 @@ def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def _timing_streamer() -> Any:
+def timing_streamer() -> Any:
     """A streamer recording when each new token arrives (used identically on every side)."""
     from transformers.generation.streamers import BaseStreamer
 
@@ -139,7 +139,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     if cold:
         drop_page_cache(model, offload, converted_root())
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
-    streamer = _timing_streamer()
+    streamer = timing_streamer()
     begin = time.perf_counter()
     with torch.inference_mode():
         net.generate(
