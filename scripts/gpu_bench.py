@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from optdemo.budget import parse_max_memory
 from optdemo.paths import cache_dir
-from tools.bench import timing_streamer
+from tools.bench import timed_greedy
 
 SIDES = ("plain", "accelerate", "gpu", "cpu")
 DEFAULT_SIDES = ("plain", "gpu", "cpu")  # optdemo's "accelerate" policy is plain Accelerate's path
@@ -82,19 +82,7 @@ def _timed_generate(model: Any, tokens: int) -> tuple[list[int], list[float], fl
 
     device = model.get_input_embeddings().weight.device
     device = torch.device("cpu") if device.type == "meta" else device
-    ids = torch.tensor([PROMPT_IDS], device=device)
-    streamer = timing_streamer()
-    begin = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            streamer=streamer,
-        )
-    return out[0, len(PROMPT_IDS) :].tolist(), streamer.times, begin
+    return timed_greedy(model, torch.tensor([PROMPT_IDS], device=device), tokens)
 
 
 def run_worker(side: str, model_dir: str, max_memory: str, offload: bool, tokens: int) -> dict:

@@ -107,6 +107,25 @@ def timing_streamer() -> Any:
     return TimingStreamer()
 
 
+def timed_greedy(model: Any, ids: Any, tokens: int) -> tuple[list[int], list[float], float]:
+    """Generate exactly ``tokens`` greedy tokens after ``ids``; returns the new token ids, when
+    each arrived (perf_counter) and when generation began."""
+    import torch
+
+    streamer = timing_streamer()
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=streamer,
+        )
+    return out[0, ids.shape[1] :].tolist(), streamer.times, begin
+
+
 def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, dtype: str) -> dict:
     """One measured run in this process: load, then generate ``tokens`` greedy tokens."""
     import torch
@@ -139,18 +158,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     if cold:
         drop_page_cache(model, offload, converted_root())
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
-    streamer = timing_streamer()
-    begin = time.perf_counter()
-    with torch.inference_mode():
-        net.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            streamer=streamer,
-        )
-    times = streamer.times
+    _, times, begin = timed_greedy(net, ids, tokens)
     first = times[0] - begin
     per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else first
     shutil.rmtree(offload, ignore_errors=True)
