@@ -7,7 +7,16 @@ model, revision and dtype, makes later loads (in new processes too) read the cac
 write nothing, and the disk tier can memory-map the weights (see :mod:`optdemo.offload`).
 
 The cache is safe against concurrent use (a file lock per entry) and interruption (an entry is
-built in a temporary folder and renamed into place only when complete).
+built in a temporary folder and renamed into place only when complete; staging folders a killed
+conversion left behind are counted and cleaned). It is always right:
+
+* a Hub model is keyed by the resolved *commit*, so a moved ``main`` never serves stale weights;
+* a local folder is keyed by its content (the exact bytes of its small files: config, tokenizer;
+  the names, sizes and times of its weight files);
+* only the checkpoint's own weight files are converted (``pytorch_model.bin`` or those its index
+  names), never ``training_args.bin`` or an adapter;
+* a safetensors checkpoint stored in another dtype than the one requested is converted too (cast),
+  since only same-dtype weights can be memory-mapped.
 """
 
 from __future__ import annotations
@@ -21,12 +30,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+from optdemo.errors import CacheInUseError
 from optdemo.paths import cache_dir
 
 _WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 _COMPLETE_MARKER = ".optdemo-complete"
+_STAGING = ".converting-"  # + the entry's name + a random suffix
+_HASHED_FILE_BYTES = 16 * 2**20  # files up to this size join the key by content, larger by size/time
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+SAFETENSORS_WEIGHTS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -46,33 +62,121 @@ def converted_root() -> Path:
 
 
 def entry_path(model: str, revision: str | None, dtype: str, source_dir: str | None = None) -> Path:
-    """Where the conversion of ``model`` at ``revision`` in ``dtype`` lives. A local source folder
-    is keyed by its path and the size and time of its weight files, so editing it invalidates."""
+    """Where the conversion of ``model`` in ``dtype`` lives: keyed by ``revision`` (for a Hub model,
+    the resolved commit) or, for a local ``source_dir``, by its content (:func:`local_fingerprint`)."""
     key = f"{model}@{revision or 'main'}:{dtype}"
     if source_dir is not None:
-        stamps = sorted(
-            (
-                name,
-                os.stat(os.path.join(source_dir, name)).st_size,
-                os.stat(os.path.join(source_dir, name)).st_mtime_ns,
-            )
-            for name in os.listdir(source_dir)
-            if name.endswith(".bin")
-        )
-        key += json.dumps(stamps)
+        key += local_fingerprint(source_dir)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/"))[-60:]
     return converted_root() / f"{slug}--{dtype}--{digest}"
 
 
+def local_fingerprint(folder: str) -> str:
+    """What identifies a local checkpoint's content: the exact bytes of every small file (config,
+    tokenizer, index) and the name, size and modification time of every large one (weights)."""
+    parts = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        stat = os.stat(path)
+        if stat.st_size <= _HASHED_FILE_BYTES:
+            with open(path, "rb") as handle:
+                parts.append([name, hashlib.sha256(handle.read()).hexdigest()])
+        else:
+            parts.append([name, stat.st_size, stat.st_mtime_ns])
+    return json.dumps(parts)
+
+
+def bin_weight_files(folder: str) -> list[str]:
+    """The ``.bin`` weight files of a checkpoint folder: those its index names, else
+    ``pytorch_model.bin``; never other pickles (``training_args.bin``, ``adapter_model.bin``)."""
+    index = Path(folder) / BIN_INDEX
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [BIN_WEIGHTS] if (Path(folder) / BIN_WEIGHTS).exists() else []
+
+
+def safetensors_weight_files(folder: str) -> list[str]:
+    """The safetensors weight files of a checkpoint folder (index-named, or ``model.safetensors``)."""
+    index = Path(folder) / SAFETENSORS_INDEX
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [SAFETENSORS_WEIGHTS] if (Path(folder) / SAFETENSORS_WEIGHTS).exists() else []
+
+
 def is_bin_checkpoint(folder: str) -> bool:
-    """A folder with ``.bin`` weights and no safetensors ones."""
-    names = os.listdir(folder)
-    return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
+    """A folder whose weights are ``.bin`` pickles (and no safetensors weights)."""
+    return bool(bin_weight_files(folder)) and not safetensors_weight_files(folder)
 
 
-def cached(model: str, revision: str | None, dtype: str, source_dir: str | None = None) -> Path | None:
-    """The complete cache entry for this checkpoint, or None."""
+def stored_dtype(folder: str) -> str | None:
+    """The floating dtype a safetensors checkpoint stores (``float16``...), read from the first
+    shard's header only; None when unknown."""
+    files = safetensors_weight_files(folder)
+    if not files:
+        return None
+    with open(Path(folder) / files[0], "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    kinds = {info["dtype"] for name, info in header.items() if name != "__metadata__"}
+    floats = [_SAFETENSORS_DTYPES[k] for k in kinds if k in _SAFETENSORS_DTYPES]
+    return floats[0] if len(floats) == 1 else None
+
+
+def resolve_commit(
+    repo: str, revision: str | None, token: str | None = None, ask_hub: bool = False
+) -> str | None:
+    """The commit ``revision`` of a Hub repo stands for: itself when it is a commit hash; the Hub's
+    answer when ``ask_hub`` (and not offline); else what this machine last saw (the Hugging Face
+    cache's refs, or the commit recorded at our last conversion). None when nothing is known."""
+    if revision and _COMMIT_RE.fullmatch(revision):
+        return revision
+    if ask_hub and not os.environ.get("HF_HUB_OFFLINE"):
+        from huggingface_hub import HfApi
+
+        try:
+            return HfApi().model_info(repo, revision=revision, token=token, timeout=10).sha
+        except Exception:  # noqa: BLE001 - unreachable or refused: fall back to what we saw last
+            pass
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / (revision or "main")
+    if ref.is_file():
+        return ref.read_text().strip() or None
+    return _recorded_commits().get(f"{repo}@{revision or 'main'}")
+
+
+def remember_commit(repo: str, revision: str | None, commit: str) -> None:
+    """Record which commit ``revision`` resolved to at a conversion, for offline loads."""
+    with FileLock(str(_commits_path()) + ".lock"):
+        commits = _recorded_commits()
+        commits[f"{repo}@{revision or 'main'}"] = commit
+        _commits_path().parent.mkdir(parents=True, exist_ok=True)
+        _commits_path().write_text(json.dumps(commits, indent=2))
+
+
+def _commits_path() -> Path:
+    return converted_root() / "commits.json"
+
+
+def _recorded_commits() -> dict[str, str]:
+    try:
+        return json.loads(_commits_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached(
+    model: str, revision: str | None, dtype: str, source_dir: str | None = None, commit: str | None = None
+) -> Path | None:
+    """The complete cache entry for this checkpoint, or None. A Hub model's entry is the one of
+    ``commit`` (resolved from this machine's records when not given: no network)."""
+    if source_dir is None:
+        commit = commit or resolve_commit(model, revision)
+        if commit is None:
+            return None
+        revision = commit
     path = entry_path(model, revision, dtype, source_dir)
     return path if (path / _COMPLETE_MARKER).exists() else None
 
@@ -82,19 +186,22 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
     it first if needed (once, even with concurrent callers).
 
     Args:
-        model, revision, dtype: the cache key.
-        source_dir: the folder holding the ``.bin`` shards (a Hub snapshot or a local model).
-        local: the model is a local folder, so its files' sizes and times join the key.
+        model, revision, dtype: the cache key (for a Hub model, ``revision`` is the commit).
+        source_dir: the folder holding the weights (a Hub snapshot or a local model): ``.bin``
+            shards, or safetensors ones in another dtype.
+        local: the model is a local folder, so its content joins the key.
     """
     target = entry_path(model, revision, dtype, source_dir if local else None)
     if (target / _COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # A lock file per entry: one process (or thread) converts, the others wait, then reuse.
-    with FileLock(target.with_name(target.name + ".lock")):
+    with FileLock(_lock_path(target)):
         if (target / _COMPLETE_MARKER).exists():  # another process finished it while we waited
             return target
-        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+        for leftover in target.parent.glob(f"{_STAGING}{target.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # a killed conversion's: we hold the lock
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{target.name}-", dir=target.parent))
         try:
             convert_checkpoint(source_dir, staging, dtype)
             (staging / _COMPLETE_MARKER).write_text(
@@ -109,22 +216,20 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
 
 
 def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
-    """Write ``source_dir``'s ``.bin`` shards as safetensors shards (cast to ``dtype``) into
-    ``dest``, with the index and every non-weight file (config, tokenizer) copied alongside.
-    One shard is in memory at a time, memory-mapped from the pickle where torch allows."""
+    """Write ``source_dir``'s weight shards (``.bin``, or safetensors in another dtype) as
+    safetensors shards cast to ``dtype`` into ``dest``, with the index and every non-weight file
+    (config, tokenizer) copied alongside. One shard is in memory at a time."""
     import torch
     from safetensors.torch import save_file
 
     target_dtype = getattr(torch, dtype)
-    index_path = Path(source_dir) / "pytorch_model.bin.index.json"
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        shards = sorted(set(index["weight_map"].values()))
-    else:
-        index, shards = None, [n for n in os.listdir(source_dir) if n.endswith(".bin")][:1]
+    from_bin = is_bin_checkpoint(source_dir)
+    index_path = Path(source_dir) / (BIN_INDEX if from_bin else SAFETENSORS_INDEX)
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    shards = bin_weight_files(source_dir) if from_bin else safetensors_weight_files(source_dir)
     renamed = {}
     for shard in shards:
-        state = torch.load(Path(source_dir) / shard, map_location="cpu", mmap=True, weights_only=True)
+        state = _read_shard(Path(source_dir) / shard)
         seen: set[int] = set()
         tensors = {}
         for name, tensor in state.items():
@@ -134,7 +239,7 @@ def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
             tensors[name] = tensor.clone() if pointer in seen else tensor.contiguous()
             seen.add(pointer)
         out_name = (
-            "model.safetensors"
+            SAFETENSORS_WEIGHTS
             if index is None
             else shard.replace("pytorch_model", "model").replace(".bin", ".safetensors")
         )
@@ -143,10 +248,14 @@ def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
         del state, tensors
     if index is not None:
         index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
-        (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (dest / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
     for name in os.listdir(source_dir):
         source = Path(source_dir) / name
-        if source.is_file() and not name.endswith(_WEIGHT_SUFFIXES) and name != index_path.name:
+        if (
+            source.is_file()
+            and not name.endswith(_WEIGHT_SUFFIXES)
+            and name not in (BIN_INDEX, SAFETENSORS_INDEX)
+        ):
             shutil.copy2(source, dest / name)
     config_path = dest / "config.json"
     if config_path.exists():  # the copy now holds this dtype
@@ -154,6 +263,40 @@ def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
         config["torch_dtype"] = dtype
         config.pop("dtype", None)
         config_path.write_text(json.dumps(config, indent=2))
+
+
+def _read_shard(path: Path) -> dict:
+    """A shard's tensors: a ``.bin`` pickle memory-mapped where torch allows, or safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _lock_path(target: Path) -> str:
+    return str(target.with_name(target.name + ".lock"))
+
+
+def interrupted_conversions() -> list[Path]:
+    """Staging folders left by conversions that were killed (none holds its entry's lock now)."""
+    root = converted_root()
+    stale = []
+    for staging in sorted(root.glob(f"{_STAGING}*")) if root.exists() else []:
+        name = staging.name.removeprefix(_STAGING).rsplit("-", 1)[0]
+        lock = FileLock(_lock_path(root / name), timeout=0)
+        try:
+            with lock:
+                stale.append(staging)
+        except Timeout:
+            continue  # a conversion is running right now: its staging folder is not left over
+    return stale
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def cache_entries() -> list[CacheEntry]:
@@ -166,13 +309,28 @@ def cache_entries() -> list[CacheEntry]:
             if not marker.exists():
                 continue
             meta = json.loads(marker.read_text())
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            size = folder_bytes(path)
             entries.append(CacheEntry(path, meta["model"], meta["revision"], meta["dtype"], size))
     return entries
 
 
-def clear_cache() -> int:
-    """Delete every converted checkpoint; returns the bytes freed."""
-    freed = sum(entry.bytes for entry in cache_entries())
-    shutil.rmtree(converted_root(), ignore_errors=True)
+def clear_cache(in_use: str | None = None) -> int:
+    """Delete every converted checkpoint and every interrupted conversion's leftovers; returns the
+    bytes freed.
+
+    Raises:
+        CacheInUseError: ``in_use`` (the loaded model's checkpoint) lies in the cache.
+    """
+    root = converted_root()
+    if in_use and Path(in_use).resolve().is_relative_to(root.resolve()):
+        raise CacheInUseError(
+            f"the loaded model reads its weights from the conversion cache ({in_use}): unload it "
+            "first, then clear the cache"
+        )
+    stale = interrupted_conversions()
+    freed = sum(entry.bytes for entry in cache_entries()) + sum(folder_bytes(p) for p in stale)
+    for entry in cache_entries():
+        shutil.rmtree(entry.path, ignore_errors=True)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
     return freed

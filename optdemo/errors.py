@@ -43,3 +43,7 @@ class BusyError(OptdemoError):
 class AccessError(OptdemoError):
     """A visitor tried something only an admin may do in public mode, or named something this
     deployment does not offer (a model, a tokenizer, an offload folder outside its base)."""
+
+
+class CacheInUseError(OptdemoError):
+    """The conversion cache cannot be cleared while the loaded model reads from it."""

@@ -192,37 +192,56 @@ def fast_checkpoint(
     config: LoadConfig, source: ModelSource, dtype: str, bar_class: Any, report: ProgressCallback
 ) -> str:
     """Where to load from so that disk layers can be read in place: the checkpoint itself when it
-    is safetensors, else its converted copy in the cache (converted now if needed)."""
+    is safetensors in the load dtype, else its converted copy in the cache (converted now if
+    needed: ``.bin`` pickles, or safetensors stored in another dtype). A Hub model's copy is the one
+    of the commit its revision points to now (the Hub is asked unless offline)."""
+    name = config.display_name
     if source.kind in ("local", "builtin"):
-        if not convert.is_bin_checkpoint(source.location):
-            return source.location
-        hit = convert.cached(source.location, config.revision, dtype, source.location)
+        folder = source.location
+        if not convert.is_bin_checkpoint(folder) and convert.stored_dtype(folder) in (None, dtype):
+            return folder
+        hit = convert.cached(folder, config.revision, dtype, folder)
         if hit is not None:
             return str(hit)
-        report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
-        return str(
-            convert.ensure_converted(source.location, config.revision, dtype, source.location, local=True)
-        )
-    hit = convert.cached(source.location, config.revision, dtype)
+        report(None, _converting(name, folder, dtype))
+        return str(convert.ensure_converted(folder, config.revision, dtype, folder, local=True))
+    from huggingface_hub import HfApi, get_safetensors_metadata, snapshot_download
+
+    repo, token = source.location, hub_token()
+    commit = convert.resolve_commit(repo, config.revision, token, ask_hub=True)
+    hit = convert.cached(repo, config.revision, dtype, commit=commit)
     if hit is not None:
         return str(hit)  # works offline: nothing to download
-    from huggingface_hub import HfApi, snapshot_download
-
-    token = hub_token()
-    files = HfApi().list_repo_files(source.location, revision=config.revision, token=token)
-    if any(name.endswith(".safetensors") for name in files) or not any(
-        name.endswith(".bin") for name in files
-    ):
-        return source.location
+    revision = commit or config.revision
+    files = HfApi().list_repo_files(repo, revision=revision, token=token)
+    if any(f.endswith(".safetensors") for f in files):
+        counts = get_safetensors_metadata(repo, revision=revision, token=token).parameter_count
+        if {kind for kind in counts if kind in _HUB_DTYPES.values()} <= {_HUB_DTYPES.get(dtype)}:
+            return repo  # stored in the load dtype: read in place
+        weights = ["*.safetensors", convert.SAFETENSORS_INDEX]
+    elif any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
+        weights = ["pytorch_model*.bin", convert.BIN_INDEX]  # never training_args.bin or adapters
+    else:
+        return repo
     folder = snapshot_download(
-        source.location,
-        revision=config.revision,
-        token=token,
-        allow_patterns=["*.bin", "*.json", "*.txt", "*.model"],
-        tqdm_class=bar_class,
+        repo, revision=revision, token=token, allow_patterns=[*weights, *_SMALL_FILES], tqdm_class=bar_class
     )
-    report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
-    return str(convert.ensure_converted(source.location, config.revision, dtype, folder, local=False))
+    commit = os.path.basename(os.path.normpath(folder))  # snapshots/<commit>
+    convert.remember_commit(repo, config.revision, commit)
+    report(None, _converting(name, folder, dtype))
+    return str(convert.ensure_converted(repo, commit, dtype, folder, local=False))
+
+
+def _converting(name: str, folder: str, dtype: str) -> str:
+    """The progress text of a one-time conversion: what is converted into what."""
+    if convert.is_bin_checkpoint(folder):
+        return f"Converting {name}'s .bin checkpoint to safetensors (once)"
+    return f"Converting {name}'s {convert.stored_dtype(folder) or 'safetensors'} weights to {dtype} (once)"
+
+
+# Files a conversion copies beside the weights (config, tokenizer, templates): small, never weights.
+_SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
+_HUB_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
 def _quantization_config(config: LoadConfig) -> Any:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
-from optdemo.convert import cached, converted_root
+from optdemo.convert import cached, converted_root, stored_dtype
 from optdemo.defaults import DEFAULT_CPU_LAYERS
 from optdemo.hardware import Hardware, existing_parent, probe_hardware
 from optdemo.hf_compat import auto_device_map
@@ -332,18 +332,23 @@ def _disk_writes(
 ) -> tuple[int, int]:
     """(bytes written to the offload folder, bytes a one-time conversion writes to the cache).
 
-    Safetensors disk layers are read in place. A ``.bin`` checkpoint with disk layers is rewritten
-    into the offload folder on every load by plain Accelerate; with fast offloading it is converted
-    once into the cache instead (nothing when already converted).
+    Safetensors disk layers in the load dtype are read in place. A ``.bin`` checkpoint with disk
+    layers is rewritten into the offload folder on every load by plain Accelerate; with fast
+    offloading it is converted once into the cache instead (nothing when already converted), and
+    so is a local safetensors checkpoint stored in another dtype (only same-dtype weights map).
     """
-    if not disk_bytes or checkpoint_format == "safetensors":
-        return 0, 0
-    if not config.fast_offload:
-        return disk_bytes, 0
-    if checkpoint_format != "bin":  # unknown (a Hub repo not yet downloaded): converted if it is .bin
-        return 0, 0
     dtype_name = str(dtype).removeprefix("torch.")
     local = source.location if source.kind in ("local", "builtin") else None
+    if checkpoint_format == "safetensors":
+        recast = config.fast_offload and local is not None and stored_dtype(local) not in (None, dtype_name)
+        if not disk_bytes or not recast:
+            return 0, 0
+    elif not disk_bytes:
+        return 0, 0
+    elif not config.fast_offload:
+        return disk_bytes, 0
+    elif checkpoint_format != "bin":  # unknown (a Hub repo not yet downloaded): converted if .bin
+        return 0, 0
     if cached(source.location, config.revision, dtype_name, local) is not None:
         return 0, 0
     return 0, total

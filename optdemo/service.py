@@ -185,16 +185,20 @@ class DemoService:
 
         entries = convert.cache_entries()
         total = sum(entry.bytes for entry in entries)
-        return (
-            f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in `{convert.converted_root()}`"
-        )
+        root = convert.converted_root()
+        line = f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in `{root}`"
+        stale = convert.interrupted_conversions()
+        if stale:
+            left = format_bytes(sum(convert.folder_bytes(path) for path in stale))
+            line += f"; {len(stale)} interrupted conversion(s) left {left} (Clear cache removes them)"
+        return line
 
     def clear_conversion_cache(self, session_id: str | None = None) -> int:
         """Delete the converted checkpoints (admins only in public mode); returns bytes freed."""
         from optdemo import convert
 
         self.access.require_admin(session_id, "clear the conversion cache")
-        return convert.clear_cache()
+        return convert.clear_cache(in_use=self.manager.status().checkpoint or None)
 
     # ---------------------------------------------------------------- generation
     def params(
