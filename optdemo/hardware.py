@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psutil
 
 from optdemo.budget import MemoryBudget
+from optdemo.cgroup import memory_limit
 
 # Headroom kept free when suggesting a budget, in the spirit of Accelerate's own defaults: a GPU
 # needs room for activations and the CUDA context, and the OS and the app itself need some RAM.
@@ -50,7 +51,9 @@ class Hardware:
 
 
 def probe_hardware(offload_folder: str | None = None) -> Hardware:
-    """Measure GPUs (name, total, free), RAM (total, available) and free disk.
+    """Measure GPUs (name, total, free), RAM (total, available) and free disk. RAM is what this
+    process may use: a cgroup memory limit (a container, a Space, a benchmark's cap) lowers both
+    figures to the limit and the room left under it.
 
     Args:
         offload_folder: where disk-offloaded weights would go; free space is measured at its
@@ -59,11 +62,15 @@ def probe_hardware(offload_folder: str | None = None) -> Hardware:
     """
     gpus = tuple(_probe_gpus())
     memory = psutil.virtual_memory()
+    total, available = int(memory.total), int(memory.available)
+    cap = memory_limit()
+    if cap is not None:
+        total, available = min(total, cap.limit_bytes), min(available, cap.headroom_bytes)
     disk_path = existing_parent(offload_folder or os.getcwd())
     return Hardware(
         gpus=gpus,
-        ram_total_bytes=int(memory.total),
-        ram_available_bytes=int(memory.available),
+        ram_total_bytes=total,
+        ram_available_bytes=available,
         disk_path=disk_path,
         disk_free_bytes=int(shutil.disk_usage(disk_path).free),
     )

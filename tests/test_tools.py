@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tools.bench import REPO_ROOT, build_parser, format_table, summarize
+from tools.bench import REPO_ROOT, build_parser
+from tools.bench_report import format_table, summarize
 
 
 def _run(side: str, regime: str, load: float, per_token: float) -> dict:

@@ -17,29 +17,28 @@ device_map="auto", max_memory, offload_folder)`` + ``generate``: nothing of ours
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from optdemo.budget import parse_max_memory, parse_size
 from optdemo.config import LoadConfig
 from optdemo.convert import converted_root
-from optdemo.hardware import probe_hardware
 from optdemo.manager import ModelManager
 from optdemo.paths import cache_dir
-from optdemo.planner import plan_device_map
-from optdemo.speed import predict_plan
 from optdemo.synthetic import build_random_opt
+from tools.bench_report import SIDES, report
+from tools.memcap import CapError, MemoryCap, drop_caches
 
-SIDES = ("ram", "accelerate", "optdemo")
 PROMPT = "The history of large language models began"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,7 +157,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     if cold:
         drop_page_cache(model, offload, converted_root())
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
-    _, times, begin = timed_greedy(net, ids, tokens)
+    token_ids, times, begin = timed_greedy(net, ids, tokens)
     first = times[0] - begin
     per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else first
     shutil.rmtree(offload, ignore_errors=True)
@@ -173,21 +172,9 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "offload_bytes_written": written,
         "tokens": len(times),
+        "token_ids": token_ids,
+        "device_map": {k: str(v) for k, v in (getattr(net, "hf_device_map", None) or {"": "cpu"}).items()},
     }
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # the cgroup v1 memory controller
-
-
-def ram_limited_cgroup(limit_bytes: int) -> Path:
-    """A memory cgroup capping a worker's RAM, page cache included: it stands in for a machine
-    whose RAM cannot cache the disk tier, so every token reads it from disk again."""
-    group = CGROUP_ROOT / "optdemo-bench"
-    if not CGROUP_ROOT.is_dir() or not os.access(CGROUP_ROOT, os.W_OK):
-        raise SystemExit("--ram-limit needs the cgroup v1 memory controller, writable (run as root)")
-    group.mkdir(exist_ok=True)
-    (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
-    return group
 
 
 def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict:
@@ -208,110 +195,29 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
     ]
     if cold:
         command.append("--cold")
-    join_group = None
-    if args.ram_limit:
-        procs = ram_limited_cgroup(parse_size(args.ram_limit)) / "cgroup.procs"
-
-        def join_group() -> None:  # runs in the child, before it starts Python
-            procs.write_text(str(os.getpid()))
-
+    cap = MemoryCap(parse_size(args.ram_limit)) if args.ram_limit else None
+    dropped = None
+    if cap is not None:
+        # Every capped run starts with nothing cached: the checkpoint and the converted copy are
+        # evicted file by file, and the whole page cache is dropped where the kernel allows it.
+        drop_page_cache(model, converted_root())
+        dropped = drop_caches()
     # The worker runs ``-m tools.bench`` from the repository root, where ``tools`` is importable.
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=3600,
-        preexec_fn=join_group,
-        cwd=REPO_ROOT,
-    )
+    with cap or contextlib.nullcontext():
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=3600,
+            preexec_fn=cap.join() if cap else None,
+            cwd=REPO_ROOT,
+        )
+        capped = asdict(cap.report()) if cap else None
     if done.returncode != 0:
         raise RuntimeError(f"{side} run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def summarize(runs: list[dict]) -> list[dict]:
-    """Medians per (regime, side), with the ratio of s/token to the all-in-RAM run and to
-    plain Accelerate."""
-    rows = []
-    keys = (
-        "load_s",
-        "first_token_s",
-        "s_per_token",
-        "tokens_per_s",
-        "peak_rss_bytes",
-        "offload_bytes_written",
-    )
-    for regime in ("warm", "cold"):
-        for side in SIDES:
-            chosen = [r for r in runs if r["side"] == side and r["regime"] == regime]
-            if chosen:
-                row = {"regime": regime, "side": side, "runs": len(chosen)}
-                row.update({k: statistics.median(r[k] for r in chosen) for k in keys})
-                rows.append(row)
-    for row in rows:
-        ref = {r["side"]: r for r in rows if r["regime"] == row["regime"]}
-        base = next((r for r in rows if r["side"] == "ram"), None)
-        row["vs_ram"] = row["s_per_token"] / base["s_per_token"] if base else None
-        acc = ref.get("accelerate")
-        row["vs_accelerate"] = row["s_per_token"] / acc["s_per_token"] if acc else None
-        row["load_vs_accelerate"] = row["load_s"] / acc["load_s"] if acc else None
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the summary."""
-    header = (
-        "| regime | side | load s | first token s | s/token | tokens/s | peak RSS | written to offload "
-        "| s/token vs RAM | vs Accelerate | load vs Accelerate |"
-    )
-    lines = [header, "|" + "---|" * 11]
-    for r in rows:
-        cells = [
-            r["regime"],
-            r["side"],
-            f"{r['load_s']:.2f}",
-            f"{r['first_token_s']:.2f}",
-            f"{r['s_per_token']:.3f}",
-            f"{r['tokens_per_s']:.2f}",
-            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB",
-            f"{r['offload_bytes_written'] / 2**20:.0f} MiB",
-            *(
-                f"{r[k]:.2f}x" if r[k] is not None else "-"
-                for k in ("vs_ram", "vs_accelerate", "load_vs_accelerate")
-            ),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def predicted_speed(model: Path, max_memory: str, dtype: str) -> dict:
-    """optdemo's prediction for this configuration (what the Device map tab shows)."""
-    plan = plan_device_map(LoadConfig(str(model), dtype=dtype, max_memory=max_memory))
-    return predict_plan(plan, probe_hardware().ram_available_bytes).to_dict()
-
-
-def plot(rows: list[dict], path: str, title: str) -> None:
-    """Bar charts of seconds per token and load time per side and regime (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"ram": "#64748b", "accelerate": "#ea580c", "optdemo": "#2563eb"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in (
-        (axes[0], "s_per_token", "seconds per token"),
-        (axes[1], "load_s", "load seconds"),
-    ):
-        names = [f"{r['side']}\n{r['regime']}" for r in rows]
-        ax.bar(names, [r[key] for r in rows], color=[colors[r["side"]] for r in rows])
-        ax.set_title(label)
-        for index, row in enumerate(rows):
-            ax.text(index, row[key], f"{row[key]:.2f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**run, "cap": capped, "page_cache_dropped": dropped}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,40 +277,6 @@ def run_sides(args: argparse.Namespace, model: Path, sides: list[str]) -> tuple[
     return runs, first_load
 
 
-def report(args: argparse.Namespace, model: Path, runs: list[dict], first_load: float | None) -> None:
-    """Print the table and the prediction next to the measurement; write the chart and JSON asked for."""
-    rows = summarize(runs)
-    prediction = predicted_speed(model, args.max_memory, args.dtype)
-    title = f"{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}"
-    if args.ram_limit:
-        title += f", RAM capped at {args.ram_limit}"
-    print(f"\n{title}\n")
-    print(format_table(rows))
-    measured = next(
-        (r["s_per_token"] for r in rows if r["side"] == "optdemo" and r["regime"] == "warm"), None
-    )
-    if measured:
-        print(
-            f"\npredicted {prediction['summary']}; measured (optdemo, warm) {measured:.3g} s/token: "
-            f"ratio {measured / prediction['seconds_per_token']:.2f}"
-        )
-    if args.plot:
-        plot(rows, args.plot, title)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "model": str(model),
-                    "args": vars(args),
-                    "optdemo_first_load_s": first_load,
-                    "runs": runs,
-                    "summary": rows,
-                },
-                indent=2,
-            )
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line: build or take a checkpoint, run the sides alternately, print the table."""
     parser = build_parser()
@@ -418,10 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model and not args.build:
         parser.error("give --build ARCH or --model FOLDER")
+    if args.ram_limit:
+        try:  # refuse before any work when the cap cannot be set, verified and removed
+            MemoryCap(parse_size(args.ram_limit)).close()
+        except CapError as exc:
+            raise SystemExit(f"--ram-limit: {exc}") from None
     model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     runs, first_load = run_sides(args, model, sides)
-    report(args, model, runs, first_load)
+    report(args, model, runs, first_load, argv if argv is not None else sys.argv[1:])
     return 0
 
 

@@ -1,0 +1,166 @@
+"""The benchmark's results: medians and ratios, the table, the chart, and the JSON that a published
+figure comes from (the command, the device maps, the generated tokens, the memory cap read back,
+the bandwidths, the disk floor and the prediction)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+from pathlib import Path
+
+from optdemo.budget import parse_size
+from optdemo.config import LoadConfig
+from optdemo.hardware import probe_hardware
+from optdemo.planner import Plan, plan_device_map
+from optdemo.speed import measured_bandwidths, predict_plan
+
+SIDES = ("ram", "accelerate", "optdemo")
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Medians per (regime, side), with the ratio of s/token to the all-in-RAM run and to
+    plain Accelerate."""
+    rows = []
+    keys = (
+        "load_s",
+        "first_token_s",
+        "s_per_token",
+        "tokens_per_s",
+        "peak_rss_bytes",
+        "offload_bytes_written",
+    )
+    for regime in ("warm", "cold"):
+        for side in SIDES:
+            chosen = [r for r in runs if r["side"] == side and r["regime"] == regime]
+            if chosen:
+                row = {"regime": regime, "side": side, "runs": len(chosen)}
+                row.update({k: statistics.median(r[k] for r in chosen) for k in keys})
+                rows.append(row)
+    for row in rows:
+        ref = {r["side"]: r for r in rows if r["regime"] == row["regime"]}
+        base = next((r for r in rows if r["side"] == "ram"), None)
+        row["vs_ram"] = row["s_per_token"] / base["s_per_token"] if base else None
+        acc = ref.get("accelerate")
+        row["vs_accelerate"] = row["s_per_token"] / acc["s_per_token"] if acc else None
+        row["load_vs_accelerate"] = row["load_s"] / acc["load_s"] if acc else None
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of the summary."""
+    header = (
+        "| regime | side | load s | first token s | s/token | tokens/s | peak RSS | written to offload "
+        "| s/token vs RAM | vs Accelerate | load vs Accelerate |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    for r in rows:
+        cells = [
+            r["regime"],
+            r["side"],
+            f"{r['load_s']:.2f}",
+            f"{r['first_token_s']:.2f}",
+            f"{r['s_per_token']:.3f}",
+            f"{r['tokens_per_s']:.2f}",
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"{r['offload_bytes_written'] / 2**20:.0f} MiB",
+            *(
+                f"{r[k]:.2f}x" if r[k] is not None else "-"
+                for k in ("vs_ram", "vs_accelerate", "load_vs_accelerate")
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Bar charts of seconds per token and load time per side and regime (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"ram": "#64748b", "accelerate": "#ea580c", "optdemo": "#2563eb"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in (
+        (axes[0], "s_per_token", "seconds per token"),
+        (axes[1], "load_s", "load seconds"),
+    ):
+        names = [f"{r['side']}\n{r['regime']}" for r in rows]
+        ax.bar(names, [r[key] for r in rows], color=[colors[r["side"]] for r in rows])
+        ax.set_title(label)
+        for index, row in enumerate(rows):
+            ax.text(index, row[key], f"{row[key]:.2f}", ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def break_even_loads(rows: list[dict], first_load: float | None) -> int | None:
+    """How many loads pay for optdemo's one-time conversion: its extra first-load time over what
+    each later load saves against plain Accelerate (warm); None when nothing is saved."""
+    warm = {r["side"]: r for r in rows if r["regime"] == "warm"}
+    if first_load is None or "optdemo" not in warm or "accelerate" not in warm:
+        return None
+    saved = warm["accelerate"]["load_s"] - warm["optdemo"]["load_s"]
+    extra = first_load - warm["optdemo"]["load_s"]
+    return max(1, math.ceil(extra / saved)) if saved > 0 else None
+
+
+def report(
+    args: argparse.Namespace, model: Path, runs: list[dict], first_load: float | None, argv: list[str]
+) -> None:
+    """Print the table, the floor, the prediction beside the measurement and the break-even number
+    of loads; write the chart and the JSON asked for."""
+    rows = summarize(runs)
+    plan = plan_device_map(LoadConfig(str(model), dtype=args.dtype, max_memory=args.max_memory))
+    available = probe_hardware().ram_available_bytes
+    if args.ram_limit:
+        available = min(available, parse_size(args.ram_limit))
+    prediction = predict_plan(plan, available)
+    bandwidths = measured_bandwidths()
+    floor = disk_floor(plan, bandwidths.disk_read)
+    title = f"{model.name}, max_memory {args.max_memory}, {args.tokens} tokens, median of {args.repeats}"
+    if args.ram_limit:
+        title += f", RAM capped at {args.ram_limit}"
+    print(f"\n{title}\n")
+    print(format_table(rows))
+    if floor:
+        print(f"\ndisk floor (disk tier / measured sequential read): {floor:.3g} s/token")
+    measured = next((r["s_per_token"] for r in rows if r["side"] == "optdemo"), None)
+    if measured:
+        print(
+            f"predicted {prediction.summary()}; measured (optdemo) {measured:.3g} s/token: "
+            f"ratio {measured / prediction.seconds_per_token:.2f}"
+        )
+    loads = break_even_loads(rows, first_load)
+    if loads:
+        print(f"the one-time conversion pays for itself after {loads} load(s)")
+    if args.plot:
+        plot(rows, args.plot, title)
+    if args.json:
+        result = {
+            "command": "python -m tools.bench " + shlex.join(argv),
+            "model": str(model),
+            "args": vars(args),
+            "plan": {
+                "device_map": {k: str(v) for k, v in plan.device_map.items()},
+                "bytes_per_device": {str(k): v for k, v in plan.bytes_per_device.items()},
+            },
+            "bandwidths": bandwidths.__dict__,
+            "disk_floor_s_per_token": floor,
+            "prediction": prediction.to_dict(),
+            "optdemo_first_load_s": first_load,
+            "break_even_loads": loads,
+            "runs": runs,
+            "summary": rows,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def disk_floor(plan: Plan, disk_read: float) -> float | None:
+    """Seconds per token the disk alone needs when every token reads the disk tier back."""
+    disk = plan.bytes_per_device.get("disk", 0)
+    return disk / disk_read if disk and disk_read else None
