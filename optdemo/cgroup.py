@@ -25,13 +25,14 @@ class MemoryLimit:
     """The tightest memory limit found, with the group's usage when it was read."""
 
     limit_bytes: int
-    usage_bytes: int
+    usage_bytes: int  # everything charged to the group, page cache included
     group: str  # the cgroup path that sets the limit
+    cache_bytes: int = 0  # of which page cache, which the kernel reclaims when the group needs room
 
     @property
     def headroom_bytes(self) -> int:
-        """What the group may still take (page cache included)."""
-        return max(0, self.limit_bytes - self.usage_bytes)
+        """What the group may still take: the limit less what it holds other than page cache."""
+        return max(0, self.limit_bytes - (self.usage_bytes - self.cache_bytes))
 
 
 def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: Path = CGROUP_FS) -> MemoryLimit | None:
@@ -45,14 +46,14 @@ def memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: Path = CGROUP_FS)
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "memory" or "memory" in controllers.split(","):
-            found += _walk(root / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes")
+            found += _walk(root / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes", "cache")
         elif controllers == "":  # the v2 unified hierarchy
             for base in (root / "unified", root):
-                found += _walk(base, path, "memory.max", "memory.current")
+                found += _walk(base, path, "memory.max", "memory.current", "file")
     return min(found, key=lambda limit: limit.headroom_bytes, default=None)
 
 
-def _walk(base: Path, path: str, limit_file: str, usage_file: str) -> list[MemoryLimit]:
+def _walk(base: Path, path: str, limit_file: str, usage_file: str, cache_key: str) -> list[MemoryLimit]:
     """The limits set on ``path`` and each of its ancestors under ``base``."""
     limits = []
     parts = [p for p in path.split("/") if p]
@@ -65,5 +66,17 @@ def _walk(base: Path, path: str, limit_file: str, usage_file: str) -> list[Memor
             continue
         if raw == "max" or int(raw) >= _UNLIMITED:
             continue
-        limits.append(MemoryLimit(int(raw), usage, "/" + "/".join(parts[:depth])))
+        limits.append(MemoryLimit(int(raw), usage, "/" + "/".join(parts[:depth]), _stat(group, cache_key)))
     return limits
+
+
+def _stat(group: Path, key: str) -> int:
+    """One counter of the group's ``memory.stat`` (0 when absent)."""
+    try:
+        for line in (group / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

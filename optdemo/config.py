@@ -16,7 +16,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from optdemo.budget import MemoryBudget, parse_max_memory
 from optdemo.catalog import TINY_MODEL_ID, catalog_entry
-from optdemo.defaults import CPU_LAYER_POLICIES, DEFAULT_CPU_LAYERS
+from optdemo.defaults import CPU_LAYER_POLICIES, DEFAULT_CPU_LAYERS, DEFAULT_DISK_TIER, DISK_TIER_MODES
 from optdemo.errors import ConfigError
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -54,6 +54,9 @@ class LoadConfig:
     # default since measured on a GPU), "accelerate" (Accelerate's own synchronous transfers),
     # "gpu" (weights prefetched from pinned memory) or "cpu" (activations cross).
     cpu_layers: str = DEFAULT_CPU_LAYERS
+    # On a CPU-executed model, how the disk tier is served: "auto" (memory-mapped where the memory
+    # available can cache it, streamed past the page cache where it cannot), "map" or "stream".
+    disk_tier: str = DEFAULT_DISK_TIER
     # Not part of equality: a cosmetic label for the UI is not a different load.
     label: str = field(default="", compare=False)
 
@@ -86,6 +89,9 @@ class LoadConfig:
         if self.cpu_layers not in CPU_LAYER_POLICIES:
             choices = ", ".join(CPU_LAYER_POLICIES)
             raise ConfigError(f"cpu_layers {self.cpu_layers!r} is not supported: choose one of {choices}")
+        if self.disk_tier not in DISK_TIER_MODES:
+            choices = ", ".join(DISK_TIER_MODES)
+            raise ConfigError(f"disk_tier {self.disk_tier!r} is not supported: choose one of {choices}")
         if not isinstance(self.fast_offload, bool):
             raise ConfigError("fast_offload must be true or false")
 

@@ -24,6 +24,12 @@ REPETITION_PENALTY = 1.1  # 1.0 means no penalty
 CPU_LAYER_POLICIES = ("auto", "accelerate", "gpu", "cpu")
 DEFAULT_CPU_LAYERS = "auto"
 
+# ---------------------------------------------------------------- the disk tier (CPU-executed models)
+# LoadConfig.disk_tier: "auto" maps the disk blocks the available memory (RAM, or the room under a
+# cgroup limit) can cache and streams the rest past the page cache; "map" or "stream" force one.
+DISK_TIER_MODES = ("auto", "map", "stream")
+DEFAULT_DISK_TIER = "auto"
+
 # ---------------------------------------------------------------- hard ceilings (the engine's)
 MAX_NEW_TOKENS_LIMIT = 4096  # no deployment may allow more tokens per reply
 MAX_TEMPERATURE = 5.0

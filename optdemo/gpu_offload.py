@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from optdemo.offload import map_offloaded_module
+from optdemo.offload import map_offloaded_module, module_bytes
 from optdemo.speed import PolicyChoice, choose_policy, measured_bandwidths
 
 # Byte alignment of each tensor inside a packed block (keeps every view aligned for any dtype).
@@ -361,12 +361,6 @@ def release(model: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- applying
-def module_bytes(model: Any, name: str) -> int:
-    """Weight bytes of one device-map entry (parameters and buffers; meta tensors count by size)."""
-    module = model.get_submodule(name)
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
 def apply_policy(model: Any, requested: str, dtype: str) -> PolicyChoice | None:
     """Apply the CPU-layer policy to a freshly loaded model with a GPU in its map.
 

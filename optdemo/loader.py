@@ -33,7 +33,7 @@ from optdemo.models import (
     resolve_model,
     scrub_token,
 )
-from optdemo.offload import DiskTierReport, map_disk_tier
+from optdemo.offload import DiskTierReport, place_disk_tier
 from optdemo.planner import Plan, device_of, plan_device_map, resolve_dtype
 from optdemo.status import ModelStatus
 
@@ -167,7 +167,9 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
         raise LoadError(load_error_message(exc, config, source)) from None
     model.eval()
     disk_tier = (
-        map_disk_tier(model) if config.fast_offload else DiskTierReport(0, 0, "fast offloading is off")
+        place_disk_tier(model, config.disk_tier)
+        if config.fast_offload
+        else DiskTierReport(0, 0, "fast offloading is off")
     )
     policy = None
     if config.quantization == "none":

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from optdemo.config import LoadConfig
 from optdemo.defaults import GENERATION_WAIT_SECONDS, LOAD_WAIT_SECONDS, describe_seconds
+from optdemo.disk_stream import release as release_disk_stream
 from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError
 from optdemo.generation import (
     CHAT_STOP_STRINGS,
@@ -270,6 +271,8 @@ def _release(loaded: LoadedModel) -> None:
     # Freeing must not fail: whatever happens here, the references are dropped below.
     with contextlib.suppress(Exception):
         release_offload(loaded.model)  # prefetch buffers and pinned host memory
+    with contextlib.suppress(Exception):
+        release_disk_stream(loaded.model)  # the disk-tier reader thread and its buffers
     with contextlib.suppress(Exception):
         remove_hook_from_submodules(loaded.model)
     loaded.model = None

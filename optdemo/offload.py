@@ -19,17 +19,22 @@ import ctypes
 import mmap
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
 @dataclass(frozen=True)
 class DiskTierReport:
-    """What :func:`map_disk_tier` did: modules and bytes now memory-mapped, or why not."""
+    """What :func:`place_disk_tier` did: modules and bytes memory-mapped (served from the page
+    cache) and streamed (read from disk every token, past the page cache), or why neither."""
 
     mapped_modules: int
     mapped_bytes: int
     skipped_reason: str | None = None
+    streamed_blocks: int = 0
+    streamed_bytes: int = 0
+    stream_buffer_bytes: int = 0  # what the streamer's buffers take (counted against the CPU budget)
+    choice: str = ""  # why this split: the memory available and what was asked for
 
     @property
     def active(self) -> bool:
@@ -42,7 +47,75 @@ def cpu_executed(device_map: dict[str, Any]) -> bool:
     return bool(device_map) and all(device in ("cpu", "disk") for device in device_map.values())
 
 
-def map_disk_tier(model: Any) -> DiskTierReport:
+STREAM_DEPTH = 2  # blocks read ahead of the one computing
+_HEADROOM = 256 * 2**20  # memory left free beside the mapped part (activations, the allocator)
+
+
+def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None = None) -> DiskTierReport:
+    """Serve a CPU-executed model's disk tier: memory-mapped where the memory actually available
+    (``available_bytes``: RAM, or the room under a cgroup limit) can cache it, streamed with large
+    direct reads where it cannot. The first blocks stay mapped (resident), the rest are streamed,
+    so the streamed reads never evict the resident part. ``mode`` forces either."""
+    from optdemo.disk_stream import stream_blocks
+
+    device_map = getattr(model, "hf_device_map", None) or {}
+    disk = [name for name, device in device_map.items() if device == "disk"]
+    if not cpu_executed(device_map) or not disk:
+        return DiskTierReport(0, 0, "no disk layers on a CPU-executed model")
+    sizes = [module_bytes(model, name) for name in disk]
+    resident, choice = _split(disk, sizes, mode, available_bytes)
+    streamed = disk[len(resident) :]
+    streamer = stream_blocks(model, streamed, STREAM_DEPTH) if streamed else None
+    if streamed and streamer is None:
+        streamed, choice = [], "mapped: these weights cannot be read as one range per block"
+    report = map_disk_tier(model, mapped=disk[: len(disk) - len(streamed)])
+    return replace(
+        report,
+        streamed_blocks=len(streamed),
+        streamed_bytes=sum(sizes[len(disk) - len(streamed) :]),
+        stream_buffer_bytes=streamer.buffer_bytes if streamer else 0,
+        choice=choice,
+    )
+
+
+def _split(disk: list[str], sizes: list[int], mode: str, available: int | None) -> tuple[list[str], str]:
+    """The disk blocks to keep mapped (a prefix of ``disk``) and a sentence saying why."""
+    total = sum(sizes)
+    if mode == "map":
+        return disk, "mapped: chosen in the configuration"
+    if mode == "stream":
+        return [], "streamed: chosen in the configuration"
+    if available is None:
+        from optdemo.hardware import probe_hardware
+
+        available = probe_hardware().ram_available_bytes
+    room = available - _HEADROOM
+    if total <= room:
+        return disk, f"mapped: the page cache can hold all {_gib(total)} ({_gib(available)} available)"
+    room -= STREAM_DEPTH * max(sizes)
+    kept, used = [], 0
+    for name, size in zip(disk, sizes, strict=True):
+        if used + size > room:
+            break
+        kept.append(name)
+        used += size
+    return kept, (
+        f"{_gib(used)} mapped, {_gib(total - used)} streamed: only {_gib(available)} of memory is "
+        f"available for the {_gib(total)} disk tier"
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def module_bytes(model: Any, name: str) -> int:
+    """Weight bytes of one device-map entry (parameters and buffers; meta tensors count by size)."""
+    module = model.get_submodule(name)
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def map_disk_tier(model: Any, mapped: list[str] | None = None) -> DiskTierReport:
     """Replace Accelerate's per-forward disk loading with persistent memory maps.
 
     Applies only to CPU-executed models whose offloaded weights are safetensors tensors of the
@@ -77,7 +150,8 @@ def map_disk_tier(model: Any) -> DiskTierReport:
         handles.clear()
     if mapped_modules:
         model.tie_weights()  # re-point tied heads at the mapped embeddings
-        read_ahead([model.get_submodule(name) for name, device in device_map.items() if device == "disk"])
+        disk = [name for name, device in device_map.items() if device == "disk"]
+        read_ahead([model.get_submodule(name) for name in (disk if mapped is None else mapped)])
     return DiskTierReport(mapped_modules, mapped_bytes)
 
 

@@ -139,6 +139,10 @@ def disk_tier_dict(report: DiskTierReport | None) -> dict | None:
     return {
         "memory_mapped_modules": report.mapped_modules,
         "memory_mapped_bytes": report.mapped_bytes,
+        "streamed_blocks": report.streamed_blocks,
+        "streamed_bytes": report.streamed_bytes,
+        "stream_buffer_bytes": report.stream_buffer_bytes,
+        "choice": report.choice,
         "note": report.skipped_reason,
     }
 

@@ -114,7 +114,15 @@ def test_status_json_uses_string_device_keys() -> None:
     assert data["bytes_per_device"] == {"0": 10, "cpu": 20, "disk": 30}
     assert data["device_map"] == {"model.decoder": "0", "lm_head": "cpu"}
     assert data["config"]["max_memory"] == "cpu=8GiB"
-    assert data["disk_tier"] == {"memory_mapped_modules": 2, "memory_mapped_bytes": 30, "note": ""}
+    assert data["disk_tier"] == {
+        "memory_mapped_modules": 2,
+        "memory_mapped_bytes": 30,
+        "streamed_blocks": 0,
+        "streamed_bytes": 0,
+        "stream_buffer_bytes": 0,
+        "choice": "",
+        "note": "",
+    }
     assert data["last_generation"]["tokens_per_second"] == 10.0
     assert status.plan_differences == map_differences(plan.device_map, status.device_map)
     assert status.matches_plan is False

@@ -1,0 +1,276 @@
+"""Stream the disk tier at disk speed when RAM cannot cache it.
+
+Memory-mapped disk layers (:mod:`optdemo.offload`) are ideal while the page cache can hold them.
+When it cannot (a model larger than the RAM left, a container's memory limit), every token faults
+them back in a few hundred KiB at a time, and a sequential scan larger than the cache evicts
+everything, every token. This module reads each disk block instead with one large sequential read
+per block (``O_DIRECT``: past the page cache, so it evicts nothing) into a ring of reusable
+buffers, from a reader thread, ``depth`` blocks ahead of the one computing (FlexGen's overlap of
+I/O and compute, on the CPU). The buffers are the only memory it takes: ``depth`` x the largest
+block, allocated once.
+
+Each block's tensors lie next to each other in the safetensors file (their names share the
+block's prefix), so a block is one byte range: read it into a buffer and the tensors are views.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
+_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """Where one block's weights lie in its safetensors file: one byte range, and each tensor's
+    place in it (name relative to the block -> offset from ``start``, dtype name, shape)."""
+
+    path: str
+    start: int
+    end: int
+    tensors: dict[str, tuple[int, str, tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the range (what one token reads for this block)."""
+        return self.end - self.start
+
+
+def safetensors_header(path: str) -> tuple[int, dict]:
+    """(offset where tensor data starts, the header's tensor table) of a safetensors file."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return 8 + length, json.loads(handle.read(length))
+
+
+def block_span(module: Any, headers: dict[str, tuple[int, dict]]) -> BlockSpan | None:
+    """The byte range of an Accelerate-offloaded block's weights, from the offload index its hooks
+    read; None when they are not all in one safetensors file in the module's dtype (then the block
+    is not streamed)."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    places: dict[str, tuple[str, int, int, str, tuple[int, ...]]] = {}
+    for prefix, sub in module.named_modules():
+        hook = getattr(sub, "_hf_hook", None)
+        hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+        align = next((h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload), None)
+        index = getattr(getattr(getattr(align, "weights_map", None), "dataset", None), "index", None)
+        for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+            info = (index or {}).get(align.weights_map.prefix + name) if align else None
+            if not info or not info.get("safetensors_file"):
+                return None
+            path = info["safetensors_file"]
+            if path not in headers:
+                headers[path] = safetensors_header(path)
+            base, table = headers[path]
+            entry = table.get(info.get("weight_name", align.weights_map.prefix + name))
+            if entry is None or _DTYPES.get(entry["dtype"]) != str(tensor.dtype).removeprefix("torch."):
+                return None
+            begin, end = entry["data_offsets"]
+            places[f"{prefix}.{name}" if prefix else name] = (path, base + begin, base + end, *_meta(entry))
+    paths = {place[0] for place in places.values()}
+    if len(paths) != 1:
+        return None
+    start = min(place[1] for place in places.values())
+    end = max(place[2] for place in places.values())
+    tensors = {name: (place[1] - start, place[3], place[4]) for name, place in places.items()}
+    return BlockSpan(paths.pop(), start, end, tensors)
+
+
+def _meta(entry: dict) -> tuple[str, tuple[int, ...]]:
+    return _DTYPES[entry["dtype"]], tuple(entry["shape"])
+
+
+class DiskStreamer:
+    """Reads blocks into ``depth`` reusable buffers, ahead of execution, from one reader thread.
+
+    Blocks run in order 0..n-1, every token. The k-th block to run uses buffer ``k % depth``; when
+    it finishes, that buffer receives the block that runs ``depth`` later, whose read starts at
+    once. A pass cut short (an error inside a block) is noticed at the next block and the ring
+    restarted there, so nothing waits forever.
+    """
+
+    def __init__(self, spans: list[BlockSpan], depth: int = 2, direct: bool = True) -> None:
+        self.spans = spans
+        self.depth = max(1, min(depth, len(spans)))
+        size = max(_aligned_length(span) for span in spans)
+        self.buffers = [mmap.mmap(-1, size) for _ in range(self.depth)]  # page-aligned, anonymous
+        self.ready = [threading.Event() for _ in range(self.depth)]
+        self.holds = [-1] * self.depth  # the block each buffer holds (or is receiving)
+        self.failure: list[BaseException] = []
+        self.direct = direct
+        self.bytes_read = 0
+        self._requests: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self._files: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._read_loop, name="optdemo-disk-stream", daemon=True)
+        self._thread.start()
+        self._ran = self._issued = 0  # blocks run, blocks requested (both counted since the start)
+        self._restart_at(0)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Memory the streamer holds: its buffers (the bound; nothing else grows)."""
+        return sum(len(buffer) for buffer in self.buffers)
+
+    def _issue(self) -> None:
+        slot = self._issued % self.depth
+        block = self._issued % len(self.spans)
+        self.ready[slot].clear()
+        self.holds[slot] = block
+        self._issued += 1
+        self._requests.put((block, slot))
+
+    def _restart_at(self, index: int) -> None:
+        for slot in range(min(self.depth, self._issued - self._ran)):
+            self.ready[(self._ran + slot) % self.depth].wait()  # let reads in flight land
+        self._ran = self._issued = index
+        for _ in range(self.depth):
+            self._issue()
+
+    def _read_loop(self) -> None:
+        while (request := self._requests.get()) is not None:
+            block, slot = request
+            try:
+                self._read(block, self.buffers[slot])
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the computing thread
+                self.failure.append(exc)
+            self.ready[slot].set()
+
+    def _read(self, index: int, buffer: mmap.mmap) -> None:
+        span = self.spans[index]
+        begin = span.start // _ALIGN * _ALIGN
+        length = _aligned_length(span)
+        fd = self._open(span.path)
+        view = memoryview(buffer)[:length]
+        done = 0
+        while done < length:  # a read at the end of the file returns less than asked: that is all
+            got = os.preadv(fd, [view[done:]], begin + done)
+            if got <= 0:
+                break
+            done += got
+        if done < span.end - begin:
+            raise OSError(f"short read of {span.path}: {done} of {span.end - begin} bytes")
+        self.bytes_read += span.nbytes
+        if not self.direct:
+            os.posix_fadvise(fd, begin, length, os.POSIX_FADV_DONTNEED)  # keep the cache for others
+
+    def _open(self, path: str) -> int:
+        if path not in self._files:
+            flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if self.direct else 0)
+            try:
+                self._files[path] = os.open(path, flags)
+            except OSError:  # a file system without O_DIRECT: buffered reads, dropped after use
+                self.direct = False
+                self._files[path] = os.open(path, os.O_RDONLY)
+        return self._files[path]
+
+    def tensors(self, index: int) -> dict[str, Any]:
+        """Block ``index``'s weights as views of its buffer, once its read has finished."""
+        import torch
+
+        if self._ran % len(self.spans) != index:  # the last pass was cut short: start over here
+            self._restart_at(index)
+        slot = self._ran % self.depth
+        self.ready[slot].wait()
+        if self.failure:
+            raise self.failure[0]
+        span = self.spans[index]
+        shift = span.start - span.start // _ALIGN * _ALIGN
+        raw = torch.frombuffer(self.buffers[slot], dtype=torch.uint8)
+        views = {}
+        for name, (offset, dtype, shape) in span.tensors.items():
+            kind = getattr(torch, dtype)
+            count = kind.itemsize
+            for dim in shape:
+                count *= dim
+            start = shift + offset
+            views[name] = raw[start : start + count].view(kind).view(shape)
+        return views
+
+    def release(self, index: int) -> None:
+        """Block ``index`` finished: its buffer now receives the block that runs ``depth`` later."""
+        self._ran += 1
+        self._issue()
+
+    def close(self) -> None:
+        """Stop the reader, close the files, free the buffers."""
+        self._requests.put(None)
+        self._thread.join(timeout=30)
+        for fd in self._files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._files.clear()
+        self.buffers = []
+
+
+def _aligned_length(span: BlockSpan) -> int:
+    begin = span.start // _ALIGN * _ALIGN
+    return -(-(span.end - begin) // _ALIGN) * _ALIGN
+
+
+def stream_blocks(model: Any, names: list[str], depth: int = 2) -> DiskStreamer | None:
+    """Serve the disk-tier blocks ``names`` (in execution order) from a :class:`DiskStreamer`
+    instead of Accelerate's per-forward loading. None (nothing changed) when a block's weights are
+    not one streamable range."""
+    import torch
+    from accelerate.hooks import remove_hook_from_submodules
+
+    headers: dict[str, tuple[int, dict]] = {}
+    modules = [model.get_submodule(name) for name in names]
+    spans = [block_span(module, headers) for module in modules]
+    if not spans or any(span is None for span in spans):
+        return None
+    streamer = DiskStreamer(spans, depth)
+    for index, module in enumerate(modules):
+        remove_hook_from_submodules(module)
+        placeholders = {
+            name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            for name, (_, dtype, shape) in spans[index].tensors.items()
+        }
+        _install(module, placeholders)
+        _wrap(module, index, streamer, placeholders)
+    model._optdemo_disk_streamer = streamer
+    return streamer
+
+
+def _wrap(module: Any, index: int, streamer: DiskStreamer, placeholders: dict[str, Any]) -> None:
+    """Run ``module`` on its streamed weights; afterwards (even on an error) point it back at meta
+    placeholders and hand its buffer on."""
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        _install(module, streamer.tensors(index))
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _install(module, placeholders)
+            streamer.release(index)
+
+    module.forward = forward
+
+
+def _install(module: Any, tensors: dict[str, Any]) -> None:
+    import torch
+
+    for full_name, tensor in tensors.items():
+        owner_name, _, leaf = full_name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+
+
+def release(model: Any) -> None:
+    """Stop a model's streamer (before the model is dropped); safe on any model."""
+    streamer = model.__dict__.pop("_optdemo_disk_streamer", None)
+    if streamer is not None:
+        streamer.close()

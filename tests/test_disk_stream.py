@@ -1,0 +1,144 @@
+"""The streamed disk tier: large direct reads into a bounded ring of buffers, ahead of compute.
+Same tokens as the all-in-RAM model; the split between mapped and streamed blocks follows the
+memory available; nothing grows per token; streamed reads bypass the page cache; a failed pass
+does not wedge the next one."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from optdemo.config import LoadConfig
+from optdemo.disk_stream import block_span, release
+from optdemo.offload import STREAM_DEPTH, place_disk_tier
+
+pytestmark = pytest.mark.slow
+IDS = torch.tensor([[2, 10, 20, 30, 40, 50]])
+
+
+def _greedy(model, tokens: int = 12) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=tokens, do_sample=False)
+    return out[0].tolist()
+
+
+@pytest.fixture
+def reference(tiny_model_dir) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    return _greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+
+
+def _offloaded(tiny_model_dir: Path, tmp_path: Path):
+    """The tiny model with layers 2..5 on disk, hooked by Accelerate (not yet served by us)."""
+    from transformers import AutoModelForCausalLM
+
+    device_map = {
+        "model.decoder.embed_tokens": "cpu",
+        "lm_head": "cpu",
+        "model.decoder.embed_positions": "cpu",
+        "model.decoder.final_layer_norm": "cpu",
+        **{f"model.decoder.layers.{i}": "cpu" if i < 2 else "disk" for i in range(6)},
+    }
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path / "off")
+    )
+
+
+def test_streamed_blocks_give_the_same_tokens_from_a_bounded_ring(tiny_model_dir, tmp_path, reference):
+    model = _offloaded(tiny_model_dir, tmp_path)
+    report = place_disk_tier(model, "stream")
+    assert (report.streamed_blocks, report.mapped_modules, report.mapped_bytes) == (4, 0, 0)
+    assert "chosen in the configuration" in report.choice
+    streamer = model._optdemo_disk_streamer
+    assert len(streamer.buffers) == STREAM_DEPTH
+    assert report.stream_buffer_bytes == streamer.buffer_bytes
+    assert report.stream_buffer_bytes <= STREAM_DEPTH * (max(s.nbytes for s in streamer.spans) + 2 * 4096)
+    threads = threading.active_count()
+    assert _greedy(model) == reference
+    # 12 forward passes read each streamed block once, plus at most the ring's read-ahead.
+    per_pass = sum(span.nbytes for span in streamer.spans)
+    assert (
+        12 * per_pass
+        <= streamer.bytes_read
+        <= 12 * per_pass + STREAM_DEPTH * max(s.nbytes for s in streamer.spans)
+    )
+    assert _greedy(model) == reference and threading.active_count() == threads  # nothing grows
+    release(model)
+    assert not hasattr(model, "_optdemo_disk_streamer")
+
+
+def test_auto_maps_what_fits_and_streams_the_rest(tiny_model_dir, tmp_path, reference):
+    model = _offloaded(tiny_model_dir, tmp_path)
+    block = 4 * 49984  # one tiny decoder layer in float32
+    # Room for one block beside the headroom and the ring: one mapped, three streamed.
+    from optdemo import offload
+
+    available = offload._HEADROOM + STREAM_DEPTH * block + block + 100
+    report = place_disk_tier(model, "auto", available_bytes=available)
+    assert (report.mapped_bytes, report.streamed_blocks, report.streamed_bytes) == (block, 3, 3 * block)
+    assert "mapped" in report.choice and "streamed" in report.choice and "available" in report.choice
+    assert _greedy(model) == reference
+    # With the memory to cache it all, everything stays memory-mapped.
+    everything = place_disk_tier(_offloaded(tiny_model_dir, tmp_path / "b"), "auto", available_bytes=2**34)
+    assert (everything.mapped_bytes, everything.streamed_blocks) == (4 * block, 0)
+
+
+def test_streamed_reads_bypass_the_page_cache(tiny_model_dir, tmp_path):
+    model = _offloaded(tiny_model_dir, tmp_path)
+    place_disk_tier(model, "stream")
+    streamer = model._optdemo_disk_streamer
+    _greedy(model, 2)
+    if not streamer.direct:
+        pytest.skip("this file system has no O_DIRECT")
+    # Every read goes through descriptors opened O_DIRECT: it neither fills nor evicts the cache.
+    assert streamer._files
+    assert all(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT for fd in streamer._files.values())
+
+
+def test_a_failed_pass_does_not_wedge_the_next(tiny_model_dir, tmp_path, reference):
+    model = _offloaded(tiny_model_dir, tmp_path)
+    place_disk_tier(model, "stream")
+    layer = model.model.decoder.layers[3].fc2
+    original = layer.forward
+    layer.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        _greedy(model)
+    layer.forward = original
+    assert _greedy(model) == reference
+
+
+def test_a_block_spread_over_files_is_not_streamed(tiny_model_dir, tmp_path):
+    model = _offloaded(tiny_model_dir, tmp_path)
+    module = model.get_submodule("model.decoder.layers.3")
+    hook = module.fc1._hf_hook
+    key = hook.weights_map.prefix + "weight"
+    hook.weights_map.dataset.index[key] = {
+        **hook.weights_map.dataset.index[key],
+        "safetensors_file": "/elsewhere",
+    }
+    assert block_span(module, {"/elsewhere": (8, {})}) is None
+
+
+def test_loads_choose_the_mode_from_the_configuration(manager, tiny_model_dir, tmp_path, reference):
+    from optdemo.generation import GenerationParams
+
+    config = LoadConfig(
+        str(tiny_model_dir), max_memory="cpu=700KiB", offload_folder=str(tmp_path / "o"), disk_tier="stream"
+    )
+    report = manager.load(config)
+    assert report.disk_tier.streamed_blocks > 0 and report.disk_tier.mapped_modules == 0
+    assert report.to_dict()["disk_tier"]["streamed_blocks"] == report.disk_tier.streamed_blocks
+    text = "".join(
+        u.text for u in manager.stream_completion("Hello", GenerationParams(max_new_tokens=8, temperature=0))
+    )
+    manager.load(config.with_changes(disk_tier="map"))
+    again = "".join(
+        u.text for u in manager.stream_completion("Hello", GenerationParams(max_new_tokens=8, temperature=0))
+    )
+    assert text == again
