@@ -29,6 +29,7 @@ DEFAULT_CPU_LAYERS = "auto"
 # cgroup limit) can cache and streams the rest past the page cache; "map" or "stream" force one.
 DISK_TIER_MODES = ("auto", "map", "stream")
 DEFAULT_DISK_TIER = "auto"
+STREAM_DEPTH = 2  # blocks a streamed disk tier reads ahead of the one computing (its buffers)
 
 # ---------------------------------------------------------------- hard ceilings (the engine's)
 MAX_NEW_TOKENS_LIMIT = 4096  # no deployment may allow more tokens per reply

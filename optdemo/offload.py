@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
+from optdemo.defaults import STREAM_DEPTH
+
 
 @dataclass(frozen=True)
 class DiskTierReport:
@@ -47,7 +49,6 @@ def cpu_executed(device_map: dict[str, Any]) -> bool:
     return bool(device_map) and all(device in ("cpu", "disk") for device in device_map.values())
 
 
-STREAM_DEPTH = 2  # blocks read ahead of the one computing
 _HEADROOM = 256 * 2**20  # memory left free beside the mapped part (activations, the allocator)
 
 

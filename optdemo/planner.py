@@ -24,7 +24,7 @@ from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_byte
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
 from optdemo.convert import cached, converted_root, stored_dtype
-from optdemo.defaults import DEFAULT_CPU_LAYERS
+from optdemo.defaults import DEFAULT_CPU_LAYERS, DEFAULT_DISK_TIER
 from optdemo.hardware import Hardware, existing_parent, probe_hardware
 from optdemo.hf_compat import auto_device_map
 from optdemo.models import ModelSource, resolve_model
@@ -75,6 +75,9 @@ class Plan:
     blockers: tuple[str, ...] = field(default=())
     checkpoint_format: str = "unknown"
     cpu_layers: str = DEFAULT_CPU_LAYERS  # the policy in force for offloaded layers, with a GPU
+    # How a CPU-executed model's disk tier is served: auto/map/stream, or "accelerate" (Accelerate's
+    # own per-forward loading) when fast offloading is off.
+    disk_tier: str = DEFAULT_DISK_TIER
 
     @property
     def fits(self) -> bool:
@@ -244,6 +247,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         blockers=tuple(notes.blockers),
         checkpoint_format=checkpoint_format,
         cpu_layers=config.cpu_layers_in_force,
+        disk_tier=config.disk_tier if config.fast_offload else "accelerate",
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from optdemo.defaults import STREAM_DEPTH
 from optdemo.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -254,7 +255,14 @@ def predict(
     if disk:
         cacheable = page_cache_bytes is None or disk <= page_cache_bytes
         on_cpu = not gpus or cpu_layers == "cpu"
-        if cacheable:
+        if (
+            on_cpu
+            and not gpus
+            and plan.disk_tier != "accelerate"
+            and (plan.disk_tier == "stream" or not cacheable)
+        ):
+            assumption = _predict_streamed(plan, bandwidths, page_cache_bytes or 0, breakdown)
+        elif cacheable and plan.disk_tier != "stream":
             assumption = "disk layers served from the page cache after the first token"
             if on_cpu:
                 breakdown["disk (page cache)"] = disk / cpu_rate
@@ -262,6 +270,24 @@ def predict(
             assumption = "disk layers re-read from disk every token (RAM cannot cache them)"
             breakdown["disk reads"] = disk / bandwidths.disk_read + (disk / cpu_rate if on_cpu else 0)
     return SpeedPrediction(sum(breakdown.values()), breakdown, assumption)
+
+
+def _predict_streamed(plan: Plan, bandwidths: Bandwidths, page_cache_bytes: int, breakdown: dict) -> str:
+    """The streamed disk tier (:mod:`optdemo.disk_stream`): the blocks the page cache can hold stay
+    mapped, the rest are read every token, overlapped with compute, so a token takes the longer of
+    computing everything and reading the streamed part. Fills ``breakdown``; returns the assumption."""
+    disk = plan.bytes_per_device.get("disk", 0)
+    largest = max((block.bytes for block in plan.blocks if block.device == "disk"), default=0)
+    room = 0 if plan.disk_tier == "stream" else max(0, page_cache_bytes - STREAM_DEPTH * largest)
+    mapped = min(disk, room)
+    streamed = disk - mapped
+    breakdown["disk (computed)"] = disk / bandwidths.cpu_rate(plan.dtype)
+    computing = sum(breakdown.values())
+    breakdown["disk reads (not overlapped)"] = max(0.0, streamed / bandwidths.disk_read - computing)
+    return (
+        f"{mapped / 2**30:.2f} GiB of the disk tier cached, {streamed / 2**30:.2f} GiB streamed from "
+        "disk every token, overlapped with compute"
+    )
 
 
 def predict_plan(plan: Plan, ram_available_bytes: int) -> SpeedPrediction:

@@ -190,9 +190,20 @@ def test_prediction_adds_each_tier():
     warm = predict(plan, bandwidths, page_cache_bytes=10**12)
     overhead = 0.004 + 0.0004 * 10
     assert warm.seconds_per_token == pytest.approx(1.0 + 0.4 + overhead)
+    # RAM caches 1 of the 2 GB disk tier: plain Accelerate re-reads all of it, then computes.
+    plain = predict(replace(plan, disk_tier="accelerate"), bandwidths, page_cache_bytes=10**9)
+    assert plain.seconds_per_token == pytest.approx(1.0 + 2.0 + 0.4 + overhead)
+    assert "re-read" in plain.assumption
+    # Streamed: 1 GB stays cached, 1 GB is read (1 s) while the 1.408 s of compute runs.
     cold = predict(plan, bandwidths, page_cache_bytes=10**9)
-    assert cold.seconds_per_token == pytest.approx(1.0 + 2.0 + 0.4 + overhead)
-    assert "re-read" in cold.assumption
+    assert cold.seconds_per_token == pytest.approx(1.0 + 0.4 + overhead)
+    assert cold.breakdown["disk reads (not overlapped)"] == 0
+    assert "0.93 GiB of the disk tier cached, 0.93 GiB streamed" in cold.assumption
+    # Reads longer than compute show as the part not overlapped.
+    slow_disk = replace(bandwidths, disk_read=0.25e9)
+    assert predict(plan, slow_disk, page_cache_bytes=10**9).seconds_per_token == pytest.approx(4.0)
+    streamed = predict(replace(plan, disk_tier="stream"), bandwidths, page_cache_bytes=10**12)
+    assert streamed.breakdown["disk reads (not overlapped)"] == pytest.approx(2.0 - 1.408)
     gpu = Bandwidths(
         cpu_matvec={"float32": 10e9}, disk_read=1e9, host_to_device=10e9, gpu_matvec={"float16": 1e12}
     )

@@ -52,6 +52,7 @@ def ensure_checkpoint(architecture: str, checkpoint_format: str, dtype: str = "f
     """A random-weight checkpoint of a catalog architecture, built once and reused."""
     path = bench_dir() / f"{architecture}-{checkpoint_format}-{dtype}"
     if not (path / "config.json").exists():
+        bench_dir().mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=bench_dir().parent))
         try:
             build_random_opt(
