@@ -216,29 +216,30 @@ def _aligned_length(span: BlockSpan) -> int:
     return -(-(span.end - begin) // _ALIGN) * _ALIGN
 
 
-def stream_blocks(model: Any, names: list[str], depth: int = 2) -> DiskStreamer | None:
+def stream_blocks(model: Any, names: list[str], depth: int = 2) -> tuple[DiskStreamer | None, list[str]]:
     """Serve the disk-tier blocks ``names`` (in execution order) from a :class:`DiskStreamer`
-    instead of Accelerate's per-forward loading. None (nothing changed) when a block's weights are
-    not one streamable range."""
+    instead of Accelerate's per-forward loading. A block whose weights are not one range of one
+    file (it straddles two shards) is left as it is. Returns the streamer (None when nothing is
+    streamed) and the names it serves."""
     import torch
     from accelerate.hooks import remove_hook_from_submodules
 
     headers: dict[str, tuple[int, dict]] = {}
-    modules = [model.get_submodule(name) for name in names]
-    spans = [block_span(module, headers) for module in modules]
-    if not spans or any(span is None for span in spans):
-        return None
-    streamer = DiskStreamer(spans, depth)
-    for index, module in enumerate(modules):
+    chosen = [(name, span) for name in names if (span := block_span(model.get_submodule(name), headers))]
+    if not chosen:
+        return None, []
+    streamer = DiskStreamer([span for _, span in chosen], depth)
+    for index, (name, span) in enumerate(chosen):
+        module = model.get_submodule(name)
         remove_hook_from_submodules(module)
         placeholders = {
-            name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
-            for name, (_, dtype, shape) in spans[index].tensors.items()
+            tensor: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            for tensor, (_, dtype, shape) in span.tensors.items()
         }
         _install(module, placeholders)
         _wrap(module, index, streamer, placeholders)
     model._optdemo_disk_streamer = streamer
-    return streamer
+    return streamer, [name for name, _ in chosen]
 
 
 def _wrap(module: Any, index: int, streamer: DiskStreamer, placeholders: dict[str, Any]) -> None:

@@ -65,15 +65,15 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
         return DiskTierReport(0, 0, "no disk layers on a CPU-executed model")
     sizes = [module_bytes(model, name) for name in disk]
     resident, choice = _split(disk, sizes, mode, available_bytes)
-    streamed = disk[len(resident) :]
-    streamer = stream_blocks(model, streamed, STREAM_DEPTH) if streamed else None
-    if streamed and streamer is None:
-        streamed, choice = [], "mapped: these weights cannot be read as one range per block"
-    report = map_disk_tier(model, mapped=disk[: len(disk) - len(streamed)])
+    wanted = disk[len(resident) :]
+    streamer, streamed = stream_blocks(model, wanted, STREAM_DEPTH) if wanted else (None, [])
+    if len(streamed) < len(wanted):
+        choice += f"; {len(wanted) - len(streamed)} block(s) straddling two files stay mapped"
+    report = map_disk_tier(model, mapped=[name for name in disk if name not in streamed])
     return replace(
         report,
         streamed_blocks=len(streamed),
-        streamed_bytes=sum(sizes[len(disk) - len(streamed) :]),
+        streamed_bytes=sum(size for name, size in zip(disk, sizes, strict=True) if name in streamed),
         stream_buffer_bytes=streamer.buffer_bytes if streamer else 0,
         choice=choice,
     )

@@ -113,16 +113,20 @@ def test_a_failed_pass_does_not_wedge_the_next(tiny_model_dir, tmp_path, referen
     assert _greedy(model) == reference
 
 
-def test_a_block_spread_over_files_is_not_streamed(tiny_model_dir, tmp_path):
+def test_a_block_spread_over_two_files_stays_mapped(tiny_model_dir, tmp_path, reference):
     model = _offloaded(tiny_model_dir, tmp_path)
     module = model.get_submodule("model.decoder.layers.3")
     hook = module.fc1._hf_hook
+    index = hook.weights_map.dataset.index
     key = hook.weights_map.prefix + "weight"
-    hook.weights_map.dataset.index[key] = {
-        **hook.weights_map.dataset.index[key],
-        "safetensors_file": "/elsewhere",
-    }
-    assert block_span(module, {"/elsewhere": (8, {})}) is None
+    real = index[key]["safetensors_file"]
+    copy = tmp_path / "copy.safetensors"  # the same bytes under another name: a second "shard"
+    copy.write_bytes(Path(real).read_bytes())
+    index[key] = {**index[key], "safetensors_file": str(copy)}
+    assert block_span(module, {}) is None
+    report = place_disk_tier(model, "stream")
+    assert report.streamed_blocks == 3 and "1 block(s) straddling two files stay mapped" in report.choice
+    assert _greedy(model) == reference
 
 
 def test_loads_choose_the_mode_from_the_configuration(manager, tiny_model_dir, tmp_path, reference):
