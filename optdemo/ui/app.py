@@ -12,6 +12,7 @@ from optdemo.ui.binding import bind
 from optdemo.ui.chat_tab import layout_chat_tab, refresh_model_line, wire_chat_tab
 from optdemo.ui.config_tab import layout_config_tab, preview, refresh_status, wire_config_tab
 from optdemo.ui.devicemap_tab import layout_devicemap_tab, wire_devicemap_tab
+from optdemo.ui.openai_api import OpenAIServer
 
 THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
 CSS = """
@@ -68,9 +69,16 @@ def create_app(settings: AppSettings, manager: ModelManager | None = None) -> tu
     return build_app(service), service
 
 
-def launch(demo: gr.Blocks, settings: AppSettings, **overrides: object) -> tuple:
-    """Launch with the app's theme and the settings' network options; returns Gradio's tuple."""
+def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
+    """Launch with the app's theme and the settings' network options; returns Gradio's tuple.
+
+    The OpenAI-compatible API's routes go into Gradio's FastAPI app as it is created (FastAPI's
+    ``routes`` argument, through ``app_kwargs``), so they answer from the first request on, on the
+    same server and port as the UI.
+    """
+    settings = service.settings
     options: dict[str, object] = {
+        "app_kwargs": {"routes": OpenAIServer(service).routes()},
         "server_name": settings.host,
         "server_port": settings.port,
         "share": settings.share,
