@@ -105,10 +105,7 @@ def parse_chat(body: object, max_chars: int) -> ChatRequest:
     """
     body = _object(body)
     _refuse_unsupported(body, ("tools", "functions", "logprobs", "top_logprobs"))
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise OpenAIError("messages must be a non-empty list of {role, content} objects", param="messages")
-    history, message = _conversation(messages, max_chars)
+    history, message = conversation(body.get("messages"), max_chars)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return ChatRequest(_model(body), history, message, _sampling(body, max_tokens), *_streaming(body))
 
@@ -199,9 +196,15 @@ def _text(message: object, index: int) -> tuple[str, str]:
     return str(message["role"]), content
 
 
-def _conversation(messages: list, max_chars: int) -> tuple[list[ChatTurn], str]:
-    """(history turns, new message) from OpenAI messages: user/assistant pairs in order, system
-    messages put before the first user message, and the last message the user's."""
+def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str]:
+    """(history turns, new message) from OpenAI-style messages: user/assistant pairs in order,
+    system messages put before the first user message, and the last message the user's.
+
+    Raises:
+        OpenAIError: a malformed message, one over ``max_chars``, or no user message last.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError("messages must be a non-empty list of {role, content} objects", param="messages")
     system: list[str] = []
     turns: list[list[str]] = []  # [user, assistant] pairs being built
     for index, message in enumerate(messages):

@@ -12,6 +12,7 @@ from optdemo.ui.binding import bind
 from optdemo.ui.chat_tab import layout_chat_tab, refresh_model_line, wire_chat_tab
 from optdemo.ui.config_tab import layout_config_tab, preview, refresh_status, wire_config_tab
 from optdemo.ui.devicemap_tab import layout_devicemap_tab, wire_devicemap_tab
+from optdemo.ui.mcp_tools import keep_only_mcp_tools, register_mcp_tools
 from optdemo.ui.openai_api import OpenAIServer
 
 THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
@@ -30,6 +31,8 @@ def build_app(service: DemoService) -> gr.Blocks:
             elem_id="od-header",
         )
         register_api(service)  # first, so the named endpoints keep their names
+        if service.settings.mcp:
+            register_mcp_tools(service)
         with gr.Tabs():
             with gr.Tab("Configuration", id="configuration"):
                 config = layout_config_tab(service)
@@ -59,6 +62,8 @@ def build_app(service: DemoService) -> gr.Blocks:
             api_visibility="private",
         )
         demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
+    if service.settings.mcp:
+        keep_only_mcp_tools(demo)
     demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
     return demo
 
@@ -79,6 +84,7 @@ def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
     settings = service.settings
     options: dict[str, object] = {
         "app_kwargs": {"routes": OpenAIServer(service).routes()},
+        "mcp_server": settings.mcp,
         "server_name": settings.host,
         "server_port": settings.port,
         "share": settings.share,
