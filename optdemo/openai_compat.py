@@ -79,7 +79,7 @@ class ChatRequest:
     """A /v1/chat/completions request: the conversation so far and the new user message."""
 
     model: str | None
-    history: list[ChatTurn] = field(hash=False)
+    history: tuple[ChatTurn, ...]
     message: str
     sampling: Sampling
     stream: bool = False
@@ -106,6 +106,7 @@ def parse_chat(body: object, max_chars: int) -> ChatRequest:
     body = _object(body)
     _refuse_unsupported(body, ("tools", "functions", "logprobs", "top_logprobs"))
     history, message = conversation(body.get("messages"), max_chars)
+    history = tuple(history)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return ChatRequest(_model(body), history, message, _sampling(body, max_tokens), *_streaming(body))
 

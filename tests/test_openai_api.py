@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -72,7 +73,7 @@ def test_messages_become_history_and_message() -> None:
         },
         max_chars=100,
     )
-    assert req.history == [("Be brief.\na", "b")]
+    assert req.history == (("Be brief.\na", "b"),)
     assert req.message == "c\nd"
     assert (req.sampling.stop, req.sampling.max_tokens, req.stream, req.include_usage) == (
         ("X",),
@@ -266,6 +267,31 @@ def test_client_disconnect_stops_generation(scripted) -> None:
     assert (
         client(scripted).completions.create(model=SCRIPTED, prompt="Once").choices[0].text == " upon a time"
     )
+
+
+@pytest.mark.slow
+def test_requests_beyond_the_queue_size_are_refused() -> None:
+    manager = LoadedScript(SCRIPT)
+    manager.until_stopped = True  # every reply waits after its first step until told to stop
+    body = {"model": SCRIPTED, "messages": [{"role": "user", "content": "long"}], "stream": True}
+    with running_app(["--queue-size", "1"], manager=manager) as app, httpx.Client(timeout=10) as http:
+        url = app.url + "v1/chat/completions"
+        with http.stream("POST", url, json=body) as first, http.stream("POST", url, json=body) as second:
+            assert (first.status_code, second.status_code) == (200, 200)  # one running, one waiting
+            refused = http.post(url, json=body)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert "at most 1" in refused.json()["error"]["message"]
+        # Both clients went away: their replies stop, and the queue has room again.
+        assert all(event.wait(5) for event in manager.stop_events)
+        manager.until_stopped = False
+        for _ in range(50):
+            hello = {"model": SCRIPTED, "messages": [{"role": "user", "content": "hi"}]}
+            if http.post(url, json=hello).status_code == 200:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the queue never had room again")
 
 
 @pytest.mark.slow
