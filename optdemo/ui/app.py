@@ -79,7 +79,8 @@ def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
 
     The OpenAI-compatible API's routes go into Gradio's FastAPI app as it is created (FastAPI's
     ``routes`` argument, through ``app_kwargs``), so they answer from the first request on, on the
-    same server and port as the UI.
+    same server and port as the UI. With ``--mcp`` Gradio's MCP server is mounted too
+    (``/gradio_api/mcp/``), offering the tools :mod:`optdemo.ui.mcp_tools` leaves public.
     """
     settings = service.settings
     options: dict[str, object] = {
