@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("optdemo").info("%s", report.message)
         except OptdemoError as exc:
             logging.getLogger("optdemo").error("preload failed, serving anyway: %s", exc)
-    launch(demo, settings)
+    launch(demo, service)
     return 0
 
 

@@ -47,12 +47,21 @@ class AppSettings:
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     max_history_turns: int = DEFAULT_MAX_HISTORY_TURNS
     queue_size: int = DEFAULT_QUEUE_SIZE
+    api_key: str | None = field(default=None, repr=False)  # bearer token the /v1 API requires
+    openai_api: bool = False  # serve the /v1 API in public mode too (it is always on otherwise)
+    mcp: bool = False  # serve the MCP tools (Gradio's MCP server) at /gradio_api/mcp/
     on_space: bool = field(default=False)  # running on a Hugging Face Space
 
     @property
     def public(self) -> bool:
         """Strangers can reach the app: a share link, a Space, or an explicit lock."""
         return self.share or self.lock_config or self.on_space
+
+    @property
+    def openai_api_enabled(self) -> bool:
+        """Whether the OpenAI-compatible API answers: always, except in public mode where only the
+        operator turns it on (``--openai-api``)."""
+        return self.openai_api or not self.public
 
     @property
     def confined_offload_base(self) -> str | None:
@@ -163,6 +172,9 @@ FLAGS = (
         kind="int",
         default=DEFAULT_QUEUE_SIZE,
     ),
+    Flag("api-key", "bearer token the OpenAI-compatible API (/v1) requires (default: none)", metavar="KEY"),
+    Flag("openai-api", "serve the OpenAI-compatible API (/v1) in public mode too", kind="bool"),
+    Flag("mcp", "serve plan, status, generate and chat as MCP tools at /gradio_api/mcp/", kind="bool"),
 )
 
 
@@ -276,5 +288,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         max_message_chars=args.max_message_chars,
         max_history_turns=args.max_history_turns,
         queue_size=args.queue_size,
+        api_key=args.api_key or None,
+        openai_api=args.openai_api,
+        mcp=args.mcp,
         on_space=on_space,
     )

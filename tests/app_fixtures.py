@@ -93,7 +93,7 @@ def running_app(
     with _env("HF_TOKEN", token):
         demo, service = create_app(parse_settings(list(flags), env={}), manager)
         try:
-            _, url, _ = launch(demo, service.settings, prevent_thread_lock=True, quiet=True, server_port=None)
+            _, url, _ = launch(demo, service, prevent_thread_lock=True, quiet=True, server_port=None)
             yield RunningApp(demo, service, url.rstrip("/") + "/")
         finally:
             try:

@@ -22,7 +22,7 @@ def space(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _pinned(package: str) -> str:
     text = (ROOT / "requirements.txt").read_text()
-    return re.search(rf"^{package}==([\w.]+)$", text, re.MULTILINE).group(1)
+    return re.search(rf"^{package}(?:\[[\w,]+\])?==([\w.]+)$", text, re.MULTILINE).group(1)  # extras allowed
 
 
 def test_space_has_everything_it_runs(space):

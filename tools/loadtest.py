@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         demo, service = create_app(AppSettings(model="optdemo/tiny-opt", preload=True))
         service.manager.load(service.initial_config())
-        _, url, _ = launch(demo, service.settings, prevent_thread_lock=True, quiet=True)
+        _, url, _ = launch(demo, service, prevent_thread_lock=True, quiet=True)
     try:
         result = run_load_test(url, args.clients, args.messages, args.max_new_tokens, args.deadline)
     finally:

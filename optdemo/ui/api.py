@@ -38,7 +38,15 @@ class Endpoints:
         """Plan where the model's layers would go under max_memory, without touching weights.
         Returns device_map (module -> device), bytes_per_device, fits and warnings; with a GPU in
         the map, prediction.cpu_layers says where offloaded layers would run
-        (cpu_layers: auto, accelerate, gpu or cpu)."""
+        (cpu_layers: auto, accelerate, gpu or cpu).
+
+        Args:
+            model: an OPT size (opt-1.3b), a Hugging Face Hub id or a local folder; tiny-opt is built in.
+            max_memory: budget per device, e.g. "0=5GiB,cpu=20GiB"; empty: suggested for this machine.
+            dtype: auto, float16, bfloat16 or float32.
+            offload_folder: folder for the layers that fit no memory budget (empty: none).
+            cpu_layers: with a GPU, where offloaded layers run: auto, accelerate, gpu or cpu.
+        """
         config = self.service.make_config(
             model, max_memory, dtype, offload_folder or None, cpu_layers=cpu_layers
         )

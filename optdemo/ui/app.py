@@ -12,6 +12,8 @@ from optdemo.ui.binding import bind
 from optdemo.ui.chat_tab import layout_chat_tab, refresh_model_line, wire_chat_tab
 from optdemo.ui.config_tab import layout_config_tab, preview, refresh_status, wire_config_tab
 from optdemo.ui.devicemap_tab import layout_devicemap_tab, wire_devicemap_tab
+from optdemo.ui.mcp_tools import keep_only_mcp_tools, register_mcp_tools
+from optdemo.ui.openai_api import OpenAIServer
 
 THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
 CSS = """
@@ -29,6 +31,8 @@ def build_app(service: DemoService) -> gr.Blocks:
             elem_id="od-header",
         )
         register_api(service)  # first, so the named endpoints keep their names
+        if service.settings.mcp:
+            register_mcp_tools(service)
         with gr.Tabs():
             with gr.Tab("Configuration", id="configuration"):
                 config = layout_config_tab(service)
@@ -58,6 +62,8 @@ def build_app(service: DemoService) -> gr.Blocks:
             api_visibility="private",
         )
         demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
+    if service.settings.mcp:
+        keep_only_mcp_tools(demo)
     demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
     return demo
 
@@ -68,9 +74,18 @@ def create_app(settings: AppSettings, manager: ModelManager | None = None) -> tu
     return build_app(service), service
 
 
-def launch(demo: gr.Blocks, settings: AppSettings, **overrides: object) -> tuple:
-    """Launch with the app's theme and the settings' network options; returns Gradio's tuple."""
+def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
+    """Launch with the app's theme and the settings' network options; returns Gradio's tuple.
+
+    The OpenAI-compatible API's routes go into Gradio's FastAPI app as it is created (FastAPI's
+    ``routes`` argument, through ``app_kwargs``), so they answer from the first request on, on the
+    same server and port as the UI. With ``--mcp`` Gradio's MCP server is mounted too
+    (``/gradio_api/mcp/``), offering the tools :mod:`optdemo.ui.mcp_tools` leaves public.
+    """
+    settings = service.settings
     options: dict[str, object] = {
+        "app_kwargs": {"routes": OpenAIServer(service).routes()},
+        "mcp_server": settings.mcp,
         "server_name": settings.host,
         "server_port": settings.port,
         "share": settings.share,

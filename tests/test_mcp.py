@@ -1,0 +1,112 @@
+"""MCP (``--mcp``): an MCP client (the ``mcp`` package's streamable-HTTP client, the transport
+Gradio 6.31 serves at /gradio_api/mcp/) lists optdemo's tools and calls them.
+
+Only state-free tools are offered: plan, status, generate and chat_messages (the whole conversation
+in each call); the endpoints with per-session state or that change the model are not tools, yet
+stay callable through the named API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from app_fixtures import running_app
+from mcp import ClientSession
+from mcp.client.streamable_http import streamablehttp_client
+from test_openai_api import SCRIPT, SCRIPTED, LoadedScript
+
+from optdemo.ui.mcp_tools import MCP_ENDPOINTS
+
+pytestmark = pytest.mark.slow
+
+
+def with_mcp(url: str, work: Callable[[ClientSession], Awaitable[Any]]) -> Any:
+    """Run ``work`` in an initialized MCP session on the app at ``url``."""
+
+    async def session() -> Any:
+        async with (
+            streamablehttp_client(url + "gradio_api/mcp/") as (read, write, _),
+            ClientSession(read, write) as client,
+        ):
+            await client.initialize()
+            return await work(client)
+
+    return asyncio.run(session())
+
+
+def text_of(result: Any) -> str:
+    assert not result.isError, result
+    return "".join(part.text for part in result.content)
+
+
+@pytest.fixture(scope="module")
+def mcp_app():
+    with running_app(["--mcp"], manager=LoadedScript(SCRIPT)) as app:
+        yield app
+
+
+def test_tools_are_the_state_free_endpoints_with_descriptions(mcp_app) -> None:
+    tools = with_mcp(mcp_app.url, lambda client: client.list_tools()).tools
+    by_name = {tool.name: tool for tool in tools}
+    assert set(by_name) == {"plan", "status", "generate", "chat_messages"} == set(MCP_ENDPOINTS)
+    assert all(len(tool.description) > 40 for tool in tools if tool.name != "status")
+    chat = by_name["chat_messages"].inputSchema
+    assert chat["required"] == ["messages"] and chat["properties"]["messages"]["type"] == "array"
+    assert "conversation" in chat["properties"]["messages"]["description"]
+    assert (
+        "Budget per device"
+        in by_name["plan"].inputSchema["properties"]["max_memory"]["description"].capitalize()
+    )
+
+
+def test_tools_answer(mcp_app) -> None:
+    async def calls(client: ClientSession) -> list:
+        messages = [
+            {"role": "user", "content": "earlier"},
+            {"role": "assistant", "content": "answer"},
+            {"role": "user", "content": "hi"},
+        ]
+        return [
+            await client.call_tool("chat_messages", {"messages": messages, "temperature": 0}),
+            await client.call_tool("generate", {"prompt": "Once", "max_new_tokens": 3}),
+            await client.call_tool("status", {}),
+            await client.call_tool("plan", {"model": "tiny-opt", "max_memory": "cpu=1GiB"}),
+        ]
+
+    chat, generate, status, plan = with_mcp(mcp_app.url, calls)
+    assert text_of(chat) == "Hello world!"
+    assert mcp_app.service.manager.histories[-1] == [("earlier", "answer")]  # state-free: all in the call
+    assert text_of(generate) == " upon a time"
+    assert SCRIPTED in text_of(status)
+    assert "'fits': True" in text_of(plan) and "model.decoder.layers.0" in text_of(plan)
+
+
+def test_refusals_are_tool_errors(mcp_app) -> None:
+    async def calls(client: ClientSession) -> list:
+        return [
+            await client.call_tool("chat_messages", {"messages": [{"role": "assistant", "content": "x"}]}),
+            await client.call_tool("sign_in", {"username": "a", "password": "b"}),
+            await client.call_tool("load", {"model": "tiny-opt"}),
+        ]
+
+    bad_messages, sign_in, load = with_mcp(mcp_app.url, calls)
+    assert bad_messages.isError and "the last message must be the user's" in bad_messages.content[0].text
+    assert sign_in.isError and load.isError  # not tools: an MCP client has no session of its own
+
+
+def test_other_endpoints_stay_callable_through_the_named_api(mcp_app) -> None:
+    client = mcp_app.client()
+    assert client.predict(api_name="/clear_chat") is True
+    documented = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {name.lstrip("/") for name in documented} == set(MCP_ENDPOINTS)
+
+
+def test_without_the_flag_there_is_no_mcp_server() -> None:
+    with running_app(manager=LoadedScript(SCRIPT)) as app:
+        assert httpx.post(app.url + "gradio_api/mcp/", json={}).status_code == 404
+        documented = app.client().view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert "/chat_messages" not in documented and "/load" in documented and "/sign_in" in documented
