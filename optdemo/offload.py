@@ -64,7 +64,10 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
     if not cpu_executed(device_map) or not disk:
         return DiskTierReport(0, 0, "no disk layers on a CPU-executed model")
     sizes = [module_bytes(model, name) for name in disk]
-    resident, choice = _split(disk, sizes, mode, available_bytes)
+    # The CPU tier is usually memory-mapped from the checkpoint too: it needs its share of the
+    # page cache every token, before any disk block does.
+    cpu_tier = entries_bytes(model, [name for name, device in device_map.items() if device == "cpu"])
+    resident, choice = _split(disk, sizes, mode, available_bytes, cpu_tier)
     wanted = disk[len(resident) :]
     streamer, streamed = stream_blocks(model, wanted, STREAM_DEPTH) if wanted else (None, [])
     if len(streamed) < len(wanted):
@@ -79,8 +82,11 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
     )
 
 
-def _split(disk: list[str], sizes: list[int], mode: str, available: int | None) -> tuple[list[str], str]:
-    """The disk blocks to keep mapped (a prefix of ``disk``) and a sentence saying why."""
+def _split(
+    disk: list[str], sizes: list[int], mode: str, available: int | None, cpu_tier: int = 0
+) -> tuple[list[str], str]:
+    """The disk blocks to keep mapped (a prefix of ``disk``) and a sentence saying why: those the
+    memory available can cache beside the CPU tier, a little headroom and the stream buffers."""
     total = sum(sizes)
     if mode == "map":
         return disk, "mapped: chosen in the configuration"
@@ -90,7 +96,7 @@ def _split(disk: list[str], sizes: list[int], mode: str, available: int | None) 
         from optdemo.hardware import probe_hardware
 
         available = probe_hardware().ram_available_bytes
-    room = available - _HEADROOM
+    room = available - cpu_tier - _HEADROOM
     if total <= room:
         return disk, f"mapped: the page cache can hold all {_gib(total)} ({_gib(available)} available)"
     room -= STREAM_DEPTH * max(sizes)
@@ -108,6 +114,16 @@ def _split(disk: list[str], sizes: list[int], mode: str, available: int | None) 
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
+
+
+def entries_bytes(model: Any, names: list[str]) -> int:
+    """Weight bytes of several device-map entries, each tensor counted once (a tied LM head and
+    the embeddings share one)."""
+    tensors = {}
+    for name in names:
+        module = model.get_submodule(name)
+        tensors.update({id(t): t for t in [*module.parameters(), *module.buffers()]})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def module_bytes(model: Any, name: str) -> int:

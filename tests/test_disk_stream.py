@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TOTAL_BYTES
 
 from optdemo.config import LoadConfig
 from optdemo.disk_stream import block_span, release
@@ -79,7 +80,8 @@ def test_auto_maps_what_fits_and_streams_the_rest(tiny_model_dir, tmp_path, refe
     # Room for one block beside the headroom and the ring: one mapped, three streamed.
     from optdemo import offload
 
-    available = offload._HEADROOM + STREAM_DEPTH * block + block + 100
+    cpu_tier = TINY_TOTAL_BYTES - 4 * block  # embeddings, final norm, layers 0-1: mapped too
+    available = offload._HEADROOM + cpu_tier + STREAM_DEPTH * block + block + 100
     report = place_disk_tier(model, "auto", available_bytes=available)
     assert (report.mapped_bytes, report.streamed_blocks, report.streamed_bytes) == (block, 3, 3 * block)
     assert "mapped" in report.choice and "streamed" in report.choice and "available" in report.choice

@@ -139,10 +139,11 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     if side == "optdemo":
         manager = ModelManager()
         config = LoadConfig(model, dtype=dtype, max_memory=max_memory, offload_folder=offload)
-        manager.load(config)
+        disk_tier = manager.load(config).to_dict()["disk_tier"]
         loaded = manager._loaded
         net, tokenizer, device = loaded.model, loaded.tokenizer, loaded.input_device
     else:
+        disk_tier = None
         tokenizer = AutoTokenizer.from_pretrained(model)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if side == "accelerate":
@@ -174,6 +175,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
         "offload_bytes_written": written,
         "tokens": len(times),
         "token_ids": token_ids,
+        "disk_tier": disk_tier,
         "device_map": {k: str(v) for k, v in (getattr(net, "hf_device_map", None) or {"": "cpu"}).items()},
     }
 
