@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from optdemo import convert
+from optdemo import convert, hub
 from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
@@ -106,9 +106,15 @@ def _check_hub_reachable(config: LoadConfig, source: ModelSource, plan: Plan) ->
         return  # converted before: loads from our cache, no Hub needed
     if isinstance(try_to_load_from_cache(source.location, "config.json", revision=config.revision), str):
         return  # downloaded before: from_pretrained can use the cache
+    where = f"{source.location}@{config.revision}" if config.revision else source.location
+    reason = hub.offline_reason()
+    if reason is not None:
+        raise LoadError(hub.unreachable_message(source.location, where, reason))
     try:
         model_info(source.location, revision=config.revision, token=hub_token(), timeout=15)
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a message a user can act on
+        if hub.is_network_error(exc):
+            hub.mark_unreachable(exc)
         raise LoadError(hub_error_message(exc, source.location, config.revision)) from None
 
 
@@ -251,15 +257,10 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
             f"the disk filled up while loading {name}: free space in the offload folder "
             f"({config.offload_folder}) and the Hugging Face cache, or raise the memory budget"
         )
-    if isinstance(
-        exc,
-        (
-            hub_errors.HfHubHTTPError,
-            hub_errors.OfflineModeIsEnabled,
-            hub_errors.LocalEntryNotFoundError,
-            ConnectionError,
-        ),
-    ):
+    if hub.is_network_error(exc):
+        hub.mark_unreachable(exc)
+        return hub_error_message(exc, source.location, config.revision)
+    if isinstance(exc, (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError)):
         return hub_error_message(exc, source.location, config.revision)
     if (
         isinstance(exc, FileNotFoundError)
