@@ -279,10 +279,16 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
             fix = "delete the model's folder in the Hugging Face cache and load again to re-download it"
         return f"a checkpoint file of {name} is corrupt or incomplete ({text[:160]}): {fix}"
     if isinstance(exc, OSError) and ("does not appear to have" in text or "not a valid" in text):
-        return f"{name} has no weights that transformers can load: {text[:200]}"
+        return (
+            f"{name} has no weights that transformers can load ({text[:200]}): pick a model folder or "
+            "repository that holds its weights, or the built-in tiny-opt"
+        )
     if isinstance(exc, KeyboardInterrupt):
-        return f"loading {name} was interrupted"
-    return f"loading {name} failed ({type(exc).__name__}: {text[:300]})"
+        return f"loading {name} was interrupted: load it again"
+    return (
+        f"loading {name} failed ({type(exc).__name__}: {text[:300]}): try again; if it fails again, "
+        "pick another model (the built-in tiny-opt always loads) and report the error"
+    )
 
 
 def _looks_corrupt(exc: BaseException, text: str) -> bool:

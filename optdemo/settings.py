@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
+from optdemo.budget import parse_max_memory
 from optdemo.catalog import TINY_MODEL_ID
-from optdemo.config import DTYPES
+from optdemo.config import DTYPES, normalize_model
 from optdemo.defaults import (
     CPU_LAYER_POLICIES,
     DEFAULT_CPU_LAYERS,
@@ -22,7 +24,9 @@ from optdemo.defaults import (
     DEFAULT_MAX_NEW_TOKENS_CAP,
     DEFAULT_QUEUE_SIZE,
 )
-from optdemo.errors import ConfigError
+from optdemo.errors import ConfigError, OptdemoError
+
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,14 @@ FLAGS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a malformed flag as app.py reports every bad value: one line that says
+    what is wrong, exit status 2 (argparse itself prints its whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"optdemo: {message}\n")
+
+
 class _Repeatable(argparse.Action):
     """``action="append"``, except that values given on the command line replace the default list
     (which came from the environment) instead of adding to it: a flag wins over its variable."""
@@ -212,7 +224,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         ConfigError: an environment variable holds a malformed value.
     """
     env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="app.py",
         description=(
             "optdemo: plan, load and chat with models larger than your GPU, spread over GPU, CPU "
@@ -238,6 +250,29 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     return parser
 
 
+def _check_values(args: argparse.Namespace) -> None:
+    """Check what can be checked at start without a network, so that a bad value is one line at
+    start rather than a traceback when the app builds its page.
+
+    Raises:
+        ConfigError: naming the flag and what is wrong with its value.
+    """
+    checks: list[tuple[str, object, Callable[[str], object]]] = [
+        ("--model", args.model, normalize_model),
+        ("--max-memory", args.max_memory, parse_max_memory),
+    ]
+    checks += [("--allow-model", name, normalize_model) for name in args.allow_model]
+    for flag, value, check in checks:
+        if not value:
+            continue
+        try:
+            check(str(value))
+        except OptdemoError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+    if args.offload_folder and os.path.exists(args.offload_folder) and not os.path.isdir(args.offload_folder):
+        raise ConfigError(f"--offload-folder: {args.offload_folder} is a file, not a folder")
+
+
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> AppSettings:
     """Settings from command-line flags, falling back to ``OPTDEMO_*`` environment variables.
 
@@ -250,6 +285,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         value = getattr(args, flag.dest)
         if flag.kind == "int" and value is not None and value <= 0:
             raise ConfigError(f"--{flag.name} must be positive, got {value}")
+    if args.port is not None and args.port > MAX_PORT:
+        raise ConfigError(f"--port must be between 1 and {MAX_PORT}, got {args.port}")
+    _check_values(args)
     auth = []
     for entry in args.auth:
         user, sep, password = entry.strip().partition(":")

@@ -163,3 +163,55 @@ def test_a_raw_network_error_from_the_hub_becomes_a_remedy(monkeypatch: pytest.M
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
     assert hub.offline_reason_if_known() is not None
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError("x does not appear to have a file named pytorch_model.bin"),
+        KeyboardInterrupt(),
+        RuntimeError("something unforeseen"),
+        None,  # a network error, built in the test (httpx imports lazily)
+    ],
+)
+def test_every_load_error_says_what_to_do(exc: BaseException | None) -> None:
+    import httpx
+
+    from optdemo.loader import load_error_message
+    from optdemo.models import resolve_model
+
+    config = LoadConfig("opt-125m")
+    error = exc if exc is not None else httpx.ConnectError("[Errno -2] Name or service not known")
+    message = load_error_message(error, config, resolve_model(config.model))
+    assert "opt-125m" in message
+    remedy = message.rsplit("): ", 1)[-1] if "): " in message else message.rsplit(": ", 1)[-1]
+    assert any(word in remedy for word in ("pick", "load it again", "connect", "try again")), message
+
+
+# ---------------------------------------------------------------- item: bad startup flags
+def run_app(*args: str, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTDEMO_") or k == "OPTDEMO_CACHE"}
+    env.pop("SPACE_ID", None)
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "app.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--max-memory", "cpu=lots"), "optdemo: --max-memory: size for cpu 'lots' is not a size"),
+        (("--model", "nonexistent-folder/"), "optdemo: --model: model folder 'nonexistent-folder/' does not"),
+        (("--port", "99999"), "optdemo: --port must be between 1 and 65535, got 99999"),
+        (("--dtype", "bad"), "optdemo: argument --dtype: invalid choice: 'bad'"),
+        (("--allow-model", "../nowhere"), "optdemo: --allow-model: model folder '../nowhere' does not"),
+        (("--offload-folder", "app.py"), "optdemo: --offload-folder: app.py is a file, not a folder"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_exit_2(args: tuple[str, ...], expected: str) -> None:
+    result = run_app(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(expected), result.stderr
