@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,18 @@ def cached(model: str, revision: str | None, dtype: str, source_dir: str | None 
     return path if (path / _COMPLETE_MARKER).exists() else None
 
 
-def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: str, local: bool) -> Path:
+# progress(shards done, shard count, bytes done, bytes in all): called before and after each shard.
+ShardProgress = Callable[[int, int, int, int], None]
+
+
+def ensure_converted(
+    model: str,
+    revision: str | None,
+    dtype: str,
+    source_dir: str,
+    local: bool,
+    progress: ShardProgress | None = None,
+) -> Path:
     """Return the cached safetensors copy of the ``.bin`` checkpoint in ``source_dir``, converting
     it first if needed (once, even with concurrent callers).
 
@@ -85,6 +97,7 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
         model, revision, dtype: the cache key.
         source_dir: the folder holding the ``.bin`` shards (a Hub snapshot or a local model).
         local: the model is a local folder, so its files' sizes and times join the key.
+        progress: told the shards and bytes converted so far (for the page's status line).
     """
     target = entry_path(model, revision, dtype, source_dir if local else None)
     if (target / _COMPLETE_MARKER).exists():
@@ -96,7 +109,7 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
             return target
         staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
         try:
-            convert_checkpoint(source_dir, staging, dtype)
+            convert_checkpoint(source_dir, staging, dtype, progress)
             (staging / _COMPLETE_MARKER).write_text(
                 json.dumps({"model": model, "revision": revision or "main", "dtype": dtype})
             )
@@ -108,7 +121,9 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
     return target
 
 
-def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
+def convert_checkpoint(
+    source_dir: str, dest: Path, dtype: str, progress: ShardProgress | None = None
+) -> None:
     """Write ``source_dir``'s ``.bin`` shards as safetensors shards (cast to ``dtype``) into
     ``dest``, with the index and every non-weight file (config, tokenizer) copied alongside.
     One shard is in memory at a time, memory-mapped from the pickle where torch allows."""
@@ -123,7 +138,10 @@ def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
     else:
         index, shards = None, [n for n in os.listdir(source_dir) if n.endswith(".bin")][:1]
     renamed = {}
-    for shard in shards:
+    sizes = [os.path.getsize(Path(source_dir) / shard) for shard in shards]
+    report = progress or (lambda done, count, done_bytes, total_bytes: None)
+    for number, shard in enumerate(shards):
+        report(number, len(shards), sum(sizes[:number]), sum(sizes))
         state = torch.load(Path(source_dir) / shard, map_location="cpu", mmap=True, weights_only=True)
         seen: set[int] = set()
         tensors = {}
@@ -141,6 +159,7 @@ def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
         save_file(tensors, dest / out_name, metadata={"format": "pt"})
         renamed[shard] = out_name
         del state, tensors
+    report(len(shards), len(shards), sum(sizes), sum(sizes))
     if index is not None:
         index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
         (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -205,9 +205,15 @@ def fast_checkpoint(
         hit = convert.cached(source.location, config.revision, dtype, source.location)
         if hit is not None:
             return str(hit)
-        report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
         return str(
-            convert.ensure_converted(source.location, config.revision, dtype, source.location, local=True)
+            convert.ensure_converted(
+                source.location,
+                config.revision,
+                dtype,
+                source.location,
+                local=True,
+                progress=_conversion_progress(config, report),
+            )
         )
     hit = convert.cached(source.location, config.revision, dtype)
     if hit is not None:
@@ -227,8 +233,31 @@ def fast_checkpoint(
         allow_patterns=["*.bin", "*.json", "*.txt", "*.model"],
         tqdm_class=bar_class,
     )
-    report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
-    return str(convert.ensure_converted(source.location, config.revision, dtype, folder, local=False))
+    return str(
+        convert.ensure_converted(
+            source.location,
+            config.revision,
+            dtype,
+            folder,
+            local=False,
+            progress=_conversion_progress(config, report),
+        )
+    )
+
+
+def _conversion_progress(config: LoadConfig, report: ProgressCallback) -> convert.ShardProgress:
+    """Word the conversion's shard and byte counts for the progress report."""
+
+    def shards(done: int, count: int, done_bytes: int, total_bytes: int) -> None:
+        fraction = done_bytes / total_bytes if total_bytes else None
+        shard = f"shard {min(done + 1, count)} of {count}"
+        report(
+            fraction,
+            f"Converting {config.display_name}'s .bin checkpoint to safetensors (once): "
+            f"{format_bytes(done_bytes)} of {format_bytes(total_bytes)}, {shard}",
+        )
+
+    return shards
 
 
 def _quantization_config(config: LoadConfig) -> Any:

@@ -46,6 +46,9 @@ class AppSettings:
     auth: tuple[tuple[str, str], ...] = ()  # admin accounts; they may change the configuration
     lock_config: bool = False  # visitors cannot change the configuration or unload
     allow_models: tuple[str, ...] = ()  # models a visitor may plan; default: the configured one
+    # Models a signed-in admin may plan and load in public mode; default: the visitors' models,
+    # the catalog's OPT sizes and tiny-opt (never an arbitrary local folder unless listed).
+    admin_allow_models: tuple[str, ...] = ()
     offload_base: str | None = None  # offload folders must lie under this directory
     max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
@@ -142,6 +145,13 @@ FLAGS = (
     ),
     Flag("lock-config", "visitors cannot change the configuration (public mode)", kind="bool"),
     Flag("allow-model", "model visitors may plan in public mode; repeatable", kind="list", metavar="MODEL"),
+    Flag(
+        "admin-allow-model",
+        "model signed-in admins may plan and load in public mode; repeatable (default: the visitors' "
+        "models, the OPT sizes and tiny-opt)",
+        kind="list",
+        metavar="MODEL",
+    ),
     Flag("offload-base", "offload folders must lie under this directory"),
     Flag(
         "max-new-tokens-cap",
@@ -262,6 +272,7 @@ def _check_values(args: argparse.Namespace) -> None:
         ("--max-memory", args.max_memory, parse_max_memory),
     ]
     checks += [("--allow-model", name, normalize_model) for name in args.allow_model]
+    checks += [("--admin-allow-model", name, normalize_model) for name in args.admin_allow_model]
     for flag, value, check in checks:
         if not value:
             continue
@@ -302,13 +313,15 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         dtype=args.dtype,
         cpu_layers=args.cpu_layers,
         fast_offload=not args.plain_accelerate,
-        preload=args.preload or on_space,
+        # Public mode starts with a loaded model: visitors cannot load one, so without it nobody could.
+        preload=args.preload or on_space or args.share or args.lock_config,
         host=args.host,
         port=args.port,
         share=args.share,
         auth=tuple(auth),
         lock_config=args.lock_config or on_space,
         allow_models=tuple(v.strip() for v in args.allow_model),
+        admin_allow_models=tuple(v.strip() for v in args.admin_allow_model),
         offload_base=args.offload_base or None,
         max_new_tokens_cap=args.max_new_tokens_cap,
         max_message_chars=args.max_message_chars,

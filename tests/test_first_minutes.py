@@ -215,3 +215,102 @@ def test_a_bad_flag_is_one_line_and_exit_2(args: tuple[str, ...], expected: str)
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith(expected), result.stderr
+
+
+# ---------------------------------------------------------------- item: public mode dead end
+@pytest.mark.parametrize("flag", ["--share", "--lock-config"])
+def test_public_mode_implies_preload(flag: str) -> None:
+    from optdemo.settings import parse_settings
+
+    assert parse_settings([flag], env={}).preload
+    assert parse_settings([], env={"OPTDEMO_LOCK_CONFIG": "1"}).preload
+    assert not parse_settings([], env={}).preload
+
+
+@pytest.mark.slow
+def test_a_failed_preload_in_public_mode_is_fatal_with_the_reason() -> None:
+    # opt-125m's weights are not here and the Hub is offline: the preload fails before serving.
+    result = run_app("--lock-config", "--model", "opt-125m", "--max-memory", "cpu=2GiB", "--port", "7")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "optdemo: public mode needs a loaded model, and it could not be loaded: cannot reach the "
+        "Hugging Face Hub to fetch facebook/opt-125m"
+    ), last
+    assert "Running on" not in result.stdout  # never served
+
+
+# ---------------------------------------------------------------- item: a newer load supersedes
+@pytest.mark.slow
+def test_a_newer_load_supersedes_a_waiting_one_and_errors_name_their_model(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Load A is slow and fails; B is requested while A runs, then C: B never starts (C replaced
+    it), A's failure names A, and C loads."""
+    import threading
+
+    from optdemo import manager as manager_module
+    from optdemo.errors import SupersededError
+    from optdemo.manager import ModelManager
+    from optdemo.service import DemoService
+    from optdemo.settings import AppSettings
+
+    real_load = manager_module.load_model
+    release_a = threading.Event()
+    started: list[str] = []
+
+    def load_model(config, plan, progress=None):
+        started.append(config.max_memory.as_max_memory()["cpu"])
+        if config.label == "A":
+            release_a.wait(30)
+            raise LoadError("the checkpoint of A is corrupt")
+        return real_load(config, plan, progress)
+
+    monkeypatch.setattr(manager_module, "load_model", load_model)
+    service = DemoService(ModelManager(), AppSettings())
+    a, b, c = (
+        LoadConfig(str(tiny_model_dir), max_memory=f"cpu={n}GiB", label=label)
+        for n, label in ((1, "A"), (2, "B"), (3, "C"))
+    )
+    outcomes: dict[str, object] = {}
+
+    def request(config: LoadConfig) -> None:
+        try:
+            outcomes[config.label] = service.load(config)
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            outcomes[config.label] = exc
+
+    threads = {}
+    for config in (a, b, c):
+        count = service.manager._load_requests
+        threads[config.label] = threading.Thread(target=request, args=(config,))
+        threads[config.label].start()
+        deadline = time.monotonic() + 30
+        while service.manager._load_requests == count and time.monotonic() < deadline:
+            time.sleep(0.01)  # this request is registered (past its checks) before the next comes
+        if config.label == "A":
+            while not started and time.monotonic() < deadline:
+                time.sleep(0.01)  # A holds the model
+    release_a.set()
+    for thread in threads.values():
+        thread.join(60)
+    assert isinstance(outcomes["A"], LoadError) and "the checkpoint of A is corrupt" in str(outcomes["A"])
+    assert isinstance(outcomes["B"], SupersededError)
+    assert str(outcomes["B"]) == "loading B was not started: a newer request to load C replaced it"
+    assert outcomes["C"].status == "loaded"
+    assert started == [2**30, 3 * 2**30]  # B never started
+    assert service.status().config == c
+    service.manager.unload()
+
+
+def test_every_load_error_names_its_model() -> None:
+    from optdemo.errors import BusyError
+    from optdemo.service import naming_model
+
+    config = LoadConfig("opt-1.3b")
+    named = naming_model(BusyError("the model is still busy after 2 minutes: try loading again"), config)
+    assert isinstance(named, BusyError)
+    assert str(named) == "loading opt-1.3b: the model is still busy after 2 minutes: try loading again"
+    already = LoadError("cannot reach the Hugging Face Hub to fetch facebook/opt-1.3b")
+    assert naming_model(already, config) is already

@@ -7,7 +7,10 @@ tested without a browser; :func:`wire_config_tab` connects them to the component
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,15 +19,17 @@ import gradio as gr
 from optdemo import defaults
 from optdemo.budget import format_bytes
 from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
+from optdemo.errors import OptdemoError
 from optdemo.hardware import Hardware, probe_hardware, quantization_unavailable
-from optdemo.service import DemoService
+from optdemo.service import DemoService, PlanNotice
 from optdemo.ui.api import MODEL_GROUP, PLAN_GROUP, session_of
-from optdemo.ui.binding import Updates, bind, bind_with_progress
+from optdemo.ui.binding import Updates, bind
 from optdemo.ui.errors import to_gradio_error, user_errors
 from optdemo.ui.render import describe_placement, plan_summary, status_text
 
 GIB = 2**30
 MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
+PROGRESS_POLL_SECONDS = 0.1  # how often a load's progress reports are passed to the page
 
 
 @dataclass
@@ -134,7 +139,7 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
                 plan_btn = gr.Button("Plan", variant="secondary")
                 load_btn = gr.Button("Load model", variant="primary", interactive=not locked)
                 unload_btn = gr.Button("Unload", variant="stop", interactive=not locked)
-            status = gr.Markdown(status_text(service.status()), elem_id="od-status")
+            status = gr.Markdown(status_for(service, None), elem_id="od-status")
         with gr.Column(scale=2):
             gr.Markdown("### Plan")
             summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
@@ -251,8 +256,8 @@ def _sign_in_form() -> SignIn:
 
 
 # ---------------------------------------------------------------------------------- handlers
-def config_from_form(service: DemoService, tab: ConfigTab, values: dict) -> LoadConfig:
-    """The configuration the form describes (validated by the service)."""
+def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request: Any = None) -> LoadConfig:
+    """The configuration the form describes (validated by the service, for this session)."""
     return service.make_config(
         model=values[tab.model] or "",
         max_memory=budget_spec(
@@ -270,14 +275,33 @@ def config_from_form(service: DemoService, tab: ConfigTab, values: dict) -> Load
     )
 
 
+def model_label(model: object) -> str:
+    """How the page names the model typed or picked in the form (its raw text if it is invalid)."""
+    try:
+        return LoadConfig(str(model or "")).display_name
+    except OptdemoError:
+        return str(model or "").strip()[:80] or "no model"
+
+
 def preview(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """Plan the form's configuration (no weights touched). Shown in place, not as a pop-up: this
-    runs on every change of a control."""
+    runs on every change of a control. A failure names the model and leaves no plan standing."""
+    name = model_label(values[tab.model])
     try:
-        view = service.plan(config_from_form(service, tab, values))
+        view = service.plan(config_from_form(service, tab, values, request))
     except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
-        return {tab.summary: f"**Cannot plan:** {to_gradio_error(exc).message}", tab.plan_state: None}
+        message = f"**Cannot plan {name}:** {to_gradio_error(exc).message}"
+        return {tab.summary: message, tab.plan_state: PlanNotice(name, message)}
     return {tab.summary: plan_summary(view.plan, view.prediction), tab.plan_state: view}
+
+
+def plan_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
+    """:func:`preview`, first saying which model is being planned: the previous plan (of another
+    model, maybe) never stays on screen as if it were current while the new one is computed."""
+    name = model_label(values[tab.model])
+    pending = f"Planning **{name}**…"
+    yield {tab.summary: pending, tab.plan_state: PlanNotice(name, pending)}
+    yield preview(service, tab, values, request)
 
 
 @user_errors
@@ -287,7 +311,7 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
 
     def report(fraction: float | None, text: str) -> None:
         if progress is not None:
-            progress(fraction, desc=text)
+            progress(fraction, desc=text)  # gr.Progress's signature; load_live's reporter too
 
     result = service.load(config, session_id=session_of(request), progress=report)
     verb = "Reused" if result.status == "reused" else "Loaded"
@@ -300,6 +324,39 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
         message += "  \nConfiguration unchanged: nothing was reloaded."
     assert result.plan is not None
     return {tab.status: message, tab.plan_state: service.view(result.plan), tab.loaded: time.monotonic()}
+
+
+def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
+    """:func:`load`, with what is happening (download, conversion with bytes done, shards) shown
+    in the status line itself, which names the model: the load runs in a worker thread and its
+    progress reports are streamed to the page (no progress overlay covers the status)."""
+    name = model_label(values[tab.model])
+    reports: queue.Queue[str] = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def report(fraction: float | None, desc: str = "") -> None:
+        reports.put(desc if fraction is None else f"{desc} — {fraction:.0%}")
+
+    def work() -> None:
+        try:
+            outcome["updates"] = load(service, tab, values, request, report)
+        except gr.Error as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="optdemo-load", daemon=True)
+    worker.start()
+    yield {tab.status: f"**Loading {name}…**"}
+    while worker.is_alive() or not reports.empty():
+        try:
+            text = reports.get(timeout=PROGRESS_POLL_SECONDS)
+        except queue.Empty:
+            continue
+        yield {tab.status: f"**Loading {name}:** {text}"}
+    worker.join()
+    if "error" in outcome:
+        yield {tab.status: f"**Could not load {name}.** {outcome['error'].message}"}
+        raise outcome["error"]
+    yield outcome["updates"]
 
 
 @user_errors
@@ -334,13 +391,27 @@ def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) ->
     return {
         form.message: "Signed in as admin: you can load, unload and clear the cache.",
         **dict.fromkeys((tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer), unlocked),
-        tab.model: gr.update(allow_custom_value=True),
+        tab.model: gr.update(allow_custom_value=True, choices=service.model_choices(session_of(request))),
     }
 
 
 def refresh_status(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """The status line for what is loaded now."""
-    return {tab.status: status_text(service.status())}
+    return {tab.status: status_for(service, session_of(request))}
+
+
+def status_for(service: DemoService, session_id: str | None) -> str:
+    """The status line for this session: what is loaded, or, where this session cannot load a
+    model (a visitor in public mode), what a visitor can do instead of "Load model"."""
+    status = service.status()
+    if status.loaded or service.is_admin(session_id):
+        return status_text(status)
+    how = (
+        "an admin can load one (sign in under *Admin sign-in* if you are one)"
+        if service.settings.auth
+        else "only the operator can load one"
+    )
+    return f"No model is loaded right now: {how}. Meanwhile you can preview plans of the models offered here."
 
 
 # ---------------------------------------------------------------------------------- wiring
@@ -358,7 +429,7 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
             *(text.submit for text in texts),
             *(text.blur for text in texts),
         ],
-        bind(preview, service, tab),
+        bind(plan_live, service, tab),
         tab.form,
         [tab.summary, tab.plan_state],
         trigger_mode="always_last",
@@ -370,9 +441,10 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
         bind(clear_cache, service, tab), {tab.loaded}, tab.cache_info, concurrency_id=MODEL_GROUP, **private
     )
     tab.load_btn.click(
-        bind_with_progress(load, service, tab),
+        bind(load_live, service, tab),
         tab.form,
         [tab.status, tab.plan_state, tab.loaded],
+        show_progress="hidden",  # the status line itself says what is happening
         **in_model_group,
     )
     tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
