@@ -246,7 +246,8 @@ def fast_checkpoint(
 
 
 def _conversion_progress(config: LoadConfig, report: ProgressCallback) -> convert.ShardProgress:
-    """Word the conversion's shard and byte counts for the progress report."""
+    """Say that the conversion starts, then word its shard and byte counts for the progress report."""
+    report(None, f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)")
 
     def shards(done: int, count: int, done_bytes: int, total_bytes: int) -> None:
         fraction = done_bytes / total_bytes if total_bytes else None

@@ -7,6 +7,7 @@ tested without a browser; :func:`wire_config_tab` connects them to the component
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -20,7 +21,7 @@ from optdemo import defaults
 from optdemo.budget import format_bytes
 from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
 from optdemo.errors import OptdemoError
-from optdemo.hardware import Hardware, probe_hardware, quantization_unavailable
+from optdemo.hardware import Hardware, existing_parent, probe_hardware, quantization_unavailable
 from optdemo.service import DemoService, PlanNotice
 from optdemo.ui.api import MODEL_GROUP, PLAN_GROUP, session_of
 from optdemo.ui.binding import Updates, bind
@@ -139,14 +140,16 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
                 plan_btn = gr.Button("Plan", variant="secondary")
                 load_btn = gr.Button("Load model", variant="primary", interactive=not locked)
                 unload_btn = gr.Button("Unload", variant="stop", interactive=not locked)
-            status = gr.Markdown(status_for(service, None), elem_id="od-status")
+            status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])
         with gr.Column(scale=2):
             gr.Markdown("### Plan")
             summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
             gr.Markdown("### This machine")
-            gr.Markdown(hardware_summary(hardware))
+            gr.Markdown(hardware_summary(hardware), elem_classes=["od-paths"])
             with gr.Row():
-                cache_info = gr.Markdown(f"**Conversion cache:** {service.conversion_cache()}")
+                cache_info = gr.Markdown(
+                    f"**Conversion cache:** {service.conversion_cache()}", elem_classes=["od-paths"]
+                )
                 clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
             sign_in = _sign_in_form() if locked and service.settings.auth else None
     return ConfigTab(
@@ -241,7 +244,7 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
         value=initial.offload_folder or "",
         placeholder="./offload — needed when layers go to disk",
     )
-    controls["offload_info"] = gr.Markdown(f"Free space there: {format_bytes(hardware.disk_free_bytes)}")
+    controls["offload_info"] = gr.Markdown(offload_info(initial.offload_folder), elem_classes=["od-paths"])
     return controls
 
 
@@ -376,9 +379,25 @@ def clear_cache(service: DemoService, tab: ConfigTab, values: dict, request: Any
 
 
 def free_space(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
-    """The free space where the offload folder would be."""
-    info = probe_hardware(values[tab.offload] or None)
-    return {tab.offload_info: f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"}
+    """The free space where the offload folder would be (naming the place measured), or at once a
+    warning when the path is a file or cannot be created."""
+    return {tab.offload_info: offload_info(values[tab.offload])}
+
+
+def offload_info(folder: str | None) -> str:
+    """Markdown under the offload-folder field: where free space was measured and how much, or
+    why the folder cannot be used."""
+    folder = (folder or "").strip()
+    if folder:
+        path = os.path.abspath(os.path.expanduser(folder))
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"⚠ `{path}` is a file, not a folder: give a folder for the layers that go to disk."
+        parent = existing_parent(path)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            what = "exists but is not writable" if parent == path else f"cannot be created in `{parent}`"
+            return f"⚠ `{path}` {what}: pick a folder you can write to."
+    info = probe_hardware(folder or None)
+    return f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"
 
 
 def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
@@ -436,7 +455,15 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
         **private,
         **PLAN_GROUP,
     )
-    tab.offload.blur(bind(free_space, service, tab), {tab.offload}, tab.offload_info, queue=False, **private)
+    # At once, as the path is typed: a file or an uncreatable folder is flagged before any plan.
+    gr.on(
+        [tab.offload.change, tab.offload.blur],
+        bind(free_space, service, tab),
+        {tab.offload},
+        tab.offload_info,
+        queue=False,
+        **private,
+    )
     tab.clear_cache_btn.click(
         bind(clear_cache, service, tab), {tab.loaded}, tab.cache_info, concurrency_id=MODEL_GROUP, **private
     )
