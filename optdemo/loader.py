@@ -144,6 +144,10 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "token": token}
     if config.revision and source.kind in ("hub", "catalog"):
         common["revision"] = config.revision
+    if source.kind in ("hub", "catalog") and hub.offline_reason() is not None:
+        # Offline with the model in the Hugging Face cache (preflight checked): read the cache
+        # directly instead of letting each file's lookup retry the network for 23 s first.
+        common["local_files_only"] = True
     started = time.perf_counter()
     report = progress or (lambda fraction, text: None)
     try:
@@ -221,7 +225,12 @@ def fast_checkpoint(
     from huggingface_hub import HfApi, snapshot_download
 
     token = hub_token()
-    files = HfApi().list_repo_files(source.location, revision=config.revision, token=token)
+    offline = hub.offline_reason() is not None
+    if offline:  # what the Hugging Face cache holds of it (preflight found it there)
+        cached_folder = snapshot_download(source.location, revision=config.revision, local_files_only=True)
+        files = os.listdir(cached_folder)
+    else:
+        files = HfApi().list_repo_files(source.location, revision=config.revision, token=token)
     if any(name.endswith(".safetensors") for name in files) or not any(
         name.endswith(".bin") for name in files
     ):
@@ -232,6 +241,7 @@ def fast_checkpoint(
         token=token,
         allow_patterns=["*.bin", "*.json", "*.txt", "*.model"],
         tqdm_class=bar_class,
+        local_files_only=offline,
     )
     return str(
         convert.ensure_converted(

@@ -314,3 +314,33 @@ def test_every_load_error_names_its_model() -> None:
     assert str(named) == "loading opt-1.3b: the model is still busy after 2 minutes: try loading again"
     already = LoadError("cannot reach the Hugging Face Hub to fetch facebook/opt-1.3b")
     assert naming_model(already, config) is already
+
+
+@pytest.mark.slow
+def test_a_model_downloaded_beforehand_loads_with_the_hub_unreachable(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The remedy the messages give (`hf download`, then work offline) works, without waiting for
+    the network: a Hub id found in the Hugging Face cache plans and loads at once."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-chat"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    result = run_offline_script(
+        """
+        import time
+        from optdemo.config import LoadConfig
+        from optdemo.manager import ModelManager
+        started = time.perf_counter()
+        report = ModelManager().load(LoadConfig("someone/tiny-chat", max_memory="cpu=1GiB"))
+        print(report.status, time.perf_counter() - started)
+        """,
+        HF_HUB_CACHE=str(tmp_path / "hub"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    status, seconds = result.stdout.split()[-2:]
+    assert status == "loaded" and float(seconds) < 15
+    assert "Retrying" not in result.stderr
