@@ -7,7 +7,6 @@ tested without a browser; :func:`wire_config_tab` connects them to the component
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -20,13 +19,20 @@ import gradio as gr
 from optdemo import defaults
 from optdemo.budget import format_bytes
 from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
-from optdemo.errors import OptdemoError
-from optdemo.hardware import Hardware, existing_parent, probe_hardware, quantization_unavailable
+from optdemo.hardware import Hardware, probe_hardware
 from optdemo.service import DemoService, PlanNotice
 from optdemo.ui.api import MODEL_GROUP, PLAN_GROUP, session_of
 from optdemo.ui.binding import Updates, bind
+from optdemo.ui.config_text import (
+    budget_spec,
+    hardware_summary,
+    model_label,
+    offload_info,
+    quantization_availability,
+    status_for,
+)
 from optdemo.ui.errors import to_gradio_error, user_errors
-from optdemo.ui.render import describe_placement, plan_summary, status_text
+from optdemo.ui.render import describe_placement, plan_summary, status_text  # noqa: F401 - re-exported
 
 GIB = 2**30
 MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
@@ -87,39 +93,6 @@ class ConfigTab:
             self.fast_offload,
             self.cpu_layers,
         }
-
-
-def hardware_summary(hardware: Hardware) -> str:
-    """Markdown: this machine's GPUs, RAM and free disk."""
-    if hardware.gpus:
-        gpus = "; ".join(
-            f"GPU {g.index} {g.name}: {format_bytes(g.free_bytes)} free of {format_bytes(g.total_bytes)}"
-            for g in hardware.gpus
-        )
-    else:
-        gpus = "no CUDA GPU (everything runs on the CPU)"
-    return (
-        f"**GPUs:** {gpus}  \n**RAM:** {format_bytes(hardware.ram_available_bytes)} available of "
-        f"{format_bytes(hardware.ram_total_bytes)}  \n**Disk:** {format_bytes(hardware.disk_free_bytes)} "
-        f"free at `{hardware.disk_path}`"
-    )
-
-
-def quantization_availability(hardware: Hardware) -> tuple[bool, str]:
-    """Whether bitsandbytes quantization can work here, and a sentence saying why not."""
-    lacking = quantization_unavailable(bool(hardware.gpus))
-    if lacking:
-        return False, f"8-bit / 4-bit need {lacking}."
-    return True, "bitsandbytes quantizes Linear weights on the GPU."
-
-
-def budget_spec(gpu_gib: list[float], cpu_gib: float, advanced: str) -> str:
-    """The max_memory spec from the sliders, unless the advanced field has one (it wins)."""
-    if advanced and advanced.strip():
-        return advanced.strip()
-    parts = [f"{index}={round(value * 1024)}MiB" for index, value in enumerate(gpu_gib)]
-    parts.append(f"cpu={round(cpu_gib * 1024)}MiB")
-    return ",".join(parts)
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -278,14 +251,6 @@ def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request
     )
 
 
-def model_label(model: object) -> str:
-    """How the page names the model typed or picked in the form (its raw text if it is invalid)."""
-    try:
-        return LoadConfig(str(model or "")).display_name
-    except OptdemoError:
-        return str(model or "").strip()[:80] or "no model"
-
-
 def preview(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """Plan the form's configuration (no weights touched). Shown in place, not as a pop-up: this
     runs on every change of a control. A failure names the model and leaves no plan standing."""
@@ -384,22 +349,6 @@ def free_space(service: DemoService, tab: ConfigTab, values: dict, request: Any)
     return {tab.offload_info: offload_info(values[tab.offload])}
 
 
-def offload_info(folder: str | None) -> str:
-    """Markdown under the offload-folder field: where free space was measured and how much, or
-    why the folder cannot be used."""
-    folder = (folder or "").strip()
-    if folder:
-        path = os.path.abspath(os.path.expanduser(folder))
-        if os.path.exists(path) and not os.path.isdir(path):
-            return f"⚠ `{path}` is a file, not a folder: give a folder for the layers that go to disk."
-        parent = existing_parent(path)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            what = "exists but is not writable" if parent == path else f"cannot be created in `{parent}`"
-            return f"⚠ `{path}` {what}: pick a folder you can write to."
-    info = probe_hardware(folder or None)
-    return f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"
-
-
 def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """Sign this session in as an admin, unlocking loading, unloading and the cache button."""
     form = tab.sign_in
@@ -417,20 +366,6 @@ def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) ->
 def refresh_status(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """The status line for what is loaded now."""
     return {tab.status: status_for(service, session_of(request))}
-
-
-def status_for(service: DemoService, session_id: str | None) -> str:
-    """The status line for this session: what is loaded, or, where this session cannot load a
-    model (a visitor in public mode), what a visitor can do instead of "Load model"."""
-    status = service.status()
-    if status.loaded or service.is_admin(session_id):
-        return status_text(status)
-    how = (
-        "an admin can load one (sign in under *Admin sign-in* if you are one)"
-        if service.settings.auth
-        else "only the operator can load one"
-    )
-    return f"No model is loaded right now: {how}. Meanwhile you can preview plans of the models offered here."
 
 
 # ---------------------------------------------------------------------------------- wiring
