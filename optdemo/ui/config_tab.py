@@ -217,7 +217,9 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
         value=initial.offload_folder or "",
         placeholder="./offload — needed when layers go to disk",
     )
-    controls["offload_info"] = gr.Markdown(offload_info(initial.offload_folder), elem_classes=["od-paths"])
+    controls["offload_info"] = gr.Markdown(
+        offload_info(initial.offload_folder), elem_id="od-offload-info", elem_classes=["od-paths"]
+    )
     return controls
 
 
