@@ -126,6 +126,8 @@ def test_the_load_event_shows_no_overlay_on_the_status() -> None:
     demo = build_app(DemoService(ModelManager(), AppSettings()))
     loads = [d for d in demo.fns.values() if d.name == "load_live"]
     assert len(loads) == 1 and loads[0].show_progress == "hidden"
+    # Clicks reach the manager at once, where a newer one replaces an older one still waiting.
+    assert loads[0].concurrency_id == "load" and loads[0].concurrency_limit > 1
 
 
 # ---------------------------------------------------------------- visitors are told what they can do

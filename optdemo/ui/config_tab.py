@@ -37,6 +37,10 @@ from optdemo.ui.render import describe_placement, plan_summary, status_text  # n
 GIB = 2**30
 MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
 PROGRESS_POLL_SECONDS = 0.1  # how often a load's progress reports are passed to the page
+# Load clicks reach the manager at once rather than wait in Gradio's queue behind the load running
+# now: the manager serializes loads (and stops a reply first) behind its own lock, and a newer
+# request replaces an older one still waiting there instead of running after it.
+LOAD_REQUESTS = {"concurrency_id": "load", "concurrency_limit": 4}
 
 
 @dataclass
@@ -409,7 +413,8 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
         tab.form,
         [tab.status, tab.plan_state, tab.loaded],
         show_progress="hidden",  # the status line itself says what is happening
-        **in_model_group,
+        **private,
+        **LOAD_REQUESTS,
     )
     tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
     if tab.sign_in is not None:
