@@ -40,8 +40,19 @@ def main(argv: list[str] | None = None) -> int:
             report = service.preload()
             logging.getLogger("optdemo").info("%s", report.message)
         except OptdemoError as exc:
+            if settings.public:  # visitors cannot load a model: a page without one is a dead end
+                print(
+                    f"optdemo: public mode needs a loaded model, and it could not be loaded: {exc}",
+                    file=sys.stderr,
+                )
+                return 2
             logging.getLogger("optdemo").error("preload failed, serving anyway: %s", exc)
-    launch(demo, service)
+    try:
+        launch(demo, service)
+    except OSError as exc:  # the port is taken or not ours to bind
+        where = f"{settings.host}:{settings.port or 'the first free port from 7860'}"
+        print(f"optdemo: cannot serve on {where} ({exc}): pick another --port or --host", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,6 +13,7 @@ import hmac
 import os
 import threading
 
+from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID
 from optdemo.config import LoadConfig, normalize_model
 from optdemo.errors import AccessError
 from optdemo.settings import AppSettings
@@ -84,25 +85,43 @@ class AccessPolicy:
         return f"the operator must restart the app with --auth USER:PASS, or without {without}"
 
     # ---------------------------------------------------------------- what visitors may name
-    def allowed_models(self) -> tuple[str, ...]:
-        """Models visitors may name in public mode: ``--allow-model`` entries, else the configured one."""
+    def allowed_models(self, session_id: str | None = None) -> tuple[str, ...]:
+        """Models this session may name in public mode: for visitors the ``--allow-model`` entries,
+        else the configured one; for admins :meth:`admin_models`."""
+        if self.settings.public and session_id is not None and self.is_admin(session_id):
+            return self.admin_models()
         names = self.settings.allow_models or (self.settings.model,)
         return tuple(normalize_model(name) for name in names)
 
-    def check_config(self, config: LoadConfig) -> None:
-        """Refuse, in public mode, a model that is not allowed or a tokenizer of the visitor's choice.
+    def admin_models(self) -> tuple[str, ...]:
+        """Models a signed-in admin may plan and load: ``--admin-allow-model`` entries, else the
+        visitors' models plus the catalog's OPT sizes and tiny-opt. A local folder or another Hub
+        repository is allowed only when the operator lists it."""
+        if self.settings.admin_allow_models:
+            return tuple(dict.fromkeys(normalize_model(name) for name in self.settings.admin_allow_models))
+        catalog = (TINY_MODEL_ID, *(normalize_model(name) for name in OPT_SIZES))
+        return tuple(dict.fromkeys((*self.allowed_models(), *catalog)))
+
+    def check_config(self, config: LoadConfig, session_id: str | None = None) -> None:
+        """Refuse, in public mode, a model this session may not name, or a tokenizer of a visitor's
+        choice (an admin's must be one of the admins' models).
 
         Raises:
             AccessError: naming what is allowed.
         """
         if not self.settings.public:
             return
-        if config.model not in self.allowed_models():
-            raise AccessError(
-                f"{config.model} is not offered here: this public deployment allows "
-                f"{', '.join(self.allowed_models())}"
+        admin = session_id is not None and self.is_admin(session_id)
+        allowed = self.allowed_models(session_id)
+        if config.model not in allowed:
+            who = "admins of this public deployment may use" if admin else "this public deployment allows"
+            remedy = (
+                "; the operator can allow more with --admin-allow-model"
+                if admin
+                else ("; an admin may use more" if self.settings.auth else "")
             )
-        if config.tokenizer is not None:
+            raise AccessError(f"{config.model} is not offered here: {who} {', '.join(allowed)}{remedy}")
+        if config.tokenizer is not None and not (admin and config.tokenizer in allowed):
             raise AccessError("visitors cannot choose another tokenizer in this public deployment")
 
     def confine_offload(self, folder: str | None) -> str | None:

@@ -135,7 +135,7 @@ def normalize_model(model: str) -> str:
     expanded = os.path.expanduser(model)
     if os.path.isdir(expanded):
         return os.path.abspath(expanded)
-    if model.startswith((".", "/", "~")) or "\\" in model:
+    if model.startswith((".", "/", "~")) or model.endswith("/") or "\\" in model:
         raise ConfigError(
             f"model folder {model!r} does not exist: give a directory with config.json, "
             "or a Hugging Face repo id such as facebook/opt-1.3b"

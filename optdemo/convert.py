@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +182,18 @@ def cached(
     return path if (path / _COMPLETE_MARKER).exists() else None
 
 
-def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: str, local: bool) -> Path:
+# progress(shards done, shard count, bytes done, bytes in all): called before and after each shard.
+ShardProgress = Callable[[int, int, int, int], None]
+
+
+def ensure_converted(
+    model: str,
+    revision: str | None,
+    dtype: str,
+    source_dir: str,
+    local: bool,
+    progress: ShardProgress | None = None,
+) -> Path:
     """Return the cached safetensors copy of the ``.bin`` checkpoint in ``source_dir``, converting
     it first if needed (once, even with concurrent callers).
 
@@ -190,6 +202,7 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
         source_dir: the folder holding the weights (a Hub snapshot or a local model): ``.bin``
             shards, or safetensors ones in another dtype.
         local: the model is a local folder, so its content joins the key.
+        progress: told the shards and bytes converted so far (for the page's status line).
     """
     target = entry_path(model, revision, dtype, source_dir if local else None)
     if (target / _COMPLETE_MARKER).exists():
@@ -203,7 +216,7 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
             shutil.rmtree(leftover, ignore_errors=True)  # a killed conversion's: we hold the lock
         staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{target.name}-", dir=target.parent))
         try:
-            convert_checkpoint(source_dir, staging, dtype)
+            convert_checkpoint(source_dir, staging, dtype, progress)
             (staging / _COMPLETE_MARKER).write_text(
                 json.dumps({"model": model, "revision": revision or "main", "dtype": dtype})
             )
@@ -215,7 +228,9 @@ def ensure_converted(model: str, revision: str | None, dtype: str, source_dir: s
     return target
 
 
-def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
+def convert_checkpoint(
+    source_dir: str, dest: Path, dtype: str, progress: ShardProgress | None = None
+) -> None:
     """Write ``source_dir``'s weight shards (``.bin``, or safetensors in another dtype) as
     safetensors shards cast to ``dtype`` into ``dest``, with the index and every non-weight file
     (config, tokenizer) copied alongside. One shard is in memory at a time."""
@@ -228,7 +243,10 @@ def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     shards = bin_weight_files(source_dir) if from_bin else safetensors_weight_files(source_dir)
     renamed = {}
-    for shard in shards:
+    sizes = [os.path.getsize(Path(source_dir) / shard) for shard in shards]
+    report = progress or (lambda done, count, done_bytes, total_bytes: None)
+    for number, shard in enumerate(shards):
+        report(number, len(shards), sum(sizes[:number]), sum(sizes))
         state = _read_shard(Path(source_dir) / shard)
         seen: set[int] = set()
         tensors = {}
@@ -246,6 +264,7 @@ def convert_checkpoint(source_dir: str, dest: Path, dtype: str) -> None:
         save_file(tensors, dest / out_name, metadata={"format": "pt"})
         renamed[shard] = out_name
         del state, tensors
+    report(len(shards), len(shards), sum(sizes), sum(sizes))
     if index is not None:
         index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
         (dest / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))

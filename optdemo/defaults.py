@@ -58,3 +58,12 @@ def describe_seconds(seconds: float) -> str:
         minutes = int(seconds // 60)
         return f"{minutes} minute{'s' if minutes != 1 else ''}"
     return f"{seconds:g} s"
+
+
+# ---------------------------------------------------------------- the Hugging Face Hub
+# Before a Hub request, one TCP connection to the Hub's endpoint says whether it can be reached
+# at all (huggingface_hub itself retries five times over about 23 s before giving up).
+HUB_PROBE_TIMEOUT_SECONDS = 0.75
+# How long a probe's answer is trusted: "offline" is re-checked after this, "reachable" too.
+HUB_OFFLINE_RECHECK_SECONDS = 30.0
+HUB_ONLINE_RECHECK_SECONDS = 60.0

@@ -28,6 +28,10 @@ class LoadError(OptdemoError):
     """Loading failed (network, gated repository, corrupt checkpoint, out of memory, disk full)."""
 
 
+class SupersededError(LoadError):
+    """A load that had not started yet was replaced by a newer load request (of another model)."""
+
+
 class GenerationError(OptdemoError, ValueError):
     """Invalid generation parameters, or generation requested with no model loaded."""
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from optdemo import convert
+from optdemo import convert, hub
 from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
@@ -106,9 +106,15 @@ def _check_hub_reachable(config: LoadConfig, source: ModelSource, plan: Plan) ->
         return  # converted before: loads from our cache, no Hub needed
     if isinstance(try_to_load_from_cache(source.location, "config.json", revision=config.revision), str):
         return  # downloaded before: from_pretrained can use the cache
+    where = f"{source.location}@{config.revision}" if config.revision else source.location
+    reason = hub.offline_reason()
+    if reason is not None:
+        raise LoadError(hub.unreachable_message(source.location, where, reason))
     try:
         model_info(source.location, revision=config.revision, token=hub_token(), timeout=15)
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a message a user can act on
+        if hub.is_network_error(exc):
+            hub.mark_unreachable(exc)
         raise LoadError(hub_error_message(exc, source.location, config.revision)) from None
 
 
@@ -138,6 +144,10 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "token": token}
     if config.revision and source.kind in ("hub", "catalog"):
         common["revision"] = config.revision
+    if source.kind in ("hub", "catalog") and hub.offline_reason() is not None:
+        # Offline with the model in the Hugging Face cache (preflight checked): read the cache
+        # directly instead of letting each file's lookup retry the network for 23 s first.
+        common["local_files_only"] = True
     started = time.perf_counter()
     report = progress or (lambda fraction, text: None)
     try:
@@ -197,7 +207,6 @@ def fast_checkpoint(
     is safetensors in the load dtype, else its converted copy in the cache (converted now if
     needed: ``.bin`` pickles, or safetensors stored in another dtype). A Hub model's copy is the one
     of the commit its revision points to now (the Hub is asked unless offline)."""
-    name = config.display_name
     if source.kind in ("local", "builtin"):
         folder = source.location
         if not convert.is_bin_checkpoint(folder) and convert.stored_dtype(folder) in (None, dtype):
@@ -205,45 +214,76 @@ def fast_checkpoint(
         hit = convert.cached(folder, config.revision, dtype, folder)
         if hit is not None:
             return str(hit)
-        report(None, _converting(name, folder, dtype))
-        return str(convert.ensure_converted(folder, config.revision, dtype, folder, local=True))
+        return str(
+            convert.ensure_converted(
+                folder,
+                config.revision,
+                dtype,
+                folder,
+                local=True,
+                progress=_conversion_progress(config, folder, dtype, report),
+            )
+        )
     from huggingface_hub import HfApi, get_safetensors_metadata, snapshot_download
 
     repo, token = source.location, hub_token()
-    commit = convert.resolve_commit(repo, config.revision, token, ask_hub=True)
+    offline = hub.offline_reason() is not None
+    commit = convert.resolve_commit(repo, config.revision, token, ask_hub=not offline)
     hit = convert.cached(repo, config.revision, dtype, commit=commit)
     if hit is not None:
         return str(hit)  # works offline: nothing to download
     revision = commit or config.revision
-    files = HfApi().list_repo_files(repo, revision=revision, token=token)
-    if any(f.endswith(".safetensors") for f in files):
-        counts = get_safetensors_metadata(repo, revision=revision, token=token).parameter_count
-        if {kind for kind in counts if kind in _HUB_DTYPES.values()} <= {_HUB_DTYPES.get(dtype)}:
-            return repo  # stored in the load dtype: read in place
-        weights = ["*.safetensors", convert.SAFETENSORS_INDEX]
-    elif any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
-        weights = ["pytorch_model*.bin", convert.BIN_INDEX]  # never training_args.bin or adapters
+    if offline:  # what the Hugging Face cache holds of it (preflight found it there)
+        folder = snapshot_download(repo, revision=config.revision, local_files_only=True)
+        if not convert.is_bin_checkpoint(folder) and convert.stored_dtype(folder) in (None, dtype):
+            return repo
     else:
-        return repo
-    folder = snapshot_download(
-        repo, revision=revision, token=token, allow_patterns=[*weights, *_SMALL_FILES], tqdm_class=bar_class
-    )
+        files = HfApi().list_repo_files(repo, revision=revision, token=token)
+        if any(f.endswith(".safetensors") for f in files):
+            counts = get_safetensors_metadata(repo, revision=revision, token=token).parameter_count
+            if {kind for kind in counts if kind in _HUB_DTYPES.values()} <= {_HUB_DTYPES.get(dtype)}:
+                return repo  # stored in the load dtype: read in place
+            weights = ["*.safetensors", convert.SAFETENSORS_INDEX]
+        elif any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
+            weights = ["pytorch_model*.bin", convert.BIN_INDEX]  # never training_args.bin or adapters
+        else:
+            return repo
+        folder = snapshot_download(
+            repo,
+            revision=revision,
+            token=token,
+            allow_patterns=[*weights, *_SMALL_FILES],
+            tqdm_class=bar_class,
+        )
     commit = os.path.basename(os.path.normpath(folder))  # snapshots/<commit>
     convert.remember_commit(repo, config.revision, commit)
-    report(None, _converting(name, folder, dtype))
-    return str(convert.ensure_converted(repo, commit, dtype, folder, local=False))
-
-
-def _converting(name: str, folder: str, dtype: str) -> str:
-    """The progress text of a one-time conversion: what is converted into what."""
-    if convert.is_bin_checkpoint(folder):
-        return f"Converting {name}'s .bin checkpoint to safetensors (once)"
-    return f"Converting {name}'s {convert.stored_dtype(folder) or 'safetensors'} weights to {dtype} (once)"
+    progress = _conversion_progress(config, folder, dtype, report)
+    return str(convert.ensure_converted(repo, commit, dtype, folder, local=False, progress=progress))
 
 
 # Files a conversion copies beside the weights (config, tokenizer, templates): small, never weights.
 _SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
 _HUB_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+
+def _conversion_progress(
+    config: LoadConfig, folder: str, dtype: str, report: ProgressCallback
+) -> convert.ShardProgress:
+    """Say that the conversion starts (what is converted into what), then word its shard and byte
+    counts for the progress report."""
+    if convert.is_bin_checkpoint(folder):
+        what = f"Converting {config.display_name}'s .bin checkpoint to safetensors (once)"
+    else:
+        stored = convert.stored_dtype(folder) or "safetensors"
+        what = f"Converting {config.display_name}'s {stored} weights to {dtype} (once)"
+    report(None, what)
+
+    def shards(done: int, count: int, done_bytes: int, total_bytes: int) -> None:
+        fraction = done_bytes / total_bytes if total_bytes else None
+        shard = f"shard {min(done + 1, count)} of {count}"
+        report(fraction, f"{what}: {format_bytes(done_bytes)} of {format_bytes(total_bytes)}, {shard}")
+
+    return shards
 
 
 def _quantization_config(config: LoadConfig) -> Any:
@@ -272,15 +312,10 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
             f"the disk filled up while loading {name}: free space in the offload folder "
             f"({config.offload_folder}) and the Hugging Face cache, or raise the memory budget"
         )
-    if isinstance(
-        exc,
-        (
-            hub_errors.HfHubHTTPError,
-            hub_errors.OfflineModeIsEnabled,
-            hub_errors.LocalEntryNotFoundError,
-            ConnectionError,
-        ),
-    ):
+    if hub.is_network_error(exc):
+        hub.mark_unreachable(exc)
+        return hub_error_message(exc, source.location, config.revision)
+    if isinstance(exc, (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError)):
         return hub_error_message(exc, source.location, config.revision)
     if (
         isinstance(exc, FileNotFoundError)
@@ -299,10 +334,16 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
             fix = "delete the model's folder in the Hugging Face cache and load again to re-download it"
         return f"a checkpoint file of {name} is corrupt or incomplete ({text[:160]}): {fix}"
     if isinstance(exc, OSError) and ("does not appear to have" in text or "not a valid" in text):
-        return f"{name} has no weights that transformers can load: {text[:200]}"
+        return (
+            f"{name} has no weights that transformers can load ({text[:200]}): pick a model folder or "
+            "repository that holds its weights, or the built-in tiny-opt"
+        )
     if isinstance(exc, KeyboardInterrupt):
-        return f"loading {name} was interrupted"
-    return f"loading {name} failed ({type(exc).__name__}: {text[:300]})"
+        return f"loading {name} was interrupted: load it again"
+    return (
+        f"loading {name} failed ({type(exc).__name__}: {text[:300]}): try again; if it fails again, "
+        "pick another model (the built-in tiny-opt always loads) and report the error"
+    )
 
 
 def _looks_corrupt(exc: BaseException, text: str) -> bool:

@@ -21,7 +21,14 @@ from dataclasses import replace
 from optdemo.config import LoadConfig
 from optdemo.defaults import GENERATION_WAIT_SECONDS, LOAD_WAIT_SECONDS, describe_seconds
 from optdemo.disk_stream import release as release_disk_stream
-from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError
+from optdemo.errors import (
+    BusyError,
+    GenerationError,
+    LoadError,
+    NoModelError,
+    OptdemoError,
+    SupersededError,
+)
 from optdemo.generation import (
     CHAT_STOP_STRINGS,
     ChatTurn,
@@ -47,6 +54,10 @@ class ModelManager:
         self._loaded: LoadedModel | None = None
         self._busy: str | None = None
         self._active_stop: threading.Event | None = None
+        # The newest load request and its number: an older one still waiting for the model lock
+        # gives way to it rather than load a model nobody wants any more.
+        self._load_requests = 0
+        self._newest_load: LoadConfig | None = None
 
     # ---------------------------------------------------------------- inspection
     def plan(self, config: LoadConfig) -> Plan:
@@ -83,9 +94,11 @@ class ModelManager:
         if reused is not None:
             return reused
         plan = preflight(config, probe_hardware(config.offload_folder))
+        ticket = self._register_load(config)
         stopped = self._stop_active_generation()
         self._take_model_lock("loading")
         try:
+            self._check_not_superseded(config, ticket)
             reused = self._reuse(config)  # another request may have loaded it meanwhile
             if reused is not None:
                 return reused
@@ -103,6 +116,28 @@ class ModelManager:
         moved = "; the reply in progress was stopped to apply it" if stopped else ""
         message = f"loaded {config.display_name} in {loaded.status.load_seconds:.1f} s{moved}"
         return LoadReport.of(loaded.status, "loaded", message, stopped)
+
+    def _register_load(self, config: LoadConfig) -> int:
+        """Record ``config`` as the newest load request; returns its number."""
+        with self._state_lock:
+            self._load_requests += 1
+            self._newest_load = config
+            return self._load_requests
+
+    def _check_not_superseded(self, config: LoadConfig, ticket: int) -> None:
+        """Refuse to start a load that a newer request for another configuration replaced while it
+        waited for the model (lock held).
+
+        Raises:
+            SupersededError: naming both models.
+        """
+        with self._state_lock:
+            newest = self._newest_load if ticket != self._load_requests else None
+        if newest is not None and newest != config:
+            raise SupersededError(
+                f"loading {config.display_name} was not started: a newer request to load "
+                f"{newest.display_name} replaced it"
+            )
 
     def _reuse(self, config: LoadConfig) -> LoadReport | None:
         started = time.perf_counter()

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from optdemo import hub
 from optdemo.catalog import TINY_MODEL_ID, CatalogEntry, catalog_config_dict, catalog_entry
 from optdemo.errors import ConfigError, OptdemoError
 from optdemo.synthetic import ensure_tiny_model
@@ -88,11 +89,20 @@ def _resolve_uncached(model: str, revision: str | None, trust_remote_code: bool)
 
 
 def _fetch_hub_config(repo_id: str, revision: str | None, trust_remote_code: bool) -> PretrainedConfig:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    reason = hub.offline_reason()
+    if reason is not None:  # answer from the cache at once rather than retry for 23 s
+        cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            where = f"{repo_id}@{revision}" if revision else repo_id
+            raise ConfigError(hub.unreachable_message(repo_id, where, reason))
+        return _read_config(os.path.dirname(cached), trust_remote_code, repo_id)
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision, token=hub_token())
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a message a user can act on
+        if hub.is_network_error(exc):
+            hub.mark_unreachable(exc)
         raise ConfigError(hub_error_message(exc, repo_id, revision)) from None
     return _read_config(os.path.dirname(path), trust_remote_code, repo_id)
 
@@ -139,16 +149,15 @@ def hub_error_message(exc: BaseException, repo_id: str, revision: str | None = N
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit it has"
     if isinstance(exc, errors.RepositoryNotFoundError):
+        typo = hub.typo_message(repo_id)
+        if typo is not None:
+            return typo
         return (
             f"{repo_id} was not found on the Hugging Face Hub (or it is private): check the name, "
             "or set HF_TOKEN if it is yours"
         )
-    if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, ConnectionError)):
-        return (
-            f"cannot reach the Hugging Face Hub to fetch {where} (offline, and not in the local "
-            "cache): connect to the internet, or pick the built-in tiny model or a local folder "
-            "(OPT sizes can be planned offline, but their weights come from the Hub)"
-        )
+    if isinstance(exc, errors.LocalEntryNotFoundError) or hub.is_network_error(exc):
+        return hub.unreachable_message(repo_id, where, hub.offline_reason_if_known())
     if isinstance(exc, errors.EntryNotFoundError):
         return f"{where} has no config.json: it is not a transformers model repository"
     if isinstance(exc, OptdemoError):

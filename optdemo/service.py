@@ -19,7 +19,7 @@ from optdemo.access import AccessPolicy
 from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.config import LoadConfig
-from optdemo.errors import ConfigError, GenerationError
+from optdemo.errors import ConfigError, GenerationError, OptdemoError
 from optdemo.generation import ChatTurn, GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.hardware import probe_hardware, suggest_budget
 from optdemo.manager import ModelManager
@@ -45,11 +45,29 @@ class PlanView:
 
 
 @dataclass(frozen=True)
+class PlanNotice:
+    """What a session's plan state holds while no plan stands for the form: a plan being computed,
+    or one that could not be made. It names the model, so the previous plan never looks current."""
+
+    model: str  # the model's display name
+    message: str  # Markdown, e.g. "Planning **opt-2.7b**…"
+
+
+@dataclass(frozen=True)
 class ChatReply:
     """One streamed step of a reply: the text so far, and the stats on the last step."""
 
     text: str
     stats: GenerationStats | None = None
+
+
+def naming_model(exc: OptdemoError, config: LoadConfig) -> OptdemoError:
+    """``exc`` itself when its message names ``config``'s model, else the same error saying which
+    model it is about."""
+    message = str(exc)
+    if config.display_name in message or config.model in message:
+        return exc
+    return type(exc)(f"loading {config.display_name}: {message}")
 
 
 class DemoService:
@@ -83,8 +101,9 @@ class DemoService:
             cpu_layers=self.settings.cpu_layers,
         )
 
-    def model_choices(self) -> list[tuple[str, str]]:
-        """(label, value) pairs for the model picker: the tiny model and the eight OPT sizes."""
+    def model_choices(self, session_id: str | None = None) -> list[tuple[str, str]]:
+        """(label, value) pairs for the model picker: the tiny model and the eight OPT sizes (in
+        public mode, those this session may use)."""
         choices = [("tiny-opt (built-in, 0.3M params, works offline)", TINY_MODEL_ID)]
         for name in OPT_SIZES:
             entry = catalog_entry(name)
@@ -96,7 +115,7 @@ class DemoService:
                 )
             )
         if self.settings.public:
-            allowed = set(self.access.allowed_models())
+            allowed = set(self.access.allowed_models(session_id))
             choices = [c for c in choices if c[1] in allowed]
         return choices
 
@@ -111,8 +130,10 @@ class DemoService:
         tokenizer: str | None = None,
         fast_offload: bool = True,
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
+        session_id: str | None = None,
     ) -> LoadConfig:
-        """Build a :class:`LoadConfig` from form or API values, applying public-mode rules.
+        """Build a :class:`LoadConfig` from form or API values, applying public-mode rules for this
+        session (admins may name more models than visitors).
 
         Raises:
             ConfigError / BudgetError: a value is invalid or not allowed here.
@@ -140,7 +161,7 @@ class DemoService:
             fast_offload=fast_offload,
             cpu_layers=cpu_layers or defaults.DEFAULT_CPU_LAYERS,
         )
-        self.access.check_config(config)
+        self.access.check_config(config, session_id)
         return config
 
     # ---------------------------------------------------------------- plan / load
@@ -164,11 +185,16 @@ class DemoService:
     def load(
         self, config: LoadConfig, session_id: str | None = None, progress: Callable | None = None
     ) -> LoadReport:
-        """Load ``config`` (admins only in public mode); reuses when unchanged."""
-        current = self.manager.current_config
-        if current is None or current != config:
-            self.access.require_admin(session_id, "load or change the model")
-        return self.manager.load(config, progress)
+        """Load ``config`` (admins only in public mode); reuses when unchanged. Every error names
+        the model it is about, so that the failure of an earlier request (a slow one, for another
+        model) is never read as being about the model selected now."""
+        try:
+            current = self.manager.current_config
+            if current is None or current != config:
+                self.access.require_admin(session_id, "load or change the model")
+            return self.manager.load(config, progress)
+        except OptdemoError as exc:
+            raise naming_model(exc, config) from None
 
     def preload(self) -> LoadReport:
         """Load the configuration given at start: the operator's own request, so no access check."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
+from optdemo.budget import parse_max_memory
 from optdemo.catalog import TINY_MODEL_ID
-from optdemo.config import DTYPES
+from optdemo.config import DTYPES, normalize_model
 from optdemo.defaults import (
     CPU_LAYER_POLICIES,
     DEFAULT_CPU_LAYERS,
@@ -22,7 +24,9 @@ from optdemo.defaults import (
     DEFAULT_MAX_NEW_TOKENS_CAP,
     DEFAULT_QUEUE_SIZE,
 )
-from optdemo.errors import ConfigError
+from optdemo.errors import ConfigError, OptdemoError
+
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class AppSettings:
     auth: tuple[tuple[str, str], ...] = ()  # admin accounts; they may change the configuration
     lock_config: bool = False  # visitors cannot change the configuration or unload
     allow_models: tuple[str, ...] = ()  # models a visitor may plan; default: the configured one
+    # Models a signed-in admin may plan and load in public mode; default: the visitors' models,
+    # the catalog's OPT sizes and tiny-opt (never an arbitrary local folder unless listed).
+    admin_allow_models: tuple[str, ...] = ()
     offload_base: str | None = None  # offload folders must lie under this directory
     max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
@@ -147,6 +154,13 @@ FLAGS = (
     ),
     Flag("lock-config", "visitors cannot change the configuration (public mode)", kind="bool"),
     Flag("allow-model", "model visitors may plan in public mode; repeatable", kind="list", metavar="MODEL"),
+    Flag(
+        "admin-allow-model",
+        "model signed-in admins may plan and load in public mode; repeatable (default: the visitors' "
+        "models, the OPT sizes and tiny-opt)",
+        kind="list",
+        metavar="MODEL",
+    ),
     Flag("offload-base", "offload folders must lie under this directory"),
     Flag(
         "max-new-tokens-cap",
@@ -176,6 +190,14 @@ FLAGS = (
     Flag("openai-api", "serve the OpenAI-compatible API (/v1) in public mode too", kind="bool"),
     Flag("mcp", "serve plan, status, generate and chat as MCP tools at /gradio_api/mcp/", kind="bool"),
 )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a malformed flag as app.py reports every bad value: one line that says
+    what is wrong, exit status 2 (argparse itself prints its whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"optdemo: {message}\n")
 
 
 class _Repeatable(argparse.Action):
@@ -224,7 +246,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         ConfigError: an environment variable holds a malformed value.
     """
     env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="app.py",
         description=(
             "optdemo: plan, load and chat with models larger than your GPU, spread over GPU, CPU "
@@ -250,6 +272,30 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     return parser
 
 
+def _check_values(args: argparse.Namespace) -> None:
+    """Check what can be checked at start without a network, so that a bad value is one line at
+    start rather than a traceback when the app builds its page.
+
+    Raises:
+        ConfigError: naming the flag and what is wrong with its value.
+    """
+    checks: list[tuple[str, object, Callable[[str], object]]] = [
+        ("--model", args.model, normalize_model),
+        ("--max-memory", args.max_memory, parse_max_memory),
+    ]
+    checks += [("--allow-model", name, normalize_model) for name in args.allow_model]
+    checks += [("--admin-allow-model", name, normalize_model) for name in args.admin_allow_model]
+    for flag, value, check in checks:
+        if not value:
+            continue
+        try:
+            check(str(value))
+        except OptdemoError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+    if args.offload_folder and os.path.exists(args.offload_folder) and not os.path.isdir(args.offload_folder):
+        raise ConfigError(f"--offload-folder: {args.offload_folder} is a file, not a folder")
+
+
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> AppSettings:
     """Settings from command-line flags, falling back to ``OPTDEMO_*`` environment variables.
 
@@ -262,6 +308,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         value = getattr(args, flag.dest)
         if flag.kind == "int" and value is not None and value <= 0:
             raise ConfigError(f"--{flag.name} must be positive, got {value}")
+    if args.port is not None and args.port > MAX_PORT:
+        raise ConfigError(f"--port must be between 1 and {MAX_PORT}, got {args.port}")
+    _check_values(args)
     auth = []
     for entry in args.auth:
         user, sep, password = entry.strip().partition(":")
@@ -276,13 +325,15 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         dtype=args.dtype,
         cpu_layers=args.cpu_layers,
         fast_offload=not args.plain_accelerate,
-        preload=args.preload or on_space,
+        # Public mode starts with a loaded model: visitors cannot load one, so without it nobody could.
+        preload=args.preload or on_space or args.share or args.lock_config,
         host=args.host,
         port=args.port,
         share=args.share,
         auth=tuple(auth),
         lock_config=args.lock_config or on_space,
         allow_models=tuple(v.strip() for v in args.allow_model),
+        admin_allow_models=tuple(v.strip() for v in args.admin_allow_model),
         offload_base=args.offload_base or None,
         max_new_tokens_cap=args.max_new_tokens_cap,
         max_message_chars=args.max_message_chars,

@@ -158,3 +158,58 @@ def test_the_store_is_safe_under_concurrent_sessions() -> None:
     for thread in threads:
         thread.join()
     assert all(len(store.history(f"s{n}")) == 200 for n in range(8))
+
+
+# ---------------------------------------------------------------------------------- what admins may name
+def test_admins_are_not_bound_by_the_visitors_list() -> None:
+    """Issue #12: a signed-in admin may plan and load the catalog's OPT sizes and tiny-opt (and the
+    visitors' models), never an arbitrary local folder or Hub repository."""
+    policy = AccessPolicy(AppSettings(model="opt-125m", lock_config=True, auth=ADMIN))
+    assert policy.sign_in("owner", "admin", "s3cret")
+    for model in ("opt-1.3b", "facebook/opt-66b", "tiny-opt", "opt-125m"):
+        policy.check_config(LoadConfig(model), "owner")  # no error
+    with pytest.raises(AccessError) as info:
+        policy.check_config(LoadConfig("someone/arbitrary-model"), "owner")
+    assert str(info.value).startswith("someone/arbitrary-model is not offered here: admins of this")
+    assert str(info.value).endswith("the operator can allow more with --admin-allow-model")
+    with pytest.raises(AccessError):
+        policy.check_config(LoadConfig(os.path.dirname(__file__)), "owner")  # a local folder
+    # Visitors stay bound by theirs, and are told an admin may use more.
+    with pytest.raises(AccessError) as info:
+        policy.check_config(LoadConfig("opt-1.3b"), "visitor")
+    assert str(info.value) == (
+        "facebook/opt-1.3b is not offered here: this public deployment allows facebook/opt-125m; "
+        "an admin may use more"
+    )
+
+
+def test_the_operator_sets_what_admins_may_use(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    settings = parse_settings(
+        ["--lock-config", "--auth", "admin:s3cret", "--admin-allow-model", str(tmp_path)], env={}
+    )
+    assert settings.admin_allow_models == (str(tmp_path),)
+    env = parse_settings([], env={"OPTDEMO_ADMIN_ALLOW_MODEL": "opt-2.7b,opt-6.7b"})
+    assert env.admin_allow_models == ("opt-2.7b", "opt-6.7b")
+    policy = AccessPolicy(settings)
+    policy.sign_in("owner", "admin", "s3cret")
+    policy.check_config(LoadConfig(str(tmp_path)), "owner")  # listed: allowed
+    with pytest.raises(AccessError):
+        policy.check_config(LoadConfig("opt-1.3b"), "owner")  # the list replaces the default
+    with pytest.raises(AccessError):
+        policy.check_config(LoadConfig(str(tmp_path)), "visitor")
+
+
+def test_admins_plan_and_load_through_the_service(tiny_model_dir: Path) -> None:
+    from optdemo.manager import ModelManager
+    from optdemo.service import DemoService
+
+    allowed = (str(tiny_model_dir),)
+    settings = AppSettings(model="opt-125m", lock_config=True, auth=ADMIN, admin_allow_models=allowed)
+    service = DemoService(ModelManager(), settings)
+    service.sign_in("owner", "admin", "s3cret")
+    config = service.make_config(str(tiny_model_dir), "cpu=1GiB", session_id="owner")
+    assert service.plan(config).plan.fits
+    with pytest.raises(AccessError):
+        service.make_config(str(tiny_model_dir), "cpu=1GiB", session_id="visitor")
+    assert [value for _, value in service.model_choices("visitor")] == ["facebook/opt-125m"]

@@ -218,3 +218,24 @@ def test_a_failed_reply_keeps_the_chat_and_the_message(page, app: RunningApp) ->
     # Gradio flags the output with an "Error" badge; the conversation itself is unchanged.
     assert page.locator("#od-chatbot").inner_text().removeprefix("Error\n") == first_turns
     assert "Traceback" not in page.content()
+
+
+def test_offload_field_warns_at_once_about_a_file(page, tmp_path: Path) -> None:
+    """Issue #12: a file given as offload folder is flagged as it is typed, naming the full path
+    (wrapped, never clipped), before any plan or load."""
+    from playwright.sync_api import expect
+
+    a_file = tmp_path / ("a-rather-long-name-for-a-file-" * 4 + "notes.txt")
+    a_file.write_text("x")
+    wait_for_text(page, "#od-plan-summary", r"\bfits\b")
+    info = page.locator("#od-offload-info")
+    expect(info).to_have_text(re.compile(r"^\s*Free space at "))
+    field = page.get_by_label("Offload folder")
+    retry(
+        lambda: field.fill(str(a_file)),
+        lambda timeout: expect(info).to_have_text(re.compile("is a file, not a folder"), timeout=timeout),
+    )
+    assert str(a_file) in info.inner_text()
+    box = info.bounding_box()
+    assert box is not None and box["width"] <= 1280  # wrapped inside the page, not overflowing it
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280

@@ -149,7 +149,7 @@ def test_conversion_runs_once_under_concurrency(tiny_bin_model_dir, fresh_cache,
 def test_interrupted_conversion_leaves_no_entry(tiny_bin_model_dir, fresh_cache, monkeypatch):
     source = str(tiny_bin_model_dir)
 
-    def interrupted(source_dir, dest, dtype):
+    def interrupted(source_dir, dest, dtype, progress=None):
         (Path(dest) / "model-00001-of-00002.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 

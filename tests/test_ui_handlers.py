@@ -17,7 +17,7 @@ import pytest
 from app_fixtures import ScriptedManager
 
 from optdemo.manager import ModelManager
-from optdemo.service import DemoService, PlanView
+from optdemo.service import DemoService, PlanNotice, PlanView
 from optdemo.settings import AppSettings
 from optdemo.ui import chat_tab, config_tab, devicemap_tab
 from optdemo.ui.chat_tab import ChatTab, to_messages
@@ -208,8 +208,9 @@ def test_preview_plans_the_form() -> None:
 def test_preview_shows_a_bad_budget_in_place() -> None:
     service, tab = config_ui()
     updates = config_tab.preview(service, tab, form_values(tab, advanced="cpu=lots"), REQUEST)
-    assert updates[tab.plan_state] is None
-    assert updates[tab.summary].startswith("**Cannot plan:** ")
+    # No plan stands for the form: the state says so, naming the model (issue #12).
+    assert updates[tab.plan_state] == PlanNotice("tiny-opt", updates[tab.summary])
+    assert updates[tab.summary].startswith("**Cannot plan tiny-opt:** ")
     assert "not a size" in updates[tab.summary]
 
 

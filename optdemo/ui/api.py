@@ -34,6 +34,7 @@ class Endpoints:
         dtype: str = "auto",
         offload_folder: str = "",
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
+        request: gr.Request = None,
     ) -> dict:
         """Plan where the model's layers would go under max_memory, without touching weights.
         Returns device_map (module -> device), bytes_per_device, fits and warnings; with a GPU in
@@ -48,7 +49,12 @@ class Endpoints:
             cpu_layers: with a GPU, where offloaded layers run: auto, accelerate, gpu or cpu.
         """
         config = self.service.make_config(
-            model, max_memory, dtype, offload_folder or None, cpu_layers=cpu_layers
+            model,
+            max_memory,
+            dtype,
+            offload_folder or None,
+            cpu_layers=cpu_layers,
+            session_id=session_of(request),
         )
         return self.service.plan(config).to_dict()
 
@@ -67,7 +73,12 @@ class Endpoints:
         map, cpu_layers: the policy in force for offloaded layers and why (cpu_layers: auto,
         accelerate, gpu or cpu)."""
         config = self.service.make_config(
-            model, max_memory, dtype, offload_folder or None, cpu_layers=cpu_layers
+            model,
+            max_memory,
+            dtype,
+            offload_folder or None,
+            cpu_layers=cpu_layers,
+            session_id=session_of(request),
         )
         return self.service.load(config, session_id=session_of(request)).to_dict()
 

@@ -19,6 +19,8 @@ THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
 CSS = """
 #od-header h1 { margin-bottom: 0; }
 #od-header p { margin-top: 4px; color: var(--body-text-color-subdued); }
+/* Long paths (offload folder, caches, models) wrap instead of being clipped. */
+.od-paths, .od-paths code { overflow-wrap: anywhere; word-break: break-word; white-space: normal; }
 """
 
 

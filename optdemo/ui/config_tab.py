@@ -7,7 +7,10 @@ tested without a browser; :func:`wire_config_tab` connects them to the component
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,15 +19,28 @@ import gradio as gr
 from optdemo import defaults
 from optdemo.budget import format_bytes
 from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
-from optdemo.hardware import Hardware, probe_hardware, quantization_unavailable
-from optdemo.service import DemoService
+from optdemo.hardware import Hardware, probe_hardware
+from optdemo.service import DemoService, PlanNotice
 from optdemo.ui.api import MODEL_GROUP, PLAN_GROUP, session_of
-from optdemo.ui.binding import Updates, bind, bind_with_progress
+from optdemo.ui.binding import Updates, bind
+from optdemo.ui.config_text import (
+    budget_spec,
+    hardware_summary,
+    model_label,
+    offload_info,
+    quantization_availability,
+    status_for,
+)
 from optdemo.ui.errors import to_gradio_error, user_errors
-from optdemo.ui.render import describe_placement, plan_summary, status_text
+from optdemo.ui.render import describe_placement, plan_summary, status_text  # noqa: F401 - re-exported
 
 GIB = 2**30
 MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
+PROGRESS_POLL_SECONDS = 0.1  # how often a load's progress reports are passed to the page
+# Load clicks reach the manager at once rather than wait in Gradio's queue behind the load running
+# now: the manager serializes loads (and stops a reply first) behind its own lock, and a newer
+# request replaces an older one still waiting there instead of running after it.
+LOAD_REQUESTS = {"concurrency_id": "load", "concurrency_limit": 4}
 
 
 @dataclass
@@ -83,39 +99,6 @@ class ConfigTab:
         }
 
 
-def hardware_summary(hardware: Hardware) -> str:
-    """Markdown: this machine's GPUs, RAM and free disk."""
-    if hardware.gpus:
-        gpus = "; ".join(
-            f"GPU {g.index} {g.name}: {format_bytes(g.free_bytes)} free of {format_bytes(g.total_bytes)}"
-            for g in hardware.gpus
-        )
-    else:
-        gpus = "no CUDA GPU (everything runs on the CPU)"
-    return (
-        f"**GPUs:** {gpus}  \n**RAM:** {format_bytes(hardware.ram_available_bytes)} available of "
-        f"{format_bytes(hardware.ram_total_bytes)}  \n**Disk:** {format_bytes(hardware.disk_free_bytes)} "
-        f"free at `{hardware.disk_path}`"
-    )
-
-
-def quantization_availability(hardware: Hardware) -> tuple[bool, str]:
-    """Whether bitsandbytes quantization can work here, and a sentence saying why not."""
-    lacking = quantization_unavailable(bool(hardware.gpus))
-    if lacking:
-        return False, f"8-bit / 4-bit need {lacking}."
-    return True, "bitsandbytes quantizes Linear weights on the GPU."
-
-
-def budget_spec(gpu_gib: list[float], cpu_gib: float, advanced: str) -> str:
-    """The max_memory spec from the sliders, unless the advanced field has one (it wins)."""
-    if advanced and advanced.strip():
-        return advanced.strip()
-    parts = [f"{index}={round(value * 1024)}MiB" for index, value in enumerate(gpu_gib)]
-    parts.append(f"cpu={round(cpu_gib * 1024)}MiB")
-    return ",".join(parts)
-
-
 # ---------------------------------------------------------------------------------- layout
 def layout_config_tab(service: DemoService) -> ConfigTab:
     """Build the Configuration tab's components inside the current Blocks."""
@@ -134,14 +117,16 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
                 plan_btn = gr.Button("Plan", variant="secondary")
                 load_btn = gr.Button("Load model", variant="primary", interactive=not locked)
                 unload_btn = gr.Button("Unload", variant="stop", interactive=not locked)
-            status = gr.Markdown(status_text(service.status()), elem_id="od-status")
+            status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])
         with gr.Column(scale=2):
             gr.Markdown("### Plan")
             summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
             gr.Markdown("### This machine")
-            gr.Markdown(hardware_summary(hardware))
+            gr.Markdown(hardware_summary(hardware), elem_classes=["od-paths"])
             with gr.Row():
-                cache_info = gr.Markdown(f"**Conversion cache:** {service.conversion_cache()}")
+                cache_info = gr.Markdown(
+                    f"**Conversion cache:** {service.conversion_cache()}", elem_classes=["od-paths"]
+                )
                 clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
             sign_in = _sign_in_form() if locked and service.settings.auth else None
     return ConfigTab(
@@ -236,7 +221,9 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
         value=initial.offload_folder or "",
         placeholder="./offload — needed when layers go to disk",
     )
-    controls["offload_info"] = gr.Markdown(f"Free space there: {format_bytes(hardware.disk_free_bytes)}")
+    controls["offload_info"] = gr.Markdown(
+        offload_info(initial.offload_folder), elem_id="od-offload-info", elem_classes=["od-paths"]
+    )
     return controls
 
 
@@ -251,8 +238,8 @@ def _sign_in_form() -> SignIn:
 
 
 # ---------------------------------------------------------------------------------- handlers
-def config_from_form(service: DemoService, tab: ConfigTab, values: dict) -> LoadConfig:
-    """The configuration the form describes (validated by the service)."""
+def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request: Any = None) -> LoadConfig:
+    """The configuration the form describes (validated by the service, for this session)."""
     return service.make_config(
         model=values[tab.model] or "",
         max_memory=budget_spec(
@@ -272,12 +259,23 @@ def config_from_form(service: DemoService, tab: ConfigTab, values: dict) -> Load
 
 def preview(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """Plan the form's configuration (no weights touched). Shown in place, not as a pop-up: this
-    runs on every change of a control."""
+    runs on every change of a control. A failure names the model and leaves no plan standing."""
+    name = model_label(values[tab.model])
     try:
-        view = service.plan(config_from_form(service, tab, values))
+        view = service.plan(config_from_form(service, tab, values, request))
     except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
-        return {tab.summary: f"**Cannot plan:** {to_gradio_error(exc).message}", tab.plan_state: None}
+        message = f"**Cannot plan {name}:** {to_gradio_error(exc).message}"
+        return {tab.summary: message, tab.plan_state: PlanNotice(name, message)}
     return {tab.summary: plan_summary(view.plan, view.prediction), tab.plan_state: view}
+
+
+def plan_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
+    """:func:`preview`, first saying which model is being planned: the previous plan (of another
+    model, maybe) never stays on screen as if it were current while the new one is computed."""
+    name = model_label(values[tab.model])
+    pending = f"Planning **{name}**…"
+    yield {tab.summary: pending, tab.plan_state: PlanNotice(name, pending)}
+    yield preview(service, tab, values, request)
 
 
 @user_errors
@@ -287,7 +285,7 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
 
     def report(fraction: float | None, text: str) -> None:
         if progress is not None:
-            progress(fraction, desc=text)
+            progress(fraction, desc=text)  # gr.Progress's signature; load_live's reporter too
 
     result = service.load(config, session_id=session_of(request), progress=report)
     verb = "Reused" if result.status == "reused" else "Loaded"
@@ -300,6 +298,39 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
         message += "  \nConfiguration unchanged: nothing was reloaded."
     assert result.plan is not None
     return {tab.status: message, tab.plan_state: service.view(result.plan), tab.loaded: time.monotonic()}
+
+
+def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
+    """:func:`load`, with what is happening (download, conversion with bytes done, shards) shown
+    in the status line itself, which names the model: the load runs in a worker thread and its
+    progress reports are streamed to the page (no progress overlay covers the status)."""
+    name = model_label(values[tab.model])
+    reports: queue.Queue[str] = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def report(fraction: float | None, desc: str = "") -> None:
+        reports.put(desc if fraction is None else f"{desc} — {fraction:.0%}")
+
+    def work() -> None:
+        try:
+            outcome["updates"] = load(service, tab, values, request, report)
+        except gr.Error as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="optdemo-load", daemon=True)
+    worker.start()
+    yield {tab.status: f"**Loading {name}…**"}
+    while worker.is_alive() or not reports.empty():
+        try:
+            text = reports.get(timeout=PROGRESS_POLL_SECONDS)
+        except queue.Empty:
+            continue
+        yield {tab.status: f"**Loading {name}:** {text}"}
+    worker.join()
+    if "error" in outcome:
+        yield {tab.status: f"**Could not load {name}.** {outcome['error'].message}"}
+        raise outcome["error"]
+    yield outcome["updates"]
 
 
 @user_errors
@@ -319,9 +350,9 @@ def clear_cache(service: DemoService, tab: ConfigTab, values: dict, request: Any
 
 
 def free_space(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
-    """The free space where the offload folder would be."""
-    info = probe_hardware(values[tab.offload] or None)
-    return {tab.offload_info: f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"}
+    """The free space where the offload folder would be (naming the place measured), or at once a
+    warning when the path is a file or cannot be created."""
+    return {tab.offload_info: offload_info(values[tab.offload])}
 
 
 def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
@@ -334,13 +365,13 @@ def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) ->
     return {
         form.message: "Signed in as admin: you can load, unload and clear the cache.",
         **dict.fromkeys((tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer), unlocked),
-        tab.model: gr.update(allow_custom_value=True),
+        tab.model: gr.update(allow_custom_value=True, choices=service.model_choices(session_of(request))),
     }
 
 
 def refresh_status(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """The status line for what is loaded now."""
-    return {tab.status: status_text(service.status())}
+    return {tab.status: status_for(service, session_of(request))}
 
 
 # ---------------------------------------------------------------------------------- wiring
@@ -358,22 +389,32 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
             *(text.submit for text in texts),
             *(text.blur for text in texts),
         ],
-        bind(preview, service, tab),
+        bind(plan_live, service, tab),
         tab.form,
         [tab.summary, tab.plan_state],
         trigger_mode="always_last",
         **private,
         **PLAN_GROUP,
     )
-    tab.offload.blur(bind(free_space, service, tab), {tab.offload}, tab.offload_info, queue=False, **private)
+    # At once, as the path is typed: a file or an uncreatable folder is flagged before any plan.
+    gr.on(
+        [tab.offload.change, tab.offload.blur],
+        bind(free_space, service, tab),
+        {tab.offload},
+        tab.offload_info,
+        queue=False,
+        **private,
+    )
     tab.clear_cache_btn.click(
         bind(clear_cache, service, tab), {tab.loaded}, tab.cache_info, concurrency_id=MODEL_GROUP, **private
     )
     tab.load_btn.click(
-        bind_with_progress(load, service, tab),
+        bind(load_live, service, tab),
         tab.form,
         [tab.status, tab.plan_state, tab.loaded],
-        **in_model_group,
+        show_progress="hidden",  # the status line itself says what is happening
+        **private,
+        **LOAD_REQUESTS,
     )
     tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
     if tab.sign_in is not None:

@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from optdemo.planner import Plan
-from optdemo.service import DemoService, PlanView
+from optdemo.service import DemoService, PlanNotice, PlanView
 from optdemo.speed import SpeedPrediction
 from optdemo.status import ModelStatus
 from optdemo.ui.binding import Updates, bind
@@ -37,7 +38,7 @@ class DeviceMapTab:
 
 
 def render_tab(
-    view: PlanView | None, status: ModelStatus, prediction: SpeedPrediction | None
+    view: PlanView | PlanNotice | None, status: ModelStatus, prediction: SpeedPrediction | None
 ) -> tuple[str, str, list[list[str]]]:
     """Heading, picture and table for this session's plan and the loaded model (``status``, with
     its predicted speed).
@@ -48,7 +49,10 @@ def render_tab(
     sections: list[str] = []
     heading: list[str] = []
     table: list[list[str]] = []
-    if view is not None and not (status.plan is not None and _same_plan(view.plan, status.plan)):
+    if isinstance(view, PlanNotice):  # a plan being computed, or none possible: say so, for whom
+        heading.append(view.message)
+        sections.append(_notice_html(view.message))
+    elif view is not None and not (status.plan is not None and _same_plan(view.plan, status.plan)):
         plan = view.plan
         sections.append(render_device_map(plan, title=f"Plan preview: {plan.display_name} (not loaded)"))
         heading.append(
@@ -65,6 +69,11 @@ def render_tab(
     if not sections:
         return "", EMPTY_HTML, []
     return "  \n".join(heading), '<hr style="margin:16px 0">'.join(sections), table
+
+
+def _notice_html(message: str) -> str:
+    text = html.escape(message.replace("**", ""))
+    return f'<div style="padding:24px;color:#6b7280;font:14px system-ui,sans-serif">{text}</div>'
 
 
 def _loaded_heading(status: ModelStatus, prediction: SpeedPrediction | None) -> str:
