@@ -99,6 +99,7 @@ class DemoService:
             offload_folder=self.settings.offload_folder,
             fast_offload=self.settings.fast_offload,
             cpu_layers=self.settings.cpu_layers,
+            disk_tier=self.settings.disk_tier,
         )
 
     def model_choices(self, session_id: str | None = None) -> list[tuple[str, str]]:
@@ -131,6 +132,7 @@ class DemoService:
         fast_offload: bool = True,
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
         session_id: str | None = None,
+        disk_tier: str = defaults.DEFAULT_DISK_TIER,
     ) -> LoadConfig:
         """Build a :class:`LoadConfig` from form or API values, applying public-mode rules for this
         session (admins may name more models than visitors).
@@ -147,6 +149,7 @@ class DemoService:
             ("quantization", quantization),
             ("tokenizer", tokenizer),
             ("cpu_layers", cpu_layers),
+            ("disk_tier", disk_tier),
         ):
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be text, not {type(value).__name__}")
@@ -160,6 +163,7 @@ class DemoService:
             tokenizer=tokenizer or None,
             fast_offload=fast_offload,
             cpu_layers=cpu_layers or defaults.DEFAULT_CPU_LAYERS,
+            disk_tier=disk_tier or defaults.DEFAULT_DISK_TIER,
         )
         self.access.check_config(config, session_id)
         return config

@@ -19,10 +19,12 @@ from optdemo.config import DTYPES, normalize_model
 from optdemo.defaults import (
     CPU_LAYER_POLICIES,
     DEFAULT_CPU_LAYERS,
+    DEFAULT_DISK_TIER,
     DEFAULT_MAX_HISTORY_TURNS,
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MAX_NEW_TOKENS_CAP,
     DEFAULT_QUEUE_SIZE,
+    DISK_TIER_MODES,
 )
 from optdemo.errors import ConfigError, OptdemoError
 
@@ -39,6 +41,7 @@ class AppSettings:
     dtype: str = "auto"
     cpu_layers: str = DEFAULT_CPU_LAYERS  # with a GPU: where offloaded layers run
     fast_offload: bool = True  # False: plain Accelerate everywhere
+    disk_tier: str = DEFAULT_DISK_TIER  # CPU-executed models: map, stream, or auto
     preload: bool = False  # load the model before serving the first request
     host: str = "127.0.0.1"
     port: int | None = None  # None: Gradio picks 7860 or the next free port
@@ -136,6 +139,13 @@ FLAGS = (
         f"with a GPU, where offloaded layers run (default {DEFAULT_CPU_LAYERS}: the faster by prediction)",
         default=DEFAULT_CPU_LAYERS,
         choices=CPU_LAYER_POLICIES,
+    ),
+    Flag(
+        "disk-tier",
+        f"on a CPU-executed model, how disk layers are served (default {DEFAULT_DISK_TIER}: mapped where "
+        "the memory available can cache them, streamed past the page cache where it cannot)",
+        default=DEFAULT_DISK_TIER,
+        choices=DISK_TIER_MODES,
     ),
     Flag(
         "plain-accelerate", "turn fast offloading off: load and run exactly as plain Accelerate", kind="bool"
@@ -325,6 +335,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         dtype=args.dtype,
         cpu_layers=args.cpu_layers,
         fast_offload=not args.plain_accelerate,
+        disk_tier=args.disk_tier,
         # Public mode starts with a loaded model: visitors cannot load one, so without it nobody could.
         preload=args.preload or on_space or args.share or args.lock_config,
         host=args.host,

@@ -148,3 +148,21 @@ def test_loads_choose_the_mode_from_the_configuration(manager, tiny_model_dir, t
         u.text for u in manager.stream_completion("Hello", GenerationParams(max_new_tokens=8, temperature=0))
     )
     assert text == again
+
+
+def test_the_mode_is_set_by_flag_environment_and_service():
+    from optdemo.errors import ConfigError
+    from optdemo.manager import ModelManager
+    from optdemo.service import DemoService
+    from optdemo.settings import parse_settings
+
+    assert parse_settings([], env={}).disk_tier == "auto"
+    assert parse_settings(["--disk-tier", "stream"], env={}).disk_tier == "stream"
+    settings = parse_settings([], env={"OPTDEMO_DISK_TIER": "map"})
+    service = DemoService(ModelManager(), settings)
+    assert service.initial_config().disk_tier == "map"
+    assert service.make_config("optdemo/tiny-opt", disk_tier="stream").disk_tier == "stream"
+    with pytest.raises(
+        ConfigError, match="disk_tier 'fast' is not supported: choose one of auto, map, stream"
+    ):
+        service.make_config("optdemo/tiny-opt", disk_tier="fast")
