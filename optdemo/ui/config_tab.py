@@ -66,6 +66,7 @@ class ConfigTab:
     advanced: gr.Textbox  # a full max_memory spec; wins over the sliders
     fast_offload: gr.Checkbox
     cpu_layers: gr.Dropdown
+    disk_tier: gr.Dropdown
     tokenizer: gr.Textbox
     offload: gr.Textbox
     offload_info: gr.Markdown
@@ -96,6 +97,7 @@ class ConfigTab:
             self.tokenizer,
             self.fast_offload,
             self.cpu_layers,
+            self.disk_tier,
         }
 
 
@@ -211,6 +213,16 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
             info="With a GPU in the map. The Device map tab says which one is in force, and why.",
             visible=bool(hardware.gpus),
         )
+        controls["disk_tier"] = gr.Dropdown(
+            [
+                ("auto: map what RAM can cache, stream the rest", "auto"),
+                ("map: memory-map every disk layer", "map"),
+                ("stream: read every disk layer past the page cache", "stream"),
+            ],
+            value=initial.disk_tier,
+            label="Disk layers (CPU-executed models)",
+            info="The Device map tab says what was mapped, what is streamed, and why.",
+        )
         controls["tokenizer"] = gr.Textbox(
             label="Tokenizer (optional)",
             placeholder="another repo id or folder; empty: the model's own",
@@ -254,6 +266,7 @@ def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request
         tokenizer=values[tab.tokenizer] or None,
         fast_offload=bool(values[tab.fast_offload]),
         cpu_layers=values[tab.cpu_layers] or defaults.DEFAULT_CPU_LAYERS,
+        disk_tier=values[tab.disk_tier] or defaults.DEFAULT_DISK_TIER,
     )
 
 
@@ -384,7 +397,8 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
     gr.on(
         [
             tab.plan_btn.click,
-            *(c.change for c in (tab.model, tab.dtype, tab.quantization, tab.fast_offload, tab.cpu_layers)),
+            *(c.change for c in (tab.model, tab.dtype, tab.quantization, tab.fast_offload)),
+            *(c.change for c in (tab.cpu_layers, tab.disk_tier)),
             *(slider.release for slider in (*tab.gpu_sliders, tab.cpu_slider)),
             *(text.submit for text in texts),
             *(text.blur for text in texts),
