@@ -88,3 +88,24 @@ def test_gpu_bench_floors_and_ratios() -> None:
     table = gpu_bench.format_table(rows)
     assert "| gpu+cpu | gpu | 0.300 | 0.15x | 0.200 | 1.50x | yes | 10.0 | 5.00 | 1.00 |" in table
     assert "| NO |" in table
+
+
+@pytest.mark.slow
+def test_a_checkpoint_larger_than_ram_is_built_one_shard_at_a_time(tmp_path, monkeypatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optdemo.catalog import catalog_entry
+    from tools import build_sharded
+
+    monkeypatch.setattr(build_sharded, "SHARD_BYTES", 60 * 10**6)
+    folder = build_sharded.build_sharded_opt(tmp_path / "m", "opt-125m")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert shards == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert all(
+        (folder / s).stat().st_size <= 60 * 10**6 + 80 * 10**6 for s in shards
+    )  # one tensor over at most
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == catalog_entry("opt-125m").parameters
+    assert torch.equal(model.model.decoder.layers[0].fc1.bias, torch.zeros(3072, dtype=torch.float16))

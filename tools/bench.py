@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from optdemo.budget import parse_max_memory, parse_size
+from optdemo.catalog import catalog_entry
 from optdemo.config import LoadConfig
 from optdemo.convert import converted_root
 from optdemo.manager import ModelManager
 from optdemo.paths import cache_dir
 from optdemo.synthetic import build_random_opt
 from tools.bench_report import SIDES, report
+from tools.build_sharded import build_sharded_opt
 from tools.memcap import CapError, MemoryCap, drop_caches
 
 PROMPT = "The history of large language models began"
@@ -55,14 +57,28 @@ def ensure_checkpoint(architecture: str, checkpoint_format: str, dtype: str = "f
         bench_dir().mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=bench_dir().parent))
         try:
-            build_random_opt(
-                staging, architecture, dtype=dtype, checkpoint_format=checkpoint_format, max_shard_size="1GB"
-            )
+            entry = catalog_entry(architecture)
+            if checkpoint_format == "safetensors" and entry and entry.checkpoint_bytes > _ram() // 2:
+                build_sharded_opt(staging, architecture, dtype)  # never the whole model in memory
+            else:
+                build_random_opt(
+                    staging,
+                    architecture,
+                    dtype=dtype,
+                    checkpoint_format=checkpoint_format,
+                    max_shard_size="1GB",
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
 def drop_page_cache(*roots: str | Path) -> int:
