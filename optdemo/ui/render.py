@@ -160,6 +160,19 @@ def describe_placement(bytes_per_device: dict[Device, int]) -> str:
     )
 
 
+def to_messages(turns: list[dict]) -> list[dict]:
+    """Chatbot messages for chat turns (``{"user", "assistant", "stats"}``), each reply followed
+    by its stats line."""
+    messages: list[dict] = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn["user"]})
+        reply = turn["assistant"] or "…"
+        if turn.get("stats"):
+            reply += f"\n\n<sub>{turn['stats']}</sub>"
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
 def status_text(status: ModelStatus) -> str:
     """Markdown status line for what is loaded now."""
     if not status.loaded:
