@@ -218,3 +218,84 @@ def test_a_failed_reply_keeps_the_chat_and_the_message(page, app: RunningApp) ->
     # Gradio flags the output with an "Error" badge; the conversation itself is unchanged.
     assert page.locator("#od-chatbot").inner_text().removeprefix("Error\n") == first_turns
     assert "Traceback" not in page.content()
+
+
+def send(page, text: str) -> None:
+    box = page.locator("#od-message textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_a_reload_keeps_the_chat(page, app: RunningApp) -> None:
+    """Chats live in the browser (localStorage, through BrowserState): after a reload the
+    conversation is back on screen and listed under Saved chats."""
+    from playwright.sync_api import expect
+
+    app.service.manager.load(app.service.initial_config())
+    open_tab(page, "Chat")
+    send(page, "What is the capital of France?")
+    wait_for_text(page, "#od-chatbot", r"tokens/s")
+    before = page.locator("#od-chatbot").inner_text()
+    # Saved after the reply (the picker names the chat), then the page is reloaded.
+    page.get_by_text("Saved chats (kept in this browser only)").click()
+    picker = page.locator("#od-chat-picker input")
+    expect(picker).to_have_value("What is the capital of France?", timeout=WAIT_MS)
+    page.reload(wait_until="domcontentloaded")
+    open_tab(page, "Chat")
+    wait_for_text(page, "#od-chatbot", r"capital of France")
+    assert page.locator("#od-chatbot").inner_text() == before
+    page.get_by_text("Saved chats (kept in this browser only)").click()
+    expect(page.locator("#od-chat-picker input")).to_have_value("What is the capital of France?")
+    # Nothing of it is kept by the server beyond the page's session.
+    assert not app.service.sessions.history("What is the capital of France?")
+
+
+def test_theme_toggle_switches_dark_and_light(page) -> None:
+    from playwright.sync_api import expect
+
+    toggle = page.locator("#od-theme")
+    expect(toggle).to_be_visible()
+    dark = page.evaluate("document.body.classList.contains('dark')")
+    toggle.click()
+    page.wait_for_function(f"document.body.classList.contains('dark') === {str(not dark).lower()}")
+    page.reload(wait_until="domcontentloaded")  # the choice is remembered
+    page.wait_for_function(f"document.body.classList.contains('dark') === {str(not dark).lower()}")
+    page.locator("#od-theme").click()
+    page.wait_for_function(f"document.body.classList.contains('dark') === {str(dark).lower()}")
+
+
+def test_a_message_typed_while_a_reply_streams_is_kept(browser) -> None:
+    """Enter pressed while a reply streams does not send and does not clear the box: the message
+    stays, a notice says to wait or press Stop, and it sends once the reply has ended."""
+    import threading
+
+    from app_fixtures import ScriptedManager
+    from playwright.sync_api import expect
+
+    manager = ScriptedManager({"Long": [["One", "One two", "One two three"]], "Next": [["Sure."]]})
+    manager.pause = threading.Event()
+    with running_app(manager=manager) as running:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(WAIT_MS)
+        page = context.new_page()
+        try:
+            page.goto(running.url, wait_until="domcontentloaded")
+            open_tab(page, "Chat")
+            send(page, "Long")
+            wait_for_text(page, "#od-chatbot", r"One")  # streaming, held after its first step
+            notice = wait_for_text(page, "#od-chat-notice", r"A reply is on its way")
+            assert "Stop" in notice
+            send(page, "Next")
+            page.wait_for_timeout(1500)
+            box = page.locator("#od-message textarea")
+            expect(box).to_have_value("Next")
+            manager.pause.set()
+            wait_for_text(page, "#od-chatbot", r"One two three")
+            expect(page.locator("#od-chat-notice")).not_to_contain_text("on its way", timeout=WAIT_MS)
+            expect(box).to_have_value("Next")  # still there after the reply ended
+            assert manager.histories == [[]]  # it was not sent meanwhile
+            box.press("Enter")
+            wait_for_text(page, "#od-chatbot", r"Sure\.")
+            assert manager.histories[-1] == [("Long", "One two three")]
+        finally:
+            context.close()

@@ -131,7 +131,12 @@ def test_history_cap_refuses_and_keeps_the_conversation() -> None:
     assert info.value.message == (
         "this conversation has reached the limit of 2 turns here: clear it (or undo a turn) to go on"
     )
-    assert updates[-1] == {tab.chatbot: to_messages(full), tab.turns: full, tab.message: "Third", tab.notice: ""}
+    assert updates[-1] == {
+        tab.chatbot: to_messages(full),
+        tab.turns: full,
+        tab.message: "Third",
+        tab.notice: "",
+    }
     # One turn fewer (after an undo) and the conversation goes on, with the whole history sent.
     service.manager.script["Third"] = [["Three"]]
     *_, last = chat_tab.respond(service, tab, chat_values(tab, "Third", full[:1]), REQUEST)

@@ -67,9 +67,16 @@ def build_app(service: DemoService) -> gr.Blocks:
             [chat.model_line, chat.controls.max_new_tokens],
             **private,
         )
-        # This browser's saved chats: the one it had open comes back after a reload.
+        # This browser's saved chats: the one it had open comes back after a reload. The store
+        # reaches the page from localStorage as the page mounts, as a change.
         restored = [chat.turns, chat.chatbot, chat.context_line, *chat.saved.restored_outputs()]
-        demo.load(bind(restore, service, chat), {chat.saved.store}, restored, **private)
+        gr.on(
+            [demo.load, chat.saved.store.change],
+            bind(restore, service, chat),
+            {chat.saved.store, chat.saved.chat_id},
+            restored,
+            **private,
+        )
         demo.load(
             bind(preview, service, config),
             config.form,

@@ -49,8 +49,9 @@ class SavedChats:
     message: gr.Markdown
 
     def restored_outputs(self) -> list:
-        """What :func:`restore` updates besides the conversation itself."""
-        return [self.chat_id, self.picker, self.title, self.store]
+        """What :func:`restore` updates besides the conversation itself (never the store: writing
+        it would fire its change event again)."""
+        return [self.chat_id, self.picker, self.title]
 
 
 def layout_saved_chats() -> SavedChats:
@@ -109,9 +110,12 @@ def _show(tab: ChatTab, store: chats.Store, chat: chats.Chat | None) -> Updates:
 
 # ---------------------------------------------------------------------------------- handlers
 def restore(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
-    """On page load: show the chat this browser had open, and the list of its chats."""
+    """When the browser's store arrives (page load) or changes: list its chats, and show the chat
+    it has open unless this page already shows that one."""
     store = chats.normalized(values[tab.saved.store])
-    return {**_show(tab, store, chats.find(store, store["current"])), tab.saved.store: store}
+    if store["current"] == values[tab.saved.chat_id]:
+        return {tab.saved.picker: _picker(store, store["current"])}
+    return _show(tab, store, chats.find(store, store["current"]))
 
 
 def save_current(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:

@@ -334,13 +334,13 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         {tab.message, *with_params},
         conversation,
         **in_model_group,
-    ).then(**save)
+    ).success(**save)
     tab.chatbot.retry(
         bind(retry, service, tab),
         with_params,
         [tab.chatbot, tab.turns, tab.notice, tab.context_line],
         **in_model_group,
-    ).then(**save)
+    ).success(**save)
     tab.chatbot.undo(bind(undo, service, tab), {tab.turns}, conversation, **private).then(**save)
     tab.chatbot.clear(bind(clear, service, tab), {tab.turns}, conversation, **private).then(**save)
     gr.on([tab.stop.click, tab.stop_completion.click], bind(stop, service, tab), {tab.turns}, None, **private)
