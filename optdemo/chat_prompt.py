@@ -28,8 +28,10 @@ ASSISTANT_TAG = "Assistant:"
 # Where a plain-transcript reply ends: the model starting the next turn itself.
 CHAT_STOP_STRINGS = ("\n" + USER_TAG, "\n" + ASSISTANT_TAG)
 
-PLAIN_FORMAT = "plain User:/Assistant: transcript"
-TEMPLATE_FORMAT = "the model's chat template"
+PLAIN_FORMAT = (
+    "plain User:/Assistant: transcript (the model has no chat template; OPT is not instruction-tuned)"
+)
+TEMPLATE_FORMAT = "the model's own chat template (instruction-tuned), with the system prompt"
 
 ChatTurn = tuple[str, str]  # (user message, assistant reply)
 # (system prompt, earlier turns, new message) -> the prompt text

@@ -16,6 +16,8 @@ import gradio as gr
 import pytest
 from app_fixtures import ScriptedManager
 
+from optdemo.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
+from optdemo.config import LoadConfig
 from optdemo.manager import ModelManager
 from optdemo.service import DemoService, PlanView
 from optdemo.settings import AppSettings
@@ -107,11 +109,35 @@ def test_the_slider_follows_the_loaded_models_window() -> None:
     slider = updates[tab.controls.max_new_tokens]
     assert slider["maximum"] == 511 and slider["value"] == 511
     assert slider["info"] == "at most min(512, the model's 512-token window minus the prompt)"
-    assert "Chat format: plain User:/Assistant: transcript" in updates[tab.model_line]
+    assert f"Chat format: {PLAIN_FORMAT}" in updates[tab.model_line]
     service, tab = chat_ui({}, max_new_tokens_cap=128)
     updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 64}, REQUEST)
     assert updates[tab.controls.max_new_tokens]["maximum"] == 128
     assert updates[tab.controls.max_new_tokens]["value"] == 64
+
+
+@pytest.mark.slow
+def test_the_chat_tab_shows_the_format_and_the_real_window(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model saved with a chat template is chatted with through it, and the tab says so; the
+    same model without one keeps the plain transcript. The slider stops below the 512 window."""
+    import shutil
+
+    templated = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_model_dir, templated)
+    (templated / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    )
+    service = DemoService(ModelManager(), AppSettings())
+    with gr.Blocks():
+        tab = chat_tab.layout_chat_tab(service)
+    try:
+        for path, expected in ((templated, TEMPLATE_FORMAT), (tiny_model_dir, PLAIN_FORMAT)):
+            service.manager.load(LoadConfig(str(path)))
+            updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 512}, REQUEST)
+            assert f"Chat format: {expected}" in updates[tab.model_line]
+            assert updates[tab.controls.max_new_tokens]["maximum"] == 511
+    finally:
+        service.manager.unload()
 
 
 def test_system_prompt_and_stop_sequences_reach_the_service() -> None:
@@ -228,7 +254,7 @@ def test_mode_switch_and_model_line() -> None:
     line = chat_tab.refresh_model_line(service, tab, {}, REQUEST)
     assert line[tab.model_line] == (
         "No model loaded yet. Choose one, check the plan, then **Load model**.  \n"
-        "Chat format: plain User:/Assistant: transcript"
+        f"Chat format: {PLAIN_FORMAT}"
     )
 
 
