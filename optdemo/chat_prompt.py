@@ -62,8 +62,9 @@ def check_max_new_tokens(requested: int, window: int, prompt_tokens: int, cap: i
         return
     if window - prompt_tokens < 1:
         raise GenerationError(
-            f"this prompt's {prompt_tokens} tokens leave no room for a reply in the model's "
-            f"{window}-token window: shorten it"
+            f"this prompt's {prompt_tokens} tokens leave no room for a reply: max_new_tokens is at "
+            f"most the model's {window}-token window minus the prompt's tokens, and the operator's "
+            f"cap {cap}; shorten the prompt"
         )
     raise GenerationError(f"{max_new_tokens_rule(window, prompt_tokens, cap)}; you asked for {requested}")
 

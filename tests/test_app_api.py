@@ -361,7 +361,10 @@ CHAT_ERRORS = [
     ({"message": ""}, "empty"),
     ({"message": "   \n"}, "empty"),
     ({"message": "x" * 100_000}, "limit"),
-    ({"message": "word " * 790}, "leave no room for a reply in the model's 512-token window"),
+    (
+        {"message": "word " * 790},
+        "leave no room for a reply: max_new_tokens is at most the model's 512-token window",
+    ),
 ]
 
 

@@ -246,8 +246,8 @@ def test_a_reload_keeps_the_chat(page, app: RunningApp) -> None:
     assert page.locator("#od-chatbot").inner_text() == before
     page.get_by_text("Saved chats (kept in this browser only)").click()
     expect(page.locator("#od-chat-picker input")).to_have_value("What is the capital of France?")
-    # Nothing of it is kept by the server beyond the page's session.
-    assert not app.service.sessions.history("What is the capital of France?")
+    # The server keeps no copy: its only chat histories are the API clients' (none here).
+    assert not app.service.sessions._histories
 
 
 def test_theme_toggle_switches_dark_and_light(page) -> None:
@@ -299,3 +299,17 @@ def test_a_message_typed_while_a_reply_streams_is_kept(browser) -> None:
             assert manager.histories[-1] == [("Long", "One two three")]
         finally:
             context.close()
+
+
+def test_the_max_new_tokens_slider_follows_the_loaded_model(page, app: RunningApp) -> None:
+    """tiny-opt's window is 512 tokens: the slider stops at 511 (its cap, 512, would be refused)."""
+    from playwright.sync_api import expect
+
+    app.service.manager.load(app.service.initial_config())
+    open_tab(page, "Chat")
+    wait_for_text(page, "#od-chat-model", r"tiny-opt")
+    page.get_by_text("Generation parameters", exact=True).click()
+    expect(page.get_by_label("range slider for max_new_tokens")).to_have_attribute("max", "511")
+    expect(
+        page.get_by_text("at most min(512, the model's 512-token window minus the prompt)")
+    ).to_be_visible()
