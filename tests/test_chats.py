@@ -168,13 +168,18 @@ def test_a_finished_turn_is_saved_then_restored_after_a_reload() -> None:
     assert store["current"] == chat_id and chats.find(store, chat_id)["turns"] == turns
     assert after[saved.picker]["choices"] == [("Capital?", chat_id)] and after[saved.title] == "Capital?"
     # A new page (a reload) gets the browser's store and shows that chat again.
-    page = chat_history.restore(service, tab, {saved.store: store, saved.chat_id: None}, REQUEST)
+    blank = {saved.store: store, saved.chat_id: None, tab.chatbot: []}
+    page = chat_history.restore(service, tab, blank, REQUEST)
     assert page[tab.turns] == turns and page[tab.chatbot] == to_messages(turns)
     assert page[saved.chat_id] == chat_id and page[saved.picker]["value"] == chat_id
     assert saved.store not in page  # writing the store would fire its change event again
     # The page that saved it already shows it: only the list is refreshed.
-    same = chat_history.restore(service, tab, {saved.store: store, saved.chat_id: chat_id}, REQUEST)
+    same = chat_history.restore(service, tab, {**blank, saved.chat_id: chat_id}, REQUEST)
     assert same == {saved.picker: page[saved.picker]}
+    # A conversation on screen (a first reply still streaming) is never replaced.
+    streaming = to_messages([turn("Another question", "")])
+    busy = chat_history.restore(service, tab, {**blank, tab.chatbot: streaming}, REQUEST)
+    assert busy == {saved.picker: {**page[saved.picker], "value": None}}
 
 
 def test_new_open_rename_delete() -> None:

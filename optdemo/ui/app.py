@@ -9,7 +9,7 @@ from optdemo.service import DemoService
 from optdemo.settings import AppSettings
 from optdemo.ui.api import register_api
 from optdemo.ui.binding import bind
-from optdemo.ui.chat_history import restore
+from optdemo.ui.chat_history import browser_store, restore
 from optdemo.ui.chat_tab import layout_chat_tab, refresh_model_line, wire_chat_tab
 from optdemo.ui.config_tab import layout_config_tab, preview, refresh_status, wire_config_tab
 from optdemo.ui.devicemap_tab import layout_devicemap_tab, wire_devicemap_tab
@@ -45,13 +45,14 @@ def build_app(service: DemoService) -> gr.Blocks:
         theme.click(None, js=TOGGLE_THEME_JS, api_visibility="private", queue=False)
         demo.load(None, js=APPLY_THEME_JS, api_visibility="private", queue=False)
         register_api(service)  # first, so the named endpoints keep their names
+        store = browser_store()  # outside the tabs: it reads localStorage as the page loads
         with gr.Tabs():
             with gr.Tab("Configuration", id="configuration"):
                 config = layout_config_tab(service)
             with gr.Tab("Device map", id="device-map") as map_tab:
                 device_map = layout_devicemap_tab(config.plan_state)
             with gr.Tab("Chat", id="chat") as chat_tab:
-                chat = layout_chat_tab(service)
+                chat = layout_chat_tab(service, store)
         wire_config_tab(service, config)
         wire_chat_tab(service, chat)
         # Across tabs: the map follows the session's plan and the loaded model; the chat's model
@@ -70,11 +71,13 @@ def build_app(service: DemoService) -> gr.Blocks:
         # This browser's saved chats: the one it had open comes back after a reload. The store
         # reaches the page from localStorage as the page mounts, as a change.
         restored = [chat.turns, chat.chatbot, chat.context_line, *chat.saved.restored_outputs()]
+        # Opening the Chat tab tries again, should the store arrive after the page's load event.
         gr.on(
-            [demo.load, chat.saved.store.change],
+            [demo.load, chat.saved.store.change, chat_tab.select],
             bind(restore, service, chat),
-            {chat.saved.store, chat.saved.chat_id},
+            {chat.saved.store, chat.saved.chat_id, chat.chatbot},
             restored,
+            show_progress="hidden",  # instant, and mostly a no-op: no flicker over the chat
             **private,
         )
         demo.load(

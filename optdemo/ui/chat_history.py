@@ -54,9 +54,15 @@ class SavedChats:
         return [self.chat_id, self.picker, self.title]
 
 
-def layout_saved_chats() -> SavedChats:
-    """Build the saved-chats panel inside the current Blocks."""
-    store = gr.BrowserState(chats.empty_store(), storage_key=STORAGE_KEY, secret=STORAGE_SECRET)
+def browser_store() -> gr.BrowserState:
+    """The browser's chat store. Build it outside the tabs: a component inside a tab that is not
+    open yet mounts (and reads localStorage) only when the tab opens, late for the page's load."""
+    return gr.BrowserState(chats.empty_store(), storage_key=STORAGE_KEY, secret=STORAGE_SECRET)
+
+
+def layout_saved_chats(store: gr.BrowserState | None = None) -> SavedChats:
+    """Build the saved-chats panel inside the current Blocks, over ``store`` (a new one if None)."""
+    store = store if store is not None else browser_store()
     chat_id = gr.State(None)
     with gr.Accordion("Saved chats (kept in this browser only)", open=False, elem_id="od-saved-chats"):
         with gr.Row():
@@ -110,11 +116,13 @@ def _show(tab: ChatTab, store: chats.Store, chat: chats.Chat | None) -> Updates:
 
 # ---------------------------------------------------------------------------------- handlers
 def restore(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
-    """When the browser's store arrives (page load) or changes: list its chats, and show the chat
-    it has open unless this page already shows that one."""
+    """When the browser's store arrives (page load), changes, or the Chat tab opens: list its
+    chats, and show the chat it had open, if this page shows no conversation yet (never replacing
+    one on screen, even one whose first reply is still streaming)."""
     store = chats.normalized(values[tab.saved.store])
-    if store["current"] == values[tab.saved.chat_id]:
-        return {tab.saved.picker: _picker(store, store["current"])}
+    blank = values[tab.saved.chat_id] is None and not values[tab.chatbot]
+    if not blank or store["current"] is None:
+        return {tab.saved.picker: _picker(store, values[tab.saved.chat_id])}
     return _show(tab, store, chats.find(store, store["current"]))
 
 

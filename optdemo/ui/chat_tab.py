@@ -105,14 +105,14 @@ class ChatTab:
 
 
 # ---------------------------------------------------------------------------------- layout
-def layout_chat_tab(service: DemoService) -> ChatTab:
-    """Build the Chat tab's components inside the current Blocks."""
-    cap = service.settings.max_new_tokens_cap
+def layout_chat_tab(service: DemoService, store: gr.BrowserState | None = None) -> ChatTab:
+    """Build the Chat tab's components inside the current Blocks; ``store`` is the browser's chat
+    store (see :func:`~optdemo.ui.chat_history.browser_store`; a new one if None)."""
     max_chars = service.settings.max_message_chars
     model_line = gr.Markdown(elem_id="od-chat-model")
     mode = gr.Radio(["Conversation", "Completion"], value="Conversation", label="Mode", show_label=False)
     with gr.Column(visible=True) as chat_box:
-        saved = layout_saved_chats()
+        saved = layout_saved_chats(store)
         chatbot = gr.Chatbot(label="Conversation", height=440, elem_id="od-chatbot", buttons=["copy"])
         context_line = gr.Markdown(elem_id="od-context")
         notice = gr.Markdown(elem_id="od-chat-notice")
@@ -145,25 +145,7 @@ def layout_chat_tab(service: DemoService) -> ChatTab:
             stop_completion = gr.Button("Stop", variant="stop")
         completion = gr.Textbox(label="Continuation", lines=6, interactive=False)
         completion_stats = gr.Markdown()
-    with gr.Accordion("Generation parameters", open=False), gr.Row():
-        controls = GenerationControls(
-            gr.Slider(
-                1,
-                cap,
-                value=min(defaults.MAX_NEW_TOKENS, cap),
-                step=1,
-                label="max_new_tokens",
-                info=max_new_tokens_info(service),
-            ),
-            gr.Slider(0, 2, value=defaults.TEMPERATURE, step=0.05, label="temperature", info="0 = greedy"),
-            gr.Slider(0.05, 1, value=defaults.TOP_P, step=0.05, label="top_p"),
-            gr.Slider(0, 200, value=defaults.TOP_K, step=1, label="top_k", info="0 = off"),
-            gr.Slider(1, 2, value=defaults.REPETITION_PENALTY, step=0.05, label="repetition_penalty"),
-            gr.Number(value=-1, precision=0, label="seed", info="-1 = random"),
-            gr.Textbox(
-                label="stop sequences", info="one per line; they end the reply and are not shown", lines=2
-            ),
-        )
+    controls = layout_controls(service)
     turns = gr.State([])
     return ChatTab(
         model_line,
@@ -186,6 +168,31 @@ def layout_chat_tab(service: DemoService) -> ChatTab:
         saved,
         turns,
     )
+
+
+def layout_controls(service: DemoService) -> GenerationControls:
+    """The sampling controls, in an accordion; max_new_tokens starts at the operator's cap and
+    follows the loaded model's window (see :func:`refresh_model_line`)."""
+    cap = service.settings.max_new_tokens_cap
+    with gr.Accordion("Generation parameters", open=False), gr.Row():
+        return GenerationControls(
+            gr.Slider(
+                1,
+                cap,
+                value=min(defaults.MAX_NEW_TOKENS, cap),
+                step=1,
+                label="max_new_tokens",
+                info=max_new_tokens_info(service),
+            ),
+            gr.Slider(0, 2, value=defaults.TEMPERATURE, step=0.05, label="temperature", info="0 = greedy"),
+            gr.Slider(0.05, 1, value=defaults.TOP_P, step=0.05, label="top_p"),
+            gr.Slider(0, 200, value=defaults.TOP_K, step=1, label="top_k", info="0 = off"),
+            gr.Slider(1, 2, value=defaults.REPETITION_PENALTY, step=0.05, label="repetition_penalty"),
+            gr.Number(value=-1, precision=0, label="seed", info="-1 = random"),
+            gr.Textbox(
+                label="stop sequences", info="one per line; they end the reply and are not shown", lines=2
+            ),
+        )
 
 
 def max_new_tokens_info(service: DemoService) -> str:
@@ -323,6 +330,7 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         "fn": bind(save_current, service, tab),
         "inputs": {tab.turns, saved.store, saved.chat_id},
         "outputs": [saved.store, saved.chat_id, saved.picker, saved.title],
+        "show_progress": "hidden",
         **private,
     }
     tab.mode.change(
