@@ -37,6 +37,9 @@ MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 100_000
 REPETITION_PENALTY_RANGE = (0.5, 5.0)
 MAX_PROMPT_CHARS = 100_000  # longest prompt the engine accepts, whatever the deployment allows
+MAX_STOP_SEQUENCES = 8  # stop sequences one request may give
+MAX_STOP_CHARS = 200  # longest stop sequence
+MAX_SYSTEM_PROMPT_CHARS = 4000  # longest system prompt (chat)
 
 # ---------------------------------------------------------------- deployment caps (flags lower them)
 DEFAULT_MAX_NEW_TOKENS_CAP = 512  # --max-new-tokens-cap

@@ -1,5 +1,5 @@
-"""Streamed generation: prompt continuation and a chat transcript for a model that is not
-instruction-tuned.
+"""Streamed generation: a prompt's continuation, token by token (chat prompts are laid out by
+:mod:`optdemo.chat_prompt`).
 
 ``generate`` runs in a worker thread and feeds a ``TextIteratorStreamer``; the caller iterates
 :class:`GenerationUpdate` values carrying the accumulated text. A stop event (a ``StoppingCriteria``)
@@ -15,11 +15,12 @@ import numbers
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from optdemo import defaults
+from optdemo.chat_prompt import check_max_new_tokens
 from optdemo.defaults import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS
 from optdemo.errors import GenerationError
 
@@ -28,17 +29,6 @@ if TYPE_CHECKING:
 
 # How often the consumer wakes up while waiting for a slow (disk-offloaded) first token.
 _POLL_SECONDS = 0.1
-
-CHAT_PREAMBLE = (
-    "The following is a conversation between a curious user and a helpful, knowledgeable AI "
-    "assistant. The assistant answers clearly and truthfully.\n\n"
-)
-USER_TAG = "User:"
-ASSISTANT_TAG = "Assistant:"
-# Where a reply ends: the model starting the next turn itself.
-CHAT_STOP_STRINGS = ("\n" + USER_TAG, "\n" + ASSISTANT_TAG)
-
-ChatTurn = tuple[str, str]  # (user message, assistant reply)
 
 
 @dataclass(frozen=True)
@@ -51,9 +41,11 @@ class GenerationParams:
     top_k: int = defaults.TOP_K  # sample among the k most likely tokens; 0 disables the filter
     repetition_penalty: float = defaults.REPETITION_PENALTY  # 1.0 means no penalty
     seed: int | None = None  # fixed seed for reproducible sampling
+    stop: tuple[str, ...] = ()  # texts that end the reply (never shown); one per line in a string
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_new_tokens", _as_int("max_new_tokens", self.max_new_tokens))
+        object.__setattr__(self, "stop", _as_stop_sequences(self.stop))
         object.__setattr__(self, "top_k", _as_int("top_k", self.top_k))
         for name in ("temperature", "top_p", "repetition_penalty"):
             object.__setattr__(self, name, _as_float(name, getattr(self, name)))
@@ -61,10 +53,9 @@ class GenerationParams:
             object.__setattr__(self, "seed", _as_int("seed", self.seed))
             if not 0 <= self.seed < 2**32:
                 raise GenerationError("seed must be between 0 and 4294967295")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise GenerationError(
-                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}"
-            )
+        # The upper bound depends on the model and the prompt: check_max_new_tokens, at generation.
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.temperature <= defaults.MAX_TEMPERATURE:
             raise GenerationError(
                 f"temperature must be between 0 (greedy) and {defaults.MAX_TEMPERATURE:g}, "
@@ -109,6 +100,25 @@ def _as_int(name: str, value: object) -> int:
     raise GenerationError(f"{name} must be a whole number, got {str(value)[:40]!r}")
 
 
+def _as_stop_sequences(value: object) -> tuple[str, ...]:
+    """Stop sequences from a list of texts or one text with one per line (blank lines ignored)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):  # one per line, as typed in a text box
+        value = [line for line in value.split("\n") if line.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise GenerationError("stop must be a list of texts (or one text, one sequence per line)")
+    stops = tuple(item for item in value if item)
+    if len(stops) > defaults.MAX_STOP_SEQUENCES:
+        raise GenerationError(f"stop takes at most {defaults.MAX_STOP_SEQUENCES} sequences, got {len(stops)}")
+    for item in stops:
+        if len(item) > defaults.MAX_STOP_CHARS:
+            raise GenerationError(
+                f"each stop sequence is at most {defaults.MAX_STOP_CHARS} characters, got {len(item)}"
+            )
+    return stops
+
+
 def _as_float(name: str, value: object) -> float:
     if isinstance(value, bool):
         raise GenerationError(f"{name} must be a number, not {value!r}")
@@ -131,7 +141,8 @@ class GenerationStats:
     total_seconds: float
     tokens_per_second: float | None  # decode rate after the first token
     stopped: bool = False  # ended by the user (Stop) rather than by length or a stop string
-    truncated_prompt_tokens: int = 0  # tokens of old context dropped to fit the window
+    dropped_turns: int = 0  # chat: oldest turns left out of the prompt to fit the window
+    context_window: int | None = None  # the model's window (tokens), when known
 
     def summary(self) -> str:
         """One line for people, e.g. ``24 tokens · first token 0.41 s · 12.3 tokens/s``."""
@@ -145,6 +156,20 @@ class GenerationStats:
             parts.append("stopped")
         return " · ".join(parts)
 
+    def context_summary(self) -> str:
+        """How much of the window this reply used, and whether old turns were left out, e.g.
+        ``Context: 120 + 24 of 512 tokens (prompt + reply) · 2 oldest turns left out to fit``."""
+        if self.context_window is None:
+            return ""
+        line = (
+            f"Context: {self.prompt_tokens} + {self.new_tokens} of {self.context_window} tokens "
+            "(prompt + reply)"
+        )
+        if self.dropped_turns:
+            turns = "turn" if self.dropped_turns == 1 else "turns"
+            line += f" · {self.dropped_turns} oldest {turns} left out to fit"
+        return line
+
 
 @dataclass(frozen=True)
 class GenerationUpdate:
@@ -157,47 +182,6 @@ class GenerationUpdate:
     def done(self) -> bool:
         """True for the last update of a stream."""
         return self.stats is not None
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """A chat transcript ready for the model, and how many old turns were left out to fit."""
-
-    text: str
-    dropped_turns: int
-
-
-def build_chat_prompt(
-    history: Sequence[ChatTurn],
-    message: str,
-    count_tokens: Callable[[str], int],
-    max_prompt_tokens: int,
-) -> ChatPrompt:
-    """Lay out a plain transcript (preamble, ``User:``/``Assistant:`` turns, open reply) and drop
-    the oldest turns until it fits ``max_prompt_tokens``.
-
-    Args:
-        history: earlier (user, assistant) turns, oldest first.
-        message: the new user message.
-        count_tokens: the tokenizer's token count for a text.
-        max_prompt_tokens: the context window minus the tokens reserved for the reply.
-
-    Raises:
-        GenerationError: the message alone does not fit.
-    """
-    turns = [
-        f"{USER_TAG} {str(user or '').strip()}\n{ASSISTANT_TAG} {str(bot or '').strip()}\n"
-        for user, bot in history
-    ]
-    tail = f"{USER_TAG} {message.strip()}\n{ASSISTANT_TAG}"
-    for dropped in range(len(turns) + 1):
-        text = CHAT_PREAMBLE + "".join(turns[dropped:]) + tail
-        if count_tokens(text) <= max_prompt_tokens:
-            return ChatPrompt(text, dropped)
-    raise GenerationError(
-        f"the message is too long for the model's context ({count_tokens(tail)} tokens with only "
-        f"{max_prompt_tokens} available after reserving the reply): shorten it or lower max_new_tokens"
-    )
 
 
 def context_window(model: Any) -> int:
@@ -219,12 +203,18 @@ def stream_generate(
     input_device: torch.device | str = "cpu",
     stop_event: threading.Event | None = None,
     stop_strings: Sequence[str] = (),
+    max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+    add_special_tokens: bool = True,
 ) -> Iterator[GenerationUpdate]:
     """Generate a continuation of ``prompt``, yielding the accumulated text as tokens arrive.
 
-    The prompt is cut from the left to fit the context window minus ``max_new_tokens``. Text is
-    held back while it could be the start of a stop string, and the stop string itself is never
-    shown. The final update carries :class:`GenerationStats`.
+    ``max_new_tokens`` must fit the rule (at most min(``max_new_tokens_cap``, the context window
+    minus the prompt's tokens)), else a :class:`GenerationError` states it. Text is held back while
+    it could be the start of a stop string (``stop_strings`` and the params' ``stop``), and the stop
+    string itself is never shown. The final update carries :class:`GenerationStats`.
+
+    Args:
+        add_special_tokens: False for a prompt from a chat template (it has its own BOS token).
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -234,19 +224,11 @@ def stream_generate(
     if len(prompt) > MAX_PROMPT_CHARS:
         raise GenerationError(f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
     stop_event = stop_event or threading.Event()
-    window = context_window(model)
-    if params.max_new_tokens >= window:
-        raise GenerationError(
-            f"max_new_tokens ({params.max_new_tokens}) must be smaller than the model's context "
-            f"window ({window} tokens)"
-        )
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    keep = window - params.max_new_tokens
-    truncated = max(0, input_ids.shape[1] - keep)
-    if truncated:
-        input_ids = input_ids[:, -keep:]
-    input_ids = input_ids.to(input_device)
+    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
     prompt_tokens = int(input_ids.shape[1])
+    check_max_new_tokens(params.max_new_tokens, context_window(model), prompt_tokens, max_new_tokens_cap)
+    input_ids = input_ids.to(input_device)
+    stop_strings = (*stop_strings, *params.stop)
 
     class _StopOnEvent(StoppingCriteria):
         def __call__(self, ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -312,7 +294,7 @@ def stream_generate(
     if failure:
         raise _generation_failure(failure[0])
     text, _ = _cut_at_stop(text, stop_strings, final=True)
-    yield GenerationUpdate(text, streamer.stats(prompt_tokens, truncated, stopped_by_user))
+    yield GenerationUpdate(text, streamer.stats(prompt_tokens, stopped_by_user))
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> tuple[str, bool]:
@@ -371,15 +353,13 @@ def _timed_streamer_class() -> type:
             self._prompt_seen = True
             super().put(value)
 
-        def stats(self, prompt_tokens: int, truncated: int, stopped: bool) -> GenerationStats:
+        def stats(self, prompt_tokens: int, stopped: bool) -> GenerationStats:
             end = time.perf_counter()
             first, last = self.first_token_at, self.last_token_at
             ttft = None if first is None else first - self.started
             rate = None
             if self.new_tokens > 1 and first is not None and last is not None and last > first:
                 rate = (self.new_tokens - 1) / (last - first)
-            return GenerationStats(
-                prompt_tokens, self.new_tokens, ttft, end - self.started, rate, stopped, truncated
-            )
+            return GenerationStats(prompt_tokens, self.new_tokens, ttft, end - self.started, rate, stopped)
 
     return TimedStreamer

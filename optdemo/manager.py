@@ -18,26 +18,25 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-from optdemo.config import LoadConfig
-from optdemo.defaults import GENERATION_WAIT_SECONDS, LOAD_WAIT_SECONDS, describe_seconds
-from optdemo.disk_stream import release as release_disk_stream
-from optdemo.errors import (
-    BusyError,
-    GenerationError,
-    LoadError,
-    NoModelError,
-    OptdemoError,
-    SupersededError,
-)
-from optdemo.generation import (
+from optdemo.chat_prompt import (
     CHAT_STOP_STRINGS,
     ChatTurn,
-    GenerationParams,
-    GenerationUpdate,
     build_chat_prompt,
-    context_window,
-    stream_generate,
+    chat_format_name,
+    has_chat_template,
+    render_plain,
+    template_renderer,
 )
+from optdemo.config import LoadConfig
+from optdemo.defaults import (
+    GENERATION_WAIT_SECONDS,
+    LOAD_WAIT_SECONDS,
+    MAX_NEW_TOKENS_LIMIT,
+    describe_seconds,
+)
+from optdemo.disk_stream import release as release_disk_stream
+from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError, SupersededError
+from optdemo.generation import GenerationParams, GenerationUpdate, context_window, stream_generate
 from optdemo.gpu_offload import release as release_offload
 from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
@@ -195,8 +194,24 @@ class ModelManager:
         return dropped
 
     # ---------------------------------------------------------------- generation
+    def context_window(self) -> int | None:
+        """The loaded model's context window (tokens), or None when nothing is loaded."""
+        with self._state_lock:
+            loaded = self._loaded
+            return None if loaded is None or loaded.model is None else context_window(loaded.model)
+
+    def chat_format(self) -> str | None:
+        """Which chat format the loaded model uses (its chat template or a plain transcript)."""
+        with self._state_lock:
+            loaded = self._loaded
+            return None if loaded is None or loaded.tokenizer is None else chat_format_name(loaded.tokenizer)
+
     def stream_completion(
-        self, prompt: str, params: GenerationParams, stop_event: threading.Event | None = None
+        self,
+        prompt: str,
+        params: GenerationParams,
+        stop_event: threading.Event | None = None,
+        max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
     ) -> Iterator[GenerationUpdate]:
         """Continue ``prompt`` (the original scripts' mode), streaming the accumulated text."""
         with self._using_model(stop_event) as (loaded, event):
@@ -209,6 +224,7 @@ class ModelManager:
                     params,
                     input_device=loaded.input_device,
                     stop_event=event,
+                    max_new_tokens_cap=max_new_tokens_cap,
                 ),
             )
 
@@ -218,15 +234,28 @@ class ModelManager:
         message: str,
         params: GenerationParams,
         stop_event: threading.Event | None = None,
+        max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+        system_prompt: str = "",
     ) -> Iterator[GenerationUpdate]:
-        """Reply to ``message`` after ``history`` in a plain User/Assistant transcript."""
+        """Reply to ``message`` after ``history``: through the tokenizer's chat template when it
+        has one, else in a plain User/Assistant transcript. The final stats say how much of the
+        window the prompt used and how many old turns were left out to fit."""
         if not isinstance(message, str) or not message.strip():
             raise GenerationError("the message is empty: type something to send")
         with self._using_model(stop_event) as (loaded, event):
             tokenizer = loaded.tokenizer
-            budget = context_window(loaded.model) - params.max_new_tokens
-            prompt = build_chat_prompt(history, message, lambda text: len(tokenizer(text).input_ids), budget)
-            # The transcript ends with "Assistant:"; the reply itself starts after its space.
+            templated = has_chat_template(tokenizer)
+            window = context_window(loaded.model)
+            prompt = build_chat_prompt(
+                history,
+                message,
+                lambda text: len(tokenizer(text, add_special_tokens=not templated).input_ids),
+                window,
+                params.max_new_tokens,
+                max_new_tokens_cap,
+                template_renderer(tokenizer) if templated else render_plain,
+                system_prompt,
+            )
             for update in stream_generate(
                 loaded.model,
                 tokenizer,
@@ -234,10 +263,15 @@ class ModelManager:
                 params,
                 input_device=loaded.input_device,
                 stop_event=event,
-                stop_strings=CHAT_STOP_STRINGS,
+                stop_strings=() if templated else CHAT_STOP_STRINGS,
+                max_new_tokens_cap=max_new_tokens_cap,
+                add_special_tokens=not templated,
             ):
                 if update.stats is not None:
-                    loaded.status = replace(loaded.status, last_stats=update.stats)
+                    stats = replace(update.stats, dropped_turns=prompt.dropped_turns, context_window=window)
+                    loaded.status = replace(loaded.status, last_stats=stats)
+                    update = replace(update, stats=stats)
+                # The transcript ends with "Assistant:"; the reply itself starts after its space.
                 yield replace(update, text=update.text.lstrip())
 
     def _using_model(self, stop_event: threading.Event | None):
@@ -259,8 +293,10 @@ class ModelManager:
 
 def _recording_stats(loaded: LoadedModel, updates: Iterator[GenerationUpdate]) -> Iterator[GenerationUpdate]:
     """Pass updates through, keeping the final stats as the loaded model's measured speed."""
+    window = context_window(loaded.model)
     for update in updates:
         if update.stats is not None:
+            update = replace(update, stats=replace(update.stats, context_window=window))
             loaded.status = replace(loaded.status, last_stats=update.stats)
         yield update
 

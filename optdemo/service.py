@@ -18,9 +18,10 @@ from optdemo import defaults
 from optdemo.access import AccessPolicy
 from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
+from optdemo.chat_prompt import ChatTurn
 from optdemo.config import LoadConfig
 from optdemo.errors import ConfigError, GenerationError, OptdemoError
-from optdemo.generation import ChatTurn, GenerationParams, GenerationStats, GenerationUpdate
+from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.hardware import probe_hardware, suggest_budget
 from optdemo.manager import ModelManager
 from optdemo.planner import Plan
@@ -239,48 +240,73 @@ class DemoService:
         top_k: object = defaults.TOP_K,
         repetition_penalty: object = defaults.REPETITION_PENALTY,
         seed: object = None,
+        stop: object = (),
     ) -> GenerationParams:
-        """Validated generation parameters within this deployment's caps."""
+        """Validated generation parameters (``seed`` "" or -1: random; ``stop``: a list of texts
+        or one per line). The upper bound of max_new_tokens depends on the model and the prompt:
+        :meth:`chat` and :meth:`complete` apply it with this deployment's cap."""
         if seed in ("", -1):
             seed = None
-        params = GenerationParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-        cap = self.settings.max_new_tokens_cap
-        if params.max_new_tokens > cap:
-            raise GenerationError(
-                f"max_new_tokens is capped at {cap} here; you asked for {params.max_new_tokens}"
-            )
-        return params
+        return GenerationParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
 
-    def _check_text(self, text: object, what: str) -> str:
+    def max_new_tokens_limit(self) -> int:
+        """The most max_new_tokens can be with the loaded model (its window minus a one-token
+        prompt, and the operator's cap); the operator's cap when nothing is loaded."""
+        cap = self.settings.max_new_tokens_cap
+        window = self.manager.context_window()
+        return cap if window is None else max(1, min(cap, window - 1))
+
+    def context_window(self) -> int | None:
+        """The loaded model's context window (tokens), or None."""
+        return self.manager.context_window()
+
+    def chat_format(self) -> str | None:
+        """Which chat format the loaded model uses (its chat template or a plain transcript)."""
+        return self.manager.chat_format()
+
+    def _check_text(self, text: object, what: str, limit: int | None = None, empty_ok: bool = False) -> str:
         if not isinstance(text, str):
             raise GenerationError(f"the {what} must be text")
-        limit = self.settings.max_message_chars
+        limit = limit or self.settings.max_message_chars
         if len(text) > limit:
             raise GenerationError(f"the {what} is {len(text)} characters long; the limit here is {limit}")
-        if not text.strip():
+        if not empty_ok and not text.strip():
             raise GenerationError(f"the {what} is empty: type something to send")
         return text
 
     def chat(
-        self, session_id: str, history: Sequence[ChatTurn], message: str, params: GenerationParams
+        self,
+        session_id: str,
+        history: Sequence[ChatTurn],
+        message: str,
+        params: GenerationParams,
+        system_prompt: str = "",
     ) -> Iterator[ChatReply]:
-        """Stream a chat reply for one session; ``stop(session_id)`` ends it early."""
+        """Stream a chat reply for one session; ``stop(session_id)`` ends it early.
+        ``system_prompt`` replaces the default instructions (in the model's chat template, or
+        as the plain transcript's preamble)."""
         message = self._check_text(message, "message")
+        system_prompt = self._check_text(
+            system_prompt or "", "system prompt", defaults.MAX_SYSTEM_PROMPT_CHARS, empty_ok=True
+        )
         history = list(history)
         if len(history) >= self.settings.max_history_turns:
             raise GenerationError(
                 f"this conversation has reached the limit of {self.settings.max_history_turns} turns "
                 "here: clear it (or undo a turn) to go on"
             )
+        cap = self.settings.max_new_tokens_cap
         yield from self._streamed(
-            session_id, lambda stop: self.manager.stream_chat(history, message, params, stop)
+            session_id,
+            lambda stop: self.manager.stream_chat(history, message, params, stop, cap, system_prompt),
         )
 
     def complete(self, session_id: str, prompt: str, params: GenerationParams) -> Iterator[ChatReply]:
         """Stream a continuation of ``prompt`` (the original scripts' mode)."""
         prompt = self._check_text(prompt, "prompt")
+        cap = self.settings.max_new_tokens_cap
         yield from self._streamed(
-            session_id, lambda stop: self.manager.stream_completion(prompt, params, stop)
+            session_id, lambda stop: self.manager.stream_completion(prompt, params, stop, cap)
         )
 
     def _streamed(

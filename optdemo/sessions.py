@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from optdemo.chat_prompt import ChatTurn
 from optdemo.defaults import MAX_API_SESSIONS
-from optdemo.generation import ChatTurn
 
 
 class SessionStore:

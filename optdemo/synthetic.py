@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from optdemo.catalog import catalog_config_dict
+from optdemo.chat_prompt import ASSISTANT_TAG, CHAT_PREAMBLE, USER_TAG
 from optdemo.construction import construction_lock
-from optdemo.generation import ASSISTANT_TAG, CHAT_PREAMBLE, USER_TAG
 from optdemo.paths import cache_dir
 
 # Special tokens in OPT's order and ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3.

@@ -13,8 +13,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from optdemo.chat_prompt import PLAIN_FORMAT, ChatTurn, check_max_new_tokens
+from optdemo.defaults import MAX_NEW_TOKENS_LIMIT
 from optdemo.errors import NoModelError
-from optdemo.generation import ChatTurn, GenerationParams, GenerationStats, GenerationUpdate
+from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.manager import ModelManager
 
 FAKE_TOKEN = "hf_FAKEtoken123"  # set as HF_TOKEN while an app runs: it must never come back
@@ -41,15 +43,26 @@ class ScriptedManager(ModelManager):
     ``script`` maps a message (or prompt) to the replies it gets, in order (a retry gets the next
     one); each reply is the list of accumulated texts it streams, the last one with stats. A message
     without a reply left fails as a manager with no model loaded does. Every history a chat was
-    given is kept in ``histories``; ``pause`` (when set) is waited on after the first step, so a
-    test can act while a reply is running.
+    given is kept in ``histories`` (and each system prompt in ``system_prompts``); ``pause`` (when
+    set) is waited on after the first step, so a test can act while a reply is running. Its "model"
+    has a ``window`` of 512 tokens, a prompt counts one token per word, and max_new_tokens obeys
+    the same rule as a real model's.
     """
+
+    window = 512
 
     def __init__(self, script: dict[str, list[list[str]]]) -> None:
         super().__init__()
         self.script = {message: list(replies) for message, replies in script.items()}
         self.histories: list[list[ChatTurn]] = []
+        self.system_prompts: list[str] = []
         self.pause: threading.Event | None = None
+
+    def context_window(self) -> int | None:
+        return self.window
+
+    def chat_format(self) -> str | None:
+        return PLAIN_FORMAT
 
     def stream_chat(
         self,
@@ -57,19 +70,28 @@ class ScriptedManager(ModelManager):
         message: str,
         params: GenerationParams,
         stop_event: threading.Event | None = None,
+        max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+        system_prompt: str = "",
     ) -> Iterator[GenerationUpdate]:
         self.histories.append(list(history))
-        yield from self.stream_completion(message, params, stop_event)
+        self.system_prompts.append(system_prompt)
+        yield from self.stream_completion(message, params, stop_event, max_new_tokens_cap)
 
     def stream_completion(
-        self, prompt: str, params: GenerationParams, stop_event: threading.Event | None = None
+        self,
+        prompt: str,
+        params: GenerationParams,
+        stop_event: threading.Event | None = None,
+        max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
     ) -> Iterator[GenerationUpdate]:
         if not self.script.get(prompt):
             raise NoModelError("no model is loaded: load one first")
+        check_max_new_tokens(params.max_new_tokens, self.window, len(prompt.split()), max_new_tokens_cap)
         steps = self.script[prompt].pop(0)
         for index, text in enumerate(steps):
             last = index == len(steps) - 1 or (stop_event is not None and stop_event.is_set())
-            stats = GenerationStats(3, index + 1, 0.01, 0.1, 10.0, stopped=index < len(steps) - 1)
+            stopped = index < len(steps) - 1
+            stats = GenerationStats(3, index + 1, 0.01, 0.1, 10.0, stopped, context_window=self.window)
             yield GenerationUpdate(text, stats if last else None)
             if last:
                 return

@@ -124,13 +124,14 @@ def test_named_endpoints_and_parameters(client) -> None:
         for name, info in api["named_endpoints"].items()
     }
     config = ["model", "max_memory", "dtype", "offload_folder", "cpu_layers"]
-    sampling = ["max_new_tokens", "temperature", "top_p"]
+    # Every sampling setting the Chat tab has, with the same validation (GenerationParams).
+    sampling = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop"]
     assert endpoints == {
         "/plan": config,
         "/load": config,
         "/unload": [],
         "/status": [],
-        "/chat": ["message", *sampling],
+        "/chat": ["message", *sampling, "system_prompt"],
         "/generate": ["prompt", *sampling],
         "/stop": [],
         "/clear_chat": [],
@@ -143,6 +144,14 @@ def test_named_endpoints_and_parameters(client) -> None:
     }
     assert defaults["max_new_tokens"] == 64
     assert defaults["temperature"] == 0.7
+    assert defaults["top_k"] == 50 and defaults["repetition_penalty"] == 1.1
+    assert defaults["seed"] == -1 and defaults["stop"] is None and defaults["system_prompt"] == ""
+    # README's API table lists the same parameters, in order.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in ("/plan", "/load", "/chat", "/generate"):
+        row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", readme, re.MULTILINE)
+        assert row, f"{name} is missing from README's API table"
+        assert [p.split("=")[0].strip() for p in row.group(1).split(",")] == endpoints[name], name
 
 
 def test_plan_never_loads(client) -> None:
@@ -337,17 +346,25 @@ CONFIG_ERRORS = [
 CHAT_ERRORS = [
     ({"max_new_tokens": -5}, "max_new_tokens"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"max_new_tokens": 10**9}, "max_new_tokens"),
-    ({"max_new_tokens": 513}, "capped at 512"),
+    ({"max_new_tokens": 10**9}, "max_new_tokens is at most"),
+    ({"max_new_tokens": 513}, "the model's 512-token window minus this prompt's"),
     ({"max_new_tokens": "many"}, "whole number"),
     ({"temperature": -1}, "temperature"),
     ({"temperature": 100}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"top_p": 2}, "top_p"),
+    ({"top_k": -1}, "top_k must be between 0 (off)"),
+    ({"repetition_penalty": 9}, "repetition_penalty must be between"),
+    ({"seed": 2**40}, "seed must be between"),
+    ({"stop": ["x"] * 9}, "stop takes at most"),
+    ({"system_prompt": "x" * 5000}, "system prompt is 5000 characters long"),
     ({"message": ""}, "empty"),
     ({"message": "   \n"}, "empty"),
     ({"message": "x" * 100_000}, "limit"),
-    ({"message": "word " * 790}, "context"),
+    (
+        {"message": "word " * 790},
+        "leave no room for a reply: max_new_tokens is at most the model's 512-token window",
+    ),
 ]
 
 
@@ -389,7 +406,14 @@ def test_bad_generation_input_is_a_readable_error(client, loaded: dict, change: 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
-    [({"prompt": ""}, "empty"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 2}, "top_p")],
+    [
+        ({"prompt": ""}, "empty"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 4097}, "max_new_tokens is at most"),
+        ({"top_p": 2}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop": [1]}, "stop must be a list of texts"),
+    ],
 )
 def test_bad_completion_input_is_a_readable_error(client, loaded: dict, change: dict, expected) -> None:
     kwargs = {"prompt": "Once upon a time", **GREEDY, **change}
@@ -510,6 +534,33 @@ def test_streamed_answers_token_for_token() -> None:
         job = client.submit("Once upon a time", **GREEDY, api_name="/generate")
         assert job.result() == " there was a king."
         assert job.outputs() == story
-        # The session's history went with the next message.
-        assert call(client, "/chat", FRANCE, **GREEDY) == "Again: Paris."
+        # The session's history went with the next message, and the system prompt with it.
+        assert call(client, "/chat", FRANCE, **GREEDY, system_prompt="Be brief.") == "Again: Paris."
     assert manager.histories == [[], [(FRANCE, "Paris is the capital.")]]
+    assert manager.system_prompts == ["", "Be brief."]
+
+
+def test_max_new_tokens_rule_is_the_same_for_chat_and_generate(client, loaded: dict) -> None:
+    """One rule, stated with its numbers by /chat and /generate alike, whatever the value."""
+    for api_name, text in (("/chat", "Hi"), ("/generate", "Hi")):
+        for asked in (600, 10**9):
+            message = app_error(client, api_name, text, max_new_tokens=asked, temperature=0.0)
+            assert re.search(
+                r"max_new_tokens is at most (\d+) here: the model's 512-token window minus this "
+                rf"prompt's (\d+) tokens, and the operator's cap 512; you asked for {asked}",
+                message,
+            ), message
+
+
+def test_sampling_settings_and_stop_sequences_reach_the_model(client, loaded: dict) -> None:
+    """top_k, repetition_penalty, seed and stop work through the API as in the Chat tab: a seed
+    repeats a sampled text, and a stop sequence ends it without being included."""
+    sampled = {"max_new_tokens": 30, "temperature": 1.0, "top_p": 1.0, "top_k": 5, "repetition_penalty": 1.3}
+    first = call(client, "/generate", "Once upon a time", **sampled, seed=7)
+    assert call(client, "/generate", "Once upon a time", **sampled, seed=7) == first
+    words = first.split()
+    assert len(words) >= 3, first
+    stop_word = words[2]
+    cut = call(client, "/generate", "Once upon a time", **sampled, seed=7, stop=[stop_word])
+    assert cut == first[: first.index(stop_word)].rstrip()
+    assert stop_word not in cut

@@ -132,6 +132,8 @@ def test_render_device_map_one_block_per_module() -> None:
     legend = picture.split('class="od-legend"', 1)[1]
     for label in ("GPU 0", "CPU", "disk"):
         assert f">{label}</span>" in legend
+    # The grey block is explained: the LM head has no weights of its own.
+    assert "lm_head shares the embeddings&#x27; weights (tied): drawn with them, counted once" in legend
 
 
 def test_render_device_map_outlines_differences_from_the_plan() -> None:

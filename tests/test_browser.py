@@ -101,6 +101,12 @@ def retry(action, check, attempts: int = 4) -> None:
     check(WAIT_MS)
 
 
+def chat_text(page) -> str:
+    """The conversation's text, without a progress timer ("0.2s") shown over it meanwhile."""
+    text = page.locator("#od-chatbot").inner_text()
+    return "\n".join(line for line in text.splitlines() if not re.fullmatch(r"[\d.]+s|Loading content", line))
+
+
 def open_tab(page, name: str) -> None:
     from playwright.sync_api import expect
 
@@ -121,7 +127,7 @@ def test_plan_load_map_and_chat(page, app: RunningApp, artifacts: Path) -> None:
     assert "tiny-opt" in summary and "does not fit" not in summary
     assert "No model loaded yet" in page.locator("#od-status").inner_text()
     page.get_by_role("button", name="Load model", exact=True).click()
-    status = wait_for_text(page, "#od-status", r"Loaded")
+    status = wait_for_text(page, "#od-status", r"Loaded.*(as planned|differs from the plan)")
     assert "tiny-opt" in status and "CPU" in status
     assert app.service.manager.status().config is not None
     page.screenshot(path=str(artifacts / "configuration.png"), full_page=True)
@@ -209,14 +215,14 @@ def test_a_failed_reply_keeps_the_chat_and_the_message(page, app: RunningApp) ->
     box.fill("What is the capital of France?")
     box.press("Enter")
     wait_for_text(page, "#od-chatbot", r"tokens/s")
-    first_turns = page.locator("#od-chatbot").inner_text()
+    first_turns = chat_text(page)
     app.service.manager.unload()
     box.fill("Are you still there?")
     box.press("Enter")
     expect(page.get_by_text("no model is loaded", exact=False).first).to_be_visible(timeout=WAIT_MS)
     expect(box).to_have_value("Are you still there?", timeout=WAIT_MS)
     # Gradio flags the output with an "Error" badge; the conversation itself is unchanged.
-    assert page.locator("#od-chatbot").inner_text().removeprefix("Error\n") == first_turns
+    assert chat_text(page).removeprefix("Error\n") == first_turns
     assert "Traceback" not in page.content()
 
 
@@ -239,3 +245,98 @@ def test_offload_field_warns_at_once_about_a_file(page, tmp_path: Path) -> None:
     box = info.bounding_box()
     assert box is not None and box["width"] <= 1280  # wrapped inside the page, not overflowing it
     assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+
+
+def send(page, text: str) -> None:
+    box = page.locator("#od-message textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_a_reload_keeps_the_chat(page, app: RunningApp) -> None:
+    """Chats live in the browser (localStorage, through BrowserState): after a reload the
+    conversation is back on screen and listed under Saved chats."""
+    from playwright.sync_api import expect
+
+    app.service.manager.load(app.service.initial_config())
+    open_tab(page, "Chat")
+    send(page, "What is the capital of France?")
+    wait_for_text(page, "#od-chatbot", r"tokens/s")
+    # Saved after the reply (the picker names the chat), then the page is reloaded.
+    page.get_by_text("Saved chats (kept in this browser only)").click()
+    picker = page.locator("#od-chat-picker input")
+    expect(picker).to_have_value("What is the capital of France?", timeout=WAIT_MS)
+    before = chat_text(page)
+    page.reload(wait_until="domcontentloaded")
+    open_tab(page, "Chat")
+    wait_for_text(page, "#od-chatbot", r"capital of France")
+    assert chat_text(page) == before and "Paris" in before
+    page.get_by_text("Saved chats (kept in this browser only)").click()
+    expect(page.locator("#od-chat-picker input")).to_have_value("What is the capital of France?")
+    # The server keeps no copy: its only chat histories are the API clients' (none here).
+    assert not app.service.sessions._histories
+
+
+def test_theme_toggle_switches_dark_and_light(page) -> None:
+    from playwright.sync_api import expect
+
+    toggle = page.locator("#od-theme")
+    expect(toggle).to_be_visible()
+    dark = page.evaluate("document.body.classList.contains('dark')")
+    toggle.click()
+    page.wait_for_function(f"document.body.classList.contains('dark') === {str(not dark).lower()}")
+    page.reload(wait_until="domcontentloaded")  # the choice is remembered
+    page.wait_for_function(f"document.body.classList.contains('dark') === {str(not dark).lower()}")
+    page.locator("#od-theme").click()
+    page.wait_for_function(f"document.body.classList.contains('dark') === {str(dark).lower()}")
+
+
+def test_a_message_typed_while_a_reply_streams_is_kept(browser) -> None:
+    """Enter pressed while a reply streams does not send and does not clear the box: the message
+    stays, a notice says to wait or press Stop, and it sends once the reply has ended."""
+    import threading
+
+    from app_fixtures import ScriptedManager
+    from playwright.sync_api import expect
+
+    manager = ScriptedManager({"Long": [["One", "One two", "One two three"]], "Next": [["Sure."]]})
+    manager.pause = threading.Event()
+    with running_app(manager=manager) as running:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(WAIT_MS)
+        page = context.new_page()
+        try:
+            page.goto(running.url, wait_until="domcontentloaded")
+            open_tab(page, "Chat")
+            send(page, "Long")
+            wait_for_text(page, "#od-chatbot", r"One")  # streaming, held after its first step
+            notice = wait_for_text(page, "#od-chat-notice", r"A reply is on its way")
+            assert "Stop" in notice
+            send(page, "Next")
+            page.wait_for_timeout(1500)
+            box = page.locator("#od-message textarea")
+            expect(box).to_have_value("Next")
+            manager.pause.set()
+            wait_for_text(page, "#od-chatbot", r"One two three")
+            expect(page.locator("#od-chat-notice")).not_to_contain_text("on its way", timeout=WAIT_MS)
+            expect(box).to_have_value("Next")  # still there after the reply ended
+            assert manager.histories == [[]]  # it was not sent meanwhile
+            box.press("Enter")
+            wait_for_text(page, "#od-chatbot", r"Sure\.")
+            assert manager.histories[-1] == [("Long", "One two three")]
+        finally:
+            context.close()
+
+
+def test_the_max_new_tokens_slider_follows_the_loaded_model(page, app: RunningApp) -> None:
+    """tiny-opt's window is 512 tokens: the slider stops at 511 (its cap, 512, would be refused)."""
+    from playwright.sync_api import expect
+
+    app.service.manager.load(app.service.initial_config())
+    open_tab(page, "Chat")
+    wait_for_text(page, "#od-chat-model", r"tiny-opt")
+    page.get_by_text("Generation parameters", exact=True).click()
+    expect(page.get_by_label("range slider for max_new_tokens")).to_have_attribute("max", "511")
+    expect(
+        page.get_by_text("at most min(512, the model's 512-token window minus the prompt)")
+    ).to_be_visible()

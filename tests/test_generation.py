@@ -12,17 +12,23 @@ from types import SimpleNamespace
 
 import pytest
 
+from optdemo.chat_prompt import (
+    CHAT_PREAMBLE,
+    CHAT_STOP_STRINGS,
+    PLAIN_FORMAT,
+    TEMPLATE_FORMAT,
+    build_chat_prompt,
+    check_max_new_tokens,
+    render_plain,
+)
 from optdemo.config import LoadConfig
 from optdemo.errors import GenerationError
 from optdemo.generation import (
-    CHAT_PREAMBLE,
-    CHAT_STOP_STRINGS,
     MAX_NEW_TOKENS_LIMIT,
     GenerationParams,
     GenerationStats,
     GenerationUpdate,
     _cut_at_stop,
-    build_chat_prompt,
     context_window,
     stream_generate,
 )
@@ -33,10 +39,8 @@ from optdemo.generation import (
 @pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [
-        ("max_new_tokens", 0, "max_new_tokens must be between 1 and 4096, got 0"),
-        ("max_new_tokens", -1, "max_new_tokens must be between 1 and 4096, got -1"),
-        ("max_new_tokens", 10**9, "max_new_tokens must be between 1 and 4096"),
-        ("max_new_tokens", MAX_NEW_TOKENS_LIMIT + 1, "max_new_tokens must be between"),
+        ("max_new_tokens", 0, "max_new_tokens must be at least 1, got 0"),
+        ("max_new_tokens", -1, "max_new_tokens must be at least 1, got -1"),
         ("max_new_tokens", "abc", "max_new_tokens must be a whole number"),
         ("max_new_tokens", True, "max_new_tokens must be a whole number, not True"),
         ("max_new_tokens", 3.5, "max_new_tokens must be a whole number"),
@@ -59,6 +63,9 @@ from optdemo.generation import (
         ("seed", -1, "seed must be between 0 and 4294967295"),
         ("seed", 2**32, "seed must be between 0 and 4294967295"),
         ("seed", "lucky", "seed must be a whole number"),
+        ("stop", [1], "stop must be a list of texts"),
+        ("stop", ["x"] * 9, "stop takes at most 8 sequences, got 9"),
+        ("stop", ["x" * 201], "each stop sequence is at most 200 characters, got 201"),
     ],
 )
 def test_invalid_params(field: str, value, fragment: str) -> None:
@@ -130,40 +137,66 @@ def words(text: str) -> int:
 
 def test_chat_prompt_layout() -> None:
     history = [("Hi ", " Hello! "), ("How are you?", "Fine.")]
-    prompt = build_chat_prompt(history, "  And you? ", words, 10_000)
+    prompt = build_chat_prompt(history, "  And you? ", words, 10_000, 10)
     assert prompt.dropped_turns == 0
     assert prompt.text == (
         CHAT_PREAMBLE + "User: Hi\nAssistant: Hello!\n"
         "User: How are you?\nAssistant: Fine.\n"
         "User: And you?\nAssistant:"
     )
-    assert prompt.text.endswith("Assistant:")
-    assert build_chat_prompt([], "Hi", words, 10_000).text == CHAT_PREAMBLE + "User: Hi\nAssistant:"
+    assert prompt.prompt_tokens == words(prompt.text)
+    assert build_chat_prompt([], "Hi", words, 10_000, 10).text == CHAT_PREAMBLE + "User: Hi\nAssistant:"
+    # A system prompt replaces the default preamble.
+    assert render_plain(" Be brief. ", [], "Hi") == "Be brief.\n\nUser: Hi\nAssistant:"
 
 
 def test_chat_prompt_drops_oldest_turns_first() -> None:
     history = [("one one one", "uno"), ("two two", "dos"), ("three", "tres")]
     base = words(CHAT_PREAMBLE + "User: now\nAssistant:")
     turn_words = [words(f"User: {u}\nAssistant: {a}\n") for u, a in history]  # 6, 5, 4
+    window = 1000
     # Room for the last two turns only.
-    prompt = build_chat_prompt(history, "now", words, base + turn_words[1] + turn_words[2])
+    prompt = build_chat_prompt(history, "now", words, window, window - (base + turn_words[1] + turn_words[2]))
     assert prompt.dropped_turns == 1
     assert "one" not in prompt.text and "two two" in prompt.text and "three" in prompt.text
     # Room for the last turn only, one word short of two.
-    prompt = build_chat_prompt(history, "now", words, base + turn_words[1] + turn_words[2] - 1)
+    reply = window - (base + turn_words[1] + turn_words[2] - 1)
+    prompt = build_chat_prompt(history, "now", words, window, reply)
     assert prompt.dropped_turns == 2
     assert prompt.text == CHAT_PREAMBLE + "User: three\nAssistant: tres\nUser: now\nAssistant:"
     # Room for the message alone.
-    prompt = build_chat_prompt(history, "now", words, base)
+    prompt = build_chat_prompt(history, "now", words, window, window - base)
     assert prompt.dropped_turns == 3
     assert prompt.text == CHAT_PREAMBLE + "User: now\nAssistant:"
+    assert prompt.prompt_tokens == base
 
 
-def test_chat_prompt_message_too_long() -> None:
+def test_chat_prompt_states_the_max_new_tokens_rule() -> None:
     base = words(CHAT_PREAMBLE + "User: now\nAssistant:")
-    with pytest.raises(GenerationError, match="the message is too long for the model's context") as info:
-        build_chat_prompt([("a", "b")], "now", words, base - 1)
-    assert f"with only {base - 1} available" in str(info.value)
+    with pytest.raises(GenerationError) as info:
+        build_chat_prompt([("a", "b")], "now", words, 512, 512 - base + 1, cap=512)
+    assert str(info.value) == (
+        f"max_new_tokens is at most {512 - base} here: the model's 512-token window minus this "
+        f"prompt's {base} tokens, and the operator's cap 512; you asked for {512 - base + 1}"
+    )
+    # The operator's cap is the bound when it is lower.
+    with pytest.raises(GenerationError, match=r"max_new_tokens is at most 32 here: .* the operator's cap 32"):
+        build_chat_prompt([], "now", words, 512, 33, cap=32)
+
+
+def test_max_new_tokens_rule() -> None:
+    check_max_new_tokens(500, 512, 12, 512)  # fits: 500 <= 512 - 12
+    with pytest.raises(GenerationError) as info:
+        check_max_new_tokens(10**9, 512, 12, 512)
+    assert str(info.value) == (
+        "max_new_tokens is at most 500 here: the model's 512-token window minus this prompt's 12 "
+        "tokens, and the operator's cap 512; you asked for 1000000000"
+    )
+    # The engine's ceiling holds even where a deployment's cap is higher.
+    with pytest.raises(GenerationError, match=f"the operator's cap {MAX_NEW_TOKENS_LIMIT}; "):
+        check_max_new_tokens(MAX_NEW_TOKENS_LIMIT + 1, 100_000, 10, 10**6)
+    with pytest.raises(GenerationError, match="this prompt's 600 tokens leave no room for a reply"):
+        check_max_new_tokens(1, 512, 600, 512)
 
 
 # ---------------------------------------------------------------- stop strings
@@ -314,7 +347,7 @@ def test_greedy_completion_streams_and_is_deterministic(loaded) -> None:
     model, tokenizer = loaded._loaded.model, loaded._loaded.tokenizer
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     assert stats.prompt_tokens == ids.shape[1] == len(tokenizer(prompt).input_ids)
-    assert stats.truncated_prompt_tokens == 0
+    assert stats.dropped_turns == 0 and stats.context_window == 512
     assert stats.stopped is False
     assert stats.time_to_first_token > 0
     assert stats.tokens_per_second > 0
@@ -384,22 +417,29 @@ def test_consumer_going_away_stops_the_worker(loaded) -> None:
 
 
 @pytest.mark.slow
-def test_long_prompt_is_truncated_from_the_left(loaded) -> None:
+def test_a_prompt_longer_than_the_window_is_refused_with_the_rule(loaded) -> None:
     tokenizer = loaded._loaded.tokenizer
     prompt = " ".join(f"word{i}" for i in range(900))
     total = len(tokenizer(prompt).input_ids)
     assert total > 512
-    params = GenerationParams(max_new_tokens=16, temperature=0)
-    stats = list(loaded.stream_completion(prompt, params))[-1].stats
-    assert stats.prompt_tokens == 512 - 16
-    assert stats.truncated_prompt_tokens == total - (512 - 16) > 0
-    assert 1 <= stats.new_tokens <= 16
+    with pytest.raises(GenerationError, match=f"this prompt's {total} tokens leave no room for a reply"):
+        list(loaded.stream_completion(prompt, GenerationParams(max_new_tokens=16, temperature=0)))
+    assert loaded.status().busy is None
 
 
 @pytest.mark.slow
-def test_max_new_tokens_must_fit_the_context(loaded) -> None:
-    with pytest.raises(GenerationError, match=r"must be smaller than the model's context window \(512"):
-        list(loaded.stream_completion("Hi", GenerationParams(max_new_tokens=512)))
+def test_max_new_tokens_must_fit_the_window_minus_the_prompt(loaded) -> None:
+    prompt_tokens = len(loaded._loaded.tokenizer("Hi").input_ids)
+    limit = 512 - prompt_tokens
+    for asked in (512, limit + 1, 10**9):
+        with pytest.raises(GenerationError) as info:
+            list(
+                loaded.stream_completion("Hi", GenerationParams(max_new_tokens=asked), max_new_tokens_cap=512)
+            )
+        assert str(info.value) == (
+            f"max_new_tokens is at most {limit} here: the model's 512-token window minus this "
+            f"prompt's {prompt_tokens} tokens, and the operator's cap 512; you asked for {asked}"
+        )
     assert loaded.status().busy is None
     assert list(loaded.stream_completion("Hi", GenerationParams(max_new_tokens=2)))[-1].done
 
@@ -431,7 +471,8 @@ def test_chat_with_a_long_history_drops_old_turns(loaded) -> None:
     history = [(" ".join([f"question {i}"] * 10), " ".join([f"answer {i}"] * 10)) for i in range(40)]
     params = GenerationParams(max_new_tokens=16, temperature=0)
     stats = list(loaded.stream_chat(history, "last question", params))[-1].stats
-    assert stats.truncated_prompt_tokens == 0  # old turns were dropped, not cut mid-way
+    assert 0 < stats.dropped_turns < len(history)  # old turns were dropped, not cut mid-way
+    assert stats.context_window == 512
     # The prompt is the newest turns that fit, in their order: laid out here independently.
     tokenizer = loaded._loaded.tokenizer
 
@@ -446,7 +487,12 @@ def test_chat_with_a_long_history_drops_old_turns(loaded) -> None:
             break
         kept.insert(0, turn)
     assert 0 < len(kept) < len(history)
+    assert stats.dropped_turns == len(history) - len(kept)
     assert stats.prompt_tokens == count(CHAT_PREAMBLE + "".join(kept) + tail)
+    assert stats.context_summary() == (
+        f"Context: {stats.prompt_tokens} + {stats.new_tokens} of 512 tokens (prompt + reply) · "
+        f"{stats.dropped_turns} oldest turns left out to fit"
+    )
 
 
 @pytest.mark.slow
@@ -462,3 +508,73 @@ def test_stats_rates_are_consistent(loaded) -> None:
     assert math.isfinite(stats.tokens_per_second)
     assert 0 < stats.time_to_first_token <= stats.total_seconds
     assert stats.summary().startswith(f"{stats.new_tokens} tokens · first token ")
+
+
+@pytest.mark.slow
+def test_stop_sequences_end_the_reply_and_are_not_shown(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = Scripted(tokenizer, "one two three END four five")
+    params = GenerationParams(max_new_tokens=100, stop="END\n\nnever")  # one per line
+    assert params.stop == ("END", "never")
+    updates = list(stream_generate(model, tokenizer, "Count:", params))
+    assert updates[-1].text == "one two three"
+    assert all("END" not in u.text and "four" not in u.text for u in updates)
+    assert GenerationParams(stop=["\n"]).stop == ("\n",)  # a list keeps whitespace sequences
+
+
+# ---------------------------------------------------------------- chat formats
+
+# A minimal ChatML-style template, as instruction-tuned models ship in chat_template.jinja.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def templated_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random OPT saved with a chat template (chat_template.jinja beside its tokenizer)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("templated") / "tiny-chat"
+    shutil.copytree(tiny_model_dir, path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return path
+
+
+@pytest.mark.slow
+def test_a_model_with_a_chat_template_chats_through_it(manager, templated_model_dir: Path) -> None:
+    manager.load(LoadConfig(str(templated_model_dir)))
+    assert manager.chat_format() == TEMPLATE_FORMAT
+    tokenizer = manager._loaded.tokenizer
+    history = [("Hi", "Hello")]
+    params = GenerationParams(max_new_tokens=8, temperature=0)
+    stats = list(manager.stream_chat(history, "Capital?", params, system_prompt="Be brief."))[-1].stats
+    expected = "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>Hello\n<|user|>Capital?\n<|assistant|>"
+    assert (
+        tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Capital?"},
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        == expected
+    )
+    # The template's text, tokenized without an extra BOS: that is the prompt the model got.
+    assert stats.prompt_tokens == len(tokenizer(expected, add_special_tokens=False).input_ids)
+    assert stats.dropped_turns == 0 and stats.context_window == 512
+
+
+@pytest.mark.slow
+def test_a_model_without_a_template_keeps_the_plain_transcript(loaded) -> None:
+    assert loaded.chat_format() == PLAIN_FORMAT
+    tokenizer = loaded._loaded.tokenizer
+    params = GenerationParams(max_new_tokens=4, temperature=0)
+    stats = list(loaded.stream_chat([], "Capital?", params, system_prompt="Be brief."))[-1].stats
+    assert stats.prompt_tokens == len(tokenizer("Be brief.\n\nUser: Capital?\nAssistant:").input_ids)

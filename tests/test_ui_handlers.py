@@ -16,6 +16,8 @@ import gradio as gr
 import pytest
 from app_fixtures import ScriptedManager
 
+from optdemo.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
+from optdemo.config import LoadConfig
 from optdemo.manager import ModelManager
 from optdemo.service import DemoService, PlanNotice, PlanView
 from optdemo.settings import AppSettings
@@ -40,7 +42,7 @@ def chat_values(tab: ChatTab, message: str = "", turns: list | None = None, **co
     values = {control: control.value for control in tab.controls.all()}
     for name, value in controls.items():
         values[getattr(tab.controls, name)] = value
-    return {**values, tab.message: message, tab.turns: turns or []}
+    return {**values, tab.message: message, tab.turns: turns or [], tab.system_prompt: ""}
 
 
 def turn(user: str, assistant: str, stats: str = STATS) -> dict:
@@ -58,9 +60,16 @@ def test_respond_streams_the_reply_then_keeps_the_turn() -> None:
         f"Paris is the capital.\n\n<sub>{STATS}</sub>",
         f"Paris is the capital.\n\n<sub>{STATS}</sub>",
     ]
-    assert all(u[tab.message] == "" for u in updates)
+    # The box is cleared once, as the message is sent; later updates leave it alone, so what the
+    # user types while the reply streams stays there (a notice says to wait or press Stop).
+    assert updates[0][tab.message] == ""
+    assert all(tab.message not in u for u in updates[1:])
+    assert updates[0][tab.notice] == chat_tab.BUSY_NOTICE and "Stop" in chat_tab.BUSY_NOTICE
+    assert updates[-1][tab.notice] == ""
     assert [u[tab.turns] for u in updates[:-1]] == [[]] * 4  # the state changes once, at the end
     assert updates[-1][tab.turns] == [turn("Capital?", "Paris is the capital.")]
+    # How much of the window the reply used.
+    assert updates[-1][tab.context_line] == "Context: 3 + 3 of 512 tokens (prompt + reply)"
 
 
 def test_a_failed_reply_restores_the_chat_and_the_message() -> None:
@@ -71,16 +80,72 @@ def test_a_failed_reply_restores_the_chat_and_the_message() -> None:
     with pytest.raises(gr.Error) as info:
         updates.extend(stream)
     assert info.value.message == "no model is loaded: load one first (in the Configuration tab)"
-    assert updates[-1] == {tab.chatbot: to_messages(earlier), tab.turns: earlier, tab.message: "Still there?"}
+    assert updates[-1] == {
+        tab.chatbot: to_messages(earlier),
+        tab.turns: earlier,
+        tab.message: "Still there?",
+        tab.notice: "",
+    }
 
 
 def test_bad_parameters_restore_the_chat() -> None:
     service, tab = chat_ui({"Hi": [["Hello"]]}, max_new_tokens_cap=32)
     values = chat_values(tab, "Hi", max_new_tokens=100)
-    stream = chat_tab.respond(service, tab, values, REQUEST)
-    with pytest.raises(gr.Error, match="max_new_tokens is capped at 32 here; you asked for 100"):
-        assert next(stream) == {tab.chatbot: [], tab.turns: [], tab.message: "Hi"}
-        next(stream)
+    updates = []
+    with pytest.raises(gr.Error) as info:
+        updates.extend(chat_tab.respond(service, tab, values, REQUEST))
+    assert info.value.message == (
+        "max_new_tokens is at most 32 here: the model's 512-token window minus this prompt's 1 "
+        "tokens, and the operator's cap 32; you asked for 100"
+    )
+    assert updates[-1] == {tab.chatbot: [], tab.turns: [], tab.message: "Hi", tab.notice: ""}
+
+
+def test_the_slider_follows_the_loaded_models_window() -> None:
+    """The max_new_tokens slider's maximum is min(cap, window - 1): below tiny-opt's 512 window."""
+    service, tab = chat_ui({})
+    assert tab.controls.max_new_tokens.maximum == 512  # the operator's cap, before any model
+    updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 512}, REQUEST)
+    slider = updates[tab.controls.max_new_tokens]
+    assert slider["maximum"] == 511 and slider["value"] == 511
+    assert slider["info"] == "at most min(512, the model's 512-token window minus the prompt)"
+    assert f"Chat format: {PLAIN_FORMAT}" in updates[tab.model_line]
+    service, tab = chat_ui({}, max_new_tokens_cap=128)
+    updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 64}, REQUEST)
+    assert updates[tab.controls.max_new_tokens]["maximum"] == 128
+    assert updates[tab.controls.max_new_tokens]["value"] == 64
+
+
+@pytest.mark.slow
+def test_the_chat_tab_shows_the_format_and_the_real_window(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model saved with a chat template is chatted with through it, and the tab says so; the
+    same model without one keeps the plain transcript. The slider stops below the 512 window."""
+    import shutil
+
+    templated = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_model_dir, templated)
+    (templated / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    )
+    service = DemoService(ModelManager(), AppSettings())
+    with gr.Blocks():
+        tab = chat_tab.layout_chat_tab(service)
+    try:
+        for path, expected in ((templated, TEMPLATE_FORMAT), (tiny_model_dir, PLAIN_FORMAT)):
+            service.manager.load(LoadConfig(str(path)))
+            updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 512}, REQUEST)
+            assert f"Chat format: {expected}" in updates[tab.model_line]
+            assert updates[tab.controls.max_new_tokens]["maximum"] == 511
+    finally:
+        service.manager.unload()
+
+
+def test_system_prompt_and_stop_sequences_reach_the_service() -> None:
+    service, tab = chat_ui({"Hi": [["Hello"]]})
+    values = {**chat_values(tab, "Hi", stop="END\nSTOP"), tab.system_prompt: "Be brief."}
+    list(chat_tab.respond(service, tab, values, REQUEST))
+    assert service.manager.system_prompts == ["Be brief."]
+    assert tab.controls.params_from(service, values).stop == ("END", "STOP")
 
 
 def test_history_cap_refuses_and_keeps_the_conversation() -> None:
@@ -92,7 +157,12 @@ def test_history_cap_refuses_and_keeps_the_conversation() -> None:
     assert info.value.message == (
         "this conversation has reached the limit of 2 turns here: clear it (or undo a turn) to go on"
     )
-    assert updates[-1] == {tab.chatbot: to_messages(full), tab.turns: full, tab.message: "Third"}
+    assert updates[-1] == {
+        tab.chatbot: to_messages(full),
+        tab.turns: full,
+        tab.message: "Third",
+        tab.notice: "",
+    }
     # One turn fewer (after an undo) and the conversation goes on, with the whole history sent.
     service.manager.script["Third"] = [["Three"]]
     *_, last = chat_tab.respond(service, tab, chat_values(tab, "Third", full[:1]), REQUEST)
@@ -107,6 +177,8 @@ def test_retry_replaces_the_last_reply() -> None:
     assert last == {
         tab.chatbot: to_messages([first[0], turn("Capital?", "Paris is the capital.")]),
         tab.turns: [first[0], turn("Capital?", "Paris is the capital.")],
+        tab.notice: "",
+        tab.context_line: "Context: 3 + 3 of 512 tokens (prompt + reply)",
     }
     # The retried message was sent after the earlier turns only.
     assert service.manager.histories == [[("Hi", "Hello")]]
@@ -118,7 +190,7 @@ def test_a_failed_retry_keeps_the_last_turn() -> None:
     updates = []
     with pytest.raises(gr.Error, match="no model is loaded"):
         updates.extend(chat_tab.retry(service, tab, chat_values(tab, "", history), REQUEST))
-    assert updates[-1] == {tab.chatbot: to_messages(history), tab.turns: history}
+    assert updates[-1] == {tab.chatbot: to_messages(history), tab.turns: history, tab.notice: ""}
 
 
 def test_retry_with_nothing_to_retry() -> None:
@@ -140,7 +212,11 @@ def test_undo_puts_the_last_message_back_and_clear_forgets() -> None:
         tab.turns: [],
         tab.message: "",
     }
-    assert chat_tab.clear(service, tab, {tab.turns: history}, REQUEST) == {tab.chatbot: [], tab.turns: []}
+    assert chat_tab.clear(service, tab, {tab.turns: history}, REQUEST) == {
+        tab.chatbot: [],
+        tab.turns: [],
+        tab.context_line: "",
+    }
 
 
 def test_stop_ends_this_sessions_reply_only() -> None:
@@ -176,7 +252,10 @@ def test_mode_switch_and_model_line() -> None:
     shown = chat_tab.switch_mode(service, tab, {tab.mode: "Completion"}, REQUEST)
     assert shown[tab.chat_box]["visible"] is False and shown[tab.completion_box]["visible"] is True
     line = chat_tab.refresh_model_line(service, tab, {}, REQUEST)
-    assert line == {tab.model_line: "No model loaded yet. Choose one, check the plan, then **Load model**."}
+    assert line[tab.model_line] == (
+        "No model loaded yet. Choose one, check the plan, then **Load model**.  \n"
+        f"Chat format: {PLAIN_FORMAT}"
+    )
 
 
 # ---------------------------------------------------------------------------------- configuration

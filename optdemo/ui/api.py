@@ -100,14 +100,24 @@ class Endpoints:
         max_new_tokens: int = defaults.MAX_NEW_TOKENS,
         temperature: float = defaults.TEMPERATURE,
         top_p: float = defaults.TOP_P,
+        top_k: int = defaults.TOP_K,
+        repetition_penalty: float = defaults.REPETITION_PENALTY,
+        seed: int = -1,
+        stop: list[str] | None = None,
+        system_prompt: str = "",
         request: gr.Request = None,
     ) -> Iterator[str]:
         """Send a chat message; streams the reply, the final value is the whole reply. Each client
-        session keeps its own history (clear it with /clear_chat)."""
+        session keeps its own history (clear it with /clear_chat). seed -1 is random; stop lists
+        texts that end the reply (not included); system_prompt replaces the default instructions.
+        max_new_tokens is at most min(the operator's cap, the model's window minus the prompt)."""
         session = session_of(request)
-        params = self.service.params(max_new_tokens, temperature, top_p)
+        params = self.service.params(
+            max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop or ()
+        )
+        history = self.service.api_history(session)
         reply = ""
-        for step in self.service.chat(session, self.service.api_history(session), message, params):
+        for step in self.service.chat(session, history, message, params, system_prompt):
             reply = step.text
             yield reply
         self.service.remember_api_turn(session, (message, reply))
@@ -119,10 +129,17 @@ class Endpoints:
         max_new_tokens: int = defaults.MAX_NEW_TOKENS,
         temperature: float = defaults.TEMPERATURE,
         top_p: float = defaults.TOP_P,
+        top_k: int = defaults.TOP_K,
+        repetition_penalty: float = defaults.REPETITION_PENALTY,
+        seed: int = -1,
+        stop: list[str] | None = None,
         request: gr.Request = None,
     ) -> Iterator[str]:
-        """Continue the prompt; streams the text, the final value is the whole continuation."""
-        params = self.service.params(max_new_tokens, temperature, top_p)
+        """Continue the prompt; streams the text, the final value is the whole continuation.
+        Same sampling settings as /chat."""
+        params = self.service.params(
+            max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop or ()
+        )
         for step in self.service.complete(session_of(request), prompt, params):
             yield step.text
 

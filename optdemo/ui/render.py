@@ -118,8 +118,22 @@ def render_legend(plan: Plan, landed: dict[Device, int] | None = None) -> str:
             f'<span style="display:block;height:100%;width:{fill:.1f}%;background:{device_color(device)}"></span></span>'
             f"<span>{format_bytes(used)}{of}</span></div>"
         )
+    rows += [_tied_row(block) for block in plan.blocks if block.device is None and block.tied_to]
     total = f'<div style="font:13px system-ui,sans-serif;margin-top:6px">Total {format_bytes(plan.total_bytes)} in {plan.dtype}</div>'
     return '<div class="od-legend">' + "".join(rows) + total + "</div>"
+
+
+def _tied_row(block: Block) -> str:
+    """The legend's line for a grey (tied) block: it has no weights of its own."""
+    owner = "the embeddings'" if "embed" in (block.tied_to or "") else f"{block.tied_to}'s"
+    leaf = block.name.rsplit(".", 1)[-1]
+    text = f"{leaf} shares {owner} weights (tied): drawn with them, counted once"
+    return (
+        '<div class="od-legend-tied" style="display:flex;align-items:center;gap:10px;margin:4px 0;'
+        'font:13px system-ui,sans-serif">'
+        f'<span style="display:inline-block;width:14px;height:14px;border-radius:3px;background:{DEVICE_COLORS["tied"]}"></span>'
+        f"<span>{html.escape(text)}</span></div>"
+    )
 
 
 def device_map_rows(plan: Plan, actual: dict[str, Device] | None = None) -> list[list[str]]:
@@ -158,6 +172,19 @@ def describe_placement(bytes_per_device: dict[Device, int]) -> str:
     return " · ".join(
         f"{device_label(device)}: {format_bytes(size)}" for device, size in bytes_per_device.items()
     )
+
+
+def to_messages(turns: list[dict]) -> list[dict]:
+    """Chatbot messages for chat turns (``{"user", "assistant", "stats"}``), each reply followed
+    by its stats line."""
+    messages: list[dict] = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn["user"]})
+        reply = turn["assistant"] or "…"
+        if turn.get("stats"):
+            reply += f"\n\n<sub>{turn['stats']}</sub>"
+        messages.append({"role": "assistant", "content": reply})
+    return messages
 
 
 def status_text(status: ModelStatus) -> str:

@@ -1,0 +1,227 @@
+"""Saved chats: the browser store's logic (optdemo.chats) and the Chat tab's saved-chats handlers,
+without a browser. The store lives in the browser (BrowserState); these functions only transform it.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+from app_fixtures import ScriptedManager
+
+from optdemo import chats
+from optdemo.service import DemoService
+from optdemo.settings import AppSettings
+from optdemo.ui import chat_history, chat_tab
+from optdemo.ui.chat_tab import ChatTab, to_messages
+
+REQUEST = SimpleNamespace(session_hash="session-1")
+
+
+def turn(user: str, assistant: str) -> dict:
+    return {"user": user, "assistant": assistant, "stats": ""}
+
+
+CAPITAL = [turn("What is the capital of France?", "Paris."), turn("And of Italy?", "Rome.")]
+HELLO = [turn("Hi", "Hello\n\nTwo lines.")]
+
+
+# ---------------------------------------------------------------------------------- the store
+def test_save_creates_then_updates_a_chat() -> None:
+    store, first = chats.save(chats.empty_store(), None, CAPITAL[:1], now=1.0)
+    assert store["current"] == first and first
+    assert store["chats"] == [
+        {"id": first, "title": "What is the capital of France?", "turns": CAPITAL[:1], "updated": 1.0}
+    ]
+    store, same = chats.save(store, first, CAPITAL, now=2.0)
+    assert same == first and chats.find(store, first)["turns"] == CAPITAL
+    store, second = chats.save(store, None, HELLO, now=3.0)
+    assert second != first
+    assert chats.choices(store) == [("Hi", second), ("What is the capital of France?", first)]
+    # Emptied (clear, or undo of the only turn): removed, nothing current.
+    store, none = chats.save(store, second, [], now=4.0)
+    assert none is None and store["current"] is None
+    assert [chat["id"] for chat in store["chats"]] == [first]
+
+
+def test_titles_are_the_start_of_the_first_message() -> None:
+    assert chats.title_for([turn("  many   spaces\nhere ", "")]) == "many spaces here"
+    long = chats.title_for([turn("word " * 40, "")])
+    assert len(long) == chats.TITLE_CHARS and long.endswith("…")
+    assert chats.title_for([]) == "New chat"
+
+
+def test_rename_and_delete() -> None:
+    store, chat_id = chats.save(chats.empty_store(), None, HELLO, now=1.0)
+    renamed = chats.rename(store, chat_id, "  Greetings  ")
+    assert chats.find(renamed, chat_id)["title"] == "Greetings"
+    assert chats.find(store, chat_id)["title"] == "Hi"  # the input store is never changed
+    with pytest.raises(chats.ChatStoreError, match="a chat's name cannot be empty"):
+        chats.rename(store, chat_id, "   ")
+    assert chats.delete(renamed, chat_id) == {"chats": [], "current": None}
+
+
+def test_damaged_browser_data_becomes_a_valid_store() -> None:
+    assert chats.normalized(None) == chats.empty_store()
+    assert chats.normalized("junk") == chats.empty_store()
+    store = chats.normalized(
+        {
+            "chats": [{"id": "a", "title": "T", "turns": [{"user": "u", "assistant": 3}]}, "junk"],
+            "current": "zz",
+        }
+    )
+    assert store == {
+        "chats": [
+            {"id": "a", "title": "T", "turns": [{"user": "u", "assistant": "3", "stats": ""}], "updated": 0.0}
+        ],
+        "current": None,  # an id that is not there
+    }
+
+
+def test_the_number_of_saved_chats_is_bounded() -> None:
+    store = chats.empty_store()
+    for index in range(chats.MAX_SAVED_CHATS + 5):
+        store, _ = chats.save(store, None, [turn(f"message {index}", "")], now=float(index))
+    assert len(store["chats"]) == chats.MAX_SAVED_CHATS
+    assert store["chats"][-1]["title"] == "message 5"  # the oldest five were forgotten
+
+
+# ---------------------------------------------------------------------------------- export / import
+def two_chats() -> list[dict]:
+    store, _ = chats.save(chats.empty_store(), None, CAPITAL, now=1.0)
+    store, _ = chats.save(store, None, HELLO, now=2.0)
+    return store["chats"]
+
+
+def test_json_export_round_trips() -> None:
+    saved = two_chats()
+    text = chats.to_json(saved)
+    document = json.loads(text)
+    assert document["format"] == "optdemo-chats" and document["version"] == 1
+    assert [c["title"] for c in document["chats"]] == ["Hi", "What is the capital of France?"]
+    back = chats.parse_export(text)
+    assert [(c["title"], c["turns"]) for c in back] == [(c["title"], c["turns"]) for c in saved]
+
+
+def test_markdown_export_reads_well_and_round_trips() -> None:
+    saved = two_chats()
+    text = chats.to_markdown(saved)
+    assert text.startswith("## Hi\n\n### User\n\nHi\n\n### Assistant\n\nHello\n\nTwo lines.\n")
+    assert "## What is the capital of France?\n\n### User\n\nWhat is the capital of France?\n" in text
+    back = chats.parse_export(text)
+    assert [(c["title"], c["turns"]) for c in back] == [(c["title"], c["turns"]) for c in saved]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "nothing to import"),
+        ("{not json", "the JSON export is damaged"),
+        ('{"chats": []}', 'it lacks "format": "optdemo-chats"'),
+        ("just some text", "no conversation found"),
+        ("x" * (chats.MAX_IMPORT_CHARS + 1), "the limit is"),
+    ],
+)
+def test_bad_imports_say_what_to_do(text: str, message: str) -> None:
+    with pytest.raises(chats.ChatStoreError, match=message):
+        chats.parse_export(text)
+
+
+def test_imports_are_added_never_overwriting() -> None:
+    store, chat_id = chats.save(chats.empty_store(), None, HELLO, now=1.0)
+    imported = chats.parse_export(chats.to_json(store["chats"]))
+    twice = chats.add_imported(chats.add_imported(store, imported, now=2.0), imported, now=3.0)
+    assert len(twice["chats"]) == 3
+    assert len({chat["id"] for chat in twice["chats"]}) == 3
+    assert twice["current"] == chat_id
+
+
+# ---------------------------------------------------------------------------------- the handlers
+def chat_ui(script: dict | None = None) -> tuple[DemoService, ChatTab]:
+    service = DemoService(ScriptedManager(script or {}), AppSettings())
+    with gr.Blocks():
+        tab = chat_tab.layout_chat_tab(service)
+    return service, tab
+
+
+def test_the_store_lives_in_the_browser() -> None:
+    _, tab = chat_ui()
+    assert isinstance(tab.saved.store, gr.BrowserState)
+    assert tab.saved.store.storage_key == chat_history.STORAGE_KEY
+    # A fixed secret: chats stay readable after the server restarts.
+    assert tab.saved.store.secret == chat_history.STORAGE_SECRET
+
+
+def test_a_finished_turn_is_saved_then_restored_after_a_reload() -> None:
+    service, tab = chat_ui({"Capital?": [["Paris."]]})
+    saved = tab.saved
+    values = {control: control.value for control in tab.controls.all()}
+    values.update({tab.message: "Capital?", tab.turns: [], tab.system_prompt: ""})
+    *_, last = chat_tab.respond(service, tab, values, REQUEST)
+    turns = last[tab.turns]
+    after = chat_history.save_current(
+        service, tab, {tab.turns: turns, saved.store: chats.empty_store(), saved.chat_id: None}, REQUEST
+    )
+    store, chat_id = after[saved.store], after[saved.chat_id]
+    assert store["current"] == chat_id and chats.find(store, chat_id)["turns"] == turns
+    assert after[saved.picker]["choices"] == [("Capital?", chat_id)] and after[saved.title] == "Capital?"
+    # A new page (a reload) gets the browser's store and shows that chat again.
+    blank = {saved.store: store, saved.chat_id: None, tab.chatbot: []}
+    page = chat_history.restore(service, tab, blank, REQUEST)
+    assert page[tab.turns] == turns and page[tab.chatbot] == to_messages(turns)
+    assert page[saved.chat_id] == chat_id and page[saved.picker]["value"] == chat_id
+    assert saved.store not in page  # writing the store would fire its change event again
+    # The page that saved it already shows it: only the list is refreshed.
+    same = chat_history.restore(service, tab, {**blank, saved.chat_id: chat_id}, REQUEST)
+    assert same == {saved.picker: page[saved.picker]}
+    # A conversation on screen (a first reply still streaming) is never replaced.
+    streaming = to_messages([turn("Another question", "")])
+    busy = chat_history.restore(service, tab, {**blank, tab.chatbot: streaming}, REQUEST)
+    assert busy == {saved.picker: {**page[saved.picker], "value": None}}
+
+
+def test_new_open_rename_delete() -> None:
+    service, tab = chat_ui()
+    saved = tab.saved
+    store, first = chats.save(chats.empty_store(), None, CAPITAL, now=1.0)
+    store, second = chats.save(store, None, HELLO, now=2.0)
+    new = chat_history.new_chat(service, tab, {saved.store: store, saved.chat_id: second}, REQUEST)
+    assert new[tab.turns] == [] and new[tab.chatbot] == [] and new[saved.chat_id] is None
+    assert new[saved.store]["chats"] == store["chats"]  # the previous chat stays in the list
+    opened = chat_history.open_chat(
+        service, tab, {saved.store: store, saved.chat_id: None, saved.picker: first}, REQUEST
+    )
+    assert opened[tab.turns] == CAPITAL and opened[saved.chat_id] == first
+    assert opened[saved.store]["current"] == first
+    renamed = chat_history.rename_chat(
+        service, tab, {saved.store: store, saved.chat_id: first, saved.title: "Capitals"}, REQUEST
+    )
+    assert chats.find(renamed[saved.store], first)["title"] == "Capitals"
+    assert ("Capitals", first) in renamed[saved.picker]["choices"]
+    with pytest.raises(gr.Error, match="Nothing to rename yet"):
+        chat_history.rename_chat(
+            service, tab, {saved.store: store, saved.chat_id: None, saved.title: "x"}, REQUEST
+        )
+    deleted = chat_history.delete_chat(service, tab, {saved.store: store, saved.chat_id: first}, REQUEST)
+    assert [chat["id"] for chat in deleted[saved.store]["chats"]] == [second]
+    assert deleted[tab.turns] == [] and deleted[saved.chat_id] is None
+
+
+def test_export_and_import_handlers() -> None:
+    service, tab = chat_ui()
+    saved = tab.saved
+    store, chat_id = chats.save(chats.empty_store(), None, HELLO, now=1.0)
+    values = {saved.store: store, saved.chat_id: chat_id}
+    as_json = chat_history.export_json(service, tab, values, REQUEST)[saved.exported]
+    assert as_json["language"] == "json" and as_json["value"] == chats.to_json(store["chats"])
+    as_markdown = chat_history.export_markdown(service, tab, values, REQUEST)[saved.exported]
+    assert as_markdown["language"] == "markdown" and as_markdown["value"].startswith("## Hi\n")
+    for text in (as_json["value"], as_markdown["value"]):
+        imported = chat_history.import_chats(service, tab, {**values, saved.pasted: text}, REQUEST)
+        assert len(imported[saved.store]["chats"]) == 2
+        assert imported[saved.message] == "Imported 1 chat: pick one in the list."
+        assert imported[saved.pasted] == ""
+    with pytest.raises(gr.Error, match="no conversation found"):
+        chat_history.import_chats(service, tab, {**values, saved.pasted: "hello"}, REQUEST)
