@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from optdemo import defaults
+from optdemo.chat_prompt import ChatTurn
 from optdemo.errors import AccessError, BusyError, NoModelError, OptdemoError
-from optdemo.generation import ChatTurn, GenerationStats, _cut_at_stop
+from optdemo.generation import GenerationStats, _cut_at_stop
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API: "up to 4 sequences"
 OWNER = "optdemo"  # the ``owned_by`` of the models listed by /v1/models

@@ -44,11 +44,11 @@ class LoadedScript(ScriptedManager):
     def status(self) -> ModelStatus:
         return ModelStatus(LoadConfig(model=SCRIPTED))
 
-    def stream_completion(self, prompt, params, stop_event=None):
+    def stream_completion(self, prompt, params, stop_event=None, *args, **kwargs):
         self.stop_events.append(stop_event)
         if self.until_stopped:
             self.pause = stop_event
-        yield from super().stream_completion(prompt, params, stop_event)
+        yield from super().stream_completion(prompt, params, stop_event, *args, **kwargs)
 
 
 def client(app, key: str = "none") -> openai.OpenAI:
@@ -235,7 +235,7 @@ def test_errors_are_openai_shaped(scripted) -> None:
         api.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     assert info.value.body["code"] == "model_not_found" and SCRIPTED in info.value.body["message"]
     # The service's caps and validation apply, as in the UI.
-    with pytest.raises(openai.BadRequestError, match="capped at 512"):
+    with pytest.raises(openai.BadRequestError, match="max_new_tokens is at most 511 here"):
         api.chat.completions.create(
             messages=[{"role": "user", "content": "hi"}], max_tokens=1000, model="default"
         )
