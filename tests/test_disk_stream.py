@@ -166,3 +166,17 @@ def test_the_mode_is_set_by_flag_environment_and_service():
         ConfigError, match="disk_tier 'fast' is not supported: choose one of auto, map, stream"
     ):
         service.make_config("optdemo/tiny-opt", disk_tier="fast")
+
+
+def test_the_device_map_tab_says_what_was_mapped_and_streamed():
+    from optdemo.offload import DiskTierReport
+    from optdemo.ui.devicemap_tab import disk_tier_text
+
+    assert disk_tier_text(None) == "" and disk_tier_text(DiskTierReport(0, 0, "no disk layers")) == ""
+    report = DiskTierReport(
+        8, 2**29, None, streamed_blocks=12, streamed_bytes=3 * 2**29, stream_buffer_bytes=2**27, choice="why"
+    )
+    assert disk_tier_text(report) == (
+        " Disk tier: 512 MiB memory-mapped (served from the page cache); 12 blocks (1.5 GiB) streamed "
+        "from disk every token past the page cache, through 128 MiB of buffers (why)."
+    )

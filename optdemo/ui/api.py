@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from optdemo import defaults
+from optdemo.config import LoadConfig
 from optdemo.service import DemoService
 from optdemo.ui.errors import user_errors
 
@@ -34,12 +35,12 @@ class Endpoints:
         dtype: str = "auto",
         offload_folder: str = "",
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
+        disk_tier: str = defaults.DEFAULT_DISK_TIER,
         request: gr.Request = None,
     ) -> dict:
         """Plan where the model's layers would go under max_memory, without touching weights.
         Returns device_map (module -> device), bytes_per_device, fits and warnings; with a GPU in
-        the map, prediction.cpu_layers says where offloaded layers would run
-        (cpu_layers: auto, accelerate, gpu or cpu).
+        the map, prediction.cpu_layers says where offloaded layers would run.
 
         Args:
             model: an OPT size (opt-1.3b), a Hugging Face Hub id or a local folder; tiny-opt is built in.
@@ -47,15 +48,9 @@ class Endpoints:
             dtype: auto, float16, bfloat16 or float32.
             offload_folder: folder for the layers that fit no memory budget (empty: none).
             cpu_layers: with a GPU, where offloaded layers run: auto, accelerate, gpu or cpu.
+            disk_tier: on a CPU-executed model, how disk layers are served: auto, map or stream.
         """
-        config = self.service.make_config(
-            model,
-            max_memory,
-            dtype,
-            offload_folder or None,
-            cpu_layers=cpu_layers,
-            session_id=session_of(request),
-        )
+        config = self._config(model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request)
         return self.service.plan(config).to_dict()
 
     @user_errors
@@ -66,21 +61,36 @@ class Endpoints:
         dtype: str = "auto",
         offload_folder: str = "",
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
+        disk_tier: str = defaults.DEFAULT_DISK_TIER,
         request: gr.Request = None,
     ) -> dict:
         """Load the model (or reuse it when the configuration is unchanged). Returns status
-        ("loaded" or "reused"), load_seconds, device_map, bytes_per_device and, with a GPU in the
-        map, cpu_layers: the policy in force for offloaded layers and why (cpu_layers: auto,
-        accelerate, gpu or cpu)."""
-        config = self.service.make_config(
+        ("loaded" or "reused"), load_seconds, device_map, bytes_per_device, cpu_layers (with a GPU
+        in the map: the policy in force and why) and disk_tier (what is memory-mapped, what is
+        streamed, and why)."""
+        config = self._config(model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request)
+        return self.service.load(config, session_id=session_of(request)).to_dict()
+
+    def _config(
+        self,
+        model: str,
+        max_memory: str,
+        dtype: str,
+        offload_folder: str,
+        cpu_layers: str,
+        disk_tier: str,
+        request: gr.Request | None,
+    ) -> LoadConfig:
+        """The configuration /plan and /load describe, checked for this client session."""
+        return self.service.make_config(
             model,
             max_memory,
             dtype,
             offload_folder or None,
             cpu_layers=cpu_layers,
             session_id=session_of(request),
+            disk_tier=disk_tier,
         )
-        return self.service.load(config, session_id=session_of(request)).to_dict()
 
     @user_errors
     def unload(self, request: gr.Request = None) -> dict:

@@ -13,6 +13,8 @@ from typing import Any
 
 import gradio as gr
 
+from optdemo.budget import format_bytes
+from optdemo.offload import DiskTierReport
 from optdemo.planner import Plan
 from optdemo.service import DemoService, PlanNotice, PlanView
 from optdemo.speed import SpeedPrediction
@@ -90,12 +92,7 @@ def _loaded_heading(status: ModelStatus, prediction: SpeedPrediction | None) -> 
     if measured is not None and measured.tokens_per_second:
         rate = measured.tokens_per_second
         speed += f" Measured on the last reply: {1 / rate:.3g} s/token ({rate:.3g} tokens/s)."
-    tier = status.disk_tier
-    mapped = (
-        " Disk layers are memory-mapped (served from the page cache, no per-token copies)."
-        if tier is not None and tier.mapped_modules
-        else ""
-    )
+    mapped = disk_tier_text(status.disk_tier)
     policy = status.cpu_layers
     runs = f" Offloaded layers: {policy.policy} policy, {policy.reason}." if policy else ""
     return f"**Loaded** {status.display_name}: {verdict}.{speed}{mapped}{runs}"
@@ -141,3 +138,20 @@ def wire_devicemap_tab(service: DemoService, tab: DeviceMapTab, triggers: list[A
         api_visibility="private",
         queue=False,
     )
+
+
+def disk_tier_text(tier: DiskTierReport | None) -> str:
+    """What the loaded model's disk tier does: the part memory-mapped (served from the page cache),
+    the part streamed past it every token, and why that split ('' with no disk tier)."""
+    if tier is None or not (tier.mapped_bytes or tier.streamed_blocks):
+        return ""
+    parts = []
+    if tier.mapped_bytes:
+        parts.append(f"{format_bytes(tier.mapped_bytes)} memory-mapped (served from the page cache)")
+    if tier.streamed_blocks:
+        parts.append(
+            f"{tier.streamed_blocks} blocks ({format_bytes(tier.streamed_bytes)}) streamed from disk every "
+            f"token past the page cache, through {format_bytes(tier.stream_buffer_bytes)} of buffers"
+        )
+    why = f" ({tier.choice})" if tier.choice else ""
+    return f" Disk tier: {'; '.join(parts)}{why}."
