@@ -49,7 +49,11 @@ def cpu_executed(device_map: dict[str, Any]) -> bool:
     return bool(device_map) and all(device in ("cpu", "disk") for device in device_map.values())
 
 
-_HEADROOM = 256 * 2**20  # memory left free beside the mapped part (activations, the allocator)
+# Memory left free beside the mapped part (activations, the allocator, other programs' pages): a
+# tenth of what is available, at least this much. Mapping to the last byte makes the kernel evict
+# mapped pages every token, which costs more than streaming a little more.
+_HEADROOM = 256 * 2**20
+_HEADROOM_SHARE = 0.1
 
 
 def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None = None) -> DiskTierReport:
@@ -72,7 +76,12 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
     streamer, streamed = stream_blocks(model, wanted, STREAM_DEPTH) if wanted else (None, [])
     if len(streamed) < len(wanted):
         choice += f"; {len(wanted) - len(streamed)} block(s) straddling two files stay mapped"
-    report = map_disk_tier(model, mapped=[name for name in disk if name not in streamed])
+    mapped = [name for name in disk if name not in streamed]
+    report = map_disk_tier(model, mapped=mapped)
+    # Start reading what stays in the page cache now, in the background: the first token then
+    # finds it read in bulk instead of faulting it in page by page.
+    cpu = [name for name, device in device_map.items() if device == "cpu"]
+    _will_need([r for name in [*cpu, *mapped] for r in _page_ranges(model.get_submodule(name))])
     return replace(
         report,
         streamed_blocks=len(streamed),
@@ -96,7 +105,7 @@ def _split(
         from optdemo.hardware import probe_hardware
 
         available = probe_hardware().ram_available_bytes
-    room = available - cpu_tier - _HEADROOM
+    room = available - cpu_tier - max(_HEADROOM, int(available * _HEADROOM_SHARE))
     if total <= room:
         return disk, f"mapped: the page cache can hold all {_gib(total)} ({_gib(available)} available)"
     room -= STREAM_DEPTH * max(sizes)

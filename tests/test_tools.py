@@ -109,3 +109,15 @@ def test_a_checkpoint_larger_than_ram_is_built_one_shard_at_a_time(tmp_path, mon
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
     assert sum(p.numel() for p in model.parameters()) == catalog_entry("opt-125m").parameters
     assert torch.equal(model.model.decoder.layers[0].fc1.bias, torch.zeros(3072, dtype=torch.float16))
+
+
+def test_optdemos_own_floor_counts_only_what_it_streams() -> None:
+    from tools.bench_report import streamed_floor
+
+    runs = [
+        {"side": "accelerate", "disk_tier": None},
+        {"side": "optdemo", "disk_tier": {"streamed_bytes": 3 * 10**9}},
+        {"side": "optdemo", "disk_tier": {"streamed_bytes": 3 * 10**9}},
+    ]
+    assert streamed_floor(runs, 2 * 10**9) == pytest.approx(1.5)
+    assert streamed_floor([{"side": "optdemo", "disk_tier": {"streamed_bytes": 0}}], 1e9) is None
