@@ -51,3 +51,7 @@ class AccessError(OptdemoError):
 
 class CacheInUseError(OptdemoError):
     """The conversion cache cannot be cleared while the loaded model reads from it."""
+
+
+class NoModelForVisitorsError(NoModelError):
+    """No model is loaded, and this visitor of a public deployment cannot load one."""

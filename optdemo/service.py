@@ -20,7 +20,7 @@ from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.chat_prompt import ChatTurn
 from optdemo.config import LoadConfig
-from optdemo.errors import ConfigError, GenerationError, OptdemoError
+from optdemo.errors import ConfigError, GenerationError, NoModelError, NoModelForVisitorsError, OptdemoError
 from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.hardware import probe_hardware, suggest_budget
 from optdemo.manager import ModelManager
@@ -317,6 +317,14 @@ class DemoService:
         try:
             for update in start(event):
                 yield ChatReply(update.text, update.stats)
+        except NoModelError:
+            if self.settings.public and not self.access.is_admin(session_id):
+                # A visitor cannot load one: say who can, not where the (locked) button is.
+                raise NoModelForVisitorsError(
+                    "no model is loaded, and visitors cannot load one here: the operator or a "
+                    "signed-in admin can; try again once one is loaded"
+                ) from None
+            raise
         finally:
             self.sessions.end_reply(session_id, event)
 

@@ -213,3 +213,28 @@ def test_admins_plan_and_load_through_the_service(tiny_model_dir: Path) -> None:
     with pytest.raises(AccessError):
         service.make_config(str(tiny_model_dir), "cpu=1GiB", session_id="visitor")
     assert [value for _, value in service.model_choices("visitor")] == ["facebook/opt-125m"]
+
+
+def test_with_no_model_visitors_are_told_who_can_load_one() -> None:
+    import pytest
+
+    from optdemo.errors import NoModelError, NoModelForVisitorsError
+    from optdemo.generation import GenerationParams
+    from optdemo.manager import ModelManager
+    from optdemo.service import DemoService
+    from optdemo.ui.errors import to_gradio_error
+
+    params = GenerationParams(max_new_tokens=4)
+    public = DemoService(ModelManager(), AppSettings(lock_config=True, auth=ADMIN))
+    with pytest.raises(NoModelForVisitorsError) as visitor:
+        list(public.chat("visitor", [], "Hello", params))
+    assert str(visitor.value) == (
+        "no model is loaded, and visitors cannot load one here: the operator or a signed-in admin "
+        "can; try again once one is loaded"
+    )
+    assert "Configuration tab" not in to_gradio_error(visitor.value).message
+    public.sign_in("admin", *ADMIN[0])
+    with pytest.raises(NoModelError) as admin:
+        list(public.complete("admin", "Hello", params))
+    assert not isinstance(admin.value, NoModelForVisitorsError)
+    assert to_gradio_error(admin.value).message.endswith("(in the Configuration tab)")

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from optdemo.errors import NoModelError, OptdemoError
+from optdemo.errors import NoModelError, NoModelForVisitorsError, OptdemoError
 from optdemo.models import scrub_token
 
 log = logging.getLogger("optdemo")
@@ -38,7 +38,7 @@ def to_gradio_error(exc: BaseException) -> gr.Error:
 
 def _ui_advice(exc: OptdemoError) -> str:
     """Where in this UI to act on an engine error (the engine's messages never name the UI)."""
-    if isinstance(exc, NoModelError):
+    if isinstance(exc, NoModelError) and not isinstance(exc, NoModelForVisitorsError):
         return " (in the Configuration tab)"
     return ""
 
