@@ -37,6 +37,7 @@ class DiskTierReport:
     streamed_bytes: int = 0
     stream_buffer_bytes: int = 0  # what the streamer's buffers take (counted against the CPU budget)
     choice: str = ""  # why this split: the memory available and what was asked for
+    available_bytes: int | None = None  # the memory available when the split was decided
 
     @property
     def active(self) -> bool:
@@ -71,6 +72,10 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
     # The CPU tier is usually memory-mapped from the checkpoint too: it needs its share of the
     # page cache every token, before any disk block does.
     cpu_tier = entries_bytes(model, [name for name, device in device_map.items() if device == "cpu"])
+    if available_bytes is None and mode == "auto":
+        from optdemo.hardware import probe_hardware
+
+        available_bytes = probe_hardware().ram_available_bytes
     resident, choice = _split(disk, sizes, mode, available_bytes, cpu_tier)
     wanted = disk[len(resident) :]
     streamer, streamed = stream_blocks(model, wanted, STREAM_DEPTH) if wanted else (None, [])
@@ -88,11 +93,12 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
         streamed_bytes=sum(size for name, size in zip(disk, sizes, strict=True) if name in streamed),
         stream_buffer_bytes=streamer.buffer_bytes if streamer else 0,
         choice=choice,
+        available_bytes=available_bytes,
     )
 
 
 def _split(
-    disk: list[str], sizes: list[int], mode: str, available: int | None, cpu_tier: int = 0
+    disk: list[str], sizes: list[int], mode: str, available: int, cpu_tier: int = 0
 ) -> tuple[list[str], str]:
     """The disk blocks to keep mapped (a prefix of ``disk``) and a sentence saying why: those the
     memory available can cache beside the CPU tier, a little headroom and the stream buffers."""
@@ -101,24 +107,30 @@ def _split(
         return disk, "mapped: chosen in the configuration"
     if mode == "stream":
         return [], "streamed: chosen in the configuration"
-    if available is None:
-        from optdemo.hardware import probe_hardware
-
-        available = probe_hardware().ram_available_bytes
-    room = available - cpu_tier - max(_HEADROOM, int(available * _HEADROOM_SHARE))
-    if total <= room:
+    kept = disk[: mapped_prefix(sizes, available, cpu_tier)]
+    if len(kept) == len(disk):
         return disk, f"mapped: the page cache can hold all {_gib(total)} ({_gib(available)} available)"
-    room -= STREAM_DEPTH * max(sizes)
-    kept, used = [], 0
-    for name, size in zip(disk, sizes, strict=True):
-        if used + size > room:
-            break
-        kept.append(name)
-        used += size
+    used = sum(sizes[: len(kept)])
     return kept, (
         f"{_gib(used)} mapped, {_gib(total - used)} streamed: only {_gib(available)} of memory is "
         f"available for the {_gib(total)} disk tier"
     )
+
+
+def mapped_prefix(sizes: list[int], available: int, cpu_tier: int) -> int:
+    """How many disk blocks (in execution order, of ``sizes`` bytes) stay memory-mapped: all when
+    the memory ``available`` can cache them beside the CPU tier and the headroom; else as many as
+    fit beside the stream buffers too. The loader and the speed prediction both decide with this."""
+    room = available - cpu_tier - max(_HEADROOM, int(available * _HEADROOM_SHARE))
+    if sum(sizes) <= room:
+        return len(sizes)
+    room -= STREAM_DEPTH * max(sizes, default=0)
+    count = used = 0
+    for size in sizes:
+        if used + size > room:
+            break
+        count, used = count + 1, used + size
+    return count
 
 
 def _gib(size: int) -> str:

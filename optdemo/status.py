@@ -143,6 +143,7 @@ def disk_tier_dict(report: DiskTierReport | None) -> dict | None:
         "streamed_bytes": report.streamed_bytes,
         "stream_buffer_bytes": report.stream_buffer_bytes,
         "choice": report.choice,
+        "available_bytes": report.available_bytes,
         "note": report.skipped_reason,
     }
 

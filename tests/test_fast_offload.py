@@ -194,16 +194,18 @@ def test_prediction_adds_each_tier():
     plain = predict(replace(plan, disk_tier="accelerate"), bandwidths, page_cache_bytes=10**9)
     assert plain.seconds_per_token == pytest.approx(1.0 + 2.0 + 0.4 + overhead)
     assert "re-read" in plain.assumption
-    # Streamed: 1 GB stays cached, 1 GB is read (1 s) while the 1.408 s of compute runs.
-    cold = predict(plan, bandwidths, page_cache_bytes=10**9)
-    assert cold.seconds_per_token == pytest.approx(1.0 + 0.4 + overhead)
-    assert cold.breakdown["disk reads (not overlapped)"] == 0
-    assert "0.93 GiB of the disk tier cached, 0.93 GiB streamed" in cold.assumption
-    # Reads longer than compute show as the part not overlapped.
-    slow_disk = replace(bandwidths, disk_read=0.25e9)
-    assert predict(plan, slow_disk, page_cache_bytes=10**9).seconds_per_token == pytest.approx(4.0)
-    streamed = predict(replace(plan, disk_tier="stream"), bandwidths, page_cache_bytes=10**12)
-    assert streamed.breakdown["disk reads (not overlapped)"] == pytest.approx(2.0 - 1.408)
+    # Streamed: with four 0.5 GB disk blocks and room for one beside the CPU tier, the headroom and
+    # the two stream buffers, 1.5 GB is read every token on top of the compute.
+    blocks = tuple(Block(f"layers.{i}", "disk" if i >= 6 else "cpu", 5 * 10**8, "layer") for i in range(10))
+    split = replace(plan, blocks=blocks)
+    cold = predict(split, bandwidths, page_cache_bytes=25 * 10**8)
+    assert cold.breakdown["disk reads (streamed)"] == pytest.approx(1.5)
+    assert cold.seconds_per_token == pytest.approx(1.0 + 0.4 + 1.5 + overhead)
+    assert "0.47 GiB of the disk tier cached, 1.40 GiB streamed" in cold.assumption
+    # The same decision as the loader's (offload.mapped_prefix): enough room maps everything.
+    assert "page cache" in predict(split, bandwidths, page_cache_bytes=30 * 10**8).assumption
+    streamed = predict(replace(split, disk_tier="stream"), bandwidths, page_cache_bytes=10**12)
+    assert streamed.breakdown["disk reads (streamed)"] == pytest.approx(2.0)
     gpu = Bandwidths(
         cpu_matvec={"float32": 10e9}, disk_read=1e9, host_to_device=10e9, gpu_matvec={"float16": 1e12}
     )

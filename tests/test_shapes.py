@@ -121,6 +121,7 @@ def test_status_json_uses_string_device_keys() -> None:
         "streamed_bytes": 0,
         "stream_buffer_bytes": 0,
         "choice": "",
+        "available_bytes": None,
         "note": "",
     }
     assert data["last_generation"]["tokens_per_second"] == 10.0

@@ -119,6 +119,9 @@ def report(
     available = probe_hardware().ram_available_bytes
     if args.ram_limit:
         available = min(available, parse_size(args.ram_limit))
+    # What optdemo itself found available when it loaded (inside the cap, beside its own runtime).
+    seen = [(r.get("disk_tier") or {}).get("available_bytes") for r in runs if r["side"] == "optdemo"]
+    available = min([a for a in seen if a] or [available])
     prediction = predict_plan(plan, available)
     bandwidths = measured_bandwidths()
     floor = disk_floor(plan, bandwidths.disk_read)
