@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from optdemo.weights import assign_tensors
+
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
 _DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
@@ -236,7 +238,7 @@ def stream_blocks(model: Any, names: list[str], depth: int = 2) -> tuple[DiskStr
             tensor: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
             for tensor, (_, dtype, shape) in span.tensors.items()
         }
-        _install(module, placeholders)
+        assign_tensors(module, placeholders)
         _wrap(module, index, streamer, placeholders)
     model._optdemo_disk_streamer = streamer
     return streamer, [name for name, _ in chosen]
@@ -248,26 +250,14 @@ def _wrap(module: Any, index: int, streamer: DiskStreamer, placeholders: dict[st
     inner = module.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        _install(module, streamer.tensors(index))
+        assign_tensors(module, streamer.tensors(index))
         try:
             return inner(*args, **kwargs)
         finally:
-            _install(module, placeholders)
+            assign_tensors(module, placeholders)
             streamer.release(index)
 
     module.forward = forward
-
-
-def _install(module: Any, tensors: dict[str, Any]) -> None:
-    import torch
-
-    for full_name, tensor in tensors.items():
-        owner_name, _, leaf = full_name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[leaf] = tensor
 
 
 def release(model: Any) -> None:

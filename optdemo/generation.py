@@ -216,9 +216,6 @@ def stream_generate(
     Args:
         add_special_tokens: False for a prompt from a chat template (it has its own BOS token).
     """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
     if not isinstance(prompt, str):
         raise GenerationError("the prompt must be text")
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -230,39 +227,10 @@ def stream_generate(
     input_ids = input_ids.to(input_device)
     stop_strings = (*stop_strings, *params.stop)
 
-    class _StopOnEvent(StoppingCriteria):
-        def __call__(self, ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.full((ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=ids.device)
-
     streamer = _timed_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = params.generate_kwargs()
-    extra: dict[str, Any] = {}
-    if stop_strings:
-        extra.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
-                    pad_token_id=pad_id,
-                    **kwargs,
-                    **extra,
-                )
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
-            failure.append(exc)
-            streamer.end()
-
-    worker = threading.Thread(target=run, name="optdemo-generate", daemon=True)
-    streamer.started = time.perf_counter()
-    worker.start()
+    worker, failure = _generate_in_thread(
+        model, tokenizer, input_ids, params, stop_event, stop_strings, streamer
+    )
     text = shown = ""
     hit = False
     try:
@@ -295,6 +263,53 @@ def stream_generate(
         raise _generation_failure(failure[0])
     text, _ = _cut_at_stop(text, stop_strings, final=True)
     yield GenerationUpdate(text, streamer.stats(prompt_tokens, stopped_by_user))
+
+
+def _generate_in_thread(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Any,
+    params: GenerationParams,
+    stop_event: threading.Event,
+    stop_strings: Sequence[str],
+    streamer: Any,
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Start ``model.generate`` in a worker thread feeding ``streamer``, ending early when
+    ``stop_event`` is set; returns the thread and the list its failure (if any) lands in."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopOnEvent(StoppingCriteria):
+        def __call__(self, ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=ids.device)
+
+    kwargs = params.generate_kwargs()
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
+                    pad_token_id=pad_id,
+                    **kwargs,
+                )
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, name="optdemo-generate", daemon=True)
+    streamer.started = time.perf_counter()
+    worker.start()
+    return worker, failure
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> tuple[str, bool]:

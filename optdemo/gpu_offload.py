@@ -30,8 +30,9 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from optdemo.offload import map_offloaded_module, module_bytes
+from optdemo.offload import map_offloaded_module
 from optdemo.speed import PolicyChoice, choose_policy, measured_bandwidths
+from optdemo.weights import assign_tensors, module_bytes
 
 # Byte alignment of each tensor inside a packed block (keeps every view aligned for any dtype).
 _ALIGN = 64
@@ -106,18 +107,6 @@ def _skip_keys(model: Any) -> Any:
     return getattr(model, "_skip_keys_device_placement", None)
 
 
-def _assign(module: Any, tensors: dict[str, Any]) -> None:
-    import torch
-
-    for full_name, tensor in tensors.items():
-        owner_name, _, leaf = full_name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[leaf] = tensor
-
-
 # ------------------------------------------------------------------------------------- cpu policy
 def run_on_cpu(model: Any, entries: list[str], disk: frozenset[str] = frozenset()) -> int:
     """The ``cpu`` policy: CPU-resident entries compute on the CPU from the weights they already
@@ -132,7 +121,7 @@ def run_on_cpu(model: Any, entries: list[str], disk: frozenset[str] = frozenset(
     for name in entries:
         module = model.get_submodule(name)
         if name not in disk:
-            _assign(module, _take_tensors(module))
+            assign_tensors(module, _take_tensors(module))
         elif map_offloaded_module(module) is None:
             for sub in module.modules():
                 hook = getattr(sub, "_hf_hook", None)
@@ -272,7 +261,7 @@ class Prefetcher:
         if self.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         block = self.blocks[index]
-        _assign(module, block.views_in(self.slots[slot]))
+        assign_tensors(module, block.views_in(self.slots[slot]))
         self.running[index] = slot
         self.log.append(("run", index))
         self._issue((index + 1) % len(self.blocks))  # after the last block, the next token's first
@@ -286,7 +275,7 @@ class Prefetcher:
         slot = self.running.pop(index, None)
         if slot is not None and self.freed is not None:
             self.freed[slot].record(torch.cuda.current_stream(self.device))
-        _assign(module, self.blocks[index].host_views)
+        assign_tensors(module, self.blocks[index].host_views)
         self.log.append(("drop", index))
 
     def close(self) -> None:
@@ -312,7 +301,7 @@ def prefetch_on_device(model: Any, entries: list[str], device: Any) -> Prefetche
     for name in entries:
         module = model.get_submodule(name)
         block = PackedBlock(module, _take_tensors(module), pin)
-        _assign(module, block.host_views)  # the module lets go of the originals too
+        assign_tensors(module, block.host_views)  # the module lets go of the originals too
         blocks.append(block)
     prefetcher = Prefetcher(blocks, device)
     for block in blocks:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from optdemo.defaults import STREAM_DEPTH
+from optdemo.weights import assign_tensors, entries_bytes, module_bytes
 
 
 @dataclass(frozen=True)
@@ -137,22 +138,6 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
-def entries_bytes(model: Any, names: list[str]) -> int:
-    """Weight bytes of several device-map entries, each tensor counted once (a tied LM head and
-    the embeddings share one)."""
-    tensors = {}
-    for name in names:
-        module = model.get_submodule(name)
-        tensors.update({id(t): t for t in [*module.parameters(), *module.buffers()]})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def module_bytes(model: Any, name: str) -> int:
-    """Weight bytes of one device-map entry (parameters and buffers; meta tensors count by size)."""
-    module = model.get_submodule(name)
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
 def map_disk_tier(model: Any, mapped: list[str] | None = None) -> DiskTierReport:
     """Replace Accelerate's per-forward disk loading with persistent memory maps.
 
@@ -182,7 +167,7 @@ def map_disk_tier(model: Any, mapped: list[str] | None = None) -> DiskTierReport
                 if tensors is None:
                     continue  # not mappable without a copy: Accelerate keeps serving this module
                 remove_hook_from_module(module)
-                mapped_bytes += _install(module, tensors)
+                mapped_bytes += assign_tensors(module, tensors)
                 mapped_modules += 1
     finally:
         handles.clear()
@@ -217,19 +202,7 @@ def map_offloaded_module(module: Any) -> int | None:
                 return None
             mapped.append((sub, tensors))
     remove_hook_from_submodules(module)
-    return sum(_install(sub, tensors) for sub, tensors in mapped)
-
-
-def _install(module: Any, tensors: dict[str, Any]) -> int:
-    """Make ``tensors`` the module's own parameters/buffers; returns their bytes."""
-    import torch
-
-    for name, tensor in tensors.items():
-        if name in module._parameters:
-            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
-        else:
-            module._buffers[name] = tensor
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(assign_tensors(sub, tensors) for sub, tensors in mapped)
 
 
 def read_ahead(blocks: list[Any]) -> None:

@@ -195,34 +195,7 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
             value=service.settings.max_memory or "",
             placeholder='0=5GiB,cpu=20GiB   or   {0: "5GiB", "cpu": "20GiB"}',
         )
-        controls["fast_offload"] = gr.Checkbox(
-            value=initial.fast_offload,
-            label="Fast offloading",
-            info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
-        )
-        # Only meaningful with a GPU in the map; hidden without one.
-        controls["cpu_layers"] = gr.Dropdown(
-            [
-                ("auto: the faster by prediction", "auto"),
-                ("gpu: prefetch weights from pinned memory", "gpu"),
-                ("cpu: compute offloaded layers on the CPU", "cpu"),
-                ("accelerate: plain Accelerate", "accelerate"),
-            ],
-            value=initial.cpu_layers,
-            label="Offloaded layers run",
-            info="With a GPU in the map. The Device map tab says which one is in force, and why.",
-            visible=bool(hardware.gpus),
-        )
-        controls["disk_tier"] = gr.Dropdown(
-            [
-                ("auto: map what RAM can cache, stream the rest", "auto"),
-                ("map: memory-map every disk layer", "map"),
-                ("stream: read every disk layer past the page cache", "stream"),
-            ],
-            value=initial.disk_tier,
-            label="Disk layers (CPU-executed models)",
-            info="The Device map tab says what was mapped, what is streamed, and why.",
-        )
+        controls.update(_offloading_controls(initial, hardware))
         controls["tokenizer"] = gr.Textbox(
             label="Tokenizer (optional)",
             placeholder="another repo id or folder; empty: the model's own",
@@ -235,6 +208,41 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
     )
     controls["offload_info"] = gr.Markdown(
         offload_info(initial.offload_folder), elem_id="od-offload-info", elem_classes=["od-paths"]
+    )
+    return controls
+
+
+def _offloading_controls(initial: LoadConfig, hardware: Hardware) -> dict[str, Any]:
+    """How offloaded layers are served: fast offloading, the CPU-layer policy (with a GPU), the
+    disk tier."""
+    controls: dict[str, Any] = {}
+    controls["fast_offload"] = gr.Checkbox(
+        value=initial.fast_offload,
+        label="Fast offloading",
+        info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
+    )
+    # Only meaningful with a GPU in the map; hidden without one.
+    controls["cpu_layers"] = gr.Dropdown(
+        [
+            ("auto: the faster by prediction", "auto"),
+            ("gpu: prefetch weights from pinned memory", "gpu"),
+            ("cpu: compute offloaded layers on the CPU", "cpu"),
+            ("accelerate: plain Accelerate", "accelerate"),
+        ],
+        value=initial.cpu_layers,
+        label="Offloaded layers run",
+        info="With a GPU in the map. The Device map tab says which one is in force, and why.",
+        visible=bool(hardware.gpus),
+    )
+    controls["disk_tier"] = gr.Dropdown(
+        [
+            ("auto: map what RAM can cache, stream the rest", "auto"),
+            ("map: memory-map every disk layer", "map"),
+            ("stream: read every disk layer past the page cache", "stream"),
+        ],
+        value=initial.disk_tier,
+        label="Disk layers (CPU-executed models)",
+        info="The Device map tab says what was mapped, what is streamed, and why.",
     )
     return controls
 
