@@ -84,10 +84,6 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
         choice += f"; {len(wanted) - len(streamed)} block(s) straddling two files stay mapped"
     mapped = [name for name in disk if name not in streamed]
     report = map_disk_tier(model, mapped=mapped)
-    # Start reading what stays in the page cache now, in the background: the first token then
-    # finds it read in bulk instead of faulting it in page by page.
-    cpu = [name for name, device in device_map.items() if device == "cpu"]
-    _will_need([r for name in [*cpu, *mapped] for r in _page_ranges(model.get_submodule(name))])
     return replace(
         report,
         streamed_blocks=len(streamed),

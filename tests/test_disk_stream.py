@@ -180,20 +180,3 @@ def test_the_device_map_tab_says_what_was_mapped_and_streamed():
         " Disk tier: 512 MiB memory-mapped (served from the page cache); 12 blocks (1.5 GiB) streamed "
         "from disk every token past the page cache, through 128 MiB of buffers (why)."
     )
-
-
-def test_what_stays_cached_is_read_ahead_at_load(tiny_model_dir, tmp_path, monkeypatch):
-    from optdemo import offload
-
-    asked: list[list[tuple[int, int]]] = []
-    monkeypatch.setattr(offload, "_will_need", asked.append)
-    model = _offloaded(tiny_model_dir, tmp_path)
-    place_disk_tier(model, "auto", available_bytes=2**34)  # everything stays mapped
-    warm = asked[0]
-    starts = {start for start, _ in warm}
-    for name in ("model.decoder.layers.0", "model.decoder.layers.5"):  # a CPU layer, a disk layer
-        weight = model.get_submodule(name).fc1.weight
-        assert weight.data_ptr() // os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PAGE_SIZE") in starts
-    # The whole-tier hint is given once, not per token.
-    _greedy(model, 2)
-    assert sum(1 for ranges in asked if len(ranges) == len(warm)) == 1
