@@ -138,3 +138,26 @@ def _env(name: str, value: str | None) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+def config_ui(manager: object = None, **settings: object) -> tuple[Any, Any]:
+    """A service and its Configuration tab's components (inside a throwaway Blocks), for handler
+    tests without a browser."""
+    import gradio as gr
+
+    from optdemo.service import DemoService
+    from optdemo.settings import AppSettings
+    from optdemo.ui import config_tab
+
+    service = DemoService(manager or ModelManager(), AppSettings(**settings))  # type: ignore[arg-type]
+    with gr.Blocks():
+        tab = config_tab.layout_config_tab(service)
+    return service, tab
+
+
+def form_values(tab: Any, **changes: object) -> dict:
+    """The form as the page starts, with some controls changed (by ConfigTab field name)."""
+    values = {control: control.value for control in tab.form}
+    for name, value in changes.items():
+        values[getattr(tab, name)] = value
+    return values

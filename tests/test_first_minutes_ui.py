@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+from app_fixtures import config_ui, form_values
 
 from optdemo.manager import ModelManager
 from optdemo.service import DemoService, PlanNotice, PlanView
@@ -18,20 +19,6 @@ from optdemo.ui import config_tab, devicemap_tab
 from optdemo.ui.app import CSS
 
 REQUEST = SimpleNamespace(session_hash="session-1")
-
-
-def config_ui(manager: object = None, **settings: object) -> tuple[DemoService, config_tab.ConfigTab]:
-    service = DemoService(manager or ModelManager(), AppSettings(**settings))  # type: ignore[arg-type]
-    with gr.Blocks():
-        tab = config_tab.layout_config_tab(service)
-    return service, tab
-
-
-def form_values(tab: config_tab.ConfigTab, **changes: object) -> dict:
-    values = {control: control.value for control in tab.form}
-    for name, value in changes.items():
-        values[getattr(tab, name)] = value
-    return values
 
 
 # ---------------------------------------------------------------- never a stale plan

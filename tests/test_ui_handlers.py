@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
-from app_fixtures import ScriptedManager
+from app_fixtures import ScriptedManager, config_ui, form_values
 
 from optdemo.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
 from optdemo.config import LoadConfig
@@ -259,21 +259,6 @@ def test_mode_switch_and_model_line() -> None:
 
 
 # ---------------------------------------------------------------------------------- configuration
-def config_ui(**settings: object) -> tuple[DemoService, config_tab.ConfigTab]:
-    service = DemoService(ModelManager(), AppSettings(**settings))  # type: ignore[arg-type]
-    with gr.Blocks():
-        tab = config_tab.layout_config_tab(service)
-    return service, tab
-
-
-def form_values(tab: config_tab.ConfigTab, **changes: object) -> dict:
-    """The form as the page starts, with some controls changed (by ConfigTab field name)."""
-    values = {control: control.value for control in tab.form}
-    for name, value in changes.items():
-        values[getattr(tab, name)] = value
-    return values
-
-
 def test_preview_plans_the_form() -> None:
     service, tab = config_ui()
     updates = config_tab.preview(service, tab, form_values(tab, advanced="cpu=1GiB"), REQUEST)
