@@ -169,8 +169,20 @@ def map_disk_tier(model: Any, mapped: list[str] | None = None) -> DiskTierReport
         handles.clear()
     if mapped_modules:
         model.tie_weights()  # re-point tied heads at the mapped embeddings
-        disk = [name for name, device in device_map.items() if device == "disk"]
-        read_ahead([model.get_submodule(name) for name in (disk if mapped is None else mapped)])
+        # Everything the page cache serves, in execution order: the mapped disk blocks and the CPU
+        # tier, which from_pretrained maps from the checkpoint too (cold, it faults in the same way).
+        cached = (
+            {name for name, device in device_map.items() if device == "disk"}
+            if mapped is None
+            else set(mapped)
+        )
+        read_ahead(
+            [
+                model.get_submodule(name)
+                for name, device in device_map.items()
+                if device == "cpu" or name in cached
+            ]
+        )
     return DiskTierReport(mapped_modules, mapped_bytes)
 
 
@@ -202,7 +214,7 @@ def map_offloaded_module(module: Any) -> int | None:
 
 
 def read_ahead(blocks: list[Any]) -> None:
-    """When disk block *i* starts computing, ask the OS to start reading block *i+1* from disk
+    """When block *i* starts computing, ask the OS to start reading block *i+1* from disk
     (``madvise(MADV_WILLNEED)``), so that when RAM cannot cache the disk tier the reads overlap
     compute instead of stalling on page faults. A hint only: nothing changes when pages are cached."""
     ranges = [_page_ranges(block) for block in blocks]
