@@ -85,6 +85,7 @@ class ChatRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    system: str = ""  # the system (and developer) messages: the model's own system turn
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,11 @@ def parse_chat(body: object, max_chars: int) -> ChatRequest:
     """
     body = _object(body)
     _refuse_unsupported(body, ("tools", "functions", "logprobs", "top_logprobs"))
-    history, message = conversation(body.get("messages"), max_chars)
-    history = tuple(history)
+    history, message, system = conversation(body.get("messages"), max_chars)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return ChatRequest(_model(body), history, message, _sampling(body, max_tokens), *_streaming(body))
+    return ChatRequest(
+        _model(body), tuple(history), message, _sampling(body, max_tokens), *_streaming(body), system=system
+    )
 
 
 def parse_completion(body: object) -> CompletionRequest:
@@ -198,9 +200,11 @@ def _text(message: object, index: int) -> tuple[str, str]:
     return str(message["role"]), content
 
 
-def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str]:
-    """(history turns, new message) from OpenAI-style messages: user/assistant pairs in order,
-    system messages put before the first user message, and the last message the user's.
+def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str, str]:
+    """(history turns, new message, system prompt) from OpenAI-style messages: user/assistant
+    pairs in order, the last message the user's. System and developer messages, wherever they
+    stand, become the system prompt, which the service renders as the model's own system turn
+    (its chat template's, or the plain format's preamble) rather than as words of the user.
 
     Raises:
         OpenAIError: a malformed message, one over ``max_chars``, or no user message last.
@@ -228,10 +232,8 @@ def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str]
             turns.append(["", text])
     if not turns or turns[-1][1] is not None:
         raise OpenAIError("the last message must be the user's", param="messages")
-    if system:
-        turns[0][0] = "\n".join([*system, turns[0][0]]).strip()
     history = [(user, bot) for user, bot in turns[:-1]]
-    return history, turns[-1][0]
+    return history, turns[-1][0], "\n".join(system).strip()
 
 
 # ---------------------------------------------------------------------------------- replies

@@ -73,8 +73,9 @@ def test_messages_become_history_and_message() -> None:
         },
         max_chars=100,
     )
-    assert req.history == (("Be brief.\na", "b"),)
+    assert req.history == (("a", "b"),)
     assert req.message == "c\nd"
+    assert req.system == "Be brief."
     assert (req.sampling.stop, req.sampling.max_tokens, req.stream, req.include_usage) == (
         ("X",),
         7,
@@ -166,6 +167,7 @@ def test_chat_completion_without_streaming(scripted) -> None:
     reply = client(scripted).chat.completions.create(
         model=SCRIPTED,
         messages=[
+            {"role": "system", "content": "Answer in French."},
             {"role": "user", "content": "earlier"},
             {"role": "assistant", "content": "answer"},
             {"role": "user", "content": "hi"},
@@ -173,6 +175,8 @@ def test_chat_completion_without_streaming(scripted) -> None:
         max_tokens=20,
         temperature=0,
     )
+    # The system message is the model's system prompt, not words put into the user's first turn.
+    assert scripted.service.manager.system_prompts[-1] == "Answer in French."
     assert reply.object == "chat.completion" and reply.model == SCRIPTED
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == "Hello world!"

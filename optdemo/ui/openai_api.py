@@ -170,7 +170,9 @@ class OpenAIServer:
         except OpenAIError as err:
             return error_response(err)
         session = _session()
-        start = functools.partial(self.service.chat, session, req.history, req.message, params)
+        start = functools.partial(
+            self.service.chat, session, req.history, req.message, params, system_prompt=req.system
+        )
         job = _Job(
             shape, session, start, req.sampling.stop, req.stream, req.include_usage, params.max_new_tokens
         )
