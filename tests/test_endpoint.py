@@ -1,0 +1,292 @@
+"""The remote backend against a real engine: ``transformers serve`` on 127.0.0.1 (engine_fixtures).
+
+Every reply is compared with what the engine itself answers to the same request, not streamed
+(greedy decoding: the same tokens), so the tests check that the backend streams exactly the
+engine's text, through the service, the Chat tab, the named ``/chat`` API and the OpenAI API.
+The failure cases (engine down, wrong model, engine killed mid-reply, HF_HUB_OFFLINE set) each
+give one clear sentence and leave the app serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import urllib.request
+from types import SimpleNamespace
+
+import engine_fixtures
+import gradio as gr
+import openai
+import pytest
+from app_fixtures import config_ui, form_values, running_app
+from engine_fixtures import Engine, free_port, serving
+
+from optdemo.backend import ENDPOINT, LOCAL
+from optdemo.endpoint import ENDPOINT_FORMAT, EndpointBackend
+from optdemo.engine_api import parse_endpoint
+from optdemo.errors import AccessError, ConfigError, EndpointError
+from optdemo.generation import GenerationParams
+from optdemo.manager import ModelManager
+from optdemo.service import DemoService
+from optdemo.settings import AppSettings, parse_settings
+from optdemo.ui import chat_tab, config_tab, devicemap_tab, endpoint_form
+from optdemo.ui.render import status_text
+
+GREEDY = GenerationParams(max_new_tokens=12, temperature=0)
+TOKEN = "tok-SECRET-123"  # the endpoint's token: it must never come back
+REQUEST = SimpleNamespace(session_hash="endpoint-session")
+pytestmark = pytest.mark.usefixtures("online")
+# The engine's fixtures, used here only (one engine per test session).
+served_model, hf_cache = engine_fixtures.served_model, engine_fixtures.hf_cache
+engine, online = engine_fixtures.engine, engine_fixtures.online
+
+
+def engine_says(engine: Engine, route: str, body: dict) -> str:
+    """The engine's own, non-streamed answer to ``body`` (greedy), straight over HTTP."""
+    payload = {"model": engine.model, "temperature": 0, "stream": False, **body}
+    request = urllib.request.Request(
+        f"{engine.url}/v1/{route}", json.dumps(payload).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        choice = json.load(response)["choices"][0]
+    return choice["message"]["content"] if route == "chat/completions" else choice["text"]
+
+
+def backend(engine: Engine, model: str | None = None) -> EndpointBackend:
+    return EndpointBackend.connect(parse_endpoint(engine.url, model or engine.model, TOKEN))
+
+
+def grows(texts: list[str]) -> bool:
+    """Each streamed text extends the one before (accumulated, as the UI expects)."""
+    return all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
+
+
+# ---------------------------------------------------------------------------------- the backend
+def test_connect_reports_the_engine_and_the_model(engine: Engine) -> None:
+    remote = backend(engine)
+    info = remote.info
+    assert (info.url, info.model) == (engine.url, engine.model)
+    assert info.describe() == f"serving endpoint {engine.url} ({engine.model})"
+    # transformers serve lists no models (it lists the cache's) and says nothing of itself.
+    assert info.note == "the engine lists no models; the name was checked with a one-token request"
+    assert info.engine_text() == "not reported by the engine"
+    assert remote.chat_format() == ENDPOINT_FORMAT
+    assert TOKEN not in repr(remote.config) and TOKEN not in json.dumps(info.to_dict())
+    # "/v1" at the end of the URL, and a trailing slash, are the same endpoint.
+    assert parse_endpoint(engine.url + "/v1/").url == engine.url
+
+
+def test_chat_streams_the_engines_reply(engine: Engine) -> None:
+    history = [("Hello", "Hi there")]
+    updates = list(backend(engine).stream_chat(history, "How are you?", GREEDY, system_prompt="Be brief."))
+    texts = [u.text for u in updates]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    assert texts[-1] == engine_says(engine, "chat/completions", {"messages": messages, "max_tokens": 12})
+    assert len(updates) > 2 and grows(texts)  # streamed, piece by piece
+    stats = updates[-1].stats
+    assert stats is not None and stats.new_tokens == 12 and stats.prompt_tokens > 10
+    assert all(u.stats is None for u in updates[:-1])
+
+
+def test_completion_streams_and_cuts_at_a_stop_sequence(engine: Engine) -> None:
+    whole = engine_says(engine, "completions", {"prompt": "Once upon a time", "max_tokens": 12})
+    updates = list(backend(engine).stream_completion("Once upon a time", GREEDY))
+    assert updates[-1].text == whole and grows([u.text for u in updates])
+    # A stop sequence taken from the middle of the reply ends it there, and is not shown.
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 2]
+    index = whole.index(stop)
+    cut = list(backend(engine).stream_completion("Once upon a time", GenerationParams(12, 0, stop=[stop])))
+    assert cut[-1].text == whole[:index].rstrip()
+    assert stop not in cut[-1].text
+
+
+def test_stop_event_ends_the_reply(engine: Engine) -> None:
+    stop = threading.Event()
+    stream = backend(engine).stream_completion(
+        "Tell", GenerationParams(max_new_tokens=200, temperature=0), stop
+    )
+    first = next(stream)
+    stop.set()
+    rest = list(stream)
+    assert rest[-1].stats is not None and rest[-1].stats.stopped
+    assert rest[-1].stats.new_tokens < 200 and rest[-1].text.startswith(first.text)
+
+
+def test_max_new_tokens_over_the_cap_is_refused_before_any_request(engine: Engine) -> None:
+    with pytest.raises(Exception, match="max_new_tokens is at most 8 here"):
+        list(backend(engine).stream_completion("Hi", GenerationParams(max_new_tokens=9), None, 8))
+
+
+# ---------------------------------------------------------------------------------- failures
+def test_engine_down_is_one_sentence() -> None:
+    with pytest.raises(EndpointError) as caught:
+        EndpointBackend.connect(parse_endpoint(f"http://127.0.0.1:{free_port()}", "m", TOKEN))
+    message = str(caught.value)
+    assert "cannot reach the serving endpoint at http://127.0.0.1:" in message
+    assert "(connection refused): start the engine" in message and TOKEN not in message
+
+
+def test_wrong_model_name_gives_the_engines_answer(engine: Engine) -> None:
+    with pytest.raises(EndpointError) as caught:
+        backend(engine, "no-such-model")
+    message = str(caught.value)
+    assert f"the serving endpoint at {engine.url} refused the request (HTTP 400: " in message
+    assert "no-such-model" in message and "check the model name (--backend-model" in message
+
+
+def test_hf_hub_offline_is_named_with_its_remedy(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    remote = backend(engine)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for attempt in (lambda: backend(engine), lambda: list(remote.stream_chat([], "Hi", GREEDY))):
+        with pytest.raises(EndpointError, match="unset HF_HUB_OFFLINE to use a serving endpoint"):
+            attempt()
+
+
+def test_engine_killed_mid_reply(served_model, hf_cache, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with serving(served_model, hf_cache) as doomed:
+        service = DemoService(ModelManager(), AppSettings())
+        service.connect(parse_endpoint(doomed.url, doomed.model, TOKEN))
+        params = GenerationParams(max_new_tokens=400, temperature=0)
+        stream = service.complete("s", "Once", params)
+        next(stream)
+        doomed.kill()
+        with pytest.raises(EndpointError) as caught:
+            list(stream)
+    message = str(caught.value)
+    assert message.startswith(f"the serving endpoint at {doomed.url} ")
+    assert "stopped in the middle of the reply" in message or "ended the reply without finishing" in message
+    # The app keeps serving: the next request is refused in a sentence too, not a crash.
+    with pytest.raises(EndpointError, match="cannot reach the serving endpoint"):
+        list(service.complete("s", "Again", GREEDY))
+    assert TOKEN not in caplog.text
+
+
+# ---------------------------------------------------------------------------------- the service
+def test_public_mode_never_requests_a_visitors_url() -> None:
+    settings = AppSettings(lock_config=True, auth=(("admin", "pw"),), backend_url="http://10.0.0.5:8000")
+    service = DemoService(ModelManager(), settings)
+    with pytest.raises(AccessError, match="visitors cannot connect to a serving endpoint"):
+        service.endpoint_config("http://evil.example:80", session_id="visitor")
+    assert service.sign_in("admin-session", "admin", "pw")
+    with pytest.raises(AccessError, match="only the operator chooses the serving endpoint"):
+        service.endpoint_config("http://169.254.169.254", session_id="admin-session")
+    with pytest.raises(AccessError):
+        service.connect(parse_endpoint("http://evil.example"), "visitor")
+    # The operator's endpoint, with the operator's token whatever the admin typed.
+    operator = AppSettings(
+        lock_config=True, auth=(("a", "b"),), backend_url="http://h:1", backend_token=TOKEN
+    )
+    service = DemoService(ModelManager(), operator)
+    service.sign_in("s", "a", "b")
+    config = service.endpoint_config("http://h:1/v1", "m", "typed-token", session_id="s")
+    assert (config.url, config.model, config.token) == ("http://h:1", "m", TOKEN)
+
+
+def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"OPTDEMO_BACKEND_URL": "http://127.0.0.1:8000/v1", "OPTDEMO_BACKEND_TOKEN": TOKEN}
+    settings = parse_settings(["--backend-model", "facebook/opt-66b"], env=env)
+    assert (settings.backend_url, settings.backend_model) == ("http://127.0.0.1:8000/v1", "facebook/opt-66b")
+    assert settings.backend_token == TOKEN and TOKEN not in repr(settings)
+    assert parse_settings(["--backend-url", "http://h:1"], env=env).backend_url == "http://h:1"
+    for argv, message in (
+        (["--backend-url", "ftp://h"], "--backend-url: the endpoint URL must start with http://"),
+        (["--backend-url", "http://user:pw@h"], "do not write credentials into the endpoint URL"),
+        (["--backend-model", "m"], "--backend-model and --backend-token need --backend-url"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_settings(argv, env={})
+
+
+# ---------------------------------------------------------------------------------- the app
+def test_app_with_backend_url_streams_through_chat_tab_api_and_openai(engine: Engine) -> None:
+    flags = ["--backend-url", engine.url, "--backend-model", engine.model, "--backend-token", TOKEN]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = engine_says(engine, "chat/completions", {"messages": question, "max_tokens": 12})
+    with running_app(flags) as app:
+        assert app.service.preload() == f"serving endpoint {engine.url} ({engine.model})"
+        status = app.service.status()
+        assert status_text(status).startswith(f"**serving endpoint {engine.url} ({engine.model})**")
+        # The Chat tab's handler.
+        with gr.Blocks():
+            tab = chat_tab.layout_chat_tab(app.service)
+        values = {control: control.value for control in tab.controls.all()}
+        values[tab.controls.max_new_tokens], values[tab.controls.temperature] = 12, 0
+        values.update({tab.message: question[0]["content"], tab.turns: [], tab.system_prompt: ""})
+        updates = list(chat_tab.respond(app.service, tab, values, REQUEST))
+        assert updates[-1][tab.turns][-1]["assistant"] == expected
+        assert len(updates) > 3  # streamed
+        # The named /chat API.
+        client = app.client()
+        job = client.submit(question[0]["content"], 12, 0.0, api_name="/chat")
+        streamed = list(job)
+        assert job.result() == expected and len(streamed) > 1
+        api_status = client.predict(api_name="/status")
+        assert api_status["backend"] == "endpoint" and api_status["endpoint"]["url"] == engine.url
+        # The OpenAI-compatible API, as the served model.
+        openai_client = openai.OpenAI(base_url=app.url + "v1", api_key="none")
+        assert [m.id for m in openai_client.models.list().data] == [engine.model]
+        chunks = openai_client.chat.completions.create(
+            model="default", messages=question, max_tokens=12, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+        # The Device map tab shows what the engine reported.
+        heading, picture, table = devicemap_tab.render_tab(None, app.service.status(), None)
+        assert heading.startswith(f"**serving endpoint {engine.url} ({engine.model})**: the model runs")
+        assert engine.model in picture and "not reported" in picture and table == []
+        everything = json.dumps(
+            [api_status, streamed, heading, picture, client.view_api(return_format="dict")]
+        )
+        assert TOKEN not in everything
+
+
+def test_app_reports_a_down_engine_and_keeps_serving(engine: Engine) -> None:
+    with running_app(["--backend-url", f"http://127.0.0.1:{free_port()}", "--backend-model", "m"]) as app:
+        with pytest.raises(EndpointError, match="cannot reach the serving endpoint"):
+            app.service.preload()
+        # Not connected: the named API answers as with no model, and connecting to the engine works.
+        assert app.client().predict(api_name="/status")["loaded"] is False
+        app.service.connect(parse_endpoint(engine.url, engine.model))
+        client = app.client()
+        assert client.predict("Hi", 4, 0.0, api_name="/chat")
+
+
+def test_configuration_tab_connects_and_disconnects(engine: Engine) -> None:
+    service, tab = config_ui()
+    form = tab.endpoint
+    assert form.backend.value == LOCAL and not form.box.visible and form.token.visible
+    switched = endpoint_form.switch_backend(service, tab, {form.backend: ENDPOINT}, REQUEST)
+    assert switched[form.box]["visible"] is True and switched[form.local_box]["visible"] is False
+    assert (switched[tab.load_btn]["value"], switched[tab.unload_btn]["value"]) == ("Connect", "Disconnect")
+    values = {**form_values(tab), form.backend: ENDPOINT, form.url: engine.url, form.model: engine.model}
+    connected = config_tab.load(service, tab, values, REQUEST)[tab.status]
+    assert connected.startswith("**Connected** in ")
+    assert f"serving endpoint {engine.url} ({engine.model}) — engine not reported by the engine" in connected
+    assert service.chat_format() == ENDPOINT_FORMAT
+    disconnected = config_tab.unload(service, tab, values, REQUEST)[tab.status]
+    assert disconnected.startswith("Disconnected from the serving endpoint")
+    assert not service.status().loaded
+    # A wrong model name: the engine's answer, and nothing connected.
+    with pytest.raises(gr.Error, match="refused the request \\(HTTP 400"):
+        config_tab.load(service, tab, {**values, form.model: "nope"}, REQUEST)
+    assert service.endpoint is None
+
+
+def test_public_configuration_tab_hides_the_token_and_fixes_the_url(engine: Engine) -> None:
+    service, tab = config_ui(lock_config=True, backend_url=engine.url, backend_token=TOKEN)
+    form = tab.endpoint
+    assert form.backend.value == ENDPOINT and form.box.visible and not form.local_box.visible
+    assert not form.token.visible and form.token.value in ("", None) and form.url.interactive is False
+    values = {**form_values(tab), form.url: "http://evil.example"}
+    with pytest.raises(gr.Error, match="visitors cannot connect to a serving endpoint"):
+        config_tab.load(service, tab, values, REQUEST)
+    assert service.endpoint is None
