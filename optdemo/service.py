@@ -295,9 +295,12 @@ class DemoService:
         return backend.info
 
     def disconnect(self, session_id: str | None = None) -> bool:
-        """Stop using the serving endpoint (admins only in public mode); True if one was in use."""
+        """Stop using the serving endpoint, and the replies it is streaming (admins only in public
+        mode); True if one was in use."""
         self.access.require_admin(session_id, "disconnect the serving endpoint")
         was, self.endpoint = self.endpoint, None
+        if was is not None:
+            self.sessions.stop_all()  # as an unload stops the reply in progress
         return was is not None
 
     def conversion_cache(self) -> str:

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import engine_fixtures
@@ -151,24 +152,54 @@ def test_hf_hub_offline_is_named_with_its_remedy(engine: Engine, monkeypatch: py
             attempt()
 
 
-def test_engine_killed_mid_reply(served_model, hf_cache, caplog: pytest.LogCaptureFixture) -> None:
+def test_engine_killed_mid_reply_keeps_the_chat(
+    served_model: Path, hf_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
+    earlier = [{"user": "Hi", "assistant": "Hello", "stats": ""}]
     with serving(served_model, hf_cache) as doomed:
         service = DemoService(ModelManager(), AppSettings())
         service.connect(parse_endpoint(doomed.url, doomed.model, TOKEN))
-        params = GenerationParams(max_new_tokens=400, temperature=0)
-        stream = service.complete("s", "Once", params)
-        next(stream)
+        with gr.Blocks():
+            tab = chat_tab.layout_chat_tab(service)
+        values = chat_values(tab, "Once", earlier, max_new_tokens=400)
+        stream = chat_tab.respond(service, tab, values, REQUEST)
+        updates = [next(stream), next(stream)]  # the box cleared, then the reply's first piece
+        assert updates[-1][tab.chatbot][-1]["content"]
         doomed.kill()
-        with pytest.raises(EndpointError) as caught:
-            list(stream)
-    message = str(caught.value)
-    assert message.startswith(f"the serving endpoint at {doomed.url} ")
-    assert "stopped in the middle of the reply" in message or "ended the reply without finishing" in message
+        with pytest.raises(gr.Error) as caught:
+            updates.extend(stream)
+    message = caught.value.message
+    assert message.startswith(f"the serving endpoint at {doomed.url} stopped in the middle of the reply (")
+    assert message.endswith("the engine may have crashed or restarted; check it, then send again")
+    # The conversation is as it was, and the message is back in the box to send again.
+    failure = updates[-1]
+    assert failure[tab.turns] == earlier and failure[tab.message] == "Once"
+    assert failure[tab.chatbot] == chat_tab.to_messages(earlier)
     # The app keeps serving: the next request is refused in a sentence too, not a crash.
     with pytest.raises(EndpointError, match="cannot reach the serving endpoint"):
         list(service.complete("s", "Again", GREEDY))
     assert TOKEN not in caplog.text
+
+
+def test_disconnect_stops_the_reply_in_progress(engine: Engine) -> None:
+    service = DemoService(ModelManager(), AppSettings())
+    service.connect(parse_endpoint(engine.url, engine.model))
+    stream = service.complete("s", "Once", GenerationParams(max_new_tokens=300, temperature=0))
+    first = next(stream)
+    assert service.disconnect() is True
+    *_, last = stream
+    assert last.stats is not None and last.stats.stopped and last.stats.new_tokens < 300
+    assert last.text.startswith(first.text) and not service.status().loaded
+
+
+def chat_values(tab: chat_tab.ChatTab, message: str, turns: list, **controls: object) -> dict:
+    """What Gradio passes the Chat tab's send handler (greedy, unless ``controls`` say otherwise)."""
+    values = {control: control.value for control in tab.controls.all()}
+    values[tab.controls.temperature] = 0
+    for name, value in controls.items():
+        values[getattr(tab.controls, name)] = value
+    return {**values, tab.message: message, tab.turns: turns, tab.system_prompt: ""}
 
 
 # ---------------------------------------------------------------------------------- the service
@@ -219,9 +250,7 @@ def test_app_with_backend_url_streams_through_chat_tab_api_and_openai(engine: En
         # The Chat tab's handler.
         with gr.Blocks():
             tab = chat_tab.layout_chat_tab(app.service)
-        values = {control: control.value for control in tab.controls.all()}
-        values[tab.controls.max_new_tokens], values[tab.controls.temperature] = 12, 0
-        values.update({tab.message: question[0]["content"], tab.turns: [], tab.system_prompt: ""})
+        values = chat_values(tab, question[0]["content"], [], max_new_tokens=12)
         updates = list(chat_tab.respond(app.service, tab, values, REQUEST))
         assert updates[-1][tab.turns][-1]["assistant"] == expected
         assert len(updates) > 3  # streamed
