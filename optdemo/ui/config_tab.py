@@ -33,6 +33,7 @@ from optdemo.ui.config_text import (
     status_for,
 )
 from optdemo.ui.endpoint_form import (
+    DISCONNECTED,
     EndpointForm,
     backend_radio,
     button_labels,
@@ -89,13 +90,7 @@ class ConfigTab:
     sign_in: SignIn | None
     plan_state: gr.State  # the session's latest PlanView, or None
     loaded: gr.State  # bumped after each load/unload so other tabs refresh
-    endpoint: EndpointForm
-
-    @property
-    def backend_form(self) -> set:
-        """The controls that choose the backend and name the endpoint."""
-        form = self.endpoint
-        return {form.backend, form.url, form.model, form.token}
+    endpoint: EndpointForm  # this machine or a serving endpoint, and which
 
     @property
     def form(self) -> set:
@@ -114,7 +109,7 @@ class ConfigTab:
             self.fast_offload,
             self.cpu_layers,
             self.disk_tier,
-            *self.backend_form,
+            *self.endpoint.controls,
         }
 
 
@@ -132,8 +127,8 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
     remote = bool(service.settings.backend_url)
     with gr.Row():
         with gr.Column(scale=3):
-            backend = backend_radio(remote)
-            with gr.Column(visible=not remote) as local_box:
+            backend, local_box = backend_radio(remote), gr.Column(visible=not remote)
+            with local_box:
                 form = _form(service, initial, hardware)
             endpoint = endpoint_fields(service, backend, local_box)
             with gr.Row():
@@ -386,10 +381,8 @@ def unload(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> 
     """Unload the model and free its memory, or disconnect the serving endpoint."""
     remote = service.endpoint is not None
     was_loaded = service.unload(session_of(request))
-    if remote:
-        message = "Disconnected from the serving endpoint: nothing answers until you connect or load a model."
-    else:
-        message = "Model unloaded; memory released." if was_loaded else "Nothing was loaded."
+    message = "Model unloaded; memory released." if was_loaded else "Nothing was loaded."
+    message = DISCONNECTED if remote else message
     return {tab.status: message, tab.loaded: time.monotonic()}
 
 

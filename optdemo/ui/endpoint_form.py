@@ -36,6 +36,14 @@ class EndpointForm:
     model: gr.Textbox
     token: gr.Textbox
 
+    @property
+    def controls(self) -> set:
+        """The values a Connect needs: the choice, the URL, the model name, the token."""
+        return {self.backend, self.url, self.model, self.token}
+
+
+DISCONNECTED = "Disconnected from the serving endpoint: nothing answers until you connect or load a model."
+
 
 def backend_radio(remote: bool) -> gr.Radio:
     """The choice between this machine and a serving endpoint (``remote``: the endpoint first)."""
