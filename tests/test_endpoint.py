@@ -9,6 +9,7 @@ give one clear sentence and leave the app serving.
 
 from __future__ import annotations
 
+import http.server
 import itertools
 import json
 import logging
@@ -319,3 +320,62 @@ def test_public_configuration_tab_hides_the_token_and_fixes_the_url(engine: Engi
     with pytest.raises(gr.Error, match="visitors cannot connect to a serving endpoint"):
         config_tab.load(service, tab, values, REQUEST)
     assert service.endpoint is None
+
+
+# ---------------------------------------------------------------------------------- what is sent
+class _VllmLike(http.server.BaseHTTPRequestHandler):
+    """Answers as vLLM does (models with max_model_len, /version), streaming a two-piece reply;
+    records every request's Authorization header."""
+
+    seen: list[str | None] = []  # noqa: RUF012 - one test server at a time
+
+    def _send(self, body: bytes, kind: str = "application/json") -> None:
+        self.send_response(200)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("authorization"))
+        if self.path == "/v1/models":
+            self._send(b'{"data": [{"id": "m", "owned_by": "vllm", "max_model_len": 2048}]}')
+        elif self.path == "/version":
+            self._send(b'{"version": "0.0-test"}')
+        else:
+            self.send_error(404)
+
+    def do_POST(self) -> None:
+        self.seen.append(self.headers.get("authorization"))
+        self.rfile.read(int(self.headers["content-length"]))
+        chat = self.path.endswith("/chat/completions")
+        pieces = [{"delta": {"content": "Par"}}, {"delta": {"content": "is"}, "finish_reason": "stop"}]
+        if not chat:
+            pieces = [{"text": "Par"}, {"text": "is", "finish_reason": "stop"}]
+        events = [json.dumps({"choices": [{"index": 0, **piece}], "model": "m"}) for piece in pieces]
+        self._send("".join(f"data: {e}\n\n" for e in [*events, "[DONE]"]).encode(), "text/event-stream")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_only_the_endpoints_own_token_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_NEVER_SENT_1234")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _VllmLike)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        # Without a token of its own, no Authorization value at all (InferenceClient, left to
+        # itself, would send the HF token; its header is overridden with an empty one).
+        for token, allowed in ((None, {None, ""}), (TOKEN, {f"Bearer {TOKEN}"})):
+            _VllmLike.seen = []
+            remote = EndpointBackend.connect(parse_endpoint(url, None, token))
+            assert list(remote.stream_chat([], "Capital?", GREEDY))[-1].text == "Paris"
+            assert list(remote.stream_completion("The capital is", GREEDY))[-1].text == "Paris"
+            assert len(_VllmLike.seen) >= 4 and set(_VllmLike.seen) <= allowed
+    finally:
+        server.shutdown()
+    # What the engine told of itself: the listed model, its context length, engine and version.
+    info = remote.info
+    assert (info.model, info.context_length, info.engine_text()) == ("m", 2048, "vLLM 0.0-test")
+    assert remote.context_window() == 2048 and info.note == ""
