@@ -23,6 +23,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx2
@@ -31,7 +32,7 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, Offlin
 from huggingface_hub.utils import get_session, hf_raise_for_status
 
 from optdemo.chat_prompt import ChatTurn
-from optdemo.defaults import ENDPOINT_READ_TIMEOUT_SECONDS, MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS
+from optdemo.defaults import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS
 from optdemo.engine_api import (
     EndpointConfig,
     EngineInfo,
@@ -94,7 +95,9 @@ class EndpointBackend:
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": message})
-        yield from self._stream(lambda: self._chat_pieces(messages, params), params, stop_event)
+        for update in self._stream(lambda: self._chat_pieces(messages, params), params, stop_event):
+            # As the local transcript's: a reply starts at its first word (after "Assistant:").
+            yield replace(update, text=update.text.lstrip())
 
     def stream_completion(
         self,
@@ -202,9 +205,9 @@ class EndpointBackend:
         client = InferenceClient(
             base_url=self.config.api_url,
             token=self.config.token,
-            # No token of ours: send none (InferenceClient would otherwise send the HF token).
+            # No token of ours: an empty header, or InferenceClient would send the HF token.
             headers={} if self.config.token else {"authorization": ""},
-            timeout=ENDPOINT_READ_TIMEOUT_SECONDS,
+            timeout=request_timeout(),  # type: ignore[arg-type]  # handed to httpx as it is
         )
         chunks = client.chat_completion(
             messages, model=self.info.model, stream=True, **self._sampling(params)

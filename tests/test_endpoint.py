@@ -53,7 +53,8 @@ def engine_says(engine: Engine, route: str, body: dict) -> str:
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         choice = json.load(response)["choices"][0]
-    return choice["message"]["content"] if route == "chat/completions" else choice["text"]
+    # A chat reply is shown from its first word on, as the local model's.
+    return choice["message"]["content"].lstrip() if route == "chat/completions" else choice["text"]
 
 
 def backend(engine: Engine, model: str | None = None) -> EndpointBackend:
