@@ -46,7 +46,10 @@ from optdemo.engine_api import (
 from optdemo.errors import EndpointError, GenerationError
 from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate, _cut_at_stop
 
-ENDPOINT_FORMAT = "the serving endpoint's own chat template (the engine lays out the conversation)"
+ENDPOINT_FORMAT = (
+    "the serving endpoint's own chat template (the engine lays out the conversation; top_k and "
+    "repetition_penalty are not sent to it: the engine's defaults apply)"
+)
 OPENAI_MAX_STOP = 4  # stop sequences the OpenAI protocol takes; the rest are applied here only
 
 

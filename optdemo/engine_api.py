@@ -93,9 +93,9 @@ class EngineInfo:
         return f"serving endpoint {self.url} ({self.model})"
 
     def engine_text(self) -> str:
-        """``vLLM 0.11.0``, or a sentence saying the engine did not tell."""
+        """``vLLM 0.11.0``, ``version 1.2`` (a version, no name), or that the engine did not tell."""
         if not self.engine:
-            return "not reported by the engine"
+            return f"version {self.version}" if self.version else "not reported by the engine"
         return f"{self.engine} {self.version}" if self.version else self.engine
 
     def to_dict(self) -> dict:
@@ -152,9 +152,10 @@ def explain(exc: BaseException, config: EndpointConfig, started_reply: bool = Fa
         message = str(exc)
     elif isinstance(exc, OfflineModeIsEnabled):
         message = (
-            "HF_HUB_OFFLINE=1 is set, and huggingface_hub then refuses every request, to a serving "
-            "endpoint on this machine too: unset HF_HUB_OFFLINE to use a serving endpoint (local models "
-            "do not need it: optdemo detects when the Hub cannot be reached)"
+            "HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) is set, and huggingface_hub then refuses every "
+            "request, to a serving endpoint on this machine too: unset HF_HUB_OFFLINE to use a serving "
+            "endpoint (and TRANSFORMERS_OFFLINE; local models need neither: optdemo detects when the "
+            "Hub cannot be reached) and restart the app"
         )
     elif isinstance(exc, HfHubHTTPError) and exc.response is not None:
         message = _http_refusal(where, exc.response)
@@ -275,13 +276,12 @@ def _probe(config: EndpointConfig, model: str) -> None:
 
 
 def _engine_facts(config: EndpointConfig, entry: dict) -> dict[str, Any]:
-    """Context length, engine and version, from the model's entry and what the engine tells at
-    ``/version`` (vLLM) or ``/info`` (TGI); an engine that tells nothing leaves them None."""
-    facts: dict[str, Any] = {"context_length": _context_length(entry), "engine": None, "version": None}
-    owner = str(entry.get("owned_by") or "")
-    if owner.lower() == "vllm":
-        facts["engine"] = "vLLM"
-    for path, engine in (("/version", "vLLM"), ("/info", "TGI")):
+    """Context length, engine and version, from the model's entry (vLLM's say ``owned_by: vllm``)
+    and what the engine tells at ``/version`` (vLLM) or ``/info`` (TGI, which names its
+    ``model_id``); an engine that tells nothing leaves them None."""
+    engine = "vLLM" if str(entry.get("owned_by") or "").lower() == "vllm" else None
+    facts: dict[str, Any] = {"context_length": _context_length(entry), "engine": engine, "version": None}
+    for path in ("/version", "/info"):
         try:
             body = _get_json(config, path, timeout=2.0)
         except Exception:  # noqa: BLE001 - optional facts: an engine may not have the route
@@ -289,7 +289,8 @@ def _engine_facts(config: EndpointConfig, entry: dict) -> dict[str, Any]:
         if not isinstance(body, dict) or not body.get("version"):
             continue
         facts["version"] = str(body["version"])
-        facts["engine"] = facts["engine"] or (engine if path == "/version" or "model_id" in body else None)
+        if path == "/info" and "model_id" in body:
+            facts["engine"] = facts["engine"] or "TGI"
         facts["context_length"] = facts["context_length"] or _context_length(body)
         break
     return facts

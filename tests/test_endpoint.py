@@ -278,6 +278,10 @@ def test_app_with_backend_url_streams_through_chat_tab_api_and_openai(engine: En
             [api_status, streamed, heading, picture, client.view_api(return_format="dict")]
         )
         assert TOKEN not in everything
+        # /unload disconnects the endpoint: nothing answers until an admin connects or loads.
+        unloaded = client.predict(api_name="/unload")
+        assert unloaded["unloaded"] is True and unloaded["status"]["loaded"] is False
+        assert app.service.endpoint is None
 
 
 def test_app_reports_a_down_engine_and_keeps_serving(engine: Engine) -> None:
