@@ -13,6 +13,9 @@ import http.server
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -384,3 +387,43 @@ def test_only_the_endpoints_own_token_is_sent(monkeypatch: pytest.MonkeyPatch) -
     info = remote.info
     assert (info.model, info.context_length, info.engine_text()) == ("m", 2048, "vLLM 0.0-test")
     assert remote.context_window() == 2048 and info.note == ""
+
+
+# ---------------------------------------------------------------------------------- app.py
+def run_app(*args: str, offline: bool) -> subprocess.CompletedProcess:
+    """``python app.py ARGS`` with no OPTDEMO_* variables; HF_HUB_OFFLINE set or unset."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTDEMO_") or k == "OPTDEMO_CACHE"}
+    for name in ("SPACE_ID", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    env.update({"HF_HUB_OFFLINE": "1"} if offline else {"HF_HUB_DISABLE_UPDATE_CHECK": "1"})
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "app.py", *args]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_bad_backend_url_is_one_line_and_exit_2() -> None:
+    result = run_app("--backend-url", "ftp://h", offline=True)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "optdemo: --backend-url: the endpoint URL must start with http:// or https:// and name a host, "
+        "got 'ftp://h'\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offline", [False, True])
+def test_public_mode_with_an_unreachable_endpoint_stops_with_the_reason(offline: bool) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = ("--lock-config", "--backend-url", url, "--backend-model", "m", "--port", "7")
+    result = run_app(*flags, offline=offline)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    reason = (
+        "HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) is set"
+        if offline
+        else f"cannot reach the serving endpoint at http://127.0.0.1:{port} (connection refused)"
+    )
+    expected = f"optdemo: public mode needs a serving endpoint, and it could not be reached: {reason}"
+    assert last.startswith(expected), last
+    assert "Traceback" not in result.stderr and "Running on" not in result.stdout
