@@ -353,6 +353,7 @@ def test_run_on_a_serving_endpoint_shows_its_fields_and_connect(page) -> None:
     expect(page.get_by_role("button", name="Connect", exact=True)).to_be_visible()
     expect(page.get_by_role("button", name="Disconnect", exact=True)).to_be_visible()
     expect(page.get_by_label("Revision")).to_be_hidden()  # the local model's controls give way
+    expect(page.get_by_role("button", name="Plan", exact=True)).to_be_hidden()
     url.fill("http://127.0.0.1:9/v1")
     page.get_by_label("Model name").fill("some-model")
     page.get_by_role("button", name="Connect", exact=True).click()
@@ -363,3 +364,4 @@ def test_run_on_a_serving_endpoint_shows_its_fields_and_connect(page) -> None:
     expect(page.get_by_role("button", name="Load model", exact=True)).to_be_visible()
     expect(url).to_be_hidden()
     expect(page.get_by_label("Revision")).to_be_visible()
+    expect(page.get_by_role("button", name="Plan", exact=True)).to_be_visible()

@@ -304,6 +304,7 @@ def test_configuration_tab_connects_and_disconnects(engine: Engine) -> None:
     assert form.backend.value == LOCAL and not form.box.visible and form.token.visible
     switched = endpoint_form.switch_backend(service, tab, {form.backend: ENDPOINT}, REQUEST)
     assert switched[form.box]["visible"] is True and switched[form.local_box]["visible"] is False
+    assert switched[tab.plan_btn]["visible"] is False
     assert (switched[tab.load_btn]["value"], switched[tab.unload_btn]["value"]) == ("Connect", "Disconnect")
     values = {**form_values(tab), form.backend: ENDPOINT, form.url: engine.url, form.model: engine.model}
     connected = config_tab.load(service, tab, values, REQUEST)[tab.status]

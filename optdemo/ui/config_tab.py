@@ -132,7 +132,7 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
                 form = _form(service, initial, hardware)
             endpoint = endpoint_fields(service, backend, local_box)
             with gr.Row():
-                plan_btn = gr.Button("Plan", variant="secondary")
+                plan_btn = gr.Button("Plan", variant="secondary", visible=not remote)
                 load_btn = gr.Button(button_labels(remote)[0], variant="primary", interactive=not locked)
                 unload_btn = gr.Button(button_labels(remote)[1], variant="stop", interactive=not locked)
             status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])

@@ -113,6 +113,7 @@ def switch_backend(service: DemoService, tab: ConfigTab, values: dict, request: 
     return {
         form.box: gr.update(visible=remote),
         form.local_box: gr.update(visible=not remote),
+        tab.plan_btn: gr.update(visible=not remote),  # a serving endpoint has no plan here
         tab.load_btn: gr.update(value=load_label),
         tab.unload_btn: gr.update(value=unload_label),
     }
@@ -125,7 +126,7 @@ def wire_endpoint_form(service: DemoService, tab: ConfigTab) -> None:
     form.backend.change(
         bind(switch_backend, service, tab),
         {form.backend},
-        [form.box, form.local_box, tab.load_btn, tab.unload_btn],
+        [form.box, form.local_box, tab.plan_btn, tab.load_btn, tab.unload_btn],
         queue=False,
         **private,
     )
