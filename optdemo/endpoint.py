@@ -98,7 +98,8 @@ class EndpointBackend:
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": message})
-        for update in self._stream(lambda: self._chat_pieces(messages, params), params, stop_event):
+        chat = self._stream(lambda: self._chat_pieces(messages, params), params, stop_event, chat=True)
+        for update in chat:
             # As the local transcript's: a reply starts at its first word (after "Assistant:").
             yield replace(update, text=update.text.lstrip())
 
@@ -135,7 +136,11 @@ class EndpointBackend:
 
     # ---------------------------------------------------------------- streaming
     def _stream(
-        self, open_pieces: Any, params: GenerationParams, stop_event: threading.Event | None
+        self,
+        open_pieces: Any,
+        params: GenerationParams,
+        stop_event: threading.Event | None,
+        chat: bool = False,
     ) -> Iterator[GenerationUpdate]:
         """Run one request: accumulate the engine's pieces, hold back and cut stop sequences, end
         early on ``stop_event``, and turn every failure into an :class:`EndpointError`."""
@@ -168,7 +173,7 @@ class EndpointBackend:
             finally:
                 stream.close()  # closes the response: the engine sees the client go and stops
         except (httpx2.HTTPError, HfHubHTTPError, OfflineModeIsEnabled, InferenceTimeoutError) as exc:
-            raise self.explain(exc, started_reply=bool(text)) from None
+            raise explain(exc, self.config, started_reply=bool(text), chat=chat) from None
         if not (finished or stopped or hit):
             raise EndpointError(
                 f"the serving endpoint at {self.config.url} ended the reply without finishing it (it may "
@@ -252,11 +257,6 @@ class EndpointBackend:
                 yield choice.get("text") or "", choice.get("finish_reason"), event.get("usage")
 
         return _Pieces(pieces(), lambda: context.__exit__(None, None, None))
-
-    # ---------------------------------------------------------------- errors
-    def explain(self, exc: BaseException, started_reply: bool = False) -> EndpointError:
-        """One sentence for a failed request (see :func:`explain`)."""
-        return explain(exc, self.config, started_reply)
 
 
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens")

@@ -143,7 +143,9 @@ def check_engine(config: EndpointConfig) -> EngineInfo:
     return EngineInfo(config.url, model, connect_seconds=seconds, note=note, **facts)
 
 
-def explain(exc: BaseException, config: EndpointConfig, started_reply: bool = False) -> EndpointError:
+def explain(
+    exc: BaseException, config: EndpointConfig, started_reply: bool = False, chat: bool = False
+) -> EndpointError:
     """The sentence for a failed request to ``config``'s endpoint: offline mode set, engine down,
     the engine's own refusal (wrong model name, bad token), a timeout, or an engine that stopped in
     the middle of a reply. The token never appears in it."""
@@ -158,7 +160,7 @@ def explain(exc: BaseException, config: EndpointConfig, started_reply: bool = Fa
             "Hub cannot be reached) and restart the app"
         )
     elif isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        message = _http_refusal(where, exc.response)
+        message = _http_refusal(where, exc.response, chat)
     elif isinstance(exc, (httpx2.TimeoutException, InferenceTimeoutError)):
         message = f"{where} did not answer in time: check that the engine is running and not overloaded"
     elif isinstance(exc, httpx2.ConnectError):
@@ -176,8 +178,9 @@ def explain(exc: BaseException, config: EndpointConfig, started_reply: bool = Fa
     return EndpointError(_scrub(message, config.token))
 
 
-def _http_refusal(where: str, response: Any) -> str:
-    """The engine's HTTP error as a sentence with what to do for its status code."""
+def _http_refusal(where: str, response: Any, chat: bool = False) -> str:
+    """The engine's HTTP error as a sentence with what to do for its status code (a chat that
+    fails on the engine's side is most often a model without a chat template)."""
     status = response.status_code
     detail = error_text(_json_body(response)) or response.reason_phrase
     said = f"{where} refused the request (HTTP {status}: {detail[:300]})"
@@ -187,6 +190,12 @@ def _http_refusal(where: str, response: Any) -> str:
         return f"{said}: check the model name (--backend-model, or the Model field)"
     if status == 404:
         return f"{said}: check the URL (the server's base URL, with or without /v1)"
+    if status >= 500 and chat:
+        return (
+            f"{where} failed to chat (HTTP {status}: {detail[:300]}): its model may have no chat template "
+            "(transformers serve then fails every chat): use Completion mode, or serve a model with a "
+            "chat template; the engine's log says more"
+        )
     if status >= 500:
         return f"{where} failed (HTTP {status}: {detail[:300]}): check the engine's log"
     return said

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -145,6 +146,22 @@ def test_wrong_model_name_gives_the_engines_answer(engine: Engine) -> None:
     message = str(caught.value)
     assert f"the serving endpoint at {engine.url} refused the request (HTTP 400: " in message
     assert "no-such-model" in message and "check the model name (--backend-model" in message
+
+
+def test_chat_with_an_engine_lacking_a_chat_template_says_so(served_model: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "no-template"
+    shutil.copytree(served_model, bare, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    (tmp_path / "hf").mkdir()
+    with serving(bare, tmp_path / "hf") as plain:
+        remote = EndpointBackend.connect(parse_endpoint(plain.url, plain.model))
+        with pytest.raises(EndpointError) as caught:
+            list(remote.stream_chat([], "Hi", GREEDY))
+        assert list(remote.stream_completion("Hi", GREEDY))[-1].text  # completion still works
+    assert str(caught.value) == (
+        f"the serving endpoint at {plain.url} failed to chat (HTTP 500: Internal Server Error): its model "
+        "may have no chat template (transformers serve then fails every chat): use Completion mode, or "
+        "serve a model with a chat template; the engine's log says more"
+    )
 
 
 def test_hf_hub_offline_is_named_with_its_remedy(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
