@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -51,6 +51,7 @@ ENDPOINT_FORMAT = (
     "repetition_penalty are not sent to it: the engine's defaults apply)"
 )
 OPENAI_MAX_STOP = 4  # stop sequences the OpenAI protocol takes; the rest are applied here only
+Piece = tuple[str, str | None, dict | None]  # streamed text, finish_reason (at the end), usage
 
 
 class EndpointBackend:
@@ -137,7 +138,7 @@ class EndpointBackend:
     # ---------------------------------------------------------------- streaming
     def _stream(
         self,
-        open_pieces: Any,
+        open_pieces: Callable[[], _Pieces],
         params: GenerationParams,
         stop_event: threading.Event | None,
         chat: bool = False,
@@ -221,7 +222,7 @@ class EndpointBackend:
             messages, model=self.info.model, stream=True, **self._sampling(params)
         )
 
-        def pieces() -> Iterator[tuple[str, str | None, dict | None]]:
+        def pieces() -> Iterator[Piece]:
             for chunk in chunks:
                 usage = chunk.usage
                 usage_dict = None if usage is None else {k: getattr(usage, k, None) for k in _USAGE_KEYS}
@@ -247,7 +248,7 @@ class EndpointBackend:
             context.__exit__(None, None, None)
             raise
 
-        def pieces() -> Iterator[tuple[str, str | None, dict | None]]:
+        def pieces() -> Iterator[Piece]:
             for event in sse_events(response.iter_lines()):
                 if "error" in event:
                     raise EndpointError(
@@ -265,11 +266,11 @@ _USAGE_KEYS = ("prompt_tokens", "completion_tokens")
 class _Pieces:
     """An iterator of (text, finish_reason, usage) with the close that ends its request."""
 
-    def __init__(self, items: Iterator[tuple[str, str | None, dict | None]], close: Any) -> None:
+    def __init__(self, items: Iterator[Piece], close: Callable[[], object]) -> None:
         self._items = items
         self._close = close
 
-    def __iter__(self) -> Iterator[tuple[str, str | None, dict | None]]:
+    def __iter__(self) -> Iterator[Piece]:
         return self._items
 
     def close(self) -> None:
