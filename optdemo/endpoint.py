@@ -39,6 +39,7 @@ from optdemo.engine_api import (
     check_engine,
     error_text,
     explain,
+    once_more_if_stale,
     request_headers,
     request_timeout,
     sse_events,
@@ -151,7 +152,7 @@ class EndpointBackend:
         text, shown, pieces, usage = "", "", 0, None
         finished = stopped = hit = False
         try:
-            stream = open_pieces()
+            stream = once_more_if_stale(open_pieces)
             try:
                 for piece, finish, piece_usage in stream:
                     usage = piece_usage or usage
@@ -218,9 +219,13 @@ class EndpointBackend:
             headers={} if self.config.token else {"authorization": ""},
             timeout=request_timeout(),  # type: ignore[arg-type]  # handed to httpx as it is
         )
-        chunks = client.chat_completion(
-            messages, model=self.info.model, stream=True, **self._sampling(params)
-        )
+        try:
+            chunks = client.chat_completion(
+                messages, model=self.info.model, stream=True, **self._sampling(params)
+            )
+        except BaseException:
+            client.close()  # the refused response is held open by the client until then
+            raise
 
         def pieces() -> Iterator[Piece]:
             for chunk in chunks:

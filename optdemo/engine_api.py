@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
@@ -20,6 +20,7 @@ from huggingface_hub.utils import get_session, hf_raise_for_status
 from optdemo.defaults import ENDPOINT_CONNECT_TIMEOUT_SECONDS, ENDPOINT_READ_TIMEOUT_SECONDS
 from optdemo.errors import ConfigError, EndpointError
 
+T = TypeVar("T")
 _MAX_URL_CHARS = 500
 # Where engines say how long a context their model takes (/v1/models entries, TGI's /info).
 _CONTEXT_KEYS = ("max_model_len", "context_length", "max_context_length", "max_total_tokens")
@@ -241,9 +242,22 @@ def request_timeout() -> httpx2.Timeout:
     return httpx2.Timeout(ENDPOINT_READ_TIMEOUT_SECONDS, connect=ENDPOINT_CONNECT_TIMEOUT_SECONDS)
 
 
+def once_more_if_stale(request: Callable[[], T]) -> T:
+    """``request()``, sent again once if it failed on a kept-alive connection the engine had
+    already closed (it restarted, or dropped the connection after an error): the session's pool
+    then opens a fresh one. A request that fails again fails for real."""
+    try:
+        return request()
+    except (httpx2.ReadError, httpx2.WriteError, httpx2.RemoteProtocolError):
+        return request()
+
+
 def _get_json(config: EndpointConfig, path: str, timeout: float = ENDPOINT_CONNECT_TIMEOUT_SECONDS) -> Any:
     """GET ``<url><path>`` as JSON (raises what the session raises)."""
-    response = get_session().get(f"{config.url}{path}", headers=request_headers(config), timeout=timeout)
+    url = f"{config.url}{path}"
+    response = once_more_if_stale(
+        lambda: get_session().get(url, headers=request_headers(config), timeout=timeout)
+    )
     hf_raise_for_status(response)
     return response.json()
 
@@ -273,11 +287,13 @@ def _probe(config: EndpointConfig, model: str) -> None:
     """One one-token completion, so that a wrong model name fails now with the engine's answer."""
     payload = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
     try:
-        response = get_session().post(
-            f"{config.api_url}/completions",
-            json=payload,
-            headers=request_headers(config),
-            timeout=request_timeout(),
+        response = once_more_if_stale(
+            lambda: get_session().post(
+                f"{config.api_url}/completions",
+                json=payload,
+                headers=request_headers(config),
+                timeout=request_timeout(),
+            )
         )
         hf_raise_for_status(response)
     except (httpx2.HTTPError, HfHubHTTPError, OfflineModeIsEnabled) as exc:

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import engine_fixtures
 import gradio as gr
+import httpx2
 import openai
 import pytest
 from app_fixtures import config_ui, form_values, running_app
@@ -31,7 +32,7 @@ from engine_fixtures import Engine, free_port, serving
 
 from optdemo.backend import ENDPOINT, LOCAL
 from optdemo.endpoint import ENDPOINT_FORMAT, EndpointBackend
-from optdemo.engine_api import parse_endpoint
+from optdemo.engine_api import once_more_if_stale, parse_endpoint
 from optdemo.errors import AccessError, ConfigError, EndpointError
 from optdemo.generation import GenerationParams
 from optdemo.manager import ModelManager
@@ -162,6 +163,29 @@ def test_chat_with_an_engine_lacking_a_chat_template_says_so(served_model: Path,
         "may have no chat template (transformers serve then fails every chat): use Completion mode, or "
         "serve a model with a chat template; the engine's log says more"
     )
+
+
+def test_a_request_on_a_stale_connection_is_sent_once_more() -> None:
+    # After an engine answered an error (or restarted), its kept-alive connection may be gone:
+    # the first try fails with a reset, the second opens a fresh connection.
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx2.ReadError("[Errno 104] Connection reset by peer")
+        return "answer"
+
+    assert once_more_if_stale(flaky) == "answer" and len(calls) == 2
+
+    def dead() -> str:
+        calls.append(1)
+        raise httpx2.RemoteProtocolError("peer closed connection")
+
+    calls.clear()
+    with pytest.raises(httpx2.RemoteProtocolError):
+        once_more_if_stale(dead)
+    assert len(calls) == 2  # once more, not forever
 
 
 def test_hf_hub_offline_is_named_with_its_remedy(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:

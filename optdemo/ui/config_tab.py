@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 
+import optdemo.ui.endpoint_form as endpoint_form  # (not "from optdemo.ui": no cycle via the package)
 from optdemo import defaults
 from optdemo.backend import ENDPOINT
 from optdemo.budget import format_bytes
@@ -31,15 +32,6 @@ from optdemo.ui.config_text import (
     offload_info,
     quantization_availability,
     status_for,
-)
-from optdemo.ui.endpoint_form import (
-    DISCONNECTED,
-    EndpointForm,
-    backend_radio,
-    button_labels,
-    connect,
-    endpoint_fields,
-    wire_endpoint_form,
 )
 from optdemo.ui.errors import to_gradio_error, user_errors
 from optdemo.ui.render import describe_placement, plan_summary, status_text  # noqa: F401 - re-exported
@@ -90,7 +82,7 @@ class ConfigTab:
     sign_in: SignIn | None
     plan_state: gr.State  # the session's latest PlanView, or None
     loaded: gr.State  # bumped after each load/unload so other tabs refresh
-    endpoint: EndpointForm  # this machine or a serving endpoint, and which
+    endpoint: endpoint_form.EndpointForm  # this machine or a serving endpoint, and which
 
     @property
     def form(self) -> set:
@@ -127,14 +119,15 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
     remote = bool(service.settings.backend_url)
     with gr.Row():
         with gr.Column(scale=3):
-            backend, local_box = backend_radio(remote), gr.Column(visible=not remote)
+            backend, local_box = endpoint_form.backend_radio(remote), gr.Column(visible=not remote)
             with local_box:
                 form = _form(service, initial, hardware)
-            endpoint = endpoint_fields(service, backend, local_box)
+            endpoint = endpoint_form.endpoint_fields(service, backend, local_box)
             with gr.Row():
+                load_label, unload_label = endpoint_form.button_labels(remote)
                 plan_btn = gr.Button("Plan", variant="secondary", visible=not remote)
-                load_btn = gr.Button(button_labels(remote)[0], variant="primary", interactive=not locked)
-                unload_btn = gr.Button(button_labels(remote)[1], variant="stop", interactive=not locked)
+                load_btn = gr.Button(load_label, variant="primary", interactive=not locked)
+                unload_btn = gr.Button(unload_label, variant="stop", interactive=not locked)
             status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])
         with gr.Column(scale=2):
             gr.Markdown("### Plan")
@@ -321,7 +314,7 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
     """Load the form's configuration (or reuse the loaded model), reporting progress; with "a
     serving endpoint" chosen, connect to it instead."""
     if values.get(tab.endpoint.backend) == ENDPOINT:
-        return connect(service, tab, values, request)
+        return endpoint_form.connect(service, tab, values, request)
     config = config_from_form(service, tab, values)
 
     def report(fraction: float | None, text: str) -> None:
@@ -382,7 +375,7 @@ def unload(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> 
     remote = service.endpoint is not None
     was_loaded = service.unload(session_of(request))
     message = "Model unloaded; memory released." if was_loaded else "Nothing was loaded."
-    message = DISCONNECTED if remote else message
+    message = endpoint_form.DISCONNECTED if remote else message
     return {tab.status: message, tab.loaded: time.monotonic()}
 
 
@@ -462,7 +455,7 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
         **private,
         **LOAD_REQUESTS,
     )
-    wire_endpoint_form(service, tab)
+    endpoint_form.wire_endpoint_form(service, tab)
     tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
     if tab.sign_in is not None:
         form = tab.sign_in
