@@ -79,7 +79,7 @@ def endpoint_fields(service: DemoService, backend: gr.Radio, local_box: gr.Colum
         token = gr.Textbox(
             label="Token (optional)",
             type="password",
-            placeholder="the operator's token is used" if settings.backend_token else "none",
+            placeholder="empty: the operator's, for its endpoint" if settings.backend_token else "none",
             visible=not settings.public,
         )
     return EndpointForm(backend, local_box, box, url, model, token)
