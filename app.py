@@ -35,16 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tiny_model()
     threading.Thread(target=measured_bandwidths, name="optdemo-bandwidths", daemon=True).start()
     demo, service = create_app(settings)
-    if settings.preload:
+    if settings.preload or settings.backend_url:  # with --backend-url: connect before serving
         try:
-            report = service.preload()
-            logging.getLogger("optdemo").info("%s", report.message)
+            logging.getLogger("optdemo").info("%s", service.preload())
         except OptdemoError as exc:
             if settings.public:  # visitors cannot load a model: a page without one is a dead end
-                print(
-                    f"optdemo: public mode needs a loaded model, and it could not be loaded: {exc}",
-                    file=sys.stderr,
+                what = (
+                    "a serving endpoint, and it could not be reached"
+                    if settings.backend_url
+                    else "a loaded model, and it could not be loaded"
                 )
+                print(f"optdemo: public mode needs {what}: {exc}", file=sys.stderr)
                 return 2
             logging.getLogger("optdemo").error("preload failed, serving anyway: %s", exc)
     try:

@@ -51,6 +51,9 @@ MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used
 # ---------------------------------------------------------------- wait times (seconds)
 # How long a load (or unload) waits for a running generation to notice its stop event and end.
 LOAD_WAIT_SECONDS = 120.0
+# How long connecting to a serving endpoint waits for its model list, and a reply for its next piece.
+ENDPOINT_CONNECT_TIMEOUT_SECONDS = 10.0
+ENDPOINT_READ_TIMEOUT_SECONDS = 120.0
 # How long a generation waits for the model (a load, or other users' generations) before giving up.
 GENERATION_WAIT_SECONDS = 600.0
 

@@ -55,3 +55,8 @@ class CacheInUseError(OptdemoError):
 
 class NoModelForVisitorsError(NoModelError):
     """No model is loaded, and this visitor of a public deployment cannot load one."""
+
+
+class EndpointError(OptdemoError):
+    """A serving endpoint (the remote backend) cannot be reached, refused a request, or stopped in
+    the middle of a reply; the message names the endpoint and what to do."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from optdemo import defaults
 from optdemo.chat_prompt import ChatTurn
-from optdemo.errors import AccessError, BusyError, NoModelError, OptdemoError
+from optdemo.errors import AccessError, BusyError, EndpointError, NoModelError, OptdemoError
 from optdemo.generation import GenerationStats, _cut_at_stop
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API: "up to 4 sequences"
@@ -58,6 +58,8 @@ def error_for(exc: OptdemoError) -> OpenAIError:
         return OpenAIError(message, 503, "server_error", code="model_busy")
     if isinstance(exc, AccessError):
         return OpenAIError(message, 403, "permission_error", code="not_allowed")
+    if isinstance(exc, EndpointError):  # the serving endpoint behind this server failed
+        return OpenAIError(message, 502, "server_error", code="backend_error")
     return OpenAIError(message, 400)
 
 

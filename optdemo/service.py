@@ -4,23 +4,35 @@
 engine requests and returns dataclasses, delegating each other job to one part: the deployment's
 access rules to :class:`~optdemo.access.AccessPolicy`, per-session state (stop events, API chat
 histories) to :class:`~optdemo.sessions.SessionStore`, the model to
-:class:`~optdemo.manager.ModelManager`. It never imports gradio: the UI adapts its results to
-components and its exceptions to ``gr.Error``.
+:class:`~optdemo.manager.ModelManager`, or, when one is connected, to a serving endpoint
+(:class:`~optdemo.endpoint.EndpointBackend`): chat and completion go to the active
+:class:`~optdemo.backend.Backend` with the same caps, validation and stop handling. It never
+imports gradio: the UI adapts its results to components and its exceptions to ``gr.Error``.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from optdemo import defaults
 from optdemo.access import AccessPolicy
+from optdemo.backend import Backend
 from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.chat_prompt import ChatTurn
 from optdemo.config import LoadConfig
-from optdemo.errors import ConfigError, GenerationError, NoModelError, NoModelForVisitorsError, OptdemoError
+from optdemo.endpoint import EndpointBackend
+from optdemo.engine_api import EndpointConfig, EngineInfo, parse_endpoint
+from optdemo.errors import (
+    AccessError,
+    ConfigError,
+    GenerationError,
+    NoModelError,
+    NoModelForVisitorsError,
+    OptdemoError,
+)
 from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.hardware import probe_hardware, suggest_budget
 from optdemo.manager import ModelManager
@@ -79,6 +91,15 @@ class DemoService:
         self.settings = settings
         self.access = AccessPolicy(settings)
         self.sessions = SessionStore(settings.max_history_turns)
+        # The serving endpoint chat goes to instead of the local model, while one is connected.
+        self.endpoint: EndpointBackend | None = None
+        self._endpoint_stats: GenerationStats | None = None  # its latest reply's speed
+
+    @property
+    def backend(self) -> Backend:
+        """Where chat and completion go now: the connected endpoint, else the local model."""
+        endpoint = self.endpoint
+        return endpoint if endpoint is not None else self.manager
 
     # ---------------------------------------------------------------- access
     def is_admin(self, session_id: str | None) -> bool:
@@ -179,13 +200,19 @@ class DemoService:
         return PlanView(plan, predict_plan(plan, probe_hardware(offload_folder).ram_available_bytes))
 
     def status(self) -> ModelStatus:
-        """What is loaded now, and whether a load or a reply is running."""
+        """What is loaded now (or which endpoint serves), and whether a load or a reply is running."""
+        endpoint = self.endpoint
+        if endpoint is not None:
+            return ModelStatus(None, endpoint=endpoint.info, last_stats=self._endpoint_stats)
         return self.manager.status()
 
     def loaded_prediction(self) -> SpeedPrediction | None:
-        """The predicted speed of the loaded model, or None when nothing is loaded."""
+        """The predicted speed of the loaded model, or None when nothing is loaded (or an endpoint
+        serves: its speed is the engine's)."""
         plan = self.manager.status().plan
-        return None if plan is None else predict_plan(plan, probe_hardware().ram_available_bytes)
+        if plan is None or self.endpoint is not None:
+            return None
+        return predict_plan(plan, probe_hardware().ram_available_bytes)
 
     def load(
         self, config: LoadConfig, session_id: str | None = None, progress: Callable | None = None
@@ -195,20 +222,86 @@ class DemoService:
         model) is never read as being about the model selected now."""
         try:
             current = self.manager.current_config
-            if current is None or current != config:
+            if current is None or current != config or self.endpoint is not None:
                 self.access.require_admin(session_id, "load or change the model")
-            return self.manager.load(config, progress)
+            report = self.manager.load(config, progress)
         except OptdemoError as exc:
             raise naming_model(exc, config) from None
+        self.endpoint = None  # this machine answers again
+        return report
 
-    def preload(self) -> LoadReport:
-        """Load the configuration given at start: the operator's own request, so no access check."""
-        return self.manager.load(self.initial_config())
+    def preload(self) -> str:
+        """Get ready before serving, as the operator said at start (so no access check): connect
+        to ``--backend-url`` when given, else load the configured model. Returns what was done."""
+        operator = self.operator_endpoint()
+        if operator is not None:
+            return self._connect(operator).describe()
+        return self.manager.load(self.initial_config()).message
 
     def unload(self, session_id: str | None = None) -> bool:
-        """Unload the model (admins only in public mode)."""
+        """Unload the model, or disconnect the serving endpoint (admins only in public mode)."""
+        if self.endpoint is not None:
+            return self.disconnect(session_id)
         self.access.require_admin(session_id, "unload the model")
         return self.manager.unload()
+
+    # ---------------------------------------------------------------- serving endpoint
+    def operator_endpoint(self) -> EndpointConfig | None:
+        """The endpoint given at start (``--backend-url``, ``--backend-model``, ``--backend-token``)."""
+        settings = self.settings
+        if not settings.backend_url:
+            return None
+        return parse_endpoint(settings.backend_url, settings.backend_model, settings.backend_token)
+
+    def endpoint_config(
+        self, url: object, model: object = None, token: object = None, session_id: str | None = None
+    ) -> EndpointConfig:
+        """The endpoint a form or call names, with this deployment's rules: in public mode only an
+        admin connects, and only to the operator's endpoint with the operator's token (a visitor
+        can never make the server request a URL of their choice). An empty token or model with the
+        operator's URL means the operator's.
+
+        Raises:
+            ConfigError: not a usable URL. AccessError: not allowed here.
+        """
+        self.access.require_admin(session_id, "connect to a serving endpoint")
+        config = parse_endpoint(url, model, token)
+        operator = self.operator_endpoint()
+        same = operator is not None and operator.url == config.url
+        if self.settings.public and not same:
+            where = f"its endpoint is {operator.url}" if operator else "it has none (--backend-url)"
+            raise AccessError(
+                f"only the operator chooses the serving endpoint of this public deployment: {where}"
+            )
+        if operator is not None and same:
+            token = operator.token if self.settings.public or config.token is None else config.token
+            config = replace(config, model=config.model or operator.model, token=token)
+        return config
+
+    def connect(self, config: EndpointConfig, session_id: str | None = None) -> EngineInfo:
+        """Check ``config``'s engine and make it answer chat and completion (admins only in public
+        mode). Only once the engine answered is the local model unloaded, to free its memory.
+
+        Raises:
+            EndpointError: the engine cannot be used, in one sentence (the local model stays).
+        """
+        self.access.require_admin(session_id, "connect to a serving endpoint")
+        return self._connect(config)
+
+    def _connect(self, config: EndpointConfig) -> EngineInfo:
+        backend = EndpointBackend.connect(config)
+        self.manager.unload()
+        self.endpoint, self._endpoint_stats = backend, None
+        return backend.info
+
+    def disconnect(self, session_id: str | None = None) -> bool:
+        """Stop using the serving endpoint, and the replies it is streaming (admins only in public
+        mode); True if one was in use."""
+        self.access.require_admin(session_id, "disconnect the serving endpoint")
+        was, self.endpoint = self.endpoint, None
+        if was is not None:
+            self.sessions.stop_all()  # as an unload stops the reply in progress
+        return was is not None
 
     def conversion_cache(self) -> str:
         """One line on the .bin -> safetensors conversion cache: how many checkpoints, how big."""
@@ -253,16 +346,17 @@ class DemoService:
         """The most max_new_tokens can be with the loaded model (its window minus a one-token
         prompt, and the operator's cap); the operator's cap when nothing is loaded."""
         cap = self.settings.max_new_tokens_cap
-        window = self.manager.context_window()
+        window = self.backend.context_window()
         return cap if window is None else max(1, min(cap, window - 1))
 
     def context_window(self) -> int | None:
-        """The loaded model's context window (tokens), or None."""
-        return self.manager.context_window()
+        """The model's context window (tokens), or None (nothing loaded, or not told)."""
+        return self.backend.context_window()
 
     def chat_format(self) -> str | None:
-        """Which chat format the loaded model uses (its chat template or a plain transcript)."""
-        return self.manager.chat_format()
+        """Which chat format the model uses (its chat template, a plain transcript, or the
+        serving engine's)."""
+        return self.backend.chat_format()
 
     def _check_text(self, text: object, what: str, limit: int | None = None, empty_ok: bool = False) -> str:
         if not isinstance(text, str):
@@ -296,17 +390,19 @@ class DemoService:
                 "here: clear it (or undo a turn) to go on"
             )
         cap = self.settings.max_new_tokens_cap
+        backend = self.backend
         yield from self._streamed(
             session_id,
-            lambda stop: self.manager.stream_chat(history, message, params, stop, cap, system_prompt),
+            lambda stop: backend.stream_chat(history, message, params, stop, cap, system_prompt),
         )
 
     def complete(self, session_id: str, prompt: str, params: GenerationParams) -> Iterator[ChatReply]:
         """Stream a continuation of ``prompt`` (the original scripts' mode)."""
         prompt = self._check_text(prompt, "prompt")
         cap = self.settings.max_new_tokens_cap
+        backend = self.backend
         yield from self._streamed(
-            session_id, lambda stop: self.manager.stream_completion(prompt, params, stop, cap)
+            session_id, lambda stop: backend.stream_completion(prompt, params, stop, cap)
         )
 
     def _streamed(
@@ -316,6 +412,8 @@ class DemoService:
         event = self.sessions.start_reply(session_id)
         try:
             for update in start(event):
+                if update.stats is not None and self.endpoint is not None:
+                    self._endpoint_stats = update.stats  # the manager keeps its own model's
                 yield ChatReply(update.text, update.stats)
         except NoModelError:
             if self.settings.public and not self.access.is_admin(session_id):

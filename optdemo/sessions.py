@@ -43,6 +43,14 @@ class SessionStore:
         event.set()
         return True
 
+    def stop_all(self) -> int:
+        """Stop every running reply (the backend serving them is going away); how many."""
+        with self._lock:
+            events = list(self._stops.values())
+        for event in events:
+            event.set()
+        return len(events)
+
     # ---------------------------------------------------------------- API chat histories
     def history(self, session_id: str) -> list[ChatTurn]:
         """The chat history of an API client session (a copy)."""

@@ -26,6 +26,7 @@ from optdemo.defaults import (
     DEFAULT_QUEUE_SIZE,
     DISK_TIER_MODES,
 )
+from optdemo.engine_api import parse_endpoint
 from optdemo.errors import ConfigError, OptdemoError
 
 MAX_PORT = 65535
@@ -60,6 +61,11 @@ class AppSettings:
     api_key: str | None = field(default=None, repr=False)  # bearer token the /v1 API requires
     openai_api: bool = False  # serve the /v1 API in public mode too (it is always on otherwise)
     mcp: bool = False  # serve the MCP tools (Gradio's MCP server) at /gradio_api/mcp/
+    # A serving endpoint (TGI, vLLM, transformers serve) to chat through instead of a local model;
+    # in public mode, the only one an admin may connect to.
+    backend_url: str | None = None
+    backend_model: str | None = None  # the model name its requests carry; None: the one it lists
+    backend_token: str | None = field(default=None, repr=False)  # its bearer token; never shown
     on_space: bool = field(default=False)  # running on a Hugging Face Space
 
     @property
@@ -199,6 +205,14 @@ FLAGS = (
     Flag("api-key", "bearer token the OpenAI-compatible API (/v1) requires (default: none)", metavar="KEY"),
     Flag("openai-api", "serve the OpenAI-compatible API (/v1) in public mode too", kind="bool"),
     Flag("mcp", "serve plan, status, generate and chat as MCP tools at /gradio_api/mcp/", kind="bool"),
+    Flag(
+        "backend-url",
+        "chat through this serving endpoint (TGI, vLLM, transformers serve; OpenAI-compatible) instead "
+        "of a model on this machine, e.g. http://127.0.0.1:8000",
+        metavar="URL",
+    ),
+    Flag("backend-model", "the model name the serving endpoint serves (default: the one it lists)"),
+    Flag("backend-token", "bearer token for the serving endpoint (never shown)", metavar="TOKEN"),
 )
 
 
@@ -302,6 +316,13 @@ def _check_values(args: argparse.Namespace) -> None:
             check(str(value))
         except OptdemoError as exc:
             raise ConfigError(f"{flag}: {exc}") from None
+    if args.backend_url:
+        try:
+            parse_endpoint(args.backend_url, args.backend_model, args.backend_token)
+        except OptdemoError as exc:
+            raise ConfigError(f"--backend-url: {exc}") from None
+    elif args.backend_model or args.backend_token:
+        raise ConfigError("--backend-model and --backend-token need --backend-url")
     if args.offload_folder and os.path.exists(args.offload_folder) and not os.path.isdir(args.offload_folder):
         raise ConfigError(f"--offload-folder: {args.offload_folder} is a file, not a folder")
 
@@ -353,5 +374,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         api_key=args.api_key or None,
         openai_api=args.openai_api,
         mcp=args.mcp,
+        backend_url=args.backend_url or None,
+        backend_model=args.backend_model or None,
+        backend_token=args.backend_token or None,
         on_space=on_space,
     )

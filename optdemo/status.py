@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from optdemo.budget import Device
 from optdemo.config import LoadConfig
+from optdemo.engine_api import EngineInfo
 from optdemo.generation import GenerationStats
 from optdemo.offload import DiskTierReport
 from optdemo.planner import Plan, device_map_json, per_device_json
@@ -36,16 +37,27 @@ class ModelStatus:
     checkpoint: str = ""  # where the weights were read from (the converted cache for .bin)
     cpu_layers: PolicyChoice | None = None  # with a GPU in the map: where CPU-resident layers run
     last_stats: GenerationStats | None = None  # the latest reply's measured speed
+    # A serving endpoint in use instead of a local model (``config`` is then None).
+    endpoint: EngineInfo | None = None
 
     @property
     def loaded(self) -> bool:
-        """Whether a model is loaded."""
-        return self.config is not None
+        """Whether a model answers: loaded here, or served by a connected endpoint."""
+        return self.config is not None or self.endpoint is not None
 
     @property
     def display_name(self) -> str | None:
-        """The loaded model's name for people, or None."""
+        """The model's name for people (the endpoint's model name), or None."""
+        if self.endpoint is not None:
+            return self.endpoint.model
         return self.config.display_name if self.config else None
+
+    @property
+    def model_id(self) -> str | None:
+        """The model's id: the loaded model's, or the one the endpoint serves; None without one."""
+        if self.endpoint is not None:
+            return self.endpoint.model
+        return self.config.model if self.config else None
 
     @property
     def plan_differences(self) -> dict[str, tuple[str, str]]:
@@ -62,7 +74,9 @@ class ModelStatus:
         config = self.config
         return {
             "loaded": self.loaded,
-            "model": config.model if config else None,
+            "backend": "endpoint" if self.endpoint is not None else "local",
+            "endpoint": None if self.endpoint is None else self.endpoint.to_dict(),
+            "model": self.model_id,
             "display_name": self.display_name,
             "config": None if config is None else config_dict(config),
             "busy": self.busy,

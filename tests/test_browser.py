@@ -340,3 +340,28 @@ def test_the_max_new_tokens_slider_follows_the_loaded_model(page, app: RunningAp
     expect(
         page.get_by_text("at most min(512, the model's 512-token window minus the prompt)")
     ).to_be_visible()
+
+
+def test_run_on_a_serving_endpoint_shows_its_fields_and_connect(page) -> None:
+    from playwright.sync_api import expect
+
+    wait_for_text(page, "#od-plan-summary", r"\bfits\b")
+    url = page.get_by_label("Endpoint URL")
+    expect(url).to_be_hidden()
+    page.get_by_label("a serving endpoint").check()
+    expect(url).to_be_visible()
+    expect(page.get_by_role("button", name="Connect", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Disconnect", exact=True)).to_be_visible()
+    expect(page.get_by_label("Revision")).to_be_hidden()  # the local model's controls give way
+    expect(page.get_by_role("button", name="Plan", exact=True)).to_be_hidden()
+    url.fill("http://127.0.0.1:9/v1")
+    page.get_by_label("Model name").fill("some-model")
+    page.get_by_role("button", name="Connect", exact=True).click()
+    # The suite runs with HF_HUB_OFFLINE=1: the page says so, and what to do.
+    status = wait_for_text(page, "#od-status", r"Could not connect to http://127\.0\.0\.1:9/v1\.")
+    assert "unset HF_HUB_OFFLINE to use a serving endpoint" in status
+    page.get_by_label("this machine").check()
+    expect(page.get_by_role("button", name="Load model", exact=True)).to_be_visible()
+    expect(url).to_be_hidden()
+    expect(page.get_by_label("Revision")).to_be_visible()
+    expect(page.get_by_role("button", name="Plan", exact=True)).to_be_visible()

@@ -38,6 +38,8 @@ LOAD_KEYS = {
 }
 STATUS_KEYS = {
     "loaded",
+    "backend",  # "local", or "endpoint" with a serving endpoint (then "endpoint" says which)
+    "endpoint",
     "model",
     "display_name",
     "config",

@@ -16,7 +16,9 @@ from typing import Any
 
 import gradio as gr
 
+import optdemo.ui.endpoint_form as endpoint_form  # (not "from optdemo.ui": no cycle via the package)
 from optdemo import defaults
+from optdemo.backend import ENDPOINT
 from optdemo.budget import format_bytes
 from optdemo.config import DTYPES, QUANTIZATIONS, LoadConfig
 from optdemo.hardware import Hardware, probe_hardware
@@ -80,6 +82,7 @@ class ConfigTab:
     sign_in: SignIn | None
     plan_state: gr.State  # the session's latest PlanView, or None
     loaded: gr.State  # bumped after each load/unload so other tabs refresh
+    endpoint: endpoint_form.EndpointForm  # this machine or a serving endpoint, and which
 
     @property
     def form(self) -> set:
@@ -98,6 +101,7 @@ class ConfigTab:
             self.fast_offload,
             self.cpu_layers,
             self.disk_tier,
+            *self.endpoint.controls,
         }
 
 
@@ -112,13 +116,18 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
             "**Public mode:** visitors can chat and preview plans; only an admin can load, "
             "unload or change the model."
         )
+    remote = bool(service.settings.backend_url)
     with gr.Row():
         with gr.Column(scale=3):
-            form = _form(service, initial, hardware)
+            backend, local_box = endpoint_form.backend_radio(remote), gr.Column(visible=not remote)
+            with local_box:
+                form = _form(service, initial, hardware)
+            endpoint = endpoint_form.endpoint_fields(service, backend, local_box)
             with gr.Row():
-                plan_btn = gr.Button("Plan", variant="secondary")
-                load_btn = gr.Button("Load model", variant="primary", interactive=not locked)
-                unload_btn = gr.Button("Unload", variant="stop", interactive=not locked)
+                load_label, unload_label = endpoint_form.button_labels(remote)
+                plan_btn = gr.Button("Plan", variant="secondary", visible=not remote)
+                load_btn = gr.Button(load_label, variant="primary", interactive=not locked)
+                unload_btn = gr.Button(unload_label, variant="stop", interactive=not locked)
             status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])
         with gr.Column(scale=2):
             gr.Markdown("### Plan")
@@ -143,6 +152,7 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
         sign_in=sign_in,
         plan_state=gr.State(None),
         loaded=gr.State(0),
+        endpoint=endpoint,
     )
 
 
@@ -301,7 +311,10 @@ def plan_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
 
 @user_errors
 def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progress: Any = None) -> Updates:
-    """Load the form's configuration (or reuse the loaded model), reporting progress."""
+    """Load the form's configuration (or reuse the loaded model), reporting progress; with "a
+    serving endpoint" chosen, connect to it instead."""
+    if values.get(tab.endpoint.backend) == ENDPOINT:
+        return endpoint_form.connect(service, tab, values, request)
     config = config_from_form(service, tab, values)
 
     def report(fraction: float | None, text: str) -> None:
@@ -325,7 +338,8 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
     """:func:`load`, with what is happening (download, conversion with bytes done, shards) shown
     in the status line itself, which names the model: the load runs in a worker thread and its
     progress reports are streamed to the page (no progress overlay covers the status)."""
-    name = model_label(values[tab.model])
+    remote = values.get(tab.endpoint.backend) == ENDPOINT
+    name = str(values[tab.endpoint.url] or "the endpoint") if remote else model_label(values[tab.model])
     reports: queue.Queue[str] = queue.Queue()
     outcome: dict[str, Any] = {}
 
@@ -340,7 +354,7 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
 
     worker = threading.Thread(target=work, name="optdemo-load", daemon=True)
     worker.start()
-    yield {tab.status: f"**Loading {name}…**"}
+    yield {tab.status: f"**{'Connecting to' if remote else 'Loading'} {name}…**"}
     while worker.is_alive() or not reports.empty():
         try:
             text = reports.get(timeout=PROGRESS_POLL_SECONDS)
@@ -349,16 +363,19 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
         yield {tab.status: f"**Loading {name}:** {text}"}
     worker.join()
     if "error" in outcome:
-        yield {tab.status: f"**Could not load {name}.** {outcome['error'].message}"}
+        verb = "connect to" if remote else "load"
+        yield {tab.status: f"**Could not {verb} {name}.** {outcome['error'].message}"}
         raise outcome["error"]
     yield outcome["updates"]
 
 
 @user_errors
 def unload(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
-    """Unload the model and free its memory."""
+    """Unload the model and free its memory, or disconnect the serving endpoint."""
+    remote = service.endpoint is not None
     was_loaded = service.unload(session_of(request))
     message = "Model unloaded; memory released." if was_loaded else "Nothing was loaded."
+    message = endpoint_form.DISCONNECTED if remote else message
     return {tab.status: message, tab.loaded: time.monotonic()}
 
 
@@ -438,6 +455,7 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
         **private,
         **LOAD_REQUESTS,
     )
+    endpoint_form.wire_endpoint_form(service, tab)
     tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
     if tab.sign_in is not None:
         form = tab.sign_in

@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from optdemo.budget import format_bytes
+from optdemo.engine_api import EngineInfo
 from optdemo.offload import DiskTierReport
 from optdemo.planner import Plan
 from optdemo.service import DemoService, PlanNotice, PlanView
@@ -62,6 +63,9 @@ def render_tab(
             f"Predicted speed: {view.prediction.summary()}."
         )
         table = device_map_rows(plan)
+    if status.endpoint is not None:  # no local map: what the engine reports instead
+        heading.insert(0, endpoint_heading(status))
+        sections.insert(0, endpoint_html(status.endpoint))
     if status.plan is not None:
         heading.append(_loaded_heading(status, prediction))
         title = f"Loaded: {status.display_name} — actual placement"
@@ -71,6 +75,41 @@ def render_tab(
     if not sections:
         return "", EMPTY_HTML, []
     return "  \n".join(heading), '<hr style="margin:16px 0">'.join(sections), table
+
+
+def endpoint_heading(status: ModelStatus) -> str:
+    """One paragraph on the serving endpoint in use, with the last reply's measured speed."""
+    assert status.endpoint is not None
+    line = (
+        f"**{status.endpoint.describe()}**: the model runs in that engine, so there is no local device "
+        "map; the engine places the layers itself (tensor parallelism, GPUs, machines)."
+    )
+    measured = status.last_stats
+    if measured is not None and measured.tokens_per_second:
+        line += f" Measured on the last reply: {measured.tokens_per_second:.3g} tokens/s."
+    return line
+
+
+def endpoint_html(info: EngineInfo) -> str:
+    """What the engine reported when connected, as a small table."""
+    rows = [
+        ("Endpoint", info.url),
+        ("Model", info.model),
+        ("Context length", f"{info.context_length} tokens" if info.context_length else "not reported"),
+        ("Engine", info.engine_text()),
+        ("Connected in", f"{info.connect_seconds:.2f} s"),
+    ]
+    if info.note:
+        rows.append(("Note", info.note))
+    cells = "".join(
+        f'<tr><th style="text-align:left;padding:4px 12px 4px 0">{html.escape(k)}</th>'
+        f"<td>{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
+    return (
+        '<div style="padding:16px;font:14px system-ui,sans-serif" id="od-endpoint">'
+        f"<b>Serving endpoint</b><table>{cells}</table></div>"
+    )
 
 
 def _notice_html(message: str) -> str:

@@ -158,7 +158,7 @@ class OpenAIServer:
         except OpenAIError as err:
             return error_response(err)
         status = self.service.status()
-        cards = [model_card(status.config.model, 0)] if status.config is not None else []
+        cards = [model_card(status.model_id, 0)] if status.model_id is not None else []
         return JSONResponse({"object": "list", "data": cards})
 
     async def chat(self, request: Request) -> Response:
@@ -225,9 +225,9 @@ class OpenAIServer:
         """Check that a model is loaded and is the one asked for, and the sampling values (the
         service's own validation and caps); the reply's shape and the generation parameters."""
         status = self.service.status()
-        if status.config is None:
+        if status.model_id is None or status.display_name is None:
             raise no_model_error(status.busy)
-        check_model(model, (status.config.model, status.config.display_name))
+        check_model(model, (status.model_id, status.display_name))
         try:
             params = self.service.params(
                 sampling.max_tokens,
@@ -239,7 +239,7 @@ class OpenAIServer:
             )
         except OptdemoError as exc:
             raise error_for(exc) from None
-        return ReplyShape(status.config.model, chat), params
+        return ReplyShape(status.model_id, chat), params
 
     def _admit(self) -> None:
         """Count one more running request, refusing beyond the queue size (as Gradio's queue does)."""

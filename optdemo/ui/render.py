@@ -191,6 +191,8 @@ def status_text(status: ModelStatus) -> str:
     """Markdown status line for what is loaded now."""
     if not status.loaded:
         return "No model loaded yet. Choose one, check the plan, then **Load model**."
+    if status.endpoint is not None:
+        return f"**{status.endpoint.describe()}**: replies come from that engine, not this machine."
     busy = f" — {status.busy}" if status.busy else ""
     seconds = status.load_seconds or 0.0
     return (
