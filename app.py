@@ -30,10 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from optdemo.ui import create_app, launch  # gradio: imported only when the app really starts
 
     # Slow first-time work happens now rather than on the first visitor's page load: building the
-    # built-in tiny model (a few seconds, once) and measuring this machine's bandwidths for the
-    # speed predictions (a few seconds, once, in the background).
+    # built-in tiny model (a few seconds, once) and, below, measuring this machine's bandwidths for
+    # the speed predictions (a few seconds, once, in the background).
     ensure_tiny_model()
-    threading.Thread(target=measured_bandwidths, name="optdemo-bandwidths", daemon=True).start()
     demo, service = create_app(settings)
     if settings.preload or settings.backend_url:  # with --backend-url: connect before serving
         try:
@@ -48,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"optdemo: public mode needs {what}: {exc}", file=sys.stderr)
                 return 2
             logging.getLogger("optdemo").error("preload failed, serving anyway: %s", exc)
+    # Measured only now, not while a preload reads weights (the figures would be the load's). Not a
+    # daemon: an exit (a port already taken) waits the few seconds for it, since a daemon thread
+    # still inside torch when the interpreter exits aborts the process.
+    threading.Thread(target=measured_bandwidths, name="optdemo-bandwidths").start()
     try:
         launch(demo, service)
     except OSError as exc:  # the port is taken or not ours to bind
