@@ -78,6 +78,9 @@ class Plan:
     # How a CPU-executed model's disk tier is served: auto/map/stream, or "accelerate" (Accelerate's
     # own per-forward loading) when fast offloading is off.
     disk_tier: str = DEFAULT_DISK_TIER
+    # The CPU quantization scheme the sizes are for (optdemo.quantize): "8bit", "4bit" or "none"
+    # (unquantized, or bitsandbytes on a GPU, which quantizes at load time).
+    quantization: str = "none"
 
     @property
     def fits(self) -> bool:
@@ -105,6 +108,7 @@ class Plan:
             "conversion_bytes": self.conversion_bytes,
             "checkpoint_format": self.checkpoint_format,
             "cpu_layers": self.cpu_layers,
+            "quantization": self.quantization,
             "warnings": list(self.warnings),
             "blockers": list(self.blockers),
             "blocks": [
@@ -139,10 +143,24 @@ def device_label(device: Device | None) -> str:
     return {"cpu": "CPU", "disk": "disk"}.get(str(device), str(device))
 
 
-def resolve_dtype(config: LoadConfig, source: ModelSource) -> torch.dtype:
-    """The dtype the weights will have: the configured one, or the checkpoint's for ``auto``."""
+def cpu_quantization(config: LoadConfig, hardware: Hardware) -> str:
+    """The scheme :mod:`optdemo.quantize` applies (``8bit``/``4bit``): quantization asked for on a
+    machine without a GPU, planned for this machine (a budget naming no GPU). "none" otherwise:
+    with a GPU, bitsandbytes quantizes at load time as before."""
+    if config.quantization == "none" or hardware.gpu_count:
+        return "none"
+    if config.max_memory is not None and config.max_memory.gpu_indices:
+        return "none"
+    return config.quantization
+
+
+def resolve_dtype(config: LoadConfig, source: ModelSource, quantization: str = "none") -> torch.dtype:
+    """The dtype the weights will have: the configured one, or the checkpoint's for ``auto``; a
+    CPU-quantized model runs in bfloat16 (what torch's weight-only kernels want)."""
     import torch
 
+    if quantization != "none":
+        return torch.bfloat16
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
     stored = getattr(source.config, "dtype", None) or getattr(source.config, "torch_dtype", None)
@@ -151,19 +169,21 @@ def resolve_dtype(config: LoadConfig, source: ModelSource) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
-def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
+def meta_model(source: ModelSource, dtype: torch.dtype, quantization: str = "none") -> nn.Module:
     """The model instantiated on the meta device in ``dtype``: shapes and sizes, no memory.
 
     Built by calling the model class directly under a (thread-local) meta-device context, not with
     ``from_config``: transformers' construction helpers patch process-wide state (the default
     dtype, ``tie_weights``, the init functions), and a plan previewed in one thread while a model
     loads in another must not disturb that load. Sizes do not depend on either: tied weights are
-    known from ``all_tied_weights_keys``, and the dtype is applied afterwards.
+    known from ``all_tied_weights_keys``, and the dtype is applied afterwards. With a CPU
+    ``quantization`` scheme the decoder blocks' Linear layers are
+    :class:`~optdemo.quantize.QuantizedLinear` ones: every size is that of the quantized tensors.
     """
     import torch
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
-    key = (source.model, source.location, str(dtype))
+    key = (source.model, source.location, str(dtype), quantization)
     with _meta_lock:
         if key in _meta_cache:
             _meta_cache.move_to_end(key)
@@ -177,6 +197,10 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
     else:  # code from the repository (auto_map): only from_config knows how to build it
         with construction_lock, torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
+    if quantization != "none":
+        from optdemo.quantize import swap_linears
+
+        swap_linears(model, quantization)
     with _meta_lock:
         _meta_cache[key] = model
         while len(_meta_cache) > _META_CACHE_SIZE:
@@ -200,8 +224,9 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
 
     hardware = hardware or probe_hardware(config.offload_folder)
     source = resolve_model(config.model, config.revision, config.trust_remote_code)
-    dtype = resolve_dtype(config, source)
-    model = meta_model(source, dtype)
+    quantization = cpu_quantization(config, hardware)
+    dtype = resolve_dtype(config, source, quantization)
+    model = meta_model(source, dtype, quantization)
     max_memory = config.max_memory.as_max_memory() if config.max_memory is not None else None
     # transformers' own decision, the very call from_pretrained makes (it logs a warning itself for
     # GPUs that do not exist here; we turn those into plan warnings instead).
@@ -218,18 +243,16 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
     disk_bytes = bytes_per_device.get("disk", 0)
     total = int(sizes.get("", 0))
     writes, conversion = _disk_writes(config, source, checkpoint_format, disk_bytes, total, dtype)
+    if quantization != "none":
+        writes, conversion = 0, _quantized_conversion(config, source, quantization, total)
     notes = _assess(config, source, hardware, bytes_per_device, budget, disk_bytes, writes)
-    if conversion:
-        free = int(shutil.disk_usage(existing_parent(str(converted_root()))).free)
+    if config.quantization != "none" and quantization == "none":
         notes.warn(
-            f"the first load converts the .bin checkpoint once to safetensors in {converted_root()} "
-            f"({format_bytes(conversion)}; {format_bytes(free)} free there); later loads write nothing"
+            f"sizes are shown unquantized; {config.quantization} quantization makes the Linear "
+            "weights smaller once loaded"
         )
-        if free < conversion:
-            notes.block(
-                f"not enough free space to convert the checkpoint ({format_bytes(conversion)} needed in "
-                f"{converted_root()}): free some space or turn fast offloading off"
-            )
+    if conversion:
+        _note_conversion(notes, conversion, quantization)
     return Plan(
         model=config.model,
         display_name=config.display_name,
@@ -248,6 +271,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         checkpoint_format=checkpoint_format,
         cpu_layers=config.cpu_layers_in_force,
         disk_tier=config.disk_tier if config.fast_offload else "accelerate",
+        quantization=quantization,
     )
 
 
@@ -358,6 +382,35 @@ def _disk_writes(
     return 0, total
 
 
+def _quantized_conversion(config: LoadConfig, source: ModelSource, quantization: str, total: int) -> int:
+    """Bytes the one-time quantization writes to the conversion cache (0 when done before): a
+    CPU-quantized model always loads from its quantized copy there."""
+    from optdemo.quantize import scheme_key
+
+    local = source.location if source.kind in ("local", "builtin") else None
+    return 0 if cached(source.location, config.revision, scheme_key(quantization), local) else total
+
+
+def _note_conversion(notes: _Notes, conversion: int, quantization: str) -> None:
+    """Say that the first load writes ``conversion`` bytes to the cache once; block if no room."""
+    free = int(shutil.disk_usage(existing_parent(str(converted_root()))).free)
+    what = (
+        f"quantizes it once to {quantization}"
+        if quantization != "none"
+        else ("converts the .bin checkpoint once to safetensors")
+    )
+    notes.warn(
+        f"the first load {what} in {converted_root()} "
+        f"({format_bytes(conversion)}; {format_bytes(free)} free there); later loads write nothing"
+    )
+    if free < conversion:
+        fix = "set quantization to none" if quantization != "none" else "turn fast offloading off"
+        notes.block(
+            f"not enough free space to convert the checkpoint ({format_bytes(conversion)} needed in "
+            f"{converted_root()}): free some space or {fix}"
+        )
+
+
 def _checkpoint_format(source: ModelSource) -> str:
     """``safetensors`` or ``bin`` when known: it decides whether disk layers are copied at load."""
     if source.kind == "catalog":
@@ -438,11 +491,6 @@ def _assess(
             f"{format_bytes(cpu_bytes)} would be held in RAM but only "
             f"{format_bytes(hardware.ram_available_bytes)} is available now: lower the cpu budget "
             "so more goes to disk"
-        )
-    if config.quantization != "none":
-        notes.warn(
-            f"sizes are shown unquantized; {config.quantization} quantization makes the Linear "
-            "weights smaller once loaded"
         )
     return notes
 
