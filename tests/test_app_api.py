@@ -123,7 +123,7 @@ def test_named_endpoints_and_parameters(client) -> None:
         name: [p["parameter_name"] for p in info["parameters"]]
         for name, info in api["named_endpoints"].items()
     }
-    config = ["model", "max_memory", "dtype", "offload_folder", "cpu_layers", "disk_tier"]
+    config = ["model", "max_memory", "dtype", "offload_folder", "cpu_layers", "disk_tier", "quantization"]
     # Every sampling setting the Chat tab has, with the same validation (GenerationParams).
     sampling = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop"]
     assert endpoints == {
