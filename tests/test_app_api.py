@@ -241,6 +241,24 @@ def test_load_split_between_cpu_and_disk(client, tmp_path: Path) -> None:
     assert "Paris" in reply
 
 
+def test_plan_and_load_four_bit_on_this_cpu(client) -> None:
+    """Issue #11: on a CPU-only machine /plan and /load accept quantization="4bit"; the plan has
+    the quantized sizes, the load matches it, and the model chats."""
+    if GPU_COUNT:
+        pytest.skip("the CPU quantization path (with a GPU, bitsandbytes quantizes)")
+    plan = call(client, "/plan", "tiny-opt", "cpu=1GiB", "auto", "", quantization="4bit")
+    assert plan["fits"] is True and plan["quantization"] == "4bit" and plan["dtype"] == "bfloat16"
+    assert plan["total_bytes"] < 0.4 * TINY_TOTAL_BYTES  # the tiny model is stored in float32
+    report = call(client, "/load", "tiny-opt", "cpu=1GiB", "auto", "", quantization="4bit")
+    assert report["status"] == "loaded" and report["matches_plan"] is True
+    assert report["bytes_per_device"] == plan["bytes_per_device"]
+    assert call(client, "/status")["config"]["quantization"] == "4bit"
+    call(client, "/clear_chat")
+    _, reply = stream(client, "/chat", FRANCE, **GREEDY)
+    assert isinstance(reply, str) and reply.strip()
+    call(client, "/unload")
+
+
 def test_status_reports_the_loaded_model(client, loaded: dict) -> None:
     status = loaded
     assert status["display_name"] == "tiny-opt"
