@@ -227,3 +227,18 @@ def test_unload_frees_the_quantized_weights(manager, tiny_model_dir: Path, fresh
     assert manager.unload() is True
     gc.collect()
     assert [ref() for ref in refs] == [None, None]
+
+
+def test_quantization_flag_and_environment_variable() -> None:
+    from optdemo.service import DemoService
+    from optdemo.settings import parse_settings
+
+    assert parse_settings([], env={}).quantization == "none"
+    assert parse_settings(["--quantization", "4bit"], env={}).quantization == "4bit"
+    settings = parse_settings([], env={"OPTDEMO_QUANTIZATION": "8bit"})
+    assert settings.quantization == "8bit"
+    with pytest.raises(SystemExit):
+        parse_settings(["--quantization", "2bit"], env={})
+    from optdemo.manager import ModelManager
+
+    assert DemoService(ModelManager(), settings).initial_config().quantization == "8bit"
