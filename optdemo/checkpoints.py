@@ -109,12 +109,13 @@ def quantized_checkpoint(
         commit = convert.resolve_commit(repo, config.revision, token, ask_hub=not offline)
         hit = convert.cached(repo, config.revision, key, commit=commit)
         if hit is None:
+            revision = config.revision if offline else commit or config.revision
             folder = snapshot_download(
                 repo,
-                revision=config.revision if offline else commit or config.revision,
+                revision=revision,
                 token=token,
                 local_files_only=offline,
-                allow_patterns=["*.safetensors", "pytorch_model*.bin", *_SMALL_FILES],
+                allow_patterns=[*_weight_patterns(repo, revision, token, offline), *_SMALL_FILES],
                 tqdm_class=bar_class,
             )
             convert.remember_commit(repo, config.revision, os.path.basename(os.path.normpath(folder)))
@@ -130,6 +131,19 @@ def quantized_checkpoint(
     model = source.location if local else repo
     revision = config.revision if local else os.path.basename(os.path.normpath(folder))
     return str(convert.ensure_quantized(model, revision, scheme, folder, local, transform, shards))
+
+
+def _weight_patterns(repo: str, revision: str | None, token: str | None, offline: bool) -> list[str]:
+    """The weight files of a Hub repository to download: its safetensors when it has them, else
+    its ``pytorch_model*.bin`` (never both; offline, whichever the Hugging Face cache holds)."""
+    safetensors = ["*.safetensors", convert.SAFETENSORS_INDEX]
+    pickles = ["pytorch_model*.bin", convert.BIN_INDEX]  # never training_args.bin or adapters
+    if offline:
+        return [*safetensors, *pickles]
+    from huggingface_hub import HfApi
+
+    files = HfApi().list_repo_files(repo, revision=revision, token=token)
+    return safetensors if any(f.endswith(".safetensors") for f in files) else pickles
 
 
 # Files a conversion copies beside the weights (config, tokenizer, templates): small, never weights.

@@ -271,3 +271,44 @@ def test_prediction_uses_the_quantized_bytes_and_kernel_rates(fresh_cache: Path,
     monkeypatch.setattr(speed, "_quantized_rates", lambda: {"int8": 7e9, "int4": 6e9})
     assert speed.measured_bandwidths().cpu_matvec == {**old.cpu_matvec, "int8": 7e9, "int4": 6e9}
     assert json.loads(speed.bandwidths_path().read_text())["cpu_matvec"]["int4"] == 6e9
+
+
+def test_quantized_from_bin_shards_with_the_cache_rules(
+    tiny_bin_model_dir: Path, fresh_cache: Path, manager
+) -> None:
+    """A sharded .bin checkpoint is quantized shard by shard into an indexed cache entry; a killed
+    quantization's staging folder is removed by the next one; the cache cannot be cleared while
+    the loaded model reads from it."""
+    from optdemo.errors import CacheInUseError
+
+    config = LoadConfig(str(tiny_bin_model_dir), quantization="4bit")
+    target = convert.entry_path(
+        str(tiny_bin_model_dir), None, quantize.scheme_key("4bit"), str(tiny_bin_model_dir)
+    )
+    target.parent.mkdir(parents=True)
+    killed = target.parent / f".converting-{target.name}-killed"
+    killed.mkdir()
+    (killed / "model-00001.safetensors").write_bytes(b"half written")
+    manager.load(config)
+    assert manager._loaded.status.checkpoint == str(target)
+    assert not killed.exists()
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) == len(list(tiny_bin_model_dir.glob("pytorch_model-*.bin"))) > 1
+    assert index["weight_map"]["model.decoder.layers.0.fc1.scales"] in shards
+    assert not any(name.startswith(quantize.PAD_PREFIX) for name in index["weight_map"])
+    with pytest.raises(CacheInUseError, match="unload it first, then clear the cache"):
+        convert.clear_cache(in_use=manager._loaded.status.checkpoint)
+    assert torch.equal(logits(manager._loaded.model), logits(load(tiny_bin_model_dir, "4bit").model))
+
+
+def test_checkpoint_names_without_the_base_model_prefix() -> None:
+    """The facebook/opt-* .bin checkpoints name tensors from the base model (``decoder.*``)."""
+    from optdemo.quantize import model_names
+
+    expected = {"model.decoder.layers.0.fc1.weight", "lm_head.weight"}
+    names = model_names(["decoder.layers.0.fc1.weight", "lm_head.weight", "unused"], expected, "model")
+    assert names == {
+        "decoder.layers.0.fc1.weight": "model.decoder.layers.0.fc1.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
