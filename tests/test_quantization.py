@@ -312,3 +312,53 @@ def test_checkpoint_names_without_the_base_model_prefix() -> None:
         "decoder.layers.0.fc1.weight": "model.decoder.layers.0.fc1.weight",
         "lm_head.weight": "lm_head.weight",
     }
+
+
+def test_hub_model_in_the_hugging_face_cache_is_quantized_offline(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A Hub model downloaded beforehand is quantized offline into the entry of its commit, and
+    the next process loads that entry."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-chat"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = """
+        from optdemo.config import LoadConfig
+        from optdemo.manager import ModelManager
+        manager = ModelManager()
+        manager.load(LoadConfig("someone/tiny-chat", max_memory="cpu=1GiB", quantization="8bit"))
+        print(manager._loaded.status.checkpoint)
+    """
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "OPTDEMO_CACHE": str(tmp_path / "cache"),
+    }
+
+    def run() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=Path(__file__).parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split()[-1]
+
+    first = Path(run())
+    assert first.parent == tmp_path / "cache" / "converted"
+    assert json.loads((first / ".optdemo-complete").read_text())["revision"] == commit
+    built = (first / convert.QUANTIZATION_INFO).stat().st_mtime_ns
+    assert Path(run()) == first  # the next process reads the same entry, not quantized again
+    assert (first / convert.QUANTIZATION_INFO).stat().st_mtime_ns == built
