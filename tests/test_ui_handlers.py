@@ -368,6 +368,8 @@ def test_quantization_radio_is_enabled_and_plans_quantized_on_the_cpu() -> None:
     is enabled, and a plan made from the form has the quantized sizes."""
     import torch
 
+    from optdemo.budget import format_bytes
+
     if torch.cuda.is_available():
         pytest.skip("the CPU quantization path")
     service, tab = config_ui()
@@ -380,3 +382,7 @@ def test_quantization_radio_is_enabled_and_plans_quantized_on_the_cpu() -> None:
     plain_plan, four_plan = plain[tab.plan_state].plan, four[tab.plan_state].plan
     assert four_plan.quantization == "4bit" and four_plan.dtype == "bfloat16"
     assert four_plan.total_bytes < 0.4 * plain_plan.total_bytes
+    assert (
+        f"**tiny-opt** ({format_bytes(four_plan.total_bytes)}, 4-bit decoder weights, bfloat16 elsewhere)"
+        in (four[tab.summary])
+    )
