@@ -362,3 +362,12 @@ def test_hub_model_in_the_hugging_face_cache_is_quantized_offline(
     built = (first / convert.QUANTIZATION_INFO).stat().st_mtime_ns
     assert Path(run()) == first  # the next process reads the same entry, not quantized again
     assert (first / convert.QUANTIZATION_INFO).stat().st_mtime_ns == built
+
+
+def test_command_line_plans_and_generates_quantized(capsys, fresh_cache: Path) -> None:
+    from optdemo.__main__ import main
+
+    assert main(["plan", "opt-1.3b", "--max-memory", "cpu=1GiB", "--quantization", "4bit"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("opt-1.3b: 818 MiB in bfloat16, fits: True")
+    assert main(["generate", "tiny-opt", "--quantization", "8bit", "--max-new-tokens", "3"]) == 0
