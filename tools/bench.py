@@ -107,17 +107,20 @@ def folder_bytes(folder: str | Path) -> int:
 
 
 def timing_streamer() -> Any:
-    """A streamer recording when each new token arrives (used identically on every side)."""
+    """A streamer recording when each new token arrives, and how many bytes the process had read
+    from disk by then (used identically on every side)."""
     from transformers.generation.streamers import BaseStreamer
 
     class TimingStreamer(BaseStreamer):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.reads: list[int] = []
             self.prompt_seen = False
 
         def put(self, value: Any) -> None:
             if self.prompt_seen:
                 self.times.append(time.perf_counter())
+                self.reads.append(disk_read_bytes())
             self.prompt_seen = True
 
         def end(self) -> None:
@@ -126,9 +129,12 @@ def timing_streamer() -> Any:
     return TimingStreamer()
 
 
-def timed_greedy(model: Any, ids: Any, tokens: int) -> tuple[list[int], list[float], float]:
+def timed_greedy(
+    model: Any, ids: Any, tokens: int, reads: list[int] | None = None
+) -> tuple[list[int], list[float], float]:
     """Generate exactly ``tokens`` greedy tokens after ``ids``; returns the new token ids, when
-    each arrived (perf_counter) and when generation began."""
+    each arrived (perf_counter) and when generation began. ``reads`` (when given) receives the
+    bytes the process had read from disk by each arrival."""
     import torch
 
     streamer = timing_streamer()
@@ -142,6 +148,8 @@ def timed_greedy(model: Any, ids: Any, tokens: int) -> tuple[list[int], list[flo
             do_sample=False,
             streamer=streamer,
         )
+    if reads is not None:
+        reads.extend(streamer.reads)
     return out[0, ids.shape[1] :].tolist(), streamer.times, begin
 
 
@@ -200,9 +208,8 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     if cold:
         drop_page_cache(model, offload, converted_root())
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
-    read_before = disk_read_bytes()
-    token_ids, times, begin = timed_greedy(net, ids, tokens)
-    read = disk_read_bytes() - read_before
+    reads: list[int] = []
+    token_ids, times, begin = timed_greedy(net, ids, tokens, reads)
     first = times[0] - begin
     per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else first
     shutil.rmtree(offload, ignore_errors=True)
@@ -216,7 +223,8 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
         "generate_s": times[-1] - begin,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "offload_bytes_written": written,
-        "disk_bytes_per_token": read / max(1, len(times)),
+        # Like s_per_token, from the first new token to the last: what each further token reads.
+        "disk_bytes_per_token": (reads[-1] - reads[0]) / (len(reads) - 1) if len(reads) > 1 else 0,
         "quantization": quantization,
         "quantize_seconds": (quantization_info(checkpoint) or {}).get("quantize_seconds")
         if checkpoint
