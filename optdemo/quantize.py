@@ -33,12 +33,15 @@ COMPUTE_DTYPE = torch.bfloat16
 
 
 def scheme_key(scheme: str) -> str:
-    """The stored format's name, part of the conversion cache key: ``int8`` or
-    ``int4-g128-<cpu capability>`` (the int4 layout is packed for this CPU)."""
+    """The stored format's name, part of the conversion cache key: ``int8``, or for int4, whose
+    packed layout is torch's private business, the CPU capability and torch release it was packed
+    for (``int4-g128-avx512-torch2.13``): another CPU or torch quantizes anew, never misreads."""
     if scheme == "8bit":
         return "int8"
     if scheme == "4bit":
-        return f"int4-g{INT4_GROUP_SIZES[0]}-{torch.backends.cpu.get_cpu_capability().lower()}"
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        return f"int4-g{INT4_GROUP_SIZES[0]}-{capability}-torch{release}"
     raise ValueError(f"unknown quantization scheme {scheme!r}")
 
 
