@@ -268,7 +268,7 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Any, metadata: dict | N
         handle.write(len(text).to_bytes(8, "little"))
         handle.write(text)
         for chunk in chunks:
-            handle.write(chunk.reshape(-1).view(torch.uint8).numpy().tobytes())
+            handle.write(chunk.reshape(-1).view(torch.uint8).numpy().data)  # no copy
 
 
 def _entry(tensor: torch.Tensor, offset: int) -> dict:
