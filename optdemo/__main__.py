@@ -23,11 +23,18 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", help="budget, e.g. '0=5GiB,cpu=20GiB' (default: all free memory)")
     parser.add_argument("--offload-folder", help="folder for layers that go to disk")
     parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32")
+    parser.add_argument(
+        "--quantization", default="none", help="none, 8bit or 4bit (on a CPU-only machine: torch's int8/int4)"
+    )
 
 
 def _config(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(
-        args.model, dtype=args.dtype, max_memory=args.max_memory, offload_folder=args.offload_folder
+        args.model,
+        dtype=args.dtype,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+        quantization=args.quantization,
     )
 
 

@@ -83,6 +83,69 @@ def fast_checkpoint(
     return str(convert.ensure_converted(repo, commit, dtype, folder, local=False, progress=progress))
 
 
+def quantized_checkpoint(
+    config: LoadConfig,
+    source: ModelSource,
+    transform: convert.ShardTransform,
+    bar_class: Any,
+    report: ProgressCallback,
+) -> str:
+    """The quantized copy of the model's checkpoint in the cache (``config.quantization``, the
+    stored format in the key), quantized now, shard by shard, when it is not there yet. A Hub
+    model's copy is the one of the commit its revision points to now; its weights are downloaded
+    first when they must be quantized (the Hub is asked unless offline)."""
+    from optdemo.quantize import scheme_key
+
+    key, scheme = scheme_key(config.quantization), config.quantization
+    local = source.kind in ("local", "builtin")
+    if local:
+        folder = source.location
+        hit = convert.cached(folder, config.revision, key, folder)
+    else:
+        from huggingface_hub import snapshot_download
+
+        repo, token = source.location, hub_token()
+        offline = hub.offline_reason() is not None
+        commit = convert.resolve_commit(repo, config.revision, token, ask_hub=not offline)
+        hit = convert.cached(repo, config.revision, key, commit=commit)
+        if hit is None:
+            revision = config.revision if offline else commit or config.revision
+            folder = snapshot_download(
+                repo,
+                revision=revision,
+                token=token,
+                local_files_only=offline,
+                allow_patterns=[*_weight_patterns(repo, revision, token, offline), *_SMALL_FILES],
+                tqdm_class=bar_class,
+            )
+            convert.remember_commit(repo, config.revision, os.path.basename(os.path.normpath(folder)))
+    if hit is not None:
+        return str(hit)  # quantized before: works offline, nothing to download
+    what = f"Quantizing {config.display_name} to {scheme} (once)"
+    report(None, what)
+
+    def shards(done: int, count: int, done_bytes: int, total_bytes: int) -> None:
+        fraction = done_bytes / total_bytes if total_bytes else None
+        report(fraction, f"{what}: shard {min(done + 1, count)} of {count}")
+
+    model = source.location if local else repo
+    revision = config.revision if local else os.path.basename(os.path.normpath(folder))
+    return str(convert.ensure_quantized(model, revision, scheme, folder, local, transform, shards))
+
+
+def _weight_patterns(repo: str, revision: str | None, token: str | None, offline: bool) -> list[str]:
+    """The weight files of a Hub repository to download: its safetensors when it has them, else
+    its ``pytorch_model*.bin`` (never both; offline, whichever the Hugging Face cache holds)."""
+    safetensors = ["*.safetensors", convert.SAFETENSORS_INDEX]
+    pickles = ["pytorch_model*.bin", convert.BIN_INDEX]  # never training_args.bin or adapters
+    if offline:
+        return [*safetensors, *pickles]
+    from huggingface_hub import HfApi
+
+    files = HfApi().list_repo_files(repo, revision=revision, token=token)
+    return safetensors if any(f.endswith(".safetensors") for f in files) else pickles
+
+
 # Files a conversion copies beside the weights (config, tokenizer, templates): small, never weights.
 _SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
 _HUB_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}

@@ -27,9 +27,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -184,6 +186,9 @@ def cached(
 
 # progress(shards done, shard count, bytes done, bytes in all): called before and after each shard.
 ShardProgress = Callable[[int, int, int, int], None]
+# transform(a shard's tensors by name) -> the tensors to write in their place.
+ShardTransform = Callable[[dict], dict]
+QUANTIZATION_INFO = "optdemo-quantization.json"
 
 
 def ensure_converted(
@@ -205,6 +210,55 @@ def ensure_converted(
         progress: told the shards and bytes converted so far (for the page's status line).
     """
     target = entry_path(model, revision, dtype, source_dir if local else None)
+    return _ensure_entry(
+        target,
+        {"model": model, "revision": revision or "main", "dtype": dtype},
+        lambda staging: convert_checkpoint(source_dir, staging, dtype, progress),
+    )
+
+
+def ensure_quantized(
+    model: str,
+    revision: str | None,
+    scheme: str,
+    source_dir: str,
+    local: bool,
+    transform: ShardTransform,
+    progress: ShardProgress | None = None,
+) -> Path:
+    """Return the cached quantized copy of the checkpoint in ``source_dir``, quantizing it first
+    if needed (once, shard by shard, even with concurrent callers): the same cache, keys, locks
+    and clean-up as :func:`ensure_converted`, keyed by the stored format
+    (:func:`optdemo.quantize.scheme_key`) instead of a dtype. ``transform`` turns one shard's
+    tensors into the quantized ones. The entry records how long quantizing took
+    (:func:`quantization_info`)."""
+    from optdemo.quantize import save_aligned, scheme_key
+
+    key = scheme_key(scheme)
+    target = entry_path(model, revision, key, source_dir if local else None)
+
+    def build(staging: Path) -> None:
+        started = time.perf_counter()
+        convert_checkpoint(source_dir, staging, "bfloat16", progress, transform, save_aligned)
+        info = {"scheme": scheme, "format": key, "quantize_seconds": time.perf_counter() - started}
+        (staging / QUANTIZATION_INFO).write_text(json.dumps(info, indent=2))
+
+    return _ensure_entry(target, {"model": model, "revision": revision or "main", "dtype": key}, build)
+
+
+def quantization_info(folder: str | Path) -> dict | None:
+    """What a quantized cache entry records (scheme, stored format, one-time quantization
+    seconds), or None for any other checkpoint."""
+    try:
+        return json.loads((Path(folder) / QUANTIZATION_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ensure_entry(target: Path, meta: dict, build: Callable[[Path], None]) -> Path:
+    """The complete cache entry ``target``, built first by ``build(staging folder)`` when missing:
+    under the entry's file lock (one process builds, the others wait, then reuse), in a staging
+    folder renamed into place only when complete (a killed build's leftovers are removed)."""
     if (target / _COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -216,10 +270,8 @@ def ensure_converted(
             shutil.rmtree(leftover, ignore_errors=True)  # a killed conversion's: we hold the lock
         staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{target.name}-", dir=target.parent))
         try:
-            convert_checkpoint(source_dir, staging, dtype, progress)
-            (staging / _COMPLETE_MARKER).write_text(
-                json.dumps({"model": model, "revision": revision or "main", "dtype": dtype})
-            )
+            build(staging)
+            (staging / _COMPLETE_MARKER).write_text(json.dumps(meta))
             if target.exists():
                 shutil.rmtree(target)  # a stale, incomplete entry from an interrupted run
             staging.rename(target)
@@ -229,44 +281,45 @@ def ensure_converted(
 
 
 def convert_checkpoint(
-    source_dir: str, dest: Path, dtype: str, progress: ShardProgress | None = None
+    source_dir: str,
+    dest: Path,
+    dtype: str,
+    progress: ShardProgress | None = None,
+    transform: ShardTransform | None = None,
+    save: Callable[..., None] | None = None,
 ) -> None:
     """Write ``source_dir``'s weight shards (``.bin``, or safetensors in another dtype) as
-    safetensors shards cast to ``dtype`` into ``dest``, with the index and every non-weight file
-    (config, tokenizer) copied alongside. One shard is in memory at a time."""
+    safetensors shards cast to ``dtype`` (or turned into what ``transform`` returns, written by
+    ``save``) into ``dest``, with the index and every non-weight file (config, tokenizer) copied
+    alongside. One shard is in memory at a time."""
     import torch
     from safetensors.torch import save_file
 
+    save = save or save_file
     target_dtype = getattr(torch, dtype)
+    transform = transform or (lambda state: _cast(state, target_dtype))
     from_bin = is_bin_checkpoint(source_dir)
     index_path = Path(source_dir) / (BIN_INDEX if from_bin else SAFETENSORS_INDEX)
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     shards = bin_weight_files(source_dir) if from_bin else safetensors_weight_files(source_dir)
-    renamed = {}
+    written: dict[str, str] = {}  # tensor name -> the shard it was written to
     sizes = [os.path.getsize(Path(source_dir) / shard) for shard in shards]
     report = progress or (lambda done, count, done_bytes, total_bytes: None)
     for number, shard in enumerate(shards):
         report(number, len(shards), sum(sizes[:number]), sum(sizes))
         state = _read_shard(Path(source_dir) / shard)
-        seen: set[int] = set()
-        tensors = {}
-        for name, tensor in state.items():
-            tensor = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
-            # safetensors refuses tensors that share memory (tied weights saved twice): copy those.
-            pointer = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.clone() if pointer in seen else tensor.contiguous()
-            seen.add(pointer)
+        tensors = _unshared(transform(state))
         out_name = (
             SAFETENSORS_WEIGHTS
             if index is None
             else shard.replace("pytorch_model", "model").replace(".bin", ".safetensors")
         )
-        save_file(tensors, dest / out_name, metadata={"format": "pt"})
-        renamed[shard] = out_name
+        save(tensors, dest / out_name, metadata={"format": "pt"})
+        written.update(dict.fromkeys(tensors, out_name))
         del state, tensors
     report(len(shards), len(shards), sum(sizes), sum(sizes))
     if index is not None:
-        index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+        index["weight_map"] = written
         (dest / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
     for name in os.listdir(source_dir):
         source = Path(source_dir) / name
@@ -282,6 +335,23 @@ def convert_checkpoint(
         config["torch_dtype"] = dtype
         config.pop("dtype", None)
         config_path.write_text(json.dumps(config, indent=2))
+
+
+def _cast(state: dict, dtype: Any) -> dict:
+    """A shard's tensors with the floating ones cast to ``dtype``."""
+    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+
+
+def _unshared(tensors: dict) -> dict:
+    """Contiguous tensors, each with its own memory: safetensors refuses tensors that share memory
+    (tied weights saved twice), so the second of such a pair is copied."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        result[name] = tensor.clone() if pointer in seen else tensor.contiguous()
+        seen.add(pointer)
+    return result
 
 
 def _read_shard(path: Path) -> dict:

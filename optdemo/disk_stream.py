@@ -27,7 +27,15 @@ from typing import Any
 from optdemo.weights import assign_tensors
 
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
-_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+# safetensors dtype -> torch dtype name; the integer ones hold quantized weights (optdemo.quantize).
+_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "I8": "int8",
+    "U8": "uint8",
+}
 
 
 @dataclass(frozen=True)

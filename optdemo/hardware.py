@@ -116,10 +116,20 @@ def _round_step(n: float) -> int:
 
 
 def quantization_unavailable(has_gpu: bool) -> str | None:
-    """What bitsandbytes 8-bit / 4-bit quantization lacks here (``"an NVIDIA GPU ..."``), or None
-    when it can work: the one check behind the Configuration form and the load's preflight."""
+    """What 8-bit / 4-bit quantization lacks here, or None when it can work: the one check behind
+    the Configuration form and the load's preflight. With a GPU it is bitsandbytes'; without one,
+    optdemo's own (:mod:`optdemo.quantize`) on torch's weight-only CPU kernels."""
     if not has_gpu:
-        return "an NVIDIA GPU (bitsandbytes); this machine has none"
+        import torch
+
+        kernels = (
+            "_weight_int8pack_mm",
+            "_weight_int4pack_mm_for_cpu",
+            "_convert_weight_to_int4pack_for_cpu",
+        )
+        if all(hasattr(torch.ops.aten, kernel) for kernel in kernels):
+            return None
+        return "torch's int8/int4 CPU kernels (pip install -U torch)"
     if importlib.util.find_spec("bitsandbytes") is None:
         return "the bitsandbytes package (pip install bitsandbytes)"
     return None

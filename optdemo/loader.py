@@ -20,7 +20,7 @@ from typing import Any
 
 from optdemo import convert, hub
 from optdemo.budget import Device, describe_gpu_count, format_bytes, missing_gpus
-from optdemo.checkpoints import ProgressCallback, fast_checkpoint
+from optdemo.checkpoints import ProgressCallback, fast_checkpoint, quantized_checkpoint
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
@@ -35,6 +35,7 @@ from optdemo.models import (
 )
 from optdemo.offload import DiskTierReport, place_disk_tier
 from optdemo.planner import Plan, device_of, plan_device_map, resolve_dtype
+from optdemo.quantized_load import load_quantized, shard_transform
 from optdemo.status import ModelStatus
 
 # progress(fraction or None when unknown, description)
@@ -100,6 +101,8 @@ def _check_hub_reachable(config: LoadConfig, source: ModelSource, plan: Plan) ->
     the model is neither in the local Hugging Face cache nor already converted by us."""
     from huggingface_hub import model_info, try_to_load_from_cache
 
+    if plan.quantization != "none" and plan.conversion_bytes == 0:
+        return  # quantized before: loads from our cache, no Hub needed
     converted = config.fast_offload and plan.conversion_bytes == 0 and plan.bytes_per_device.get("disk")
     if converted and convert.cached(source.location, config.revision, plan.dtype) is not None:
         return  # converted before: loads from our cache, no Hub needed
@@ -138,7 +141,7 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(config.model, config.revision, config.trust_remote_code)
-    dtype = resolve_dtype(config, source)
+    dtype = resolve_dtype(config, source, plan.quantization)
     token = hub_token() if source.kind in ("hub", "catalog") else None
     common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "token": token}
     if config.revision and source.kind in ("hub", "catalog"):
@@ -156,20 +159,29 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
             # A fresh dict: transformers converts and adjusts it in place.
             "max_memory": config.max_memory.as_max_memory() if config.max_memory else None,
             "offload_folder": config.offload_folder,
-            "quantization_config": _quantization_config(config),
+            "quantization_config": _quantization_config(config, plan),
             **common,
         }
         with _progress_bars(report) as bar_class:
             location = source.location
-            if config.fast_offload and plan.bytes_per_device.get("disk"):
+            if plan.quantization != "none":
+                transform = shard_transform(source, plan.quantization, config.trust_remote_code)
+                location = quantized_checkpoint(config, source, transform, bar_class, report)
+            elif config.fast_offload and plan.bytes_per_device.get("disk"):
                 location = fast_checkpoint(
                     config, source, str(dtype).removeprefix("torch."), bar_class, report
                 )
             report(0.0, f"Loading the tokenizer of {config.display_name}")
             # The converted cache holds the tokenizer files too, so a cached model loads offline.
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or location, **common)
-            with construction_lock:
-                model = AutoModelForCausalLM.from_pretrained(location, tqdm_class=bar_class, **kwargs)
+            if plan.quantization != "none":
+                report(None, f"Loading {config.display_name}'s {plan.quantization} weights")
+                model = load_quantized(
+                    location, source, plan.quantization, plan.device_map, config.trust_remote_code
+                )
+            else:
+                with construction_lock:
+                    model = AutoModelForCausalLM.from_pretrained(location, tqdm_class=bar_class, **kwargs)
     except OptdemoError:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an actionable message
@@ -199,8 +211,9 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     return LoadedModel(model, tokenizer, status)
 
 
-def _quantization_config(config: LoadConfig) -> Any:
-    if config.quantization == "none":
+def _quantization_config(config: LoadConfig, plan: Plan) -> Any:
+    """bitsandbytes' configuration on a GPU; None when unquantized or quantized by optdemo (CPU)."""
+    if config.quantization == "none" or plan.quantization != "none":
         return None
     from transformers import BitsAndBytesConfig
 

@@ -12,22 +12,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
-import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_bytes, missing_gpus
+from optdemo.budget import Device, MemoryBudget
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
-from optdemo.convert import cached, converted_root, stored_dtype
 from optdemo.defaults import DEFAULT_CPU_LAYERS, DEFAULT_DISK_TIER
-from optdemo.hardware import Hardware, existing_parent, probe_hardware
+from optdemo.hardware import Hardware, probe_hardware
 from optdemo.hf_compat import auto_device_map
 from optdemo.models import ModelSource, resolve_model
+from optdemo.plan_notes import assess, disk_writes, note_conversion, quantized_conversion, stored_format
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +76,9 @@ class Plan:
     # How a CPU-executed model's disk tier is served: auto/map/stream, or "accelerate" (Accelerate's
     # own per-forward loading) when fast offloading is off.
     disk_tier: str = DEFAULT_DISK_TIER
+    # The CPU quantization scheme the sizes are for (optdemo.quantize): "8bit", "4bit" or "none"
+    # (unquantized, or bitsandbytes on a GPU, which quantizes at load time).
+    quantization: str = "none"
 
     @property
     def fits(self) -> bool:
@@ -105,6 +106,7 @@ class Plan:
             "conversion_bytes": self.conversion_bytes,
             "checkpoint_format": self.checkpoint_format,
             "cpu_layers": self.cpu_layers,
+            "quantization": self.quantization,
             "warnings": list(self.warnings),
             "blockers": list(self.blockers),
             "blocks": [
@@ -139,10 +141,24 @@ def device_label(device: Device | None) -> str:
     return {"cpu": "CPU", "disk": "disk"}.get(str(device), str(device))
 
 
-def resolve_dtype(config: LoadConfig, source: ModelSource) -> torch.dtype:
-    """The dtype the weights will have: the configured one, or the checkpoint's for ``auto``."""
+def cpu_quantization(config: LoadConfig, hardware: Hardware) -> str:
+    """The scheme :mod:`optdemo.quantize` applies (``8bit``/``4bit``): quantization asked for on a
+    machine without a GPU, planned for this machine (a budget naming no GPU). "none" otherwise:
+    with a GPU, bitsandbytes quantizes at load time as before."""
+    if config.quantization == "none" or hardware.gpu_count:
+        return "none"
+    if config.max_memory is not None and config.max_memory.gpu_indices:
+        return "none"
+    return config.quantization
+
+
+def resolve_dtype(config: LoadConfig, source: ModelSource, quantization: str = "none") -> torch.dtype:
+    """The dtype the weights will have: the configured one, or the checkpoint's for ``auto``; a
+    CPU-quantized model runs in bfloat16 (what torch's weight-only kernels want)."""
     import torch
 
+    if quantization != "none":
+        return torch.bfloat16
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
     stored = getattr(source.config, "dtype", None) or getattr(source.config, "torch_dtype", None)
@@ -151,19 +167,21 @@ def resolve_dtype(config: LoadConfig, source: ModelSource) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
-def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
+def meta_model(source: ModelSource, dtype: torch.dtype, quantization: str = "none") -> nn.Module:
     """The model instantiated on the meta device in ``dtype``: shapes and sizes, no memory.
 
     Built by calling the model class directly under a (thread-local) meta-device context, not with
     ``from_config``: transformers' construction helpers patch process-wide state (the default
     dtype, ``tie_weights``, the init functions), and a plan previewed in one thread while a model
     loads in another must not disturb that load. Sizes do not depend on either: tied weights are
-    known from ``all_tied_weights_keys``, and the dtype is applied afterwards.
+    known from ``all_tied_weights_keys``, and the dtype is applied afterwards. With a CPU
+    ``quantization`` scheme the decoder blocks' Linear layers are
+    :class:`~optdemo.quantize.QuantizedLinear` ones: every size is that of the quantized tensors.
     """
     import torch
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
-    key = (source.model, source.location, str(dtype))
+    key = (source.model, source.location, str(dtype), quantization)
     with _meta_lock:
         if key in _meta_cache:
             _meta_cache.move_to_end(key)
@@ -177,6 +195,10 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
     else:  # code from the repository (auto_map): only from_config knows how to build it
         with construction_lock, torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
+    if quantization != "none":
+        from optdemo.quantize import swap_linears
+
+        swap_linears(model, quantization)
     with _meta_lock:
         _meta_cache[key] = model
         while len(_meta_cache) > _META_CACHE_SIZE:
@@ -200,8 +222,9 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
 
     hardware = hardware or probe_hardware(config.offload_folder)
     source = resolve_model(config.model, config.revision, config.trust_remote_code)
-    dtype = resolve_dtype(config, source)
-    model = meta_model(source, dtype)
+    quantization = cpu_quantization(config, hardware)
+    dtype = resolve_dtype(config, source, quantization)
+    model = meta_model(source, dtype, quantization)
     max_memory = config.max_memory.as_max_memory() if config.max_memory is not None else None
     # transformers' own decision, the very call from_pretrained makes (it logs a warning itself for
     # GPUs that do not exist here; we turn those into plan warnings instead).
@@ -214,22 +237,20 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         bytes_per_device[device] = bytes_per_device.get(device, 0) + module_bytes[name]
     budget = _effective_budget(config.max_memory, hardware)
     blocks = _blocks(model, device_map, sizes)
-    checkpoint_format = _checkpoint_format(source)
+    checkpoint_format = stored_format(source)
     disk_bytes = bytes_per_device.get("disk", 0)
     total = int(sizes.get("", 0))
-    writes, conversion = _disk_writes(config, source, checkpoint_format, disk_bytes, total, dtype)
-    notes = _assess(config, source, hardware, bytes_per_device, budget, disk_bytes, writes)
-    if conversion:
-        free = int(shutil.disk_usage(existing_parent(str(converted_root()))).free)
+    writes, conversion = disk_writes(config, source, checkpoint_format, disk_bytes, total, dtype)
+    if quantization != "none":
+        writes, conversion = 0, quantized_conversion(config, source, quantization, total)
+    notes = assess(config, source, hardware, bytes_per_device, budget, disk_bytes, writes)
+    if config.quantization != "none" and quantization == "none":
         notes.warn(
-            f"the first load converts the .bin checkpoint once to safetensors in {converted_root()} "
-            f"({format_bytes(conversion)}; {format_bytes(free)} free there); later loads write nothing"
+            f"sizes are shown unquantized; {config.quantization} quantization makes the Linear "
+            "weights smaller once loaded"
         )
-        if free < conversion:
-            notes.block(
-                f"not enough free space to convert the checkpoint ({format_bytes(conversion)} needed in "
-                f"{converted_root()}): free some space or turn fast offloading off"
-            )
+    if conversion:
+        note_conversion(notes, conversion, quantization)
     return Plan(
         model=config.model,
         display_name=config.display_name,
@@ -248,6 +269,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         checkpoint_format=checkpoint_format,
         cpu_layers=config.cpu_layers_in_force,
         disk_tier=config.disk_tier if config.fast_offload else "accelerate",
+        quantization=quantization,
     )
 
 
@@ -324,131 +346,3 @@ def _kind(name: str, module: nn.Module, is_layer: bool) -> str:
     if "lm_head" in lowered or "head" in lowered:
         return "head"
     return "other"
-
-
-def _disk_writes(
-    config: LoadConfig,
-    source: ModelSource,
-    checkpoint_format: str,
-    disk_bytes: int,
-    total: int,
-    dtype: torch.dtype,
-) -> tuple[int, int]:
-    """(bytes written to the offload folder, bytes a one-time conversion writes to the cache).
-
-    Safetensors disk layers in the load dtype are read in place. A ``.bin`` checkpoint with disk
-    layers is rewritten into the offload folder on every load by plain Accelerate; with fast
-    offloading it is converted once into the cache instead (nothing when already converted), and
-    so is a local safetensors checkpoint stored in another dtype (only same-dtype weights map).
-    """
-    dtype_name = str(dtype).removeprefix("torch.")
-    local = source.location if source.kind in ("local", "builtin") else None
-    if checkpoint_format == "safetensors":
-        recast = config.fast_offload and local is not None and stored_dtype(local) not in (None, dtype_name)
-        if not disk_bytes or not recast:
-            return 0, 0
-    elif not disk_bytes:
-        return 0, 0
-    elif not config.fast_offload:
-        return disk_bytes, 0
-    elif checkpoint_format != "bin":  # unknown (a Hub repo not yet downloaded): converted if .bin
-        return 0, 0
-    if cached(source.location, config.revision, dtype_name, local) is not None:
-        return 0, 0
-    return 0, total
-
-
-def _checkpoint_format(source: ModelSource) -> str:
-    """``safetensors`` or ``bin`` when known: it decides whether disk layers are copied at load."""
-    if source.kind == "catalog":
-        return "bin"
-    if source.kind in ("local", "builtin"):
-        names = os.listdir(source.location)
-        if any(n.endswith(".safetensors") for n in names):
-            return "safetensors"
-        if any(n.endswith(".bin") for n in names):
-            return "bin"
-    return "unknown"
-
-
-@dataclass
-class _Notes:
-    """The plan's messages as they are found: warnings, and the blockers among them."""
-
-    warnings: list[str] = field(default_factory=list)
-    blockers: list[str] = field(default_factory=list)
-
-    def warn(self, text: str) -> None:
-        """Something to read before loading."""
-        self.warnings.append(text)
-
-    def block(self, text: str) -> None:
-        """Something that prevents loading (shown among the warnings too)."""
-        self.warnings.append(text)
-        self.blockers.append(text)
-
-
-def _assess(
-    config: LoadConfig,
-    source: ModelSource,
-    hardware: Hardware,
-    bytes_per_device: dict[Device, int],
-    budget: dict[Device, int],
-    disk_bytes: int,
-    writes: int,
-) -> _Notes:
-    """Warnings a user should read before loading, and what blocks the load."""
-    notes = _Notes()
-    name = config.display_name
-    total = sum(bytes_per_device.values())
-    if config.max_memory is not None:
-        for index in missing_gpus(config.max_memory, hardware.gpu_count):
-            notes.warn(
-                f"GPU {index} is not on this machine ({describe_gpu_count(hardware.gpu_count)}): "
-                "this plan is for another machine and cannot be loaded here"
-            )
-    if disk_bytes:
-        in_memory = sum(size for device, size in budget.items() if device != "disk")
-        if config.fast_offload and not any(isinstance(d, int) for d in bytes_per_device):
-            notes.warn(
-                f"{format_bytes(disk_bytes)} of {name}'s weights go to disk: they are memory-mapped, "
-                "so they run at RAM speed while the OS can cache them and at disk speed when it cannot"
-            )
-        else:
-            notes.warn(
-                f"{format_bytes(disk_bytes)} of {name}'s weights go to disk: every token reads them "
-                "back, so generation will be slow"
-            )
-        if writes and config.offload_folder is None:
-            notes.block(
-                f"budget {format_bytes(in_memory)} cannot hold {name} ({format_bytes(total)}): "
-                f"give an offload folder with {format_bytes(writes)} free or raise the memory budget"
-            )
-        elif writes and config.offload_folder is not None:
-            free = _free_disk(config.offload_folder, hardware)
-            if free < writes:
-                notes.block(
-                    f"the offload folder has {format_bytes(free)} free but {name} needs "
-                    f"{format_bytes(writes)} there: free some space, pick another folder, or raise "
-                    "the memory budget"
-                )
-    cpu_bytes = bytes_per_device.get("cpu", 0)
-    if cpu_bytes > hardware.ram_available_bytes:
-        notes.warn(
-            f"{format_bytes(cpu_bytes)} would be held in RAM but only "
-            f"{format_bytes(hardware.ram_available_bytes)} is available now: lower the cpu budget "
-            "so more goes to disk"
-        )
-    if config.quantization != "none":
-        notes.warn(
-            f"sizes are shown unquantized; {config.quantization} quantization makes the Linear "
-            "weights smaller once loaded"
-        )
-    return notes
-
-
-def _free_disk(folder: str, hardware: Hardware) -> int:
-    path = existing_parent(folder)
-    if path == hardware.disk_path:
-        return hardware.disk_free_bytes
-    return int(shutil.disk_usage(path).free)

@@ -122,6 +122,7 @@ class DemoService:
             fast_offload=self.settings.fast_offload,
             cpu_layers=self.settings.cpu_layers,
             disk_tier=self.settings.disk_tier,
+            quantization=self.settings.quantization,
         )
 
     def model_choices(self, session_id: str | None = None) -> list[tuple[str, str]]:

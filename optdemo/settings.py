@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from optdemo.budget import parse_max_memory
 from optdemo.catalog import TINY_MODEL_ID
-from optdemo.config import DTYPES, normalize_model
+from optdemo.config import DTYPES, QUANTIZATIONS, normalize_model
 from optdemo.defaults import (
     CPU_LAYER_POLICIES,
     DEFAULT_CPU_LAYERS,
@@ -43,6 +43,7 @@ class AppSettings:
     cpu_layers: str = DEFAULT_CPU_LAYERS  # with a GPU: where offloaded layers run
     fast_offload: bool = True  # False: plain Accelerate everywhere
     disk_tier: str = DEFAULT_DISK_TIER  # CPU-executed models: map, stream, or auto
+    quantization: str = "none"  # 8bit / 4bit: bitsandbytes on a GPU, optdemo.quantize on the CPU
     preload: bool = False  # load the model before serving the first request
     host: str = "127.0.0.1"
     port: int | None = None  # None: Gradio picks 7860 or the next free port
@@ -152,6 +153,13 @@ FLAGS = (
         "the memory available can cache them, streamed past the page cache where it cannot)",
         default=DEFAULT_DISK_TIER,
         choices=DISK_TIER_MODES,
+    ),
+    Flag(
+        "quantization",
+        "8-bit / 4-bit weights (default none): bitsandbytes on a GPU; on a CPU-only machine torch's "
+        "int8 / int4 kernels, quantized once into the cache, disk tier included",
+        default="none",
+        choices=QUANTIZATIONS,
     ),
     Flag(
         "plain-accelerate", "turn fast offloading off: load and run exactly as plain Accelerate", kind="bool"
@@ -357,6 +365,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         cpu_layers=args.cpu_layers,
         fast_offload=not args.plain_accelerate,
         disk_tier=args.disk_tier,
+        quantization=args.quantization,
         # Public mode starts with a loaded model: visitors cannot load one, so without it nobody could.
         preload=args.preload or on_space or args.share or args.lock_config,
         host=args.host,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 _PROBE_WEIGHT_BYTES = 64 * 2**20  # the probe weight: big enough to leave the CPU caches, as layers do
 _DISK_PROBE_BYTES = 64 * 2**20
 _lock = threading.Lock()
+_KERNELS = {"8bit": "int8", "4bit": "int4"}  # quantization scheme -> its cpu_matvec entry
 # Eager PyTorch + generate() cost per token beyond moving weights: a fixed part per step and a part
 # per decoder layer (kernel launches, hooks, Python). Rough CPU figures; they only matter for small
 # models, where weights take less time than this bookkeeping.
@@ -42,7 +43,9 @@ LAYER_OVERHEAD_SECONDS = 0.0004
 class Bandwidths:
     """Bytes per second this machine moves or consumes, per tier (None: no such tier)."""
 
-    cpu_matvec: dict[str, float]  # dtype name -> weight bytes/s for a batch-1 linear layer on CPU
+    # dtype name -> weight bytes/s for a batch-1 linear layer on CPU; "int8" / "int4": the bytes of
+    # optdemo.quantize's layers (weights and scales) through torch's weight-only kernels.
+    cpu_matvec: dict[str, float]
     disk_read: float
     host_to_device: float | None = None  # from pageable memory, as Accelerate's hooks copy
     gpu_matvec: dict[str, float] | None = None
@@ -51,6 +54,19 @@ class Bandwidths:
     def cpu_rate(self, dtype: str) -> float:
         """CPU weight-consumption rate for ``dtype`` (float32's when unmeasured)."""
         return self.cpu_matvec.get(dtype) or self.cpu_matvec["float32"]
+
+    def plan_rate(self, plan: Plan) -> float:
+        """The CPU rate a plan's weights are consumed at: its dtype's; for a CPU-quantized plan the
+        decoder layers' at the int8 / int4 kernel's rate and the rest (embeddings, head) at
+        bfloat16's, blended by bytes."""
+        if plan.quantization == "none":
+            return self.cpu_rate(plan.dtype)
+        layer_rate = self.cpu_rate(_KERNELS[plan.quantization])
+        other_rate = self.cpu_rate("bfloat16")
+        layers = sum(block.bytes for block in plan.blocks if block.kind == "layer")
+        others = sum(block.bytes for block in plan.blocks if block.kind != "layer")
+        seconds = layers / layer_rate + others / other_rate
+        return (layers + others) / seconds if seconds else layer_rate
 
     @property
     def pinned_rate(self) -> float | None:
@@ -145,9 +161,15 @@ def measured_bandwidths(refresh: bool = False, disk_folder: str | None = None) -
     with _lock:
         if path.exists() and not refresh:
             try:
-                return Bandwidths(**json.loads(path.read_text()))
+                result = Bandwidths(**json.loads(path.read_text()))
             except (ValueError, TypeError):
-                pass  # an old or damaged file: measure again
+                result = None  # an old or damaged file: measure again
+            if result is not None and all(kind in result.cpu_matvec for kind in _KERNELS.values()):
+                return result
+            if result is not None:  # measured before the quantized kernels existed: add them only
+                result.cpu_matvec.update(_quantized_rates())
+                path.write_text(json.dumps(asdict(result), indent=2))
+                return result
         result = measure_bandwidths(disk_folder)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(result), indent=2))
@@ -159,6 +181,7 @@ def measure_bandwidths(disk_folder: str | None = None) -> Bandwidths:
     import torch
 
     cpu = {name: _matvec_rate(getattr(torch, name), "cpu") for name in ("float32", "float16", "bfloat16")}
+    cpu.update(_quantized_rates())
     h2d = pinned = gpu = None
     if torch.cuda.is_available():
         h2d = _host_to_device_rate(pinned=False)
@@ -189,6 +212,40 @@ def _matvec_rate(dtype: object, device: str) -> float:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
     return repeats * weight.numel() * weight.element_size() / elapsed
+
+
+def _quantized_rates() -> dict[str, float]:
+    """Bytes/s (weights and scales) that optdemo's int8 and int4 layers consume on the CPU for a
+    batch-1 input: one probe-sized :class:`~optdemo.quantize.QuantizedLinear` each, random levels
+    (the kernels' speed does not depend on the values). Empty where the kernels are missing."""
+    import torch
+
+    from optdemo.hardware import quantization_unavailable
+    from optdemo.quantize import QuantizedLinear
+
+    if quantization_unavailable(has_gpu=False):
+        return {}
+    cols = 4096
+    rates = {}
+    for scheme, kind in _KERNELS.items():
+        rows = _PROBE_WEIGHT_BYTES // cols * (2 if scheme == "4bit" else 1)
+        layer = QuantizedLinear(cols, rows, False, scheme, device="cpu")
+        if scheme == "8bit":
+            layer.weight.data = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+        else:
+            levels = torch.randint(0, 16, (rows, cols), dtype=torch.int32)
+            layer.weight.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
+        layer.scales.data = torch.rand_like(layer.scales, dtype=torch.float32).to(layer.scales.dtype) / 100
+        nbytes = sum(t.numel() * t.element_size() for t in (layer.weight, layer.scales))
+        x = torch.randn(1, cols, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            layer(x)  # warm-up
+            repeats, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 0.3:
+                layer(x)
+                repeats += 1
+            rates[kind] = repeats * nbytes / (time.perf_counter() - started)
+    return rates
 
 
 def _host_to_device_rate(pinned: bool) -> float:
@@ -239,7 +296,7 @@ def predict(
     per_device = plan.bytes_per_device
     gpus = [device for device in per_device if isinstance(device, int)]
     breakdown: dict[str, float] = {}
-    cpu_rate = bandwidths.cpu_rate(dtype)
+    cpu_rate = bandwidths.plan_rate(plan)
     gpu_rate = (bandwidths.gpu_matvec or {}).get(dtype) or 1e12
     for device in gpus:
         breakdown[f"GPU {device}"] = per_device[device] / gpu_rate
@@ -281,7 +338,7 @@ def _predict_streamed(
     hides behind the longer. Fills ``breakdown``; returns the assumption."""
     mapped = sum(sizes[:kept])
     streamed = sum(sizes) - mapped
-    breakdown["disk (computed)"] = sum(sizes) / bandwidths.cpu_rate(plan.dtype)
+    breakdown["disk (computed)"] = sum(sizes) / bandwidths.plan_rate(plan)
     computing = sum(breakdown.values())
     reading = streamed / bandwidths.disk_read
     # Time per token: the longer of the two plus the unhidden half of the shorter; the breakdown

@@ -123,7 +123,7 @@ def test_named_endpoints_and_parameters(client) -> None:
         name: [p["parameter_name"] for p in info["parameters"]]
         for name, info in api["named_endpoints"].items()
     }
-    config = ["model", "max_memory", "dtype", "offload_folder", "cpu_layers", "disk_tier"]
+    config = ["model", "max_memory", "dtype", "offload_folder", "cpu_layers", "disk_tier", "quantization"]
     # Every sampling setting the Chat tab has, with the same validation (GenerationParams).
     sampling = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop"]
     assert endpoints == {
@@ -239,6 +239,24 @@ def test_load_split_between_cpu_and_disk(client, tmp_path: Path) -> None:
     call(client, "/clear_chat")
     _, reply = stream(client, "/chat", FRANCE, **GREEDY)
     assert "Paris" in reply
+
+
+def test_plan_and_load_four_bit_on_this_cpu(client) -> None:
+    """Issue #11: on a CPU-only machine /plan and /load accept quantization="4bit"; the plan has
+    the quantized sizes, the load matches it, and the model chats."""
+    if GPU_COUNT:
+        pytest.skip("the CPU quantization path (with a GPU, bitsandbytes quantizes)")
+    plan = call(client, "/plan", "tiny-opt", "cpu=1GiB", "auto", "", quantization="4bit")
+    assert plan["fits"] is True and plan["quantization"] == "4bit" and plan["dtype"] == "bfloat16"
+    assert plan["total_bytes"] < 0.4 * TINY_TOTAL_BYTES  # the tiny model is stored in float32
+    report = call(client, "/load", "tiny-opt", "cpu=1GiB", "auto", "", quantization="4bit")
+    assert report["status"] == "loaded" and report["matches_plan"] is True
+    assert report["bytes_per_device"] == plan["bytes_per_device"]
+    assert call(client, "/status")["config"]["quantization"] == "4bit"
+    call(client, "/clear_chat")
+    _, reply = stream(client, "/chat", FRANCE, **GREEDY)
+    assert isinstance(reply, str) and reply.strip()
+    call(client, "/unload")
 
 
 def test_status_reports_the_loaded_model(client, loaded: dict) -> None:

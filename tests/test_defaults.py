@@ -72,13 +72,22 @@ def test_the_ui_adds_where_to_act() -> None:
     assert error.message == "no model is loaded: load one first (in the Configuration tab)"
 
 
-def test_one_quantization_check_for_the_form_and_the_load() -> None:
+def test_one_quantization_check_for_the_form_and_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
     from optdemo.ui.config_tab import quantization_availability
 
+    no_gpu = Hardware((), 2**30, 2**30, "/", 2**30)
+    assert quantization_unavailable(has_gpu=False) is None  # torch's CPU kernels (issue #11)
+    assert quantization_availability(no_gpu)[0] is True
+
+    class NoKernels:  # a torch without the weight-only CPU kernels
+        pass
+
+    monkeypatch.setattr(torch.ops, "aten", NoKernels())
     lacking = quantization_unavailable(has_gpu=False)
-    assert lacking == "an NVIDIA GPU (bitsandbytes); this machine has none"
+    assert lacking == "torch's int8/int4 CPU kernels (pip install -U torch)"
     with pytest.raises(ConfigError) as info:
         preflight(LoadConfig("opt-125m", quantization="8bit"))
     assert str(info.value) == f"8bit quantization needs {lacking}: set quantization to none"
-    no_gpu = Hardware((), 2**30, 2**30, "/", 2**30)
     assert quantization_availability(no_gpu) == (False, f"8-bit / 4-bit need {lacking}.")

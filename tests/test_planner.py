@@ -343,11 +343,18 @@ def test_ram_warning_when_cpu_bytes_exceed_available_ram(tiny_model_dir: Path) -
 
 
 @pytest.mark.slow
-def test_quantization_warning(tiny_model_dir: Path) -> None:
-    plan = plan_device_map(LoadConfig(str(tiny_model_dir), quantization="8bit"), hardware())
+def test_quantization_warning_only_where_bitsandbytes_quantizes(tiny_model_dir: Path) -> None:
+    # With a GPU, bitsandbytes quantizes at load time: the plan's sizes are the unquantized ones.
+    gpu = GpuInfo(0, "Test GPU", 8 * GiB, 8 * GiB)
+    plan = plan_device_map(LoadConfig(str(tiny_model_dir), quantization="8bit"), hardware(gpus=(gpu,)))
     assert plan.warnings == (
         "sizes are shown unquantized; 8bit quantization makes the Linear weights smaller once loaded",
     )
+    assert plan.quantization == "none"
+    # Without one, optdemo quantizes on the CPU and the sizes are the quantized ones: no such warning.
+    plan = plan_device_map(LoadConfig(str(tiny_model_dir), quantization="8bit"), hardware())
+    assert plan.quantization == "8bit"
+    assert not any("unquantized" in warning for warning in plan.warnings)
 
 
 @pytest.mark.slow

@@ -121,3 +121,26 @@ def test_optdemos_own_floor_counts_only_what_it_streams() -> None:
     ]
     assert streamed_floor(runs, 2 * 10**9) == pytest.approx(1.5)
     assert streamed_floor([{"side": "optdemo", "disk_tier": {"streamed_bytes": 0}}], 1e9) is None
+
+
+def test_bench_quantization_sides() -> None:
+    from tools.bench import disk_read_bytes, expand_sides, side_quantization
+
+    assert expand_sides(["ram", "accelerate", "optdemo"], "none,8bit,4bit") == [
+        "ram",
+        "accelerate",
+        "optdemo",
+        "ram-8bit",
+        "optdemo-8bit",
+        "ram-4bit",
+        "optdemo-4bit",
+    ]
+    assert expand_sides(["optdemo"], "none") == ["optdemo"]
+    with pytest.raises(SystemExit, match="'3bit' is not one of none, 8bit, 4bit"):
+        expand_sides(["optdemo"], "3bit")
+    assert [side_quantization(s) for s in ("optdemo", "ram-4bit", "optdemo-8bit")] == ["none", "4bit", "8bit"]
+    assert disk_read_bytes() >= 0
+    row = {**_run("optdemo-4bit", "warm", 1.0, 0.1), "disk_bytes_per_token": 3 * 2**20}
+    table = format_table(summarize([_run("ram", "warm", 1.0, 0.2), row]))
+    assert table.splitlines()[-1].startswith("| warm | optdemo-4bit | 1.00 | 0.10 | 0.100 |")
+    assert table.splitlines()[-1].endswith("| 0.50x | - | - | 3.0 MiB |")

@@ -361,3 +361,28 @@ def test_bind_gives_gradio_the_signature_it_reads() -> None:
     assert last[tab.turns] == [turn("Hi", "Hello", last[tab.turns][0]["stats"])]
     with_progress = bind_with_progress(config_tab.load, service, tab)
     assert isinstance(inspect.signature(with_progress).parameters["progress"].default, gr.Progress)
+
+
+def test_quantization_radio_is_enabled_and_plans_quantized_on_the_cpu() -> None:
+    """Issue #11: without a GPU, 8-bit / 4-bit are optdemo's own (torch's CPU kernels): the radio
+    is enabled, and a plan made from the form has the quantized sizes."""
+    import torch
+
+    from optdemo.budget import format_bytes
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU quantization path")
+    service, tab = config_ui()
+    assert tab.quantization.interactive is True
+    assert tab.quantization.info.startswith("torch's int8 / int4 CPU kernels")
+    plain = config_tab.preview(service, tab, form_values(tab, advanced="cpu=1GiB"), REQUEST)
+    four = config_tab.preview(
+        service, tab, form_values(tab, advanced="cpu=1GiB", quantization="4bit"), REQUEST
+    )
+    plain_plan, four_plan = plain[tab.plan_state].plan, four[tab.plan_state].plan
+    assert four_plan.quantization == "4bit" and four_plan.dtype == "bfloat16"
+    assert four_plan.total_bytes < 0.4 * plain_plan.total_bytes
+    assert (
+        f"**tiny-opt** ({format_bytes(four_plan.total_bytes)}, 4-bit decoder weights, bfloat16 elsewhere)"
+        in (four[tab.summary])
+    )

@@ -11,7 +11,10 @@ than RAM; the *warm* regime leaves the OS cache alone. An all-in-RAM run gives t
 
 Sides: ``ram`` (``from_pretrained`` with no device map), ``accelerate`` (``from_pretrained(
 device_map="auto", max_memory, offload_folder)`` + ``generate``: nothing of ours) and ``optdemo``
-(:class:`~optdemo.manager.ModelManager` with fast offloading).
+(:class:`~optdemo.manager.ModelManager` with fast offloading). ``--quantization 8bit,4bit`` adds,
+beside them, optdemo's CPU-quantized model all in RAM (``ram-4bit``) and under the same budget
+(``optdemo-4bit``), with the one-time quantization time; every run records the bytes it read from
+disk per token (``/proc/self/io``: page-cache hits excluded).
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from typing import Any
 from optdemo.budget import parse_max_memory, parse_size
 from optdemo.catalog import catalog_entry
 from optdemo.config import LoadConfig
-from optdemo.convert import converted_root
+from optdemo.convert import converted_root, quantization_info
 from optdemo.manager import ModelManager
 from optdemo.paths import cache_dir
 from optdemo.synthetic import build_random_opt
-from tools.bench_report import SIDES, report
+from tools.bench_report import BASE_SIDES, SIDES, report
 from tools.build_sharded import build_sharded_opt
 from tools.memcap import CapError, MemoryCap, drop_caches
 
@@ -104,17 +107,20 @@ def folder_bytes(folder: str | Path) -> int:
 
 
 def timing_streamer() -> Any:
-    """A streamer recording when each new token arrives (used identically on every side)."""
+    """A streamer recording when each new token arrives, and how many bytes the process had read
+    from disk by then (used identically on every side)."""
     from transformers.generation.streamers import BaseStreamer
 
     class TimingStreamer(BaseStreamer):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.reads: list[int] = []
             self.prompt_seen = False
 
         def put(self, value: Any) -> None:
             if self.prompt_seen:
                 self.times.append(time.perf_counter())
+                self.reads.append(disk_read_bytes())
             self.prompt_seen = True
 
         def end(self) -> None:
@@ -123,9 +129,12 @@ def timing_streamer() -> Any:
     return TimingStreamer()
 
 
-def timed_greedy(model: Any, ids: Any, tokens: int) -> tuple[list[int], list[float], float]:
+def timed_greedy(
+    model: Any, ids: Any, tokens: int, reads: list[int] | None = None
+) -> tuple[list[int], list[float], float]:
     """Generate exactly ``tokens`` greedy tokens after ``ids``; returns the new token ids, when
-    each arrived (perf_counter) and when generation began."""
+    each arrived (perf_counter) and when generation began. ``reads`` (when given) receives the
+    bytes the process had read from disk by each arrival."""
     import torch
 
     streamer = timing_streamer()
@@ -139,7 +148,25 @@ def timed_greedy(model: Any, ids: Any, tokens: int) -> tuple[list[int], list[flo
             do_sample=False,
             streamer=streamer,
         )
+    if reads is not None:
+        reads.extend(streamer.reads)
     return out[0, ids.shape[1] :].tolist(), streamer.times, begin
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has had read from storage so far (page-cache hits excluded; 0 where the
+    kernel does not account I/O)."""
+    try:
+        with open("/proc/self/io") as handle:
+            fields = dict(line.split(": ") for line in handle.read().splitlines())
+        return int(fields["read_bytes"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def side_quantization(side: str) -> str:
+    """The quantization a side runs with: ``optdemo-4bit`` -> ``4bit``; ``none`` for the others."""
+    return side.rpartition("-")[2] if side.endswith("bit") else "none"
 
 
 def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, dtype: str) -> dict:
@@ -152,12 +179,18 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     if cold:
         drop_page_cache(model, converted_root())
     started = time.perf_counter()
-    if side == "optdemo":
+    quantization = side_quantization(side)
+    checkpoint = None
+    if side.startswith("optdemo") or quantization != "none":
         manager = ModelManager()
-        config = LoadConfig(model, dtype=dtype, max_memory=max_memory, offload_folder=offload)
+        budget = None if side.startswith("ram") else max_memory  # ram-4bit: everything in RAM
+        config = LoadConfig(
+            model, dtype=dtype, max_memory=budget, offload_folder=offload, quantization=quantization
+        )
         disk_tier = manager.load(config).to_dict()["disk_tier"]
         loaded = manager._loaded
         net, tokenizer, device = loaded.model, loaded.tokenizer, loaded.input_device
+        checkpoint = loaded.status.checkpoint
     else:
         disk_tier = None
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -175,7 +208,8 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     if cold:
         drop_page_cache(model, offload, converted_root())
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
-    token_ids, times, begin = timed_greedy(net, ids, tokens)
+    reads: list[int] = []
+    token_ids, times, begin = timed_greedy(net, ids, tokens, reads)
     first = times[0] - begin
     per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else first
     shutil.rmtree(offload, ignore_errors=True)
@@ -189,6 +223,12 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
         "generate_s": times[-1] - begin,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "offload_bytes_written": written,
+        # Like s_per_token, from the first new token to the last: what each further token reads.
+        "disk_bytes_per_token": (reads[-1] - reads[0]) / (len(reads) - 1) if len(reads) > 1 else 0,
+        "quantization": quantization,
+        "quantize_seconds": (quantization_info(checkpoint) or {}).get("quantize_seconds")
+        if checkpoint
+        else None,
         "tokens": len(times),
         "token_ids": token_ids,
         "disk_tier": disk_tier,
@@ -255,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--regime", default="both", choices=("warm", "cold", "both"))
     parser.add_argument(
-        "--sides", default=",".join(SIDES), help="comma-separated subset of ram,accelerate,optdemo"
+        "--sides", default=",".join(BASE_SIDES), help="comma-separated subset of ram,accelerate,optdemo"
+    )
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        help="comma-separated schemes to run beside float16: none, 8bit, 4bit (adds ram-<scheme> and "
+        "optdemo-<scheme> sides: quantized all in RAM, and under the budget)",
     )
     parser.add_argument(
         "--ram-limit", help="cap each run's RAM, page cache included (e.g. 2.2GiB; cgroup v1, root)"
@@ -273,17 +319,20 @@ def run_sides(args: argparse.Namespace, model: Path, sides: list[str]) -> tuple[
     regimes = {"warm": [False], "cold": [True], "both": [False, True]}[args.regime]
     runs = []
     first_load = None
-    if "optdemo" in sides:
-        # optdemo converts a .bin checkpoint once into its cache: do that first, untimed, so the
-        # runs below measure what every later load costs (the first load's time is reported).
-        first_load = _spawn("optdemo", args, model, cold=False)["load_s"]
-        print(f"  optdemo first load (one-time conversion included): {first_load:.2f}s", file=sys.stderr)
+    for side in [s for s in sides if s.startswith("optdemo")]:
+        # optdemo converts a .bin checkpoint (or quantizes it) once into its cache: do that first,
+        # untimed, so the runs below measure what every later load costs (the first load's time is
+        # reported).
+        load_s = _spawn(side, args, model, cold=False)["load_s"]
+        first_load = load_s if side == "optdemo" else first_load
+        args.first_loads[side] = load_s
+        print(f"  {side} first load (one-time conversion included): {load_s:.2f}s", file=sys.stderr)
     for cold in regimes:
         for repeat in range(args.repeats):
             # Alternate the order so that neither side always runs right after the other.
             order = sides if repeat % 2 == 0 else list(reversed(sides))
             for side in order:
-                if side == "ram" and cold:
+                if side.startswith("ram") and cold:
                     continue  # the reference is the in-memory speed, measured warm
                 run = _spawn(side, args, model, cold)
                 runs.append(run)
@@ -294,6 +343,16 @@ def run_sides(args: argparse.Namespace, model: Path, sides: list[str]) -> tuple[
                     flush=True,
                 )
     return runs, first_load
+
+
+def expand_sides(sides: list[str], quantization: str) -> list[str]:
+    """The sides to run: the float16 ones asked for, then for each quantization scheme its
+    all-in-RAM and budgeted optdemo sides (``ram-4bit``, ``optdemo-4bit``)."""
+    schemes = [q.strip() for q in quantization.split(",") if q.strip() and q.strip() != "none"]
+    unknown = [q for q in schemes if q not in ("8bit", "4bit")]
+    if unknown:
+        raise SystemExit(f"--quantization: {unknown[0]!r} is not one of none, 8bit, 4bit")
+    return [*sides, *(f"{side}-{q}" for q in schemes for side in ("ram", "optdemo"))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         except CapError as exc:
             raise SystemExit(f"--ram-limit: {exc}") from None
     model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    sides = expand_sides([s.strip() for s in args.sides.split(",") if s.strip()], args.quantization)
+    args.first_loads = {}
     runs, first_load = run_sides(args, model, sides)
     report(args, model, runs, first_load, argv if argv is not None else sys.argv[1:])
     return 0

@@ -17,7 +17,10 @@ from optdemo.hardware import probe_hardware
 from optdemo.planner import Plan, plan_device_map
 from optdemo.speed import measured_bandwidths, predict_plan
 
-SIDES = ("ram", "accelerate", "optdemo")
+BASE_SIDES = ("ram", "accelerate", "optdemo")
+# optdemo's CPU-quantized model, all in RAM and under the budget (``--quantization``).
+QUANTIZED_SIDES = tuple(f"{side}-{q}" for q in ("8bit", "4bit") for side in ("ram", "optdemo"))
+SIDES = BASE_SIDES + QUANTIZED_SIDES
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -31,13 +34,14 @@ def summarize(runs: list[dict]) -> list[dict]:
         "tokens_per_s",
         "peak_rss_bytes",
         "offload_bytes_written",
+        "disk_bytes_per_token",
     )
     for regime in ("warm", "cold"):
         for side in SIDES:
             chosen = [r for r in runs if r["side"] == side and r["regime"] == regime]
             if chosen:
                 row = {"regime": regime, "side": side, "runs": len(chosen)}
-                row.update({k: statistics.median(r[k] for r in chosen) for k in keys})
+                row.update({k: statistics.median(r.get(k) or 0 for r in chosen) for k in keys})
                 rows.append(row)
     for row in rows:
         ref = {r["side"]: r for r in rows if r["regime"] == row["regime"]}
@@ -53,9 +57,9 @@ def format_table(rows: list[dict]) -> str:
     """A Markdown table of the summary."""
     header = (
         "| regime | side | load s | first token s | s/token | tokens/s | peak RSS | written to offload "
-        "| s/token vs RAM | vs Accelerate | load vs Accelerate |"
+        "| s/token vs RAM | vs Accelerate | load vs Accelerate | disk read/token |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for r in rows:
         cells = [
             r["regime"],
@@ -70,6 +74,7 @@ def format_table(rows: list[dict]) -> str:
                 f"{r[k]:.2f}x" if r[k] is not None else "-"
                 for k in ("vs_ram", "vs_accelerate", "load_vs_accelerate")
             ),
+            f"{r.get('disk_bytes_per_token', 0) / 2**20:.1f} MiB",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -83,6 +88,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"ram": "#64748b", "accelerate": "#ea580c", "optdemo": "#2563eb"}
+    colors.update({side: "#16a34a" for side in QUANTIZED_SIDES})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in (
         (axes[0], "s_per_token", "seconds per token"),
@@ -145,6 +151,7 @@ def report(
             f"predicted {prediction.summary()}; measured (optdemo) {measured:.3g} s/token: "
             f"ratio {measured / prediction.seconds_per_token:.2f}"
         )
+    quantized = quantized_report(args, model, rows, runs, available)
     loads = break_even_loads(rows, first_load)
     if loads:
         print(f"the one-time conversion pays for itself after {loads} load(s)")
@@ -164,11 +171,44 @@ def report(
             "optdemo_streamed_floor_s_per_token": streamed,
             "prediction": prediction.to_dict(),
             "optdemo_first_load_s": first_load,
+            "quantization": quantized,
             "break_even_loads": loads,
             "runs": runs,
             "summary": rows,
         }
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def quantized_report(
+    args: argparse.Namespace, model: Path, rows: list[dict], runs: list[dict], available: int
+) -> dict:
+    """For each quantization scheme run: its plan (bytes per device), its prediction beside the
+    measured s/token under the budget, the first load and the one-time quantization time; printed
+    and returned for the JSON."""
+    result = {}
+    for scheme in ("8bit", "4bit"):
+        side = f"optdemo-{scheme}"
+        if not any(r["side"] == side for r in runs):
+            continue
+        config = LoadConfig(str(model), dtype=args.dtype, max_memory=args.max_memory, quantization=scheme)
+        plan = plan_device_map(config)
+        prediction = predict_plan(plan, available)
+        seconds = [r["quantize_seconds"] for r in runs if r["side"] == side and r.get("quantize_seconds")]
+        measured = {r["regime"]: r["s_per_token"] for r in rows if r["side"] == side}
+        result[scheme] = {
+            "bytes_per_device": {str(k): v for k, v in plan.bytes_per_device.items()},
+            "prediction": prediction.to_dict(),
+            "measured_s_per_token": measured,
+            "first_load_s": getattr(args, "first_loads", {}).get(side),
+            "quantize_seconds": max(seconds, default=None),
+        }
+        warm = measured.get("warm")
+        ratio = f": ratio {warm / prediction.seconds_per_token:.2f}" if warm else ""
+        print(
+            f"{scheme}: predicted {prediction.summary()}; measured {warm or float('nan'):.3g} s/token"
+            f"{ratio}; quantized once in {result[scheme]['quantize_seconds'] or 0:.1f} s"
+        )
+    return result
 
 
 def disk_floor(plan: Plan, disk_read: float) -> float | None:

@@ -36,6 +36,7 @@ class Endpoints:
         offload_folder: str = "",
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
         disk_tier: str = defaults.DEFAULT_DISK_TIER,
+        quantization: str = "none",
         request: gr.Request = None,
     ) -> dict:
         """Plan where the model's layers would go under max_memory, without touching weights.
@@ -49,8 +50,12 @@ class Endpoints:
             offload_folder: folder for the layers that fit no memory budget (empty: none).
             cpu_layers: with a GPU, where offloaded layers run: auto, accelerate, gpu or cpu.
             disk_tier: on a CPU-executed model, how disk layers are served: auto, map or stream.
+            quantization: none, 8bit or 4bit (bitsandbytes on a GPU; torch's int8/int4 kernels on
+                a CPU-only machine, where the plan's sizes are the quantized ones).
         """
-        config = self._config(model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request)
+        config = self._config(
+            model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request, quantization
+        )
         return self.service.plan(config).to_dict()
 
     @user_errors
@@ -62,13 +67,16 @@ class Endpoints:
         offload_folder: str = "",
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
         disk_tier: str = defaults.DEFAULT_DISK_TIER,
+        quantization: str = "none",
         request: gr.Request = None,
     ) -> dict:
         """Load the model (or reuse it when the configuration is unchanged). Returns status
         ("loaded" or "reused"), load_seconds, device_map, bytes_per_device, cpu_layers (with a GPU
         in the map: the policy in force and why) and disk_tier (what is memory-mapped, what is
         streamed, and why)."""
-        config = self._config(model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request)
+        config = self._config(
+            model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request, quantization
+        )
         return self.service.load(config, session_id=session_of(request)).to_dict()
 
     def _config(
@@ -80,6 +88,7 @@ class Endpoints:
         cpu_layers: str,
         disk_tier: str,
         request: gr.Request | None,
+        quantization: str = "none",
     ) -> LoadConfig:
         """The configuration /plan and /load describe, checked for this client session."""
         return self.service.make_config(
@@ -90,6 +99,7 @@ class Endpoints:
             cpu_layers=cpu_layers,
             session_id=session_of(request),
             disk_tier=disk_tier,
+            quantization=quantization,
         )
 
     @user_errors

@@ -175,7 +175,7 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
         controls["revision"] = gr.Textbox(label="Revision", placeholder="main", scale=1)
         controls["quantization"] = gr.Radio(
             list(QUANTIZATIONS),
-            value="none",
+            value=initial.quantization,
             label="Quantization",
             info=quant_info,
             interactive=quant_ok,

@@ -33,10 +33,12 @@ def hardware_summary(hardware: Hardware) -> str:
 
 
 def quantization_availability(hardware: Hardware) -> tuple[bool, str]:
-    """Whether bitsandbytes quantization can work here, and a sentence saying why not."""
+    """Whether 8-bit / 4-bit quantization can work here, and a sentence saying how (or why not)."""
     lacking = quantization_unavailable(bool(hardware.gpus))
     if lacking:
         return False, f"8-bit / 4-bit need {lacking}."
+    if not hardware.gpus:
+        return True, ("torch's int8 / int4 CPU kernels; quantized once into the cache, disk tier included.")
     return True, "bitsandbytes quantizes Linear weights on the GPU."
 
 

@@ -156,8 +156,11 @@ def plan_summary(plan: Plan, prediction: SpeedPrediction | None = None) -> str:
         f"**{device_label(device)}** {format_bytes(size)}" for device, size in plan.bytes_per_device.items()
     )
     verdict = "fits" if plan.fits else "**does not fit** as configured"
+    kind = plan.dtype
+    if plan.quantization != "none":  # optdemo's CPU quantization: the sizes are the quantized ones
+        kind = f"{plan.quantization.replace('bit', '-bit')} decoder weights, {plan.dtype} elsewhere"
     lines = [
-        f"**{plan.display_name}** ({format_bytes(plan.total_bytes)}, {plan.dtype}): {verdict}",
+        f"**{plan.display_name}** ({format_bytes(plan.total_bytes)}, {kind}): {verdict}",
         "",
         placement,
     ]
