@@ -204,6 +204,10 @@ class ModelManager:
 
     def _set_loaded(self, loaded: LoadedModel) -> None:
         """Make ``loaded`` current, and cap the batch at the sequences its budget leaves room for."""
+        plan = loaded.status.plan
+        self.engine.memory_limit = (
+            plan.batch.sequences if plan is not None and plan.batch is not None else None
+        )
         with self._state_lock:
             self._loaded = loaded
 

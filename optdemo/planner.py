@@ -20,11 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from optdemo.batch_memory import BatchRoom, batch_room
 from optdemo.budget import Device, MemoryBudget, describe_gpu_count, format_bytes, missing_gpus
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
 from optdemo.convert import cached, converted_root, stored_dtype
 from optdemo.defaults import DEFAULT_CPU_LAYERS, DEFAULT_DISK_TIER
+from optdemo.generation import context_window
 from optdemo.hardware import Hardware, existing_parent, probe_hardware
 from optdemo.hf_compat import auto_device_map
 from optdemo.models import ModelSource, resolve_model
@@ -78,6 +80,7 @@ class Plan:
     # How a CPU-executed model's disk tier is served: auto/map/stream, or "accelerate" (Accelerate's
     # own per-forward loading) when fast offloading is off.
     disk_tier: str = DEFAULT_DISK_TIER
+    batch: BatchRoom | None = None  # KV cache room for concurrent replies (optdemo.batch_memory)
 
     @property
     def fits(self) -> bool:
@@ -107,6 +110,7 @@ class Plan:
             "cpu_layers": self.cpu_layers,
             "warnings": list(self.warnings),
             "blockers": list(self.blockers),
+            "batch": None if self.batch is None else self.batch.to_dict(),
             "blocks": [
                 {
                     "name": b.name,
@@ -248,6 +252,14 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         checkpoint_format=checkpoint_format,
         cpu_layers=config.cpu_layers_in_force,
         disk_tier=config.disk_tier if config.fast_offload else "accelerate",
+        batch=batch_room(
+            model.config,
+            dtype.itemsize,
+            context_window(model),
+            budget,
+            bytes_per_device,
+            hardware.ram_available_bytes,
+        ),
     )
 
 

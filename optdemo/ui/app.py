@@ -95,13 +95,16 @@ def build_app(service: DemoService) -> gr.Blocks:
         demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
     if service.settings.mcp:
         keep_only_mcp_tools(demo)
-    demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
+    # Replies share the model (the engine batches them): let Gradio hand the engine twice a batch,
+    # so the engine's own line (which tells each visitor their place) holds the overflow.
+    concurrency = 2 * service.settings.max_batch
+    demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=concurrency)
     return demo
 
 
 def create_app(settings: AppSettings, manager: ModelManager | None = None) -> tuple[gr.Blocks, DemoService]:
     """Build the service and the Blocks for ``settings`` (one manager per process)."""
-    service = DemoService(manager or ModelManager(), settings)
+    service = DemoService(manager or ModelManager(max_batch=settings.max_batch), settings)
     return build_app(service), service
 
 

@@ -219,6 +219,7 @@ def _reply(
     the error for the user."""
     turn = {"user": text, "assistant": "", "stats": ""}
     context = ""
+    waiting = False
     try:
         params = tab.controls.params_from(service, values)
         pairs = [(t["user"], t["assistant"]) for t in history]
@@ -229,11 +230,20 @@ def _reply(
             tab.message: "",
             tab.notice: BUSY_NOTICE,
         }
-        for step in service.chat(session_of(request), pairs, text, params, system_prompt):
+        for step in service.chat(
+            session_of(request), pairs, text, params, system_prompt, waiting_status=True
+        ):
+            if step.status:  # waiting for a place in the batch: say where in line
+                waiting = True
+                yield {tab.notice: step.status}
+                continue
             stats = step.stats.summary() if step.stats else ""
             turn = {"user": text, "assistant": step.text, "stats": stats}
             context = step.stats.context_summary() if step.stats else context
-            yield {tab.chatbot: to_messages([*history, turn]), tab.turns: history}
+            update = {tab.chatbot: to_messages([*history, turn]), tab.turns: history}
+            if waiting:  # its turn came: the usual notice again
+                waiting, update[tab.notice] = False, BUSY_NOTICE
+            yield update
     except Exception as exc:  # noqa: BLE001 - the chat is restored, then the error is shown
         yield {**on_failure, tab.notice: ""}
         raise to_gradio_error(exc) from None
@@ -290,7 +300,10 @@ def stop(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Upda
 def complete(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Iterator[Updates]:
     """Stream a continuation of the prompt with its stats line (the original scripts' mode)."""
     params = tab.controls.params_from(service, values)
-    for step in service.complete(session_of(request), values[tab.prompt], params):
+    for step in service.complete(session_of(request), values[tab.prompt], params, waiting_status=True):
+        if step.status:  # waiting for a place in the batch: the stats line says where in line
+            yield {tab.completion_stats: step.status}
+            continue
         yield {tab.completion: step.text, tab.completion_stats: step.stats.summary() if step.stats else ""}
 
 
