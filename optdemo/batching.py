@@ -448,7 +448,8 @@ class _PaddedBatch:
         total = max(length, new)
         layers = [
             tuple(
-                torch.cat([_pad_left(old, total - length), _pad_left(add, total - new)]) for old, add in pair
+                torch.cat([_pad_left(old, total - length), _pad_left(add, total - new)])
+                for old, add in zip(*pair, strict=True)
             )
             for pair in zip(_layers(self.cache), _layers(cache), strict=True)
         ]

@@ -1,0 +1,292 @@
+"""Continuous batching (issue #13): replies decoded together give each the tokens it gets alone.
+
+A tiny random OPT in float32: greedy output must be token-for-token the same alone and in a batch
+of 8 prompts of different lengths (in RAM, and offloaded to disk through the normal loader, with
+optdemo's fast offload and with Accelerate's hooks); seeded sampling too; Stop, a closed stream
+and the batch limit change nobody else's reply; the KV cache is accounted in the plan.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TOTAL_BYTES
+
+from optdemo.batch_memory import batch_in_force, batch_room, kv_bytes_per_token
+from optdemo.budget import parse_max_memory
+from optdemo.config import LoadConfig
+from optdemo.generation import GenerationParams, GenerationUpdate
+from optdemo.manager import ModelManager
+from optdemo.planner import plan_device_map
+
+pytestmark = pytest.mark.slow
+
+# Eight prompts of different lengths (2 to 20-odd tokens).
+PROMPTS = (
+    "Hi",
+    "The quick brown fox",
+    "Once upon a time there was",
+    "Why is offloading slow when the weights live on disk?",
+    "A",
+    "Tell me about the history of the printing press in Europe",
+    "Numbers: 1 2 3 4 5 6 7 8 9",
+    "What is the capital of France? It is",
+)
+# A repetition penalty keeps the random model's greedy output varied.
+GREEDY = GenerationParams(max_new_tokens=24, temperature=0, repetition_penalty=1.3)
+SPLIT = "cpu=700KiB"  # the tiny model: embeddings and a layer in RAM, five layers on disk
+
+Job = tuple[str, GenerationParams]
+
+
+def solo(manager: ModelManager, prompt: str, params: GenerationParams) -> list[GenerationUpdate]:
+    """One request alone (nothing else running)."""
+    assert manager.engine.counts() == (0, 0)
+    return list(manager.stream_completion(prompt, params))
+
+
+def together(
+    manager: ModelManager,
+    jobs: list[Job],
+    on_update: Callable[[int, GenerationUpdate, threading.Event], None] | None = None,
+) -> list[list[GenerationUpdate]]:
+    """Queue every job while the engine admits nobody, then let them all start at once (in
+    order); returns each job's updates. ``on_update(index, update, stop_event)`` sees each."""
+    results: list[list[GenerationUpdate]] = [[] for _ in jobs]
+    manager.engine.hold()
+    threads = []
+    try:
+        for index, (prompt, params) in enumerate(jobs):
+            stop = threading.Event()
+
+            def consume(index: int = index, prompt: str = prompt, params=params, stop=stop) -> None:
+                for update in manager.stream_completion(prompt, params, stop):
+                    results[index].append(update)
+                    if on_update:
+                        on_update(index, update, stop)
+
+            threads.append(threading.Thread(target=consume))
+            threads[-1].start()
+            wait_until(lambda index=index: manager.engine.counts()[1] == index + 1)  # queued in order
+    finally:
+        manager.engine.release()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    return results
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def texts(updates: list[GenerationUpdate]) -> list[str]:
+    return [u.text for u in updates if not u.status]
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["ram", "disk (fast offload)", "disk (Accelerate hooks)"],
+)
+def test_greedy_output_is_the_same_alone_and_in_a_batch_of_eight(where, manager, tiny_model_dir, tmp_path):
+    config = LoadConfig(str(tiny_model_dir))
+    if where != "ram":
+        config = LoadConfig(
+            str(tiny_model_dir),
+            max_memory=parse_max_memory(SPLIT),
+            offload_folder=str(tmp_path),
+            fast_offload=where == "disk (fast offload)",
+        )
+    manager.load(config)
+    if where != "ram":
+        assert "disk" in manager.status().device_map.values()
+    alone = [solo(manager, prompt, GREEDY) for prompt in PROMPTS]
+    batched = together(manager, [(prompt, GREEDY) for prompt in PROMPTS])
+    for one, many in zip(alone, batched, strict=True):
+        assert one[-1].text == many[-1].text and one[-1].text
+        assert one[-1].stats.new_tokens == many[-1].stats.new_tokens
+        assert one[-1].stats.batch_size == 1
+        assert many[-1].stats.batch_size == len(PROMPTS)  # all eight decoded together
+        assert texts(many)[-1] == many[-1].text
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(manager, tiny_model_dir):
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    jobs = [
+        (
+            prompt,
+            GenerationParams(
+                max_new_tokens=20, temperature=t, top_p=p, top_k=k, repetition_penalty=r, seed=s
+            ),
+        )
+        for prompt, t, p, k, r, s in [
+            ("Hello there", 1.0, 1.0, 0, 1.0, 1),
+            ("Hello there", 1.0, 1.0, 0, 1.0, 2),
+            ("Once upon a time", 0.7, 0.9, 50, 1.1, 7),
+            ("The quick brown fox", 1.5, 0.8, 20, 1.2, 3),
+        ]
+    ]
+    alone = [solo(manager, *job)[-1].text for job in jobs]
+    batched = [updates[-1].text for updates in together(manager, jobs)]
+    assert alone == batched
+    assert alone[0] != alone[1]  # the seed matters
+
+
+def test_stop_ends_only_that_reply(manager, tiny_model_dir):
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    long = GenerationParams(max_new_tokens=400, temperature=1.0, seed=5)
+    jobs = [("Hello there", long), *[(prompt, GREEDY) for prompt in PROMPTS[1:4]]]
+    alone = [solo(manager, prompt, params)[-1].text for prompt, params in jobs[1:]]
+
+    def stop_first(index: int, update: GenerationUpdate, stop: threading.Event) -> None:
+        if index == 0 and update.text:
+            stop.set()  # what the Stop button does for this visitor
+
+    results = together(manager, jobs, stop_first)
+    stopped = results[0][-1].stats
+    assert stopped.stopped is True and 1 <= stopped.new_tokens < 400
+    assert [updates[-1].text for updates in results[1:]] == alone
+    assert not any(updates[-1].stats.stopped for updates in results[1:])
+
+
+def test_a_closed_stream_frees_its_slot_and_others_go_on(manager, tiny_model_dir):
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    other = GenerationParams(max_new_tokens=300, temperature=1.0, seed=9)
+    expected = solo(manager, "Once upon a time", other)[-1].text
+    gone = manager.stream_completion(
+        "Hello there", GenerationParams(max_new_tokens=400, temperature=1.0, seed=3)
+    )
+    first = next(gone)
+    assert first.text and manager.engine.counts() == (1, 0)
+    result: list[GenerationUpdate] = []
+    runner = threading.Thread(
+        target=lambda: result.extend(manager.stream_completion("Once upon a time", other))
+    )
+    runner.start()
+    wait_until(lambda: manager.engine.counts()[0] == 2 or bool(result))
+    gone.close()  # what gradio does when the visitor leaves
+    wait_until(lambda: manager.engine.counts()[0] <= 1, seconds=1.0)  # freed at the next step
+    runner.join(30)
+    assert result[-1].text == expected and result[-1].stats.stopped is False
+    wait_until(lambda: manager.status().busy is None)
+
+
+def test_requests_beyond_max_batch_wait_in_order_and_are_told_their_place(tiny_model_dir):
+    manager = ModelManager(max_batch=2)
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    try:
+        lengths = (8, 60, 30, 10)  # the first ends first: the third starts, then the fourth
+        jobs = [
+            (prompt, GenerationParams(max_new_tokens=n, temperature=0))
+            for prompt, n in zip(PROMPTS[:4], lengths, strict=True)
+        ]
+        alone = [solo(manager, *job)[-1].text for job in jobs]
+        results = together(manager, jobs)
+    finally:
+        manager.unload()
+    assert [updates[-1].text for updates in results] == alone
+    statuses = [[u.status for u in updates if u.status] for updates in results]
+    assert statuses[0] == statuses[1] == []
+    assert [s.split(":")[1].split("(")[0].strip() for s in statuses[2]] == ["number 1 in line"]
+    assert [s.split(":")[1].split("(")[0].strip() for s in statuses[3]] == [
+        "number 2 in line",
+        "number 1 in line",
+    ]
+    assert statuses[3][0] == (
+        "Waiting for the model: number 2 in line (2 replies being written, at most 2 at once)"
+    )
+    assert all(updates[0].status for updates in results[2:])  # told before any text
+    assert all(updates[-1].stats.batch_size == 2 for updates in results)
+
+
+def test_stop_while_waiting_ends_with_no_tokens(tiny_model_dir):
+    manager = ModelManager(max_batch=1)
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    try:
+
+        def stop_the_waiting_one(index: int, update: GenerationUpdate, stop: threading.Event) -> None:
+            if index == 1 and update.status:
+                stop.set()
+
+        long = GenerationParams(max_new_tokens=300, temperature=0)
+        results = together(manager, [("Hello", long), ("Hi", GREEDY)], stop_the_waiting_one)
+    finally:
+        manager.unload()
+    waited = results[1][-1]
+    assert waited.text == "" and waited.stats.new_tokens == 0 and waited.stats.stopped is True
+    assert results[0][-1].stats.stopped is False
+
+
+def test_a_load_stops_every_running_reply_and_says_so(manager, tiny_model_dir):
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    long = GenerationParams(max_new_tokens=400, temperature=1.0, seed=1)
+    updates: list[list[GenerationUpdate]] = [[], [], []]
+    threads = [
+        threading.Thread(target=lambda i=i: updates[i].extend(manager.stream_completion("Hello", long)))
+        for i in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: manager.engine.counts()[0] == 3)
+    report = manager.load(LoadConfig(str(tiny_model_dir), max_memory=parse_max_memory("cpu=900KiB")))
+    for thread in threads:
+        thread.join(10)
+    assert report.stopped_generation is True
+    assert report.message.endswith("; the 3 replies in progress were stopped to apply it")
+    assert all(u[-1].stats.stopped and u[-1].stats.new_tokens < 400 for u in updates)
+
+
+# ---------------------------------------------------------------------------------- memory
+def test_kv_bytes_are_layers_times_two_times_hidden_times_dtype(tiny_model_dir):
+    plan = plan_device_map(LoadConfig(str(tiny_model_dir), max_memory=parse_max_memory("cpu=4MiB")))
+    room = plan.batch
+    assert room is not None
+    assert room.bytes_per_token == 6 * 2 * 64 * 4 == 3072  # float32, 6 layers, hidden 64
+    assert room.context_length == 512
+    assert room.bytes_per_sequence == 3072 * 512 == 1_572_864
+    assert room.room_bytes == 4 * 2**20 - TINY_TOTAL_BYTES == 2_731_520
+    assert room.sequences == 1
+    assert room.text(8) == (
+        "KV cache: 1.5 MiB per 512-token sequence; the budget leaves 2.6 MiB next to the weights, "
+        "room for 1 such sequence at once (--max-batch 8: 1 decoded together)"
+    )
+    assert plan.to_dict()["batch"] == {
+        "kv_bytes_per_token": 3072,
+        "kv_bytes_per_sequence": 1_572_864,
+        "context_length": 512,
+        "room_bytes": 2_731_520,
+        "sequences": 1,
+    }
+
+
+def test_room_counts_free_ram_beyond_the_cpu_budget_when_weights_spill_to_disk():
+    class OptConfig:  # opt-1.3b's shape
+        num_hidden_layers = 24
+        hidden_size = 2048
+
+    gib = 2**30
+    assert kv_bytes_per_token(OptConfig(), 2) == 24 * 2 * 2048 * 2 == 196_608
+    in_ram = batch_room(OptConfig(), 2, 2048, {"cpu": 4 * gib}, {"cpu": 3 * gib}, ram_available=10 * gib)
+    assert in_ram.room_bytes == gib and in_ram.bytes_per_sequence == 402_653_184
+    assert in_ram.sequences == 2  # 1 GiB / 384 MiB
+    spilled = batch_room(OptConfig(), 2, 2048, {"cpu": gib}, {"cpu": gib - 100, "disk": 2 * gib}, 5 * gib)
+    assert spilled.room_bytes == 100 + 4 * gib and spilled.sequences == 10
+    assert batch_in_force(8, in_ram) == 2 and batch_in_force(8, spilled) == 8
+    assert batch_in_force(8, batch_room(OptConfig(), 2, 2048, {"cpu": gib}, {"cpu": gib}, 0)) == 1
+    assert batch_in_force(3, None) == 3
+
+
+def test_the_budget_caps_the_batch_in_force(manager, tiny_model_dir: Path):
+    manager.load(LoadConfig(str(tiny_model_dir), max_memory=parse_max_memory("cpu=4MiB")))
+    assert manager.engine.limit() == 1  # room for one 512-token sequence only
+    results = together(manager, [(prompt, GREEDY) for prompt in PROMPTS[:3]])
+    assert all(updates[-1].stats.batch_size == 1 for updates in results)
+    manager.load(LoadConfig(str(tiny_model_dir), max_memory=parse_max_memory("cpu=64MiB")))
+    assert manager.engine.limit() == 8  # the flag's default
