@@ -290,3 +290,49 @@ def test_the_budget_caps_the_batch_in_force(manager, tiny_model_dir: Path):
     assert all(updates[-1].stats.batch_size == 1 for updates in results)
     manager.load(LoadConfig(str(tiny_model_dir), max_memory=parse_max_memory("cpu=64MiB")))
     assert manager.engine.limit() == 8  # the flag's default
+
+
+# ---------------------------------------------------------------------------------- end to end
+def test_the_concurrency_benchmark_reports_each_level(tiny_model_dir: Path):
+    from tools.batch_bench import format_levels, run_concurrency
+
+    result = run_concurrency(tiny_model_dir, SPLIT, "float32", 6, [1, 3])
+    assert result["device_map_devices"] == ["cpu", "disk"]
+    assert [row["concurrency"] for row in result["levels"]] == [1, 3]
+    for row in result["levels"]:
+        assert row["identical_to_solo"] is True
+        for side in ("one_at_a_time", "batched"):
+            assert row[side]["tokens"] == 6 * row["concurrency"]
+            assert row[side]["tokens_per_s"] > 0 and row[side]["ttft_p95_s"] >= row[side]["ttft_p50_s"]
+    assert result["levels"][1]["batched"]["batch_sizes"] == [3, 3, 3]
+    assert format_levels(result).splitlines()[2].split()[0] == "3"
+
+
+def test_eight_gradio_client_sessions_get_their_solo_greedy_replies():
+    from app_fixtures import running_app
+    from gradio_client import Client
+
+    prompts = [f"{prompt} (visitor {index})" for index, prompt in enumerate(PROMPTS)]
+    greedy = {"max_new_tokens": 200, "temperature": 0.0, "repetition_penalty": 1.3}
+    with running_app() as app:
+        client = app.client()
+        client.predict("tiny-opt", "cpu=1GiB", "auto", "", api_name="/load")
+        alone = [client.predict(p, **greedy, api_name="/generate") for p in prompts]
+        engine = app.service.manager.engine
+        most = [0]
+        watching = threading.Event()
+
+        def watch() -> None:  # the most replies decoded together while the clients run
+            while not watching.is_set():
+                most[0] = max(most[0], engine.counts()[0])
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        clients = [Client(app.url, verbose=False) for _ in prompts]
+        jobs = [c.submit(p, **greedy, api_name="/generate") for c, p in zip(clients, prompts, strict=True)]
+        together_ = [job.result(timeout=60) for job in jobs]
+        watching.set()
+        watcher.join()
+    assert together_ == alone and all(alone)
+    assert most[0] > 1  # they did share the model

@@ -95,10 +95,7 @@ def build_app(service: DemoService) -> gr.Blocks:
         demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
     if service.settings.mcp:
         keep_only_mcp_tools(demo)
-    # Replies share the model (the engine batches them): let Gradio hand the engine twice a batch,
-    # so the engine's own line (which tells each visitor their place) holds the overflow.
-    concurrency = 2 * service.settings.max_batch
-    demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=concurrency)
+    demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
     return demo
 
 

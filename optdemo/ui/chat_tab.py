@@ -22,7 +22,7 @@ import gradio as gr
 from optdemo import defaults
 from optdemo.generation import GenerationParams
 from optdemo.service import DemoService
-from optdemo.ui.api import MODEL_GROUP, session_of
+from optdemo.ui.api import reply_group, session_of
 from optdemo.ui.binding import Updates, bind
 from optdemo.ui.chat_history import (
     SavedChats,
@@ -334,7 +334,7 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
     """Connect the Chat tab's events to its handlers (all private: the API has /chat itself).
     Every change to the conversation is then saved in the browser."""
     private = {"api_visibility": "private", "queue": False}
-    in_model_group = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1, "api_visibility": "private"}
+    in_reply_group = {**reply_group(service), "api_visibility": "private"}
     # Inputs given as a set reach a handler as one {component: value} dict.
     with_params = {tab.turns, tab.system_prompt, *tab.controls.all()}
     conversation = [tab.chatbot, tab.turns, tab.message, tab.notice, tab.context_line]
@@ -354,13 +354,13 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         bind(respond, service, tab),
         {tab.message, *with_params},
         conversation,
-        **in_model_group,
+        **in_reply_group,
     ).success(**save)
     tab.chatbot.retry(
         bind(retry, service, tab),
         with_params,
         [tab.chatbot, tab.turns, tab.notice, tab.context_line],
-        **in_model_group,
+        **in_reply_group,
     ).success(**save)
     tab.chatbot.undo(bind(undo, service, tab), {tab.turns}, conversation, **private).then(**save)
     tab.chatbot.clear(bind(clear, service, tab), {tab.turns}, conversation, **private).then(**save)
@@ -370,7 +370,7 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         bind(complete, service, tab),
         {tab.prompt, *tab.controls.all()},
         [tab.completion, tab.completion_stats],
-        **in_model_group,
+        **in_reply_group,
     )
     wire_saved_chats(service, tab)
 
