@@ -26,11 +26,10 @@ padded this way: it is served one request at a time by the same loop (``batch_li
 from __future__ import annotations
 
 import queue
-import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +42,8 @@ from optdemo.generation import (
     cut_at_stop,
     generation_failure,
 )
+from optdemo.padded_batch import PaddedBatch, forward, new_cache, paddable, positions
+from optdemo.sampling import Sampler
 
 if TYPE_CHECKING:
     import torch
@@ -81,8 +82,7 @@ class _Request:
     prompt: Prompt | None = None
     ids: list[int] = field(default_factory=list)  # prompt + generated tokens
     generated: int = 0
-    processors: Any = None
-    generator: Any = None
+    sampler: Sampler | None = None
     text: str = ""
     shown: str = ""
     first_at: float | None = None
@@ -125,7 +125,7 @@ class BatchEngine:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._thread: threading.Thread | None = None
-        self._batch: _PaddedBatch | None = None  # scheduler thread only
+        self._batch: PaddedBatch | None = None  # scheduler thread only
         self._holds = 0  # loads and unloads waiting for the model: admit nobody meanwhile
         self.memory_limit: int | None = None  # sequences the budget leaves room for (set on load)
 
@@ -318,14 +318,14 @@ class BatchEngine:
         for request in late:
             request.updates.put(BusyError("the model is busy with other requests: try again in a moment"))
         if left or late:
-            self._tell_positions()
+            self._tellpositions()
 
     # ---------------------------------------------------------------- joining
     def _admit(self, loaded: Any) -> None:
         """Move waiting requests into the batch up to the limit, prefilling each alone; tell the
         rest their place in line."""
         self._expire_waiting()
-        limit = self.limit() if _paddable(loaded.model) else 1
+        limit = self.limit() if paddable(loaded.model) else 1
         while True:
             with self._lock:
                 if not self._waiting or len(self._running) >= limit or self._holds:
@@ -338,9 +338,9 @@ class BatchEngine:
                 continue
             request.loaded = loaded
             self._prefill(loaded, request)
-        self._tell_positions()
+        self._tellpositions()
 
-    def _tell_positions(self) -> None:
+    def _tellpositions(self) -> None:
         with self._lock:
             waiting = list(self._waiting)
             running = len(self._running)
@@ -360,17 +360,17 @@ class BatchEngine:
 
         assert request.prompt is not None
         request.ids = list(request.prompt.input_ids)
-        request.processors = _processors(request.params)
+        request.sampler = Sampler(request.params)
         ids = torch.tensor([request.ids], dtype=torch.long, device=loaded.input_device)
-        cache = _new_cache(loaded.model)
+        cache = new_cache(loaded.model)
         with self._lock:  # running from here: a failing forward reaches its consumer too
             self._running.append(request)
         self._publish_busy()
-        logits = _forward(
-            loaded.model, ids, torch.ones_like(ids), _positions([0], ids.shape[1], ids.device), cache
+        logits = forward(
+            loaded.model, ids, torch.ones_like(ids), positions([0], ids.shape[1], ids.device), cache
         )
         self._batch = (
-            _PaddedBatch.of(loaded.model, cache) if self._batch is None else self._batch.with_row(cache)
+            PaddedBatch.of(loaded.model, cache) if self._batch is None else self._batch.with_row(cache)
         )
         self._take_token(loaded, request, logits[0])
 
@@ -385,7 +385,7 @@ class BatchEngine:
         ids = torch.tensor([[r.ids[-1]] for r in running], dtype=torch.long, device=device)
         starts = [len(r.ids) - 1 for r in running]
         mask = batch.grown_mask()
-        logits = _forward(loaded.model, ids, mask.to(device), _positions(starts, 1, device), batch.cache)
+        logits = forward(loaded.model, ids, mask.to(device), positions(starts, 1, device), batch.cache)
         batch.mask = mask
         for request, row in zip(running, logits, strict=True):
             request.peak_batch = max(request.peak_batch, len(running))
@@ -393,7 +393,8 @@ class BatchEngine:
 
     def _take_token(self, loaded: Any, request: _Request, logits: torch.Tensor) -> None:
         """Choose the request's next token from its logits row and stream the new text."""
-        token = _choose(request, logits)
+        assert request.sampler is not None
+        token = request.sampler.next_token(request.ids, logits)
         now = time.perf_counter()
         request.first_at = request.first_at or now
         request.last_at = now
@@ -415,159 +416,8 @@ class BatchEngine:
             request.updates.put(GenerationUpdate(visible))
 
 
-class _PaddedBatch:
-    """The running requests' KV caches as one left-padded cache, and its attention mask."""
-
-    def __init__(self, config: Any, cache: Any, mask: torch.Tensor) -> None:
-        self.config = config
-        self.cache = cache
-        self.mask = mask  # [batch, cached positions]: 1 for a real token, 0 for padding
-
-    @classmethod
-    def of(cls, model: Any, cache: Any) -> _PaddedBatch:
-        import torch
-
-        length = cache.get_seq_length()
-        return cls(model.config, cache, torch.ones((1, length), dtype=torch.long))
-
-    @property
-    def size(self) -> int:
-        return int(self.mask.shape[0])
-
-    def grown_mask(self) -> torch.Tensor:
-        """The mask with one more real position per row (the tokens being fed now)."""
-        import torch
-
-        return torch.cat([self.mask, torch.ones((self.size, 1), dtype=torch.long)], dim=1)
-
-    def with_row(self, cache: Any) -> _PaddedBatch:
-        """This batch plus one request's prefilled cache, both left-padded to the longer."""
-        import torch
-
-        length, new = int(self.mask.shape[1]), cache.get_seq_length()
-        total = max(length, new)
-        layers = [
-            tuple(
-                torch.cat([_pad_left(old, total - length), _pad_left(add, total - new)])
-                for old, add in zip(*pair, strict=True)
-            )
-            for pair in zip(_layers(self.cache), _layers(cache), strict=True)
-        ]
-        row = torch.ones((1, new), dtype=torch.long)
-        mask = torch.cat([_pad_left(self.mask, total - length), _pad_left(row, total - new)])
-        return _PaddedBatch(self.config, _cache_of(self.config, layers), mask)
-
-    def without(self, rows: Sequence[int]) -> _PaddedBatch:
-        """This batch less ``rows``, with the padding columns no remaining row needs cut off."""
-        import torch
-
-        keep = torch.tensor([i for i in range(self.size) if i not in set(rows)], dtype=torch.long)
-        mask = self.mask.index_select(0, keep)
-        first = int(mask.any(dim=0).long().argmax())  # the first column some row uses
-        layers = [
-            tuple(t.index_select(0, keep.to(t.device))[:, :, first:] for t in pair)
-            for pair in _layers(self.cache)
-        ]
-        return _PaddedBatch(self.config, _cache_of(self.config, layers), mask[:, first:])
-
-
-# ---------------------------------------------------------------- model calls
-def _forward(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
-) -> torch.Tensor:
-    """The last position's logits (float32, one row per sequence); the cache grows in place."""
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-    )
-    return out.logits[:, -1, :].float()
-
-
-def _positions(starts: Sequence[int], length: int, device: Any) -> torch.Tensor:
-    """Position ids: each row counts its own tokens (padding never counts)."""
-    import torch
-
-    base = torch.tensor(list(starts), dtype=torch.long).unsqueeze(1)
-    return (base + torch.arange(length, dtype=torch.long)).to(device)
-
-
-def _new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _cache_of(config: Any, layers: list) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=layers, config=config)
-
-
-def _pad_left(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """Zeros before ``tensor``'s sequence positions (dim 2 of a cache tensor, dim 1 of a mask)."""
-    import torch
-
-    if count == 0:
-        return tensor
-    dim = 1 if tensor.dim() == 2 else 2
-    shape = list(tensor.shape)
-    shape[dim] = count
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _paddable(model: Any) -> bool:
-    """Whether the model's cache is plain full attention (each layer a ``DynamicLayer``), which
-    left padding and a mask can batch; other caches run one request at a time."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = _new_cache(model).layers
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
 def _eos_ids(loaded: Any) -> set[int]:
     eos = getattr(loaded.model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = loaded.tokenizer.eos_token_id
     return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-
-
-# ---------------------------------------------------------------- sampling
-def _processors(params: GenerationParams) -> Any:
-    """The request's logits processors, in ``generate``'s order (penalty, then the warpers)."""
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if params.temperature > 0:
-        if params.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k > 0:
-            processors.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
-    return processors
-
-
-def _choose(request: _Request, logits: torch.Tensor) -> int:
-    """Greedy (temperature 0) or sampled with the request's own generator (its seed)."""
-    import torch
-
-    ids = torch.tensor([request.ids], dtype=torch.long, device=logits.device)
-    scores = request.processors(ids, logits.unsqueeze(0))
-    if request.params.temperature == 0:
-        return int(scores.argmax(dim=-1))
-    if request.generator is None:
-        seed = request.params.seed if request.params.seed is not None else secrets.randbits(32)
-        request.generator = torch.Generator(device=logits.device).manual_seed(seed)
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=request.generator))
