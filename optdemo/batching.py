@@ -64,6 +64,23 @@ class Prompt:
     dropped_turns: int = 0  # chat: oldest turns left out to fit the window
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the engine is doing now, for the status line."""
+
+    running: int  # replies being written (decoded together)
+    waiting: int  # requests waiting for a place
+    limit: int  # the batch size in force
+
+    def summary(self) -> str:
+        """e.g. ``Writing 3 replies together (at most 8 at once) · 2 waiting``; empty when idle."""
+        if not self.running and not self.waiting:
+            return ""
+        replies = "1 reply" if self.running == 1 else f"{self.running} replies together"
+        line = f"Writing {replies} (at most {self.limit} at once)"
+        return line + (f" · {self.waiting} waiting" if self.waiting else "")
+
+
 # Builds a request's prompt from the loaded model (tokenizer, window); raises GenerationError.
 Prepare = Callable[[Any], Prompt]
 
@@ -158,6 +175,11 @@ class BatchEngine:
         """(requests decoding now, requests waiting for a slot)."""
         with self._lock:
             return len(self._running), len(self._waiting)
+
+    def serving(self) -> Serving:
+        """How many replies run and wait now, and the batch size in force."""
+        running, waiting = self.counts()
+        return Serving(running, waiting, self.limit())
 
     def limit(self) -> int:
         """The batch size in force: the flag, lowered to what the memory budget holds."""

@@ -54,6 +54,8 @@ MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used
 LOAD_WAIT_SECONDS = 120.0
 # How long a generation waits for the model (a load, or other users' generations) before giving up.
 GENERATION_WAIT_SECONDS = 600.0
+# How often the Chat tab refreshes its line on how many replies run and wait.
+SERVING_REFRESH_SECONDS = 2.0
 
 
 def describe_seconds(seconds: float) -> str:

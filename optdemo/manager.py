@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
-from optdemo.batching import BatchEngine, Prompt
+from optdemo.batching import BatchEngine, Prompt, Serving
 from optdemo.chat_prompt import (
     CHAT_STOP_STRINGS,
     ChatTurn,
@@ -230,6 +230,10 @@ class ModelManager:
         with self._state_lock:
             loaded = self._loaded
             return None if loaded is None or loaded.model is None else context_window(loaded.model)
+
+    def serving(self) -> Serving:
+        """How many replies are being written together now, and how many wait."""
+        return self.engine.serving()
 
     def chat_format(self) -> str | None:
         """Which chat format the loaded model uses (its chat template or a plain transcript)."""

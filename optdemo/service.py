@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from optdemo import defaults
 from optdemo.access import AccessPolicy
+from optdemo.batching import Serving
 from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.chat_prompt import ChatTurn
@@ -261,6 +262,10 @@ class DemoService:
     def context_window(self) -> int | None:
         """The loaded model's context window (tokens), or None."""
         return self.manager.context_window()
+
+    def serving(self) -> Serving:
+        """How many visitors' replies are being written together now, and how many wait."""
+        return self.manager.serving()
 
     def chat_format(self) -> str | None:
         """Which chat format the loaded model uses (its chat template or a plain transcript)."""

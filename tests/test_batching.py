@@ -336,3 +336,80 @@ def test_eight_gradio_client_sessions_get_their_solo_greedy_replies():
         watcher.join()
     assert together_ == alone and all(alone)
     assert most[0] > 1  # they did share the model
+
+
+# ---------------------------------------------------------------------------------- the Chat tab
+WAITING = "Waiting for the model: number 1 in line (2 replies being written, at most 2 at once)"
+
+
+def chat_tab_with(updates: list[GenerationUpdate]):
+    """A Chat tab over a manager whose every reply streams ``updates``."""
+    import gradio as gr
+    from app_fixtures import ScriptedManager
+
+    from optdemo.service import DemoService
+    from optdemo.settings import AppSettings
+    from optdemo.ui import chat_tab
+
+    class Waiting(ScriptedManager):
+        def stream_completion(self, prompt, params, stop_event=None, max_new_tokens_cap=0):
+            yield from updates
+
+    service = DemoService(Waiting({}), AppSettings(max_batch=2))
+    with gr.Blocks():
+        tab = chat_tab.layout_chat_tab(service)
+    values = {control: control.value for control in tab.controls.all()}
+    values.update({tab.message: "Hi", tab.turns: [], tab.system_prompt: "", tab.prompt: "Hi"})
+    return service, tab, values
+
+
+def test_the_chat_tab_shows_the_place_in_line_then_whether_the_reply_shared_the_model():
+    from types import SimpleNamespace
+
+    from optdemo.generation import GenerationStats
+    from optdemo.ui import chat_tab
+
+    stats = GenerationStats(3, 2, 0.5, 0.6, 10.0, batch_size=2)
+    updates = [
+        GenerationUpdate("", status=WAITING),
+        GenerationUpdate("Par"),
+        GenerationUpdate("Paris", stats),
+    ]
+    service, tab, values = chat_tab_with(updates)
+    request = SimpleNamespace(session_hash="s")
+    steps = list(chat_tab.respond(service, tab, values, request))
+    assert steps[0][tab.notice] == chat_tab.BUSY_NOTICE
+    assert steps[1] == {tab.notice: WAITING}  # only the notice changes while waiting
+    assert steps[2][tab.notice] == chat_tab.BUSY_NOTICE  # its turn came
+    assert tab.notice not in steps[3]
+    assert steps[-1][tab.turns][0]["stats"] == (
+        "2 tokens · first token 0.50 s · 10.0 tokens/s · 0.60 s total · shared the model (batch of up to 2)"
+    )
+    completion = list(chat_tab.complete(service, tab, values, request))
+    assert completion[0] == {tab.completion_stats: WAITING}
+    assert completion[-1][tab.completion] == "Paris"
+    # The API streams no waiting steps: only text.
+    assert [step.text for step in service.complete("s", "Hi", service.params())] == ["Par", "Paris"]
+
+
+def test_the_stats_say_whether_a_reply_ran_alone():
+    from optdemo.generation import GenerationStats
+
+    assert GenerationStats(3, 2, 0.5, 0.6, 10.0, batch_size=1).summary().endswith(" · alone on the model")
+    assert "model" not in GenerationStats(3, 2, 0.5, 0.6, 10.0).summary()  # unknown: not said
+
+
+def test_the_serving_line_counts_replies_running_and_waiting(monkeypatch):
+    from types import SimpleNamespace
+
+    from optdemo.ui import chat_tab
+
+    service, tab, _ = chat_tab_with([])
+    request = SimpleNamespace(session_hash="s")
+    assert chat_tab.refresh_serving_line(service, tab, {}, request) == {tab.serving_line: ""}  # idle
+    monkeypatch.setattr(service.manager.engine, "counts", lambda: (2, 3))
+    assert chat_tab.refresh_serving_line(service, tab, {}, request) == {
+        tab.serving_line: "Writing 2 replies together (at most 8 at once) · 3 waiting"
+    }
+    monkeypatch.setattr(service.manager.engine, "counts", lambda: (1, 0))
+    assert service.serving().summary() == "Writing 1 reply (at most 8 at once)"

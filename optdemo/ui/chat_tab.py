@@ -102,6 +102,8 @@ class ChatTab:
     notice: gr.Markdown  # "wait for the reply or press Stop" while one streams
     saved: SavedChats  # this browser's saved chats
     turns: gr.State  # this session's conversation: a list of Turn
+    serving_line: gr.Markdown  # how many replies the model is writing together, and how many wait
+    serving_timer: gr.Timer  # refreshes serving_line
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -110,6 +112,8 @@ def layout_chat_tab(service: DemoService, store: gr.BrowserState | None = None) 
     store (see :func:`~optdemo.ui.chat_history.browser_store`; a new one if None)."""
     max_chars = service.settings.max_message_chars
     model_line = gr.Markdown(elem_id="od-chat-model")
+    serving_line = gr.Markdown(elem_id="od-serving")
+    serving_timer = gr.Timer(defaults.SERVING_REFRESH_SECONDS)
     mode = gr.Radio(["Conversation", "Completion"], value="Conversation", label="Mode", show_label=False)
     with gr.Column(visible=True) as chat_box:
         saved = layout_saved_chats(store)
@@ -167,6 +171,8 @@ def layout_chat_tab(service: DemoService, store: gr.BrowserState | None = None) 
         notice,
         saved,
         turns,
+        serving_line,
+        serving_timer,
     )
 
 
@@ -313,6 +319,11 @@ def switch_mode(service: DemoService, tab: ChatTab, values: dict, request: Any) 
     return {tab.chat_box: gr.update(visible=chatting), tab.completion_box: gr.update(visible=not chatting)}
 
 
+def refresh_serving_line(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """How many visitors' replies the model is writing now, and how many wait for a place."""
+    return {tab.serving_line: service.serving().summary()}
+
+
 def refresh_model_line(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
     """What is loaded, its chat format and predicted speed; the max_new_tokens slider follows the
     loaded model's window."""
@@ -335,6 +346,9 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
     Every change to the conversation is then saved in the browser."""
     private = {"api_visibility": "private", "queue": False}
     in_reply_group = {**reply_group(service), "api_visibility": "private"}
+    tab.serving_timer.tick(
+        bind(refresh_serving_line, service, tab), None, tab.serving_line, show_progress="hidden", **private
+    )
     # Inputs given as a set reach a handler as one {component: value} dict.
     with_params = {tab.turns, tab.system_prompt, *tab.controls.all()}
     conversation = [tab.chatbot, tab.turns, tab.message, tab.notice, tab.context_line]
