@@ -238,17 +238,22 @@ class BatchEngine:
         import torch
 
         loaded = self._current()
-        self._retire(loaded)
-        if loaded is None or loaded.model is None:
-            self._fail_waiting(NoModelError("the model was unloaded: load one first"))
-            return
+        with self._lock:
+            held = self._holds > 0
+        if held:  # a load or unload waits for the model: every running reply ends here
+            for request in self._snapshot():
+                request.stop_event.set()
         with torch.inference_mode():
+            self._retire(loaded)
+            if loaded is None or loaded.model is None:
+                self._fail_waiting(NoModelError("the model was unloaded: load one first"))
+                return
             self._admit(loaded)
             self._retire(loaded)  # a prefill may have ended its request already
             running = self._snapshot()
             if running:
                 self._decode(loaded, running)
-        self._retire(loaded)
+            self._retire(loaded)
 
     def _snapshot(self) -> list[_Request]:
         with self._lock:
@@ -377,7 +382,8 @@ class BatchEngine:
             request.updates.put(GenerationUpdate("", status=status))
 
     def _prefill(self, loaded: Any, request: _Request) -> None:
-        """Run the request's prompt alone, take its first token, and join the batch."""
+        """Run the request's prompt alone, take its first token, and join the batch. A prefill
+        that fails (say, memory for a long prompt) fails that request only."""
         import torch
 
         assert request.prompt is not None
@@ -385,12 +391,19 @@ class BatchEngine:
         request.sampler = Sampler(request.params)
         ids = torch.tensor([request.ids], dtype=torch.long, device=loaded.input_device)
         cache = new_cache(loaded.model)
-        with self._lock:  # running from here: a failing forward reaches its consumer too
+        with self._lock:
             self._running.append(request)
         self._publish_busy()
-        logits = forward(
-            loaded.model, ids, torch.ones_like(ids), positions([0], ids.shape[1], ids.device), cache
-        )
+        try:
+            logits = forward(
+                loaded.model, ids, torch.ones_like(ids), positions([0], ids.shape[1], ids.device), cache
+            )
+        except Exception as exc:  # noqa: BLE001 - this request's own failure, for its consumer
+            with self._lock:
+                self._running.remove(request)
+            self._publish_busy()
+            request.updates.put(generation_failure(exc))
+            return
         self._batch = (
             PaddedBatch.of(loaded.model, cache) if self._batch is None else self._batch.with_row(cache)
         )

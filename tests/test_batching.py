@@ -19,6 +19,7 @@ from conftest import TINY_TOTAL_BYTES
 from optdemo.batch_memory import batch_in_force, batch_room, kv_bytes_per_token
 from optdemo.budget import parse_max_memory
 from optdemo.config import LoadConfig
+from optdemo.errors import GenerationError
 from optdemo.generation import GenerationParams, GenerationUpdate
 from optdemo.manager import ModelManager
 from optdemo.planner import plan_device_map
@@ -57,6 +58,7 @@ def together(
     """Queue every job while the engine admits nobody, then let them all start at once (in
     order); returns each job's updates. ``on_update(index, update, stop_event)`` sees each."""
     results: list[list[GenerationUpdate]] = [[] for _ in jobs]
+    failures: dict[int, GenerationError] = {}
     manager.engine.hold()
     threads = []
     try:
@@ -64,10 +66,13 @@ def together(
             stop = threading.Event()
 
             def consume(index: int = index, prompt: str = prompt, params=params, stop=stop) -> None:
-                for update in manager.stream_completion(prompt, params, stop):
-                    results[index].append(update)
-                    if on_update:
-                        on_update(index, update, stop)
+                try:
+                    for update in manager.stream_completion(prompt, params, stop):
+                        results[index].append(update)
+                        if on_update:
+                            on_update(index, update, stop)
+                except GenerationError as exc:
+                    failures[index] = exc
 
             threads.append(threading.Thread(target=consume))
             threads[-1].start()
@@ -77,6 +82,8 @@ def together(
     for thread in threads:
         thread.join(30)
         assert not thread.is_alive()
+    for index, exc in failures.items():
+        results[index] = [exc]  # type: ignore[list-item]
     return results
 
 
@@ -154,6 +161,27 @@ def test_stop_ends_only_that_reply(manager, tiny_model_dir):
     assert stopped.stopped is True and 1 <= stopped.new_tokens < 400
     assert [updates[-1].text for updates in results[1:]] == alone
     assert not any(updates[-1].stats.stopped for updates in results[1:])
+
+
+def test_a_failing_prefill_fails_only_its_own_request(manager, tiny_model_dir, monkeypatch):
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    jobs = [(prompt, GREEDY) for prompt in PROMPTS[:4]]
+    alone = [solo(manager, *job)[-1].text for job in jobs]
+    model = manager._loaded.model
+    bad_length = len(manager._loaded.tokenizer(PROMPTS[2]).input_ids)
+    forward = model.forward
+
+    def failing(input_ids, **kwargs):  # this prompt's prefill runs out of memory
+        if input_ids.shape[1] == bad_length:
+            raise MemoryError
+        return forward(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    results = together(manager, jobs)
+    failed = results[2][0]
+    assert isinstance(failed, GenerationError) and str(failed).startswith("RAM ran out while generating")
+    assert [results[i][-1].text for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]
+    assert all(results[i][-1].stats.batch_size == 3 for i in (0, 1, 3))
 
 
 def test_a_closed_stream_frees_its_slot_and_others_go_on(manager, tiny_model_dir):

@@ -347,7 +347,11 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
     private = {"api_visibility": "private", "queue": False}
     in_reply_group = {**reply_group(service), "api_visibility": "private"}
     tab.serving_timer.tick(
-        bind(refresh_serving_line, service, tab), None, tab.serving_line, show_progress="hidden", **private
+        bind(refresh_serving_line, service, tab),
+        {tab.turns},
+        tab.serving_line,
+        show_progress="hidden",
+        **private,
     )
     # Inputs given as a set reach a handler as one {component: value} dict.
     with_params = {tab.turns, tab.system_prompt, *tab.controls.all()}
