@@ -2,15 +2,17 @@
 
 Every decoder layer caches a key and a value vector (``hidden_size`` numbers each) per token of
 every running sequence, in the load dtype, on the layer's device. So a sequence of L tokens holds
-``layers x 2 x hidden x L x dtype bytes``. The room for it is what the budget leaves next to the
-weights on the devices that hold layers; when the map spills weights to disk (the memory-mapped
-tier is page cache the OS may drop), the RAM available beyond the cpu budget counts too, since the
-cache lives in RAM and the disk tier's pages give way to it. The plan states how many sequences of
+``layers x 2 x hidden x L x dtype bytes``, each layer's share where the layer computes: on its
+GPU, else in RAM. The room for it is what the budget leaves next to the weights on those devices;
+when the map spills weights to disk (the memory-mapped tier is page cache the OS may drop), the RAM
+available beyond the cpu budget counts too, since the cache lives in RAM and the disk tier's pages
+give way to it. The plan states how many sequences of
 the model's full context length fit; the engine decodes at most min(``--max-batch``, that) together.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,8 +73,13 @@ def batch_room(
     budget: dict[Device, int],
     bytes_per_device: dict[Device, int],
     ram_available: int,
+    layer_devices: Sequence[Device | None] = (),
 ) -> BatchRoom:
     """The room the plan leaves for the KV cache, and how many full sequences fit in it.
+
+    A layer's cache lives where the layer's activations do: on its GPU, else in RAM (layers on
+    the CPU or the disk tier). Each such device must hold its layers' share of every sequence, so
+    the sequences that fit are the fewest any of them has room for.
 
     Args:
         model_config: the model's config (layers, hidden size).
@@ -82,14 +89,21 @@ def batch_room(
         bytes_per_device: the weights' bytes on each device.
         ram_available: RAM available now (bytes); counts beyond the cpu budget when weights
             spill to disk.
+        layer_devices: the device of each decoder layer (the plan's layer blocks); empty: all
+            in RAM.
     """
     per_token = kv_bytes_per_token(model_config, dtype_bytes)
-    room = sum(
-        max(0, budget.get(device, 0) - size) for device, size in bytes_per_device.items() if device != "disk"
-    )
-    if bytes_per_device.get("disk", 0):
-        room += max(0, ram_available - budget.get("cpu", 0))
-    return BatchRoom(per_token, context_length, room, room // (per_token * context_length))
+    layers = len(layer_devices) or 1
+    share: dict[Device, int] = {}  # layers whose cache each device holds
+    for device in layer_devices or ["cpu"]:
+        home: Device = device if isinstance(device, int) else "cpu"
+        share[home] = share.get(home, 0) + 1
+    rooms = {device: max(0, budget.get(device, 0) - bytes_per_device.get(device, 0)) for device in share}
+    if "cpu" in rooms and bytes_per_device.get("disk", 0):
+        rooms["cpu"] += max(0, ram_available - budget.get("cpu", 0))
+    per_sequence = per_token * context_length
+    sequences = min(rooms[d] * layers // (per_sequence * share[d]) for d in share)
+    return BatchRoom(per_token, context_length, sum(rooms.values()), sequences)
 
 
 def batch_in_force(max_batch: int, room: BatchRoom | None) -> int:

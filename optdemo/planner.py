@@ -259,6 +259,7 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
             budget,
             bytes_per_device,
             hardware.ram_available_bytes,
+            [block.device for block in blocks if block.kind == "layer"],
         ),
     )
 

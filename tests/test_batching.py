@@ -311,6 +311,42 @@ def test_room_counts_free_ram_beyond_the_cpu_budget_when_weights_spill_to_disk()
     assert batch_in_force(3, None) == 3
 
 
+def test_each_layers_cache_counts_where_the_layer_computes():
+    class OptConfig:  # opt-1.3b's shape: 384 MiB per 2048-token sequence in float16
+        num_hidden_layers = 24
+        hidden_size = 2048
+
+    gib, mib = 2**30, 2**20
+    # All on GPU 0: only the GPU's room counts (the unused RAM budget holds no layer's cache).
+    on_gpu = batch_room(
+        OptConfig(), 2, 2048, {0: 10 * gib, "cpu": 100 * gib}, {0: 3 * gib}, 50 * gib, [0] * 24
+    )
+    assert on_gpu.room_bytes == 7 * gib and on_gpu.sequences == 7 * gib // (384 * mib) == 18
+    # Half the layers on the GPU, half in RAM: each side holds 192 MiB of every sequence, and the
+    # tighter side decides (1 GiB on the GPU: 5 sequences; 4 GiB in RAM: 21).
+    split = batch_room(
+        OptConfig(),
+        2,
+        2048,
+        {0: 2 * gib, "cpu": 8 * gib},
+        {0: gib, "cpu": 4 * gib},
+        0,
+        [0] * 12 + ["cpu"] * 12,
+    )
+    assert split.room_bytes == 5 * gib and split.sequences == 5
+    # Layers on disk compute in RAM: their cache is in RAM, which has the room beyond the budget.
+    disk = batch_room(
+        OptConfig(),
+        2,
+        2048,
+        {"cpu": gib},
+        {"cpu": gib, "disk": 2 * gib},
+        3 * gib,
+        ["cpu"] * 4 + ["disk"] * 20,
+    )
+    assert disk.room_bytes == 2 * gib and disk.sequences == 5
+
+
 def test_the_budget_caps_the_batch_in_force(manager, tiny_model_dir: Path):
     manager.load(LoadConfig(str(tiny_model_dir), max_memory=parse_max_memory("cpu=4MiB")))
     assert manager.engine.limit() == 1  # room for one 512-token sequence only
