@@ -20,7 +20,7 @@ public logits processors, its own ``torch.Generator`` for a seed), stop sequence
 has no per-request repetition penalty nor stop strings (README, "Many visitors at once").
 
 A model whose cache is not plain full attention (sliding windows, linear attention) cannot be
-padded this way: it is served one request at a time by the same loop (``batch_limit`` 1).
+padded this way: it is served one request at a time by the same loop (a batch of one).
 """
 
 from __future__ import annotations
@@ -213,25 +213,38 @@ class BatchEngine:
 
     def _loop(self) -> None:
         """Run steps until nothing runs or waits; then the thread ends (none lingers idle)."""
-        while True:
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:  # nobody may wait for a dead scheduler: tell them, then die
+            error = generation_failure(exc)
+            self._fail_running(error)
+            self._fail_waiting(error)
             with self._lock:
-                if not self._running and not self._waiting:
-                    self._thread = None
-                    self._batch = None
-                    self._on_busy(None)
-                    return
-                held = self._holds > 0 and not self._running
-            if held or not self._model_lock.acquire(timeout=_POLL_SECONDS):
-                self._expire_waiting()
-                if held:
-                    time.sleep(_POLL_SECONDS)
-                continue
-            try:
-                self._step()
-            except BaseException as exc:  # noqa: BLE001 - every request in the step hears of it
-                self._fail_running(generation_failure(exc))
-            finally:
-                self._model_lock.release()
+                self._thread = None
+            raise
+
+    def _turn(self) -> bool:
+        """One pass of the scheduler: a step when the model is free; False once idle."""
+        with self._lock:
+            if not self._running and not self._waiting:
+                self._thread = None
+                self._batch = None
+                self._on_busy(None)
+                return False
+            held = self._holds > 0 and not self._running
+        if held or not self._model_lock.acquire(timeout=_POLL_SECONDS):
+            self._expire_waiting()
+            if held:
+                time.sleep(_POLL_SECONDS)
+            return True
+        try:
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - every request in the step hears of it
+            self._fail_running(generation_failure(exc))
+        finally:
+            self._model_lock.release()
+        return True
 
     def _step(self) -> None:
         """One token boundary (model lock held): retire, admit, decode."""
@@ -345,7 +358,7 @@ class BatchEngine:
         for request in late:
             request.updates.put(BusyError("the model is busy with other requests: try again in a moment"))
         if left or late:
-            self._tellpositions()
+            self._tell_positions()
 
     # ---------------------------------------------------------------- joining
     def _admit(self, loaded: Any) -> None:
@@ -365,9 +378,11 @@ class BatchEngine:
                 continue
             request.loaded = loaded
             self._prefill(loaded, request)
-        self._tellpositions()
+        self._tell_positions()
+        self._publish_busy()  # the waiting count may have changed too
 
-    def _tellpositions(self) -> None:
+    def _tell_positions(self) -> None:
+        """Tell each waiting request its place in line when it changed."""
         with self._lock:
             waiting = list(self._waiting)
             running = len(self._running)

@@ -65,17 +65,26 @@ def one_at_a_time(
 
 def at_once(
     manager: ModelManager, prompts: Sequence[str], params: GenerationParams
-) -> tuple[dict, list[str]]:
-    """The requests together (each in its own thread, as each visitor's is)."""
+) -> tuple[dict, list[tuple[str, int]]]:
+    """The requests together (each in its own thread, as each visitor's is), all in line before
+    the first starts; like :func:`one_at_a_time`, returns the level's figures and each reply's
+    (text, new tokens). Times to first token count from each request's submission (the engine's
+    own stats), so they include the few milliseconds the others took to line up."""
     finals: list[GenerationUpdate | None] = [None] * len(prompts)
-    started = time.perf_counter()
 
     def run(index: int) -> None:
         *_, finals[index] = manager.stream_completion(prompts[index], params)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
+    manager.engine.hold()  # all N in line before the first starts: they arrive "at once"
+    try:
+        for thread in threads:
+            thread.start()
+        while manager.engine.counts()[1] < len(prompts):
+            time.sleep(0.001)
+    finally:
+        manager.engine.release()
+    started = time.perf_counter()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
