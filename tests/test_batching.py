@@ -477,3 +477,28 @@ def test_the_serving_line_counts_replies_running_and_waiting(monkeypatch):
     }
     monkeypatch.setattr(service.manager.engine, "counts", lambda: (1, 0))
     assert service.serving().summary() == "Writing 1 reply (at most 8 at once)"
+
+
+# ---------------------------------------------------------------------------------- --max-batch
+def test_max_batch_comes_from_the_flag_or_the_environment_and_reaches_the_engine():
+    from optdemo import defaults
+    from optdemo.errors import ConfigError
+    from optdemo.settings import parse_settings
+    from optdemo.ui import create_app
+
+    assert parse_settings([], env={}).max_batch == defaults.DEFAULT_MAX_BATCH == 8
+    assert parse_settings([], env={"OPTDEMO_MAX_BATCH": "5"}).max_batch == 5
+    assert parse_settings(["--max-batch", "3"], env={"OPTDEMO_MAX_BATCH": "5"}).max_batch == 3  # flag wins
+    with pytest.raises(ConfigError, match="OPTDEMO_MAX_BATCH must be a whole number"):
+        parse_settings([], env={"OPTDEMO_MAX_BATCH": "lots"})
+    with pytest.raises(ConfigError, match="--max-batch must be positive, got 0"):
+        parse_settings(["--max-batch", "0"], env={})
+    demo, service = create_app(parse_settings(["--max-batch", "3"], env={}))
+    try:
+        assert service.manager.engine.max_batch == 3 and service.manager.engine.limit() == 3
+        # Gradio hands the engine up to twice a batch of replies at once (the rest wait in its queue).
+        replies = [fn for fn in demo.fns.values() if fn.api_name in ("chat", "generate")]
+        assert len(replies) == 2 and {fn.concurrency_limit for fn in replies} == {6}
+        assert {fn.concurrency_id for fn in replies} == {"replies"}
+    finally:
+        demo.close()
