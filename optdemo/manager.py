@@ -2,8 +2,10 @@
 
 One :class:`ModelManager` is created per process and handed to whoever needs the model (the UI, the
 benchmark, a script). It holds the model, tokenizer and configuration behind a lock that a load and
-a generation both take, so a reload never happens under a running generation and Accelerate's
+each generation step both take, so a reload never happens under a running step and Accelerate's
 offload hooks (which move weights in and out of devices) never serve two forward passes at once.
+Every reply goes through its :class:`~optdemo.batching.BatchEngine`, which decodes the replies of
+all visitors together; a load or unload stops the running ones (and says how many) first.
 
 ``load`` reuses the model when the configuration is equal, validates a new one before dropping the
 current model, and frees memory for real (hooks removed, references dropped, ``gc.collect()``, the GPU
