@@ -285,6 +285,9 @@ def test_kv_bytes_are_layers_times_two_times_hidden_times_dtype(tiny_model_dir):
         "KV cache: 1.5 MiB per 512-token sequence; the budget leaves 2.6 MiB next to the weights, "
         "room for 1 such sequence at once (--max-batch 8: 1 decoded together)"
     )
+    from optdemo.ui.render import plan_summary  # the Configuration tab's plan summary shows it
+
+    assert room.text() in plan_summary(plan).splitlines()
     assert plan.to_dict()["batch"] == {
         "kv_bytes_per_token": 3072,
         "kv_bytes_per_sequence": 1_572_864,
