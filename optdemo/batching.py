@@ -326,7 +326,8 @@ class BatchEngine:
             context_window=request.prompt.context_window if request.prompt else None,
             batch_size=request.peak_batch,
         )
-        request.updates.put(GenerationUpdate(text, stats))
+        reply = tuple(request.ids[len(request.prompt.input_ids) :]) if request.prompt else ()
+        request.updates.put(GenerationUpdate(text, stats, token_ids=reply))
 
     def _fail_running(self, error: Exception) -> None:
         with self._lock:

@@ -184,6 +184,7 @@ class GenerationUpdate:
     text: str
     stats: GenerationStats | None = None
     status: str = ""  # e.g. "Waiting for the model: number 2 in line ..."
+    token_ids: tuple[int, ...] = ()  # the reply's tokens (final update; for exact comparisons)
 
     @property
     def done(self) -> bool:

@@ -117,8 +117,9 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch_of_eight(where, manager,
     alone = [solo(manager, prompt, GREEDY) for prompt in PROMPTS]
     batched = together(manager, [(prompt, GREEDY) for prompt in PROMPTS])
     for one, many in zip(alone, batched, strict=True):
+        assert one[-1].token_ids == many[-1].token_ids  # token for token
+        assert len(many[-1].token_ids) == many[-1].stats.new_tokens > 0
         assert one[-1].text == many[-1].text and one[-1].text
-        assert one[-1].stats.new_tokens == many[-1].stats.new_tokens
         assert one[-1].stats.batch_size == 1
         assert many[-1].stats.batch_size == len(PROMPTS)  # all eight decoded together
         assert texts(many)[-1] == many[-1].text
@@ -140,8 +141,8 @@ def test_seeded_sampling_is_the_same_alone_and_batched(manager, tiny_model_dir):
             ("The quick brown fox", 1.5, 0.8, 20, 1.2, 3),
         ]
     ]
-    alone = [solo(manager, *job)[-1].text for job in jobs]
-    batched = [updates[-1].text for updates in together(manager, jobs)]
+    alone = [solo(manager, *job)[-1].token_ids for job in jobs]
+    batched = [updates[-1].token_ids for updates in together(manager, jobs)]
     assert alone == batched
     assert alone[0] != alone[1]  # the seed matters
 

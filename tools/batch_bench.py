@@ -6,8 +6,7 @@ For each level N, N greedy requests (prompts of different lengths) are submitted
 :class:`~optdemo.manager.ModelManager`, and the same N are run one after another, all submitted
 at the same moment too (so the last one waits behind N-1 replies, as it did before batching).
 Reported per level: aggregate tokens/s, time to first token p50/p95 (from submission), the
-speedup, and whether every batched reply is its one-at-a-time reply (same text, same number of
-tokens).
+speedup, and whether every batched reply is token-for-token its one-at-a-time reply.
 """
 
 from __future__ import annotations
@@ -48,27 +47,27 @@ def _level(ttfts: list[float], tokens: int, seconds: float) -> dict:
 
 def one_at_a_time(
     manager: ModelManager, prompts: Sequence[str], params: GenerationParams
-) -> tuple[dict, list[tuple[str, int]]]:
+) -> tuple[dict, list[tuple[int, ...]]]:
     """The requests in turn, all asked at the start: each one's first token counts its wait."""
     started = time.perf_counter()
-    ttfts, texts, tokens = [], [], 0
+    ttfts, replies, tokens = [], [], 0
     for prompt in prompts:
         asked = time.perf_counter() - started  # how long it waited behind the earlier replies
         *_, last = manager.stream_completion(prompt, params)
         stats = last.stats
         assert stats is not None and stats.time_to_first_token is not None
         ttfts.append(asked + stats.time_to_first_token)
-        texts.append((last.text, stats.new_tokens))
+        replies.append(last.token_ids)
         tokens += stats.new_tokens
-    return _level(ttfts, tokens, time.perf_counter() - started), texts
+    return _level(ttfts, tokens, time.perf_counter() - started), replies
 
 
 def at_once(
     manager: ModelManager, prompts: Sequence[str], params: GenerationParams
-) -> tuple[dict, list[tuple[str, int]]]:
+) -> tuple[dict, list[tuple[int, ...]]]:
     """The requests together (each in its own thread, as each visitor's is), all in line before
     the first starts; like :func:`one_at_a_time`, returns the level's figures and each reply's
-    (text, new tokens). Times to first token count from each request's submission (the engine's
+    token ids. Times to first token count from each request's submission (the engine's
     own stats), so they include the few milliseconds the others took to line up."""
     finals: list[GenerationUpdate | None] = [None] * len(prompts)
 
@@ -95,7 +94,7 @@ def at_once(
         [s.time_to_first_token or seconds for s in stats], sum(s.new_tokens for s in stats), seconds
     )
     level["batch_sizes"] = [s.batch_size for s in stats]
-    return level, [(final.text, final.stats.new_tokens) for final in finals if final and final.stats]
+    return level, [final.token_ids for final in finals if final is not None]
 
 
 def run_concurrency(model: Path, max_memory: str, dtype: str, tokens: int, levels: Sequence[int]) -> dict:
@@ -115,8 +114,8 @@ def run_concurrency(model: Path, max_memory: str, dtype: str, tokens: int, level
         results = []
         for level in levels:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(level)]
-            baseline, solo_texts = one_at_a_time(manager, prompts, params)
-            batched, batch_texts = at_once(manager, prompts, params)
+            baseline, solo_replies = one_at_a_time(manager, prompts, params)
+            batched, batch_replies = at_once(manager, prompts, params)
             speedup = batched["tokens_per_s"] / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None
             results.append(
                 {
@@ -124,7 +123,7 @@ def run_concurrency(model: Path, max_memory: str, dtype: str, tokens: int, level
                     "one_at_a_time": baseline,
                     "batched": batched,
                     "speedup": speedup,
-                    "identical_to_solo": batch_texts == solo_texts,
+                    "identical_to_solo": batch_replies == solo_replies,
                 }
             )
         plan = manager.status().plan
