@@ -354,9 +354,6 @@ def cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> 
     return (text[:-hold] if hold else text), False
 
 
-_cut_at_stop = cut_at_stop  # the name openai_compat and the tests import
-
-
 def generation_failure(exc: BaseException) -> Exception:
     """``exc`` (raised while generating) as a :class:`GenerationError` that says what to do."""
     import torch
