@@ -45,6 +45,7 @@ MAX_SYSTEM_PROMPT_CHARS = 4000  # longest system prompt (chat)
 DEFAULT_MAX_NEW_TOKENS_CAP = 512  # --max-new-tokens-cap
 DEFAULT_MAX_MESSAGE_CHARS = 4000  # --max-message-chars: longest message or prompt a visitor sends
 DEFAULT_MAX_HISTORY_TURNS = 50  # --max-history-turns: chat turns kept per session
+DEFAULT_MAX_BATCH = 8  # --max-batch: replies decoded together (the memory budget may lower it)
 DEFAULT_QUEUE_SIZE = 64  # --queue-size: waiting requests before new ones are refused
 MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used are forgotten)
 
@@ -56,6 +57,8 @@ ENDPOINT_CONNECT_TIMEOUT_SECONDS = 10.0
 ENDPOINT_READ_TIMEOUT_SECONDS = 120.0
 # How long a generation waits for the model (a load, or other users' generations) before giving up.
 GENERATION_WAIT_SECONDS = 600.0
+# How often the Chat tab refreshes its line on how many replies run and wait.
+SERVING_REFRESH_SECONDS = 2.0
 
 
 def describe_seconds(seconds: float) -> str:

@@ -45,7 +45,7 @@ from optdemo.engine_api import (
     sse_events,
 )
 from optdemo.errors import EndpointError, GenerationError
-from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate, _cut_at_stop
+from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate, cut_at_stop
 
 ENDPOINT_FORMAT = (
     "the serving endpoint's own chat template (the engine lays out the conversation; top_k and "
@@ -165,7 +165,7 @@ class EndpointBackend:
                     first = first or time.perf_counter()
                     pieces += 1
                     text += piece
-                    visible, hit = _cut_at_stop(text, params.stop)
+                    visible, hit = cut_at_stop(text, params.stop)
                     if hit:
                         text = visible
                         break
@@ -181,7 +181,7 @@ class EndpointBackend:
                 f"the serving endpoint at {self.config.url} ended the reply without finishing it (it may "
                 "have stopped or restarted): check the engine, then send again"
             )
-        text, _ = _cut_at_stop(text, params.stop, final=True)
+        text, _ = cut_at_stop(text, params.stop, final=True)
         yield GenerationUpdate(text, self._stats(started, first, pieces, usage, stopped))
 
     def _stats(

@@ -143,6 +143,7 @@ class GenerationStats:
     stopped: bool = False  # ended by the user (Stop) rather than by length or a stop string
     dropped_turns: int = 0  # chat: oldest turns left out of the prompt to fit the window
     context_window: int | None = None  # the model's window (tokens), when known
+    batch_size: int | None = None  # most replies decoded together while this one ran; None: unknown
 
     def summary(self) -> str:
         """One line for people, e.g. ``24 tokens · first token 0.41 s · 12.3 tokens/s``."""
@@ -152,6 +153,10 @@ class GenerationStats:
         if self.tokens_per_second is not None:
             parts.append(f"{self.tokens_per_second:.1f} tokens/s")
         parts.append(f"{self.total_seconds:.2f} s total")
+        if self.batch_size == 1:
+            parts.append("alone on the model")
+        elif self.batch_size is not None:
+            parts.append(f"shared the model (batch of up to {self.batch_size})")
         if self.stopped:
             parts.append("stopped")
         return " · ".join(parts)
@@ -173,10 +178,13 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class GenerationUpdate:
-    """One step of a stream: the reply so far; ``stats`` is set on the final update only."""
+    """One step of a stream: the reply so far; ``stats`` is set on the final update only.
+    While a request waits for a place in the batch, updates carry no text and a ``status``."""
 
     text: str
     stats: GenerationStats | None = None
+    status: str = ""  # e.g. "Waiting for the model: number 2 in line ..."
+    token_ids: tuple[int, ...] = ()  # the reply's tokens (final update; for exact comparisons)
 
     @property
     def done(self) -> bool:
@@ -192,6 +200,25 @@ def context_window(model: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def encode_prompt(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    params: GenerationParams,
+    max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+    add_special_tokens: bool = True,
+) -> list[int]:
+    """``prompt``'s token ids, once it is known to be text of an allowed length and to leave room
+    for ``params.max_new_tokens`` in the window (else a :class:`GenerationError` says why)."""
+    if not isinstance(prompt, str):
+        raise GenerationError("the prompt must be text")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise GenerationError(f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+    check_max_new_tokens(params.max_new_tokens, context_window(model), len(ids), max_new_tokens_cap)
+    return ids
 
 
 def stream_generate(
@@ -216,15 +243,12 @@ def stream_generate(
     Args:
         add_special_tokens: False for a prompt from a chat template (it has its own BOS token).
     """
-    if not isinstance(prompt, str):
-        raise GenerationError("the prompt must be text")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise GenerationError(f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    import torch
+
     stop_event = stop_event or threading.Event()
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
-    prompt_tokens = int(input_ids.shape[1])
-    check_max_new_tokens(params.max_new_tokens, context_window(model), prompt_tokens, max_new_tokens_cap)
-    input_ids = input_ids.to(input_device)
+    ids = encode_prompt(model, tokenizer, prompt, params, max_new_tokens_cap, add_special_tokens)
+    prompt_tokens = len(ids)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=input_device)
     stop_strings = (*stop_strings, *params.stop)
 
     streamer = _timed_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -244,7 +268,7 @@ def stream_generate(
             if chunk is streamer.stop_signal:
                 break
             text += chunk
-            visible, hit = _cut_at_stop(text, stop_strings)
+            visible, hit = cut_at_stop(text, stop_strings)
             if hit:
                 stop_event.set()
                 text = visible
@@ -260,8 +284,8 @@ def stream_generate(
         stop_event.set()
         worker.join(timeout=60)
     if failure:
-        raise _generation_failure(failure[0])
-    text, _ = _cut_at_stop(text, stop_strings, final=True)
+        raise generation_failure(failure[0])
+    text, _ = cut_at_stop(text, stop_strings, final=True)
     yield GenerationUpdate(text, streamer.stats(prompt_tokens, stopped_by_user))
 
 
@@ -312,7 +336,7 @@ def _generate_in_thread(
     return worker, failure
 
 
-def _cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> tuple[str, bool]:
     """Text safe to show: cut at a stop string (second value True), or without a trailing partial
     match that may still become one (unless ``final``)."""
     for stop in stop_strings:
@@ -330,7 +354,8 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) ->
     return (text[:-hold] if hold else text), False
 
 
-def _generation_failure(exc: BaseException) -> Exception:
+def generation_failure(exc: BaseException) -> Exception:
+    """``exc`` (raised while generating) as a :class:`GenerationError` that says what to do."""
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError):

@@ -2,8 +2,10 @@
 
 One :class:`ModelManager` is created per process and handed to whoever needs the model (the UI, the
 benchmark, a script). It holds the model, tokenizer and configuration behind a lock that a load and
-a generation both take, so a reload never happens under a running generation and Accelerate's
+each generation step both take, so a reload never happens under a running step and Accelerate's
 offload hooks (which move weights in and out of devices) never serve two forward passes at once.
+Every reply goes through its :class:`~optdemo.batching.BatchEngine`, which decodes the replies of
+all visitors together; a load or unload stops the running ones (and says how many) first.
 
 ``load`` reuses the model when the configuration is equal, validates a new one before dropping the
 current model, and frees memory for real (hooks removed, references dropped, ``gc.collect()``, the GPU
@@ -15,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
+from optdemo.batching import BatchEngine, Prompt, Serving
 from optdemo.chat_prompt import (
     CHAT_STOP_STRINGS,
     ChatTurn,
@@ -29,14 +32,14 @@ from optdemo.chat_prompt import (
 )
 from optdemo.config import LoadConfig
 from optdemo.defaults import (
-    GENERATION_WAIT_SECONDS,
+    DEFAULT_MAX_BATCH,
     LOAD_WAIT_SECONDS,
     MAX_NEW_TOKENS_LIMIT,
     describe_seconds,
 )
 from optdemo.disk_stream import release as release_disk_stream
 from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError, SupersededError
-from optdemo.generation import GenerationParams, GenerationUpdate, context_window, stream_generate
+from optdemo.generation import GenerationParams, GenerationUpdate, context_window, encode_prompt
 from optdemo.gpu_offload import release as release_offload
 from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
@@ -47,12 +50,16 @@ from optdemo.status import LoadReport, ModelStatus
 class ModelManager:
     """Owns at most one loaded model; thread-safe; create one per process and pass it around."""
 
-    def __init__(self) -> None:
-        self._model_lock = threading.Lock()  # held by a load or a generation, never both
+    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        """Args:
+        max_batch: the most replies decoded together (``--max-batch``); more wait in line.
+        """
+        self._model_lock = threading.Lock()  # held by a load or a generation step, never both
         self._state_lock = threading.Lock()  # guards the small fields below for status()
         self._loaded: LoadedModel | None = None
         self._busy: str | None = None
-        self._active_stop: threading.Event | None = None
+        # Every reply runs through the engine, which decodes the running ones together.
+        self.engine = BatchEngine(self._model_lock, self._current, self._set_generation_busy, max_batch)
         # The newest load request and its number: an older one still waiting for the model lock
         # gives way to it rather than load a model nobody wants any more.
         self._load_requests = 0
@@ -94,27 +101,30 @@ class ModelManager:
             return reused
         plan = preflight(config, probe_hardware(config.offload_folder))
         ticket = self._register_load(config)
-        stopped = self._stop_active_generation()
-        self._take_model_lock("loading")
-        try:
+        with self._exclusive("loading") as stopped:
             self._check_not_superseded(config, ticket)
             reused = self._reuse(config)  # another request may have loaded it meanwhile
             if reused is not None:
                 return reused
             self._set_busy(f"loading {config.display_name}")
-            previous = self._drop_current()
             try:
-                loaded = load_model(config, plan, progress)
-            except OptdemoError as exc:
-                raise LoadError(self._after_failure(str(exc), previous)) from None
-            with self._state_lock:
-                self._loaded = loaded
-        finally:
-            self._set_busy(None)
-            self._model_lock.release()
-        moved = "; the reply in progress was stopped to apply it" if stopped else ""
+                previous = self._drop_current()
+                try:
+                    loaded = load_model(config, plan, progress)
+                except OptdemoError as exc:
+                    raise LoadError(self._after_failure(str(exc), previous)) from None
+                self._set_loaded(loaded)
+            finally:
+                self._set_busy(None)
+        moved = ""
+        if stopped:
+            moved = (
+                "; the reply in progress was stopped to apply it"
+                if stopped == 1
+                else f"; the {stopped} replies in progress were stopped to apply it"
+            )
         message = f"loaded {config.display_name} in {loaded.status.load_seconds:.1f} s{moved}"
-        return LoadReport.of(loaded.status, "loaded", message, stopped)
+        return LoadReport.of(loaded.status, "loaded", message, bool(stopped))
 
     def _register_load(self, config: LoadConfig) -> int:
         """Record ``config`` as the newest load request; returns its number."""
@@ -161,24 +171,47 @@ class ModelManager:
         except OptdemoError:
             _free_memory()
             return f"{message}. {config.display_name} was unloaded to make room and could not be reloaded."
-        with self._state_lock:
-            self._loaded = restored
+        self._set_loaded(restored)
         return f"{message}. {config.display_name} is loaded again, as before."
 
     def unload(self) -> bool:
-        """Free the loaded model (stopping a running generation). True if one was loaded."""
-        self._stop_active_generation()
-        self._take_model_lock("unloading")
-        try:
+        """Free the loaded model (stopping the running replies). True if one was loaded."""
+        with self._exclusive("unloading"):
             return self._drop_current() is not None
-        finally:
-            self._model_lock.release()
 
-    def _take_model_lock(self, action: str) -> None:
-        """Wait up to ``LOAD_WAIT_SECONDS`` for a stopped generation to let go of the model."""
-        if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
-            waited = describe_seconds(LOAD_WAIT_SECONDS)
-            raise BusyError(f"the model is still busy after {waited}: try {action} again shortly")
+    @contextlib.contextmanager
+    def _exclusive(self, action: str) -> Iterator[int]:
+        """Hold the model for a load or unload: the engine admits nobody meanwhile, the running
+        replies are stopped (yields how many), and the lock is taken once they let go of it.
+
+        Raises:
+            BusyError: the replies did not let go within ``LOAD_WAIT_SECONDS``.
+        """
+        self.engine.hold()
+        try:
+            stopped = self.engine.stop_running()
+            if not self._model_lock.acquire(timeout=LOAD_WAIT_SECONDS):
+                waited = describe_seconds(LOAD_WAIT_SECONDS)
+                raise BusyError(f"the model is still busy after {waited}: try {action} again shortly")
+            try:
+                yield stopped
+            finally:
+                self._model_lock.release()
+        finally:
+            self.engine.release()
+
+    def _current(self) -> LoadedModel | None:
+        with self._state_lock:
+            return self._loaded
+
+    def _set_loaded(self, loaded: LoadedModel) -> None:
+        """Make ``loaded`` current, and cap the batch at the sequences its budget leaves room for."""
+        plan = loaded.status.plan
+        self.engine.memory_limit = (
+            plan.batch.sequences if plan is not None and plan.batch is not None else None
+        )
+        with self._state_lock:
+            self._loaded = loaded
 
     def _drop_current(self) -> tuple[LoadConfig, Plan] | None:
         """Release every reference to the current model and return its memory (lock held).
@@ -200,6 +233,10 @@ class ModelManager:
             loaded = self._loaded
             return None if loaded is None or loaded.model is None else context_window(loaded.model)
 
+    def serving(self) -> Serving:
+        """How many replies are being written together now, and how many wait."""
+        return self.engine.serving()
+
     def chat_format(self) -> str | None:
         """Which chat format the loaded model uses (its chat template or a plain transcript)."""
         with self._state_lock:
@@ -213,20 +250,15 @@ class ModelManager:
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
     ) -> Iterator[GenerationUpdate]:
-        """Continue ``prompt`` (the original scripts' mode), streaming the accumulated text."""
-        with self._using_model(stop_event) as (loaded, event):
-            yield from _recording_stats(
-                loaded,
-                stream_generate(
-                    loaded.model,
-                    loaded.tokenizer,
-                    prompt,
-                    params,
-                    input_device=loaded.input_device,
-                    stop_event=event,
-                    max_new_tokens_cap=max_new_tokens_cap,
-                ),
-            )
+        """Continue ``prompt`` (the original scripts' mode), streaming the accumulated text (after
+        status-only updates while it waits for a place in the batch)."""
+
+        def prepare(loaded: LoadedModel) -> Prompt:
+            model, tokenizer = loaded.model, loaded.tokenizer
+            ids = encode_prompt(model, tokenizer, prompt, params, max_new_tokens_cap)
+            return Prompt(ids, context_window=context_window(model))
+
+        yield from self._generate(prepare, params, stop_event)
 
     def stream_chat(
         self,
@@ -242,7 +274,8 @@ class ModelManager:
         window the prompt used and how many old turns were left out to fit."""
         if not isinstance(message, str) or not message.strip():
             raise GenerationError("the message is empty: type something to send")
-        with self._using_model(stop_event) as (loaded, event):
+
+        def prepare(loaded: LoadedModel) -> Prompt:
             tokenizer = loaded.tokenizer
             templated = has_chat_template(tokenizer)
             window = context_window(loaded.model)
@@ -256,83 +289,48 @@ class ModelManager:
                 template_renderer(tokenizer) if templated else render_plain,
                 system_prompt,
             )
-            for update in stream_generate(
+            ids = encode_prompt(
                 loaded.model,
                 tokenizer,
                 prompt.text,
                 params,
-                input_device=loaded.input_device,
-                stop_event=event,
-                stop_strings=() if templated else CHAT_STOP_STRINGS,
-                max_new_tokens_cap=max_new_tokens_cap,
+                max_new_tokens_cap,
                 add_special_tokens=not templated,
-            ):
-                if update.stats is not None:
-                    stats = replace(update.stats, dropped_turns=prompt.dropped_turns, context_window=window)
-                    loaded.status = replace(loaded.status, last_stats=stats)
-                    update = replace(update, stats=stats)
-                # The transcript ends with "Assistant:"; the reply itself starts after its space.
-                yield replace(update, text=update.text.lstrip())
+            )
+            stops = () if templated else CHAT_STOP_STRINGS
+            return Prompt(ids, stops, context_window=window, dropped_turns=prompt.dropped_turns)
 
-    def _using_model(self, stop_event: threading.Event | None):
-        """Hold the model for one generation (a context manager yielding it and its stop event)."""
-        return _ModelUse(self, stop_event or threading.Event())
+        for update in self._generate(prepare, params, stop_event):
+            # The transcript ends with "Assistant:"; the reply itself starts after its space.
+            yield replace(update, text=update.text.lstrip())
 
-    def _stop_active_generation(self) -> bool:
+    def _generate(
+        self,
+        prepare: Callable[[LoadedModel], Prompt],
+        params: GenerationParams,
+        stop_event: threading.Event | None,
+    ) -> Iterator[GenerationUpdate]:
+        """One request through the engine; its final stats become the model's measured speed."""
         with self._state_lock:
-            event = self._active_stop
-        if event is not None and not event.is_set():
-            event.set()
-            return True
-        return False
+            idle = self._loaded is None and self._busy is None
+        if idle:  # nothing loaded and no load under way: say so now rather than wait
+            raise NoModelError("no model is loaded: load one first")
+        for update in self.engine.submit(prepare, params, stop_event or threading.Event()):
+            if update.stats is not None:
+                with self._state_lock:
+                    if self._loaded is not None:
+                        self._loaded.status = replace(self._loaded.status, last_stats=update.stats)
+            yield update
 
     def _set_busy(self, what: str | None) -> None:
         with self._state_lock:
             self._busy = what
 
-
-def _recording_stats(loaded: LoadedModel, updates: Iterator[GenerationUpdate]) -> Iterator[GenerationUpdate]:
-    """Pass updates through, keeping the final stats as the loaded model's measured speed."""
-    window = context_window(loaded.model)
-    for update in updates:
-        if update.stats is not None:
-            update = replace(update, stats=replace(update.stats, context_window=window))
-            loaded.status = replace(loaded.status, last_stats=update.stats)
-        yield update
-
-
-class _ModelUse:
-    """Context manager: wait for the model lock, expose the loaded model, always release."""
-
-    def __init__(self, manager: ModelManager, stop_event: threading.Event) -> None:
-        self.manager = manager
-        self.stop_event = stop_event
-
-    def __enter__(self) -> tuple[LoadedModel, threading.Event]:
-        manager = self.manager
-        with manager._state_lock:
-            idle = manager._loaded is None and manager._busy is None
-        if idle:  # nothing loaded and no load under way: say so now rather than wait
-            raise NoModelError("no model is loaded: load one first")
-        if not manager._model_lock.acquire(timeout=GENERATION_WAIT_SECONDS):
-            raise BusyError("the model is busy with other requests: try again in a moment")
-        with manager._state_lock:
-            loaded = manager._loaded
-            if loaded is not None:
-                manager._active_stop = self.stop_event
-                manager._busy = "generating"
-        if loaded is None:
-            manager._model_lock.release()
-            raise NoModelError("the model was unloaded: load one first")
-        return loaded, self.stop_event
-
-    def __exit__(self, *exc: object) -> None:
-        manager = self.manager
-        with manager._state_lock:
-            if manager._active_stop is self.stop_event:
-                manager._active_stop = None
-            manager._busy = None
-        manager._model_lock.release()
+    def _set_generation_busy(self, what: str | None) -> None:
+        """The engine's report ("generating ..." or None); never hides a load's own state."""
+        with self._state_lock:
+            if self._busy is None or self._busy.startswith("generating"):
+                self._busy = what
 
 
 def _release(loaded: LoadedModel) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from optdemo import defaults
 from optdemo.chat_prompt import ChatTurn
 from optdemo.errors import AccessError, BusyError, EndpointError, NoModelError, OptdemoError
-from optdemo.generation import GenerationStats, _cut_at_stop
+from optdemo.generation import GenerationStats, cut_at_stop
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API: "up to 4 sequences"
 OWNER = "optdemo"  # the ``owned_by`` of the models listed by /v1/models
@@ -256,7 +256,7 @@ class StopCutter:
         if not self.stops:
             return text
         if self.cut is None:
-            shown, hit = _cut_at_stop(text, self.stops, final)
+            shown, hit = cut_at_stop(text, self.stops, final)
             if not hit:
                 return shown
             self.cut = shown

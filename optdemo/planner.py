@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from optdemo.batch_memory import BatchRoom, batch_room
 from optdemo.budget import Device, MemoryBudget
 from optdemo.config import LoadConfig
 from optdemo.construction import construction_lock
 from optdemo.defaults import DEFAULT_CPU_LAYERS, DEFAULT_DISK_TIER
+from optdemo.generation import context_window
 from optdemo.hardware import Hardware, probe_hardware
 from optdemo.hf_compat import auto_device_map
 from optdemo.models import ModelSource, resolve_model
@@ -79,6 +81,7 @@ class Plan:
     # The CPU quantization scheme the sizes are for (optdemo.quantize): "8bit", "4bit" or "none"
     # (unquantized, or bitsandbytes on a GPU, which quantizes at load time).
     quantization: str = "none"
+    batch: BatchRoom | None = None  # KV cache room for concurrent replies (optdemo.batch_memory)
 
     @property
     def fits(self) -> bool:
@@ -109,6 +112,7 @@ class Plan:
             "quantization": self.quantization,
             "warnings": list(self.warnings),
             "blockers": list(self.blockers),
+            "batch": None if self.batch is None else self.batch.to_dict(),
             "blocks": [
                 {
                     "name": b.name,
@@ -270,6 +274,15 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         cpu_layers=config.cpu_layers_in_force,
         disk_tier=config.disk_tier if config.fast_offload else "accelerate",
         quantization=quantization,
+        batch=batch_room(
+            model.config,
+            dtype.itemsize,
+            context_window(model),
+            budget,
+            bytes_per_device,
+            hardware.ram_available_bytes,
+            [block.device for block in blocks if block.kind == "layer"],
+        ),
     )
 
 

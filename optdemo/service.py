@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from optdemo import defaults
 from optdemo.access import AccessPolicy
 from optdemo.backend import Backend
+from optdemo.batching import Serving
 from optdemo.budget import format_bytes, parse_max_memory
 from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.chat_prompt import ChatTurn
@@ -68,10 +69,12 @@ class PlanNotice:
 
 @dataclass(frozen=True)
 class ChatReply:
-    """One streamed step of a reply: the text so far, and the stats on the last step."""
+    """One streamed step of a reply: the text so far, and the stats on the last step. While the
+    reply waits for a place in the batch, ``status`` says so (and ``text`` is empty)."""
 
     text: str
     stats: GenerationStats | None = None
+    status: str = ""
 
 
 def naming_model(exc: OptdemoError, config: LoadConfig) -> OptdemoError:
@@ -354,6 +357,10 @@ class DemoService:
         """The model's context window (tokens), or None (nothing loaded, or not told)."""
         return self.backend.context_window()
 
+    def serving(self) -> Serving:
+        """How many visitors' replies are being written together now, and how many wait."""
+        return self.manager.serving()
+
     def chat_format(self) -> str | None:
         """Which chat format the model uses (its chat template, a plain transcript, or the
         serving engine's)."""
@@ -376,10 +383,12 @@ class DemoService:
         message: str,
         params: GenerationParams,
         system_prompt: str = "",
+        waiting_status: bool = False,
     ) -> Iterator[ChatReply]:
         """Stream a chat reply for one session; ``stop(session_id)`` ends it early.
         ``system_prompt`` replaces the default instructions (in the model's chat template, or
-        as the plain transcript's preamble)."""
+        as the plain transcript's preamble). With ``waiting_status``, steps with a ``status``
+        (and no text) tell the place in line while the reply waits for the model."""
         message = self._check_text(message, "message")
         system_prompt = self._check_text(
             system_prompt or "", "system prompt", defaults.MAX_SYSTEM_PROMPT_CHARS, empty_ok=True
@@ -395,27 +404,37 @@ class DemoService:
         yield from self._streamed(
             session_id,
             lambda stop: backend.stream_chat(history, message, params, stop, cap, system_prompt),
+            waiting_status,
         )
 
-    def complete(self, session_id: str, prompt: str, params: GenerationParams) -> Iterator[ChatReply]:
-        """Stream a continuation of ``prompt`` (the original scripts' mode)."""
+    def complete(
+        self, session_id: str, prompt: str, params: GenerationParams, waiting_status: bool = False
+    ) -> Iterator[ChatReply]:
+        """Stream a continuation of ``prompt`` (the original scripts' mode); ``waiting_status`` as
+        in :meth:`chat`."""
         prompt = self._check_text(prompt, "prompt")
         cap = self.settings.max_new_tokens_cap
         backend = self.backend
         yield from self._streamed(
-            session_id, lambda stop: backend.stream_completion(prompt, params, stop, cap)
+            session_id, lambda stop: backend.stream_completion(prompt, params, stop, cap), waiting_status
         )
 
     def _streamed(
-        self, session_id: str, start: Callable[[threading.Event], Iterator[GenerationUpdate]]
+        self,
+        session_id: str,
+        start: Callable[[threading.Event], Iterator[GenerationUpdate]],
+        waiting_status: bool,
     ) -> Iterator[ChatReply]:
-        """Run one reply with a stop event registered for the session, as ChatReply steps."""
+        """Run one reply with a stop event registered for the session, as ChatReply steps (the
+        place-in-line steps only when ``waiting_status``)."""
         event = self.sessions.start_reply(session_id)
         try:
             for update in start(event):
                 if update.stats is not None and self.endpoint is not None:
                     self._endpoint_stats = update.stats  # the manager keeps its own model's
-                yield ChatReply(update.text, update.stats)
+                if update.status and not waiting_status:
+                    continue
+                yield ChatReply(update.text, update.stats, update.status)
         except NoModelError:
             if self.settings.public and not self.access.is_admin(session_id):
                 # A visitor cannot load one: say who can, not where the (locked) button is.

@@ -20,6 +20,7 @@ from optdemo.defaults import (
     CPU_LAYER_POLICIES,
     DEFAULT_CPU_LAYERS,
     DEFAULT_DISK_TIER,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_HISTORY_TURNS,
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MAX_NEW_TOKENS_CAP,
@@ -59,6 +60,7 @@ class AppSettings:
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     max_history_turns: int = DEFAULT_MAX_HISTORY_TURNS
     queue_size: int = DEFAULT_QUEUE_SIZE
+    max_batch: int = DEFAULT_MAX_BATCH  # replies decoded together; more wait in line
     api_key: str | None = field(default=None, repr=False)  # bearer token the /v1 API requires
     openai_api: bool = False  # serve the /v1 API in public mode too (it is always on otherwise)
     mcp: bool = False  # serve the MCP tools (Gradio's MCP server) at /gradio_api/mcp/
@@ -209,6 +211,13 @@ FLAGS = (
         f"requests waiting at most before new ones are refused (default {DEFAULT_QUEUE_SIZE})",
         kind="int",
         default=DEFAULT_QUEUE_SIZE,
+    ),
+    Flag(
+        "max-batch",
+        f"replies decoded together, sharing each pass over the weights; more wait in line; the KV "
+        f"cache room the memory budget leaves may lower it (default {DEFAULT_MAX_BATCH})",
+        kind="int",
+        default=DEFAULT_MAX_BATCH,
     ),
     Flag("api-key", "bearer token the OpenAI-compatible API (/v1) requires (default: none)", metavar="KEY"),
     Flag("openai-api", "serve the OpenAI-compatible API (/v1) in public mode too", kind="bool"),
@@ -380,6 +389,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         max_message_chars=args.max_message_chars,
         max_history_turns=args.max_history_turns,
         queue_size=args.queue_size,
+        max_batch=args.max_batch,
         api_key=args.api_key or None,
         openai_api=args.openai_api,
         mcp=args.mcp,

@@ -365,3 +365,45 @@ def test_run_on_a_serving_endpoint_shows_its_fields_and_connect(page) -> None:
     expect(url).to_be_hidden()
     expect(page.get_by_label("Revision")).to_be_visible()
     expect(page.get_by_role("button", name="Plan", exact=True)).to_be_visible()
+
+
+def test_a_waiting_reply_shows_its_place_in_line_and_the_serving_line_counts(browser) -> None:
+    """While a reply waits for a place in the batch the notice says where in line it is; the line
+    over the chat says how many replies the model writes together and how many wait."""
+    import threading
+
+    from app_fixtures import ScriptedManager
+    from playwright.sync_api import expect
+
+    from optdemo.generation import GenerationUpdate
+
+    waiting = "Waiting for the model: number 1 in line (8 replies being written, at most 8 at once)"
+
+    class Queued(ScriptedManager):
+        def stream_completion(self, prompt, params, stop_event=None, max_new_tokens_cap=512):
+            yield GenerationUpdate("", status=waiting)
+            self.pause.wait(30)
+            yield from super().stream_completion(prompt, params, stop_event, max_new_tokens_cap)
+
+    manager = Queued({"Hello": [["Hi", "Hi there."]]})
+    manager.pause = threading.Event()
+    manager.engine.counts = lambda: (8, 1)  # type: ignore[method-assign]
+    with running_app(manager=manager) as running:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(WAIT_MS)
+        page = context.new_page()
+        try:
+            page.goto(running.url, wait_until="domcontentloaded")
+            open_tab(page, "Chat")
+            wait_for_text(
+                page, "#od-serving", r"Writing 8 replies together \(at most 8 at once\) · 1 waiting"
+            )
+            send(page, "Hello")
+            wait_for_text(page, "#od-chat-notice", re.escape(waiting))
+            manager.engine.counts = lambda: (0, 0)  # type: ignore[method-assign]
+            manager.pause.set()
+            wait_for_text(page, "#od-chatbot", r"Hi there\.")
+            expect(page.locator("#od-chat-notice")).not_to_contain_text("Waiting", timeout=WAIT_MS)
+            expect(page.locator("#od-serving")).not_to_contain_text("Writing", timeout=WAIT_MS)
+        finally:
+            context.close()

@@ -28,8 +28,8 @@ from optdemo.generation import (
     GenerationParams,
     GenerationStats,
     GenerationUpdate,
-    _cut_at_stop,
     context_window,
+    cut_at_stop,
     stream_generate,
 )
 
@@ -205,16 +205,16 @@ def test_max_new_tokens_rule() -> None:
 def test_cut_at_stop() -> None:
     stops = CHAT_STOP_STRINGS
     assert stops == ("\nUser:", "\nAssistant:")
-    assert _cut_at_stop("Paris.\nUser: and", stops) == ("Paris.", True)
-    assert _cut_at_stop("Paris.  \nAssistant: x", stops) == ("Paris.", True)
-    assert _cut_at_stop("Paris.\nUs", stops) == ("Paris.", False)  # held back while streaming
-    assert _cut_at_stop("Paris.\nAssist", stops) == ("Paris.", False)
-    assert _cut_at_stop("Paris.\n", stops) == ("Paris.", False)
-    assert _cut_at_stop("Paris.\nUs", stops, final=True) == ("Paris.\nUs", False)
-    assert _cut_at_stop("Paris. \n", stops, final=True) == ("Paris.", False)
-    assert _cut_at_stop("Users: many", stops) == ("Users: many", False)
-    assert _cut_at_stop("no stops \n", ()) == ("no stops \n", False)
-    assert _cut_at_stop("no stops \n", (), final=True) == ("no stops \n", False)
+    assert cut_at_stop("Paris.\nUser: and", stops) == ("Paris.", True)
+    assert cut_at_stop("Paris.  \nAssistant: x", stops) == ("Paris.", True)
+    assert cut_at_stop("Paris.\nUs", stops) == ("Paris.", False)  # held back while streaming
+    assert cut_at_stop("Paris.\nAssist", stops) == ("Paris.", False)
+    assert cut_at_stop("Paris.\n", stops) == ("Paris.", False)
+    assert cut_at_stop("Paris.\nUs", stops, final=True) == ("Paris.\nUs", False)
+    assert cut_at_stop("Paris. \n", stops, final=True) == ("Paris.", False)
+    assert cut_at_stop("Users: many", stops) == ("Users: many", False)
+    assert cut_at_stop("no stops \n", ()) == ("no stops \n", False)
+    assert cut_at_stop("no stops \n", (), final=True) == ("no stops \n", False)
 
 
 # ---------------------------------------------------------------- without a model

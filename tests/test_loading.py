@@ -21,6 +21,7 @@ from optdemo.budget import describe_gpu_count
 from optdemo.config import LoadConfig
 from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.generation import GenerationParams
+from optdemo.manager import ModelManager
 from optdemo.planner import Plan, plan_device_map
 
 pytestmark = pytest.mark.slow
@@ -533,26 +534,19 @@ def test_unload_stops_a_running_generation(manager, tiny_model_dir: Path) -> Non
     assert ref() is None
 
 
-def test_generations_take_turns(manager, tiny_model_dir: Path) -> None:
+def test_generations_take_turns_with_max_batch_one(tiny_model_dir: Path) -> None:
+    # With --max-batch 1 replies take turns (with more, they share the model: test_batching.py).
+    manager = ModelManager(max_batch=1)
     manager.load(LoadConfig(str(tiny_model_dir)))
     first_stream = manager.stream_completion("Hello", GenerationParams(max_new_tokens=300, temperature=0))
     next(first_stream)  # holds the model now
-    second: dict = {}
-    second_started = threading.Event()
-
-    def run_second() -> None:
-        second_started.set()
-        second["updates"] = list(manager.stream_completion("Hi", GenerationParams(max_new_tokens=3)))
-
-    thread = threading.Thread(target=run_second)
-    thread.start()
-    assert second_started.wait(5)
-    thread.join(0.3)
-    assert thread.is_alive() and "updates" not in second  # waiting for the model, not running
+    second = list(manager.stream_completion("Hi", GenerationParams(max_new_tokens=3)))
     rest = list(first_stream)
-    assert rest[-1].stats.new_tokens <= 300
-    thread.join(10)
-    assert second["updates"][-1].done
+    assert rest[-1].stats.new_tokens <= 300 and rest[-1].stats.batch_size == 1
+    # The second waited in line behind the first, then ran alone.
+    assert second[0].text == "" and second[0].status.startswith("Waiting for the model: number 1 in line")
+    assert second[-1].done and second[-1].stats.batch_size == 1
+    manager.unload()
 
 
 def test_generation_requested_during_a_load_waits_for_it(manager, tiny_model_dir: Path) -> None:

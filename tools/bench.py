@@ -40,6 +40,7 @@ from optdemo.convert import converted_root, quantization_info
 from optdemo.manager import ModelManager
 from optdemo.paths import cache_dir
 from optdemo.synthetic import build_random_opt
+from tools.batch_bench import format_levels, run_concurrency
 from tools.bench_report import BASE_SIDES, SIDES, report
 from tools.build_sharded import build_sharded_opt
 from tools.memcap import CapError, MemoryCap, drop_caches
@@ -306,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ram-limit", help="cap each run's RAM, page cache included (e.g. 2.2GiB; cgroup v1, root)"
     )
+    parser.add_argument(
+        "--concurrency",
+        metavar="LEVELS",
+        help="instead of the sides: N concurrent replies (batched) vs the same N one at a time, "
+        "for each N in a comma-separated list such as 1,2,4,8 (tools/batch_bench.py)",
+    )
     parser.add_argument("--json", help="write all runs and the summary here")
     parser.add_argument("--plot", help="save a PNG chart here (needs matplotlib)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -355,6 +362,23 @@ def expand_sides(sides: list[str], quantization: str) -> list[str]:
     return [*sides, *(f"{side}-{q}" for q in schemes for side in ("ram", "optdemo"))]
 
 
+def run_concurrency_levels(args: argparse.Namespace, model: Path) -> int:
+    """``--concurrency``: batched vs one-at-a-time at each level; the table, and JSON if asked."""
+    try:
+        levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"--concurrency takes whole numbers such as 1,2,4,8, not {args.concurrency!r}"
+        ) from None
+    if not levels or min(levels) < 1:
+        raise SystemExit("--concurrency takes levels of at least 1, such as 1,2,4,8")
+    result = run_concurrency(model, args.max_memory, args.dtype, args.tokens, levels)
+    print(format_levels(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: build or take a checkpoint, run the sides alternately, print the table."""
     parser = build_parser()
@@ -374,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         except CapError as exc:
             raise SystemExit(f"--ram-limit: {exc}") from None
     model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
+    if args.concurrency:
+        return run_concurrency_levels(args, model)
     sides = expand_sides([s.strip() for s in args.sides.split(",") if s.strip()], args.quantization)
     args.first_loads = {}
     runs, first_load = run_sides(args, model, sides)

@@ -16,7 +16,18 @@ from optdemo.config import LoadConfig
 from optdemo.service import DemoService
 from optdemo.ui.errors import user_errors
 
-MODEL_GROUP = "model"  # loading and generating share one concurrency group: one at a time
+MODEL_GROUP = "model"  # loading and unloading: one at a time
+# Replies (chat, completion, from the UI and the API) share the model through the batching engine:
+# Gradio hands it twice a batch at once, so the engine's own line (telling each its place) holds
+# the overflow. A load stops the running replies itself (ModelManager.load).
+REPLY_GROUP = "replies"
+
+
+def reply_group(service: DemoService) -> dict:
+    """The concurrency settings of every reply event: the replies group, 2 x ``--max-batch``."""
+    return {"concurrency_id": REPLY_GROUP, "concurrency_limit": 2 * service.settings.max_batch}
+
+
 # Plans touch no weights: a few run at once, in their own group, beside a load or a reply.
 PLAN_GROUP = {"concurrency_id": "plan", "concurrency_limit": 4}
 
@@ -185,8 +196,8 @@ def register_api(service: DemoService) -> None:
     gr.api(api.load, api_name="load", **in_group)
     gr.api(api.unload, api_name="unload", **in_group)
     gr.api(api.status, api_name="status", queue=False)
-    gr.api(api.chat, api_name="chat", **in_group)
-    gr.api(api.generate, api_name="generate", **in_group)
+    gr.api(api.chat, api_name="chat", **reply_group(service))
+    gr.api(api.generate, api_name="generate", **reply_group(service))
     gr.api(api.stop, api_name="stop", queue=False)
     gr.api(api.clear_chat, api_name="clear_chat", queue=False)
     gr.api(api.sign_in, api_name="sign_in", queue=False)

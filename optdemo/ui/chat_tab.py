@@ -22,7 +22,7 @@ import gradio as gr
 from optdemo import defaults
 from optdemo.generation import GenerationParams
 from optdemo.service import DemoService
-from optdemo.ui.api import MODEL_GROUP, session_of
+from optdemo.ui.api import reply_group, session_of
 from optdemo.ui.binding import Updates, bind
 from optdemo.ui.chat_history import (
     SavedChats,
@@ -102,6 +102,8 @@ class ChatTab:
     notice: gr.Markdown  # "wait for the reply or press Stop" while one streams
     saved: SavedChats  # this browser's saved chats
     turns: gr.State  # this session's conversation: a list of Turn
+    serving_line: gr.Markdown  # how many replies the model is writing together, and how many wait
+    serving_timer: gr.Timer  # refreshes serving_line
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -110,6 +112,8 @@ def layout_chat_tab(service: DemoService, store: gr.BrowserState | None = None) 
     store (see :func:`~optdemo.ui.chat_history.browser_store`; a new one if None)."""
     max_chars = service.settings.max_message_chars
     model_line = gr.Markdown(elem_id="od-chat-model")
+    serving_line = gr.Markdown(elem_id="od-serving")
+    serving_timer = gr.Timer(defaults.SERVING_REFRESH_SECONDS)
     mode = gr.Radio(["Conversation", "Completion"], value="Conversation", label="Mode", show_label=False)
     with gr.Column(visible=True) as chat_box:
         saved = layout_saved_chats(store)
@@ -167,6 +171,8 @@ def layout_chat_tab(service: DemoService, store: gr.BrowserState | None = None) 
         notice,
         saved,
         turns,
+        serving_line,
+        serving_timer,
     )
 
 
@@ -219,6 +225,7 @@ def _reply(
     the error for the user."""
     turn = {"user": text, "assistant": "", "stats": ""}
     context = ""
+    waiting = False
     try:
         params = tab.controls.params_from(service, values)
         pairs = [(t["user"], t["assistant"]) for t in history]
@@ -229,11 +236,20 @@ def _reply(
             tab.message: "",
             tab.notice: BUSY_NOTICE,
         }
-        for step in service.chat(session_of(request), pairs, text, params, system_prompt):
+        for step in service.chat(
+            session_of(request), pairs, text, params, system_prompt, waiting_status=True
+        ):
+            if step.status:  # waiting for a place in the batch: say where in line
+                waiting = True
+                yield {tab.notice: step.status}
+                continue
             stats = step.stats.summary() if step.stats else ""
             turn = {"user": text, "assistant": step.text, "stats": stats}
             context = step.stats.context_summary() if step.stats else context
-            yield {tab.chatbot: to_messages([*history, turn]), tab.turns: history}
+            update = {tab.chatbot: to_messages([*history, turn]), tab.turns: history}
+            if waiting:  # its turn came: the usual notice again
+                waiting, update[tab.notice] = False, BUSY_NOTICE
+            yield update
     except Exception as exc:  # noqa: BLE001 - the chat is restored, then the error is shown
         yield {**on_failure, tab.notice: ""}
         raise to_gradio_error(exc) from None
@@ -290,7 +306,10 @@ def stop(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Upda
 def complete(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Iterator[Updates]:
     """Stream a continuation of the prompt with its stats line (the original scripts' mode)."""
     params = tab.controls.params_from(service, values)
-    for step in service.complete(session_of(request), values[tab.prompt], params):
+    for step in service.complete(session_of(request), values[tab.prompt], params, waiting_status=True):
+        if step.status:  # waiting for a place in the batch: the stats line says where in line
+            yield {tab.completion_stats: step.status}
+            continue
         yield {tab.completion: step.text, tab.completion_stats: step.stats.summary() if step.stats else ""}
 
 
@@ -298,6 +317,11 @@ def switch_mode(service: DemoService, tab: ChatTab, values: dict, request: Any) 
     """Show the conversation or the completion box."""
     chatting = values[tab.mode] == "Conversation"
     return {tab.chat_box: gr.update(visible=chatting), tab.completion_box: gr.update(visible=not chatting)}
+
+
+def refresh_serving_line(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """How many visitors' replies the model is writing now, and how many wait for a place."""
+    return {tab.serving_line: service.serving().summary()}
 
 
 def refresh_model_line(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
@@ -321,7 +345,14 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
     """Connect the Chat tab's events to its handlers (all private: the API has /chat itself).
     Every change to the conversation is then saved in the browser."""
     private = {"api_visibility": "private", "queue": False}
-    in_model_group = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1, "api_visibility": "private"}
+    in_reply_group = {**reply_group(service), "api_visibility": "private"}
+    tab.serving_timer.tick(
+        bind(refresh_serving_line, service, tab),
+        {tab.turns},
+        tab.serving_line,
+        show_progress="hidden",
+        **private,
+    )
     # Inputs given as a set reach a handler as one {component: value} dict.
     with_params = {tab.turns, tab.system_prompt, *tab.controls.all()}
     conversation = [tab.chatbot, tab.turns, tab.message, tab.notice, tab.context_line]
@@ -341,13 +372,13 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         bind(respond, service, tab),
         {tab.message, *with_params},
         conversation,
-        **in_model_group,
+        **in_reply_group,
     ).success(**save)
     tab.chatbot.retry(
         bind(retry, service, tab),
         with_params,
         [tab.chatbot, tab.turns, tab.notice, tab.context_line],
-        **in_model_group,
+        **in_reply_group,
     ).success(**save)
     tab.chatbot.undo(bind(undo, service, tab), {tab.turns}, conversation, **private).then(**save)
     tab.chatbot.clear(bind(clear, service, tab), {tab.turns}, conversation, **private).then(**save)
@@ -357,7 +388,7 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         bind(complete, service, tab),
         {tab.prompt, *tab.controls.all()},
         [tab.completion, tab.completion_stats],
-        **in_model_group,
+        **in_reply_group,
     )
     wire_saved_chats(service, tab)
 

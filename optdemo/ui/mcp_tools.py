@@ -17,7 +17,7 @@ from optdemo import defaults
 from optdemo.errors import GenerationError
 from optdemo.openai_compat import OpenAIError, conversation
 from optdemo.service import DemoService
-from optdemo.ui.api import MODEL_GROUP, session_of
+from optdemo.ui.api import reply_group, session_of
 from optdemo.ui.errors import user_errors
 
 # The named endpoints offered as MCP tools; every other public endpoint is hidden from MCP.
@@ -57,7 +57,7 @@ def register_mcp_tools(service: DemoService) -> None:
             reply = step.text
         return reply
 
-    gr.api(chat_messages, api_name="chat_messages", concurrency_id=MODEL_GROUP, concurrency_limit=1)
+    gr.api(chat_messages, api_name="chat_messages", **reply_group(service))
 
 
 def keep_only_mcp_tools(demo: gr.Blocks) -> None:

@@ -166,6 +166,8 @@ def plan_summary(plan: Plan, prediction: SpeedPrediction | None = None) -> str:
     ]
     if prediction is not None:
         lines += ["", f"**Predicted speed:** {prediction.summary()}"]
+    if plan.batch is not None:
+        lines += ["", plan.batch.text()]
     lines += [f"- {warning}" for warning in plan.warnings]
     return "\n".join(lines)
 
