@@ -66,6 +66,7 @@ def test_tools_are_the_state_free_endpoints_with_descriptions(mcp_app) -> None:
 def test_tools_answer(mcp_app) -> None:
     async def calls(client: ClientSession) -> list:
         messages = [
+            {"role": "system", "content": "Be terse."},
             {"role": "user", "content": "earlier"},
             {"role": "assistant", "content": "answer"},
             {"role": "user", "content": "hi"},
@@ -80,6 +81,7 @@ def test_tools_answer(mcp_app) -> None:
     chat, generate, status, plan = with_mcp(mcp_app.url, calls)
     assert text_of(chat) == "Hello world!"
     assert mcp_app.service.manager.histories[-1] == [("earlier", "answer")]  # state-free: all in the call
+    assert mcp_app.service.manager.system_prompts[-1] == "Be terse."  # the model's system turn
     assert text_of(generate) == " upon a time"
     assert SCRIPTED in text_of(status)
     assert "'fits': True" in text_of(plan) and "model.decoder.layers.0" in text_of(plan)

@@ -48,12 +48,12 @@ def register_mcp_tools(service: DemoService) -> None:
             the assistant's reply (text)
         """
         try:
-            history, message = conversation(messages, service.settings.max_message_chars)
+            history, message, system = conversation(messages, service.settings.max_message_chars)
         except OpenAIError as err:
             raise GenerationError(err.message) from None
         params = service.params(max_new_tokens, temperature, top_p)
         reply = ""
-        for step in service.chat(session_of(request), history, message, params):
+        for step in service.chat(session_of(request), history, message, params, system_prompt=system):
             reply = step.text
         return reply
 
