@@ -431,14 +431,17 @@ class BatchEngine:
         import torch
 
         batch = self._batch
-        assert batch is not None and batch.size == len(running)
+        assert batch is not None and batch.requests == len(running)
+        if len(running) == 1 and _rounds_by_row_count(loaded.model):
+            batch = self._batch = batch.with_ghost()
         device = loaded.input_device
-        ids = torch.tensor([[r.ids[-1]] for r in running], dtype=torch.long, device=device)
-        starts = [len(r.ids) - 1 for r in running]
+        rows = running + running[:1] if batch.ghost else running
+        ids = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=device)
+        starts = [len(r.ids) - 1 for r in rows]
         mask = batch.grown_mask()
         logits = forward(loaded.model, ids, mask.to(device), positions(starts, 1, device), batch.cache)
         batch.mask = mask
-        for request, row in zip(running, logits, strict=True):
+        for request, row in zip(running, logits[: len(running)], strict=True):
             request.peak_batch = max(request.peak_batch, len(running))
             self._take_token(loaded, request, row)
 
@@ -465,6 +468,22 @@ class BatchEngine:
         elif visible and visible != request.shown and not visible.endswith("\ufffd"):
             request.shown = visible
             request.updates.put(GenerationUpdate(visible))
+
+
+def _rounds_by_row_count(model: Any) -> bool:
+    """Whether the model computes with bfloat16 Linear layers, whose one-row product rounds
+    differently from a several-row one (the reason for a lone request's ghost row). Quantized
+    layers (optdemo.quantize) and float16 ones give every row the same bits at any row count."""
+    import torch
+
+    cached = getattr(model, "_optdemo_rounds_by_row_count", None)
+    if cached is None:
+        cached = any(
+            type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
+            for module in model.modules()
+        )
+        model._optdemo_rounds_by_row_count = cached
+    return cached
 
 
 def _eos_ids(loaded: Any) -> set[int]:

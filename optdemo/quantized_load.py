@@ -47,15 +47,23 @@ def shard_transform(source: ModelSource, scheme: str, trust_remote_code: bool = 
     """The function that turns one checkpoint shard into the quantized model's tensors (for
     :func:`optdemo.convert.ensure_quantized`): which Linear layers are quantized and what the model
     calls each tensor are read from the empty model."""
-    from optdemo.quantize import checkpoint_tensors, decoder_linears, model_names
+    from optdemo.quantize import (
+        checkpoint_tensors,
+        model_names,
+        output_head,
+        quantized_modules,
+        tied_head_source,
+    )
 
     reference = empty_model(source, "none", trust_remote_code)
-    linears = {name for name, _ in decoder_linears(reference, scheme)}
+    modules = quantized_modules(reference, scheme)
+    source_name, head = tied_head_source(reference), output_head(reference)
+    tied_head = (head[0], source_name) if source_name is not None and head is not None else None
     expected = set(reference.state_dict())
     prefix = getattr(reference, "base_model_prefix", "") or ""
 
     def transform(state: dict) -> dict:
-        return checkpoint_tensors(state, scheme, linears, model_names(list(state), expected, prefix))
+        return checkpoint_tensors(state, modules, model_names(list(state), expected, prefix), tied_head)
 
     return transform
 

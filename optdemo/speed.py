@@ -57,16 +57,19 @@ class Bandwidths:
 
     def plan_rate(self, plan: Plan) -> float:
         """The CPU rate a plan's weights are consumed at: its dtype's; for a CPU-quantized plan the
-        decoder layers' at the int8 / int4 kernel's rate and the rest (embeddings, head) at
-        bfloat16's, blended by bytes."""
+        decoder layers' at the int8 / int4 kernel's rate, the LM head's at int8's, norms and the
+        like at bfloat16's, blended by bytes. The embeddings of a quantized plan are only looked
+        up (its head is a separate int8 copy), so they take no time per token."""
         if plan.quantization == "none":
             return self.cpu_rate(plan.dtype)
         layer_rate = self.cpu_rate(_KERNELS[plan.quantization])
-        other_rate = self.cpu_rate("bfloat16")
-        layers = sum(block.bytes for block in plan.blocks if block.kind == "layer")
-        others = sum(block.bytes for block in plan.blocks if block.kind != "layer")
-        seconds = layers / layer_rate + others / other_rate
-        return (layers + others) / seconds if seconds else layer_rate
+        rates = {"layer": layer_rate, "head": self.cpu_rate("int8"), "embedding": None}
+        seconds = 0.0
+        for block in plan.blocks:
+            rate = rates.get(block.kind, self.cpu_rate("bfloat16"))
+            seconds += block.bytes / rate if rate else 0.0
+        total = sum(block.bytes for block in plan.blocks)
+        return total / seconds if seconds else layer_rate
 
     @property
     def pinned_rate(self) -> float | None:

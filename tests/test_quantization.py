@@ -13,7 +13,7 @@ import torch
 from optdemo import convert, quantize
 from optdemo.config import LoadConfig
 from optdemo.loader import load_model, preflight
-from optdemo.quantize import QuantizedLinear, decoder_linears, dequantize
+from optdemo.quantize import QuantizedLinear, dequantize, quantized_modules
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quantization path")
 
@@ -32,19 +32,23 @@ def load(path: Path, scheme: str, **fields):
 
 def reference_model(path: Path, scheme: str | None):
     """The original float32 model; with ``scheme``, every tensor as the quantized model stores it
-    (bfloat16) and the decoder Linear weights replaced by their dequantized values: the exact
-    weights the quantized kernels compute with, in float32 arithmetic."""
+    (bfloat16) and the decoder Linear weights and the LM head replaced by their dequantized values
+    (the head in int8, untied from the embeddings): the exact weights the quantized kernels compute
+    with, in float32 arithmetic."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     if scheme is None:
         return model
-    linears = dict(decoder_linears(model, scheme))
+    modules = quantized_modules(model, scheme)
     with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untied, as quantized
+        model.config.tie_word_embeddings = False
         for name, tensor in model.named_parameters():
             module = name.rpartition(".")[0]
-            if module in linears and name.endswith(".weight"):
-                tensor.copy_(dequantize(scheme, tensor))
+            if module in modules and name.endswith(".weight"):
+                tensor.copy_(dequantize(modules[module], tensor))
             else:
                 tensor.copy_(tensor.to(torch.bfloat16).float())
     return model
@@ -81,8 +85,10 @@ LOOSE = {"8bit": 0.05, "4bit": 0.35}
 def test_logits_match_the_dequantized_reference(scheme: str, tiny_model_dir: Path, fresh_cache: Path) -> None:
     loaded = load(tiny_model_dir, scheme)
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(layers) == 6 * loaded.model.config.num_hidden_layers  # q, k, v, out, fc1, fc2
-    assert loaded.model.lm_head.weight.dtype == torch.bfloat16  # embeddings and head stay bf16
+    assert len(layers) == 6 * loaded.model.config.num_hidden_layers + 1  # q, k, v, out, fc1, fc2; head
+    head = loaded.model.lm_head  # int8, its own copy: the embeddings stay bfloat16
+    assert isinstance(head, QuantizedLinear) and head.scheme == "8bit" and head.weight.dtype == torch.int8
+    assert loaded.model.model.decoder.embed_tokens.weight.dtype == torch.bfloat16
     got = logits(loaded.model)
     dequantized = logits(reference_model(tiny_model_dir, scheme))
     original = logits(reference_model(tiny_model_dir, None))
@@ -165,7 +171,8 @@ def test_disk_tier_reads_the_quantized_bytes(
     assert not offload.exists() or not list(offload.iterdir())  # the cache is read in place
     report = loaded.status.disk_tier
     assert torch.equal(logits(loaded.model), in_ram)  # same bytes, same kernels
-    disk_layers = [b for b in plan.layers if b.device == "disk"]
+    # The decoder layers and the LM head (its own int8 copy) that went to disk.
+    disk_layers = [b for b in plan.blocks if b.device == "disk" and b.kind in ("layer", "head")]
     quantized_bytes = sum(block.bytes for block in disk_layers)
     if disk_tier == "map":
         from optdemo.weights import module_bytes
@@ -179,7 +186,8 @@ def test_disk_tier_reads_the_quantized_bytes(
                 if isinstance(m, QuantizedLinear)
             ]
             assert {w.device.type for w in weights} == {"cpu"}
-            assert {w.dtype for w in weights} == {torch.int8 if scheme == "8bit" else torch.uint8}
+            kernel = torch.int8 if scheme == "8bit" or block.kind == "head" else torch.uint8
+            assert {w.dtype for w in weights} == {kernel}
         return
     streamer = loaded.model._optdemo_disk_streamer
     assert report.streamed_blocks == len(disk_layers)
@@ -198,12 +206,13 @@ def test_disk_tier_reads_the_quantized_bytes(
     from optdemo.planner import plan_device_map
 
     fp16 = {b.name: b.bytes for b in plan_device_map(LoadConfig(str(tiny_model_dir), dtype="float16")).layers}
-    fp16_bytes = sum(fp16[block.name] for block in disk_layers)
-    assert quantized_bytes / fp16_bytes < {"8bit": 0.56, "4bit": 0.34}[scheme]
+    layers = [block for block in disk_layers if block.kind == "layer"]
+    fp16_bytes = sum(fp16[block.name] for block in layers)
+    assert sum(b.bytes for b in layers) / fp16_bytes < {"8bit": 0.56, "4bit": 0.34}[scheme]
 
 
 def test_four_bit_plan_holds_more_layers_in_the_same_budget() -> None:
-    """opt-1.3b (planned offline) with cpu=1GiB: float16 keeps 7 of 24 layers in RAM, 8-bit 16,
+    """opt-1.3b (planned offline) with cpu=1GiB: float16 keeps 7 of 24 layers in RAM, 8-bit 15,
     4-bit all 24; every size is that of the quantized tensors."""
     from optdemo.hardware import Hardware
     from optdemo.planner import plan_device_map
@@ -219,8 +228,13 @@ def test_four_bit_plan_holds_more_layers_in_the_same_budget() -> None:
         if scheme == "4bit":
             # One layer: 4-bit weights (a quarter byte each), bf16 group scales/zeros, biases, norms.
             assert plan.layers[0].bytes == 26791936
-            assert plan.total_bytes < 0.33 * 2.4507904052734375 * 2**30
-    assert in_ram == {"none": 7, "8bit": 16, "4bit": 24}
+            # Read per token: the layers and the int8 LM head (the bfloat16 embeddings are only
+            # looked up), under 0.3x float16's 2.45 GiB.
+            head = next(b for b in plan.blocks if b.kind == "head")
+            assert head.bytes == 50272 * 2048 + 50272 * 2  # int8 weight, bfloat16 row scales
+            read = sum(b.bytes for b in plan.layers) + head.bytes
+            assert read < 0.3 * 2.4507904052734375 * 2**30
+    assert in_ram == {"none": 7, "8bit": 15, "4bit": 24}
 
 
 def test_unload_frees_the_quantized_weights(manager, tiny_model_dir: Path, fresh_cache: Path) -> None:
@@ -253,8 +267,9 @@ def test_quantization_flag_and_environment_variable() -> None:
 
 def test_prediction_uses_the_quantized_bytes_and_kernel_rates(fresh_cache: Path, monkeypatch) -> None:
     """A 4-bit opt-1.3b in RAM: its decoder layers (quantized bytes) at the int4 kernel's rate, the
-    embeddings at bfloat16's; predicted well over 2x faster than float16 when the kernel consumes
-    quantized bytes about as fast as float16 ones (as measured here)."""
+    LM head at int8's, norms at bfloat16's, the embeddings (only looked up) free; predicted well
+    over 2x faster than float16 when the kernels consume quantized bytes about as fast as float16
+    ones (as measured here)."""
     from optdemo import speed
     from optdemo.hardware import Hardware
     from optdemo.planner import plan_device_map
@@ -266,9 +281,12 @@ def test_prediction_uses_the_quantized_bytes_and_kernel_rates(fresh_cache: Path,
     fp16 = plan_device_map(LoadConfig("opt-1.3b", max_memory="cpu=8GiB"), machine)
     four = plan_device_map(LoadConfig("opt-1.3b", max_memory="cpu=8GiB", quantization="4bit"), machine)
     layers = sum(b.bytes for b in four.layers)
-    others = four.total_bytes - layers
+    head = sum(b.bytes for b in four.blocks if b.kind == "head")
+    embeddings = sum(b.bytes for b in four.blocks if b.kind == "embedding")
+    others = four.total_bytes - layers - head - embeddings
+    assert head > 0 and embeddings > 0 and others > 0
     prediction = predict(four, bandwidths)
-    assert prediction.breakdown["CPU"] == pytest.approx(layers / 5.5e9 + others / 5e9)
+    assert prediction.breakdown["CPU"] == pytest.approx(layers / 5.5e9 + head / 6e9 + others / 5e9)
     assert predict(fp16, bandwidths).seconds_per_token > 2.5 * prediction.seconds_per_token
     # Bandwidths measured before quantized kernels existed gain their rates, nothing else is re-measured.
     monkeypatch.setattr(speed, "measure_bandwidths", lambda *a: pytest.fail("measured everything again"))
@@ -376,5 +394,5 @@ def test_command_line_plans_and_generates_quantized(capsys, fresh_cache: Path) -
 
     assert main(["plan", "opt-1.3b", "--max-memory", "cpu=1GiB", "--quantization", "4bit"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("opt-1.3b: 818 MiB in bfloat16, fits: True")
+    assert out.startswith("opt-1.3b: 916 MiB in bfloat16, fits: True")
     assert main(["generate", "tiny-opt", "--quantization", "8bit", "--max-new-tokens", "3"]) == 0
