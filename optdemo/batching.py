@@ -43,6 +43,7 @@ from optdemo.generation import (
     generation_failure,
 )
 from optdemo.padded_batch import PaddedBatch, forward, new_cache, paddable, positions
+from optdemo.row_attention import use_row_attention
 from optdemo.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -403,6 +404,7 @@ class BatchEngine:
         import torch
 
         assert request.prompt is not None
+        _batchable(loaded.model)
         request.ids = list(request.prompt.input_ids)
         request.sampler = Sampler(request.params)
         ids = torch.tensor([request.ids], dtype=torch.long, device=loaded.input_device)
@@ -468,6 +470,14 @@ class BatchEngine:
         elif visible and visible != request.shown and not visible.endswith("\ufffd"):
             request.shown = visible
             request.updates.put(GenerationUpdate(visible))
+
+
+def _batchable(model: Any) -> None:
+    """Once per model: attention that computes a batched row as it computes alone
+    (:mod:`optdemo.row_attention`), so replies do not depend on who else is being served."""
+    if not getattr(model, "_optdemo_row_attention", False):
+        use_row_attention(model)
+        model._optdemo_row_attention = True
 
 
 def _rounds_by_row_count(model: Any) -> bool:

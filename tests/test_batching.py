@@ -541,3 +541,34 @@ def test_a_lone_bfloat16_request_decodes_beside_a_ghost_that_joins_and_leaves_cl
     assert torch.equal(joined.cache.layers[0].keys[1], torch.full((2, 5, 4), 2.0))
     left = ghosted.without([0])  # the lone request leaves: nothing (not the ghost) remains
     assert left.size == 0 and left.requests == 0
+
+
+def test_row_attention_computes_each_padded_row_as_it_would_alone() -> None:
+    """A decoding step over a left-padded batch: every row's attention output has the bits of the
+    same row computed alone on its own keys (bfloat16, opt-1.3b's 32 heads of 64)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from optdemo.row_attention import rowwise_sdpa
+
+    class Attention(torch.nn.Module):
+        is_causal = True
+
+    module = Attention()
+    torch.manual_seed(0)
+    lengths, heads, dim = [70, 41, 5, 66], 32, 64
+    total = max(lengths)
+    keys = [torch.randn(1, heads, n, dim, dtype=torch.bfloat16) for n in lengths]
+    values = [torch.randn(1, heads, n, dim, dtype=torch.bfloat16) for n in lengths]
+    queries = [torch.randn(1, heads, 1, dim, dtype=torch.bfloat16) for _ in lengths]
+
+    def padded(parts: list) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(p, (0, 0, total - p.shape[2], 0)) for p in parts])
+
+    mask = torch.stack([torch.arange(total) >= total - n for n in lengths])[:, None, None, :]
+    out, _ = rowwise_sdpa(module, torch.cat(queries), padded(keys), padded(values), mask, scaling=dim**-0.5)
+    for row in range(len(lengths)):
+        alone, _ = sdpa_attention_forward(
+            module, queries[row], keys[row], values[row], None, scaling=dim**-0.5
+        )
+        assert torch.equal(out[row : row + 1], alone)

@@ -124,6 +124,13 @@ def run_concurrency(model: Path, max_memory: str, dtype: str, tokens: int, level
                     "batched": batched,
                     "speedup": speedup,
                     "identical_to_solo": batch_replies == solo_replies,
+                    "identical_replies": sum(
+                        a == b for a, b in zip(batch_replies, solo_replies, strict=True)
+                    ),
+                    "first_difference": [
+                        _first_difference(a, b) for a, b in zip(batch_replies, solo_replies, strict=True)
+                    ],
+                    "token_ids": {"one_at_a_time": solo_replies, "batched": batch_replies},
                 }
             )
         plan = manager.status().plan
@@ -134,9 +141,17 @@ def run_concurrency(model: Path, max_memory: str, dtype: str, tokens: int, level
         "dtype": dtype,
         "tokens": tokens,
         "device_map_devices": sorted({str(d) for d in report.device_map.values()}),
+        "device_map": {name: str(device) for name, device in report.device_map.items()},
         "batch_room": plan.batch.to_dict() if plan is not None and plan.batch is not None else None,
         "levels": results,
     }
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first token position where two replies differ (None: identical)."""
+    if list(a) == list(b):
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def format_levels(result: dict) -> str:

@@ -362,8 +362,9 @@ def expand_sides(sides: list[str], quantization: str) -> list[str]:
     return [*sides, *(f"{side}-{q}" for q in schemes for side in ("ram", "optdemo"))]
 
 
-def run_concurrency_levels(args: argparse.Namespace, model: Path) -> int:
-    """``--concurrency``: batched vs one-at-a-time at each level; the table, and JSON if asked."""
+def run_concurrency_levels(args: argparse.Namespace, model: Path, argv: list[str]) -> int:
+    """``--concurrency``: batched vs one-at-a-time at each level; the table, and JSON if asked
+    (with the exact command, the device map and every reply's token ids)."""
     try:
         levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
     except ValueError:
@@ -372,7 +373,10 @@ def run_concurrency_levels(args: argparse.Namespace, model: Path) -> int:
         ) from None
     if not levels or min(levels) < 1:
         raise SystemExit("--concurrency takes levels of at least 1, such as 1,2,4,8")
-    result = run_concurrency(model, args.max_memory, args.dtype, args.tokens, levels)
+    result = {
+        "command": " ".join(["python -m tools.bench", *argv]),
+        **run_concurrency(model, args.max_memory, args.dtype, args.tokens, levels),
+    }
     print(format_levels(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--ram-limit: {exc}") from None
     model = Path(args.model) if args.model else ensure_checkpoint(args.build, args.format, args.dtype)
     if args.concurrency:
-        return run_concurrency_levels(args, model)
+        return run_concurrency_levels(args, model, argv if argv is not None else sys.argv[1:])
     sides = expand_sides([s.strip() for s in args.sides.split(",") if s.strip()], args.quantization)
     args.first_loads = {}
     runs, first_load = run_sides(args, model, sides)

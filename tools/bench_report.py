@@ -202,10 +202,14 @@ def quantized_report(
             "first_load_s": getattr(args, "first_loads", {}).get(side),
             "quantize_seconds": max(seconds, default=None),
         }
-        warm = measured.get("warm")
-        ratio = f": ratio {warm / prediction.seconds_per_token:.2f}" if warm else ""
+        # The warm figure when there is one (the prediction is for steady decoding), else the
+        # regime that ran (a capped run is cold only).
+        regime = "warm" if "warm" in measured else next(iter(measured), None)
+        seconds_per_token = measured.get(regime) if regime else None
+        ratio = f": ratio {seconds_per_token / prediction.seconds_per_token:.2f}" if seconds_per_token else ""
+        shown = f"{seconds_per_token:.3g} s/token ({regime})" if seconds_per_token else "nothing"
         print(
-            f"{scheme}: predicted {prediction.summary()}; measured {warm or float('nan'):.3g} s/token"
+            f"{scheme}: predicted {prediction.summary()}; measured {shown}"
             f"{ratio}; quantized once in {result[scheme]['quantize_seconds'] or 0:.1f} s"
         )
     return result
