@@ -140,6 +140,11 @@ def test_concurrent_clients_all_complete_in_order():
     for client in range(4):
         assert [turn for c, turn in result.answered if c == client] == [0, 1]
     assert result.p50 is not None and result.p95 >= result.p50 > 0
+    # The aggregate's time runs from the first request to the last reply: no longer than the whole
+    # run (which includes connecting), no shorter than the slowest request.
+    assert max(result.latencies) <= result.span_seconds <= result.seconds
+    assert sorted(result.replies) == [f"{c}/{t}" for c in range(4) for t in range(2)]
+    assert all(isinstance(text, str) for text in result.replies.values())
 
 
 @pytest.mark.slow

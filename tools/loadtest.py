@@ -40,6 +40,10 @@ class LoadTestResult:
     answered: list[tuple[int, int]] = field(default_factory=list)  # (client, message), as answered
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # From the first request sent to the last reply received: the aggregate throughput's time,
+    # without the clients' connecting (None until a request completes).
+    span_seconds: float | None = None
+    replies: dict[str, str] = field(default_factory=dict)  # "client/message" -> the reply's text
 
     @property
     def p50(self) -> float | None:
@@ -58,6 +62,7 @@ class LoadTestResult:
         return (
             f"{self.clients} clients x {self.messages} messages: {self.completed} completed, "
             f"{self.failed} failed, p50 {p50}, p95 {p95}, {self.seconds:.1f}s total"
+            + (f", {self.span_seconds:.1f}s from first request to last reply" if self.span_seconds else "")
         )
 
 
@@ -105,6 +110,7 @@ def run_load_test(
     result = LoadTestResult(clients, messages)
     lock = threading.Lock()
     started = time.perf_counter()
+    moments: list[float] = []  # every request's sending and answering time
     deadline = started + deadline_seconds
 
     def session(index: int) -> None:
@@ -128,16 +134,19 @@ def run_load_test(
                 job = client.submit(
                     f"Hello from client {index}, message {turn}", max_new_tokens, 0.0, 0.9, api_name="/chat"
                 )
-                job.result(timeout=remaining)
+                reply = job.result(timeout=remaining)
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 with lock:
                     result.failed += 1
                     result.errors.append(f"client {index} message {turn}: {type(exc).__name__}: {exc}"[:300])
                 continue
             with lock:
+                answered = time.perf_counter()
+                moments.extend((asked, answered))
                 result.completed += 1
-                result.latencies.append(time.perf_counter() - asked)
+                result.latencies.append(answered - asked)
                 result.answered.append((index, turn))
+                result.replies[f"{index}/{turn}"] = reply if isinstance(reply, str) else str(reply)
 
     threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
@@ -145,6 +154,7 @@ def run_load_test(
     for thread in threads:
         thread.join(max(0.0, deadline - time.perf_counter()) + 5)
     result.seconds = time.perf_counter() - started
+    result.span_seconds = max(moments) - min(moments) if moments else None
     return result
 
 
