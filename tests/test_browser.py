@@ -6,6 +6,7 @@ full-page screenshot of each tab into $OPTDEMO_ARTIFACTS (default tests/artifact
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -62,17 +63,34 @@ def browser() -> Iterator:
             chromium.close()
 
 
-@pytest.fixture
-def page(browser, app: RunningApp) -> Iterator:
+@contextlib.contextmanager
+def opened_page(browser, url: str) -> Iterator:
+    """A fresh browser context's page at ``url``; fails the test on any JavaScript error."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(app.url, wait_until="domcontentloaded")
-    yield page
-    context.close()
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        yield page
+    finally:
+        context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@contextlib.contextmanager
+def chat_tab_of(browser, manager) -> Iterator:
+    """The Chat tab of an app of its own running ``manager`` (a scripted fake)."""
+    with running_app(manager=manager) as running, opened_page(browser, running.url) as page:
+        open_tab(page, "Chat")
+        yield page
+
+
+@pytest.fixture
+def page(browser, app: RunningApp) -> Iterator:
+    with opened_page(browser, app.url) as page:
+        yield page
 
 
 def wait_for_text(page, selector: str, pattern: str) -> str:
@@ -301,31 +319,23 @@ def test_a_message_typed_while_a_reply_streams_is_kept(browser) -> None:
 
     manager = ScriptedManager({"Long": [["One", "One two", "One two three"]], "Next": [["Sure."]]})
     manager.pause = threading.Event()
-    with running_app(manager=manager) as running:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.set_default_timeout(WAIT_MS)
-        page = context.new_page()
-        try:
-            page.goto(running.url, wait_until="domcontentloaded")
-            open_tab(page, "Chat")
-            send(page, "Long")
-            wait_for_text(page, "#od-chatbot", r"One")  # streaming, held after its first step
-            notice = wait_for_text(page, "#od-chat-notice", r"A reply is on its way")
-            assert "Stop" in notice
-            send(page, "Next")
-            page.wait_for_timeout(1500)
-            box = page.locator("#od-message textarea")
-            expect(box).to_have_value("Next")
-            manager.pause.set()
-            wait_for_text(page, "#od-chatbot", r"One two three")
-            expect(page.locator("#od-chat-notice")).not_to_contain_text("on its way", timeout=WAIT_MS)
-            expect(box).to_have_value("Next")  # still there after the reply ended
-            assert manager.histories == [[]]  # it was not sent meanwhile
-            box.press("Enter")
-            wait_for_text(page, "#od-chatbot", r"Sure\.")
-            assert manager.histories[-1] == [("Long", "One two three")]
-        finally:
-            context.close()
+    with chat_tab_of(browser, manager) as page:
+        send(page, "Long")
+        wait_for_text(page, "#od-chatbot", r"One")  # streaming, held after its first step
+        notice = wait_for_text(page, "#od-chat-notice", r"A reply is on its way")
+        assert "Stop" in notice
+        send(page, "Next")
+        page.wait_for_timeout(1500)
+        box = page.locator("#od-message textarea")
+        expect(box).to_have_value("Next")
+        manager.pause.set()
+        wait_for_text(page, "#od-chatbot", r"One two three")
+        expect(page.locator("#od-chat-notice")).not_to_contain_text("on its way", timeout=WAIT_MS)
+        expect(box).to_have_value("Next")  # still there after the reply ended
+        assert manager.histories == [[]]  # it was not sent meanwhile
+        box.press("Enter")
+        wait_for_text(page, "#od-chatbot", r"Sure\.")
+        assert manager.histories[-1] == [("Long", "One two three")]
 
 
 def test_the_max_new_tokens_slider_follows_the_loaded_model(page, app: RunningApp) -> None:
@@ -388,22 +398,12 @@ def test_a_waiting_reply_shows_its_place_in_line_and_the_serving_line_counts(bro
     manager = Queued({"Hello": [["Hi", "Hi there."]]})
     manager.pause = threading.Event()
     manager.engine.counts = lambda: (8, 1)  # type: ignore[method-assign]
-    with running_app(manager=manager) as running:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.set_default_timeout(WAIT_MS)
-        page = context.new_page()
-        try:
-            page.goto(running.url, wait_until="domcontentloaded")
-            open_tab(page, "Chat")
-            wait_for_text(
-                page, "#od-serving", r"Writing 8 replies together \(at most 8 at once\) · 1 waiting"
-            )
-            send(page, "Hello")
-            wait_for_text(page, "#od-chat-notice", re.escape(waiting))
-            manager.engine.counts = lambda: (0, 0)  # type: ignore[method-assign]
-            manager.pause.set()
-            wait_for_text(page, "#od-chatbot", r"Hi there\.")
-            expect(page.locator("#od-chat-notice")).not_to_contain_text("Waiting", timeout=WAIT_MS)
-            expect(page.locator("#od-serving")).not_to_contain_text("Writing", timeout=WAIT_MS)
-        finally:
-            context.close()
+    with chat_tab_of(browser, manager) as page:
+        wait_for_text(page, "#od-serving", r"Writing 8 replies together \(at most 8 at once\) · 1 waiting")
+        send(page, "Hello")
+        wait_for_text(page, "#od-chat-notice", re.escape(waiting))
+        manager.engine.counts = lambda: (0, 0)  # type: ignore[method-assign]
+        manager.pause.set()
+        wait_for_text(page, "#od-chatbot", r"Hi there\.")
+        expect(page.locator("#od-chat-notice")).not_to_contain_text("Waiting", timeout=WAIT_MS)
+        expect(page.locator("#od-serving")).not_to_contain_text("Writing", timeout=WAIT_MS)
