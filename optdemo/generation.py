@@ -1,21 +1,14 @@
-"""Streamed generation: a prompt's continuation, token by token (chat prompts are laid out by
-:mod:`optdemo.chat_prompt`).
-
-``generate`` runs in a worker thread and feeds a ``TextIteratorStreamer``; the caller iterates
-:class:`GenerationUpdate` values carrying the accumulated text. A stop event (a ``StoppingCriteria``)
-ends generation within one token, and closing the iterator (a consumer that went away) sets it too,
-so no thread keeps generating for nobody.
+"""What a reply is made of and with: its parameters (validated), the stream of updates and its
+stats, the prompt's encoding under the max_new_tokens rule, stop-sequence cutting, and failures
+as messages. The replies themselves are decoded by :mod:`optdemo.batching` (chat prompts are laid
+out by :mod:`optdemo.chat_prompt`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
-import queue
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +18,9 @@ from optdemo.defaults import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS
 from optdemo.errors import GenerationError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 # How often the consumer wakes up while waiting for a slow (disk-offloaded) first token.
-_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -71,18 +63,6 @@ class GenerationParams:
                 f"repetition_penalty must be between {low:g} and {high:g} (1 = none), "
                 f"got {self.repetition_penalty:g}"
             )
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments for ``model.generate``."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "repetition_penalty": self.repetition_penalty,
-        }
-        if self.temperature == 0:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
 
 
 def _as_int(name: str, value: object) -> int:
@@ -221,121 +201,6 @@ def encode_prompt(
     return ids
 
 
-def stream_generate(
-    model: Any,
-    tokenizer: Any,
-    prompt: str,
-    params: GenerationParams,
-    *,
-    input_device: torch.device | str = "cpu",
-    stop_event: threading.Event | None = None,
-    stop_strings: Sequence[str] = (),
-    max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
-    add_special_tokens: bool = True,
-) -> Iterator[GenerationUpdate]:
-    """Generate a continuation of ``prompt``, yielding the accumulated text as tokens arrive.
-
-    ``max_new_tokens`` must fit the rule (at most min(``max_new_tokens_cap``, the context window
-    minus the prompt's tokens)), else a :class:`GenerationError` states it. Text is held back while
-    it could be the start of a stop string (``stop_strings`` and the params' ``stop``), and the stop
-    string itself is never shown. The final update carries :class:`GenerationStats`.
-
-    Args:
-        add_special_tokens: False for a prompt from a chat template (it has its own BOS token).
-    """
-    import torch
-
-    stop_event = stop_event or threading.Event()
-    ids = encode_prompt(model, tokenizer, prompt, params, max_new_tokens_cap, add_special_tokens)
-    prompt_tokens = len(ids)
-    input_ids = torch.tensor([ids], dtype=torch.long, device=input_device)
-    stop_strings = (*stop_strings, *params.stop)
-
-    streamer = _timed_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    worker, failure = _generate_in_thread(
-        model, tokenizer, input_ids, params, stop_event, stop_strings, streamer
-    )
-    text = shown = ""
-    hit = False
-    try:
-        while True:
-            try:
-                chunk = streamer.text_queue.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                if not worker.is_alive() and streamer.text_queue.empty():
-                    break
-                continue
-            if chunk is streamer.stop_signal:
-                break
-            text += chunk
-            visible, hit = cut_at_stop(text, stop_strings)
-            if hit:
-                stop_event.set()
-                text = visible
-                break
-            if visible and visible != shown:  # empty chunks and held-back text change nothing
-                shown = visible
-                yield GenerationUpdate(visible)
-        # Set by the caller (Stop) before we set it ourselves below: the user ended the reply.
-        stopped_by_user = stop_event.is_set() and not hit
-        worker.join()
-    finally:
-        # Reached on normal end, on error, and when the consumer closes the stream early.
-        stop_event.set()
-        worker.join(timeout=60)
-    if failure:
-        raise generation_failure(failure[0])
-    text, _ = cut_at_stop(text, stop_strings, final=True)
-    yield GenerationUpdate(text, streamer.stats(prompt_tokens, stopped_by_user))
-
-
-def _generate_in_thread(
-    model: Any,
-    tokenizer: Any,
-    input_ids: Any,
-    params: GenerationParams,
-    stop_event: threading.Event,
-    stop_strings: Sequence[str],
-    streamer: Any,
-) -> tuple[threading.Thread, list[BaseException]]:
-    """Start ``model.generate`` in a worker thread feeding ``streamer``, ending early when
-    ``stop_event`` is set; returns the thread and the list its failure (if any) lands in."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _StopOnEvent(StoppingCriteria):
-        def __call__(self, ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.full((ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=ids.device)
-
-    kwargs = params.generate_kwargs()
-    if stop_strings:
-        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
-                    pad_token_id=pad_id,
-                    **kwargs,
-                )
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
-            failure.append(exc)
-            streamer.end()
-
-    worker = threading.Thread(target=run, name="optdemo-generate", daemon=True)
-    streamer.started = time.perf_counter()
-    worker.start()
-    return worker, failure
-
-
 def cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> tuple[str, bool]:
     """Text safe to show: cut at a stop string (second value True), or without a trailing partial
     match that may still become one (unless ``final``)."""
@@ -367,39 +232,3 @@ def generation_failure(exc: BaseException) -> Exception:
     if isinstance(exc, Exception):
         return GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
     return GenerationError(f"generation was interrupted ({type(exc).__name__})")
-
-
-@functools.cache
-def _timed_streamer_class() -> type:
-    """A ``TextIteratorStreamer`` that also counts new tokens and times the first one (built on
-    first use so that importing this module does not import transformers)."""
-    from transformers import TextIteratorStreamer
-
-    class TimedStreamer(TextIteratorStreamer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.started = time.perf_counter()
-            self.first_token_at: float | None = None
-            self.last_token_at: float | None = None
-            self.new_tokens = 0
-            self._prompt_seen = False
-
-        def put(self, value: Any) -> None:
-            if self._prompt_seen:  # the first put is the prompt itself
-                now = time.perf_counter()
-                self.first_token_at = self.first_token_at or now
-                self.last_token_at = now
-                self.new_tokens += int(value.numel())
-            self._prompt_seen = True
-            super().put(value)
-
-        def stats(self, prompt_tokens: int, stopped: bool) -> GenerationStats:
-            end = time.perf_counter()
-            first, last = self.first_token_at, self.last_token_at
-            ttft = None if first is None else first - self.started
-            rate = None
-            if self.new_tokens > 1 and first is not None and last is not None and last > first:
-                rate = (self.new_tokens - 1) / (last - first)
-            return GenerationStats(prompt_tokens, self.new_tokens, ttft, end - self.started, rate, stopped)
-
-    return TimedStreamer

@@ -30,7 +30,6 @@ from optdemo.generation import (
     GenerationUpdate,
     context_window,
     cut_at_stop,
-    stream_generate,
 )
 
 # ---------------------------------------------------------------- parameters
@@ -87,27 +86,6 @@ def test_valid_params_are_coerced() -> None:
     assert GenerationParams(max_new_tokens=MAX_NEW_TOKENS_LIMIT).max_new_tokens == 4096
     assert GenerationParams(seed=None).seed is None
     assert GenerationParams(seed=0).seed == 0
-
-
-def test_generate_kwargs() -> None:
-    greedy = GenerationParams(max_new_tokens=5, temperature=0, repetition_penalty=1.2)
-    assert greedy.generate_kwargs() == {
-        "max_new_tokens": 5,
-        "repetition_penalty": 1.2,
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-    }
-    sampled = GenerationParams(max_new_tokens=5, temperature=0.8, top_p=0.9, top_k=40)
-    assert sampled.generate_kwargs() == {
-        "max_new_tokens": 5,
-        "repetition_penalty": 1.1,
-        "do_sample": True,
-        "temperature": 0.8,
-        "top_p": 0.9,
-        "top_k": 40,
-    }
 
 
 def test_stats_summary() -> None:
@@ -227,84 +205,6 @@ def test_no_model_loaded(manager) -> None:
         next(manager.stream_chat([], "Hello", GenerationParams()))
 
 
-@pytest.mark.slow
-def test_generate_failure_becomes_generation_error(tiny_model_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    class Broken:
-        config = SimpleNamespace(max_position_embeddings=512)
-
-        def generate(self, **kwargs):
-            raise RuntimeError("boom")
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    with pytest.raises(GenerationError, match="generation failed: RuntimeError: boom"):
-        list(stream_generate(Broken(), tokenizer, "Hello", GenerationParams(max_new_tokens=4)))
-    assert not worker_threads()
-
-
-class Scripted:
-    """A stand-in model whose generate() streams a fixed reply token by token."""
-
-    config = SimpleNamespace(max_position_embeddings=512)
-
-    def __init__(self, tokenizer, reply: str) -> None:
-        self.reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
-
-    def generate(self, input_ids, streamer, **kwargs) -> None:
-        import torch
-
-        streamer.put(input_ids)
-        for token in self.reply_ids:
-            streamer.put(torch.tensor([token]))
-        streamer.end()
-
-
-@pytest.mark.slow
-def test_stream_cuts_at_a_stop_string_and_never_shows_part_of_it(tiny_model_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    reply = "Paris is the capital of France.\nUser: and the next turn\nAssistant: more"
-    model = Scripted(tokenizer, reply)
-    stop = threading.Event()
-    updates = list(
-        stream_generate(
-            model,
-            tokenizer,
-            "User: capital?\nAssistant:",
-            GenerationParams(max_new_tokens=100),
-            stop_event=stop,
-            stop_strings=CHAT_STOP_STRINGS,
-        )
-    )
-    assert updates[-1].text == "Paris is the capital of France."
-    for update in updates:
-        assert "User" not in update.text
-        assert not update.text.endswith("\n")
-        assert "Paris is the capital of France.".startswith(update.text.rstrip())
-    stats = updates[-1].stats
-    assert stats.stopped is False  # ended by the stop string, not by the user
-    assert 1 <= stats.new_tokens <= len(model.reply_ids)
-    assert stop.is_set()
-    assert not wait_for_no_workers()
-
-
-@pytest.mark.slow
-def test_stream_without_stop_strings_keeps_everything(tiny_model_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    reply = "Paris is the capital.\nUser: next "
-    model = Scripted(tokenizer, reply)
-    updates = list(stream_generate(model, tokenizer, "Hi", GenerationParams(max_new_tokens=100)))
-    assert updates[-1].text == reply
-    assert updates[-1].stats.new_tokens == len(model.reply_ids)
-    assert updates[-1].stats.prompt_tokens == len(tokenizer("Hi").input_ids)
-    texts = [u.text for u in updates]
-    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
-
-
 # ---------------------------------------------------------------- streaming on the tiny model
 
 
@@ -358,7 +258,9 @@ def test_greedy_completion_streams_and_is_deterministic(loaded) -> None:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             pad_token_id=tokenizer.pad_token_id,
-            **GREEDY.generate_kwargs(),
+            max_new_tokens=GREEDY.max_new_tokens,
+            repetition_penalty=GREEDY.repetition_penalty,
+            do_sample=False,
         )
     new = out[0, ids.shape[1] :]
     assert stats.new_tokens == len(new) <= GREEDY.max_new_tokens
@@ -511,16 +413,26 @@ def test_stats_rates_are_consistent(loaded) -> None:
 
 
 @pytest.mark.slow
-def test_stop_sequences_end_the_reply_and_are_not_shown(tiny_model_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    model = Scripted(tokenizer, "one two three END four five")
-    params = GenerationParams(max_new_tokens=100, stop="END\n\nnever")  # one per line
-    assert params.stop == ("END", "never")
-    updates = list(stream_generate(model, tokenizer, "Count:", params))
-    assert updates[-1].text == "one two three"
-    assert all("END" not in u.text and "four" not in u.text for u in updates)
+def test_stop_sequences_end_the_reply_and_are_never_shown(loaded) -> None:
+    """A stop sequence taken from the middle of the model's own greedy reply: the reply ends just
+    before it, no streamed update ever shows a piece of it, and the reply counts as finished, not
+    stopped by the user."""
+    full = list(loaded.stream_completion("Hello", GREEDY))[-1]
+    words = full.text.split()
+    assert len(words) >= 4, full.text  # the tiny model's greedy reply has words to cut at
+    stop = " " + words[len(words) // 2]
+    before = full.text[: full.text.index(stop)].rstrip()
+    params = GenerationParams(
+        max_new_tokens=GREEDY.max_new_tokens, temperature=0, repetition_penalty=2.0, stop=[stop, "never"]
+    )
+    updates = list(loaded.stream_completion("Hello", params))
+    assert updates[-1].text == before
+    for update in updates:
+        assert stop not in update.text
+        assert before.startswith(update.text.rstrip())
+    assert updates[-1].stats.stopped is False
+    assert updates[-1].stats.new_tokens < full.stats.new_tokens
+    assert GenerationParams(stop="END\n\nnever").stop == ("END", "never")  # one per line
     assert GenerationParams(stop=["\n"]).stop == ("\n",)  # a list keeps whitespace sequences
 
 
