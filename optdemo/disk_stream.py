@@ -9,8 +9,9 @@ buffers, from a reader thread, ``depth`` blocks ahead of the one computing (Flex
 I/O and compute, on the CPU). The buffers are the only memory it takes: ``depth`` x the largest
 block, allocated once.
 
-Each block's tensors lie next to each other in the safetensors file (their names share the
-block's prefix), so a block is one byte range: read it into a buffer and the tensors are views.
+Each block's tensors lie next to each other in a safetensors file (their names share the block's
+prefix), so a block is one byte range per file holding it (two when it straddles two shards): read
+them back to back into a buffer and the tensors are views.
 """
 
 from __future__ import annotations
@@ -39,19 +40,42 @@ _DTYPES = {
 
 
 @dataclass(frozen=True)
-class BlockSpan:
-    """Where one block's weights lie in its safetensors file: one byte range, and each tensor's
-    place in it (name relative to the block -> offset from ``start``, dtype name, shape)."""
+class Segment:
+    """One contiguous byte range of a block's weights in one safetensors file."""
 
     path: str
     start: int
     end: int
+
+    @property
+    def aligned_start(self) -> int:
+        """Where its direct read begins (``start`` rounded down to the alignment)."""
+        return self.start // _ALIGN * _ALIGN
+
+    @property
+    def aligned_length(self) -> int:
+        """Bytes its direct read covers (from ``aligned_start``, rounded up to the alignment)."""
+        return -(-(self.end - self.aligned_start) // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """Where one block's weights lie on disk: one byte range per safetensors file holding some of
+    them (one, unless the block straddles two shards), read back to back into one buffer; and each
+    tensor's place in that buffer (name relative to the block -> buffer offset, dtype, shape)."""
+
+    segments: tuple[Segment, ...]
     tensors: dict[str, tuple[int, str, tuple[int, ...]]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the range (what one token reads for this block)."""
-        return self.end - self.start
+        """Bytes of its ranges (what one token reads for this block)."""
+        return sum(segment.end - segment.start for segment in self.segments)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """The buffer it needs: each segment's aligned read, back to back."""
+        return sum(segment.aligned_length for segment in self.segments)
 
 
 def safetensors_header(path: str) -> tuple[int, dict]:
@@ -61,10 +85,15 @@ def safetensors_header(path: str) -> tuple[int, dict]:
         return 8 + length, json.loads(handle.read(length))
 
 
+# A block's range in one file may hold a little that is not its own (alignment, a small tensor of
+# another module sorted between its tensors); more than this share and the block stays mapped.
+_SLACK = 0.05
+
+
 def block_span(module: Any, headers: dict[str, tuple[int, dict]]) -> BlockSpan | None:
-    """The byte range of an Accelerate-offloaded block's weights, from the offload index its hooks
-    read; None when they are not all in one safetensors file in the module's dtype (then the block
-    is not streamed)."""
+    """The byte ranges of an Accelerate-offloaded block's weights, from the offload index its hooks
+    read; None when a tensor is not in a safetensors file in the module's dtype, or when a file's
+    range would hold much besides the block's own tensors (then the block is not streamed)."""
     from accelerate.hooks import AlignDevicesHook, SequentialHook
 
     places: dict[str, tuple[str, int, int, str, tuple[int, ...]]] = {}
@@ -86,13 +115,21 @@ def block_span(module: Any, headers: dict[str, tuple[int, dict]]) -> BlockSpan |
                 return None
             begin, end = entry["data_offsets"]
             places[f"{prefix}.{name}" if prefix else name] = (path, base + begin, base + end, *_meta(entry))
-    paths = {place[0] for place in places.values()}
-    if len(paths) != 1:
+    if not places:
         return None
-    start = min(place[1] for place in places.values())
-    end = max(place[2] for place in places.values())
-    tensors = {name: (place[1] - start, place[3], place[4]) for name, place in places.items()}
-    return BlockSpan(paths.pop(), start, end, tensors)
+    segments: list[Segment] = []
+    for path in dict.fromkeys(place[0] for place in places.values()):  # in first-seen order
+        own = [place for place in places.values() if place[0] == path]
+        segment = Segment(path, min(p[1] for p in own), max(p[2] for p in own))
+        if segment.end - segment.start > (1 + _SLACK) * sum(p[2] - p[1] for p in own) + 2 * _ALIGN:
+            return None
+        segments.append(segment)
+    offsets, at = {}, 0  # where each segment's aligned read lands in the buffer
+    for segment in segments:
+        offsets[segment.path] = at - segment.aligned_start
+        at += segment.aligned_length
+    tensors = {name: (offsets[place[0]] + place[1], place[3], place[4]) for name, place in places.items()}
+    return BlockSpan(tuple(segments), tensors)
 
 
 def _meta(entry: dict) -> tuple[str, tuple[int, ...]]:
@@ -111,7 +148,7 @@ class DiskStreamer:
     def __init__(self, spans: list[BlockSpan], depth: int = 2, direct: bool = True) -> None:
         self.spans = spans
         self.depth = max(1, min(depth, len(spans)))
-        size = max(_aligned_length(span) for span in spans)
+        size = max(span.buffer_bytes for span in spans)
         self.buffers = [mmap.mmap(-1, size) for _ in range(self.depth)]  # page-aligned, anonymous
         self.ready = [threading.Event() for _ in range(self.depth)]
         self.holds = [-1] * self.depth  # the block each buffer holds (or is receiving)
@@ -155,20 +192,23 @@ class DiskStreamer:
             self.ready[slot].set()
 
     def _read(self, index: int, buffer: mmap.mmap) -> None:
-        span = self.spans[index]
-        begin = span.start // _ALIGN * _ALIGN
-        length = _aligned_length(span)
-        fd = self._open(span.path)
-        view = memoryview(buffer)[:length]
+        at = 0
+        for segment in self.spans[index].segments:
+            self._read_segment(segment, memoryview(buffer)[at : at + segment.aligned_length])
+            at += segment.aligned_length
+        self.bytes_read += self.spans[index].nbytes
+
+    def _read_segment(self, segment: Segment, view: memoryview) -> None:
+        fd = self._open(segment.path)
+        begin, length = segment.aligned_start, len(view)
         done = 0
         while done < length:  # a read at the end of the file returns less than asked: that is all
             got = os.preadv(fd, [view[done:]], begin + done)
             if got <= 0:
                 break
             done += got
-        if done < span.end - begin:
-            raise OSError(f"short read of {span.path}: {done} of {span.end - begin} bytes")
-        self.bytes_read += span.nbytes
+        if done < segment.end - begin:
+            raise OSError(f"short read of {segment.path}: {done} of {segment.end - begin} bytes")
         if not self.direct:
             os.posix_fadvise(fd, begin, length, os.POSIX_FADV_DONTNEED)  # keep the cache for others
 
@@ -192,17 +232,14 @@ class DiskStreamer:
         self.ready[slot].wait()
         if self.failure:
             raise self.failure[0]
-        span = self.spans[index]
-        shift = span.start - span.start // _ALIGN * _ALIGN
         raw = torch.frombuffer(self.buffers[slot], dtype=torch.uint8)
         views = {}
-        for name, (offset, dtype, shape) in span.tensors.items():
+        for name, (offset, dtype, shape) in self.spans[index].tensors.items():
             kind = getattr(torch, dtype)
             count = kind.itemsize
             for dim in shape:
                 count *= dim
-            start = shift + offset
-            views[name] = raw[start : start + count].view(kind).view(shape)
+            views[name] = raw[offset : offset + count].view(kind).view(shape)
         return views
 
     def release(self, index: int) -> None:
@@ -221,15 +258,10 @@ class DiskStreamer:
         self.buffers = []
 
 
-def _aligned_length(span: BlockSpan) -> int:
-    begin = span.start // _ALIGN * _ALIGN
-    return -(-(span.end - begin) // _ALIGN) * _ALIGN
-
-
 def stream_blocks(model: Any, names: list[str], depth: int = 2) -> tuple[DiskStreamer | None, list[str]]:
     """Serve the disk-tier blocks ``names`` (in execution order) from a :class:`DiskStreamer`
-    instead of Accelerate's per-forward loading. A block whose weights are not one range of one
-    file (it straddles two shards) is left as it is. Returns the streamer (None when nothing is
+    instead of Accelerate's per-forward loading. A block that cannot be read as a few ranges of
+    its own bytes (see :func:`block_span`) is left as it is. Returns the streamer (None when nothing is
     streamed) and the names it serves."""
     import torch
     from accelerate.hooks import remove_hook_from_submodules

@@ -37,12 +37,12 @@ from optdemo.defaults import (
     MAX_NEW_TOKENS_LIMIT,
     describe_seconds,
 )
-from optdemo.disk_stream import release as release_disk_stream
 from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError, SupersededError
 from optdemo.generation import GenerationParams, GenerationUpdate, context_window, encode_prompt
 from optdemo.gpu_offload import release as release_offload
 from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
+from optdemo.offload import release_disk_tier
 from optdemo.planner import Plan, plan_device_map
 from optdemo.status import LoadReport, ModelStatus
 
@@ -341,7 +341,7 @@ def _release(loaded: LoadedModel) -> None:
     with contextlib.suppress(Exception):
         release_offload(loaded.model)  # prefetch buffers and pinned host memory
     with contextlib.suppress(Exception):
-        release_disk_stream(loaded.model)  # the disk-tier reader thread and its buffers
+        release_disk_tier(loaded.model)  # the disk tier's reader threads and buffers
     with contextlib.suppress(Exception):
         remove_hook_from_submodules(loaded.model)
     loaded.model = None

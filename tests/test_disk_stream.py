@@ -15,7 +15,7 @@ import torch
 from conftest import TINY_TOTAL_BYTES
 
 from optdemo.config import LoadConfig
-from optdemo.disk_stream import block_span, release
+from optdemo.disk_stream import block_span, release, safetensors_header
 from optdemo.offload import STREAM_DEPTH, place_disk_tier
 
 pytestmark = pytest.mark.slow
@@ -115,20 +115,46 @@ def test_a_failed_pass_does_not_wedge_the_next(tiny_model_dir, tmp_path, referen
     assert _greedy(model) == reference
 
 
-def test_a_block_spread_over_two_files_stays_mapped(tiny_model_dir, tmp_path, reference):
+def test_a_block_spread_over_two_files_is_streamed_from_both(tiny_model_dir, tmp_path, reference):
+    model = _offloaded(tiny_model_dir, tmp_path)
+    module = model.get_submodule("model.decoder.layers.3")
+    index = module.fc1._hf_hook.weights_map.dataset.index
+    prefix = "model.decoder.layers.3."
+    real = index[prefix + "fc1.weight"]["safetensors_file"]
+    copy = tmp_path / "copy.safetensors"  # the same bytes under another name: a second "shard"
+    copy.write_bytes(Path(real).read_bytes())
+    # As in a sharded checkpoint: the block's first tensors (in file order) end one shard, the
+    # rest begin the next.
+    _, table = safetensors_header(real)
+    names = sorted((k for k in index if k.startswith(prefix)), key=lambda k: table[k]["data_offsets"])
+    tail = names[len(names) // 2 :]
+    for name in tail:
+        index[name] = {**index[name], "safetensors_file": str(copy)}
+    span = block_span(module, {})
+    assert [segment.path for segment in span.segments] == [real, str(copy)]
+    sizes = {name: table[name]["data_offsets"][1] - table[name]["data_offsets"][0] for name in names}
+    assert [s.end - s.start for s in span.segments] == [
+        sum(sizes[n] for n in names if n not in tail),
+        sum(sizes[n] for n in tail),
+    ]
+    report = place_disk_tier(model, "stream")
+    assert report.streamed_blocks == 4 and report.mapped_modules == 0 and "stay mapped" not in report.choice
+    streamer = model._optdemo_disk_streamer
+    assert streamer.buffer_bytes == STREAM_DEPTH * max(s.buffer_bytes for s in streamer.spans)
+    assert _greedy(model) == reference
+
+
+def test_a_block_whose_range_holds_other_weights_stays_mapped(tiny_model_dir, tmp_path):
     model = _offloaded(tiny_model_dir, tmp_path)
     module = model.get_submodule("model.decoder.layers.3")
     hook = module.fc1._hf_hook
     index = hook.weights_map.dataset.index
     key = hook.weights_map.prefix + "weight"
-    real = index[key]["safetensors_file"]
-    copy = tmp_path / "copy.safetensors"  # the same bytes under another name: a second "shard"
-    copy.write_bytes(Path(real).read_bytes())
-    index[key] = {**index[key], "safetensors_file": str(copy)}
+    # fc1 read from layer 0's place: the block's range in the file would span layers 0 to 3.
+    index[key] = {**index[key], "weight_name": "model.decoder.layers.0.fc1.weight"}
     assert block_span(module, {}) is None
     report = place_disk_tier(model, "stream")
-    assert report.streamed_blocks == 3 and "1 block(s) straddling two files stay mapped" in report.choice
-    assert _greedy(model) == reference
+    assert report.streamed_blocks == 3 and "1 block(s) stay mapped" in report.choice
 
 
 def test_loads_choose_the_mode_from_the_configuration(manager, tiny_model_dir, tmp_path, reference):
@@ -180,3 +206,38 @@ def test_the_device_map_tab_says_what_was_mapped_and_streamed():
         " Disk tier: 512 MiB memory-mapped (served from the page cache); 12 blocks (1.5 GiB) streamed "
         "from disk every token past the page cache, through 128 MiB of buffers (why)."
     )
+
+
+def _resident_pages(address: int, length: int) -> int:
+    """How many pages of a mapped range are in RAM (``mincore``)."""
+    import ctypes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    count = -(-length // page)
+    vector = (ctypes.c_ubyte * count)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vector) == 0
+    return sum(byte & 1 for byte in vector)
+
+
+def test_the_resident_part_is_read_in_once_in_execution_order_and_stopped_on_release(
+    tiny_model_dir, tmp_path, reference
+):
+    from optdemo.offload import WARMUP_THREADS, _page_ranges, release_disk_tier
+
+    model = _offloaded(tiny_model_dir, tmp_path)
+    place_disk_tier(model, "map")
+    warmup = model._optdemo_page_warmup
+    assert warmup.done.wait(30)
+    # Exactly the CPU tier and the mapped blocks, each range once (the tied head shares the
+    # embeddings' range), chunked in execution order.
+    resident = [model.get_submodule(name) for name in model.hf_device_map]
+    ranges = list(dict.fromkeys(r for module in resident for r in _page_ranges(module)))
+    assert sum(length for _, length in warmup.chunks) == sum(length for _, length in ranges)
+    assert warmup.chunks[0][0] == ranges[0][0]
+    assert all(_resident_pages(address, length) == -(-length // 4096) for address, length in warmup.chunks)
+    assert _greedy(model) == reference
+    release_disk_tier(model)
+    assert not hasattr(model, "_optdemo_page_warmup")
+    names = [thread.name for thread in threading.enumerate()]
+    assert not any(name.startswith("optdemo-page-warmup") for name in names) and WARMUP_THREADS == 2

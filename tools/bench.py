@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,48 @@ def disk_read_bytes() -> int:
         return 0
 
 
+RATE_PROBE_BYTES = 2**30
+_RATE_READ = 64 * 2**20
+_RATE_ALIGN = 4096
+
+
+def sequential_read_rate(folder: str | Path, limit: int = RATE_PROBE_BYTES) -> float | None:
+    """The disk's sequential read rate *now*, in bytes/s: ``O_DIRECT`` reads of 64 MiB (past the
+    page cache: it neither uses nor disturbs it) through the last ``limit`` bytes of the
+    checkpoint's weight files, where the last layers, the disk tier, lie: the bytes each side
+    reads back every token, under the same conditions (a virtual disk whose host caches what was
+    read recently reads those faster). Measured beside every run, since this disk's speed drifts
+    by 2x over minutes: a floor from a rate measured at another time says little. None where the
+    file system has no ``O_DIRECT``."""
+    import mmap
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
+    skip = max(0, sum(p.stat().st_size for p in files) - limit)
+    buffer = mmap.mmap(-1, _RATE_READ)  # page-aligned, as O_DIRECT wants
+    done = 0
+    started = time.perf_counter()
+    try:
+        for path in files:
+            size = path.stat().st_size
+            if skip >= size:
+                skip -= size
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except (OSError, AttributeError):
+                return None
+            try:
+                offset = skip // _RATE_ALIGN * _RATE_ALIGN
+                while (got := os.preadv(fd, [buffer], offset)) > 0:
+                    offset, done = offset + got, done + got
+            finally:
+                os.close(fd)
+            skip = 0
+    finally:
+        buffer.close()
+    return done / (time.perf_counter() - started) if done else None
+
+
 def side_quantization(side: str) -> str:
     """The quantization a side runs with: ``optdemo-4bit`` -> ``4bit``; ``none`` for the others."""
     return side.rpartition("-")[2] if side.endswith("bit") else "none"
@@ -214,6 +257,8 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     first = times[0] - begin
     per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else first
     shutil.rmtree(offload, ignore_errors=True)
+    # Like s_per_token, from the first new token to the last: what each further token reads.
+    read_per_token = (reads[-1] - reads[0]) / (len(reads) - 1) if len(reads) > 1 else 0
     return {
         "side": side,
         "regime": "cold" if cold else "warm",
@@ -224,8 +269,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
         "generate_s": times[-1] - begin,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "offload_bytes_written": written,
-        # Like s_per_token, from the first new token to the last: what each further token reads.
-        "disk_bytes_per_token": (reads[-1] - reads[0]) / (len(reads) - 1) if len(reads) > 1 else 0,
+        "disk_bytes_per_token": read_per_token,
         "quantization": quantization,
         "quantize_seconds": (quantization_info(checkpoint) or {}).get("quantize_seconds")
         if checkpoint
@@ -262,6 +306,9 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
         # evicted file by file, and the whole page cache is dropped where the kernel allows it.
         drop_page_cache(model, converted_root())
         dropped = drop_caches()
+    # The disk's rate just before and just after the run, from this (uncapped, otherwise idle)
+    # process: the floor for this run is the bytes it read per token at the mean of the two.
+    rate_before = sequential_read_rate(model)
     # The worker runs ``-m tools.bench`` from the repository root, where ``tools`` is importable.
     with cap or contextlib.nullcontext():
         done = subprocess.run(
@@ -277,7 +324,18 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
     if done.returncode != 0:
         raise RuntimeError(f"{side} run failed:\n{done.stderr[-3000:]}")
     run = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**run, "cap": capped, "page_cache_dropped": dropped}
+    rate_after = sequential_read_rate(model)
+    rates = [rate for rate in (rate_before, rate_after) if rate]
+    floor = run["disk_bytes_per_token"] / statistics.mean(rates) if rates else None
+    return {
+        **run,
+        "cap": capped,
+        "page_cache_dropped": dropped,
+        "disk_rate_before": rate_before,
+        "disk_rate_after": rate_after,
+        "disk_floor_s_per_token": floor or None,
+        "vs_floor": run["s_per_token"] / floor if floor else None,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,10 @@ def summarize(runs: list[dict]) -> list[dict]:
             if chosen:
                 row = {"regime": regime, "side": side, "runs": len(chosen)}
                 row.update({k: statistics.median(r.get(k) or 0 for r in chosen) for k in keys})
+                # Each run against the floor measured beside it (None where nothing was read).
+                ratios = [r["vs_floor"] for r in chosen if r.get("vs_floor")]
+                row["vs_floor"] = statistics.median(ratios) if ratios else None
+                row["vs_floor_max"] = max(ratios, default=None)
                 rows.append(row)
     for row in rows:
         ref = {r["side"]: r for r in rows if r["regime"] == row["regime"]}
@@ -138,6 +142,13 @@ def report(
     print(format_table(rows))
     if floor:
         print(f"\ndisk floor (disk tier / measured sequential read): {floor:.3g} s/token")
+    for row in rows:
+        if row["vs_floor"]:
+            print(
+                f"{row['regime']} {row['side']}: {row['vs_floor']:.2f}x its disk floor (median; worst run "
+                f"{row['vs_floor_max']:.2f}x): each run's s/token over the bytes it read per token at "
+                "the disk's sequential rate measured just before and after it"
+            )
     streamed = streamed_floor(runs, bandwidths.disk_read)
     if streamed:
         measured_capped = next((r["s_per_token"] for r in rows if r["side"] == "optdemo"), None)
