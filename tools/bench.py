@@ -169,6 +169,7 @@ def disk_read_bytes() -> int:
 RATE_PROBE_BYTES = 2**30
 _RATE_READ = 64 * 2**20
 _RATE_ALIGN = 4096
+_FLOOR_MIN_READ = 2**20  # bytes per token
 
 
 def sequential_read_rate(folder: str | Path, limit: int = RATE_PROBE_BYTES) -> float | None:
@@ -326,7 +327,9 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
     run = json.loads(done.stdout.strip().splitlines()[-1])
     rate_after = sequential_read_rate(model)
     rates = [rate for rate in (rate_before, rate_after) if rate]
-    floor = run["disk_bytes_per_token"] / statistics.mean(rates) if rates else None
+    # A run that reads (next to) nothing per token has no disk floor to speak of.
+    read = run["disk_bytes_per_token"] if run["disk_bytes_per_token"] >= _FLOOR_MIN_READ else 0
+    floor = read / statistics.mean(rates) if rates else None
     return {
         **run,
         "cap": capped,
