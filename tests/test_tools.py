@@ -144,3 +144,41 @@ def test_bench_quantization_sides() -> None:
     table = format_table(summarize([_run("ram", "warm", 1.0, 0.2), row]))
     assert table.splitlines()[-1].startswith("| warm | optdemo-4bit | 1.00 | 0.10 | 0.100 |")
     assert table.splitlines()[-1].endswith("| 0.50x | - | - | 3.0 MiB |")
+
+
+def test_the_disk_rate_beside_a_run_reads_the_checkpoints_last_bytes_past_the_cache(
+    tmp_path, monkeypatch
+) -> None:
+    import os
+
+    from tools import bench
+
+    (tmp_path / "a.safetensors").write_bytes(os.urandom(3 * 2**20))
+    (tmp_path / "b.safetensors").write_bytes(os.urandom(2 * 2**20))
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(bench, "_RATE_READ", 2**20)
+    reads: list[tuple[str, int, int]] = []
+    real_preadv, real_open = os.preadv, os.open
+    names: dict[int, str] = {}
+
+    def opened(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        names[fd] = os.path.basename(path)
+        assert flags & os.O_DIRECT  # past the page cache: it neither uses nor disturbs it
+        return fd
+
+    def read(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        reads.append((names[fd], offset, got))
+        return got
+
+    monkeypatch.setattr(bench.os, "open", opened)
+    monkeypatch.setattr(bench.os, "preadv", read)
+    rate = bench.sequential_read_rate(tmp_path, limit=3 * 2**20)
+    if rate is None:
+        pytest.skip("this file system has no O_DIRECT")
+    # The last 3 MiB of the 5 MiB checkpoint: a's last MiB, then all of b; config.json untouched.
+    got = [(name, offset, size) for name, offset, size in reads if size]
+    mib = 2**20
+    assert got == [("a.safetensors", 2 * mib, mib), ("b.safetensors", 0, mib), ("b.safetensors", mib, mib)]
+    assert rate > 0
