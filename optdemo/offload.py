@@ -239,10 +239,10 @@ class PageWarmup:
     cache right after loading, in execution order, from ``WARMUP_THREADS`` threads.
 
     Left alone, the first forward pass faults those weights in one page-fault read-ahead at a time
-    (about a quarter of what the disk delivers: a 25 GB model's first token took 15 s here); the
-    warm-up keeps the disk busy with large reads instead, a little ahead of the computation that
-    follows it. It reads only what was sized to stay cached, so it evicts nothing; it is a hint
-    (``madvise``), so a failure changes nothing but the speed.
+    (about 1.7 GB/s here, against 6-8 GB/s for this warm-up on the same disk); the warm-up keeps
+    the disk busy with large reads instead, ahead of the computation that follows it. It reads
+    only what was sized to stay cached, so it evicts nothing; it is a hint (``madvise``), so a
+    failure changes nothing but the speed.
     """
 
     def __init__(self, blocks: list[Any]) -> None:
