@@ -6,7 +6,8 @@
 #   2. scripts/gpu_bench.py: random-weight opt-6.7b float16 with 0=5GiB,cpu=10GiB and with a disk
 #      tier, plain Accelerate against each policy, written to $OUT/gpu-bench.{json,md}.
 # Usage: scripts/gpu-check.sh   (results in $OUT, default ./gpu-check-out)
-# Wheels in .whl/ (e.g. the pinned transformers, bitsandbytes) are installed first when present,
+# Wheels in .whl/ (e.g. the pinned transformers, bitsandbytes, httpx2 with httpcore2 and truststore)
+# are installed first when present,
 # for machines that cannot reach a package index. Says plainly what it could not run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
