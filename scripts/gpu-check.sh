@@ -7,7 +7,8 @@
 #      tier, plain Accelerate against each policy, written to $OUT/gpu-bench.{json,md}.
 # Usage: scripts/gpu-check.sh   (results in $OUT, default ./gpu-check-out)
 # Wheels in .whl/ (e.g. the pinned transformers, bitsandbytes, httpx2 with httpcore2 and truststore)
-# are installed first when present, for machines that cannot reach a package index. Says plainly what it could not run.
+# are installed first when present, for machines that cannot reach a package index. Says plainly
+# what it could not run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
