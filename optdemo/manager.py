@@ -44,6 +44,7 @@ from optdemo.hardware import probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
 from optdemo.offload import release_disk_tier
 from optdemo.planner import Plan, plan_device_map
+from optdemo.prefetch import hand_over, start_prefetch
 from optdemo.status import LoadReport, ModelStatus
 
 
@@ -99,23 +100,37 @@ class ModelManager:
         reused = self._reuse(config)
         if reused is not None:
             return reused
-        plan = preflight(config, probe_hardware(config.offload_folder))
-        ticket = self._register_load(config)
-        with self._exclusive("loading") as stopped:
-            self._check_not_superseded(config, ticket)
-            reused = self._reuse(config)  # another request may have loaded it meanwhile
-            if reused is not None:
-                return reused
-            self._set_busy(f"loading {config.display_name}")
-            try:
-                previous = self._drop_current()
+        hardware = probe_hardware(config.offload_folder)
+        with self._state_lock:
+            idle = self._loaded is None
+        # With nothing loaded, nothing in use can be evicted: start reading the weights while the
+        # model's code is imported and planned. Otherwise only once the current model is gone.
+        prefetch = start_prefetch(config, hardware) if idle else None
+        try:
+            plan = preflight(config, hardware)
+            ticket = self._register_load(config)
+            with self._exclusive("loading") as stopped:
+                self._check_not_superseded(config, ticket)
+                reused = self._reuse(config)  # another request may have loaded it meanwhile
+                if reused is not None:
+                    return reused
+                self._set_busy(f"loading {config.display_name}")
                 try:
-                    loaded = load_model(config, plan, progress)
-                except OptdemoError as exc:
-                    raise LoadError(self._after_failure(str(exc), previous)) from None
-                self._set_loaded(loaded)
-            finally:
-                self._set_busy(None)
+                    previous = self._drop_current()
+                    if prefetch is None and previous is not None:
+                        prefetch = start_prefetch(config, probe_hardware(config.offload_folder))
+                    try:
+                        loaded = load_model(config, plan, progress)
+                    except OptdemoError as exc:
+                        raise LoadError(self._after_failure(str(exc), previous)) from None
+                    hand_over(prefetch)
+                    prefetch = None
+                    self._set_loaded(loaded)
+                finally:
+                    self._set_busy(None)
+        finally:
+            if prefetch is not None:
+                prefetch.stop()
         moved = ""
         if stopped:
             moved = (

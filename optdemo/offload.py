@@ -187,7 +187,7 @@ def map_disk_tier(model: Any, mapped: list[str] | None = None) -> DiskTierReport
             if device == "cpu" or name in cached
         ]
         read_ahead(resident)
-        model._optdemo_page_warmup = PageWarmup(resident)
+        model._optdemo_page_warmup = PageWarmup(module_ranges(resident))
     return DiskTierReport(mapped_modules, mapped_bytes)
 
 
@@ -229,14 +229,16 @@ def read_ahead(blocks: list[Any]) -> None:
 
 
 # Linux 5.14+: fault a mapped range in, reading it from disk, without touching it from Python.
-_MADV_POPULATE_READ = 22
+MADV_POPULATE_READ = 22
 WARMUP_THREADS = 2  # two readers fetch ~2x what one does on the disks measured (docs/BENCHMARKS.md)
-_WARMUP_CHUNK = 32 * 2**20
+WARMUP_CHUNK = 32 * 2**20
 
 
 class PageWarmup:
-    """Reads the resident part of a cold model (its CPU tier and mapped disk blocks) into the page
-    cache right after loading, in execution order, from ``WARMUP_THREADS`` threads.
+    """Reads mapped memory ranges into the page cache, in the order given, from
+    ``WARMUP_THREADS`` threads: the resident part of a cold model (its CPU tier and mapped disk
+    blocks, :func:`module_ranges`) right after loading. :mod:`optdemo.prefetch` reads file ranges
+    the same way while the model is still being planned.
 
     Left alone, the first forward pass faults those weights in one page-fault read-ahead at a time
     (about 1.7 GB/s here, against 6-8 GB/s for this warm-up on the same disk); the warm-up keeps
@@ -245,19 +247,24 @@ class PageWarmup:
     failure changes nothing but the speed.
     """
 
-    def __init__(self, blocks: list[Any]) -> None:
-        self.stopped = threading.Event()
-        ranges = dict.fromkeys(r for block in blocks for r in _page_ranges(block))  # tied: once
-        self.chunks = [
-            (address + offset, min(_WARMUP_CHUNK, length - offset))
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        """``ranges``: page-aligned (address, length) pairs of mapped memory, in reading order."""
+        chunks = [
+            (address + offset, min(WARMUP_CHUNK, length - offset))
             for address, length in ranges
-            for offset in range(0, length, _WARMUP_CHUNK)
+            for offset in range(0, length, WARMUP_CHUNK)
         ]
+        self._begin(chunks if _libc is not None else [])
+
+    def _begin(self, chunks: list[Any]) -> None:
+        """Start the threads over ``chunks`` (each handed to :meth:`_fetch`, in order)."""
+        self.chunks = chunks
+        self.stopped = threading.Event()
         self.done = threading.Event()
-        if _libc is None or not self.chunks:
+        if not chunks:
             self.done.set()
             return
-        self._next = iter(range(len(self.chunks)))
+        self._next = iter(range(len(chunks)))
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._read, name=f"optdemo-page-warmup-{i}", daemon=True)
@@ -267,23 +274,26 @@ class PageWarmup:
         for thread in self._threads:
             thread.start()
 
+    def _fetch(self, chunk: tuple[int, int]) -> None:
+        """Read one chunk (address, length) in."""
+        populate(*chunk)
+
     def _read(self) -> None:
-        advice = _MADV_POPULATE_READ
-        while not self.stopped.is_set():
+        try:
+            while not self.stopped.is_set():
+                with self._lock:
+                    index = next(self._next, None)
+                if index is None:
+                    break
+                # A hint: a chunk that cannot be read (a truncated file, a vanished one) is skipped;
+                # the load reads the files itself and says what is wrong.
+                with contextlib.suppress(OSError, ValueError):
+                    self._fetch(self.chunks[index])
+        finally:
             with self._lock:
-                index = next(self._next, None)
-            if index is None:
-                break
-            address, length = self.chunks[index]
-            if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) and (
-                advice == _MADV_POPULATE_READ
-            ):
-                advice = mmap.MADV_WILLNEED  # an older kernel: ask for read-ahead instead
-                _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice)
-        with self._lock:
-            self._running -= 1
-            if not self._running:
-                self.done.set()
+                self._running -= 1
+                if not self._running:
+                    self.done.set()
 
     def stop(self) -> None:
         """Stop reading (before the model's mappings go away)."""
@@ -302,6 +312,12 @@ def release_disk_tier(model: Any) -> None:
     release(model)
 
 
+def module_ranges(blocks: list[Any]) -> list[tuple[int, int]]:
+    """The page-aligned ranges of the blocks' mapped tensors, in block order, each once (a tied
+    head shares the embeddings' range)."""
+    return list(dict.fromkeys(r for block in blocks for r in _page_ranges(block)))
+
+
 def _page_ranges(module: Any) -> list[tuple[int, int]]:
     """Page-aligned (address, length) of each mapped tensor of a module."""
     page = os.sysconf("SC_PAGE_SIZE")
@@ -311,6 +327,15 @@ def _page_ranges(module: Any) -> list[tuple[int, int]]:
         end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
         ranges.append((start, end - start))
     return ranges
+
+
+def populate(address: int, length: int) -> None:
+    """Fault a mapped range in, reading it from disk (``MADV_POPULATE_READ``); on kernels before
+    5.14, which lack it, ask for read-ahead instead (``MADV_WILLNEED``)."""
+    if _libc is None:
+        return
+    if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_POPULATE_READ):
+        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_WILLNEED)
 
 
 def _will_need(ranges: list[tuple[int, int]]) -> None:

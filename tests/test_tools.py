@@ -11,7 +11,7 @@ from tools.bench import REPO_ROOT, build_parser
 from tools.bench_report import format_table, summarize
 
 
-def _run(side: str, regime: str, load: float, per_token: float) -> dict:
+def _run(side: str, regime: str, load: float, per_token: float, tokens: int = 8) -> dict:
     return {
         "side": side,
         "regime": regime,
@@ -19,6 +19,7 @@ def _run(side: str, regime: str, load: float, per_token: float) -> dict:
         "first_token_s": per_token,
         "s_per_token": per_token,
         "tokens_per_s": 1 / per_token,
+        "generate_s": tokens * per_token,
         "peak_rss_bytes": 2**30,
         "offload_bytes_written": 0,
     }
@@ -37,6 +38,18 @@ def test_summary_takes_medians_and_ratios() -> None:
     assert rows["optdemo"]["vs_ram"] == pytest.approx(2.0)
     assert rows["optdemo"]["vs_accelerate"] == pytest.approx(0.4)
     assert rows["optdemo"]["load_vs_accelerate"] == pytest.approx(0.4)
+    # Load + 8 tokens: Accelerate 7.2, 10.8 and 9.0 s (median 9.0), optdemo 3.6 s.
+    assert rows["optdemo"]["total_s"] == pytest.approx(3.6)
+    assert rows["accelerate"]["total_range"] == pytest.approx((7.2, 10.8))
+    assert rows["optdemo"]["total_vs_accelerate"] == pytest.approx(3.6 / 9.0)
+    assert rows["optdemo"]["total_vs_accelerate_worst"] == pytest.approx(3.6 / 7.2)
+    cold_start = summarize(
+        [_run("accelerate", "cold-start", 2.0, 3.0), _run("optdemo", "cold-start", 3.0, 1.0)]
+    )
+    assert [(r["regime"], r["total_vs_accelerate"]) for r in cold_start] == [
+        ("cold-start", pytest.approx(1.0)),
+        ("cold-start", pytest.approx(11 / 26)),
+    ]
     table = format_table(summarize(runs)).splitlines()
     assert len(table) == 2 + 3
     assert table[-1].startswith("| warm | optdemo | 2.00 | 0.20 | 0.200 | 5.00 | 1.00 GiB | 0 MiB | 2.00x |")
@@ -45,6 +58,7 @@ def test_summary_takes_medians_and_ratios() -> None:
 def test_bench_command_line() -> None:
     args = build_parser().parse_args(["--build", "opt-125m", "--sides", "accelerate,optdemo"])
     assert (args.build, args.max_memory, args.tokens, args.repeats) == ("opt-125m", "cpu=1GiB", 30, 3)
+    assert build_parser().parse_args(["--regime", "cold-start"]).regime == "cold-start"
     # Workers are spawned as ``python -m tools.bench`` from the repository root.
     done = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--help"], cwd=REPO_ROOT, capture_output=True, text=True

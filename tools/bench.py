@@ -7,7 +7,9 @@ a prompt) for both sides, alternating, each measured load in a fresh process so 
 Python flatters either side, and reports medians and the ratio. The *cold* regime drops the
 checkpoint, the offload folder and the converted cache from the page cache before loading and
 again before generating (``posix_fadvise(POSIX_FADV_DONTNEED)``), standing in for a model larger
-than RAM; the *warm* regime leaves the OS cache alone. An all-in-RAM run gives the reference speed.
+than RAM; *cold-start* drops them before loading only: one cold start, load then generate, as the
+original scripts ran (what a load leaves in the page cache serves the generation, as it would for
+a user); the *warm* regime leaves the OS cache alone. An all-in-RAM run gives the reference speed.
 
 Sides: ``ram`` (``from_pretrained`` with no device map), ``accelerate`` (``from_pretrained(
 device_map="auto", max_memory, offload_folder)`` + ``generate``: nothing of ours) and ``optdemo``
@@ -166,6 +168,7 @@ def disk_read_bytes() -> int:
         return 0
 
 
+REGIMES = ("warm", "cold", "cold-start")
 RATE_PROBE_BYTES = 2**30
 _RATE_READ = 64 * 2**20
 _RATE_ALIGN = 4096
@@ -214,14 +217,15 @@ def side_quantization(side: str) -> str:
     return side.rpartition("-")[2] if side.endswith("bit") else "none"
 
 
-def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, dtype: str) -> dict:
-    """One measured run in this process: load, then generate ``tokens`` greedy tokens."""
+def run_worker(side: str, model: str, max_memory: str, tokens: int, regime: str, dtype: str) -> dict:
+    """One measured run in this process: load, then generate ``tokens`` greedy tokens, the page
+    cache dropped as ``regime`` says (see the module's docstring)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
     offload = tempfile.mkdtemp(prefix="optdemo-bench-offload-")
-    if cold:
+    if regime != "warm":
         drop_page_cache(model, converted_root())
     started = time.perf_counter()
     quantization = side_quantization(side)
@@ -250,7 +254,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
         device = torch.device("cpu")
     load_seconds = time.perf_counter() - started
     written = folder_bytes(offload)
-    if cold:
+    if regime == "cold":
         drop_page_cache(model, offload, converted_root())
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
     reads: list[int] = []
@@ -262,7 +266,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     read_per_token = (reads[-1] - reads[0]) / (len(reads) - 1) if len(reads) > 1 else 0
     return {
         "side": side,
-        "regime": "cold" if cold else "warm",
+        "regime": regime,
         "load_s": load_seconds,
         "first_token_s": first,
         "s_per_token": per_token,
@@ -282,7 +286,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, cold: bool, 
     }
 
 
-def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict:
+def _spawn(side: str, args: argparse.Namespace, model: Path, regime: str) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -297,9 +301,9 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
         str(args.tokens),
         "--dtype",
         args.dtype,
+        "--worker-regime",
+        regime,
     ]
-    if cold:
-        command.append("--cold")
     cap = MemoryCap(parse_size(args.ram_limit)) if args.ram_limit else None
     dropped = None
     if cap is not None:
@@ -342,7 +346,7 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, cold: bool) -> dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The benchmark's command line (``--worker``/``--cold`` are internal: one measured run)."""
+    """The benchmark's command line (``--worker``/``--worker-regime`` are internal: one measured run)."""
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--build", metavar="ARCH", help="build (once) a random-weight checkpoint: opt-125m ... opt-66b"
@@ -355,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--tokens", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--regime", default="both", choices=("warm", "cold", "both"))
+    parser.add_argument("--regime", default="both", choices=(*REGIMES, "both"), help="both: warm, then cold")
     parser.add_argument(
         "--sides", default=",".join(BASE_SIDES), help="comma-separated subset of ram,accelerate,optdemo"
     )
@@ -377,32 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="write all runs and the summary here")
     parser.add_argument("--plot", help="save a PNG chart here (needs matplotlib)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-regime", choices=REGIMES, default="warm", help=argparse.SUPPRESS)
     return parser
 
 
 def run_sides(args: argparse.Namespace, model: Path, sides: list[str]) -> tuple[list[dict], float | None]:
     """Every measured run, the sides alternating; returns the runs and optdemo's first load time
     (its one-time conversion included), None when optdemo is not among the sides."""
-    regimes = {"warm": [False], "cold": [True], "both": [False, True]}[args.regime]
+    regimes = ["warm", "cold"] if args.regime == "both" else [args.regime]
     runs = []
     first_load = None
     for side in [s for s in sides if s.startswith("optdemo")]:
         # optdemo converts a .bin checkpoint (or quantizes it) once into its cache: do that first,
         # untimed, so the runs below measure what every later load costs (the first load's time is
         # reported).
-        load_s = _spawn(side, args, model, cold=False)["load_s"]
+        load_s = _spawn(side, args, model, "warm")["load_s"]
         first_load = load_s if side == "optdemo" else first_load
         args.first_loads[side] = load_s
         print(f"  {side} first load (one-time conversion included): {load_s:.2f}s", file=sys.stderr)
-    for cold in regimes:
+    for regime in regimes:
         for repeat in range(args.repeats):
             # Alternate the order so that neither side always runs right after the other.
             order = sides if repeat % 2 == 0 else list(reversed(sides))
             for side in order:
-                if side.startswith("ram") and cold:
+                if side.startswith("ram") and regime != "warm":
                     continue  # the reference is the in-memory speed, measured warm
-                run = _spawn(side, args, model, cold)
+                run = _spawn(side, args, model, regime)
                 runs.append(run)
                 print(
                     f"  {run['regime']:>4} {side:>10}: load {run['load_s']:.2f}s, "
@@ -449,11 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
-        print(
-            json.dumps(
-                run_worker(args.worker, args.model, args.max_memory, args.tokens, args.cold, args.dtype)
-            )
+        run = run_worker(
+            args.worker, args.model, args.max_memory, args.tokens, args.worker_regime, args.dtype
         )
+        print(json.dumps(run))
         return 0
     if not args.model and not args.build:
         parser.error("give --build ARCH or --model FOLDER")
