@@ -18,6 +18,7 @@ failure changes only the speed.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
@@ -29,7 +30,7 @@ from optdemo import convert
 from optdemo.config import LoadConfig
 from optdemo.disk_stream import Segment, safetensors_header
 from optdemo.hardware import Hardware
-from optdemo.offload import MADV_POPULATE_READ, WARMUP_CHUNK, PageWarmup, mapped_prefix
+from optdemo.offload import WARMUP_CHUNK, PageWarmup, mapped_prefix, populate
 
 _BLOCK_NUMBER = re.compile(r"\.(\d+)(?:\.|$)")
 _EMBEDDING_PARTS = {"wte", "wpe"}  # GPT-2 style names; others say "embed"
@@ -89,15 +90,36 @@ class CheckpointPrefetch(PageWarmup):
         self._begin(chunks)
 
     def _fetch(self, chunk: tuple[str, int, int]) -> None:
+        # Through ctypes, which lets go of the GIL for the read (Python's mmap.madvise holds it,
+        # and would stall the load this runs beside).
         path, offset, length = chunk
-        with (
-            open(path, "rb") as handle,
-            mmap.mmap(handle.fileno(), length, prot=mmap.PROT_READ, offset=offset) as view,
-        ):
-            try:
-                view.madvise(MADV_POPULATE_READ)
-            except OSError:  # a kernel before 5.14: ask for read-ahead instead
-                view.madvise(mmap.MADV_WILLNEED)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+        finally:
+            os.close(fd)
+        if address in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"cannot map {path}")
+        try:
+            populate(address, length)
+        finally:
+            _libc.munmap(address, length)
+
+
+def _bind_libc() -> ctypes.CDLL | None:
+    """libc's mmap and munmap with their C signatures (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    size, flag = ctypes.c_size_t, ctypes.c_int
+    libc.mmap.argtypes = [ctypes.c_void_p, size, flag, flag, flag, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, size]
+    return libc
+
+
+_libc = _bind_libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def start_prefetch(config: LoadConfig, hardware: Hardware) -> CheckpointPrefetch | None:
@@ -105,7 +127,7 @@ def start_prefetch(config: LoadConfig, hardware: Hardware) -> CheckpointPrefetch
     from a local safetensors folder as it is: no GPU, no quantization, fast offloading, a disk
     tier that may be mapped, weights stored in the load dtype (else the load converts them and
     reads the copy). None when that does not apply or the files cannot be read here."""
-    if not sys.platform.startswith("linux") or hardware.gpu_count or config.quantization != "none":
+    if _libc is None or hardware.gpu_count or config.quantization != "none":
         return None
     if not config.fast_offload or config.disk_tier == "stream" or not Path(config.model).is_dir():
         return None
