@@ -196,3 +196,13 @@ def test_the_disk_rate_beside_a_run_reads_the_checkpoints_last_bytes_past_the_ca
     mib = 2**20
     assert got == [("a.safetensors", 2 * mib, mib), ("b.safetensors", 0, mib), ("b.safetensors", mib, mib)]
     assert rate > 0
+
+
+def test_the_prefill_floor_times_a_layer_and_says_which_paths_are_exact() -> None:
+    from tools.prefill_floor import fc1_paths, layer_seconds
+
+    paths = fc1_paths(hidden=64, ffn=1024, rows=3)
+    assert paths["float16"]["equals_float16"] and paths["float16 in 512-row blocks"]["equals_float16"]
+    assert all(entry["seconds"] > 0 and entry["gflops"] > 0 for entry in paths.values())
+    seconds, layers = layer_seconds("opt-125m", 4)
+    assert seconds > 0 and layers == 12

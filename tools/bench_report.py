@@ -61,9 +61,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         paired = acc and row["total_s"] and acc["total_s"]
         row["total_vs_accelerate"] = row["total_s"] / acc["total_s"] if paired else None
         # The least favourable pairing: this side's slowest run against Accelerate's fastest.
-        row["total_vs_accelerate_worst"] = (
-            row["total_range"][1] / acc["total_range"][0] if paired else None
-        )
+        row["total_vs_accelerate_worst"] = row["total_range"][1] / acc["total_range"][0] if paired else None
     return rows
 
 
