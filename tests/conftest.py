@@ -83,30 +83,27 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight tiny OPT (float32, one model.safetensors) with its tokenizer."""
+def build_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, **options: str) -> Path:
+    """The tiny OPT (float32, random weights, with its tokenizer) in a fresh folder; ``options``
+    go to :func:`~optdemo.synthetic.build_random_opt` (format, shard size)."""
     from optdemo.synthetic import build_random_opt
 
     return build_random_opt(
-        tmp_path_factory.mktemp("tiny"), "opt-125m", overrides=TINY_OVERRIDES, dtype="float32"
+        tmp_path_factory.mktemp(name), "opt-125m", overrides=TINY_OVERRIDES, dtype="float32", **options
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny OPT (float32, one model.safetensors) with its tokenizer."""
+    return build_tiny(tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_bin_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny OPT as ``pytorch_model-*.bin`` shards (several), like the Hub's OPT repos:
     disk-offloaded layers of such a checkpoint must be written to an offload folder."""
-    from optdemo.synthetic import build_random_opt
-
-    path = build_random_opt(
-        tmp_path_factory.mktemp("tiny-bin"),
-        "opt-125m",
-        overrides=TINY_OVERRIDES,
-        dtype="float32",
-        checkpoint_format="bin",
-        max_shard_size="200KB",
-    )
+    path = build_tiny(tmp_path_factory, "tiny-bin", checkpoint_format="bin", max_shard_size="200KB")
     assert len(list(path.glob("pytorch_model-*.bin"))) > 1
     assert not list(path.glob("*.safetensors"))
     return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES
+from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES, build_tiny
 
 from optdemo import manager as manager_module
 from optdemo.config import LoadConfig
@@ -31,15 +31,7 @@ SPLIT = "cpu=700KiB"  # embeddings and a layer in RAM, five layers on disk
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny OPT as several safetensors shards with an index."""
-    from optdemo.synthetic import TINY_OVERRIDES, build_random_opt
-
-    path = build_random_opt(
-        tmp_path_factory.mktemp("tiny-sharded"),
-        "opt-125m",
-        overrides=TINY_OVERRIDES,
-        dtype="float32",
-        max_shard_size="300KB",
-    )
+    path = build_tiny(tmp_path_factory, "tiny-sharded", max_shard_size="300KB")
     assert len(safetensors_weight_files(str(path))) > 2
     return path
 
