@@ -40,11 +40,11 @@ from optdemo.defaults import (
 from optdemo.errors import BusyError, GenerationError, LoadError, NoModelError, OptdemoError, SupersededError
 from optdemo.generation import GenerationParams, GenerationUpdate, context_window, encode_prompt
 from optdemo.gpu_offload import release as release_offload
-from optdemo.hardware import probe_hardware
+from optdemo.hardware import Hardware, probe_hardware
 from optdemo.loader import LoadedModel, ProgressCallback, load_model, preflight
 from optdemo.offload import release_disk_tier
 from optdemo.planner import Plan, plan_device_map
-from optdemo.prefetch import hand_over, start_prefetch
+from optdemo.prefetch import CheckpointPrefetch, start_prefetch
 from optdemo.status import LoadReport, ModelStatus
 
 
@@ -65,6 +65,8 @@ class ModelManager:
         # gives way to it rather than load a model nobody wants any more.
         self._load_requests = 0
         self._newest_load: LoadConfig | None = None
+        self._loads_in_flight = 0  # load() calls under way (planning, waiting or loading)
+        self._reading: CheckpointPrefetch | None = None  # the one read-ahead under way
 
     # ---------------------------------------------------------------- inspection
     def plan(self, config: LoadConfig) -> Plan:
@@ -102,35 +104,42 @@ class ModelManager:
             return reused
         hardware = probe_hardware(config.offload_folder)
         with self._state_lock:
-            idle = self._loaded is None
-        # With nothing loaded, nothing in use can be evicted: start reading the weights while the
-        # model's code is imported and planned. Otherwise only once the current model is gone.
-        prefetch = start_prefetch(config, hardware) if idle else None
+            self._loads_in_flight += 1
+            alone = self._loaded is None and self._loads_in_flight == 1
+        # With nothing loaded and no other load under way, reading ahead evicts nothing in use:
+        # start reading the weights while the model's code is imported and planned. Otherwise
+        # only once this load holds the model and the current one is gone.
+        prefetch = self._read_ahead(config, hardware, None) if alone else None
         try:
             plan = preflight(config, hardware)
             ticket = self._register_load(config)
             with self._exclusive("loading") as stopped:
-                self._check_not_superseded(config, ticket)
-                reused = self._reuse(config)  # another request may have loaded it meanwhile
-                if reused is not None:
-                    return reused
-                self._set_busy(f"loading {config.display_name}")
                 try:
-                    previous = self._drop_current()
-                    if prefetch is None and previous is not None:
-                        prefetch = start_prefetch(config, probe_hardware(config.offload_folder))
+                    self._check_not_superseded(config, ticket)
+                    reused = self._reuse(config)  # another request may have loaded it meanwhile
+                    if reused is not None:
+                        return reused
+                    self._set_busy(f"loading {config.display_name}")
                     try:
-                        loaded = load_model(config, plan, progress)
-                    except OptdemoError as exc:
-                        raise LoadError(self._after_failure(str(exc), previous)) from None
-                    hand_over(prefetch)
-                    prefetch = None
-                    self._set_loaded(loaded)
+                        previous = self._drop_current()
+                        # This load holds the model and nothing is loaded now: the disk is its.
+                        prefetch = self._read_ahead(config, probe_hardware(config.offload_folder), prefetch)
+                        try:
+                            loaded = load_model(config, plan, progress)
+                        except OptdemoError as exc:
+                            self._stop_read_ahead(prefetch)  # the previous model may come back
+                            raise LoadError(self._after_failure(str(exc), previous)) from None
+                        self._set_loaded(loaded)
+                    finally:
+                        self._set_busy(None)
                 finally:
-                    self._set_busy(None)
+                    # Stop reading ahead before another load may take the model; once loaded, the
+                    # model's own warm-up reads the rest, with the exact split.
+                    self._stop_read_ahead(prefetch)
         finally:
-            if prefetch is not None:
-                prefetch.stop()
+            self._stop_read_ahead(prefetch)  # refused before it held the model
+            with self._state_lock:
+                self._loads_in_flight -= 1
         moved = ""
         if stopped:
             moved = (
@@ -140,6 +149,29 @@ class ModelManager:
             )
         message = f"loaded {config.display_name} in {loaded.status.load_seconds:.1f} s{moved}"
         return LoadReport.of(loaded.status, "loaded", message, bool(stopped))
+
+    def _read_ahead(
+        self, config: LoadConfig, hardware: Hardware, mine: CheckpointPrefetch | None
+    ) -> CheckpointPrefetch | None:
+        """Read ``config``'s checkpoint ahead (:mod:`optdemo.prefetch`), keeping ``mine`` if this
+        load has one already; any other load's read-ahead is stopped first: one at a time, so that
+        two never evict each other, and the one that holds the model wins."""
+        with self._state_lock:
+            other = self._reading if self._reading is not mine else None
+        self._stop_read_ahead(other)
+        if mine is None or mine.stopped.is_set():  # none yet, or stopped by another load
+            mine = start_prefetch(config, hardware)
+        with self._state_lock:
+            self._reading = mine
+        return mine
+
+    def _stop_read_ahead(self, prefetch: CheckpointPrefetch | None) -> None:
+        if prefetch is None:
+            return
+        prefetch.stop()
+        with self._state_lock:
+            if self._reading is prefetch:
+                self._reading = None
 
     def _register_load(self, config: LoadConfig) -> int:
         """Record ``config`` as the newest load request; returns its number."""

@@ -138,10 +138,3 @@ def start_prefetch(config: LoadConfig, hardware: Hardware) -> CheckpointPrefetch
     except (OSError, ValueError, KeyError):
         return None  # a hint only: the load reads the files itself and reports what is wrong
     return CheckpointPrefetch(ranges) if ranges else None
-
-
-def hand_over(prefetch: CheckpointPrefetch | None) -> None:
-    """The model is loaded: stop reading. Its own warm-up takes over with the exact split and maps
-    what was read so far from the page cache."""
-    if prefetch is not None:
-        prefetch.stop()

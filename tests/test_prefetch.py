@@ -8,6 +8,7 @@ import math
 import mmap
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -147,13 +148,15 @@ def test_only_a_local_cpu_run_of_the_stored_dtype_is_prefetched(sharded, tmp_pat
 
 @pytest.fixture
 def started(monkeypatch, manager) -> list[tuple[CheckpointPrefetch | None, bool]]:
-    """Every prefetch the manager starts, and whether a model was loaded when it started."""
+    """Every prefetch the manager starts, and whether a model was loaded or another prefetch still
+    reading when it started (either would be evicted by it)."""
     seen: list[tuple[CheckpointPrefetch | None, bool]] = []
     original = manager_module.start_prefetch
 
     def recording(config, hardware):
+        reading = [p for p, *_ in seen if p is not None and not p.done.is_set()]
         prefetch = original(config, hardware)
-        seen.append((prefetch, manager._loaded is not None))
+        seen.append((prefetch, manager._loaded is not None or bool(reading)))
         return prefetch
 
     monkeypatch.setattr(manager_module, "start_prefetch", recording)
@@ -220,3 +223,35 @@ def test_a_truncated_checkpoint_is_read_as_far_as_it_goes_without_hanging(sharde
     # A file that shrinks after its header was read: the chunks past its end are skipped.
     beyond = CheckpointPrefetch([Segment(str(last), 0, size)])
     assert beyond.done.wait(30)
+
+
+def test_concurrent_loads_never_read_ahead_side_by_side(manager, sharded, tmp_path, started, monkeypatch):
+    from optdemo.errors import OptdemoError
+
+    fetch = CheckpointPrefetch._fetch
+
+    def slow_fetch(self, chunk):  # a slow disk: each load's read-ahead outlasts the other's start
+        time.sleep(0.2)
+        fetch(self, chunk)
+
+    monkeypatch.setattr(CheckpointPrefetch, "_fetch", slow_fetch)
+    budgets = ["cpu=700KiB", "cpu=500KiB", "cpu=600KiB"]
+    outcomes: list[str] = []
+
+    def load(budget: str) -> None:
+        try:
+            manager.load(LoadConfig(str(sharded), max_memory=budget, offload_folder=str(tmp_path / budget)))
+            outcomes.append("loaded")
+        except OptdemoError as exc:  # a newer request may supersede a waiting one
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=load, args=(budget,)) for budget in budgets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert "loaded" in outcomes and manager._loaded is not None
+    assert started and not any(beside for _, beside in started)  # never beside a model or a read
+    if not GPU_COUNT:
+        assert all(prefetch is not None for prefetch, _ in started)
+    assert manager._loads_in_flight == 0
