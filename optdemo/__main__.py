@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from optdemo import convert
-from optdemo.budget import format_bytes
-from optdemo.config import LoadConfig
-from optdemo.errors import OptdemoError
-from optdemo.generation import GenerationParams
-from optdemo.manager import ModelManager
-from optdemo.planner import device_label, plan_device_map
+from optdemo.core.budget import format_bytes
+from optdemo.core.errors import OptdemoError
+from optdemo.core.generation import GenerationParams
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.planner import device_label, plan_device_map
+from optdemo.runtime.manager import ModelManager
+from optdemo.weights import convert
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:

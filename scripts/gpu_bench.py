@@ -33,8 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from optdemo.budget import parse_max_memory
-from optdemo.paths import cache_dir
+from optdemo.core.budget import parse_max_memory
+from optdemo.core.paths import cache_dir
 from tools.bench import timed_greedy
 
 SIDES = ("plain", "accelerate", "gpu", "cpu")
@@ -52,8 +52,8 @@ def build_checkpoint(arch: str, dest: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from optdemo.catalog import catalog_config_dict
-    from optdemo.synthetic import build_tokenizer
+    from optdemo.core.catalog import catalog_config_dict
+    from optdemo.models.synthetic import build_tokenizer
 
     if (dest / "config.json").exists():
         return dest
@@ -107,8 +107,8 @@ def run_worker(side: str, model_dir: str, max_memory: str, offload: bool, tokens
             offload_folder=folder,
         )
     else:
-        from optdemo.config import LoadConfig
-        from optdemo.manager import ModelManager
+        from optdemo.core.load_config import LoadConfig
+        from optdemo.runtime.manager import ModelManager
 
         manager = ModelManager()
         config = LoadConfig(
@@ -155,8 +155,8 @@ def _spawn(side: str, model_dir: Path, max_memory: str, offload: bool, tokens: i
 def offloaded_bytes(model_dir: Path, max_memory: str) -> dict[str, int]:
     """Bytes per tier of the plan (equal to the actual map: the planner runs transformers' own
     device-map function), for the floors."""
-    from optdemo.config import LoadConfig
-    from optdemo.planner import plan_device_map
+    from optdemo.core.load_config import LoadConfig
+    from optdemo.plan.planner import plan_device_map
 
     plan = plan_device_map(LoadConfig(str(model_dir), dtype="float16", max_memory=max_memory))
     return {str(k): v for k, v in plan.bytes_per_device.items()}
@@ -260,7 +260,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> int:
     """The parent process: everything but the measured runs themselves."""
     import torch
 
-    from optdemo.speed import choose_policy, measured_bandwidths
+    from optdemo.plan.speed import choose_policy, measured_bandwidths
 
     started = time.perf_counter()
     out = Path(args.out)

@@ -13,11 +13,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from optdemo.chat_prompt import PLAIN_FORMAT, ChatTurn, check_max_new_tokens
-from optdemo.defaults import MAX_NEW_TOKENS_LIMIT
-from optdemo.errors import NoModelError
-from optdemo.generation import GenerationParams, GenerationStats, GenerationUpdate
-from optdemo.manager import ModelManager
+from optdemo.core.chat_prompt import PLAIN_FORMAT, ChatTurn, check_max_new_tokens
+from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT
+from optdemo.core.errors import NoModelError
+from optdemo.core.generation import GenerationParams, GenerationStats, GenerationUpdate
+from optdemo.runtime.manager import ModelManager
 
 FAKE_TOKEN = "hf_FAKEtoken123"  # set as HF_TOKEN while an app runs: it must never come back
 
@@ -109,8 +109,8 @@ def running_app(
     ``HF_TOKEN`` is set to ``token`` for the app's lifetime (and restored after), so tests can check
     that it never leaks into a response.
     """
-    from optdemo.settings import parse_settings
-    from optdemo.ui import create_app, launch
+    from optdemo.app.settings import parse_settings
+    from optdemo.web import create_app, launch
 
     with _env("HF_TOKEN", token):
         demo, service = create_app(parse_settings(list(flags), env={}), manager)
@@ -145,9 +145,9 @@ def config_ui(manager: object = None, **settings: object) -> tuple[Any, Any]:
     tests without a browser."""
     import gradio as gr
 
-    from optdemo.service import DemoService
-    from optdemo.settings import AppSettings
-    from optdemo.ui import config_tab
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
+    from optdemo.web.tabs import config as config_tab
 
     service = DemoService(manager or ModelManager(), AppSettings(**settings))  # type: ignore[arg-type]
     with gr.Blocks():

@@ -31,8 +31,8 @@ if _ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
-from optdemo.hardware import probe_hardware  # noqa: E402
-from optdemo.synthetic import TINY_OVERRIDES  # noqa: E402
+from optdemo.models.synthetic import TINY_OVERRIDES  # noqa: E402
+from optdemo.system.hardware import probe_hardware  # noqa: E402
 
 # Exact sizes of the tiny model (TINY_OVERRIDES, float32), from OPT's architecture:
 # hidden 64, ffn 256, 6 layers, vocab 512, 512 positions (+2 offset rows), tied lm_head.
@@ -61,7 +61,9 @@ def fresh_module_caches() -> Iterator[None]:
     """Every test starts with empty in-process caches (resolved models, meta models, the catalog),
     so that no test depends on what another one planned or loaded before it, and none has to copy a
     model folder to get a cache entry of its own."""
-    from optdemo import catalog, models, planner
+    from optdemo.core import catalog
+    from optdemo.models import source as models
+    from optdemo.plan import planner
 
     def clear() -> None:
         with models._cache_lock:
@@ -85,8 +87,8 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def build_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, **options: str) -> Path:
     """The tiny OPT (float32, random weights, with its tokenizer) in a fresh folder; ``options``
-    go to :func:`~optdemo.synthetic.build_random_opt` (format, shard size)."""
-    from optdemo.synthetic import build_random_opt
+    go to :func:`~optdemo.models.synthetic.build_random_opt` (format, shard size)."""
+    from optdemo.models.synthetic import build_random_opt
 
     return build_random_opt(
         tmp_path_factory.mktemp(name), "opt-125m", overrides=TINY_OVERRIDES, dtype="float32", **options
@@ -112,7 +114,7 @@ def tiny_bin_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def manager():
     """A fresh ModelManager; whatever it loaded is unloaded afterwards."""
-    from optdemo.manager import ModelManager
+    from optdemo.runtime.manager import ModelManager
 
     mgr = ModelManager()
     yield mgr

@@ -55,7 +55,7 @@ def free_port() -> int:
 
 def build_served_model(root: Path) -> Path:
     """A tiny random OPT with its tokenizer and a chat template, for the engine to serve."""
-    from optdemo.synthetic import TINY_OVERRIDES, build_random_opt
+    from optdemo.models.synthetic import TINY_OVERRIDES, build_random_opt
 
     path = build_random_opt(root / "served-opt", "opt-125m", overrides=TINY_OVERRIDES, dtype="float32")
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from optdemo.access import AccessPolicy
-from optdemo.config import LoadConfig
-from optdemo.errors import AccessError
-from optdemo.sessions import SessionStore
-from optdemo.settings import AppSettings, parse_settings
+from optdemo.app.access import AccessPolicy
+from optdemo.app.sessions import SessionStore
+from optdemo.app.settings import AppSettings, parse_settings
+from optdemo.core.errors import AccessError
+from optdemo.core.load_config import LoadConfig
 
 ADMIN = (("admin", "s3cret"),)
 
@@ -201,8 +201,8 @@ def test_the_operator_sets_what_admins_may_use(tmp_path: Path) -> None:
 
 
 def test_admins_plan_and_load_through_the_service(tiny_model_dir: Path) -> None:
-    from optdemo.manager import ModelManager
-    from optdemo.service import DemoService
+    from optdemo.app.service import DemoService
+    from optdemo.runtime.manager import ModelManager
 
     allowed = (str(tiny_model_dir),)
     settings = AppSettings(model="opt-125m", lock_config=True, auth=ADMIN, admin_allow_models=allowed)
@@ -218,11 +218,11 @@ def test_admins_plan_and_load_through_the_service(tiny_model_dir: Path) -> None:
 def test_with_no_model_visitors_are_told_who_can_load_one() -> None:
     import pytest
 
-    from optdemo.errors import NoModelError, NoModelForVisitorsError
-    from optdemo.generation import GenerationParams
-    from optdemo.manager import ModelManager
-    from optdemo.service import DemoService
-    from optdemo.ui.errors import to_gradio_error
+    from optdemo.app.service import DemoService
+    from optdemo.core.errors import NoModelError, NoModelForVisitorsError
+    from optdemo.core.generation import GenerationParams
+    from optdemo.runtime.manager import ModelManager
+    from optdemo.web.errors import to_gradio_error
 
     params = GenerationParams(max_new_tokens=4)
     public = DemoService(ModelManager(), AppSettings(lock_config=True, auth=ADMIN))

@@ -20,7 +20,7 @@ from app_fixtures import FAKE_TOKEN, RunningApp, running_app
 from conftest import GPU_COUNT, TINY_TOTAL_BYTES
 from gradio_client.exceptions import AppError
 
-from optdemo.budget import describe_gpu_count
+from optdemo.core.budget import describe_gpu_count
 
 pytestmark = pytest.mark.slow
 

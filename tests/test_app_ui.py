@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from optdemo.budget import Device
-from optdemo.errors import BudgetError, ConfigError, GenerationError, OptdemoError
-from optdemo.planner import Block, Plan
-from optdemo.settings import (
+from optdemo.app.settings import (
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MAX_NEW_TOKENS_CAP,
     AppSettings,
     parse_settings,
 )
+from optdemo.core.budget import Device
+from optdemo.core.errors import BudgetError, ConfigError, GenerationError, OptdemoError
+from optdemo.plan.planner import Block, Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "optdemo/tiny-opt"
@@ -79,16 +79,16 @@ def od_blocks(picture: str) -> list[dict[str, str]]:
 def opt66b_plan() -> Plan:
     """A real plan (meta model, no weights) of opt-66b on a 5 GiB GPU and 20 GiB of RAM: GPU, CPU
     and disk all used (whether it fits depends on this machine's free disk)."""
-    from optdemo.config import LoadConfig
-    from optdemo.planner import plan_device_map
+    from optdemo.core.load_config import LoadConfig
+    from optdemo.plan.planner import plan_device_map
 
     return plan_device_map(LoadConfig("facebook/opt-66b", max_memory="0=5GiB,cpu=20GiB"))
 
 
 # ---------------------------------------------------------------------------------- render
 def test_device_label_and_color() -> None:
-    from optdemo.planner import device_label
-    from optdemo.ui.render import DEVICE_COLORS, GPU_COLORS, device_color
+    from optdemo.plan.planner import device_label
+    from optdemo.web.render import DEVICE_COLORS, GPU_COLORS, device_color
 
     assert device_label(0) == "GPU 0"
     assert device_label(3) == "GPU 3"
@@ -105,7 +105,7 @@ def test_device_label_and_color() -> None:
 
 
 def test_render_device_map_one_block_per_module() -> None:
-    from optdemo.ui.render import render_device_map
+    from optdemo.web.render import render_device_map
 
     plan = make_plan([0, 0, "cpu", "disk"])
     picture = render_device_map(plan, title="Plan <preview>")
@@ -137,7 +137,7 @@ def test_render_device_map_one_block_per_module() -> None:
 
 
 def test_render_device_map_outlines_differences_from_the_plan() -> None:
-    from optdemo.ui.render import render_device_map
+    from optdemo.web.render import render_device_map
 
     plan = make_plan(["cpu", "cpu", "disk"])
     actual = dict(plan.device_map)
@@ -159,7 +159,7 @@ def test_render_device_map_outlines_differences_from_the_plan() -> None:
 
 
 def test_device_map_rows() -> None:
-    from optdemo.ui.render import device_map_rows
+    from optdemo.web.render import device_map_rows
 
     plan = make_plan([0, "cpu"])
     rows = device_map_rows(plan)
@@ -181,7 +181,7 @@ def test_device_map_rows() -> None:
 
 
 def test_plan_summary_fits() -> None:
-    from optdemo.ui.render import plan_summary
+    from optdemo.web.render import plan_summary
 
     summary = plan_summary(make_plan(["cpu", "cpu"], warnings=("a warning",)))
     assert "**opt-small**" in summary
@@ -191,7 +191,7 @@ def test_plan_summary_fits() -> None:
 
 
 def test_plan_summary_does_not_fit() -> None:
-    from optdemo.ui.render import plan_summary
+    from optdemo.web.render import plan_summary
 
     warning = "budget 16 KiB cannot hold opt-small: give an offload folder"
     summary = plan_summary(make_plan(["cpu", "disk"], blockers=(warning,)))
@@ -201,7 +201,7 @@ def test_plan_summary_does_not_fit() -> None:
 
 
 def test_real_plan_on_three_devices(opt66b_plan: Plan) -> None:
-    from optdemo.ui.render import device_map_rows, plan_summary, render_device_map
+    from optdemo.web.render import device_map_rows, plan_summary, render_device_map
 
     summary = plan_summary(opt66b_plan)
     assert ("does not fit" in summary) is (not opt66b_plan.fits)
@@ -218,7 +218,7 @@ def test_real_plan_on_three_devices(opt66b_plan: Plan) -> None:
 
 # ---------------------------------------------------------------------------------- config tab
 def test_budget_spec_from_sliders() -> None:
-    from optdemo.ui.config_tab import budget_spec
+    from optdemo.web.tabs.config import budget_spec
 
     assert budget_spec([5.0], 20.0, "") == "0=5120MiB,cpu=20480MiB"
     assert budget_spec([], 1.5, "") == "cpu=1536MiB"
@@ -226,8 +226,8 @@ def test_budget_spec_from_sliders() -> None:
 
 
 def test_budget_spec_advanced_field_wins() -> None:
-    from optdemo.budget import parse_max_memory
-    from optdemo.ui.config_tab import budget_spec
+    from optdemo.core.budget import parse_max_memory
+    from optdemo.web.tabs.config import budget_spec
 
     assert budget_spec([5.0], 20.0, "  0=1GiB,cpu=2GiB ") == "0=1GiB,cpu=2GiB"
     # What the sliders produce is a valid max_memory.
@@ -236,9 +236,9 @@ def test_budget_spec_advanced_field_wins() -> None:
 
 
 def test_status_text() -> None:
-    from optdemo.config import LoadConfig
-    from optdemo.status import ModelStatus
-    from optdemo.ui.config_tab import status_text
+    from optdemo.core.load_config import LoadConfig
+    from optdemo.runtime.status import ModelStatus
+    from optdemo.web.tabs.config import status_text
 
     assert status_text(ModelStatus(None)).startswith("No model loaded yet")
     loaded = ModelStatus(
@@ -254,8 +254,8 @@ def test_status_text() -> None:
 
 
 def test_quantization_available_without_gpu() -> None:
-    from optdemo.hardware import Hardware
-    from optdemo.ui.config_tab import hardware_summary, quantization_availability
+    from optdemo.system.hardware import Hardware
+    from optdemo.web.tabs.config import hardware_summary, quantization_availability
 
     hardware = Hardware(
         gpus=(),
@@ -272,7 +272,7 @@ def test_quantization_available_without_gpu() -> None:
 
 # ---------------------------------------------------------------------------------- chat tab
 def test_to_messages() -> None:
-    from optdemo.ui.chat_tab import to_messages
+    from optdemo.web.tabs.chat import to_messages
 
     turns = [
         {"user": "Hi", "assistant": "Hello!", "stats": "3 tokens · 12.0 tokens/s"},
@@ -292,7 +292,7 @@ def test_to_messages() -> None:
 def test_optdemo_error_message_passes_through() -> None:
     import gradio as gr
 
-    from optdemo.ui.errors import to_gradio_error, user_errors
+    from optdemo.web.errors import to_gradio_error, user_errors
 
     message = "max_memory names GPU 3 but this machine has no GPU: remove it from the budget"
     for exc_type in (OptdemoError, BudgetError, ConfigError, GenerationError):
@@ -314,7 +314,7 @@ def test_optdemo_error_message_passes_through() -> None:
 def test_unexpected_error_says_the_app_is_still_running(caplog: pytest.LogCaptureFixture) -> None:
     import gradio as gr
 
-    from optdemo.ui.errors import to_gradio_error, user_errors
+    from optdemo.web.errors import to_gradio_error, user_errors
 
     err = to_gradio_error(KeyError("blocks"))
     assert isinstance(err, gr.Error)
@@ -338,7 +338,7 @@ def test_user_errors_wraps_generators_and_keeps_signatures() -> None:
 
     import gradio as gr
 
-    from optdemo.ui.errors import user_errors
+    from optdemo.web.errors import user_errors
 
     def stream(prompt: str, max_new_tokens: int = 64):
         yield prompt
@@ -369,7 +369,7 @@ def test_user_errors_wraps_generators_and_keeps_signatures() -> None:
 
 
 def test_errors_never_show_the_hub_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    from optdemo.ui.errors import to_gradio_error
+    from optdemo.web.errors import to_gradio_error
 
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEtoken123")
     for exc in (OptdemoError("401 with token hf_FAKEtoken123"), RuntimeError("auth hf_FAKEtoken123")):
@@ -625,9 +625,9 @@ def test_import_app_is_light() -> None:
 def test_suggested_budget_survives_the_sliders():
     """The sliders start at the suggested budget; what they send back must be the same
     configuration, or pressing Load on an unchanged form would reload instead of reuse."""
-    from optdemo.budget import parse_max_memory
-    from optdemo.hardware import GpuInfo, Hardware, suggest_budget
-    from optdemo.ui.config_tab import GIB, budget_spec
+    from optdemo.core.budget import parse_max_memory
+    from optdemo.system.hardware import GpuInfo, Hardware, suggest_budget
+    from optdemo.web.tabs.config import GIB, budget_spec
 
     for ram, gpu_free in ((23.5 * GIB, None), (16 * GIB + 12345, 7_999_999_999), (64 * GIB, 10 * GIB + 1)):
         gpus = () if gpu_free is None else (GpuInfo(0, "GPU", 16 * GIB, gpu_free),)
@@ -639,11 +639,11 @@ def test_suggested_budget_survives_the_sliders():
 
 
 def test_conversion_cache_is_shown_and_cleared_by_admins_only(tiny_bin_model_dir, tmp_path, monkeypatch):
-    from optdemo import convert
-    from optdemo.errors import AccessError
-    from optdemo.manager import ModelManager
-    from optdemo.service import DemoService
-    from optdemo.settings import AppSettings
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
+    from optdemo.core.errors import AccessError
+    from optdemo.runtime.manager import ModelManager
+    from optdemo.weights import convert
 
     monkeypatch.setenv("OPTDEMO_CACHE", str(tmp_path))
     source = str(tiny_bin_model_dir)

@@ -1,4 +1,4 @@
-"""The import graph keeps its shape: no cycles among optdemo's modules, gradio only in optdemo/ui/,
+"""The import graph keeps its shape: no cycles among optdemo's modules, gradio only in optdemo/web/,
 and the engine never imports the tools.
 
 Every import statement counts, the ones inside functions too (an import moved into a function
@@ -92,10 +92,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_graph_sees_the_known_imports() -> None:
     graph = _graph()
-    assert "optdemo.planner" in graph["optdemo.loader"]
-    assert "optdemo.convert" in graph["optdemo.loader"]  # `from optdemo import convert`
-    assert "optdemo.construction" in graph["optdemo.synthetic"]
-    assert "optdemo.ui" in graph["app"]  # imported inside main(): still counted
+    assert "optdemo.plan.planner" in graph["optdemo.runtime.loader"]
+    assert "optdemo.weights.convert" in graph["optdemo.runtime.loader"]  # `from optdemo import convert`
+    assert "optdemo.core.construction" in graph["optdemo.models.synthetic"]
+    assert "optdemo.web" in graph["app"]  # imported inside main(): still counted
 
 
 def test_finds_a_cycle_hidden_in_a_function() -> None:
@@ -112,14 +112,14 @@ def test_gradio_only_in_the_ui_package() -> None:
     offenders = {
         name: sorted(m for m in imported if m.split(".")[0] in HEAVY_UI)
         for name, imported in _graph().items()
-        if name.startswith("optdemo") and not name.startswith("optdemo.ui")
+        if name.startswith("optdemo") and not name.startswith("optdemo.web")
     }
     assert {name: mods for name, mods in offenders.items() if mods} == {}
 
 
 def test_the_engine_never_imports_the_tools() -> None:
     graph = _graph()
-    assert graph["tools.loadtest"] & {"optdemo.settings"}  # the scan sees tools' own imports
+    assert graph["tools.loadtest"] & {"optdemo.app.settings"}  # the scan sees tools' own imports
     assert {
         name: sorted(m for m in imported if m.split(".")[0] == "tools")
         for name, imported in graph.items()

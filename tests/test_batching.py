@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from conftest import TINY_TOTAL_BYTES
 
-from optdemo.batch_memory import batch_in_force, batch_room, kv_bytes_per_token
-from optdemo.budget import parse_max_memory
-from optdemo.config import LoadConfig
-from optdemo.errors import GenerationError
-from optdemo.generation import GenerationParams, GenerationUpdate
-from optdemo.manager import ModelManager
-from optdemo.planner import plan_device_map
+from optdemo.core.budget import parse_max_memory
+from optdemo.core.errors import GenerationError
+from optdemo.core.generation import GenerationParams, GenerationUpdate
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.kv_room import batch_in_force, batch_room, kv_bytes_per_token
+from optdemo.plan.planner import plan_device_map
+from optdemo.runtime.manager import ModelManager
 
 pytestmark = pytest.mark.slow
 
@@ -293,7 +293,7 @@ def test_kv_bytes_are_layers_times_two_times_hidden_times_dtype(tiny_model_dir):
         "KV cache: 1.5 MiB per 512-token sequence; the budget leaves 2.6 MiB next to the weights, "
         "room for 1 such sequence at once (--max-batch 8: 1 decoded together)"
     )
-    from optdemo.ui.render import plan_summary  # the Configuration tab's plan summary shows it
+    from optdemo.web.render import plan_summary  # the Configuration tab's plan summary shows it
 
     assert room.text() in plan_summary(plan).splitlines()
     assert plan.to_dict()["batch"] == {
@@ -422,9 +422,9 @@ def chat_tab_with(updates: list[GenerationUpdate]):
     import gradio as gr
     from app_fixtures import ScriptedManager
 
-    from optdemo.service import DemoService
-    from optdemo.settings import AppSettings
-    from optdemo.ui import chat_tab
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
+    from optdemo.web.tabs import chat as chat_tab
 
     class Waiting(ScriptedManager):
         def stream_completion(self, prompt, params, stop_event=None, max_new_tokens_cap=0):
@@ -441,8 +441,8 @@ def chat_tab_with(updates: list[GenerationUpdate]):
 def test_the_chat_tab_shows_the_place_in_line_then_whether_the_reply_shared_the_model():
     from types import SimpleNamespace
 
-    from optdemo.generation import GenerationStats
-    from optdemo.ui import chat_tab
+    from optdemo.core.generation import GenerationStats
+    from optdemo.web.tabs import chat as chat_tab
 
     stats = GenerationStats(3, 2, 0.5, 0.6, 10.0, batch_size=2)
     updates = [
@@ -468,7 +468,7 @@ def test_the_chat_tab_shows_the_place_in_line_then_whether_the_reply_shared_the_
 
 
 def test_the_stats_say_whether_a_reply_ran_alone():
-    from optdemo.generation import GenerationStats
+    from optdemo.core.generation import GenerationStats
 
     assert GenerationStats(3, 2, 0.5, 0.6, 10.0, batch_size=1).summary().endswith(" · alone on the model")
     assert "model" not in GenerationStats(3, 2, 0.5, 0.6, 10.0).summary()  # unknown: not said
@@ -477,7 +477,7 @@ def test_the_stats_say_whether_a_reply_ran_alone():
 def test_the_serving_line_counts_replies_running_and_waiting(monkeypatch):
     from types import SimpleNamespace
 
-    from optdemo.ui import chat_tab
+    from optdemo.web.tabs import chat as chat_tab
 
     service, tab, _ = chat_tab_with([])
     request = SimpleNamespace(session_hash="s")
@@ -492,10 +492,10 @@ def test_the_serving_line_counts_replies_running_and_waiting(monkeypatch):
 
 # ---------------------------------------------------------------------------------- --max-batch
 def test_max_batch_comes_from_the_flag_or_the_environment_and_reaches_the_engine():
-    from optdemo import defaults
-    from optdemo.errors import ConfigError
-    from optdemo.settings import parse_settings
-    from optdemo.ui import create_app
+    from optdemo.app.settings import parse_settings
+    from optdemo.core import defaults
+    from optdemo.core.errors import ConfigError
+    from optdemo.web import create_app
 
     assert parse_settings([], env={}).max_batch == defaults.DEFAULT_MAX_BATCH == 8
     assert parse_settings([], env={"OPTDEMO_MAX_BATCH": "5"}).max_batch == 5
@@ -521,7 +521,7 @@ def test_a_lone_bfloat16_request_decodes_beside_a_ghost_that_joins_and_leaves_cl
     import torch
     from transformers import DynamicCache, OPTConfig
 
-    from optdemo.padded_batch import PaddedBatch
+    from optdemo.runtime.batching.padded_batch import PaddedBatch
 
     config = OPTConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=2)
 
@@ -549,7 +549,7 @@ def test_row_attention_computes_each_padded_row_as_it_would_alone() -> None:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from optdemo.row_attention import rowwise_sdpa
+    from optdemo.runtime.batching.row_attention import rowwise_sdpa
 
     class Attention(torch.nn.Module):
         is_causal = True

@@ -385,7 +385,7 @@ def test_a_waiting_reply_shows_its_place_in_line_and_the_serving_line_counts(bro
     from app_fixtures import ScriptedManager
     from playwright.sync_api import expect
 
-    from optdemo.generation import GenerationUpdate
+    from optdemo.core.generation import GenerationUpdate
 
     waiting = "Waiting for the model: number 1 in line (8 replies being written, at most 8 at once)"
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optdemo.budget import (
+from optdemo.core.budget import (
     MAX_DEVICE_BYTES,
     MemoryBudget,
     describe_gpu_count,
@@ -16,7 +16,7 @@ from optdemo.budget import (
     parse_max_memory,
     parse_size,
 )
-from optdemo.errors import BudgetError, OptdemoError
+from optdemo.core.errors import BudgetError, OptdemoError
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 GB = 10**9

@@ -1,4 +1,4 @@
-"""Saved chats: the browser store's logic (optdemo.chats) and the Chat tab's saved-chats handlers,
+"""Saved chats: the browser store's logic (optdemo.app.chats) and the Chat tab's saved-chats handlers,
 without a browser. The store lives in the browser (BrowserState); these functions only transform it.
 """
 
@@ -11,11 +11,12 @@ import gradio as gr
 import pytest
 from app_fixtures import ScriptedManager
 
-from optdemo import chats
-from optdemo.service import DemoService
-from optdemo.settings import AppSettings
-from optdemo.ui import chat_history, chat_tab
-from optdemo.ui.chat_tab import ChatTab, to_messages
+from optdemo.app import chats
+from optdemo.app.service import DemoService
+from optdemo.app.settings import AppSettings
+from optdemo.web.tabs import chat as chat_tab
+from optdemo.web.tabs import chat_history
+from optdemo.web.tabs.chat import ChatTab, to_messages
 
 REQUEST = SimpleNamespace(session_hash="session-1")
 

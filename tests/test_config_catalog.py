@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from optdemo.budget import MemoryBudget, parse_max_memory
-from optdemo.catalog import OPT_SIZES, TINY_MODEL_ID, catalog, catalog_config_dict, catalog_entry
-from optdemo.config import LoadConfig, normalize_model
-from optdemo.errors import BudgetError, ConfigError, OptdemoError
-from optdemo.models import hub_error_message, resolve_model, scrub_token
+from optdemo.core.budget import MemoryBudget, parse_max_memory
+from optdemo.core.catalog import OPT_SIZES, TINY_MODEL_ID, catalog, catalog_config_dict, catalog_entry
+from optdemo.core.errors import BudgetError, ConfigError, OptdemoError
+from optdemo.core.load_config import LoadConfig, normalize_model
+from optdemo.models.source import hub_error_message, resolve_model, scrub_token
 
 # ---------------------------------------------------------------- LoadConfig normalisation
 
@@ -260,7 +260,7 @@ def test_shipped_config_is_the_published_architecture(name: str) -> None:
 def test_meta_model_has_the_catalog_parameter_count(name: str) -> None:
     import torch
 
-    from optdemo.planner import meta_model
+    from optdemo.plan.planner import meta_model
 
     source = resolve_model(LoadConfig(name).model)
     assert source.kind == "catalog"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from optdemo import convert
-from optdemo.config import LoadConfig
-from optdemo.errors import CacheInUseError
+from optdemo.core.errors import CacheInUseError
+from optdemo.core.load_config import LoadConfig
+from optdemo.weights import convert
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_a_hub_model_is_keyed_by_the_commit_main_points_to(tmp_path, fresh_cache
 def test_safetensors_in_another_dtype_are_recast_so_disk_layers_map(
     manager, tiny_model_dir, tmp_path, fresh_cache
 ):
-    from optdemo.planner import plan_device_map
+    from optdemo.plan.planner import plan_device_map
 
     assert convert.stored_dtype(str(tiny_model_dir)) == "float32"
     config = LoadConfig(
@@ -117,8 +117,8 @@ def test_safetensors_in_another_dtype_are_recast_so_disk_layers_map(
 def test_clearing_the_cache_the_loaded_model_reads_is_refused(
     manager, tiny_bin_model_dir, tmp_path, fresh_cache
 ):
-    from optdemo.service import DemoService
-    from optdemo.settings import AppSettings
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
 
     service = DemoService(manager, AppSettings())
     manager.load(LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB"))
@@ -131,9 +131,9 @@ def test_clearing_the_cache_the_loaded_model_reads_is_refused(
 
 
 def test_killed_conversions_are_counted_and_cleaned(tiny_bin_model_dir, fresh_cache):
-    from optdemo.manager import ModelManager
-    from optdemo.service import DemoService
-    from optdemo.settings import AppSettings
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
+    from optdemo.runtime.manager import ModelManager
 
     target = convert.entry_path(str(tiny_bin_model_dir), None, "float32", str(tiny_bin_model_dir))
     target.parent.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """The GPU paths on a real GPU: Accelerate dispatch over GPU + CPU + disk of a small random OPT,
 each CPU-layer policy against plain Accelerate (same greedy tokens), the memory bounds stated in
-optdemo/gpu_offload.py (GPU: budget + two blocks; host: no second copy), memory back after
+optdemo/runtime/tiers/gpu_policy.py (GPU: budget + two blocks; host: no second copy), memory back after
 unload, and bitsandbytes 8-bit / 4-bit. Skipped where there is no CUDA GPU; scripts/gpu-check.sh
 runs them on one."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from optdemo.budget import parse_max_memory
-from optdemo.config import LoadConfig
-from optdemo.manager import ModelManager
-from optdemo.synthetic import TOKENIZER_VOCAB_SIZE, build_random_opt
+from optdemo.core.budget import parse_max_memory
+from optdemo.core.load_config import LoadConfig
+from optdemo.models.synthetic import TOKENIZER_VOCAB_SIZE, build_random_opt
+from optdemo.runtime.manager import ModelManager
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,20 +1,20 @@
-"""One home for each limit, default and wait time (optdemo/defaults.py), and engine messages that
+"""One home for each limit, default and wait time (optdemo/core/defaults.py), and engine messages that
 never name the UI."""
 
 from __future__ import annotations
 
 import pytest
 
-from optdemo import defaults
-from optdemo import manager as manager_module
-from optdemo.config import LoadConfig
-from optdemo.errors import BusyError, ConfigError, NoModelError
-from optdemo.generation import GenerationParams
-from optdemo.hardware import Hardware, quantization_unavailable
-from optdemo.loader import preflight
-from optdemo.manager import ModelManager
-from optdemo.service import DemoService
-from optdemo.settings import AppSettings, parse_settings
+from optdemo.app.service import DemoService
+from optdemo.app.settings import AppSettings, parse_settings
+from optdemo.core import defaults
+from optdemo.core.errors import BusyError, ConfigError, NoModelError
+from optdemo.core.generation import GenerationParams
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime import manager as manager_module
+from optdemo.runtime.loader import preflight
+from optdemo.runtime.manager import ModelManager
+from optdemo.system.hardware import Hardware, quantization_unavailable
 
 
 def test_sampling_defaults_come_from_one_place() -> None:
@@ -66,7 +66,7 @@ def test_engine_messages_do_not_name_the_ui() -> None:
 
 
 def test_the_ui_adds_where_to_act() -> None:
-    from optdemo.ui.errors import to_gradio_error
+    from optdemo.web.errors import to_gradio_error
 
     error = to_gradio_error(NoModelError("no model is loaded: load one first"))
     assert error.message == "no model is loaded: load one first (in the Configuration tab)"
@@ -75,7 +75,7 @@ def test_the_ui_adds_where_to_act() -> None:
 def test_one_quantization_check_for_the_form_and_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from optdemo.ui.config_tab import quantization_availability
+    from optdemo.web.tabs.config import quantization_availability
 
     no_gpu = Hardware((), 2**30, 2**30, "/", 2**30)
     assert quantization_unavailable(has_gpu=False) is None  # torch's CPU kernels (issue #11)

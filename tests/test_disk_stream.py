@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import TINY_TOTAL_BYTES
 
-from optdemo.config import LoadConfig
-from optdemo.disk_stream import block_span, release, safetensors_header
-from optdemo.offload import STREAM_DEPTH, place_disk_tier
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime.tiers.disk_map import STREAM_DEPTH, place_disk_tier
+from optdemo.runtime.tiers.disk_stream import block_span, release, safetensors_header
 
 pytestmark = pytest.mark.slow
 IDS = torch.tensor([[2, 10, 20, 30, 40, 50]])
@@ -78,7 +78,7 @@ def test_auto_maps_what_fits_and_streams_the_rest(tiny_model_dir, tmp_path, refe
     model = _offloaded(tiny_model_dir, tmp_path)
     block = 4 * 49984  # one tiny decoder layer in float32
     # Room for one block beside the headroom and the ring: one mapped, three streamed.
-    from optdemo import offload
+    from optdemo.runtime.tiers import disk_map as offload
 
     cpu_tier = TINY_TOTAL_BYTES - 4 * block  # embeddings, final norm, layers 0-1: mapped too
     available = offload._HEADROOM + cpu_tier + STREAM_DEPTH * block + block + 100
@@ -158,7 +158,7 @@ def test_a_block_whose_range_holds_other_weights_stays_mapped(tiny_model_dir, tm
 
 
 def test_loads_choose_the_mode_from_the_configuration(manager, tiny_model_dir, tmp_path, reference):
-    from optdemo.generation import GenerationParams
+    from optdemo.core.generation import GenerationParams
 
     config = LoadConfig(
         str(tiny_model_dir), max_memory="cpu=700KiB", offload_folder=str(tmp_path / "o"), disk_tier="stream"
@@ -177,10 +177,10 @@ def test_loads_choose_the_mode_from_the_configuration(manager, tiny_model_dir, t
 
 
 def test_the_mode_is_set_by_flag_environment_and_service():
-    from optdemo.errors import ConfigError
-    from optdemo.manager import ModelManager
-    from optdemo.service import DemoService
-    from optdemo.settings import parse_settings
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import parse_settings
+    from optdemo.core.errors import ConfigError
+    from optdemo.runtime.manager import ModelManager
 
     assert parse_settings([], env={}).disk_tier == "auto"
     assert parse_settings(["--disk-tier", "stream"], env={}).disk_tier == "stream"
@@ -195,8 +195,8 @@ def test_the_mode_is_set_by_flag_environment_and_service():
 
 
 def test_the_device_map_tab_says_what_was_mapped_and_streamed():
-    from optdemo.offload import DiskTierReport
-    from optdemo.ui.devicemap_tab import disk_tier_text
+    from optdemo.runtime.tiers.disk_map import DiskTierReport
+    from optdemo.web.tabs.devicemap import disk_tier_text
 
     assert disk_tier_text(None) == "" and disk_tier_text(DiskTierReport(0, 0, "no disk layers")) == ""
     report = DiskTierReport(
@@ -223,7 +223,7 @@ def _resident_pages(address: int, length: int) -> int:
 def test_the_resident_part_is_read_in_once_in_execution_order_and_stopped_on_release(
     tiny_model_dir, tmp_path, reference
 ):
-    from optdemo.offload import WARMUP_THREADS, _page_ranges, release_disk_tier
+    from optdemo.runtime.tiers.disk_map import WARMUP_THREADS, _page_ranges, release_disk_tier
 
     model = _offloaded(tiny_model_dir, tmp_path)
     place_disk_tier(model, "map")

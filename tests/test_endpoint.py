@@ -30,16 +30,19 @@ import pytest
 from app_fixtures import config_ui, form_values, running_app
 from engine_fixtures import Engine, free_port, serving
 
-from optdemo.backend import ENDPOINT, LOCAL
-from optdemo.endpoint import ENDPOINT_FORMAT, EndpointBackend
-from optdemo.engine_api import once_more_if_stale, parse_endpoint
-from optdemo.errors import AccessError, ConfigError, EndpointError
-from optdemo.generation import GenerationParams
-from optdemo.manager import ModelManager
-from optdemo.service import DemoService
-from optdemo.settings import AppSettings, parse_settings
-from optdemo.ui import chat_tab, config_tab, devicemap_tab, endpoint_form
-from optdemo.ui.render import status_text
+from optdemo.app.service import DemoService
+from optdemo.app.settings import AppSettings, parse_settings
+from optdemo.core.backend import ENDPOINT, LOCAL
+from optdemo.core.errors import AccessError, ConfigError, EndpointError
+from optdemo.core.generation import GenerationParams
+from optdemo.remote.client import once_more_if_stale, parse_endpoint
+from optdemo.remote.endpoint_backend import ENDPOINT_FORMAT, EndpointBackend
+from optdemo.runtime.manager import ModelManager
+from optdemo.web.render import status_text
+from optdemo.web.tabs import chat as chat_tab
+from optdemo.web.tabs import config as config_tab
+from optdemo.web.tabs import devicemap as devicemap_tab
+from optdemo.web.tabs import endpoint_form
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0)
 TOKEN = "tok-SECRET-123"  # the endpoint's token: it must never come back

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from optdemo import convert
-from optdemo.config import LoadConfig
-from optdemo.generation import GenerationParams
-from optdemo.manager import ModelManager
-from optdemo.planner import Block, Plan
-from optdemo.speed import Bandwidths, predict
+from optdemo.core.generation import GenerationParams
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.planner import Block, Plan
+from optdemo.plan.speed import Bandwidths, predict
+from optdemo.runtime.manager import ModelManager
+from optdemo.weights import convert
 
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0)
 SPLIT = "cpu=700KiB"  # the tiny model: embeddings and a layer in RAM, five layers on disk

@@ -12,9 +12,9 @@ import time
 import psutil
 import pytest
 
-from optdemo.config import LoadConfig
-from optdemo.errors import LoadError, OptdemoError
-from optdemo.generation import GenerationParams
+from optdemo.core.errors import LoadError, OptdemoError
+from optdemo.core.generation import GenerationParams
+from optdemo.core.load_config import LoadConfig
 from tools.loadtest import LoadTestResult, check_loopback, run_load_test
 
 SPLIT = "cpu=700KiB"
@@ -82,8 +82,8 @@ def test_unreachable_hub_is_refused_before_unloading(manager, tiny_model_dir, mo
 def test_memory_stays_flat_over_ten_load_unload_cycles(tmp_path_factory):
     """A 270 MB model loaded and unloaded ten times (alternating RAM and RAM+disk placements):
     resident memory after each load stays within a few percent of the first."""
-    from optdemo.manager import ModelManager
-    from optdemo.synthetic import build_random_opt
+    from optdemo.models.synthetic import build_random_opt
+    from optdemo.runtime.manager import ModelManager
 
     model_dir = build_random_opt(
         tmp_path_factory.mktemp("cycles"), "opt-125m", overrides={"num_hidden_layers": 4}, dtype="float32"
@@ -177,7 +177,7 @@ def test_planning_while_loading_does_not_corrupt_model_construction(manager, tin
     model whole: tied head, no meta weights, and transformers' own methods restored."""
     from transformers import PreTrainedModel
 
-    from optdemo import planner
+    from optdemo.plan import planner
 
     original_tie = PreTrainedModel.tie_weights
     stop = threading.Event()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from optdemo import hub
-from optdemo.config import LoadConfig
-from optdemo.errors import ConfigError, LoadError
-from optdemo.planner import plan_device_map
+from optdemo.core.errors import ConfigError, LoadError
+from optdemo.core.load_config import LoadConfig
+from optdemo.models import hub
+from optdemo.plan.planner import plan_device_map
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,8 +86,8 @@ def test_unreachable_hub_is_detected_once_and_answered_quickly() -> None:
     result = run_offline_script(
         """
         import json, time
-        from optdemo.config import LoadConfig
-        from optdemo.planner import plan_device_map
+        from optdemo.core.load_config import LoadConfig
+        from optdemo.plan.planner import plan_device_map
         plan_device_map(LoadConfig("tiny-opt"))  # imports done
         out = []
         for model in ("someone/unknown-model", "opt-1.3", "someone/other-model"):
@@ -118,10 +118,10 @@ def test_loading_an_opt_size_with_the_hub_unreachable_says_what_to_do() -> None:
     result = run_offline_script(
         """
         import time
-        from optdemo.config import LoadConfig
-        from optdemo.manager import ModelManager
-        from optdemo.service import DemoService
-        from optdemo.settings import AppSettings
+        from optdemo.core.load_config import LoadConfig
+        from optdemo.runtime.manager import ModelManager
+        from optdemo.app.service import DemoService
+        from optdemo.app.settings import AppSettings
         service = DemoService(ModelManager(), AppSettings())
         started = time.perf_counter()
         try:
@@ -146,7 +146,7 @@ def test_a_raw_network_error_from_the_hub_becomes_a_remedy(monkeypatch: pytest.M
     import httpx
     import huggingface_hub
 
-    from optdemo.loader import preflight
+    from optdemo.runtime.loader import preflight
 
     def no_dns(*args: object, **kwargs: object) -> None:
         raise httpx.ConnectError("[Errno -2] Name or service not known")
@@ -177,8 +177,8 @@ def test_a_raw_network_error_from_the_hub_becomes_a_remedy(monkeypatch: pytest.M
 def test_every_load_error_says_what_to_do(exc: BaseException | None) -> None:
     import httpx
 
-    from optdemo.loader import load_error_message
-    from optdemo.models import resolve_model
+    from optdemo.models.source import resolve_model
+    from optdemo.runtime.loader import load_error_message
 
     config = LoadConfig("opt-125m")
     error = exc if exc is not None else httpx.ConnectError("[Errno -2] Name or service not known")
@@ -220,7 +220,7 @@ def test_a_bad_flag_is_one_line_and_exit_2(args: tuple[str, ...], expected: str)
 # ---------------------------------------------------------------- item: public mode dead end
 @pytest.mark.parametrize("flag", ["--share", "--lock-config"])
 def test_public_mode_implies_preload(flag: str) -> None:
-    from optdemo.settings import parse_settings
+    from optdemo.app.settings import parse_settings
 
     assert parse_settings([flag], env={}).preload
     assert parse_settings([], env={"OPTDEMO_LOCK_CONFIG": "1"}).preload
@@ -250,11 +250,11 @@ def test_a_newer_load_supersedes_a_waiting_one_and_errors_name_their_model(
     it), A's failure names A, and C loads."""
     import threading
 
-    from optdemo import manager as manager_module
-    from optdemo.errors import SupersededError
-    from optdemo.manager import ModelManager
-    from optdemo.service import DemoService
-    from optdemo.settings import AppSettings
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
+    from optdemo.core.errors import SupersededError
+    from optdemo.runtime import manager as manager_module
+    from optdemo.runtime.manager import ModelManager
 
     real_load = manager_module.load_model
     release_a = threading.Event()
@@ -305,8 +305,8 @@ def test_a_newer_load_supersedes_a_waiting_one_and_errors_name_their_model(
 
 
 def test_every_load_error_names_its_model() -> None:
-    from optdemo.errors import BusyError
-    from optdemo.service import naming_model
+    from optdemo.app.service import naming_model
+    from optdemo.core.errors import BusyError
 
     config = LoadConfig("opt-1.3b")
     named = naming_model(BusyError("the model is still busy after 2 minutes: try loading again"), config)
@@ -332,8 +332,8 @@ def test_a_model_downloaded_beforehand_loads_with_the_hub_unreachable(
     result = run_offline_script(
         """
         import time
-        from optdemo.config import LoadConfig
-        from optdemo.manager import ModelManager
+        from optdemo.core.load_config import LoadConfig
+        from optdemo.runtime.manager import ModelManager
         started = time.perf_counter()
         report = ModelManager().load(LoadConfig("someone/tiny-chat", max_memory="cpu=1GiB"))
         print(report.status, time.perf_counter() - started)

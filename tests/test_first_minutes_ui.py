@@ -12,11 +12,12 @@ import gradio as gr
 import pytest
 from app_fixtures import config_ui, form_values
 
-from optdemo.manager import ModelManager
-from optdemo.service import DemoService, PlanNotice, PlanView
-from optdemo.settings import AppSettings
-from optdemo.ui import config_tab, devicemap_tab
-from optdemo.ui.app import CSS
+from optdemo.app.service import DemoService, PlanNotice, PlanView
+from optdemo.app.settings import AppSettings
+from optdemo.runtime.manager import ModelManager
+from optdemo.web.blocks import CSS
+from optdemo.web.tabs import config as config_tab
+from optdemo.web.tabs import devicemap as devicemap_tab
 
 REQUEST = SimpleNamespace(session_hash="session-1")
 
@@ -56,7 +57,7 @@ class ReportingManager(ModelManager):
         self.fail = fail
 
     def load(self, config, progress=None):  # type: ignore[no-untyped-def]
-        from optdemo.errors import LoadError
+        from optdemo.core.errors import LoadError
 
         progress(0.5, "Downloading (1.00 GiB of 2.00 GiB)")
         progress(0.25, "Converting opt-1.3b's .bin checkpoint to safetensors (once): 512 MiB of 2.00 GiB")
@@ -95,7 +96,7 @@ def test_a_successful_load_streams_then_reports(tiny_model_dir: Path) -> None:
 
 
 def test_conversion_reports_bytes_and_shards(tiny_bin_model_dir: Path, tmp_path: Path) -> None:
-    from optdemo import convert
+    from optdemo.weights import convert
 
     seen: list[tuple[int, int, int, int]] = []
     source = str(tiny_bin_model_dir)
@@ -108,7 +109,7 @@ def test_conversion_reports_bytes_and_shards(tiny_bin_model_dir: Path, tmp_path:
 
 
 def test_the_load_event_shows_no_overlay_on_the_status() -> None:
-    from optdemo.ui.app import build_app
+    from optdemo.web.blocks import build_app
 
     demo = build_app(DemoService(ModelManager(), AppSettings()))
     loads = [d for d in demo.fns.values() if d.name == "load_live"]
@@ -160,8 +161,8 @@ def test_offload_field_warns_when_the_folder_cannot_be_created(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_the_loader_reports_conversion_bytes_and_shards(manager, tiny_bin_model_dir: Path, fresh_cache):
-    from optdemo.budget import format_bytes
-    from optdemo.config import LoadConfig
+    from optdemo.core.budget import format_bytes
+    from optdemo.core.load_config import LoadConfig
 
     texts: list[tuple[float | None, str]] = []
     config = LoadConfig(str(tiny_bin_model_dir), max_memory="cpu=900KiB")

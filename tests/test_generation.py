@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from optdemo.chat_prompt import (
+from optdemo.core.chat_prompt import (
     CHAT_PREAMBLE,
     CHAT_STOP_STRINGS,
     PLAIN_FORMAT,
@@ -21,9 +21,8 @@ from optdemo.chat_prompt import (
     check_max_new_tokens,
     render_plain,
 )
-from optdemo.config import LoadConfig
-from optdemo.errors import GenerationError
-from optdemo.generation import (
+from optdemo.core.errors import GenerationError
+from optdemo.core.generation import (
     MAX_NEW_TOKENS_LIMIT,
     GenerationParams,
     GenerationStats,
@@ -31,6 +30,7 @@ from optdemo.generation import (
     context_window,
     cut_at_stop,
 )
+from optdemo.core.load_config import LoadConfig
 
 # ---------------------------------------------------------------- parameters
 

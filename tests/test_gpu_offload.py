@@ -12,9 +12,10 @@ import weakref
 import pytest
 import torch
 
-from optdemo.config import LoadConfig
-from optdemo.defaults import DEFAULT_CPU_LAYERS
-from optdemo.gpu_offload import (
+from optdemo.core.defaults import DEFAULT_CPU_LAYERS
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.speed import Bandwidths, choose_policy
+from optdemo.runtime.tiers.gpu_policy import (
     LOG_EVENTS,
     PackedBlock,
     apply_policy,
@@ -25,7 +26,6 @@ from optdemo.gpu_offload import (
     release,
     run_on_cpu,
 )
-from optdemo.speed import Bandwidths, choose_policy
 
 IDS = torch.tensor([[2, 10, 20, 30, 40, 50]])
 GIB = 2**30
@@ -96,7 +96,7 @@ def test_fast_offload_off_means_plain_accelerate_everywhere():
 
 
 def test_plan_carries_the_policy_in_force(tiny_model_dir):
-    from optdemo.planner import plan_device_map
+    from optdemo.plan.planner import plan_device_map
 
     assert plan_device_map(LoadConfig(str(tiny_model_dir), cpu_layers="cpu")).cpu_layers == "cpu"
     off = LoadConfig(str(tiny_model_dir), cpu_layers="cpu", fast_offload=False)
@@ -258,10 +258,10 @@ def test_apply_policy_decides_nothing_without_a_gpu_in_the_map(tiny_model):
 
 # ------------------------------------------------------------------------------ selectable everywhere
 def test_policy_is_selectable_from_flags_environment_and_the_service():
-    from optdemo.errors import ConfigError
-    from optdemo.manager import ModelManager
-    from optdemo.service import DemoService
-    from optdemo.settings import parse_settings
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import parse_settings
+    from optdemo.core.errors import ConfigError
+    from optdemo.runtime.manager import ModelManager
 
     assert parse_settings([], env={}).cpu_layers == DEFAULT_CPU_LAYERS
     flags = parse_settings(["--cpu-layers", "gpu", "--plain-accelerate"], env={})

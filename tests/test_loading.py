@@ -17,12 +17,12 @@ import psutil
 import pytest
 from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES, WHOLE_MODEL_DEVICE
 
-from optdemo.budget import describe_gpu_count
-from optdemo.config import LoadConfig
-from optdemo.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
-from optdemo.generation import GenerationParams
-from optdemo.manager import ModelManager
-from optdemo.planner import Plan, plan_device_map
+from optdemo.core.budget import describe_gpu_count
+from optdemo.core.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
+from optdemo.core.generation import GenerationParams
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.planner import Plan, plan_device_map
+from optdemo.runtime.manager import ModelManager
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +150,7 @@ def test_bin_checkpoint_with_offload_folder_matches_plan(
 def test_bin_checkpoint_with_fast_offload_is_converted_once(
     manager, tiny_bin_model_dir: Path, fresh_cache: Path
 ) -> None:
-    from optdemo.convert import cache_entries, converted_root
+    from optdemo.weights.convert import cache_entries, converted_root
 
     model_dir = tiny_bin_model_dir  # never converted: the cache is empty
     config, plan = find_split_budget(model_dir)
@@ -416,7 +416,7 @@ def test_hf_token_never_appears(
 ) -> None:
     token = "hf_FAKEtoken123"
     monkeypatch.setenv("HF_TOKEN", token)
-    from optdemo.models import hub_token
+    from optdemo.models.source import hub_token
 
     assert hub_token() == token  # the engine does see it
     caplog.set_level(logging.DEBUG)

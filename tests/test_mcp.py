@@ -19,7 +19,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
 from test_openai_api import SCRIPT, SCRIPTED, LoadedScript
 
-from optdemo.ui.mcp_tools import MCP_ENDPOINTS
+from optdemo.web.mcp import MCP_ENDPOINTS
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from optdemo.cgroup import memory_limit
+from optdemo.system.cgroup import memory_limit
 from tools.bench import REPO_ROOT
 from tools.memcap import V1_MEMORY, CapError, MemoryCap
 
@@ -58,7 +58,7 @@ def test_the_cap_refuses_what_it_cannot_do(tmp_path):
 
 @needs_cgroups
 def test_a_capped_process_plans_with_its_cap():
-    probe = "from optdemo.hardware import probe_hardware as p; h = p(); "
+    probe = "from optdemo.system.hardware import probe_hardware as p; h = p(); "
     probe += "print(h.ram_total_bytes, h.ram_available_bytes)"
     with MemoryCap(GIB) as cap:
         assert cap.report().limit_bytes == GIB  # read back from the kernel

@@ -16,11 +16,18 @@ import openai
 import pytest
 from app_fixtures import ScriptedManager, running_app
 
-from optdemo.config import LoadConfig
-from optdemo.generation import GenerationParams
-from optdemo.openai_compat import Deltas, OpenAIError, StopCutter, finish_reason, parse_chat, parse_completion
-from optdemo.settings import parse_settings
-from optdemo.status import ModelStatus
+from optdemo.app.openai_format import (
+    Deltas,
+    OpenAIError,
+    StopCutter,
+    finish_reason,
+    parse_chat,
+    parse_completion,
+)
+from optdemo.app.settings import parse_settings
+from optdemo.core.generation import GenerationParams
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime.status import ModelStatus
 
 SCRIPTED = "optdemo/scripted"
 SCRIPT = {
@@ -127,7 +134,7 @@ def test_stop_cutter_holds_back_a_partial_stop_and_cuts_at_a_whole_one() -> None
 
 
 def test_finish_reason() -> None:
-    from optdemo.generation import GenerationStats
+    from optdemo.core.generation import GenerationStats
 
     stats = GenerationStats(3, 5, 0.1, 0.2, 10.0)
     assert finish_reason(stats, 5, False) == "length"

@@ -12,26 +12,26 @@ import pytest
 from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES, WHOLE_MODEL_DEVICE
 from packaging.version import Version
 
-from optdemo import hf_compat
-from optdemo.budget import describe_gpu_count, format_bytes
-from optdemo.config import LoadConfig
-from optdemo.convert import converted_root
-from optdemo.errors import PlanError
-from optdemo.hardware import (
-    GpuInfo,
-    Hardware,
-    existing_parent,
-    probe_hardware,
-    suggest_budget,
-)
-from optdemo.hf_compat import (
+from optdemo.core.budget import describe_gpu_count, format_bytes
+from optdemo.core.errors import PlanError
+from optdemo.core.load_config import LoadConfig
+from optdemo.models import hf_compat
+from optdemo.models.hf_compat import (
     PINNED_TRANSFORMERS,
     TESTED_TRANSFORMERS,
     TransformersCompatError,
     auto_device_map,
     installed_transformers,
 )
-from optdemo.planner import device_label, device_of, plan_device_map
+from optdemo.plan.planner import device_label, device_of, plan_device_map
+from optdemo.system.hardware import (
+    GpuInfo,
+    Hardware,
+    existing_parent,
+    probe_hardware,
+    suggest_budget,
+)
+from optdemo.weights.convert import converted_root
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 OPT_66B_PARAMETERS = 65719701504
@@ -360,7 +360,7 @@ def test_quantization_warning_only_where_bitsandbytes_quantizes(tiny_model_dir: 
 @pytest.mark.slow
 def test_builtin_tiny_model_is_built_in_the_cache() -> None:
     plan = plan_device_map(LoadConfig("tiny-opt"), hardware())
-    from optdemo.models import resolve_model
+    from optdemo.models.source import resolve_model
 
     source = resolve_model("optdemo/tiny-opt")
     assert source.kind == "builtin"

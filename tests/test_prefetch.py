@@ -1,4 +1,4 @@
-"""Reading a checkpoint's first weights while the load plans (optdemo.prefetch): which bytes, in
+"""Reading a checkpoint's first weights while the load plans (optdemo.runtime.readahead): which bytes, in
 which order, into the page cache without staying mapped, stopped once the model is loaded; never while a
 model in use could lose its pages."""
 
@@ -16,13 +16,13 @@ import pytest
 import torch
 from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES, build_tiny
 
-from optdemo import manager as manager_module
-from optdemo.config import LoadConfig
-from optdemo.convert import safetensors_weight_files
-from optdemo.disk_stream import Segment, safetensors_header
-from optdemo.errors import BudgetError
-from optdemo.offload import _HEADROOM, STREAM_DEPTH
-from optdemo.prefetch import CheckpointPrefetch, block_order, first_ranges, start_prefetch
+from optdemo.core.errors import BudgetError
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime import manager as manager_module
+from optdemo.runtime.readahead import CheckpointPrefetch, block_order, first_ranges, start_prefetch
+from optdemo.runtime.tiers.disk_map import _HEADROOM, STREAM_DEPTH
+from optdemo.runtime.tiers.disk_stream import Segment, safetensors_header
+from optdemo.weights.convert import safetensors_weight_files
 
 # The tiny model's embeddings: 512 tokens and 514 positions of 64 float32 (test_planner's sizes).
 EMBEDDING_BYTES = (512 + 514) * 64 * 4
@@ -126,7 +126,7 @@ def test_the_prefetch_reads_its_ranges_into_the_page_cache_and_keeps_no_mapping(
 
 
 def test_only_a_local_cpu_run_of_the_stored_dtype_is_prefetched(sharded, tmp_path):
-    from optdemo.hardware import GpuInfo, Hardware
+    from optdemo.system.hardware import GpuInfo, Hardware
 
     cpu = Hardware((), 2**36, 2**35, str(tmp_path), 2**40)
     gpu = replace(cpu, gpus=(GpuInfo(0, "gpu", 2**34, 2**34),))
@@ -226,7 +226,7 @@ def test_a_truncated_checkpoint_is_read_as_far_as_it_goes_without_hanging(sharde
 
 
 def test_concurrent_loads_never_read_ahead_side_by_side(manager, sharded, tmp_path, started, monkeypatch):
-    from optdemo.errors import OptdemoError
+    from optdemo.core.errors import OptdemoError
 
     fetch = CheckpointPrefetch._fetch
 

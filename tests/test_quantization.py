@@ -1,4 +1,4 @@
-"""CPU 8-bit / 4-bit quantization (optdemo.quantize, issue #11): correctness against the
+"""CPU 8-bit / 4-bit quantization (optdemo.weights.quantize, issue #11): correctness against the
 dequantized weights, the quantized checkpoint in the cache, the disk tier reading quantized bytes,
 exact plans, unload, and the API on this CPU-only machine."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from optdemo import convert, quantize
-from optdemo.config import LoadConfig
-from optdemo.loader import load_model, preflight
-from optdemo.quantize import QuantizedLinear, dequantize, quantized_modules
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime.loader import load_model, preflight
+from optdemo.weights import convert, quantize
+from optdemo.weights.quantize import QuantizedLinear, dequantize, quantized_modules
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quantization path")
 
@@ -125,7 +125,7 @@ def test_quantized_once_then_reloaded_from_the_cache(
 def test_quantized_tensors_are_aligned_in_the_cached_file(tiny_model_dir: Path, fresh_cache: Path) -> None:
     """torch's int8 kernel crashes on weights that are not 16-byte aligned: every tensor of a
     cached quantized file starts at a multiple of 64 bytes, and a block's tensors are one range."""
-    from optdemo.disk_stream import safetensors_header
+    from optdemo.runtime.tiers.disk_stream import safetensors_header
 
     entry = Path(load(tiny_model_dir, "8bit").status.checkpoint)
     start, table = safetensors_header(str(entry / "model.safetensors"))
@@ -139,7 +139,7 @@ def test_quantized_tensors_are_aligned_in_the_cached_file(tiny_model_dir: Path, 
 
 def split_budget(path: Path, scheme: str) -> str:
     """The smallest cpu budget whose quantized plan puts layers both in RAM and on disk."""
-    from optdemo.planner import plan_device_map
+    from optdemo.plan.planner import plan_device_map
 
     for kib in range(50, 2000, 25):
         plan = plan_device_map(LoadConfig(str(path), max_memory=f"cpu={kib}KiB", quantization=scheme))
@@ -175,7 +175,7 @@ def test_disk_tier_reads_the_quantized_bytes(
     disk_layers = [b for b in plan.blocks if b.device == "disk" and b.kind in ("layer", "head")]
     quantized_bytes = sum(block.bytes for block in disk_layers)
     if disk_tier == "map":
-        from optdemo.weights import module_bytes
+        from optdemo.weights.tensors import module_bytes
 
         disk_entries = [name for name, device in plan.device_map.items() if device == "disk"]
         assert report.mapped_bytes == sum(module_bytes(loaded.model, name) for name in disk_entries)
@@ -203,7 +203,7 @@ def test_disk_tier_reads_the_quantized_bytes(
         logits(loaded.model)
     assert settled() - before == 3 * quantized_bytes  # each token reads the quantized size
     # ... which is what the same layers weigh in float16, times about a half or a quarter.
-    from optdemo.planner import plan_device_map
+    from optdemo.plan.planner import plan_device_map
 
     fp16 = {b.name: b.bytes for b in plan_device_map(LoadConfig(str(tiny_model_dir), dtype="float16")).layers}
     layers = [block for block in disk_layers if block.kind == "layer"]
@@ -214,8 +214,8 @@ def test_disk_tier_reads_the_quantized_bytes(
 def test_four_bit_plan_holds_more_layers_in_the_same_budget() -> None:
     """opt-1.3b (planned offline) with cpu=1GiB: float16 keeps 7 of 24 layers in RAM, 8-bit 15,
     4-bit all 24; every size is that of the quantized tensors."""
-    from optdemo.hardware import Hardware
-    from optdemo.planner import plan_device_map
+    from optdemo.plan.planner import plan_device_map
+    from optdemo.system.hardware import Hardware
 
     machine = Hardware((), 64 * 2**30, 64 * 2**30, "/", 10 * 2**40)
     in_ram = {}
@@ -251,8 +251,8 @@ def test_unload_frees_the_quantized_weights(manager, tiny_model_dir: Path, fresh
 
 
 def test_quantization_flag_and_environment_variable() -> None:
-    from optdemo.service import DemoService
-    from optdemo.settings import parse_settings
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import parse_settings
 
     assert parse_settings([], env={}).quantization == "none"
     assert parse_settings(["--quantization", "4bit"], env={}).quantization == "4bit"
@@ -260,7 +260,7 @@ def test_quantization_flag_and_environment_variable() -> None:
     assert settings.quantization == "8bit"
     with pytest.raises(SystemExit):
         parse_settings(["--quantization", "2bit"], env={})
-    from optdemo.manager import ModelManager
+    from optdemo.runtime.manager import ModelManager
 
     assert DemoService(ModelManager(), settings).initial_config().quantization == "8bit"
 
@@ -270,10 +270,10 @@ def test_prediction_uses_the_quantized_bytes_and_kernel_rates(fresh_cache: Path,
     LM head at int8's, norms at bfloat16's, the embeddings (only looked up) free; predicted well
     over 2x faster than float16 when the kernels consume quantized bytes about as fast as float16
     ones (as measured here)."""
-    from optdemo import speed
-    from optdemo.hardware import Hardware
-    from optdemo.planner import plan_device_map
-    from optdemo.speed import Bandwidths, predict
+    from optdemo.plan import speed
+    from optdemo.plan.planner import plan_device_map
+    from optdemo.plan.speed import Bandwidths, predict
+    from optdemo.system.hardware import Hardware
 
     rates = {"float32": 8e9, "float16": 5e9, "bfloat16": 5e9, "int8": 6e9, "int4": 5.5e9}
     bandwidths = Bandwidths(cpu_matvec=rates, disk_read=1e9)
@@ -307,7 +307,7 @@ def test_prediction_uses_the_quantized_bytes_and_kernel_rates(fresh_cache: Path,
 
 
 def test_the_disk_probe_reads_past_the_page_cache_and_leaves_nothing(tmp_path) -> None:
-    from optdemo import speed
+    from optdemo.plan import speed
 
     rate, method = speed._disk_read_rate(str(tmp_path))
     assert rate > 1e6 and method in ("direct", "buffered") and list(tmp_path.iterdir()) == []
@@ -319,7 +319,7 @@ def test_quantized_from_bin_shards_with_the_cache_rules(
     """A sharded .bin checkpoint is quantized shard by shard into an indexed cache entry; a killed
     quantization's staging folder is removed by the next one; the cache cannot be cleared while
     the loaded model reads from it."""
-    from optdemo.errors import CacheInUseError
+    from optdemo.core.errors import CacheInUseError
 
     config = LoadConfig(str(tiny_bin_model_dir), quantization="4bit")
     target = convert.entry_path(
@@ -344,7 +344,7 @@ def test_quantized_from_bin_shards_with_the_cache_rules(
 
 def test_checkpoint_names_without_the_base_model_prefix() -> None:
     """The facebook/opt-* .bin checkpoints name tensors from the base model (``decoder.*``)."""
-    from optdemo.quantize import model_names
+    from optdemo.weights.quantize import model_names
 
     expected = {"model.decoder.layers.0.fc1.weight", "lm_head.weight"}
     names = model_names(["decoder.layers.0.fc1.weight", "lm_head.weight", "unused"], expected, "model")
@@ -371,8 +371,8 @@ def test_hub_model_in_the_hugging_face_cache_is_quantized_offline(
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     code = """
-        from optdemo.config import LoadConfig
-        from optdemo.manager import ModelManager
+        from optdemo.core.load_config import LoadConfig
+        from optdemo.runtime.manager import ModelManager
         manager = ModelManager()
         manager.load(LoadConfig("someone/tiny-chat", max_memory="cpu=1GiB", quantization="8bit"))
         print(manager._loaded.status.checkpoint)

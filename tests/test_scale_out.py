@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optdemo.budget import format_bytes
-from optdemo.config import LoadConfig
-from optdemo.hardware import GpuInfo, Hardware, existing_parent
-from optdemo.planner import plan_device_map
-from optdemo.ui.render import describe_placement, device_map_rows, plan_summary
+from optdemo.core.budget import format_bytes
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.planner import plan_device_map
+from optdemo.system.hardware import GpuInfo, Hardware, existing_parent
+from optdemo.web.render import describe_placement, device_map_rows, plan_summary
 
 GiB = 2**30
 

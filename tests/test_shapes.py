@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from optdemo.config import LoadConfig
-from optdemo.errors import PlanError
-from optdemo.generation import GenerationStats
-from optdemo.hardware import Hardware
-from optdemo.loader import preflight
-from optdemo.offload import DiskTierReport
-from optdemo.planner import plan_device_map
-from optdemo.status import LoadReport, ModelStatus, map_differences
+from optdemo.core.errors import PlanError
+from optdemo.core.generation import GenerationStats
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.planner import plan_device_map
+from optdemo.runtime.loader import preflight
+from optdemo.runtime.status import LoadReport, ModelStatus, map_differences
+from optdemo.runtime.tiers.disk_map import DiskTierReport
+from optdemo.system.hardware import Hardware
 
 GiB = 2**30
 # Documented in README's API table and pinned by the app tests: the /load and /status JSON keys.

@@ -31,7 +31,7 @@ def test_space_has_everything_it_runs(space):
     assert (space / "requirements.txt").read_text() == (ROOT / "requirements.txt").read_text()
     for source in (ROOT / "optdemo").rglob("*.py"):
         assert (space / source.relative_to(ROOT)).read_text() == source.read_text()
-    assert (space / "optdemo" / "configs" / "opt-66b.json").exists()
+    assert (space / "optdemo" / "core" / "configs" / "opt-66b.json").exists()
     assert not list(space.rglob("__pycache__"))
 
 
@@ -52,9 +52,9 @@ def test_space_metadata_matches_the_repository(space):
 
 def test_space_app_imports_and_starts_locked(space):
     code = (
-        "import app, os; from optdemo.settings import parse_settings; "
+        "import app, os; from optdemo.app.settings import parse_settings; "
         "s = parse_settings([], env={'SPACE_ID': 'user/optdemo', 'OPTDEMO_MODEL': 'opt-125m'}); "
-        "from optdemo.ui import create_app; demo, service = create_app(s); "
+        "from optdemo.web import create_app; demo, service = create_app(s); "
         "print(s.public, s.lock_config, s.preload, service.initial_config().model, "
         "service.is_admin('visitor'))"
     )

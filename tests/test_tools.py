@@ -70,7 +70,7 @@ def test_gpu_bench_floors_and_ratios() -> None:
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import gpu_bench
 
-    from optdemo.speed import Bandwidths
+    from optdemo.plan.speed import Bandwidths
 
     bus = Bandwidths(
         cpu_matvec={"float16": 20e9}, disk_read=1e9, host_to_device=10e9, host_to_device_pinned=40e9
@@ -109,7 +109,7 @@ def test_a_checkpoint_larger_than_ram_is_built_one_shard_at_a_time(tmp_path, mon
     import torch
     from transformers import AutoModelForCausalLM
 
-    from optdemo.catalog import catalog_entry
+    from optdemo.core.catalog import catalog_entry
     from tools import build_sharded
 
     monkeypatch.setattr(build_sharded, "SHARD_BYTES", 60 * 10**6)

@@ -16,13 +16,15 @@ import gradio as gr
 import pytest
 from app_fixtures import ScriptedManager, config_ui, form_values
 
-from optdemo.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
-from optdemo.config import LoadConfig
-from optdemo.manager import ModelManager
-from optdemo.service import DemoService, PlanNotice, PlanView
-from optdemo.settings import AppSettings
-from optdemo.ui import chat_tab, config_tab, devicemap_tab
-from optdemo.ui.chat_tab import ChatTab, to_messages
+from optdemo.app.service import DemoService, PlanNotice, PlanView
+from optdemo.app.settings import AppSettings
+from optdemo.core.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime.manager import ModelManager
+from optdemo.web.tabs import chat as chat_tab
+from optdemo.web.tabs import config as config_tab
+from optdemo.web.tabs import devicemap as devicemap_tab
+from optdemo.web.tabs.chat import ChatTab, to_messages
 
 REQUEST = SimpleNamespace(session_hash="session-1")
 PARIS = ["Paris", "Paris is", "Paris is the capital."]
@@ -347,7 +349,7 @@ def test_bind_gives_gradio_the_signature_it_reads() -> None:
     import inspect
     import typing
 
-    from optdemo.ui.binding import bind, bind_with_progress
+    from optdemo.web.binding import bind, bind_with_progress
 
     service, tab = chat_ui({"Hi": [["Hello"]]})
     streamed = bind(chat_tab.respond, service, tab)
@@ -368,7 +370,7 @@ def test_quantization_radio_is_enabled_and_plans_quantized_on_the_cpu() -> None:
     is enabled, and a plan made from the form has the quantized sizes."""
     import torch
 
-    from optdemo.budget import format_bytes
+    from optdemo.core.budget import format_bytes
 
     if torch.cuda.is_available():
         pytest.skip("the CPU quantization path")

@@ -3,7 +3,7 @@
     python -m tools.bench --build opt-1.3b --max-memory cpu=1GiB --tokens 30 --concurrency 1,2,4,8
 
 For each level N, N greedy requests (prompts of different lengths) are submitted at once to one
-:class:`~optdemo.manager.ModelManager`, and the same N are run one after another, all submitted
+:class:`~optdemo.runtime.manager.ModelManager`, and the same N are run one after another, all submitted
 at the same moment too (so the last one waits behind N-1 replies, as it did before batching).
 Reported per level: aggregate tokens/s, time to first token p50/p95 (from submission), the
 speedup, and whether every batched reply is token-for-token its one-at-a-time reply.
@@ -17,10 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from optdemo.budget import parse_max_memory
-from optdemo.config import LoadConfig
-from optdemo.generation import GenerationParams, GenerationUpdate
-from optdemo.manager import ModelManager
+from optdemo.core.budget import parse_max_memory
+from optdemo.core.generation import GenerationParams, GenerationUpdate
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime.manager import ModelManager
 from tools.loadtest import _percentile
 
 PROMPTS = (

@@ -13,7 +13,7 @@ a user); the *warm* regime leaves the OS cache alone. An all-in-RAM run gives th
 
 Sides: ``ram`` (``from_pretrained`` with no device map), ``accelerate`` (``from_pretrained(
 device_map="auto", max_memory, offload_folder)`` + ``generate``: nothing of ours) and ``optdemo``
-(:class:`~optdemo.manager.ModelManager` with fast offloading). ``--quantization 8bit,4bit`` adds,
+(:class:`~optdemo.runtime.manager.ModelManager` with fast offloading). ``--quantization 8bit,4bit`` adds,
 beside them, optdemo's CPU-quantized model all in RAM (``ram-4bit``) and under the same budget
 (``optdemo-4bit``), with the one-time quantization time; every run records the bytes it read from
 disk per token (``/proc/self/io``: page-cache hits excluded).
@@ -36,13 +36,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from optdemo.budget import parse_max_memory, parse_size
-from optdemo.catalog import catalog_entry
-from optdemo.config import LoadConfig
-from optdemo.convert import converted_root, quantization_info
-from optdemo.manager import ModelManager
-from optdemo.paths import cache_dir
-from optdemo.synthetic import build_random_opt
+from optdemo.core.budget import parse_max_memory, parse_size
+from optdemo.core.catalog import catalog_entry
+from optdemo.core.load_config import LoadConfig
+from optdemo.core.paths import cache_dir
+from optdemo.models.synthetic import build_random_opt
+from optdemo.runtime.manager import ModelManager
+from optdemo.weights.convert import converted_root, quantization_info
 from tools.batch_bench import format_levels, run_concurrency
 from tools.bench_report import BASE_SIDES, SIDES, report
 from tools.build_sharded import build_sharded_opt

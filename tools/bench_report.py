@@ -11,11 +11,11 @@ import shlex
 import statistics
 from pathlib import Path
 
-from optdemo.budget import parse_size
-from optdemo.config import LoadConfig
-from optdemo.hardware import probe_hardware
-from optdemo.planner import Plan, plan_device_map
-from optdemo.speed import measured_bandwidths, predict_plan
+from optdemo.core.budget import parse_size
+from optdemo.core.load_config import LoadConfig
+from optdemo.plan.planner import Plan, plan_device_map
+from optdemo.plan.speed import measured_bandwidths, predict_plan
+from optdemo.system.hardware import probe_hardware
 
 BASE_SIDES = ("ram", "accelerate", "optdemo")
 # optdemo's CPU-quantized model, all in RAM and under the budget (``--quantization``).

@@ -1,6 +1,6 @@
 """Build a random-weight checkpoint larger than RAM, one shard at a time.
 
-``optdemo.synthetic.build_random_opt`` instantiates the whole model, which a 25.7 GB opt-13b on a
+``optdemo.models.synthetic.build_random_opt`` instantiates the whole model, which a 25.7 GB opt-13b on a
 23 GiB machine cannot afford. This builder takes the parameter names and shapes from the model
 built on the meta device (no memory), then generates each tensor and writes it into the current
 safetensors shard, flushing a shard as soon as it is full: at most one shard is in memory. The
@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from optdemo.catalog import catalog_config_dict
-from optdemo.synthetic import build_tokenizer
+from optdemo.core.catalog import catalog_config_dict
+from optdemo.models.synthetic import build_tokenizer
 
 SHARD_BYTES = 2 * 10**9
 

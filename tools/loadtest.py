@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
-from optdemo.settings import AppSettings
+from optdemo.app.settings import AppSettings
 
 MAX_CLIENTS = 64
 MAX_MESSAGES = 50
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = service = None
     url = args.url
     if url is None:
-        from optdemo.ui import create_app, launch  # gradio: only when the tool launches its own app
+        from optdemo.web import create_app, launch  # gradio: only when the tool launches its own app
 
         demo, service = create_app(AppSettings(model="optdemo/tiny-opt", preload=True))
         service.manager.load(service.initial_config())

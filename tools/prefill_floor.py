@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from optdemo.catalog import catalog_config_dict
+from optdemo.core.catalog import catalog_config_dict
 
 
 def median_seconds(run: Callable[[], Any], repeats: int = 3) -> float:

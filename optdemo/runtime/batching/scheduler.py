@@ -1,0 +1,503 @@
+"""Continuous batching: every visitor's reply decoded together, one forward pass per token.
+
+A decoding step reads every weight once whatever the batch size, so eight replies decoded together
+cost little more than one (and on an offloaded model the weights cross the disk or the bus once
+per step, not once per reply). :class:`BatchEngine` runs one scheduler thread that, holding the
+model lock for each step:
+
+1. drops the requests that ended (stop pressed, consumer gone, model replaced),
+2. admits waiting requests up to the batch limit, in arrival order: each prompt is prefilled
+   alone (so its prompt is computed exactly as in a solo run) and its cache joins the batch's,
+   left-padded to the batch's length,
+3. decodes one token for every running request in one forward pass over the padded batch (an
+   attention mask hides the padding; position ids count each row's own tokens).
+
+It only calls the model's forward, so it serves a model in RAM, one spread by Accelerate's hooks,
+and optdemo's fast offload alike. Each request keeps its own sampling settings (transformers'
+public logits processors, its own ``torch.Generator`` for a seed), stop sequences and
+``max_new_tokens``, and streams its own :class:`GenerationUpdate` values. Why not transformers'
+``ContinuousBatchingManager``: it decides greedy vs sampling and the seed for the whole manager,
+has no per-request repetition penalty nor stop strings (README, "Many visitors at once").
+
+A model whose cache is not plain full attention (sliding windows, linear attention) cannot be
+padded this way: it is served one request at a time by the same loop (a batch of one).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from optdemo.core.defaults import GENERATION_WAIT_SECONDS
+from optdemo.core.errors import BusyError, NoModelError, OptdemoError
+from optdemo.core.generation import (
+    GenerationParams,
+    GenerationStats,
+    GenerationUpdate,
+    cut_at_stop,
+    generation_failure,
+)
+from optdemo.runtime.batching.padded_batch import PaddedBatch, forward, new_cache, paddable, positions
+from optdemo.runtime.batching.row_attention import use_row_attention
+from optdemo.runtime.batching.sampling import Sampler
+
+if TYPE_CHECKING:
+    import torch
+
+# How often a waiting consumer wakes up to notice that it went away (gradio closes generators).
+_POLL_SECONDS = 0.1
+# The scheduler's thread: tests and the fault checks look for generation threads by this name.
+THREAD_NAME = "optdemo-generate"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt as the model sees it, prepared under the model lock."""
+
+    input_ids: list[int]
+    stop_strings: tuple[str, ...] = ()  # ends the reply (never shown), besides the params' own
+    context_window: int | None = None  # the model's window, for the stats
+    dropped_turns: int = 0  # chat: oldest turns left out to fit the window
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the engine is doing now, for the status line."""
+
+    running: int  # replies being written (decoded together)
+    waiting: int  # requests waiting for a place
+    limit: int  # the batch size in force
+
+    def summary(self) -> str:
+        """e.g. ``Writing 3 replies together (at most 8 at once) · 2 waiting``; empty when idle."""
+        if not self.running and not self.waiting:
+            return ""
+        replies = "1 reply" if self.running == 1 else f"{self.running} replies together"
+        line = f"Writing {replies} (at most {self.limit} at once)"
+        return line + (f" · {self.waiting} waiting" if self.waiting else "")
+
+
+# Builds a request's prompt from the loaded model (tokenizer, window); raises GenerationError.
+Prepare = Callable[[Any], Prompt]
+
+
+@dataclass(eq=False)
+class _Request:
+    """One reply: what the consumer asked, and the scheduler's state for it."""
+
+    prepare: Prepare
+    params: GenerationParams
+    stop_event: threading.Event
+    updates: queue.Queue = field(default_factory=queue.Queue)
+    gone: threading.Event = field(default_factory=threading.Event)  # the consumer closed the stream
+    submitted: float = field(default_factory=time.perf_counter)
+    loaded: Any = None  # the LoadedModel it was admitted on
+    prompt: Prompt | None = None
+    ids: list[int] = field(default_factory=list)  # prompt + generated tokens
+    generated: int = 0
+    sampler: Sampler | None = None
+    text: str = ""
+    shown: str = ""
+    first_at: float | None = None
+    last_at: float | None = None
+    peak_batch: int = 1
+    place: int = 0  # place in line last told to the consumer (0: not told yet)
+    stop_hit: bool = False
+    done: bool = False
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        assert self.prompt is not None
+        return (*self.prompt.stop_strings, *self.params.stop)
+
+
+class BatchEngine:
+    """Decodes every running request together; one per :class:`~optdemo.runtime.manager.ModelManager`.
+
+    Args:
+        model_lock: held for each step, so a load never runs under one.
+        current: returns the loaded model (``LoadedModel``) or None, read at each step.
+        on_busy: told what the model is doing ("generating ...") or None when idle.
+        max_batch: the most requests decoded together; the rest wait in order.
+    """
+
+    def __init__(
+        self,
+        model_lock: threading.Lock,
+        current: Callable[[], Any],
+        on_busy: Callable[[str | None], None],
+        max_batch: int,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._model_lock = model_lock
+        self._current = current
+        self._on_busy = on_busy
+        self._lock = threading.Lock()  # guards _waiting, _running and _thread
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._batch: PaddedBatch | None = None  # scheduler thread only
+        self._holds = 0  # loads and unloads waiting for the model: admit nobody meanwhile
+        self.memory_limit: int | None = None  # sequences the budget leaves room for (set on load)
+
+    # ---------------------------------------------------------------- consumers
+    def submit(
+        self, prepare: Prepare, params: GenerationParams, stop_event: threading.Event
+    ) -> Iterator[GenerationUpdate]:
+        """Queue one request and stream its updates: status-only updates (``text`` empty,
+        ``status`` set) while it waits, then the accumulated text, then the final stats.
+        Closing the iterator frees the request's slot at the next step."""
+        request = _Request(prepare, params, stop_event)
+        with self._lock:
+            self._waiting.append(request)
+            self._start_thread()
+        try:
+            while True:
+                try:
+                    item = request.updates.get(timeout=_POLL_SECONDS)
+                except queue.Empty:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            request.gone.set()
+
+    def counts(self) -> tuple[int, int]:
+        """(requests decoding now, requests waiting for a slot)."""
+        with self._lock:
+            return len(self._running), len(self._waiting)
+
+    def serving(self) -> Serving:
+        """How many replies run and wait now, and the batch size in force."""
+        running, waiting = self.counts()
+        return Serving(running, waiting, self.limit())
+
+    def limit(self) -> int:
+        """The batch size in force: the flag, lowered to what the memory budget holds."""
+        memory = self.memory_limit if self.memory_limit is not None else self.max_batch
+        return max(1, min(self.max_batch, memory))
+
+    def stop_running(self) -> int:
+        """Stop every running request (a load or unload is coming); returns how many ran. Waiting
+        requests stay in line and are served by whatever model is loaded next."""
+        with self._lock:
+            requests = [r for r in self._running if not r.stop_event.is_set()]
+        for request in requests:
+            request.stop_event.set()
+        return len(requests)
+
+    def hold(self) -> None:
+        """Admit no new request until :meth:`release` (a load is waiting for the model)."""
+        with self._lock:
+            self._holds += 1
+
+    def release(self) -> None:
+        """Undo one :meth:`hold`."""
+        with self._lock:
+            self._holds -= 1
+
+    # ---------------------------------------------------------------- the scheduler
+    def _start_thread(self) -> None:
+        if self._thread is None:  # lock held
+            self._thread = threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        """Run steps until nothing runs or waits; then the thread ends (none lingers idle)."""
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:  # nobody may wait for a dead scheduler: tell them, then die
+            error = generation_failure(exc)
+            self._fail_running(error)
+            self._fail_waiting(error)
+            with self._lock:
+                self._thread = None
+            raise
+
+    def _turn(self) -> bool:
+        """One pass of the scheduler: a step when the model is free; False once idle."""
+        with self._lock:
+            if not self._running and not self._waiting:
+                self._thread = None
+                self._batch = None
+                self._on_busy(None)
+                return False
+            held = self._holds > 0 and not self._running
+        if held or not self._model_lock.acquire(timeout=_POLL_SECONDS):
+            self._expire_waiting()
+            if held:
+                time.sleep(_POLL_SECONDS)
+            return True
+        try:
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - every request in the step hears of it
+            self._fail_running(generation_failure(exc))
+        finally:
+            self._model_lock.release()
+        return True
+
+    def _step(self) -> None:
+        """One token boundary (model lock held): retire, admit, decode."""
+        import torch
+
+        loaded = self._current()
+        with self._lock:
+            held = self._holds > 0
+        if held:  # a load or unload waits for the model: every running reply ends here
+            for request in self._snapshot():
+                request.stop_event.set()
+        with torch.inference_mode():
+            self._retire(loaded)
+            if loaded is None or loaded.model is None:
+                self._fail_waiting(NoModelError("the model was unloaded: load one first"))
+                return
+            self._admit(loaded)
+            self._retire(loaded)  # a prefill may have ended its request already
+            running = self._snapshot()
+            if running:
+                self._decode(loaded, running)
+            self._retire(loaded)
+
+    def _snapshot(self) -> list[_Request]:
+        with self._lock:
+            return list(self._running)
+
+    def _publish_busy(self) -> None:
+        """Tell the manager how many replies run and wait ("generating" for one alone)."""
+        running, waiting = self.counts()
+        if not running and not waiting:
+            self._on_busy(None)
+        elif running == 1 and not waiting:
+            self._on_busy("generating")
+        else:
+            self._on_busy(f"generating ({running} replies at once, {waiting} waiting)")
+
+    # ---------------------------------------------------------------- leaving
+    def _retire(self, loaded: Any) -> None:
+        """Finish the running requests that ended, and drop their rows from the batch."""
+        ended: list[int] = []
+        for index, request in enumerate(self._snapshot()):
+            if request.loaded is not loaded:  # the model was replaced under it: it was stopped
+                request.stop_event.set()
+            if request.gone.is_set() or request.stop_event.is_set():
+                request.done = True
+            if request.done:
+                ended.append(index)
+        if not ended:
+            return
+        with self._lock:
+            finished = [self._running[i] for i in ended]
+            self._running = [r for i, r in enumerate(self._running) if i not in ended]
+            left = bool(self._running)
+        if self._batch is not None:
+            self._batch = self._batch.without(ended) if left else None
+        self._publish_busy()  # before the final updates: a consumer that got one sees it idle
+        for request in finished:
+            self._finish(request)
+
+    def _finish(self, request: _Request) -> None:
+        """Send the request's final update (its stats) unless its consumer went away."""
+        if request.gone.is_set():
+            return
+        end = time.perf_counter()
+        text, _ = cut_at_stop(request.text, request.stops, final=True)
+        first, last = request.first_at, request.last_at
+        rate = None
+        if request.generated > 1 and first is not None and last is not None and last > first:
+            rate = (request.generated - 1) / (last - first)
+        stats = GenerationStats(
+            prompt_tokens=len(request.prompt.input_ids) if request.prompt else 0,
+            new_tokens=request.generated,
+            time_to_first_token=None if first is None else first - request.submitted,
+            total_seconds=end - request.submitted,
+            tokens_per_second=rate,
+            stopped=request.stop_event.is_set() and not request.stop_hit,
+            dropped_turns=request.prompt.dropped_turns if request.prompt else 0,
+            context_window=request.prompt.context_window if request.prompt else None,
+            batch_size=request.peak_batch,
+        )
+        reply = tuple(request.ids[len(request.prompt.input_ids) :]) if request.prompt else ()
+        request.updates.put(GenerationUpdate(text, stats, token_ids=reply))
+
+    def _fail_running(self, error: Exception) -> None:
+        with self._lock:
+            failed, self._running = self._running, []
+        self._batch = None
+        for request in failed:
+            request.updates.put(error)
+        self._publish_busy()
+
+    def _fail_waiting(self, error: Exception) -> None:
+        with self._lock:
+            failed = list(self._waiting)
+            self._waiting.clear()
+        for request in failed:
+            request.updates.put(error)
+
+    def _expire_waiting(self) -> None:
+        """Drop the waiting requests that left, were stopped (they end with no tokens) or
+        waited longer than ``GENERATION_WAIT_SECONDS``."""
+        now = time.perf_counter()
+        with self._lock:
+            left = [r for r in self._waiting if r.gone.is_set() or r.stop_event.is_set()]
+            late = [r for r in self._waiting if r not in left and now - r.submitted > GENERATION_WAIT_SECONDS]
+            for request in (*left, *late):
+                self._waiting.remove(request)
+        for request in left:
+            request.prompt = Prompt([])
+            self._finish(request)
+        for request in late:
+            request.updates.put(BusyError("the model is busy with other requests: try again in a moment"))
+        if left or late:
+            self._tell_positions()
+
+    # ---------------------------------------------------------------- joining
+    def _admit(self, loaded: Any) -> None:
+        """Move waiting requests into the batch up to the limit, prefilling each alone; tell the
+        rest their place in line."""
+        self._expire_waiting()
+        limit = self.limit() if paddable(loaded.model) else 1
+        while True:
+            with self._lock:
+                if not self._waiting or len(self._running) >= limit or self._holds:
+                    break
+                request = self._waiting.popleft()
+            try:
+                request.prompt = request.prepare(loaded)
+            except Exception as exc:  # noqa: BLE001 - this request's own error, for its consumer
+                request.updates.put(exc if isinstance(exc, OptdemoError) else generation_failure(exc))
+                continue
+            request.loaded = loaded
+            self._prefill(loaded, request)
+        self._tell_positions()
+        self._publish_busy()  # the waiting count may have changed too
+
+    def _tell_positions(self) -> None:
+        """Tell each waiting request its place in line when it changed."""
+        with self._lock:
+            waiting = list(self._waiting)
+            running = len(self._running)
+        for place, request in enumerate(waiting, start=1):
+            if request.place == place:
+                continue  # told already
+            request.place = place
+            status = (
+                f"Waiting for the model: number {place} in line ({running} "
+                f"{'reply' if running == 1 else 'replies'} being written, at most {self.limit()} at once)"
+            )
+            request.updates.put(GenerationUpdate("", status=status))
+
+    def _prefill(self, loaded: Any, request: _Request) -> None:
+        """Run the request's prompt alone, take its first token, and join the batch. A prefill
+        that fails (say, memory for a long prompt) fails that request only."""
+        import torch
+
+        assert request.prompt is not None
+        _batchable(loaded.model)
+        request.ids = list(request.prompt.input_ids)
+        request.sampler = Sampler(request.params)
+        ids = torch.tensor([request.ids], dtype=torch.long, device=loaded.input_device)
+        cache = new_cache(loaded.model)
+        with self._lock:
+            self._running.append(request)
+        self._publish_busy()
+        try:
+            logits = forward(
+                loaded.model, ids, torch.ones_like(ids), positions([0], ids.shape[1], ids.device), cache
+            )
+        except Exception as exc:  # noqa: BLE001 - this request's own failure, for its consumer
+            with self._lock:
+                self._running.remove(request)
+            self._publish_busy()
+            request.updates.put(generation_failure(exc))
+            return
+        self._batch = (
+            PaddedBatch.of(loaded.model, cache) if self._batch is None else self._batch.with_row(cache)
+        )
+        self._take_token(loaded, request, logits[0])
+
+    # ---------------------------------------------------------------- decoding
+    def _decode(self, loaded: Any, running: list[_Request]) -> None:
+        """One forward pass for every running request: each feeds its last token."""
+        import torch
+
+        batch = self._batch
+        assert batch is not None and batch.requests == len(running)
+        if len(running) == 1 and _rounds_by_row_count(loaded.model):
+            batch = self._batch = batch.with_ghost()
+        device = loaded.input_device
+        rows = running + running[:1] if batch.ghost else running
+        ids = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=device)
+        starts = [len(r.ids) - 1 for r in rows]
+        mask = batch.grown_mask()
+        logits = forward(loaded.model, ids, mask.to(device), positions(starts, 1, device), batch.cache)
+        batch.mask = mask
+        for request, row in zip(running, logits[: len(running)], strict=True):
+            request.peak_batch = max(request.peak_batch, len(running))
+            self._take_token(loaded, request, row)
+
+    def _take_token(self, loaded: Any, request: _Request, logits: torch.Tensor) -> None:
+        """Choose the request's next token from its logits row and stream the new text."""
+        assert request.sampler is not None
+        token = request.sampler.next_token(request.ids, logits)
+        now = time.perf_counter()
+        request.first_at = request.first_at or now
+        request.last_at = now
+        request.ids.append(token)
+        request.generated += 1
+        tokenizer = loaded.tokenizer
+        request.text = tokenizer.decode(
+            request.ids[len(request.prompt.input_ids) :], skip_special_tokens=True
+        )
+        visible, hit = cut_at_stop(request.text, request.stops)
+        eos = _eos_ids(loaded)
+        if hit:
+            request.stop_hit = True
+            request.stop_event.set()
+        if hit or token in eos or request.generated >= request.params.max_new_tokens:
+            request.done = True
+        elif visible and visible != request.shown and not visible.endswith("\ufffd"):
+            request.shown = visible
+            request.updates.put(GenerationUpdate(visible))
+
+
+def _batchable(model: Any) -> None:
+    """Once per model: attention that computes a batched row as it computes alone
+    (:mod:`optdemo.runtime.batching.row_attention`), so replies do not depend on who else is being served."""
+    if not getattr(model, "_optdemo_row_attention", False):
+        use_row_attention(model)
+        model._optdemo_row_attention = True
+
+
+def _rounds_by_row_count(model: Any) -> bool:
+    """Whether the model computes with bfloat16 Linear layers, whose one-row product rounds
+    differently from a several-row one (the reason for a lone request's ghost row). Quantized
+    layers (optdemo.weights.quantize) and float16 ones give every row the same bits at any row count."""
+    import torch
+
+    cached = getattr(model, "_optdemo_rounds_by_row_count", None)
+    if cached is None:
+        cached = any(
+            type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
+            for module in model.modules()
+        )
+        model._optdemo_rounds_by_row_count = cached
+    return cached
+
+
+def _eos_ids(loaded: Any) -> set[int]:
+    eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())

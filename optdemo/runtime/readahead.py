@@ -1,0 +1,140 @@
+"""Read a checkpoint's first weights into the page cache while the load is still planning.
+
+A cold load of a model larger than RAM starts with the disk idle: Python imports the model's code
+and plans the device map (1-2 s in a fresh process), from_pretrained builds the model, and only
+then does the disk tier's warm-up (:class:`optdemo.runtime.tiers.disk_map.PageWarmup`) start reading what the
+first forward pass needs. This module starts those reads when the load starts, from the
+safetensors headers alone, no model needed: the checkpoint's tensors grouped into blocks in
+execution order (a block is the first number in its tensors' names, ``layers.12``; embeddings
+first, the rest - final norm, head - last), and of those the prefix that the page cache will keep,
+decided by the rule that later splits the disk tier (:func:`optdemo.runtime.tiers.disk_map.mapped_prefix`), so
+nothing read here is evicted by what follows.
+
+Each chunk is read through a short-lived mapping of its own (``madvise(MADV_POPULATE_READ)``), so
+the pages land in the page cache unmapped: nothing is counted twice in the process's memory, and
+the model maps them from the cache when its own warm-up reaches them. A hint, like the warm-up: a
+failure changes only the speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import os
+import re
+import sys
+from pathlib import Path
+
+from optdemo.core.load_config import LoadConfig
+from optdemo.runtime.tiers.disk_map import WARMUP_CHUNK, PageWarmup, mapped_prefix, populate
+from optdemo.runtime.tiers.disk_stream import Segment, safetensors_header
+from optdemo.system.hardware import Hardware
+from optdemo.weights import convert
+
+_BLOCK_NUMBER = re.compile(r"\.(\d+)(?:\.|$)")
+_EMBEDDING_PARTS = {"wte", "wpe"}  # GPT-2 style names; others say "embed"
+
+
+def block_order(name: str) -> float:
+    """When a tensor's block runs in a forward pass: its block number (``layers.12`` -> 12),
+    embeddings first (-1), anything else (final norm, untied head) after the last block."""
+    if match := _BLOCK_NUMBER.search(name):
+        return int(match.group(1))
+    return -1 if "embed" in name or _EMBEDDING_PARTS.intersection(name.split(".")) else math.inf
+
+
+def first_ranges(folder: str | Path, available: int) -> list[Segment]:
+    """The file ranges of the blocks that the page cache keeps with ``available`` bytes, in
+    execution order (none for a folder without safetensors weights)."""
+    blocks: dict[float, list[Segment]] = {}
+    for name in convert.safetensors_weight_files(str(folder)):
+        path = str(Path(folder) / name)
+        base, table = safetensors_header(path)
+        size = os.path.getsize(path)  # a truncated file: read what is there (the load reports it)
+        for tensor, entry in table.items():
+            if tensor != "__metadata__":
+                begin, end = (min(size, base + offset) for offset in entry["data_offsets"])
+                blocks.setdefault(block_order(tensor), []).append(Segment(path, begin, end))
+    order = sorted(blocks)
+    sizes = [sum(segment.end - segment.start for segment in blocks[key]) for key in order]
+    kept = mapped_prefix(sizes, available, 0)
+    return [s for key in order[:kept] for s in _coalesce(blocks[key]) if s.end > s.start]
+
+
+def _coalesce(segments: list[Segment]) -> list[Segment]:
+    """Ranges of one file that touch (tensors stored back to back) merged into one."""
+    merged: list[Segment] = []
+    for segment in sorted(segments, key=lambda s: (s.path, s.start)):
+        last = merged[-1] if merged else None
+        if last and last.path == segment.path and segment.start - last.end <= mmap.PAGESIZE:
+            merged[-1] = Segment(last.path, last.start, max(last.end, segment.end))
+        else:
+            merged.append(segment)
+    return merged
+
+
+class CheckpointPrefetch(PageWarmup):
+    """Reads file ranges into the page cache from :class:`~optdemo.runtime.tiers.disk_map.PageWarmup`'s
+    threads, each chunk through a mapping of its own that is dropped once the chunk is read."""
+
+    def __init__(self, ranges: list[Segment]) -> None:
+        self.bytes = sum(segment.end - segment.start for segment in ranges)
+        chunks = []
+        for segment in ranges:
+            start = segment.start // mmap.PAGESIZE * mmap.PAGESIZE
+            chunks += [
+                (segment.path, offset, min(WARMUP_CHUNK, segment.end - offset))
+                for offset in range(start, segment.end, WARMUP_CHUNK)
+            ]
+        self._begin(chunks)
+
+    def _fetch(self, chunk: tuple[str, int, int]) -> None:
+        # Through ctypes, which lets go of the GIL for the read (Python's mmap.madvise holds it,
+        # and would stall the load this runs beside).
+        path, offset, length = chunk
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+        finally:
+            os.close(fd)
+        if address in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"cannot map {path}")
+        try:
+            populate(address, length)
+        finally:
+            _libc.munmap(address, length)
+
+
+def _bind_libc() -> ctypes.CDLL | None:
+    """libc's mmap and munmap with their C signatures (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    size, flag = ctypes.c_size_t, ctypes.c_int
+    libc.mmap.argtypes = [ctypes.c_void_p, size, flag, flag, flag, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, size]
+    return libc
+
+
+_libc = _bind_libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def start_prefetch(config: LoadConfig, hardware: Hardware) -> CheckpointPrefetch | None:
+    """Start reading ``config``'s checkpoint where the model will run on the CPU, memory-mapped
+    from a local safetensors folder as it is: no GPU, no quantization, fast offloading, a disk
+    tier that may be mapped, weights stored in the load dtype (else the load converts them and
+    reads the copy). None when that does not apply or the files cannot be read here."""
+    if _libc is None or hardware.gpu_count or config.quantization != "none":
+        return None
+    if not config.fast_offload or config.disk_tier == "stream" or not Path(config.model).is_dir():
+        return None
+    try:
+        if config.dtype != "auto" and convert.stored_dtype(config.model) not in (None, config.dtype):
+            return None
+        ranges = first_ranges(config.model, hardware.ram_available_bytes)
+    except (OSError, ValueError, KeyError):
+        return None  # a hint only: the load reads the files itself and reports what is wrong
+    return CheckpointPrefetch(ranges) if ranges else None

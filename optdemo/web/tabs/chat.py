@@ -1,0 +1,424 @@
+"""The Chat tab: a streamed conversation (with Stop, retry, undo, clear) and a completion mode.
+
+Each browser session keeps its conversation in a ``gr.State`` (the chatbot is a view of it) and
+its saved chats in the browser (:mod:`optdemo.web.tabs.chat_history`), so a reload finds them. A failed
+request never loses the conversation: the state is left as it was and the message goes back into
+the textbox. While a reply streams, the box is left alone: what the user types then stays there
+(a notice says to wait for the reply or press Stop).
+
+Three parts: :func:`layout_chat_tab` builds the components (a :class:`ChatTab`); the module-level
+handlers ``(service, tab, values, request) -> {component: update}`` do the work and are tested
+without a browser; :func:`wire_chat_tab` connects them to the components' events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from optdemo.app.service import DemoService
+from optdemo.core import defaults
+from optdemo.core.generation import GenerationParams
+from optdemo.web.api import reply_group, session_of
+from optdemo.web.binding import Updates, bind
+from optdemo.web.errors import to_gradio_error, user_errors
+from optdemo.web.render import status_text, to_messages
+from optdemo.web.tabs.chat_history import (
+    SavedChats,
+    delete_chat,
+    export_json,
+    export_markdown,
+    import_chats,
+    layout_saved_chats,
+    new_chat,
+    open_chat,
+    rename_chat,
+    save_current,
+)
+
+__all__ = ["ChatTab", "GenerationControls", "layout_chat_tab", "to_messages", "wire_chat_tab"]
+
+# Shown while a reply streams: a message typed meanwhile is kept in the box, not sent.
+BUSY_NOTICE = (
+    "⏳ A reply is on its way. Anything you type now stays in the box: send it when the reply "
+    "ends, or press **Stop**."
+)
+
+Turn = dict  # {"user": str, "assistant": str, "stats": str}
+
+
+@dataclass
+class GenerationControls:
+    """The sampling controls, shared by chat and completion."""
+
+    max_new_tokens: gr.Slider
+    temperature: gr.Slider
+    top_p: gr.Slider
+    top_k: gr.Slider
+    repetition_penalty: gr.Slider
+    seed: gr.Number
+    stop: gr.Textbox  # stop sequences, one per line
+
+    def all(self) -> list:
+        """In :meth:`DemoService.params` order."""
+        return [
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.repetition_penalty,
+            self.seed,
+            self.stop,
+        ]
+
+    def params_from(self, service: DemoService, values: dict) -> GenerationParams:
+        """Validated parameters from a callback's {component: value} dict."""
+        return service.params(*(values[control] for control in self.all()))
+
+
+@dataclass
+class ChatTab:
+    """The Chat tab's components."""
+
+    model_line: gr.Markdown  # what is loaded, and its predicted speed
+    mode: gr.Radio
+    chat_box: gr.Column
+    chatbot: gr.Chatbot
+    message: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    completion_box: gr.Column
+    prompt: gr.Textbox
+    generate: gr.Button
+    stop_completion: gr.Button
+    completion: gr.Textbox
+    completion_stats: gr.Markdown
+    controls: GenerationControls
+    system_prompt: gr.Textbox
+    context_line: gr.Markdown  # how much of the model's window the last reply used
+    notice: gr.Markdown  # "wait for the reply or press Stop" while one streams
+    saved: SavedChats  # this browser's saved chats
+    turns: gr.State  # this session's conversation: a list of Turn
+    serving_line: gr.Markdown  # how many replies the model is writing together, and how many wait
+    serving_timer: gr.Timer  # refreshes serving_line
+
+
+# ---------------------------------------------------------------------------------- layout
+def layout_chat_tab(service: DemoService, store: gr.BrowserState | None = None) -> ChatTab:
+    """Build the Chat tab's components inside the current Blocks; ``store`` is the browser's chat
+    store (see :func:`~optdemo.web.tabs.chat_history.browser_store`; a new one if None)."""
+    max_chars = service.settings.max_message_chars
+    model_line = gr.Markdown(elem_id="od-chat-model")
+    serving_line = gr.Markdown(elem_id="od-serving")
+    serving_timer = gr.Timer(defaults.SERVING_REFRESH_SECONDS)
+    mode = gr.Radio(["Conversation", "Completion"], value="Conversation", label="Mode", show_label=False)
+    with gr.Column(visible=True) as chat_box:
+        saved = layout_saved_chats(store)
+        chatbot = gr.Chatbot(label="Conversation", height=440, elem_id="od-chatbot", buttons=["copy"])
+        context_line = gr.Markdown(elem_id="od-context")
+        notice = gr.Markdown(elem_id="od-chat-notice")
+        with gr.Row():
+            message = gr.Textbox(
+                placeholder="Type a message and press Enter",
+                show_label=False,
+                scale=6,
+                max_length=max_chars,
+                elem_id="od-message",
+            )
+            send = gr.Button("Send", variant="primary", scale=1, min_width=80)
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
+        system_prompt = gr.Textbox(
+            label="System prompt",
+            placeholder="Instructions before the conversation (empty: the default)",
+            lines=1,
+            max_lines=6,
+            max_length=defaults.MAX_SYSTEM_PROMPT_CHARS,
+            elem_id="od-system-prompt",
+        )
+        gr.Markdown(
+            "<sub>The built-in tiny model knows only a handful of answers: try *What is the capital of "
+            "France?* or *Why is offloading slow?*</sub>"
+        )
+    with gr.Column(visible=False) as completion_box:
+        prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Once upon a time", max_length=max_chars)
+        with gr.Row():
+            generate = gr.Button("Generate", variant="primary")
+            stop_completion = gr.Button("Stop", variant="stop")
+        completion = gr.Textbox(label="Continuation", lines=6, interactive=False)
+        completion_stats = gr.Markdown()
+    controls = layout_controls(service)
+    turns = gr.State([])
+    return ChatTab(
+        model_line,
+        mode,
+        chat_box,
+        chatbot,
+        message,
+        send,
+        stop,
+        completion_box,
+        prompt,
+        generate,
+        stop_completion,
+        completion,
+        completion_stats,
+        controls,
+        system_prompt,
+        context_line,
+        notice,
+        saved,
+        turns,
+        serving_line,
+        serving_timer,
+    )
+
+
+def layout_controls(service: DemoService) -> GenerationControls:
+    """The sampling controls, in an accordion; max_new_tokens starts at the operator's cap and
+    follows the loaded model's window (see :func:`refresh_model_line`)."""
+    cap = service.settings.max_new_tokens_cap
+    with gr.Accordion("Generation parameters", open=False), gr.Row():
+        return GenerationControls(
+            gr.Slider(
+                1,
+                cap,
+                value=min(defaults.MAX_NEW_TOKENS, cap),
+                step=1,
+                label="max_new_tokens",
+                info=max_new_tokens_info(service),
+            ),
+            gr.Slider(0, 2, value=defaults.TEMPERATURE, step=0.05, label="temperature", info="0 = greedy"),
+            gr.Slider(0.05, 1, value=defaults.TOP_P, step=0.05, label="top_p"),
+            gr.Slider(0, 200, value=defaults.TOP_K, step=1, label="top_k", info="0 = off"),
+            gr.Slider(1, 2, value=defaults.REPETITION_PENALTY, step=0.05, label="repetition_penalty"),
+            gr.Number(value=-1, precision=0, label="seed", info="-1 = random"),
+            gr.Textbox(
+                label="stop sequences", info="one per line; they end the reply and are not shown", lines=2
+            ),
+        )
+
+
+def max_new_tokens_info(service: DemoService) -> str:
+    """The slider's rule, with the loaded model's numbers."""
+    cap = service.settings.max_new_tokens_cap
+    window = service.context_window()
+    if window is None:
+        return f"at most the operator's cap {cap}; a loaded model's window minus the prompt may lower it"
+    return f"at most min({cap}, the model's {window}-token window minus the prompt)"
+
+
+# ---------------------------------------------------------------------------------- handlers
+def _reply(
+    service: DemoService,
+    tab: ChatTab,
+    text: str,
+    history: list[Turn],
+    values: dict,
+    request: Any,
+    on_failure: Updates,
+) -> Iterator[Updates]:
+    """Stream one reply to ``text`` after ``history``. The first update clears the box; later ones
+    leave it alone, so a message typed meanwhile stays. On failure show ``on_failure``, then raise
+    the error for the user."""
+    turn = {"user": text, "assistant": "", "stats": ""}
+    context = ""
+    waiting = False
+    try:
+        params = tab.controls.params_from(service, values)
+        pairs = [(t["user"], t["assistant"]) for t in history]
+        system_prompt = values.get(tab.system_prompt) or ""
+        yield {
+            tab.chatbot: to_messages([*history, turn]),
+            tab.turns: history,
+            tab.message: "",
+            tab.notice: BUSY_NOTICE,
+        }
+        for step in service.chat(
+            session_of(request), pairs, text, params, system_prompt, waiting_status=True
+        ):
+            if step.status:  # waiting for a place in the batch: say where in line
+                waiting = True
+                yield {tab.notice: step.status}
+                continue
+            stats = step.stats.summary() if step.stats else ""
+            turn = {"user": text, "assistant": step.text, "stats": stats}
+            context = step.stats.context_summary() if step.stats else context
+            update = {tab.chatbot: to_messages([*history, turn]), tab.turns: history}
+            if waiting:  # its turn came: the usual notice again
+                waiting, update[tab.notice] = False, BUSY_NOTICE
+            yield update
+    except Exception as exc:  # noqa: BLE001 - the chat is restored, then the error is shown
+        yield {**on_failure, tab.notice: ""}
+        raise to_gradio_error(exc) from None
+    yield {
+        tab.chatbot: to_messages([*history, turn]),
+        tab.turns: [*history, turn],
+        tab.notice: "",
+        tab.context_line: context,
+    }
+
+
+def respond(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Iterator[Updates]:
+    """Send the message box's text; the finished turn joins this session's conversation. On
+    failure the conversation is unchanged and the message goes back into the box."""
+    text = values[tab.message]
+    history = list(values[tab.turns] or [])
+    restore = {tab.chatbot: to_messages(history), tab.turns: history, tab.message: text}
+    yield from _reply(service, tab, text, history, values, request, restore)
+
+
+def retry(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Iterator[Updates]:
+    """Answer the last message again, replacing its reply; on failure the last turn stays."""
+    history = list(values[tab.turns] or [])
+    if not history:
+        raise gr.Error("Nothing to retry yet.")
+    *earlier, last = history
+    keep = {tab.chatbot: to_messages(history), tab.turns: history}
+    for updates in _reply(service, tab, last["user"], earlier, values, request, keep):
+        updates.pop(tab.message, None)  # retry never touches the box
+        yield updates
+
+
+def undo(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Drop the last turn and put its message back in the box."""
+    history = list(values[tab.turns] or [])
+    if not history:
+        return {tab.chatbot: [], tab.turns: [], tab.message: ""}
+    *earlier, last = history
+    return {tab.chatbot: to_messages(earlier), tab.turns: earlier, tab.message: last["user"]}
+
+
+def clear(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Forget this session's conversation (and, once saved, its entry in the browser)."""
+    return {tab.chatbot: [], tab.turns: [], tab.context_line: ""}
+
+
+def stop(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Stop this session's running reply or completion."""
+    service.stop(session_of(request))
+    return {}
+
+
+@user_errors
+def complete(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Iterator[Updates]:
+    """Stream a continuation of the prompt with its stats line (the original scripts' mode)."""
+    params = tab.controls.params_from(service, values)
+    for step in service.complete(session_of(request), values[tab.prompt], params, waiting_status=True):
+        if step.status:  # waiting for a place in the batch: the stats line says where in line
+            yield {tab.completion_stats: step.status}
+            continue
+        yield {tab.completion: step.text, tab.completion_stats: step.stats.summary() if step.stats else ""}
+
+
+def switch_mode(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Show the conversation or the completion box."""
+    chatting = values[tab.mode] == "Conversation"
+    return {tab.chat_box: gr.update(visible=chatting), tab.completion_box: gr.update(visible=not chatting)}
+
+
+def refresh_serving_line(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """How many visitors' replies the model is writing now, and how many wait for a place."""
+    return {tab.serving_line: service.serving().summary()}
+
+
+def refresh_model_line(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """What is loaded, its chat format and predicted speed; the max_new_tokens slider follows the
+    loaded model's window."""
+    prediction = service.loaded_prediction()
+    chat_format = service.chat_format()
+    line = status_text(service.status())
+    if chat_format:
+        line += f"  \nChat format: {chat_format}"
+    if prediction:
+        line += f"  \nPredicted speed: {prediction.summary()}"
+    limit = service.max_new_tokens_limit()
+    current = values.get(tab.controls.max_new_tokens) or defaults.MAX_NEW_TOKENS
+    slider = gr.update(maximum=limit, value=min(int(current), limit), info=max_new_tokens_info(service))
+    return {tab.model_line: line, tab.controls.max_new_tokens: slider}
+
+
+# ---------------------------------------------------------------------------------- wiring
+def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
+    """Connect the Chat tab's events to its handlers (all private: the API has /chat itself).
+    Every change to the conversation is then saved in the browser."""
+    private = {"api_visibility": "private", "queue": False}
+    in_reply_group = {**reply_group(service), "api_visibility": "private"}
+    tab.serving_timer.tick(
+        bind(refresh_serving_line, service, tab),
+        {tab.turns},
+        tab.serving_line,
+        show_progress="hidden",
+        **private,
+    )
+    # Inputs given as a set reach a handler as one {component: value} dict.
+    with_params = {tab.turns, tab.system_prompt, *tab.controls.all()}
+    conversation = [tab.chatbot, tab.turns, tab.message, tab.notice, tab.context_line]
+    saved = tab.saved
+    save = {
+        "fn": bind(save_current, service, tab),
+        "inputs": {tab.turns, saved.store, saved.chat_id},
+        "outputs": [saved.store, saved.chat_id, saved.picker, saved.title],
+        "show_progress": "hidden",
+        **private,
+    }
+    tab.mode.change(
+        bind(switch_mode, service, tab), {tab.mode}, [tab.chat_box, tab.completion_box], **private
+    )
+    gr.on(
+        [tab.message.submit, tab.send.click],
+        bind(respond, service, tab),
+        {tab.message, *with_params},
+        conversation,
+        **in_reply_group,
+    ).success(**save)
+    tab.chatbot.retry(
+        bind(retry, service, tab),
+        with_params,
+        [tab.chatbot, tab.turns, tab.notice, tab.context_line],
+        **in_reply_group,
+    ).success(**save)
+    tab.chatbot.undo(bind(undo, service, tab), {tab.turns}, conversation, **private).then(**save)
+    tab.chatbot.clear(bind(clear, service, tab), {tab.turns}, conversation, **private).then(**save)
+    gr.on([tab.stop.click, tab.stop_completion.click], bind(stop, service, tab), {tab.turns}, None, **private)
+    gr.on(
+        [tab.generate.click, tab.prompt.submit],
+        bind(complete, service, tab),
+        {tab.prompt, *tab.controls.all()},
+        [tab.completion, tab.completion_stats],
+        **in_reply_group,
+    )
+    wire_saved_chats(service, tab)
+
+
+def wire_saved_chats(service: DemoService, tab: ChatTab) -> None:
+    """Connect the saved-chats panel: restore on page load, new / open / rename / delete,
+    export and import."""
+    private = {"api_visibility": "private", "queue": False}
+    saved = tab.saved
+    shown = [tab.turns, tab.chatbot, tab.context_line, saved.chat_id, saved.picker, saved.title, saved.store]
+    store_in = {saved.store, saved.chat_id}
+    saved.new.click(bind(new_chat, service, tab), store_in, [*shown, saved.message], **private)
+    saved.picker.input(
+        bind(open_chat, service, tab),
+        {*store_in, saved.picker},
+        [*shown, saved.message],
+        **private,
+    )
+    saved.rename.click(
+        bind(rename_chat, service, tab),
+        {*store_in, saved.title},
+        [saved.store, saved.picker, saved.message],
+        **private,
+    )
+    saved.delete.click(bind(delete_chat, service, tab), store_in, [*shown, saved.message], **private)
+    saved.export_json.click(bind(export_json, service, tab), store_in, saved.exported, **private)
+    saved.export_markdown.click(bind(export_markdown, service, tab), store_in, saved.exported, **private)
+    saved.import_btn.click(
+        bind(import_chats, service, tab),
+        {*store_in, saved.pasted},
+        [saved.store, saved.picker, saved.pasted, saved.message],
+        **private,
+    )

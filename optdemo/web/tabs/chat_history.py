@@ -1,0 +1,204 @@
+"""The Chat tab's saved conversations: kept in each browser (``gr.BrowserState``), never on the
+server, so a reload finds them and a public deployment stores nobody's chats.
+
+:func:`layout_saved_chats` builds the panel (a :class:`SavedChats`: the browser store, the picker,
+new / rename / delete, export / import as JSON or Markdown). The handlers read and write the
+current conversation of the Chat tab (its ``turns``), so they take the whole
+:class:`~optdemo.web.tabs.chat.ChatTab`; the store's logic is :mod:`optdemo.app.chats` (no gradio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from optdemo.app import chats
+from optdemo.app.service import DemoService
+from optdemo.web.binding import Updates
+from optdemo.web.errors import user_errors
+from optdemo.web.render import to_messages
+
+if TYPE_CHECKING:
+    from optdemo.web.tabs.chat import ChatTab
+
+# The key and the secret under which each browser keeps its chats in localStorage. BrowserState
+# sends its secret to the page anyway (it only obfuscates), so a fixed one costs nothing and keeps
+# the chats readable after the server restarts, where a random one per process would lose them.
+STORAGE_KEY = "optdemo-chats"
+STORAGE_SECRET = "optdemo-chats-v1"
+
+
+@dataclass
+class SavedChats:
+    """The saved-chats panel's components, and the session's current chat."""
+
+    store: gr.BrowserState  # this browser's chats (an optdemo.app.chats store)
+    chat_id: gr.State  # the id of the conversation on screen (None: not saved yet)
+    picker: gr.Dropdown
+    new: gr.Button
+    title: gr.Textbox
+    rename: gr.Button
+    delete: gr.Button
+    export_json: gr.Button
+    export_markdown: gr.Button
+    exported: gr.Code
+    pasted: gr.Textbox
+    import_btn: gr.Button
+    message: gr.Markdown
+
+    def restored_outputs(self) -> list:
+        """What :func:`restore` updates besides the conversation itself (never the store: writing
+        it would fire its change event again)."""
+        return [self.chat_id, self.picker, self.title]
+
+
+def browser_store() -> gr.BrowserState:
+    """The browser's chat store. Build it outside the tabs: a component inside a tab that is not
+    open yet mounts (and reads localStorage) only when the tab opens, late for the page's load."""
+    return gr.BrowserState(chats.empty_store(), storage_key=STORAGE_KEY, secret=STORAGE_SECRET)
+
+
+def layout_saved_chats(store: gr.BrowserState | None = None) -> SavedChats:
+    """Build the saved-chats panel inside the current Blocks, over ``store`` (a new one if None)."""
+    store = store if store is not None else browser_store()
+    chat_id = gr.State(None)
+    with gr.Accordion("Saved chats (kept in this browser only)", open=False, elem_id="od-saved-chats"):
+        with gr.Row():
+            picker = gr.Dropdown([], value=None, label="Past chats", scale=4, elem_id="od-chat-picker")
+            new = gr.Button("New chat", scale=1, min_width=90)
+        with gr.Row():
+            title = gr.Textbox(label="Name", placeholder="A name for this chat", scale=4)
+            rename = gr.Button("Rename", scale=1, min_width=90)
+            delete = gr.Button("Delete", variant="stop", scale=1, min_width=90)
+        with gr.Row():
+            export_json = gr.Button("Export all as JSON", size="sm")
+            export_markdown = gr.Button("Export all as Markdown", size="sm")
+        exported = gr.Code(label="Export (copy or download it)", language="markdown", interactive=False)
+        pasted = gr.Textbox(label="Import: paste an export (JSON or Markdown)", lines=3, max_lines=8)
+        import_btn = gr.Button("Import", size="sm")
+        message = gr.Markdown(elem_id="od-saved-message")
+    return SavedChats(
+        store,
+        chat_id,
+        picker,
+        new,
+        title,
+        rename,
+        delete,
+        export_json,
+        export_markdown,
+        exported,
+        pasted,
+        import_btn,
+        message,
+    )
+
+
+def _picker(store: chats.Store, current: str | None) -> Any:
+    return gr.update(choices=chats.choices(store), value=current)
+
+
+def _show(tab: ChatTab, store: chats.Store, chat: chats.Chat | None) -> Updates:
+    """Put ``chat`` (None: an empty new one) on screen, with the picker and the name field."""
+    turns = list(chat["turns"]) if chat else []
+    saved = tab.saved
+    return {
+        tab.turns: turns,
+        tab.chatbot: to_messages(turns),
+        tab.context_line: "",
+        saved.chat_id: chat["id"] if chat else None,
+        saved.picker: _picker(store, chat["id"] if chat else None),
+        saved.title: chat["title"] if chat else "",
+    }
+
+
+# ---------------------------------------------------------------------------------- handlers
+def restore(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """When the browser's store arrives (page load), changes, or the Chat tab opens: list its
+    chats, and show the chat it had open, if this page shows no conversation yet (never replacing
+    one on screen, even one whose first reply is still streaming)."""
+    store = chats.normalized(values[tab.saved.store])
+    blank = values[tab.saved.chat_id] is None and not values[tab.chatbot]
+    if not blank or store["current"] is None:
+        return {tab.saved.picker: _picker(store, values[tab.saved.chat_id])}
+    return _show(tab, store, chats.find(store, store["current"]))
+
+
+def save_current(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """After each change to the conversation: keep it in the browser (a chat emptied by clear or
+    undo is removed)."""
+    saved = tab.saved
+    store = chats.normalized(values[saved.store])
+    turns = list(values[tab.turns] or [])
+    store, chat_id = chats.save(store, values[saved.chat_id], turns)
+    chat = chats.find(store, chat_id)
+    return {
+        saved.store: store,
+        saved.chat_id: chat_id,
+        saved.picker: _picker(store, chat_id),
+        saved.title: chat["title"] if chat else "",
+    }
+
+
+def new_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Start an empty conversation; the current one stays in the list."""
+    store = chats.normalized(values[tab.saved.store])
+    store = {**store, "current": None}
+    return {**_show(tab, store, None), tab.saved.store: store, tab.saved.message: ""}
+
+
+def open_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Show the chat picked in the list."""
+    store = chats.normalized(values[tab.saved.store])
+    chat = chats.find(store, values[tab.saved.picker])
+    if chat is None or chat["id"] == values[tab.saved.chat_id]:
+        return {}
+    store = {**store, "current": chat["id"]}
+    return {**_show(tab, store, chat), tab.saved.store: store, tab.saved.message: ""}
+
+
+@user_errors
+def rename_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Give the current chat the name typed in the name field."""
+    saved = tab.saved
+    store = chats.normalized(values[saved.store])
+    chat_id = values[saved.chat_id]
+    if chats.find(store, chat_id) is None:
+        raise gr.Error("Nothing to rename yet: send a message first, or pick a saved chat.")
+    store = chats.rename(store, chat_id, values[saved.title])
+    return {saved.store: store, saved.picker: _picker(store, chat_id), saved.message: "Renamed."}
+
+
+def delete_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Forget the current chat (in this browser) and start an empty one."""
+    store = chats.delete(chats.normalized(values[tab.saved.store]), values[tab.saved.chat_id])
+    return {**_show(tab, store, None), tab.saved.store: store, tab.saved.message: "Deleted."}
+
+
+def export_json(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Every saved chat as JSON (import it back here or in another browser)."""
+    store = chats.normalized(values[tab.saved.store])
+    return {tab.saved.exported: gr.update(value=chats.to_json(store["chats"]), language="json")}
+
+
+def export_markdown(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Every saved chat as Markdown, to read or to import back."""
+    store = chats.normalized(values[tab.saved.store])
+    return {tab.saved.exported: gr.update(value=chats.to_markdown(store["chats"]), language="markdown")}
+
+
+@user_errors
+def import_chats(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
+    """Add the chats of a pasted export (JSON or Markdown) to this browser's list."""
+    saved = tab.saved
+    imported = chats.parse_export(values[saved.pasted])
+    store = chats.add_imported(chats.normalized(values[saved.store]), imported)
+    count = f"{len(imported)} chat{'s' if len(imported) != 1 else ''}"
+    return {
+        saved.store: store,
+        saved.picker: _picker(store, values[saved.chat_id]),
+        saved.pasted: "",
+        saved.message: f"Imported {count}: pick one in the list.",
+    }

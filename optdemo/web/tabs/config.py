@@ -1,0 +1,468 @@
+"""The Configuration tab: pick a model and a memory budget, see the plan at once, load, unload.
+
+Three parts: :func:`layout_config_tab` builds the components (a :class:`ConfigTab`); the
+module-level handlers ``(service, tab, values, request) -> {component: update}`` do the work and are
+tested without a browser; :func:`wire_config_tab` connects them to the components' events.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+import optdemo.web.tabs.endpoint_form as endpoint_form  # (not "from optdemo.web": no cycle via the package)
+from optdemo.app.service import DemoService, PlanNotice
+from optdemo.core import defaults
+from optdemo.core.backend import ENDPOINT
+from optdemo.core.budget import format_bytes
+from optdemo.core.load_config import DTYPES, QUANTIZATIONS, LoadConfig
+from optdemo.system.hardware import Hardware, probe_hardware
+from optdemo.web.api import MODEL_GROUP, PLAN_GROUP, session_of
+from optdemo.web.binding import Updates, bind
+from optdemo.web.errors import to_gradio_error, user_errors
+from optdemo.web.render import describe_placement, plan_summary, status_text  # noqa: F401 - re-exported
+from optdemo.web.tabs.config_text import (
+    budget_spec,
+    hardware_summary,
+    model_label,
+    offload_info,
+    quantization_availability,
+    status_for,
+)
+
+GIB = 2**30
+MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
+PROGRESS_POLL_SECONDS = 0.1  # how often a load's progress reports are passed to the page
+# Load clicks reach the manager at once rather than wait in Gradio's queue behind the load running
+# now: the manager serializes loads (and stops a reply first) behind its own lock, and a newer
+# request replaces an older one still waiting there instead of running after it.
+LOAD_REQUESTS = {"concurrency_id": "load", "concurrency_limit": 4}
+
+
+@dataclass
+class SignIn:
+    """The admin sign-in form (public mode with --auth accounts only)."""
+
+    user: gr.Textbox
+    password: gr.Textbox
+    button: gr.Button
+    message: gr.Markdown
+
+
+@dataclass
+class ConfigTab:
+    """The Configuration tab's components."""
+
+    model: gr.Dropdown
+    revision: gr.Textbox
+    dtype: gr.Dropdown
+    quantization: gr.Radio
+    gpu_sliders: list[gr.Slider]
+    cpu_slider: gr.Slider
+    advanced: gr.Textbox  # a full max_memory spec; wins over the sliders
+    fast_offload: gr.Checkbox
+    cpu_layers: gr.Dropdown
+    disk_tier: gr.Dropdown
+    tokenizer: gr.Textbox
+    offload: gr.Textbox
+    offload_info: gr.Markdown
+    plan_btn: gr.Button
+    load_btn: gr.Button
+    unload_btn: gr.Button
+    status: gr.Markdown
+    summary: gr.Markdown
+    cache_info: gr.Markdown
+    clear_cache_btn: gr.Button
+    sign_in: SignIn | None
+    plan_state: gr.State  # the session's latest PlanView, or None
+    loaded: gr.State  # bumped after each load/unload so other tabs refresh
+    endpoint: endpoint_form.EndpointForm  # this machine or a serving endpoint, and which
+
+    @property
+    def form(self) -> set:
+        """The controls whose values make a LoadConfig (a set: Gradio passes them as one dict,
+        whatever the number of GPUs)."""
+        return {
+            self.model,
+            self.revision,
+            self.dtype,
+            *self.gpu_sliders,
+            self.cpu_slider,
+            self.advanced,
+            self.offload,
+            self.quantization,
+            self.tokenizer,
+            self.fast_offload,
+            self.cpu_layers,
+            self.disk_tier,
+            *self.endpoint.controls,
+        }
+
+
+# ---------------------------------------------------------------------------------- layout
+def layout_config_tab(service: DemoService) -> ConfigTab:
+    """Build the Configuration tab's components inside the current Blocks."""
+    initial: LoadConfig = service.initial_config()
+    hardware = probe_hardware(initial.offload_folder)
+    locked = service.settings.public
+    if locked:
+        gr.Markdown(
+            "**Public mode:** visitors can chat and preview plans; only an admin can load, "
+            "unload or change the model."
+        )
+    remote = bool(service.settings.backend_url)
+    with gr.Row():
+        with gr.Column(scale=3):
+            backend, local_box = endpoint_form.backend_radio(remote), gr.Column(visible=not remote)
+            with local_box:
+                form = _form(service, initial, hardware)
+            endpoint = endpoint_form.endpoint_fields(service, backend, local_box)
+            with gr.Row():
+                load_label, unload_label = endpoint_form.button_labels(remote)
+                plan_btn = gr.Button("Plan", variant="secondary", visible=not remote)
+                load_btn = gr.Button(load_label, variant="primary", interactive=not locked)
+                unload_btn = gr.Button(unload_label, variant="stop", interactive=not locked)
+            status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])
+        with gr.Column(scale=2):
+            gr.Markdown("### Plan")
+            summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
+            gr.Markdown("### This machine")
+            gr.Markdown(hardware_summary(hardware), elem_classes=["od-paths"])
+            with gr.Row():
+                cache_info = gr.Markdown(
+                    f"**Conversion cache:** {service.conversion_cache()}", elem_classes=["od-paths"]
+                )
+                clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
+            sign_in = _sign_in_form() if locked and service.settings.auth else None
+    return ConfigTab(
+        **form,
+        plan_btn=plan_btn,
+        load_btn=load_btn,
+        unload_btn=unload_btn,
+        status=status,
+        summary=summary,
+        cache_info=cache_info,
+        clear_cache_btn=clear_cache_btn,
+        sign_in=sign_in,
+        plan_state=gr.State(None),
+        loaded=gr.State(0),
+        endpoint=endpoint,
+    )
+
+
+def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict[str, Any]:
+    """The controls that make a configuration, by ConfigTab field name."""
+    locked = service.settings.public
+    quant_ok, quant_info = quantization_availability(hardware)
+    budget = initial.max_memory.as_max_memory() if initial.max_memory else {}
+    controls: dict[str, Any] = {}
+    controls["model"] = gr.Dropdown(
+        choices=service.model_choices(),
+        value=initial.model,
+        label="Model",
+        info="An OPT size, the built-in tiny model, a Hugging Face repo id, or a local folder.",
+        allow_custom_value=not locked,
+        interactive=True,
+    )
+    with gr.Row():
+        controls["dtype"] = gr.Dropdown(list(DTYPES), value=initial.dtype, label="dtype", scale=1)
+        controls["revision"] = gr.Textbox(label="Revision", placeholder="main", scale=1)
+        controls["quantization"] = gr.Radio(
+            list(QUANTIZATIONS),
+            value=initial.quantization,
+            label="Quantization",
+            info=quant_info,
+            interactive=quant_ok,
+            scale=2,
+        )
+    controls["gpu_sliders"] = [
+        gr.Slider(
+            0,
+            round(gpu.total_bytes / GIB, 2),
+            step=0.25,
+            value=round(budget.get(gpu.index, 0) / GIB, 2),
+            label=f"GPU {gpu.index} memory (GiB) — {gpu.name}",
+        )
+        for gpu in hardware.gpus[:MAX_GPU_SLIDERS]
+    ]
+    controls["cpu_slider"] = gr.Slider(
+        0,
+        round(hardware.ram_total_bytes / GIB, 2),
+        step=0.25,
+        value=round(budget.get("cpu", 0) / GIB, 2),
+        label="CPU RAM (GiB)",
+        info="Layers that fit neither GPU nor this budget go to the offload folder on disk.",
+    )
+    with gr.Accordion("Advanced", open=bool(service.settings.max_memory)):
+        controls["advanced"] = gr.Textbox(
+            label="max_memory (overrides the sliders)",
+            value=service.settings.max_memory or "",
+            placeholder='0=5GiB,cpu=20GiB   or   {0: "5GiB", "cpu": "20GiB"}',
+        )
+        controls.update(_offloading_controls(initial, hardware))
+        controls["tokenizer"] = gr.Textbox(
+            label="Tokenizer (optional)",
+            placeholder="another repo id or folder; empty: the model's own",
+            interactive=not locked,
+        )
+    controls["offload"] = gr.Textbox(
+        label="Offload folder",
+        value=initial.offload_folder or "",
+        placeholder="./offload — needed when layers go to disk",
+    )
+    controls["offload_info"] = gr.Markdown(
+        offload_info(initial.offload_folder), elem_id="od-offload-info", elem_classes=["od-paths"]
+    )
+    return controls
+
+
+def _offloading_controls(initial: LoadConfig, hardware: Hardware) -> dict[str, Any]:
+    """How offloaded layers are served: fast offloading, the CPU-layer policy (with a GPU), the
+    disk tier."""
+    controls: dict[str, Any] = {}
+    controls["fast_offload"] = gr.Checkbox(
+        value=initial.fast_offload,
+        label="Fast offloading",
+        info="Memory-map disk layers, convert .bin checkpoints once. Off: plain Accelerate.",
+    )
+    # Only meaningful with a GPU in the map; hidden without one.
+    controls["cpu_layers"] = gr.Dropdown(
+        [
+            ("auto: the faster by prediction", "auto"),
+            ("gpu: prefetch weights from pinned memory", "gpu"),
+            ("cpu: compute offloaded layers on the CPU", "cpu"),
+            ("accelerate: plain Accelerate", "accelerate"),
+        ],
+        value=initial.cpu_layers,
+        label="Offloaded layers run",
+        info="With a GPU in the map. The Device map tab says which one is in force, and why.",
+        visible=bool(hardware.gpus),
+    )
+    controls["disk_tier"] = gr.Dropdown(
+        [
+            ("auto: map what RAM can cache, stream the rest", "auto"),
+            ("map: memory-map every disk layer", "map"),
+            ("stream: read every disk layer past the page cache", "stream"),
+        ],
+        value=initial.disk_tier,
+        label="Disk layers (CPU-executed models)",
+        info="The Device map tab says what was mapped, what is streamed, and why.",
+    )
+    return controls
+
+
+def _sign_in_form() -> SignIn:
+    with gr.Accordion("Admin sign-in", open=False):
+        return SignIn(
+            gr.Textbox(label="Username"),
+            gr.Textbox(label="Password", type="password"),
+            gr.Button("Sign in"),
+            gr.Markdown(),
+        )
+
+
+# ---------------------------------------------------------------------------------- handlers
+def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request: Any = None) -> LoadConfig:
+    """The configuration the form describes (validated by the service, for this session)."""
+    return service.make_config(
+        model=values[tab.model] or "",
+        max_memory=budget_spec(
+            [float(values[s] or 0) for s in tab.gpu_sliders],
+            float(values[tab.cpu_slider] or 0),
+            values[tab.advanced] or "",
+        ),
+        dtype=values[tab.dtype] or "auto",
+        offload_folder=values[tab.offload] or None,
+        revision=values[tab.revision] or None,
+        quantization=values[tab.quantization] or "none",
+        tokenizer=values[tab.tokenizer] or None,
+        fast_offload=bool(values[tab.fast_offload]),
+        cpu_layers=values[tab.cpu_layers] or defaults.DEFAULT_CPU_LAYERS,
+        disk_tier=values[tab.disk_tier] or defaults.DEFAULT_DISK_TIER,
+    )
+
+
+def preview(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Plan the form's configuration (no weights touched). Shown in place, not as a pop-up: this
+    runs on every change of a control. A failure names the model and leaves no plan standing."""
+    name = model_label(values[tab.model])
+    try:
+        view = service.plan(config_from_form(service, tab, values, request))
+    except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
+        message = f"**Cannot plan {name}:** {to_gradio_error(exc).message}"
+        return {tab.summary: message, tab.plan_state: PlanNotice(name, message)}
+    return {tab.summary: plan_summary(view.plan, view.prediction), tab.plan_state: view}
+
+
+def plan_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
+    """:func:`preview`, first saying which model is being planned: the previous plan (of another
+    model, maybe) never stays on screen as if it were current while the new one is computed."""
+    name = model_label(values[tab.model])
+    pending = f"Planning **{name}**…"
+    yield {tab.summary: pending, tab.plan_state: PlanNotice(name, pending)}
+    yield preview(service, tab, values, request)
+
+
+@user_errors
+def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progress: Any = None) -> Updates:
+    """Load the form's configuration (or reuse the loaded model), reporting progress; with "a
+    serving endpoint" chosen, connect to it instead."""
+    if values.get(tab.endpoint.backend) == ENDPOINT:
+        return endpoint_form.connect(service, tab, values, request)
+    config = config_from_form(service, tab, values)
+
+    def report(fraction: float | None, text: str) -> None:
+        if progress is not None:
+            progress(fraction, desc=text)  # gr.Progress's signature; load_live's reporter too
+
+    result = service.load(config, session_id=session_of(request), progress=report)
+    verb = "Reused" if result.status == "reused" else "Loaded"
+    check = "as planned ✓" if result.matches_plan else "⚠ differs from the plan (see Device map)"
+    message = (
+        f"**{verb}** {config.display_name} in {result.load_seconds:.2f} s — "
+        f"{describe_placement(result.bytes_per_device)} — {check}"
+    )
+    if result.status == "reused":
+        message += "  \nConfiguration unchanged: nothing was reloaded."
+    assert result.plan is not None
+    return {tab.status: message, tab.plan_state: service.view(result.plan), tab.loaded: time.monotonic()}
+
+
+def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
+    """:func:`load`, with what is happening (download, conversion with bytes done, shards) shown
+    in the status line itself, which names the model: the load runs in a worker thread and its
+    progress reports are streamed to the page (no progress overlay covers the status)."""
+    remote = values.get(tab.endpoint.backend) == ENDPOINT
+    name = str(values[tab.endpoint.url] or "the endpoint") if remote else model_label(values[tab.model])
+    reports: queue.Queue[str] = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def report(fraction: float | None, desc: str = "") -> None:
+        reports.put(desc if fraction is None else f"{desc} — {fraction:.0%}")
+
+    def work() -> None:
+        try:
+            outcome["updates"] = load(service, tab, values, request, report)
+        except gr.Error as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="optdemo-load", daemon=True)
+    worker.start()
+    yield {tab.status: f"**{'Connecting to' if remote else 'Loading'} {name}…**"}
+    while worker.is_alive() or not reports.empty():
+        try:
+            text = reports.get(timeout=PROGRESS_POLL_SECONDS)
+        except queue.Empty:
+            continue
+        yield {tab.status: f"**Loading {name}:** {text}"}
+    worker.join()
+    if "error" in outcome:
+        verb = "connect to" if remote else "load"
+        yield {tab.status: f"**Could not {verb} {name}.** {outcome['error'].message}"}
+        raise outcome["error"]
+    yield outcome["updates"]
+
+
+@user_errors
+def unload(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Unload the model and free its memory, or disconnect the serving endpoint."""
+    remote = service.endpoint is not None
+    was_loaded = service.unload(session_of(request))
+    message = "Model unloaded; memory released." if was_loaded else "Nothing was loaded."
+    message = endpoint_form.DISCONNECTED if remote else message
+    return {tab.status: message, tab.loaded: time.monotonic()}
+
+
+@user_errors
+def clear_cache(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Empty the conversion cache and say how much it freed."""
+    freed = service.clear_conversion_cache(session_of(request))
+    cleared = f"cleared ({format_bytes(freed)} freed)"
+    return {tab.cache_info: f"**Conversion cache:** {cleared}. {service.conversion_cache()}"}
+
+
+def free_space(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """The free space where the offload folder would be (naming the place measured), or at once a
+    warning when the path is a file or cannot be created."""
+    return {tab.offload_info: offload_info(values[tab.offload])}
+
+
+def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Sign this session in as an admin, unlocking loading, unloading and the cache button."""
+    form = tab.sign_in
+    assert form is not None, "the sign-in form exists only in public mode with --auth accounts"
+    if not service.sign_in(session_of(request), values[form.user], values[form.password]):
+        return {form.message: "Wrong username or password."}
+    unlocked = gr.update(interactive=True)
+    return {
+        form.message: "Signed in as admin: you can load, unload and clear the cache.",
+        **dict.fromkeys((tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer), unlocked),
+        tab.model: gr.update(allow_custom_value=True, choices=service.model_choices(session_of(request))),
+    }
+
+
+def refresh_status(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """The status line for what is loaded now."""
+    return {tab.status: status_for(service, session_of(request))}
+
+
+# ---------------------------------------------------------------------------------- wiring
+def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
+    """Connect the Configuration tab's events to its handlers (all private: the API has its own)."""
+    private = {"api_visibility": "private"}
+    in_model_group = {**private, "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+    texts = (tab.revision, tab.advanced, tab.offload, tab.tokenizer)
+    # Every control re-plans at once (sliders when released, text fields on Enter or leaving them).
+    gr.on(
+        [
+            tab.plan_btn.click,
+            *(c.change for c in (tab.model, tab.dtype, tab.quantization, tab.fast_offload)),
+            *(c.change for c in (tab.cpu_layers, tab.disk_tier)),
+            *(slider.release for slider in (*tab.gpu_sliders, tab.cpu_slider)),
+            *(text.submit for text in texts),
+            *(text.blur for text in texts),
+        ],
+        bind(plan_live, service, tab),
+        tab.form,
+        [tab.summary, tab.plan_state],
+        trigger_mode="always_last",
+        **private,
+        **PLAN_GROUP,
+    )
+    # At once, as the path is typed: a file or an uncreatable folder is flagged before any plan.
+    gr.on(
+        [tab.offload.change, tab.offload.blur],
+        bind(free_space, service, tab),
+        {tab.offload},
+        tab.offload_info,
+        queue=False,
+        **private,
+    )
+    tab.clear_cache_btn.click(
+        bind(clear_cache, service, tab), {tab.loaded}, tab.cache_info, concurrency_id=MODEL_GROUP, **private
+    )
+    tab.load_btn.click(
+        bind(load_live, service, tab),
+        tab.form,
+        [tab.status, tab.plan_state, tab.loaded],
+        show_progress="hidden",  # the status line itself says what is happening
+        **private,
+        **LOAD_REQUESTS,
+    )
+    endpoint_form.wire_endpoint_form(service, tab)
+    tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
+    if tab.sign_in is not None:
+        form = tab.sign_in
+        form.button.click(
+            bind(sign_in, service, tab),
+            {form.user, form.password},
+            [form.message, tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer, tab.model],
+            queue=False,
+            **private,
+        )

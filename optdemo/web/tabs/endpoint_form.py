@@ -1,0 +1,132 @@
+"""The Configuration tab's choice of backend: this machine, or a serving endpoint.
+
+"a serving endpoint" shows a URL and a model field (and, outside public mode, a token field: the
+person at the machine is the operator); the tab's Load / Unload buttons become Connect /
+Disconnect. In public mode the URL is the operator's (``--backend-url``) and cannot be edited, the
+token field is absent, and only a signed-in admin may connect (the service enforces it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from optdemo.app.service import DemoService
+from optdemo.core.backend import BACKEND_CHOICES, ENDPOINT, LOCAL
+from optdemo.remote.client import EngineInfo
+from optdemo.web.api import session_of
+from optdemo.web.binding import Updates, bind
+
+if TYPE_CHECKING:
+    from optdemo.web.tabs.config import ConfigTab
+
+
+@dataclass
+class EndpointForm:
+    """Where replies come from: this machine, or a serving endpoint named by URL and model (the
+    token field only where the operator is the one at the page: outside public mode)."""
+
+    backend: gr.Radio  # LOCAL or ENDPOINT
+    local_box: gr.Column  # the local model's controls, shown for LOCAL
+    box: gr.Column  # the endpoint's fields, shown for ENDPOINT
+    url: gr.Textbox
+    model: gr.Textbox
+    token: gr.Textbox
+
+    @property
+    def controls(self) -> set:
+        """The values a Connect needs: the choice, the URL, the model name, the token."""
+        return {self.backend, self.url, self.model, self.token}
+
+
+DISCONNECTED = "Disconnected from the serving endpoint: nothing answers until you connect or load a model."
+
+
+def backend_radio(remote: bool) -> gr.Radio:
+    """The choice between this machine and a serving endpoint (``remote``: the endpoint first)."""
+    return gr.Radio(
+        list(BACKEND_CHOICES),
+        value=ENDPOINT if remote else LOCAL,
+        label="Run on",
+        info="This machine (Accelerate), or a serving engine (TGI, vLLM, transformers serve).",
+    )
+
+
+def button_labels(remote: bool) -> tuple[str, str]:
+    """The load and unload buttons' labels: connect/disconnect for a serving endpoint."""
+    return ("Connect", "Disconnect") if remote else ("Load model", "Unload")
+
+
+def endpoint_fields(service: DemoService, backend: gr.Radio, local_box: gr.Column) -> EndpointForm:
+    """The serving endpoint's fields. In public mode the URL is the operator's and fixed, and the
+    token field is absent: the operator's token (from flags or environment) is used, never shown."""
+    settings = service.settings
+    with gr.Column(visible=bool(settings.backend_url)) as box:
+        url = gr.Textbox(
+            label="Endpoint URL",
+            value=settings.backend_url or "",
+            placeholder="http://127.0.0.1:8000 (with or without /v1)",
+            interactive=not settings.public,
+        )
+        model = gr.Textbox(
+            label="Model name",
+            value=settings.backend_model or "",
+            placeholder="empty: the one the engine lists",
+        )
+        token = gr.Textbox(
+            label="Token (optional)",
+            type="password",
+            placeholder="empty: the operator's, for its endpoint" if settings.backend_token else "none",
+            visible=not settings.public,
+        )
+    return EndpointForm(backend, local_box, box, url, model, token)
+
+
+def connect(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Connect to the endpoint the form names (this deployment's rules apply: in public mode only
+    an admin, and only to the operator's endpoint)."""
+    form = tab.endpoint
+    session = session_of(request)
+    config = service.endpoint_config(values[form.url], values[form.model], values.get(form.token), session)
+    info = service.connect(config, session)
+    return {tab.status: connected_text(info), tab.loaded: time.monotonic()}
+
+
+def connected_text(info: EngineInfo) -> str:
+    """The status line after connecting: the endpoint, its model, and what the engine told."""
+    window = f"{info.context_length}-token context" if info.context_length else "context length not reported"
+    return (
+        f"**Connected** in {info.connect_seconds:.2f} s: {info.describe()} — engine "
+        f"{info.engine_text()}, {window}. Chat and completion now come from that engine."
+    )
+
+
+def switch_backend(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """Show the chosen backend's fields; the buttons become connect/disconnect for an endpoint.
+    Nothing is connected or unloaded until a button is pressed."""
+    form = tab.endpoint
+    remote = values[form.backend] == ENDPOINT
+    load_label, unload_label = button_labels(remote)
+    return {
+        form.box: gr.update(visible=remote),
+        form.local_box: gr.update(visible=not remote),
+        tab.plan_btn: gr.update(visible=not remote),  # a serving endpoint has no plan here
+        tab.load_btn: gr.update(value=load_label),
+        tab.unload_btn: gr.update(value=unload_label),
+    }
+
+
+def wire_endpoint_form(service: DemoService, tab: ConfigTab) -> None:
+    """Switch the shown fields and the buttons' labels when the backend choice changes."""
+    private: dict[str, Any] = {"api_visibility": "private"}
+    form = tab.endpoint
+    form.backend.change(
+        bind(switch_backend, service, tab),
+        {form.backend},
+        [form.box, form.local_box, tab.plan_btn, tab.load_btn, tab.unload_btn],
+        queue=False,
+        **private,
+    )
