@@ -2,7 +2,7 @@
 bytes, pinned vs pageable), the one-ahead prefetch schedule over two fixed buffers, bounded
 bookkeeping, exception safety, host memory accounting (packed blocks replace the originals), the
 CPU policy's memory-mapped disk tier, and ``fast_offload=False`` meaning plain Accelerate.
-tests/test_cuda.py runs the same mechanics on a real GPU."""
+tests/gpu/test_cuda.py runs the same mechanics on a real GPU."""
 
 from __future__ import annotations
 

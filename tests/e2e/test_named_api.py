@@ -147,7 +147,7 @@ def test_named_endpoints_and_parameters(client) -> None:
     assert defaults["top_k"] == 50 and defaults["repetition_penalty"] == 1.1
     assert defaults["seed"] == -1 and defaults["stop"] is None and defaults["system_prompt"] == ""
     # README's API table lists the same parameters, in order.
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in ("/plan", "/load", "/chat", "/generate"):
         row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", readme, re.MULTILINE)
         assert row, f"{name} is missing from README's API table"

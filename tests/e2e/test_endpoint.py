@@ -441,7 +441,7 @@ def run_app(*args: str, offline: bool) -> subprocess.CompletedProcess:
     for name in ("SPACE_ID", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         env.pop(name, None)
     env.update({"HF_HUB_OFFLINE": "1"} if offline else {"HF_HUB_DISABLE_UPDATE_CHECK": "1"})
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     command = [sys.executable, "app.py", *args]
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
 

@@ -1,6 +1,6 @@
-"""Issue #12 in the Configuration tab, through its handlers (no browser): a plan being computed
-names its model, a load's progress reaches the status line, visitors are told what they can do,
-and the offload-folder field warns at once."""
+"""The Configuration tab through its handlers (no browser): a plan being computed names its model, a
+load's progress reaches the status line, visitors are told what they can do, and the offload-folder
+field warns at once."""
 
 from __future__ import annotations
 

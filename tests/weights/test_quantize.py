@@ -387,7 +387,7 @@ def test_hub_model_in_the_hugging_face_cache_is_quantized_offline(
     def run() -> str:
         done = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(code)],
-            cwd=Path(__file__).parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
             env=env,
             capture_output=True,
             text=True,
