@@ -16,7 +16,7 @@ import threading
 from optdemo.app.settings import parse_settings
 from optdemo.core.errors import OptdemoError
 from optdemo.models.synthetic import ensure_tiny_model
-from optdemo.plan.speed import measured_bandwidths
+from optdemo.plan.bandwidth import measured_bandwidths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"optdemo: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from optdemo.web import create_app, launch  # gradio: imported only when the app really starts
+    from optdemo.web.blocks import create_app, launch  # gradio: imported only when the app really starts
 
     # Slow first-time work happens now rather than on the first visitor's page load: building the
     # built-in tiny model (a few seconds, once) and, below, measuring this machine's bandwidths for

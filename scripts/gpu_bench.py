@@ -260,7 +260,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> int:
     """The parent process: everything but the measured runs themselves."""
     import torch
 
-    from optdemo.plan.speed import choose_policy, measured_bandwidths
+    from optdemo.plan.bandwidth import measured_bandwidths
+    from optdemo.plan.policy import choose_policy
 
     started = time.perf_counter()
     out = Path(args.out)

@@ -110,7 +110,7 @@ def running_app(
     that it never leaks into a response.
     """
     from optdemo.app.settings import parse_settings
-    from optdemo.web import create_app, launch
+    from optdemo.web.blocks import create_app, launch
 
     with _env("HF_TOKEN", token):
         demo, service = create_app(parse_settings(list(flags), env={}), manager)

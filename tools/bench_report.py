@@ -13,8 +13,9 @@ from pathlib import Path
 
 from optdemo.core.budget import parse_size
 from optdemo.core.load_config import LoadConfig
+from optdemo.plan.bandwidth import measured_bandwidths
 from optdemo.plan.planner import Plan, plan_device_map
-from optdemo.plan.speed import measured_bandwidths, predict_plan
+from optdemo.plan.speed import predict_plan
 from optdemo.system.hardware import probe_hardware
 
 BASE_SIDES = ("ram", "accelerate", "optdemo")

@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = service = None
     url = args.url
     if url is None:
-        from optdemo.web import create_app, launch  # gradio: only when the tool launches its own app
+        from optdemo.web.blocks import create_app, launch  # gradio: only when the tool launches its own app
 
         demo, service = create_app(AppSettings(model="optdemo/tiny-opt", preload=True))
         service.manager.load(service.initial_config())

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from optdemo.app.access import AccessPolicy
+from optdemo.app.backend_choice import BackendChoice
 from optdemo.app.sessions import SessionStore
 from optdemo.app.settings import AppSettings
+from optdemo.app.status import BackendStatus
 from optdemo.core import defaults
 from optdemo.core.backend import Backend
 from optdemo.core.budget import format_bytes, parse_max_memory
 from optdemo.core.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
 from optdemo.core.chat_prompt import ChatTurn
 from optdemo.core.errors import (
-    AccessError,
     ConfigError,
     GenerationError,
     NoModelError,
@@ -36,11 +37,10 @@ from optdemo.core.generation import GenerationParams, GenerationStats, Generatio
 from optdemo.core.load_config import LoadConfig
 from optdemo.plan.planner import Plan
 from optdemo.plan.speed import SpeedPrediction, predict_plan
-from optdemo.remote.client import EndpointConfig, EngineInfo, parse_endpoint
 from optdemo.remote.endpoint_backend import EndpointBackend
-from optdemo.runtime.batching.scheduler import Serving
+from optdemo.runtime.batching.request import Serving
 from optdemo.runtime.manager import ModelManager
-from optdemo.runtime.status import LoadReport, ModelStatus
+from optdemo.runtime.status import LoadReport
 from optdemo.system.hardware import probe_hardware, suggest_budget
 
 
@@ -94,15 +94,24 @@ class DemoService:
         self.settings = settings
         self.access = AccessPolicy(settings)
         self.sessions = SessionStore(settings.max_history_turns)
-        # The serving endpoint chat goes to instead of the local model, while one is connected.
-        self.endpoint: EndpointBackend | None = None
-        self._endpoint_stats: GenerationStats | None = None  # its latest reply's speed
+        # The local model, or the serving endpoint connected in its place.
+        self.backends = BackendChoice(manager, settings, self.access, self.sessions)
+
+    @classmethod
+    def for_settings(cls, settings: AppSettings, manager: ModelManager | None = None) -> DemoService:
+        """The service of a server started with ``settings``, with its one model manager (built
+        here unless given: tests pass their own)."""
+        return cls(manager or ModelManager(max_batch=settings.max_batch), settings)
 
     @property
     def backend(self) -> Backend:
         """Where chat and completion go now: the connected endpoint, else the local model."""
-        endpoint = self.endpoint
-        return endpoint if endpoint is not None else self.manager
+        return self.backends.active
+
+    @property
+    def endpoint(self) -> EndpointBackend | None:
+        """The serving endpoint answering instead of the local model, or None."""
+        return self.backends.endpoint
 
     # ---------------------------------------------------------------- access
     def is_admin(self, session_id: str | None) -> bool:
@@ -203,12 +212,9 @@ class DemoService:
         """``plan`` with its predicted speed on this machine (RAM free now decides the page cache)."""
         return PlanView(plan, predict_plan(plan, probe_hardware(offload_folder).ram_available_bytes))
 
-    def status(self) -> ModelStatus:
+    def status(self) -> BackendStatus:
         """What is loaded now (or which endpoint serves), and whether a load or a reply is running."""
-        endpoint = self.endpoint
-        if endpoint is not None:
-            return ModelStatus(None, endpoint=endpoint.info, last_stats=self._endpoint_stats)
-        return self.manager.status()
+        return self.backends.status()
 
     def loaded_prediction(self) -> SpeedPrediction | None:
         """The predicted speed of the loaded model, or None when nothing is loaded (or an endpoint
@@ -231,81 +237,23 @@ class DemoService:
             report = self.manager.load(config, progress)
         except OptdemoError as exc:
             raise naming_model(exc, config) from None
-        self.endpoint = None  # this machine answers again
+        self.backends.use_local()  # this machine answers again
         return report
 
     def preload(self) -> str:
         """Get ready before serving, as the operator said at start (so no access check): connect
         to ``--backend-url`` when given, else load the configured model. Returns what was done."""
-        operator = self.operator_endpoint()
+        operator = self.backends.operator_endpoint()
         if operator is not None:
-            return self._connect(operator).describe()
+            return self.backends.connect_operator(operator).describe()
         return self.manager.load(self.initial_config()).message
 
     def unload(self, session_id: str | None = None) -> bool:
         """Unload the model, or disconnect the serving endpoint (admins only in public mode)."""
         if self.endpoint is not None:
-            return self.disconnect(session_id)
+            return self.backends.disconnect(session_id)
         self.access.require_admin(session_id, "unload the model")
         return self.manager.unload()
-
-    # ---------------------------------------------------------------- serving endpoint
-    def operator_endpoint(self) -> EndpointConfig | None:
-        """The endpoint given at start (``--backend-url``, ``--backend-model``, ``--backend-token``)."""
-        settings = self.settings
-        if not settings.backend_url:
-            return None
-        return parse_endpoint(settings.backend_url, settings.backend_model, settings.backend_token)
-
-    def endpoint_config(
-        self, url: object, model: object = None, token: object = None, session_id: str | None = None
-    ) -> EndpointConfig:
-        """The endpoint a form or call names, with this deployment's rules: in public mode only an
-        admin connects, and only to the operator's endpoint with the operator's token (a visitor
-        can never make the server request a URL of their choice). An empty token or model with the
-        operator's URL means the operator's.
-
-        Raises:
-            ConfigError: not a usable URL. AccessError: not allowed here.
-        """
-        self.access.require_admin(session_id, "connect to a serving endpoint")
-        config = parse_endpoint(url, model, token)
-        operator = self.operator_endpoint()
-        same = operator is not None and operator.url == config.url
-        if self.settings.public and not same:
-            where = f"its endpoint is {operator.url}" if operator else "it has none (--backend-url)"
-            raise AccessError(
-                f"only the operator chooses the serving endpoint of this public deployment: {where}"
-            )
-        if operator is not None and same:
-            token = operator.token if self.settings.public or config.token is None else config.token
-            config = replace(config, model=config.model or operator.model, token=token)
-        return config
-
-    def connect(self, config: EndpointConfig, session_id: str | None = None) -> EngineInfo:
-        """Check ``config``'s engine and make it answer chat and completion (admins only in public
-        mode). Only once the engine answered is the local model unloaded, to free its memory.
-
-        Raises:
-            EndpointError: the engine cannot be used, in one sentence (the local model stays).
-        """
-        self.access.require_admin(session_id, "connect to a serving endpoint")
-        return self._connect(config)
-
-    def _connect(self, config: EndpointConfig) -> EngineInfo:
-        backend = EndpointBackend.connect(config)
-        self.manager.unload()
-        self.endpoint, self._endpoint_stats = backend, None
-        return backend.info
-
-    def disconnect(self, session_id: str | None = None) -> bool:
-        """Stop using the serving endpoint, and the replies it is streaming (admins only in public
-        mode); True if one was in use."""
-        self.access.require_admin(session_id, "disconnect the serving endpoint")
-        was, self.endpoint = self.endpoint, None
-        if was is not None:
-            self.sessions.stop_all()  # as an unload stops the reply in progress
-        return was is not None
 
     def conversion_cache(self) -> str:
         """One line on the .bin -> safetensors conversion cache: how many checkpoints, how big."""
@@ -430,8 +378,8 @@ class DemoService:
         event = self.sessions.start_reply(session_id)
         try:
             for update in start(event):
-                if update.stats is not None and self.endpoint is not None:
-                    self._endpoint_stats = update.stats  # the manager keeps its own model's
+                if update.stats is not None:
+                    self.backends.record(update.stats)
                 if update.status and not waiting_status:
                     continue
                 yield ChatReply(update.text, update.stats, update.status)

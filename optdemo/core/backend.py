@@ -3,7 +3,7 @@
 A :class:`Backend` is anything that streams replies as :class:`~optdemo.core.generation.GenerationUpdate`
 values: :class:`~optdemo.runtime.manager.ModelManager` (Accelerate on this machine, the default) and
 :class:`~optdemo.remote.endpoint_backend.EndpointBackend` (a serving engine reached over its OpenAI-compatible
-API) both are. :class:`~optdemo.app.service.DemoService` holds one of each at most and routes to the
+API) both are. :class:`~optdemo.app.backend_choice.BackendChoice` holds one of each at most and routes to the
 active one, so the UI, the named API and the OpenAI-compatible API work unchanged with either.
 """
 
@@ -15,10 +15,6 @@ from typing import Protocol
 
 from optdemo.core.chat_prompt import ChatTurn
 from optdemo.core.generation import GenerationParams, GenerationUpdate
-
-LOCAL = "this machine"  # the Configuration tab's two choices, also the values its radio returns
-ENDPOINT = "a serving endpoint"
-BACKEND_CHOICES = (LOCAL, ENDPOINT)
 
 
 class Backend(Protocol):

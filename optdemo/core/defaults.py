@@ -18,9 +18,8 @@ REPETITION_PENALTY = 1.1  # 1.0 means no penalty
 
 # ---------------------------------------------------------------- offloading with a GPU
 # Where offloaded layers run with a GPU in the map (LoadConfig.cpu_layers, --cpu-layers, /load).
-# "auto" became the default once measured on a GPU (docs/BENCHMARKS.md, H100, 2026-11-25): on
-# opt-6.7b it picked the faster policy in both maps, 7x and 4x faster than plain Accelerate, within
-# the stated memory bounds.
+# "auto" picks the faster by prediction; it became the default once measured on a GPU
+# (docs/BENCHMARKS.md, "On a GPU").
 CPU_LAYER_POLICIES = ("auto", "accelerate", "gpu", "cpu")
 DEFAULT_CPU_LAYERS = "auto"
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from optdemo.core.catalog import TINY_MODEL_ID, CatalogEntry, catalog_config_dict, catalog_entry
 from optdemo.core.errors import ConfigError, OptdemoError
+from optdemo.core.redact import redact
 from optdemo.models import hub
 from optdemo.models.synthetic import ensure_tiny_model
 
@@ -162,10 +163,4 @@ def hub_error_message(exc: BaseException, repo_id: str, revision: str | None = N
         return f"{where} has no config.json: it is not a transformers model repository"
     if isinstance(exc, OptdemoError):
         return str(exc)
-    return f"could not fetch {where} from the Hugging Face Hub: {scrub_token(str(exc))}"
-
-
-def scrub_token(text: str) -> str:
-    """Remove the HF token from text that may be shown or logged (defence in depth)."""
-    token = hub_token()
-    return text.replace(token, "hf_***") if token else text
+    return f"could not fetch {where} from the Hugging Face Hub: {redact(str(exc))}"

@@ -189,7 +189,7 @@ def teach_tiny_model(path: str | os.PathLike[str], steps: int = 100, seed: int =
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
     # One thread: these matrices are too small to gain from more, and on a busy machine several
-    # OpenMP threads spinning against other processes made this 30x slower.
+    # OpenMP threads spin against other processes.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -27,6 +27,7 @@ from optdemo.models.hf_compat import auto_device_map
 from optdemo.models.source import ModelSource, resolve_model
 from optdemo.plan.kv_room import BatchRoom, batch_room
 from optdemo.plan.notes import assess, disk_writes, note_conversion, quantized_conversion, stored_format
+from optdemo.plan.policy import cpu_quantization
 from optdemo.system.hardware import Hardware, probe_hardware
 
 if TYPE_CHECKING:
@@ -143,17 +144,6 @@ def device_label(device: Device | None) -> str:
     if device is None:
         return "tied"
     return {"cpu": "CPU", "disk": "disk"}.get(str(device), str(device))
-
-
-def cpu_quantization(config: LoadConfig, hardware: Hardware) -> str:
-    """The scheme :mod:`optdemo.weights.quantize` applies (``8bit``/``4bit``): quantization asked for on a
-    machine without a GPU, planned for this machine (a budget naming no GPU). "none" otherwise:
-    with a GPU, bitsandbytes quantizes at load time as before."""
-    if config.quantization == "none" or hardware.gpu_count:
-        return "none"
-    if config.max_memory is not None and config.max_memory.gpu_indices:
-        return "none"
-    return config.quantization
 
 
 def resolve_dtype(config: LoadConfig, source: ModelSource, quantization: str = "none") -> torch.dtype:

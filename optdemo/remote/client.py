@@ -19,6 +19,7 @@ from huggingface_hub.utils import get_session, hf_raise_for_status
 
 from optdemo.core.defaults import ENDPOINT_CONNECT_TIMEOUT_SECONDS, ENDPOINT_READ_TIMEOUT_SECONDS
 from optdemo.core.errors import ConfigError, EndpointError
+from optdemo.core.redact import redact
 
 T = TypeVar("T")
 _MAX_URL_CHARS = 500
@@ -176,7 +177,7 @@ def explain(
         )
     else:
         message = f"{where} failed ({type(exc).__name__}: {_reason(exc)}): check the engine, then try again"
-    return EndpointError(_scrub(message, config.token))
+    return EndpointError(redact(message, config.token))
 
 
 def _http_refusal(where: str, response: Any, chat: bool = False) -> str:
@@ -226,10 +227,6 @@ def error_text(body: dict) -> str:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return "connection refused" if "refused" in text.lower() else text[:200]
-
-
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
 
 
 def request_headers(config: EndpointConfig) -> dict[str, str]:

@@ -1,20 +1,14 @@
 """A serving endpoint as the backend: chat and completion from TGI, vLLM, ``transformers serve`` or
 a Hugging Face Inference Endpoint, through their OpenAI-compatible API.
 
-When one machine is not enough (a model too big to offload usefully, more visitors than one box
-can batch), a serving engine runs the model and optdemo is its front end. :class:`EndpointBackend`
-streams chat through ``huggingface_hub.InferenceClient.chat_completion`` and completion through
-the same library's HTTP session (``/v1/completions``: InferenceClient's ``text_generation`` speaks
-TGI's own protocol, which the other engines lack), and yields the same
+:class:`EndpointBackend` streams chat through ``huggingface_hub.InferenceClient.chat_completion`` and
+completion through the same library's HTTP session (``/v1/completions``), yielding the same
 :class:`~optdemo.core.generation.GenerationUpdate` values as the local model, so every caller works
-unchanged. :meth:`EndpointBackend.connect` checks the engine first (its ``/v1/models``, and what it
-tells of itself) and every failure becomes one :class:`~optdemo.core.errors.EndpointError` sentence.
-
-Parameters passed to the engine: ``max_tokens``, ``temperature`` (0: greedy), ``top_p``, ``seed``
-and ``stop`` (the first four; every stop sequence is also applied here, never shown). ``top_k``
-and ``repetition_penalty`` are not part of the OpenAI protocol and are not passed: the engine's
-defaults apply. The endpoint's token is sent only to the endpoint (never the HF token unless it is
-given as the endpoint's token), and never appears in a message, a log line or a status.
+unchanged. :meth:`EndpointBackend.connect` checks the engine first; every failure becomes one
+:class:`~optdemo.core.errors.EndpointError` sentence. Sent to the engine: ``max_tokens``,
+``temperature``, ``top_p``, ``seed`` and ``stop`` (stop sequences are also applied here);
+``top_k`` and ``repetition_penalty`` are not part of the OpenAI protocol: the engine's defaults
+apply. The endpoint's token goes only to the endpoint and never into a message, a log or a status.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, Offlin
 from huggingface_hub.utils import get_session, hf_raise_for_status
 
 from optdemo.core.chat_prompt import ChatTurn
-from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS
+from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT
 from optdemo.core.errors import EndpointError, GenerationError
 from optdemo.core.generation import GenerationParams, GenerationStats, GenerationUpdate, cut_at_stop
 from optdemo.remote.client import (
@@ -93,8 +87,6 @@ class EndpointBackend:
         system_prompt: str = "",
     ) -> Iterator[GenerationUpdate]:
         """Stream a chat reply through ``InferenceClient.chat_completion(stream=True)``."""
-        if not isinstance(message, str) or not message.strip():
-            raise GenerationError("the message is empty: type something to send")
         self._check_length(params, max_new_tokens_cap)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         for user, assistant in history:
@@ -113,12 +105,6 @@ class EndpointBackend:
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
     ) -> Iterator[GenerationUpdate]:
         """Stream a continuation of ``prompt`` from the engine's ``/v1/completions``."""
-        if not isinstance(prompt, str):
-            raise GenerationError("the prompt must be text")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise GenerationError(
-                f"the prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}"
-            )
         self._check_length(params, max_new_tokens_cap)
         yield from self._stream(lambda: self._completion_pieces(prompt, params), params, stop_event)
 

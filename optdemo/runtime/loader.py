@@ -22,13 +22,13 @@ from optdemo.core.budget import Device, describe_gpu_count, format_bytes, missin
 from optdemo.core.construction import construction_lock
 from optdemo.core.errors import BudgetError, ConfigError, LoadError, OptdemoError, PlanError
 from optdemo.core.load_config import LoadConfig
+from optdemo.core.redact import redact
 from optdemo.models import hub
 from optdemo.models.source import (
     ModelSource,
     hub_error_message,
     hub_token,
     resolve_model,
-    scrub_token,
 )
 from optdemo.plan.planner import Plan, device_of, plan_device_map, resolve_dtype
 from optdemo.runtime.quantized_load import load_quantized, shard_transform
@@ -253,7 +253,7 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
         return (
             f"the offload folder {config.offload_folder} vanished during the load: recreate it and load again"
         )
-    text = scrub_token(str(exc)) or type(exc).__name__
+    text = redact(str(exc)) or type(exc).__name__
     if _looks_corrupt(exc, text):
         if source.kind in ("local", "builtin"):
             fix = f"save the model again into {source.location}"

@@ -37,7 +37,6 @@ from optdemo.core.defaults import (
 )
 from optdemo.core.errors import (
     BusyError,
-    GenerationError,
     LoadError,
     NoModelError,
     OptdemoError,
@@ -46,13 +45,15 @@ from optdemo.core.errors import (
 from optdemo.core.generation import GenerationParams, GenerationUpdate, context_window, encode_prompt
 from optdemo.core.load_config import LoadConfig
 from optdemo.plan.planner import Plan, plan_device_map
-from optdemo.runtime.batching.scheduler import BatchEngine, Prompt, Serving
-from optdemo.runtime.loader import LoadedModel, ProgressCallback, load_model, preflight
-from optdemo.runtime.readahead import CheckpointPrefetch, start_prefetch
+from optdemo.runtime.batching.request import Prompt, Serving
+from optdemo.runtime.batching.scheduler import BatchEngine
+from optdemo.runtime.loader import LoadedModel, load_model, preflight
+from optdemo.runtime.readahead import ColdStartReadAhead, start_cold_read_ahead
 from optdemo.runtime.status import LoadReport, ModelStatus
 from optdemo.runtime.tiers.disk_map import release_disk_tier
 from optdemo.runtime.tiers.gpu_policy import release as release_offload
 from optdemo.system.hardware import Hardware, probe_hardware
+from optdemo.weights.checkpoints import ProgressCallback
 
 
 class ModelManager:
@@ -73,7 +74,7 @@ class ModelManager:
         self._load_requests = 0
         self._newest_load: LoadConfig | None = None
         self._loads_in_flight = 0  # load() calls under way (planning, waiting or loading)
-        self._reading: CheckpointPrefetch | None = None  # the one read-ahead under way
+        self._reading: ColdStartReadAhead | None = None  # the one read-ahead under way
 
     # ---------------------------------------------------------------- inspection
     def plan(self, config: LoadConfig) -> Plan:
@@ -158,8 +159,8 @@ class ModelManager:
         return LoadReport.of(loaded.status, "loaded", message, bool(stopped))
 
     def _read_ahead(
-        self, config: LoadConfig, hardware: Hardware, mine: CheckpointPrefetch | None
-    ) -> CheckpointPrefetch | None:
+        self, config: LoadConfig, hardware: Hardware, mine: ColdStartReadAhead | None
+    ) -> ColdStartReadAhead | None:
         """Read ``config``'s checkpoint ahead (:mod:`optdemo.runtime.readahead`), keeping ``mine`` if this
         load has one already; any other load's read-ahead is stopped first: one at a time, so that
         two never evict each other, and the one that holds the model wins."""
@@ -167,12 +168,12 @@ class ModelManager:
             other = self._reading if self._reading is not mine else None
         self._stop_read_ahead(other)
         if mine is None or mine.stopped.is_set():  # none yet, or stopped by another load
-            mine = start_prefetch(config, hardware)
+            mine = start_cold_read_ahead(config, hardware)
         with self._state_lock:
             self._reading = mine
         return mine
 
-    def _stop_read_ahead(self, prefetch: CheckpointPrefetch | None) -> None:
+    def _stop_read_ahead(self, prefetch: ColdStartReadAhead | None) -> None:
         if prefetch is None:
             return
         prefetch.stop()
@@ -261,9 +262,7 @@ class ModelManager:
     def _set_loaded(self, loaded: LoadedModel) -> None:
         """Make ``loaded`` current, and cap the batch at the sequences its budget leaves room for."""
         plan = loaded.status.plan
-        self.engine.memory_limit = (
-            plan.batch.sequences if plan is not None and plan.batch is not None else None
-        )
+        self.engine.room = plan.batch if plan is not None else None
         with self._state_lock:
             self._loaded = loaded
 
@@ -326,8 +325,6 @@ class ModelManager:
         """Reply to ``message`` after ``history``: through the tokenizer's chat template when it
         has one, else in a plain User/Assistant transcript. The final stats say how much of the
         window the prompt used and how many old turns were left out to fit."""
-        if not isinstance(message, str) or not message.strip():
-            raise GenerationError("the message is empty: type something to send")
 
         def prepare(loaded: LoadedModel) -> Prompt:
             tokenizer = loaded.tokenizer

@@ -1,34 +1,28 @@
 """Read a checkpoint's first weights into the page cache while the load is still planning.
 
-A cold load of a model larger than RAM starts with the disk idle: Python imports the model's code
-and plans the device map (1-2 s in a fresh process), from_pretrained builds the model, and only
-then does the disk tier's warm-up (:class:`optdemo.runtime.tiers.disk_map.PageWarmup`) start reading what the
-first forward pass needs. This module starts those reads when the load starts, from the
-safetensors headers alone, no model needed: the checkpoint's tensors grouped into blocks in
-execution order (a block is the first number in its tensors' names, ``layers.12``; embeddings
-first, the rest - final norm, head - last), and of those the prefix that the page cache will keep,
-decided by the rule that later splits the disk tier (:func:`optdemo.runtime.tiers.disk_map.mapped_prefix`), so
-nothing read here is evicted by what follows.
-
-Each chunk is read through a short-lived mapping of its own (``madvise(MADV_POPULATE_READ)``), so
-the pages land in the page cache unmapped: nothing is counted twice in the process's memory, and
-the model maps them from the cache when its own warm-up reaches them. A hint, like the warm-up: a
-failure changes only the speed.
+A cold load starts with the disk idle while Python imports the model's code and plans; the disk
+tier's own warm-up (:class:`~optdemo.runtime.tiers.disk_map.PageCacheWarmup`) starts only once the
+model is built. :class:`ColdStartReadAhead` starts those reads at once, from the safetensors headers
+alone: tensors grouped into blocks in execution order (embeddings first, head last), and of those
+the prefix the page cache will keep by the rule that splits the disk tier
+(:func:`optdemo.plan.policy.mapped_prefix`), so nothing read here is evicted by what follows.
+Chunks are read through short-lived mappings (:func:`optdemo.system.libc.populate_file_range`):
+nothing stays mapped or counts twice in RSS. A hint: a failure changes only the speed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 import mmap
 import os
 import re
-import sys
 from pathlib import Path
 
 from optdemo.core.load_config import LoadConfig
-from optdemo.runtime.tiers.disk_map import WARMUP_CHUNK, PageWarmup, mapped_prefix, populate
+from optdemo.plan.policy import mapped_prefix
+from optdemo.runtime.tiers.disk_map import WARMUP_CHUNK, PageCacheWarmup
 from optdemo.runtime.tiers.disk_stream import Segment, safetensors_header
+from optdemo.system import libc
 from optdemo.system.hardware import Hardware
 from optdemo.weights import convert
 
@@ -74,8 +68,8 @@ def _coalesce(segments: list[Segment]) -> list[Segment]:
     return merged
 
 
-class CheckpointPrefetch(PageWarmup):
-    """Reads file ranges into the page cache from :class:`~optdemo.runtime.tiers.disk_map.PageWarmup`'s
+class ColdStartReadAhead(PageCacheWarmup):
+    """Reads file ranges into the page cache from :class:`~optdemo.runtime.tiers.disk_map.PageCacheWarmup`'s
     threads, each chunk through a mapping of its own that is dropped once the chunk is read."""
 
     def __init__(self, ranges: list[Segment]) -> None:
@@ -90,44 +84,15 @@ class CheckpointPrefetch(PageWarmup):
         self._begin(chunks)
 
     def _fetch(self, chunk: tuple[str, int, int]) -> None:
-        # Through ctypes, which lets go of the GIL for the read (Python's mmap.madvise holds it,
-        # and would stall the load this runs beside).
-        path, offset, length = chunk
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            address = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-        finally:
-            os.close(fd)
-        if address in (None, _MAP_FAILED):
-            raise OSError(ctypes.get_errno(), f"cannot map {path}")
-        try:
-            populate(address, length)
-        finally:
-            _libc.munmap(address, length)
+        libc.populate_file_range(*chunk)
 
 
-def _bind_libc() -> ctypes.CDLL | None:
-    """libc's mmap and munmap with their C signatures (None off Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    size, flag = ctypes.c_size_t, ctypes.c_int
-    libc.mmap.argtypes = [ctypes.c_void_p, size, flag, flag, flag, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, size]
-    return libc
-
-
-_libc = _bind_libc()
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def start_prefetch(config: LoadConfig, hardware: Hardware) -> CheckpointPrefetch | None:
+def start_cold_read_ahead(config: LoadConfig, hardware: Hardware) -> ColdStartReadAhead | None:
     """Start reading ``config``'s checkpoint where the model will run on the CPU, memory-mapped
     from a local safetensors folder as it is: no GPU, no quantization, fast offloading, a disk
     tier that may be mapped, weights stored in the load dtype (else the load converts them and
     reads the copy). None when that does not apply or the files cannot be read here."""
-    if _libc is None or hardware.gpu_count or config.quantization != "none":
+    if not libc.available() or hardware.gpu_count or config.quantization != "none":
         return None
     if not config.fast_offload or config.disk_tier == "stream" or not Path(config.model).is_dir():
         return None
@@ -137,4 +102,4 @@ def start_prefetch(config: LoadConfig, hardware: Hardware) -> CheckpointPrefetch
         ranges = first_ranges(config.model, hardware.ram_available_bytes)
     except (OSError, ValueError, KeyError):
         return None  # a hint only: the load reads the files itself and reports what is wrong
-    return CheckpointPrefetch(ranges) if ranges else None
+    return ColdStartReadAhead(ranges) if ranges else None

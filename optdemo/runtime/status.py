@@ -16,8 +16,7 @@ from optdemo.core.budget import Device
 from optdemo.core.generation import GenerationStats
 from optdemo.core.load_config import LoadConfig
 from optdemo.plan.planner import Plan, device_map_json, per_device_json
-from optdemo.plan.speed import PolicyChoice
-from optdemo.remote.client import EngineInfo
+from optdemo.plan.policy import PolicyChoice
 from optdemo.runtime.tiers.disk_map import DiskTierReport
 
 
@@ -37,26 +36,20 @@ class ModelStatus:
     checkpoint: str = ""  # where the weights were read from (the converted cache for .bin)
     cpu_layers: PolicyChoice | None = None  # with a GPU in the map: where CPU-resident layers run
     last_stats: GenerationStats | None = None  # the latest reply's measured speed
-    # A serving endpoint in use instead of a local model (``config`` is then None).
-    endpoint: EngineInfo | None = None
 
     @property
     def loaded(self) -> bool:
-        """Whether a model answers: loaded here, or served by a connected endpoint."""
-        return self.config is not None or self.endpoint is not None
+        """Whether a model is loaded."""
+        return self.config is not None
 
     @property
     def display_name(self) -> str | None:
-        """The model's name for people (the endpoint's model name), or None."""
-        if self.endpoint is not None:
-            return self.endpoint.model
+        """The model's name for people, or None."""
         return self.config.display_name if self.config else None
 
     @property
     def model_id(self) -> str | None:
-        """The model's id: the loaded model's, or the one the endpoint serves; None without one."""
-        if self.endpoint is not None:
-            return self.endpoint.model
+        """The loaded model's id, or None."""
         return self.config.model if self.config else None
 
     @property
@@ -74,8 +67,6 @@ class ModelStatus:
         config = self.config
         return {
             "loaded": self.loaded,
-            "backend": "endpoint" if self.endpoint is not None else "local",
-            "endpoint": None if self.endpoint is None else self.endpoint.to_dict(),
             "model": self.model_id,
             "display_name": self.display_name,
             "config": None if config is None else config_dict(config),

@@ -39,13 +39,3 @@ def bind(handler: Callable[..., Any], service: Any, tab: Any) -> Callable[..., A
         callback = call
     callback.__name__ = callback.__qualname__ = handler.__name__
     return callback
-
-
-def bind_with_progress(handler: Callable[..., Any], service: Any, tab: Any) -> Callable[..., Any]:
-    """Like :func:`bind`, for a handler that reports progress: ``handler(..., request, progress)``."""
-
-    def call(values: dict, request: gr.Request, progress: gr.Progress = gr.Progress()) -> Updates:
-        return handler(service, tab, values, request, progress)
-
-    call.__name__ = call.__qualname__ = handler.__name__
-    return call

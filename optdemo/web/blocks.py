@@ -101,7 +101,7 @@ def build_app(service: DemoService) -> gr.Blocks:
 
 def create_app(settings: AppSettings, manager: ModelManager | None = None) -> tuple[gr.Blocks, DemoService]:
     """Build the service and the Blocks for ``settings`` (one manager per process)."""
-    service = DemoService(manager or ModelManager(max_batch=settings.max_batch), settings)
+    service = DemoService.for_settings(settings, manager)
     return build_app(service), service
 
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import gradio as gr
 
 from optdemo.core.errors import NoModelError, NoModelForVisitorsError, OptdemoError
-from optdemo.models.source import scrub_token
+from optdemo.core.redact import redact
 
 log = logging.getLogger("optdemo")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,10 +27,10 @@ def to_gradio_error(exc: BaseException) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, OptdemoError):
-        return gr.Error(scrub_token(str(exc)) + _ui_advice(exc), print_exception=False)
+        return gr.Error(redact(str(exc)) + _ui_advice(exc), print_exception=False)
     log.exception("unexpected error", exc_info=exc)
     return gr.Error(
-        f"Something went wrong ({type(exc).__name__}: {scrub_token(str(exc))[:200]}). The app is "
+        f"Something went wrong ({type(exc).__name__}: {redact(str(exc))[:200]}). The app is "
         "still running: try again, and report this if it repeats.",
         print_exception=False,
     )

@@ -44,7 +44,7 @@ from optdemo.app.openai_format import (
 from optdemo.app.service import ChatReply, DemoService
 from optdemo.core.errors import OptdemoError
 from optdemo.core.generation import GenerationParams
-from optdemo.models.source import scrub_token
+from optdemo.core.redact import redact
 
 log = logging.getLogger("optdemo")
 DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
@@ -338,10 +338,10 @@ def _reported(exc: Exception) -> OpenAIError:
     """The OpenAI error for an exception of a reply; an unexpected one is logged as the bug it is."""
     err = as_error(exc)
     if err is not None:
-        return OpenAIError(scrub_token(err.message), err.status, err.type, err.param, err.code)
+        return OpenAIError(redact(err.message), err.status, err.type, err.param, err.code)
     log.exception("unexpected error in the OpenAI-compatible API", exc_info=exc)
     return OpenAIError(
-        f"Something went wrong ({type(exc).__name__}: {scrub_token(str(exc))[:200]}). The server is "
+        f"Something went wrong ({type(exc).__name__}: {redact(str(exc))[:200]}). The server is "
         "still running: try again, and report this if it repeats.",
         500,
         "server_error",

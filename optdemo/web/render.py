@@ -11,10 +11,10 @@ from __future__ import annotations
 import html
 import re
 
+from optdemo.app.status import BackendStatus
 from optdemo.core.budget import Device, format_bytes
 from optdemo.plan.planner import Block, Plan, device_label, device_of
 from optdemo.plan.speed import SpeedPrediction
-from optdemo.runtime.status import ModelStatus
 
 GPU_COLORS = ("#15803d", "#0f766e", "#4d7c0f", "#047857", "#166534", "#115e59", "#3f6212", "#065f46")
 DEVICE_COLORS = {"cpu": "#2563eb", "disk": "#ea580c", "tied": "#9ca3af", "meta": "#6b7280"}
@@ -192,7 +192,7 @@ def to_messages(turns: list[dict]) -> list[dict]:
     return messages
 
 
-def status_text(status: ModelStatus) -> str:
+def status_text(status: BackendStatus) -> str:
     """Markdown status line for what is loaded now."""
     if not status.loaded:
         return "No model loaded yet. Choose one, check the plan, then **Load model**."

@@ -1,22 +1,13 @@
 """A persistent cache of ``.bin`` checkpoints converted once to safetensors.
 
-The facebook/opt-* main branches hold ``pytorch_model*.bin`` pickles. With layers on disk,
-``from_pretrained`` must then rewrite every offloaded weight into the offload folder on *every*
-load, because only safetensors can be read in place. Converting once, into a cache keyed by
-model, revision and dtype, makes later loads (in new processes too) read the cache directly: they
-write nothing, and the disk tier can memory-map the weights (see :mod:`optdemo.runtime.tiers.disk_map`).
-
-The cache is safe against concurrent use (a file lock per entry) and interruption (an entry is
-built in a temporary folder and renamed into place only when complete; staging folders a killed
-conversion left behind are counted and cleaned). It is always right:
-
-* a Hub model is keyed by the resolved *commit*, so a moved ``main`` never serves stale weights;
-* a local folder is keyed by its content (the exact bytes of its small files: config, tokenizer;
-  the names, sizes and times of its weight files);
-* only the checkpoint's own weight files are converted (``pytorch_model.bin`` or those its index
-  names), never ``training_args.bin`` or an adapter;
-* a safetensors checkpoint stored in another dtype than the one requested is converted too (cast),
-  since only same-dtype weights can be memory-mapped.
+With layers on disk, ``from_pretrained`` rewrites every offloaded weight of a ``.bin`` checkpoint
+into the offload folder on every load, since only safetensors can be read in place. Converted once
+into a cache keyed by model, revision and dtype, later loads read the cache directly and the disk
+tier memory-maps it. Safe against concurrent use (a file lock per entry) and interruption (built in
+a staging folder, renamed into place when complete; leftovers are counted and cleaned). Always
+right: a Hub model is keyed by its resolved commit; a local folder by its content; only the
+checkpoint's own weight files are converted; safetensors in another dtype than requested are
+converted (cast) too, since only same-dtype weights can be memory-mapped.
 """
 
 from __future__ import annotations

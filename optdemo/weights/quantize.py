@@ -1,16 +1,16 @@
 """8-bit and 4-bit weights on the CPU, as plain tensors that every offloading tier can move.
 
 bitsandbytes, optimum-quanto and torchao all fail together with Accelerate's disk offload on the
-CPU (measured: issue #11), and their weights are tensor subclasses that Accelerate's hooks and
-optdemo's disk tier (which assign tensors by name) cannot serve. This module keeps a quantized
-Linear's weights as ordinary tensors (``int8``, packed ``uint8``, ``bfloat16`` scales) held as
-frozen parameters, and computes with torch's own weight-only kernels:
+CPU (docs/BENCHMARKS.md, "Choosing the kernels"), and their weights are tensor subclasses that
+Accelerate's hooks and optdemo's disk tier (which assign tensors by name) cannot serve. This module
+keeps a quantized Linear's weights as ordinary tensors (``int8``, packed ``uint8``, ``bfloat16``
+scales) held as frozen parameters, and computes with torch's own weight-only kernels:
 
 * ``8bit``: per-output-channel symmetric int8, ``aten._weight_int8pack_mm``;
 * ``4bit``: group-wise asymmetric int4 (groups of up to 128 inputs), stored in the packed layout
   ``aten._weight_int4pack_mm_for_cpu`` consumes, so nothing is repacked per token.
 
-Both kernels want bfloat16 activations (fp16 ones are ~10x slower), so a quantized model runs in
+Both kernels want bfloat16 activations (fp16 ones are far slower), so a quantized model runs in
 bfloat16 and each module casts at its boundary when it is handed another dtype. Only the Linear
 layers inside the decoder blocks are quantized; embeddings, norms and the LM head stay bfloat16.
 """
@@ -169,9 +169,9 @@ def decoder_linears(model: nn.Module, scheme: str) -> Iterator[tuple[str, nn.Lin
             yield name, module
 
 
-# The LM head is int8 under both schemes: it is read every token (opt-1.3b's is 206 MB, in
-# bfloat16 7 ms of a 33 ms 4-bit token here), int8 reads it at the int8 kernel's rate (~1.4 ms),
-# and int8 keeps the next-token scores close (4-bit heads are a common source of quality loss).
+# The LM head is int8 under both schemes: it is read every token (a large share of a 4-bit
+# token's time in bfloat16: docs/BENCHMARKS.md), int8 reads it at the int8 kernel's rate, and int8
+# keeps the next-token scores close (4-bit heads are a common source of quality loss).
 HEAD_SCHEME = "8bit"
 
 

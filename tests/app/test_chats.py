@@ -14,9 +14,10 @@ from app_fixtures import ScriptedManager
 from optdemo.app import chats
 from optdemo.app.service import DemoService
 from optdemo.app.settings import AppSettings
+from optdemo.web.render import to_messages
 from optdemo.web.tabs import chat as chat_tab
 from optdemo.web.tabs import chat_history
-from optdemo.web.tabs.chat import ChatTab, to_messages
+from optdemo.web.tabs.chat_components import ChatTab
 
 REQUEST = SimpleNamespace(session_hash="session-1")
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 
 from optdemo.app.settings import (
-    DEFAULT_MAX_MESSAGE_CHARS,
-    DEFAULT_MAX_NEW_TOKENS_CAP,
     AppSettings,
     parse_settings,
 )
+from optdemo.core.defaults import DEFAULT_MAX_MESSAGE_CHARS, DEFAULT_MAX_NEW_TOKENS_CAP
 from optdemo.core.errors import ConfigError
 
 TINY = "optdemo/tiny-opt"

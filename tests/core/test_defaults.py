@@ -75,7 +75,7 @@ def test_the_ui_adds_where_to_act() -> None:
 def test_one_quantization_check_for_the_form_and_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from optdemo.web.tabs.config import quantization_availability
+    from optdemo.web.tabs.config_text import quantization_availability
 
     no_gpu = Hardware((), 2**30, 2**30, "/", 2**30)
     assert quantization_unavailable(has_gpu=False) is None  # torch's CPU kernels (issue #11)

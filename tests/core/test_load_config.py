@@ -13,7 +13,7 @@ from optdemo.core.budget import MemoryBudget, parse_max_memory
 from optdemo.core.catalog import OPT_SIZES, TINY_MODEL_ID, catalog, catalog_config_dict, catalog_entry
 from optdemo.core.errors import BudgetError, ConfigError, OptdemoError
 from optdemo.core.load_config import LoadConfig, normalize_model
-from optdemo.models.source import hub_error_message, resolve_model, scrub_token
+from optdemo.models.source import hub_error_message, resolve_model
 
 # ---------------------------------------------------------------- LoadConfig normalisation
 
@@ -377,8 +377,5 @@ def test_hub_errors_never_show_the_token(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEtoken123")
     message = hub_error_message(RuntimeError("401 for Bearer hf_FAKEtoken123 at /api"), "a/b")
     assert "hf_FAKEtoken123" not in message
-    assert "hf_***" in message
+    assert "***" in message
     assert message.startswith("could not fetch a/b from the Hugging Face Hub")
-    assert scrub_token("x hf_FAKEtoken123 y") == "x hf_*** y"
-    monkeypatch.delenv("HF_TOKEN")
-    assert scrub_token("nothing to hide") == "nothing to hide"

@@ -32,7 +32,6 @@ from engine_fixtures import Engine, free_port, serving
 
 from optdemo.app.service import DemoService
 from optdemo.app.settings import AppSettings, parse_settings
-from optdemo.core.backend import ENDPOINT, LOCAL
 from optdemo.core.errors import AccessError, ConfigError, EndpointError
 from optdemo.core.generation import GenerationParams
 from optdemo.remote.client import once_more_if_stale, parse_endpoint
@@ -43,6 +42,8 @@ from optdemo.web.tabs import chat as chat_tab
 from optdemo.web.tabs import config as config_tab
 from optdemo.web.tabs import devicemap as devicemap_tab
 from optdemo.web.tabs import endpoint_form
+from optdemo.web.tabs.chat_components import ChatTab
+from optdemo.web.tabs.config_components import ENDPOINT, LOCAL
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0)
 TOKEN = "tok-SECRET-123"  # the endpoint's token: it must never come back
@@ -208,7 +209,7 @@ def test_engine_killed_mid_reply_keeps_the_chat(
     earlier = [{"user": "Hi", "assistant": "Hello", "stats": ""}]
     with serving(served_model, hf_cache) as doomed:
         service = DemoService(ModelManager(), AppSettings())
-        service.connect(parse_endpoint(doomed.url, doomed.model, TOKEN))
+        service.backends.connect(parse_endpoint(doomed.url, doomed.model, TOKEN))
         with gr.Blocks():
             tab = chat_tab.layout_chat_tab(service)
         values = chat_values(tab, "Once", earlier, max_new_tokens=400)
@@ -233,16 +234,16 @@ def test_engine_killed_mid_reply_keeps_the_chat(
 
 def test_disconnect_stops_the_reply_in_progress(engine: Engine) -> None:
     service = DemoService(ModelManager(), AppSettings())
-    service.connect(parse_endpoint(engine.url, engine.model))
+    service.backends.connect(parse_endpoint(engine.url, engine.model))
     stream = service.complete("s", "Once", GenerationParams(max_new_tokens=300, temperature=0))
     first = next(stream)
-    assert service.disconnect() is True
+    assert service.backends.disconnect() is True
     *_, last = stream
     assert last.stats is not None and last.stats.stopped and last.stats.new_tokens < 300
     assert last.text.startswith(first.text) and not service.status().loaded
 
 
-def chat_values(tab: chat_tab.ChatTab, message: str, turns: list, **controls: object) -> dict:
+def chat_values(tab: ChatTab, message: str, turns: list, **controls: object) -> dict:
     """What Gradio passes the Chat tab's send handler (greedy, unless ``controls`` say otherwise)."""
     values = {control: control.value for control in tab.controls.all()}
     values[tab.controls.temperature] = 0
@@ -256,19 +257,19 @@ def test_public_mode_never_requests_a_visitors_url() -> None:
     settings = AppSettings(lock_config=True, auth=(("admin", "pw"),), backend_url="http://10.0.0.5:8000")
     service = DemoService(ModelManager(), settings)
     with pytest.raises(AccessError, match="visitors cannot connect to a serving endpoint"):
-        service.endpoint_config("http://evil.example:80", session_id="visitor")
+        service.backends.endpoint_config("http://evil.example:80", session_id="visitor")
     assert service.sign_in("admin-session", "admin", "pw")
     with pytest.raises(AccessError, match="only the operator chooses the serving endpoint"):
-        service.endpoint_config("http://169.254.169.254", session_id="admin-session")
+        service.backends.endpoint_config("http://169.254.169.254", session_id="admin-session")
     with pytest.raises(AccessError):
-        service.connect(parse_endpoint("http://evil.example"), "visitor")
+        service.backends.connect(parse_endpoint("http://evil.example"), "visitor")
     # The operator's endpoint, with the operator's token whatever the admin typed.
     operator = AppSettings(
         lock_config=True, auth=(("a", "b"),), backend_url="http://h:1", backend_token=TOKEN
     )
     service = DemoService(ModelManager(), operator)
     service.sign_in("s", "a", "b")
-    config = service.endpoint_config("http://h:1/v1", "m", "typed-token", session_id="s")
+    config = service.backends.endpoint_config("http://h:1/v1", "m", "typed-token", session_id="s")
     assert (config.url, config.model, config.token) == ("http://h:1", "m", TOKEN)
 
 
@@ -337,7 +338,7 @@ def test_app_reports_a_down_engine_and_keeps_serving(engine: Engine) -> None:
             app.service.preload()
         # Not connected: the named API answers as with no model, and connecting to the engine works.
         assert app.client().predict(api_name="/status")["loaded"] is False
-        app.service.connect(parse_endpoint(engine.url, engine.model))
+        app.service.backends.connect(parse_endpoint(engine.url, engine.model))
         client = app.client()
         assert client.predict("Hi", 4, 0.0, api_name="/chat")
 

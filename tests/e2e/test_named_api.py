@@ -146,11 +146,11 @@ def test_named_endpoints_and_parameters(client) -> None:
     assert defaults["temperature"] == 0.7
     assert defaults["top_k"] == 50 and defaults["repetition_penalty"] == 1.1
     assert defaults["seed"] == -1 and defaults["stop"] is None and defaults["system_prompt"] == ""
-    # README's API table lists the same parameters, in order.
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    # docs/USAGE.md's API table lists the same parameters, in order.
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "USAGE.md").read_text()
     for name in ("/plan", "/load", "/chat", "/generate"):
         row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", readme, re.MULTILINE)
-        assert row, f"{name} is missing from README's API table"
+        assert row, f"{name} is missing from the API table in docs/USAGE.md"
         assert [p.split("=")[0].strip() for p in row.group(1).split(",")] == endpoints[name], name
 
 

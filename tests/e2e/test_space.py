@@ -54,7 +54,7 @@ def test_space_app_imports_and_starts_locked(space):
     code = (
         "import app, os; from optdemo.app.settings import parse_settings; "
         "s = parse_settings([], env={'SPACE_ID': 'user/optdemo', 'OPTDEMO_MODEL': 'opt-125m'}); "
-        "from optdemo.web import create_app; demo, service = create_app(s); "
+        "from optdemo.web.blocks import create_app; demo, service = create_app(s); "
         "print(s.public, s.lock_config, s.preload, service.initial_config().model, "
         "service.is_admin('visitor'))"
     )

@@ -111,7 +111,7 @@ def test_every_policy_gives_plain_accelerates_tokens(manager, model_dir, tmp_pat
 def test_prefetch_stays_within_the_gpu_budget_plus_two_blocks(manager, model_dir, tmp_path):
     report = manager.load(_config(model_dir, tmp_path, "gpu"))
     model = _loaded(manager).model
-    prefetcher = model._optdemo_prefetcher
+    prefetcher = model._optdemo_gpu_upload
     assert all(block.pinned and block.host.is_pinned() for block in prefetcher.blocks)
     assert prefetcher.in_flight_bytes == 2 * max(block.nbytes for block in prefetcher.blocks)
     peaks = []
@@ -158,7 +158,7 @@ def test_unload_returns_gpu_and_pinned_memory(manager, model_dir, tmp_path):
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     manager.load(_config(model_dir, tmp_path, "gpu"))
-    blocks = list(_loaded(manager).model._optdemo_prefetcher.blocks)
+    blocks = list(_loaded(manager).model._optdemo_gpu_upload.blocks)
     _greedy(_loaded(manager).model, 4)
     assert torch.cuda.memory_allocated() > before + 2 * LAYER_BYTES
     manager.unload()

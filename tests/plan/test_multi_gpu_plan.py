@@ -1,4 +1,4 @@
-"""Several GPUs in one box, through Accelerate: the README's scale-out recipe says a budget such as
+"""Several GPUs in one box, through Accelerate: docs/DEPLOY.md's scale-out recipe says a budget such as
 ``0=…,1=…,cpu=…`` spreads the layers over every GPU and that the plan shows each GPU separately.
 Planned offline for opt-66b on a fake two-GPU machine (no GPU, no weights needed).
 """

@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
+from optdemo.plan.bandwidth import Bandwidths
 from optdemo.plan.planner import Block, Plan
-from optdemo.plan.speed import Bandwidths, predict
+from optdemo.plan.speed import predict
 
 
 def speed_plan(bytes_per_device: dict, layers: int) -> Plan:
@@ -50,7 +51,7 @@ def test_prediction_adds_each_tier():
     assert cold.seconds_per_token == pytest.approx(1.5 + 0.5 * (1.0 + 0.4 + overhead))
     assert cold.breakdown["disk reads (streamed)"] == pytest.approx(1.5 - 0.5 * (1.0 + 0.4 + overhead))
     assert "0.47 GiB of the disk tier cached, 1.40 GiB streamed" in cold.assumption
-    # The same decision as the loader's (offload.mapped_prefix): enough room maps everything.
+    # The same decision as the loader's (policy.mapped_prefix): enough room maps everything.
     assert "page cache" in predict(split, bandwidths, page_cache_bytes=30 * 10**8).assumption
     streamed = predict(replace(split, disk_tier="stream"), bandwidths, page_cache_bytes=10**12)
     assert streamed.seconds_per_token == pytest.approx(2.0 + 0.5 * (1.0 + 0.4 + overhead))

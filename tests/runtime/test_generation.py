@@ -21,9 +21,9 @@ from optdemo.core.chat_prompt import (
     check_max_new_tokens,
     render_plain,
 )
+from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT
 from optdemo.core.errors import GenerationError
 from optdemo.core.generation import (
-    MAX_NEW_TOKENS_LIMIT,
     GenerationParams,
     GenerationStats,
     GenerationUpdate,
@@ -399,9 +399,14 @@ def test_chat_with_a_long_history_drops_old_turns(loaded) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("message", ["", "   \n", None])
-def test_chat_with_empty_message(loaded, message) -> None:
-    with pytest.raises(GenerationError, match="the message is empty"):
-        next(loaded.stream_chat([], message, GenerationParams()))
+def test_an_empty_message_is_refused_at_the_service(loaded, message) -> None:
+    """Inputs are checked once, where they enter (the service); the engine trusts them."""
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
+
+    service = DemoService(loaded, AppSettings())
+    with pytest.raises(GenerationError, match=r"is empty|must be text"):
+        next(service.chat("session", [], message, GenerationParams()))
 
 
 @pytest.mark.slow

@@ -16,11 +16,12 @@ import pytest
 import torch
 from conftest import GPU_COUNT, TINY_LAYER_BYTES, TINY_TOTAL_BYTES, build_tiny
 
+from optdemo.core.defaults import STREAM_DEPTH
 from optdemo.core.errors import BudgetError
 from optdemo.core.load_config import LoadConfig
+from optdemo.plan.policy import HEADROOM_BYTES
 from optdemo.runtime import manager as manager_module
-from optdemo.runtime.readahead import CheckpointPrefetch, block_order, first_ranges, start_prefetch
-from optdemo.runtime.tiers.disk_map import _HEADROOM, STREAM_DEPTH
+from optdemo.runtime.readahead import ColdStartReadAhead, block_order, first_ranges, start_cold_read_ahead
 from optdemo.runtime.tiers.disk_stream import Segment, safetensors_header
 from optdemo.weights.convert import safetensors_weight_files
 
@@ -77,7 +78,7 @@ def test_first_ranges_cover_the_blocks_the_cache_keeps_in_execution_order(sharde
     assert set(order) == {-1, *range(6), math.inf}
     # Room for the embeddings and two layers beside the headroom and the stream buffers (each as
     # large as the largest block, the embeddings): exactly those, in that order.
-    room = _HEADROOM + STREAM_DEPTH * EMBEDDING_BYTES + EMBEDDING_BYTES + 2 * TINY_LAYER_BYTES
+    room = HEADROOM_BYTES + STREAM_DEPTH * EMBEDDING_BYTES + EMBEDDING_BYTES + 2 * TINY_LAYER_BYTES
     first = first_ranges(sharded, room + 1000)
     assert sum(s.end - s.start for s in first) == EMBEDDING_BYTES + 2 * TINY_LAYER_BYTES
     assert sorted(set(_blocks_of(first, sharded))) == [-1, 0, 1]
@@ -115,7 +116,7 @@ def _evict(folder: Path) -> None:
 def test_the_prefetch_reads_its_ranges_into_the_page_cache_and_keeps_no_mapping(sharded):
     _evict(sharded)
     ranges = first_ranges(sharded, 2**40)
-    prefetch = CheckpointPrefetch(ranges)
+    prefetch = ColdStartReadAhead(ranges)
     assert prefetch.bytes == TINY_TOTAL_BYTES
     assert prefetch.done.wait(30)
     assert sum(length for _, _, length in prefetch.chunks) >= TINY_TOTAL_BYTES
@@ -131,7 +132,7 @@ def test_only_a_local_cpu_run_of_the_stored_dtype_is_prefetched(sharded, tmp_pat
     cpu = Hardware((), 2**36, 2**35, str(tmp_path), 2**40)
     gpu = replace(cpu, gpus=(GpuInfo(0, "gpu", 2**34, 2**34),))
     base = LoadConfig(str(sharded), dtype="float32", max_memory=SPLIT, offload_folder=str(tmp_path))
-    started = start_prefetch(base, cpu)
+    started = start_cold_read_ahead(base, cpu)
     assert started is not None and started.bytes == TINY_TOTAL_BYTES and started.done.wait(30)
     refused = {
         "a GPU": (base, gpu),
@@ -141,17 +142,17 @@ def test_only_a_local_cpu_run_of_the_stored_dtype_is_prefetched(sharded, tmp_pat
         "a Hub name": (replace(base, model="facebook/opt-125m"), cpu),
     }
     assert {
-        why: start_prefetch(config, hardware) for why, (config, hardware) in refused.items()
+        why: start_cold_read_ahead(config, hardware) for why, (config, hardware) in refused.items()
     } == dict.fromkeys(refused)
-    assert start_prefetch(replace(base, dtype="auto"), cpu) is not None
+    assert start_cold_read_ahead(replace(base, dtype="auto"), cpu) is not None
 
 
 @pytest.fixture
-def started(monkeypatch, manager) -> list[tuple[CheckpointPrefetch | None, bool]]:
+def started(monkeypatch, manager) -> list[tuple[ColdStartReadAhead | None, bool]]:
     """Every prefetch the manager starts, and whether a model was loaded or another prefetch still
     reading when it started (either would be evicted by it)."""
-    seen: list[tuple[CheckpointPrefetch | None, bool]] = []
-    original = manager_module.start_prefetch
+    seen: list[tuple[ColdStartReadAhead | None, bool]] = []
+    original = manager_module.start_cold_read_ahead
 
     def recording(config, hardware):
         reading = [p for p, *_ in seen if p is not None and not p.done.is_set()]
@@ -159,7 +160,7 @@ def started(monkeypatch, manager) -> list[tuple[CheckpointPrefetch | None, bool]
         seen.append((prefetch, manager._loaded is not None or bool(reading)))
         return prefetch
 
-    monkeypatch.setattr(manager_module, "start_prefetch", recording)
+    monkeypatch.setattr(manager_module, "start_cold_read_ahead", recording)
     return seen
 
 
@@ -217,24 +218,24 @@ def test_a_truncated_checkpoint_is_read_as_far_as_it_goes_without_hanging(sharde
         handle.truncate(size // 2)
     ranges = first_ranges(copy, 2**40)
     assert all(s.end <= size // 2 for s in ranges if s.path == str(last))
-    prefetch = CheckpointPrefetch(ranges)
+    prefetch = ColdStartReadAhead(ranges)
     assert prefetch.done.wait(30)  # every thread finished: none died on the missing bytes
     assert sum(s.end - s.start for s in ranges) < TINY_TOTAL_BYTES
     # A file that shrinks after its header was read: the chunks past its end are skipped.
-    beyond = CheckpointPrefetch([Segment(str(last), 0, size)])
+    beyond = ColdStartReadAhead([Segment(str(last), 0, size)])
     assert beyond.done.wait(30)
 
 
 def test_concurrent_loads_never_read_ahead_side_by_side(manager, sharded, tmp_path, started, monkeypatch):
     from optdemo.core.errors import OptdemoError
 
-    fetch = CheckpointPrefetch._fetch
+    fetch = ColdStartReadAhead._fetch
 
     def slow_fetch(self, chunk):  # a slow disk: each load's read-ahead outlasts the other's start
         time.sleep(0.2)
         fetch(self, chunk)
 
-    monkeypatch.setattr(CheckpointPrefetch, "_fetch", slow_fetch)
+    monkeypatch.setattr(ColdStartReadAhead, "_fetch", slow_fetch)
     budgets = ["cpu=700KiB", "cpu=500KiB", "cpu=600KiB"]
     outcomes: list[str] = []
 

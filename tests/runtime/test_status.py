@@ -17,7 +17,7 @@ from optdemo.system.hardware import Hardware
 GiB = 2**30
 
 
-# Documented in README's API table and pinned by the app tests: the /load and /status JSON keys.
+# Documented in docs/USAGE.md's API table and pinned by the app tests: the /load and /status JSON keys.
 LOAD_KEYS = {
     "status",
     "model",
@@ -35,10 +35,9 @@ LOAD_KEYS = {
 }
 
 
+# The local model's part of /status; the app adds "backend" and "endpoint" (tests/app/test_status.py).
 STATUS_KEYS = {
     "loaded",
-    "backend",  # "local", or "endpoint" with a serving endpoint (then "endpoint" says which)
-    "endpoint",
     "model",
     "display_name",
     "config",

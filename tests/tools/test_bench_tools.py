@@ -70,7 +70,7 @@ def test_gpu_bench_floors_and_ratios() -> None:
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import gpu_bench
 
-    from optdemo.plan.speed import Bandwidths
+    from optdemo.plan.bandwidth import Bandwidths
 
     bus = Bandwidths(
         cpu_matvec={"float16": 20e9}, disk_read=1e9, host_to_device=10e9, host_to_device_pinned=40e9

@@ -12,7 +12,7 @@ from optdemo.app.settings import (
 
 # ---------------------------------------------------------------------------------- config tab
 def test_budget_spec_from_sliders() -> None:
-    from optdemo.web.tabs.config import budget_spec
+    from optdemo.web.tabs.config_text import budget_spec
 
     assert budget_spec([5.0], 20.0, "") == "0=5120MiB,cpu=20480MiB"
     assert budget_spec([], 1.5, "") == "cpu=1536MiB"
@@ -21,7 +21,7 @@ def test_budget_spec_from_sliders() -> None:
 
 def test_budget_spec_advanced_field_wins() -> None:
     from optdemo.core.budget import parse_max_memory
-    from optdemo.web.tabs.config import budget_spec
+    from optdemo.web.tabs.config_text import budget_spec
 
     assert budget_spec([5.0], 20.0, "  0=1GiB,cpu=2GiB ") == "0=1GiB,cpu=2GiB"
     # What the sliders produce is a valid max_memory.
@@ -31,7 +31,7 @@ def test_budget_spec_advanced_field_wins() -> None:
 
 def test_quantization_available_without_gpu() -> None:
     from optdemo.system.hardware import Hardware
-    from optdemo.web.tabs.config import hardware_summary, quantization_availability
+    from optdemo.web.tabs.config_text import hardware_summary, quantization_availability
 
     hardware = Hardware(
         gpus=(),
@@ -51,7 +51,8 @@ def test_suggested_budget_survives_the_sliders():
     configuration, or pressing Load on an unchanged form would reload instead of reuse."""
     from optdemo.core.budget import parse_max_memory
     from optdemo.system.hardware import GpuInfo, Hardware, suggest_budget
-    from optdemo.web.tabs.config import GIB, budget_spec
+    from optdemo.web.tabs.config import GIB
+    from optdemo.web.tabs.config_text import budget_spec
 
     for ram, gpu_free in ((23.5 * GIB, None), (16 * GIB + 12345, 7_999_999_999), (64 * GIB, 10 * GIB + 1)):
         gpus = () if gpu_free is None else (GpuInfo(0, "GPU", 16 * GIB, gpu_free),)

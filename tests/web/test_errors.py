@@ -95,4 +95,4 @@ def test_errors_never_show_the_hub_token(monkeypatch: pytest.MonkeyPatch) -> Non
     for exc in (OptdemoError("401 with token hf_FAKEtoken123"), RuntimeError("auth hf_FAKEtoken123")):
         message = to_gradio_error(exc).message
         assert "hf_FAKEtoken123" not in message
-        assert "hf_***" in message
+        assert "***" in message

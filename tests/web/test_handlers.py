@@ -21,10 +21,11 @@ from optdemo.app.settings import AppSettings
 from optdemo.core.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
 from optdemo.core.load_config import LoadConfig
 from optdemo.runtime.manager import ModelManager
+from optdemo.web.render import to_messages
 from optdemo.web.tabs import chat as chat_tab
 from optdemo.web.tabs import config as config_tab
 from optdemo.web.tabs import devicemap as devicemap_tab
-from optdemo.web.tabs.chat import ChatTab, to_messages
+from optdemo.web.tabs.chat_components import ChatTab
 
 REQUEST = SimpleNamespace(session_hash="session-1")
 PARIS = ["Paris", "Paris is", "Paris is the capital."]
@@ -349,7 +350,7 @@ def test_bind_gives_gradio_the_signature_it_reads() -> None:
     import inspect
     import typing
 
-    from optdemo.web.binding import bind, bind_with_progress
+    from optdemo.web.binding import bind
 
     service, tab = chat_ui({"Hi": [["Hello"]]})
     streamed = bind(chat_tab.respond, service, tab)
@@ -361,8 +362,6 @@ def test_bind_gives_gradio_the_signature_it_reads() -> None:
     assert plain({tab.turns: [turn("Hi", "Hello")]}, REQUEST)[tab.message] == "Hi"
     *_, last = streamed(chat_values(tab, "Hi"), REQUEST)
     assert last[tab.turns] == [turn("Hi", "Hello", last[tab.turns][0]["stats"])]
-    with_progress = bind_with_progress(config_tab.load, service, tab)
-    assert isinstance(inspect.signature(with_progress).parameters["progress"].default, gr.Progress)
 
 
 def test_quantization_radio_is_enabled_and_plans_quantized_on_the_cpu() -> None:

@@ -202,12 +202,12 @@ def test_real_plan_on_three_devices(opt66b_plan: Plan) -> None:
 
 
 def test_status_text() -> None:
+    from optdemo.app.status import BackendStatus
     from optdemo.core.load_config import LoadConfig
-    from optdemo.runtime.status import ModelStatus
-    from optdemo.web.tabs.config import status_text
+    from optdemo.web.render import status_text
 
-    assert status_text(ModelStatus(None)).startswith("No model loaded yet")
-    loaded = ModelStatus(
+    assert status_text(BackendStatus(None)).startswith("No model loaded yet")
+    loaded = BackendStatus(
         LoadConfig("tiny-opt"),
         load_seconds=1.234,
         bytes_per_device={0: 2**19, "cpu": 2**20, "disk": 3 * 2**20},
@@ -221,7 +221,7 @@ def test_status_text() -> None:
 
 # ---------------------------------------------------------------------------------- chat tab
 def test_to_messages() -> None:
-    from optdemo.web.tabs.chat import to_messages
+    from optdemo.web.render import to_messages
 
     turns = [
         {"user": "Hi", "assistant": "Hello!", "stats": "3 tokens · 12.0 tokens/s"},

@@ -4,6 +4,7 @@ exact plans, unload, and the API on this CPU-only machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -270,9 +271,10 @@ def test_prediction_uses_the_quantized_bytes_and_kernel_rates(fresh_cache: Path,
     LM head at int8's, norms at bfloat16's, the embeddings (only looked up) free; predicted well
     over 2x faster than float16 when the kernels consume quantized bytes about as fast as float16
     ones (as measured here)."""
-    from optdemo.plan import speed
+    from optdemo.plan import bandwidth
+    from optdemo.plan.bandwidth import Bandwidths
     from optdemo.plan.planner import plan_device_map
-    from optdemo.plan.speed import Bandwidths, predict
+    from optdemo.plan.speed import predict
     from optdemo.system.hardware import Hardware
 
     rates = {"float32": 8e9, "float16": 5e9, "bfloat16": 5e9, "int8": 6e9, "int4": 5.5e9}
@@ -289,27 +291,27 @@ def test_prediction_uses_the_quantized_bytes_and_kernel_rates(fresh_cache: Path,
     assert prediction.breakdown["CPU"] == pytest.approx(layers / 5.5e9 + head / 6e9 + others / 5e9)
     assert predict(fp16, bandwidths).seconds_per_token > 2.5 * prediction.seconds_per_token
     # Bandwidths measured before quantized kernels existed gain their rates, nothing else is re-measured.
-    monkeypatch.setattr(speed, "measure_bandwidths", lambda *a: pytest.fail("measured everything again"))
+    monkeypatch.setattr(bandwidth, "measure_bandwidths", lambda *a: pytest.fail("measured everything again"))
     old = Bandwidths(cpu_matvec={"float32": 8e9, "float16": 5e9, "bfloat16": 5e9}, disk_read=1e9)
-    speed.bandwidths_path().parent.mkdir(parents=True, exist_ok=True)
-    speed.bandwidths_path().write_text(json.dumps(speed.asdict(old)))
-    monkeypatch.setattr(speed, "_quantized_rates", lambda: {"int8": 7e9, "int4": 6e9})
+    bandwidth.bandwidths_path().parent.mkdir(parents=True, exist_ok=True)
+    bandwidth.bandwidths_path().write_text(json.dumps(dataclasses.asdict(old)))
+    monkeypatch.setattr(bandwidth, "_quantized_rates", lambda: {"int8": 7e9, "int4": 6e9})
     # ... and so does a disk rate measured with buffered reads of a fresh file, which a virtual
     # disk's host cache flatters: read again past the page cache, as the streamer reads.
-    monkeypatch.setattr(speed, "_disk_read_rate", lambda folder: (3e9, "direct"))
-    upgraded = speed.measured_bandwidths()
+    monkeypatch.setattr(bandwidth, "_disk_read_rate", lambda folder: (3e9, "direct"))
+    upgraded = bandwidth.measured_bandwidths()
     assert upgraded.cpu_matvec == {**old.cpu_matvec, "int8": 7e9, "int4": 6e9}
     assert (upgraded.disk_read, upgraded.disk_probe) == (3e9, "direct")
-    stored = json.loads(speed.bandwidths_path().read_text())
+    stored = json.loads(bandwidth.bandwidths_path().read_text())
     assert (stored["cpu_matvec"]["int4"], stored["disk_read"], stored["disk_probe"]) == (6e9, 3e9, "direct")
-    monkeypatch.setattr(speed, "_disk_read_rate", lambda folder: pytest.fail("measured the disk again"))
-    assert speed.measured_bandwidths() == upgraded  # complete now: read from the cache
+    monkeypatch.setattr(bandwidth, "_disk_read_rate", lambda folder: pytest.fail("measured the disk again"))
+    assert bandwidth.measured_bandwidths() == upgraded  # complete now: read from the cache
 
 
 def test_the_disk_probe_reads_past_the_page_cache_and_leaves_nothing(tmp_path) -> None:
-    from optdemo.plan import speed
+    from optdemo.plan import bandwidth
 
-    rate, method = speed._disk_read_rate(str(tmp_path))
+    rate, method = bandwidth._disk_read_rate(str(tmp_path))
     assert rate > 1e6 and method in ("direct", "buffered") and list(tmp_path.iterdir()) == []
 
 

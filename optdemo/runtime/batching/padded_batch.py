@@ -6,10 +6,10 @@ no query ever attends to it. Position ids count each row's own tokens, so a row 
 what it would alone. Leaving drops the row and the padding columns nobody needs any more.
 
 A bfloat16 model's lone request decodes beside a ghost copy of itself: torch's one-row bfloat16
-product rounds differently from its several-row one (measured here: rows of 2..8 agree exactly,
-one row does not), so without the ghost a reply alone would differ from the same reply in company.
-The ghost costs nothing measurable (two bfloat16 rows take the time of one) and is made only when
-a batch falls to one request, and dropped when another joins.
+product rounds differently from its several-row one, so without the ghost a reply alone would
+differ from the same reply in company (docs/BENCHMARKS.md, "Many visitors", has the
+measurements). The ghost is made only when a batch falls to one request, and dropped when another
+joins.
 
 Only plain full-attention caches (every layer a ``DynamicLayer``) can be padded this way; other
 cache kinds (sliding windows, linear attention) run one request at a time (:func:`paddable`).

@@ -1,26 +1,15 @@
 """Continuous batching: every visitor's reply decoded together, one forward pass per token.
 
-A decoding step reads every weight once whatever the batch size, so eight replies decoded together
-cost little more than one (and on an offloaded model the weights cross the disk or the bus once
-per step, not once per reply). :class:`BatchEngine` runs one scheduler thread that, holding the
-model lock for each step:
-
-1. drops the requests that ended (stop pressed, consumer gone, model replaced),
-2. admits waiting requests up to the batch limit, in arrival order: each prompt is prefilled
-   alone (so its prompt is computed exactly as in a solo run) and its cache joins the batch's,
-   left-padded to the batch's length,
-3. decodes one token for every running request in one forward pass over the padded batch (an
-   attention mask hides the padding; position ids count each row's own tokens).
-
-It only calls the model's forward, so it serves a model in RAM, one spread by Accelerate's hooks,
-and optdemo's fast offload alike. Each request keeps its own sampling settings (transformers'
-public logits processors, its own ``torch.Generator`` for a seed), stop sequences and
-``max_new_tokens``, and streams its own :class:`GenerationUpdate` values. Why not transformers'
-``ContinuousBatchingManager``: it decides greedy vs sampling and the seed for the whole manager,
-has no per-request repetition penalty nor stop strings (README, "Many visitors at once").
-
-A model whose cache is not plain full attention (sliding windows, linear attention) cannot be
-padded this way: it is served one request at a time by the same loop (a batch of one).
+A decoding step reads every weight once whatever the batch size, so replies decoded together cost
+little more than one. :class:`BatchEngine` runs one scheduler thread that, holding the model lock
+for each step: (1) drops the requests that ended (stop, consumer gone, model replaced); (2) admits
+waiting requests up to the batch limit in arrival order, each prompt prefilled alone and its cache
+joined to the batch's, left-padded; (3) decodes one token for every running request in one
+forward pass over the padded batch. It only calls the model's forward, so it serves a model in
+RAM, one spread by Accelerate's hooks, and optdemo's tiers alike; each request keeps its own
+sampling, stop sequences and ``max_new_tokens``. A model whose cache cannot be padded (sliding
+windows, linear attention) is served one request at a time by the same loop. Why not transformers'
+``ContinuousBatchingManager``: docs/ARCHITECTURE.md, "The batching engine".
 """
 
 from __future__ import annotations
@@ -30,7 +19,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from optdemo.core.defaults import GENERATION_WAIT_SECONDS
@@ -42,7 +30,9 @@ from optdemo.core.generation import (
     cut_at_stop,
     generation_failure,
 )
+from optdemo.plan.kv_room import BatchRoom, batch_in_force
 from optdemo.runtime.batching.padded_batch import PaddedBatch, forward, new_cache, paddable, positions
+from optdemo.runtime.batching.request import Prepare, Prompt, Request, Serving
 from optdemo.runtime.batching.row_attention import use_row_attention
 from optdemo.runtime.batching.sampling import Sampler
 
@@ -53,67 +43,6 @@ if TYPE_CHECKING:
 _POLL_SECONDS = 0.1
 # The scheduler's thread: tests and the fault checks look for generation threads by this name.
 THREAD_NAME = "optdemo-generate"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A request's prompt as the model sees it, prepared under the model lock."""
-
-    input_ids: list[int]
-    stop_strings: tuple[str, ...] = ()  # ends the reply (never shown), besides the params' own
-    context_window: int | None = None  # the model's window, for the stats
-    dropped_turns: int = 0  # chat: oldest turns left out to fit the window
-
-
-@dataclass(frozen=True)
-class Serving:
-    """What the engine is doing now, for the status line."""
-
-    running: int  # replies being written (decoded together)
-    waiting: int  # requests waiting for a place
-    limit: int  # the batch size in force
-
-    def summary(self) -> str:
-        """e.g. ``Writing 3 replies together (at most 8 at once) · 2 waiting``; empty when idle."""
-        if not self.running and not self.waiting:
-            return ""
-        replies = "1 reply" if self.running == 1 else f"{self.running} replies together"
-        line = f"Writing {replies} (at most {self.limit} at once)"
-        return line + (f" · {self.waiting} waiting" if self.waiting else "")
-
-
-# Builds a request's prompt from the loaded model (tokenizer, window); raises GenerationError.
-Prepare = Callable[[Any], Prompt]
-
-
-@dataclass(eq=False)
-class _Request:
-    """One reply: what the consumer asked, and the scheduler's state for it."""
-
-    prepare: Prepare
-    params: GenerationParams
-    stop_event: threading.Event
-    updates: queue.Queue = field(default_factory=queue.Queue)
-    gone: threading.Event = field(default_factory=threading.Event)  # the consumer closed the stream
-    submitted: float = field(default_factory=time.perf_counter)
-    loaded: Any = None  # the LoadedModel it was admitted on
-    prompt: Prompt | None = None
-    ids: list[int] = field(default_factory=list)  # prompt + generated tokens
-    generated: int = 0
-    sampler: Sampler | None = None
-    text: str = ""
-    shown: str = ""
-    first_at: float | None = None
-    last_at: float | None = None
-    peak_batch: int = 1
-    place: int = 0  # place in line last told to the consumer (0: not told yet)
-    stop_hit: bool = False
-    done: bool = False
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        assert self.prompt is not None
-        return (*self.prompt.stop_strings, *self.params.stop)
 
 
 class BatchEngine:
@@ -140,12 +69,12 @@ class BatchEngine:
         self._current = current
         self._on_busy = on_busy
         self._lock = threading.Lock()  # guards _waiting, _running and _thread
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
         self._thread: threading.Thread | None = None
         self._batch: PaddedBatch | None = None  # scheduler thread only
         self._holds = 0  # loads and unloads waiting for the model: admit nobody meanwhile
-        self.memory_limit: int | None = None  # sequences the budget leaves room for (set on load)
+        self.room: BatchRoom | None = None  # the KV cache room of the loaded model's plan (set on load)
 
     # ---------------------------------------------------------------- consumers
     def submit(
@@ -154,7 +83,7 @@ class BatchEngine:
         """Queue one request and stream its updates: status-only updates (``text`` empty,
         ``status`` set) while it waits, then the accumulated text, then the final stats.
         Closing the iterator frees the request's slot at the next step."""
-        request = _Request(prepare, params, stop_event)
+        request = Request(prepare, params, stop_event)
         with self._lock:
             self._waiting.append(request)
             self._start_thread()
@@ -184,8 +113,7 @@ class BatchEngine:
 
     def limit(self) -> int:
         """The batch size in force: the flag, lowered to what the memory budget holds."""
-        memory = self.memory_limit if self.memory_limit is not None else self.max_batch
-        return max(1, min(self.max_batch, memory))
+        return batch_in_force(self.max_batch, self.room)
 
     def stop_running(self) -> int:
         """Stop every running request (a load or unload is coming); returns how many ran. Waiting
@@ -269,7 +197,7 @@ class BatchEngine:
                 self._decode(loaded, running)
             self._retire(loaded)
 
-    def _snapshot(self) -> list[_Request]:
+    def _snapshot(self) -> list[Request]:
         with self._lock:
             return list(self._running)
 
@@ -306,7 +234,7 @@ class BatchEngine:
         for request in finished:
             self._finish(request)
 
-    def _finish(self, request: _Request) -> None:
+    def _finish(self, request: Request) -> None:
         """Send the request's final update (its stats) unless its consumer went away."""
         if request.gone.is_set():
             return
@@ -398,7 +326,7 @@ class BatchEngine:
             )
             request.updates.put(GenerationUpdate("", status=status))
 
-    def _prefill(self, loaded: Any, request: _Request) -> None:
+    def _prefill(self, loaded: Any, request: Request) -> None:
         """Run the request's prompt alone, take its first token, and join the batch. A prefill
         that fails (say, memory for a long prompt) fails that request only."""
         import torch
@@ -428,7 +356,7 @@ class BatchEngine:
         self._take_token(loaded, request, logits[0])
 
     # ---------------------------------------------------------------- decoding
-    def _decode(self, loaded: Any, running: list[_Request]) -> None:
+    def _decode(self, loaded: Any, running: list[Request]) -> None:
         """One forward pass for every running request: each feeds its last token."""
         import torch
 
@@ -447,7 +375,7 @@ class BatchEngine:
             request.peak_batch = max(request.peak_batch, len(running))
             self._take_token(loaded, request, row)
 
-    def _take_token(self, loaded: Any, request: _Request, logits: torch.Tensor) -> None:
+    def _take_token(self, loaded: Any, request: Request, logits: torch.Tensor) -> None:
         """Choose the request's next token from its logits row and stream the new text."""
         assert request.sampler is not None
         token = request.sampler.next_token(request.ids, logits)

@@ -15,15 +15,14 @@ disk when RAM is short. Nothing is copied, so a model larger than RAM still runs
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import os
-import sys
 import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
 from optdemo.core.defaults import STREAM_DEPTH
+from optdemo.plan.policy import split_disk_tier
+from optdemo.system import libc
 from optdemo.weights.tensors import assign_tensors, entries_bytes, module_bytes
 
 
@@ -52,14 +51,6 @@ def cpu_executed(device_map: dict[str, Any]) -> bool:
     return bool(device_map) and all(device in ("cpu", "disk") for device in device_map.values())
 
 
-# Memory left free beside the mapped part (activations, the allocator, other programs' pages): a
-# twentieth of what is available, at least this much. Mapping to the last byte makes the kernel
-# evict mapped pages every token, which costs more than streaming a little more; a tenth left
-# 1.2 GiB unused on opt-13b with 23 GiB available (0.99 s/token against 0.87 with a twentieth).
-_HEADROOM = 256 * 2**20
-_HEADROOM_SHARE = 0.05
-
-
 def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None = None) -> DiskTierReport:
     """Serve a CPU-executed model's disk tier: memory-mapped where the memory actually available
     (``available_bytes``: RAM, or the room under a cgroup limit) can cache it, streamed with large
@@ -79,8 +70,8 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
         from optdemo.system.hardware import probe_hardware
 
         available_bytes = probe_hardware().ram_available_bytes
-    resident, choice = _split(disk, sizes, mode, available_bytes, cpu_tier)
-    wanted = disk[len(resident) :]
+    kept, choice = split_disk_tier(sizes, mode, available_bytes, cpu_tier)
+    wanted = disk[kept:]
     streamer, streamed = stream_blocks(model, wanted, STREAM_DEPTH) if wanted else (None, [])
     if len(streamed) < len(wanted):
         choice += (
@@ -97,46 +88,6 @@ def place_disk_tier(model: Any, mode: str = "auto", available_bytes: int | None 
         choice=choice,
         available_bytes=available_bytes,
     )
-
-
-def _split(
-    disk: list[str], sizes: list[int], mode: str, available: int, cpu_tier: int = 0
-) -> tuple[list[str], str]:
-    """The disk blocks to keep mapped (a prefix of ``disk``) and a sentence saying why: those the
-    memory available can cache beside the CPU tier, a little headroom and the stream buffers."""
-    total = sum(sizes)
-    if mode == "map":
-        return disk, "mapped: chosen in the configuration"
-    if mode == "stream":
-        return [], "streamed: chosen in the configuration"
-    kept = disk[: mapped_prefix(sizes, available, cpu_tier)]
-    if len(kept) == len(disk):
-        return disk, f"mapped: the page cache can hold all {_gib(total)} ({_gib(available)} available)"
-    used = sum(sizes[: len(kept)])
-    return kept, (
-        f"{_gib(used)} mapped, {_gib(total - used)} streamed: only {_gib(available)} of memory is "
-        f"available for the {_gib(total)} disk tier"
-    )
-
-
-def mapped_prefix(sizes: list[int], available: int, cpu_tier: int) -> int:
-    """How many disk blocks (in execution order, of ``sizes`` bytes) stay memory-mapped: all when
-    the memory ``available`` can cache them beside the CPU tier and the headroom; else as many as
-    fit beside the stream buffers too. The loader and the speed prediction both decide with this."""
-    room = available - cpu_tier - max(_HEADROOM, int(available * _HEADROOM_SHARE))
-    if sum(sizes) <= room:
-        return len(sizes)
-    room -= STREAM_DEPTH * max(sizes, default=0)
-    count = used = 0
-    for size in sizes:
-        if used + size > room:
-            break
-        count, used = count + 1, used + size
-    return count
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
 
 
 def map_disk_tier(model: Any, mapped: list[str] | None = None) -> DiskTierReport:
@@ -186,8 +137,8 @@ def map_disk_tier(model: Any, mapped: list[str] | None = None) -> DiskTierReport
             for name, device in device_map.items()
             if device == "cpu" or name in cached
         ]
-        read_ahead(resident)
-        model._optdemo_page_warmup = PageWarmup(module_ranges(resident))
+        hint_next_blocks(resident)
+        model._optdemo_page_warmup = PageCacheWarmup(module_ranges(resident))
     return DiskTierReport(mapped_modules, mapped_bytes)
 
 
@@ -218,31 +169,29 @@ def map_offloaded_module(module: Any) -> int | None:
     return sum(assign_tensors(sub, tensors) for sub, tensors in mapped)
 
 
-def read_ahead(blocks: list[Any]) -> None:
+def hint_next_blocks(blocks: list[Any]) -> None:
     """When block *i* starts computing, ask the OS to start reading block *i+1* from disk
     (``madvise(MADV_WILLNEED)``), so that when RAM cannot cache the disk tier the reads overlap
     compute instead of stalling on page faults. A hint only: nothing changes when pages are cached."""
     ranges = [_page_ranges(block) for block in blocks]
     for index, block in enumerate(blocks):
         upcoming = ranges[(index + 1) % len(blocks)]
-        block.register_forward_pre_hook(lambda module, args, upcoming=upcoming: _will_need(upcoming))
+        block.register_forward_pre_hook(lambda module, args, upcoming=upcoming: libc.will_need(upcoming))
 
 
-# Linux 5.14+: fault a mapped range in, reading it from disk, without touching it from Python.
-MADV_POPULATE_READ = 22
 WARMUP_THREADS = 2  # two readers fetch ~2x what one does on the disks measured (docs/BENCHMARKS.md)
 WARMUP_CHUNK = 32 * 2**20
 
 
-class PageWarmup:
+class PageCacheWarmup:
     """Reads mapped memory ranges into the page cache, in the order given, from
     ``WARMUP_THREADS`` threads: the resident part of a cold model (its CPU tier and mapped disk
     blocks, :func:`module_ranges`) right after loading. :mod:`optdemo.runtime.readahead` reads file ranges
     the same way while the model is still being planned.
 
-    Left alone, the first forward pass faults those weights in one page-fault read-ahead at a time
-    (about 1.7 GB/s here, against 6-8 GB/s for this warm-up on the same disk); the warm-up keeps
-    the disk busy with large reads instead, ahead of the computation that follows it. It reads
+    Left alone, the first forward pass faults those weights in one page-fault read-ahead at a time,
+    several times slower than these large reads (docs/BENCHMARKS.md, "Larger than RAM"); the
+    warm-up keeps the disk busy instead, ahead of the computation that follows it. It reads
     only what was sized to stay cached, so it evicts nothing; it is a hint (``madvise``), so a
     failure changes nothing but the speed.
     """
@@ -254,7 +203,7 @@ class PageWarmup:
             for address, length in ranges
             for offset in range(0, length, WARMUP_CHUNK)
         ]
-        self._begin(chunks if _libc is not None else [])
+        self._begin(chunks if libc.available() else [])
 
     def _begin(self, chunks: list[Any]) -> None:
         """Start the threads over ``chunks`` (each handed to :meth:`_fetch`, in order)."""
@@ -276,7 +225,7 @@ class PageWarmup:
 
     def _fetch(self, chunk: tuple[int, int]) -> None:
         """Read one chunk (address, length) in."""
-        populate(*chunk)
+        libc.populate(*chunk)
 
     def _read(self) -> None:
         try:
@@ -327,25 +276,6 @@ def _page_ranges(module: Any) -> list[tuple[int, int]]:
         end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
         ranges.append((start, end - start))
     return ranges
-
-
-def populate(address: int, length: int) -> None:
-    """Fault a mapped range in, reading it from disk (``MADV_POPULATE_READ``); on kernels before
-    5.14, which lack it, ask for read-ahead instead (``MADV_WILLNEED``)."""
-    if _libc is None:
-        return
-    if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_POPULATE_READ):
-        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_WILLNEED)
-
-
-def _will_need(ranges: list[tuple[int, int]]) -> None:
-    if _libc is None:
-        return
-    for address, length in ranges:
-        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_WILLNEED)
-
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _mapped_tensors(module: Any, weights_map: Any, handles: dict, stack: Any, safe_open: Any) -> dict | None:

@@ -1,28 +1,17 @@
-"""Where CPU-resident layers run when a GPU is in the map, and prefetching their weights.
+"""Where CPU-resident layers run when a GPU is in the map, and copying their weights ahead.
 
-With a GPU in the device map, Accelerate executes every layer on the GPU: the weights of each
-CPU-mapped (or disk-mapped) layer are copied over PCIe on every token, synchronously, from pageable
-memory. That is the ``accelerate`` policy. Two alternatives, chosen between by predicted speed
-(``auto``, the default since measured on an H100: docs/BENCHMARKS.md):
+With a GPU in the map, Accelerate runs every layer on the GPU, copying CPU- and disk-mapped
+weights over PCIe every token from pageable memory (the ``accelerate`` policy). The alternatives,
+chosen by :func:`optdemo.plan.policy.choose_policy`: ``cpu`` runs those layers on the CPU where
+their weights live (only activations cross the bus); ``gpu`` keeps them on the GPU but copies the
+*next* block from pinned memory into one of two fixed GPU buffers while one computes
+(:class:`GpuUploadAhead`).
 
-* ``cpu``: run CPU-resident layers on the CPU where their weights live; only the activations (a
-  few KiB per token) cross the bus. Disk-tier layers run on the CPU too, from memory-mapped
-  safetensors (page cache, never copied into anonymous RAM).
-* ``gpu``: keep running CPU-resident layers on the GPU, but from pinned host memory, copying the
-  *next* block into one of two fixed GPU buffers on a side stream while the current one computes.
-
-Memory bounds, for any policy (what the CUDA tests check):
-
-* host: the CPU budget, nothing more. ``gpu`` moves each block's weights into one exact-size host
-  buffer and pins it in place (``cudaHostRegister``: no rounding, no second copy); the pageable
-  originals are released as each block is packed, so the only transient extra is one block.
-* GPU: the GPU budget plus two buffers of the largest prefetched block, allocated once. Copies
-  wait on GPU events, never on new allocations, so nothing grows however far the host runs ahead.
-* nothing grows per token (the schedule log is a bounded ring), and :func:`release` returns the
-  GPU buffers and unpins the host memory before the model is dropped.
-
-The mechanics are device-agnostic (``device`` is a parameter, streams and pinning only on CUDA),
-so the CPU tests exercise the schedule; the CUDA tests exercise streams, events and pinning.
+Memory bounds, for any policy: host memory stays within the CPU budget (blocks are packed into
+exact-size pinned buffers, one block of transient extra); the GPU holds its budget plus two
+buffers of the largest block, allocated once; nothing grows per token; :func:`release` frees the
+buffers and unpins host memory before the model is dropped. The mechanics are device-agnostic,
+so the CPU tests exercise the schedule and the CUDA tests streams, events and pinning.
 """
 
 from __future__ import annotations
@@ -30,7 +19,8 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from optdemo.plan.speed import PolicyChoice, choose_policy, measured_bandwidths
+from optdemo.plan.bandwidth import measured_bandwidths
+from optdemo.plan.policy import PolicyChoice, choose_policy
 from optdemo.runtime.tiers.disk_map import map_offloaded_module
 from optdemo.weights.tensors import assign_tensors, module_bytes
 
@@ -200,7 +190,7 @@ def _register_pinned(buffer: Any) -> bool:
         return False
 
 
-class Prefetcher:
+class GpuUploadAhead:
     """Runs packed blocks on ``device`` from two fixed device buffers, one block ahead.
 
     When block *i* starts, the compute stream waits for its copy (issued when block *i-1*
@@ -290,7 +280,7 @@ class Prefetcher:
             block.unpin()
 
 
-def prefetch_on_device(model: Any, entries: list[str], device: Any) -> Prefetcher:
+def copy_ahead_to_gpu(model: Any, entries: list[str], device: Any) -> GpuUploadAhead:
     """The ``gpu`` policy: run the entries on ``device`` from packed (pinned) host memory with
     one-ahead prefetch, replacing Accelerate's synchronous per-module loading."""
     import torch
@@ -303,14 +293,14 @@ def prefetch_on_device(model: Any, entries: list[str], device: Any) -> Prefetche
         block = PackedBlock(module, _take_tensors(module), pin)
         assign_tensors(module, block.host_views)  # the module lets go of the originals too
         blocks.append(block)
-    prefetcher = Prefetcher(blocks, device)
+    prefetcher = GpuUploadAhead(blocks, device)
     for block in blocks:
         _wrap_forward(block.module, prefetcher, _skip_keys(model))
-    model._optdemo_prefetcher = prefetcher  # released by release(model)
+    model._optdemo_gpu_upload = prefetcher  # released by release(model)
     return prefetcher
 
 
-def _wrap_forward(module: Any, prefetcher: Prefetcher, skip_keys: Any) -> None:
+def _wrap_forward(module: Any, prefetcher: GpuUploadAhead, skip_keys: Any) -> None:
     """Make ``module.forward`` move its inputs to the prefetcher's device and run between
     ``prefetcher.before`` and ``prefetcher.after``, the latter even when the forward raises (no
     device copy is left pointed at)."""
@@ -335,7 +325,7 @@ def _wrap_forward(module: Any, prefetcher: Prefetcher, skip_keys: Any) -> None:
 def release(model: Any) -> None:
     """Undo what a policy holds outside the model: restore wrapped forwards, free the prefetch
     buffers and unpin host memory. Called before a model is dropped; safe on any model."""
-    prefetcher = getattr(model, "_optdemo_prefetcher", None)
+    prefetcher = getattr(model, "_optdemo_gpu_upload", None)
     if prefetcher is None:
         return
     for block in prefetcher.blocks:
@@ -346,7 +336,7 @@ def release(model: Any) -> None:
         else:
             module.forward = own
     prefetcher.close()
-    del model._optdemo_prefetcher
+    del model._optdemo_gpu_upload
 
 
 # ------------------------------------------------------------------------------------- applying
@@ -376,5 +366,5 @@ def apply_policy(model: Any, requested: str, dtype: str) -> PolicyChoice | None:
     if choice.policy == "cpu":
         run_on_cpu(model, entries, frozenset(disk))
     elif choice.policy == "gpu" and resident:
-        prefetch_on_device(model, resident, torch.device("cuda", main_gpu(device_map)))
+        copy_ahead_to_gpu(model, resident, torch.device("cuda", main_gpu(device_map)))
     return choice

@@ -1,1 +1,2 @@
-"""TODO"""
+"""The three tabs (Configuration, Device map, Chat), one module per tab plus its components and
+texts."""

@@ -14,20 +14,18 @@ without a browser; :func:`wire_chat_tab` connects them to the components' events
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from optdemo.app.service import DemoService
 from optdemo.core import defaults
-from optdemo.core.generation import GenerationParams
 from optdemo.web.api import reply_group, session_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.errors import to_gradio_error, user_errors
 from optdemo.web.render import status_text, to_messages
+from optdemo.web.tabs.chat_components import ChatTab, GenerationControls
 from optdemo.web.tabs.chat_history import (
-    SavedChats,
     delete_chat,
     export_json,
     export_markdown,
@@ -39,8 +37,6 @@ from optdemo.web.tabs.chat_history import (
     save_current,
 )
 
-__all__ = ["ChatTab", "GenerationControls", "layout_chat_tab", "to_messages", "wire_chat_tab"]
-
 # Shown while a reply streams: a message typed meanwhile is kept in the box, not sent.
 BUSY_NOTICE = (
     "⏳ A reply is on its way. Anything you type now stays in the box: send it when the reply "
@@ -48,62 +44,6 @@ BUSY_NOTICE = (
 )
 
 Turn = dict  # {"user": str, "assistant": str, "stats": str}
-
-
-@dataclass
-class GenerationControls:
-    """The sampling controls, shared by chat and completion."""
-
-    max_new_tokens: gr.Slider
-    temperature: gr.Slider
-    top_p: gr.Slider
-    top_k: gr.Slider
-    repetition_penalty: gr.Slider
-    seed: gr.Number
-    stop: gr.Textbox  # stop sequences, one per line
-
-    def all(self) -> list:
-        """In :meth:`DemoService.params` order."""
-        return [
-            self.max_new_tokens,
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            self.repetition_penalty,
-            self.seed,
-            self.stop,
-        ]
-
-    def params_from(self, service: DemoService, values: dict) -> GenerationParams:
-        """Validated parameters from a callback's {component: value} dict."""
-        return service.params(*(values[control] for control in self.all()))
-
-
-@dataclass
-class ChatTab:
-    """The Chat tab's components."""
-
-    model_line: gr.Markdown  # what is loaded, and its predicted speed
-    mode: gr.Radio
-    chat_box: gr.Column
-    chatbot: gr.Chatbot
-    message: gr.Textbox
-    send: gr.Button
-    stop: gr.Button
-    completion_box: gr.Column
-    prompt: gr.Textbox
-    generate: gr.Button
-    stop_completion: gr.Button
-    completion: gr.Textbox
-    completion_stats: gr.Markdown
-    controls: GenerationControls
-    system_prompt: gr.Textbox
-    context_line: gr.Markdown  # how much of the model's window the last reply used
-    notice: gr.Markdown  # "wait for the reply or press Stop" while one streams
-    saved: SavedChats  # this browser's saved chats
-    turns: gr.State  # this session's conversation: a list of Turn
-    serving_line: gr.Markdown  # how many replies the model is writing together, and how many wait
-    serving_timer: gr.Timer  # refreshes serving_line
 
 
 # ---------------------------------------------------------------------------------- layout

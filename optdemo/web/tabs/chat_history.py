@@ -9,8 +9,7 @@ current conversation of the Chat tab (its ``turns``), so they take the whole
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
@@ -19,39 +18,13 @@ from optdemo.app.service import DemoService
 from optdemo.web.binding import Updates
 from optdemo.web.errors import user_errors
 from optdemo.web.render import to_messages
-
-if TYPE_CHECKING:
-    from optdemo.web.tabs.chat import ChatTab
+from optdemo.web.tabs.chat_components import ChatTab, SavedChats
 
 # The key and the secret under which each browser keeps its chats in localStorage. BrowserState
 # sends its secret to the page anyway (it only obfuscates), so a fixed one costs nothing and keeps
 # the chats readable after the server restarts, where a random one per process would lose them.
 STORAGE_KEY = "optdemo-chats"
 STORAGE_SECRET = "optdemo-chats-v1"
-
-
-@dataclass
-class SavedChats:
-    """The saved-chats panel's components, and the session's current chat."""
-
-    store: gr.BrowserState  # this browser's chats (an optdemo.app.chats store)
-    chat_id: gr.State  # the id of the conversation on screen (None: not saved yet)
-    picker: gr.Dropdown
-    new: gr.Button
-    title: gr.Textbox
-    rename: gr.Button
-    delete: gr.Button
-    export_json: gr.Button
-    export_markdown: gr.Button
-    exported: gr.Code
-    pasted: gr.Textbox
-    import_btn: gr.Button
-    message: gr.Markdown
-
-    def restored_outputs(self) -> list:
-        """What :func:`restore` updates besides the conversation itself (never the store: writing
-        it would fire its change event again)."""
-        return [self.chat_id, self.picker, self.title]
 
 
 def browser_store() -> gr.BrowserState:

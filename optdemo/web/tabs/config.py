@@ -11,22 +11,22 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 import optdemo.web.tabs.endpoint_form as endpoint_form  # (not "from optdemo.web": no cycle via the package)
+from optdemo.app.machine import probe
 from optdemo.app.service import DemoService, PlanNotice
 from optdemo.core import defaults
-from optdemo.core.backend import ENDPOINT
 from optdemo.core.budget import format_bytes
 from optdemo.core.load_config import DTYPES, QUANTIZATIONS, LoadConfig
-from optdemo.system.hardware import Hardware, probe_hardware
+from optdemo.system.hardware import Hardware
 from optdemo.web.api import MODEL_GROUP, PLAN_GROUP, session_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.errors import to_gradio_error, user_errors
-from optdemo.web.render import describe_placement, plan_summary, status_text  # noqa: F401 - re-exported
+from optdemo.web.render import describe_placement, plan_summary
+from optdemo.web.tabs.config_components import ENDPOINT, ConfigTab, SignIn
 from optdemo.web.tabs.config_text import (
     budget_spec,
     hardware_summary,
@@ -45,71 +45,11 @@ PROGRESS_POLL_SECONDS = 0.1  # how often a load's progress reports are passed to
 LOAD_REQUESTS = {"concurrency_id": "load", "concurrency_limit": 4}
 
 
-@dataclass
-class SignIn:
-    """The admin sign-in form (public mode with --auth accounts only)."""
-
-    user: gr.Textbox
-    password: gr.Textbox
-    button: gr.Button
-    message: gr.Markdown
-
-
-@dataclass
-class ConfigTab:
-    """The Configuration tab's components."""
-
-    model: gr.Dropdown
-    revision: gr.Textbox
-    dtype: gr.Dropdown
-    quantization: gr.Radio
-    gpu_sliders: list[gr.Slider]
-    cpu_slider: gr.Slider
-    advanced: gr.Textbox  # a full max_memory spec; wins over the sliders
-    fast_offload: gr.Checkbox
-    cpu_layers: gr.Dropdown
-    disk_tier: gr.Dropdown
-    tokenizer: gr.Textbox
-    offload: gr.Textbox
-    offload_info: gr.Markdown
-    plan_btn: gr.Button
-    load_btn: gr.Button
-    unload_btn: gr.Button
-    status: gr.Markdown
-    summary: gr.Markdown
-    cache_info: gr.Markdown
-    clear_cache_btn: gr.Button
-    sign_in: SignIn | None
-    plan_state: gr.State  # the session's latest PlanView, or None
-    loaded: gr.State  # bumped after each load/unload so other tabs refresh
-    endpoint: endpoint_form.EndpointForm  # this machine or a serving endpoint, and which
-
-    @property
-    def form(self) -> set:
-        """The controls whose values make a LoadConfig (a set: Gradio passes them as one dict,
-        whatever the number of GPUs)."""
-        return {
-            self.model,
-            self.revision,
-            self.dtype,
-            *self.gpu_sliders,
-            self.cpu_slider,
-            self.advanced,
-            self.offload,
-            self.quantization,
-            self.tokenizer,
-            self.fast_offload,
-            self.cpu_layers,
-            self.disk_tier,
-            *self.endpoint.controls,
-        }
-
-
 # ---------------------------------------------------------------------------------- layout
 def layout_config_tab(service: DemoService) -> ConfigTab:
     """Build the Configuration tab's components inside the current Blocks."""
     initial: LoadConfig = service.initial_config()
-    hardware = probe_hardware(initial.offload_folder)
+    hardware = probe(initial.offload_folder)
     locked = service.settings.public
     if locked:
         gr.Markdown(

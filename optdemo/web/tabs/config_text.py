@@ -6,13 +6,12 @@ read them directly.
 
 from __future__ import annotations
 
-import os
-
+from optdemo.app.machine import check_offload_folder, quantization_missing
 from optdemo.app.service import DemoService
 from optdemo.core.budget import format_bytes
 from optdemo.core.errors import OptdemoError
 from optdemo.core.load_config import LoadConfig
-from optdemo.system.hardware import Hardware, existing_parent, probe_hardware, quantization_unavailable
+from optdemo.system.hardware import Hardware
 from optdemo.web.render import status_text
 
 
@@ -34,7 +33,7 @@ def hardware_summary(hardware: Hardware) -> str:
 
 def quantization_availability(hardware: Hardware) -> tuple[bool, str]:
     """Whether 8-bit / 4-bit quantization can work here, and a sentence saying how (or why not)."""
-    lacking = quantization_unavailable(bool(hardware.gpus))
+    lacking = quantization_missing(hardware)
     if lacking:
         return False, f"8-bit / 4-bit need {lacking}."
     if not hardware.gpus:
@@ -62,17 +61,10 @@ def model_label(model: object) -> str:
 def offload_info(folder: str | None) -> str:
     """Markdown under the offload-folder field: where free space was measured and how much, or
     why the folder cannot be used."""
-    folder = (folder or "").strip()
-    if folder:
-        path = os.path.abspath(os.path.expanduser(folder))
-        if os.path.exists(path) and not os.path.isdir(path):
-            return f"⚠ `{path}` is a file, not a folder: give a folder for the layers that go to disk."
-        parent = existing_parent(path)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            what = "exists but is not writable" if parent == path else f"cannot be created in `{parent}`"
-            return f"⚠ `{path}` {what}: pick a folder you can write to."
-    info = probe_hardware(folder or None)
-    return f"Free space at `{info.disk_path}`: {format_bytes(info.disk_free_bytes)}"
+    check = check_offload_folder(folder)
+    if check.problem is not None:
+        return f"⚠ `{check.path}` {check.problem}."
+    return f"Free space at `{check.disk_path}`: {format_bytes(check.free_bytes)}"
 
 
 def status_for(service: DemoService, session_id: str | None) -> str:

@@ -14,11 +14,11 @@ from typing import Any
 import gradio as gr
 
 from optdemo.app.service import DemoService, PlanNotice, PlanView
+from optdemo.app.status import BackendStatus
 from optdemo.core.budget import format_bytes
 from optdemo.plan.planner import Plan
 from optdemo.plan.speed import SpeedPrediction
 from optdemo.remote.client import EngineInfo
-from optdemo.runtime.status import ModelStatus
 from optdemo.runtime.tiers.disk_map import DiskTierReport
 from optdemo.web.binding import Updates, bind
 from optdemo.web.render import device_map_rows, render_device_map
@@ -41,7 +41,7 @@ class DeviceMapTab:
 
 
 def render_tab(
-    view: PlanView | PlanNotice | None, status: ModelStatus, prediction: SpeedPrediction | None
+    view: PlanView | PlanNotice | None, status: BackendStatus, prediction: SpeedPrediction | None
 ) -> tuple[str, str, list[list[str]]]:
     """Heading, picture and table for this session's plan and the loaded model (``status``, with
     its predicted speed).
@@ -77,7 +77,7 @@ def render_tab(
     return "  \n".join(heading), '<hr style="margin:16px 0">'.join(sections), table
 
 
-def endpoint_heading(status: ModelStatus) -> str:
+def endpoint_heading(status: BackendStatus) -> str:
     """One paragraph on the serving endpoint in use, with the last reply's measured speed."""
     assert status.endpoint is not None
     line = (
@@ -117,7 +117,7 @@ def _notice_html(message: str) -> str:
     return f'<div style="padding:24px;color:#6b7280;font:14px system-ui,sans-serif">{text}</div>'
 
 
-def _loaded_heading(status: ModelStatus, prediction: SpeedPrediction | None) -> str:
+def _loaded_heading(status: BackendStatus, prediction: SpeedPrediction | None) -> str:
     """One paragraph on the loaded model: plan check, predicted and measured speed, disk tier and
     where CPU-resident layers run."""
     differences = len(status.plan_differences)

@@ -9,38 +9,15 @@ token field is absent, and only a signed-in admin may connect (the service enfor
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
 from optdemo.app.service import DemoService
-from optdemo.core.backend import BACKEND_CHOICES, ENDPOINT, LOCAL
 from optdemo.remote.client import EngineInfo
 from optdemo.web.api import session_of
 from optdemo.web.binding import Updates, bind
-
-if TYPE_CHECKING:
-    from optdemo.web.tabs.config import ConfigTab
-
-
-@dataclass
-class EndpointForm:
-    """Where replies come from: this machine, or a serving endpoint named by URL and model (the
-    token field only where the operator is the one at the page: outside public mode)."""
-
-    backend: gr.Radio  # LOCAL or ENDPOINT
-    local_box: gr.Column  # the local model's controls, shown for LOCAL
-    box: gr.Column  # the endpoint's fields, shown for ENDPOINT
-    url: gr.Textbox
-    model: gr.Textbox
-    token: gr.Textbox
-
-    @property
-    def controls(self) -> set:
-        """The values a Connect needs: the choice, the URL, the model name, the token."""
-        return {self.backend, self.url, self.model, self.token}
-
+from optdemo.web.tabs.config_components import BACKEND_CHOICES, ENDPOINT, LOCAL, ConfigTab, EndpointForm
 
 DISCONNECTED = "Disconnected from the serving endpoint: nothing answers until you connect or load a model."
 
@@ -90,8 +67,10 @@ def connect(service: DemoService, tab: ConfigTab, values: dict, request: Any) ->
     an admin, and only to the operator's endpoint)."""
     form = tab.endpoint
     session = session_of(request)
-    config = service.endpoint_config(values[form.url], values[form.model], values.get(form.token), session)
-    info = service.connect(config, session)
+    config = service.backends.endpoint_config(
+        values[form.url], values[form.model], values.get(form.token), session
+    )
+    info = service.backends.connect(config, session)
     return {tab.status: connected_text(info), tab.loaded: time.monotonic()}
 
 

@@ -495,7 +495,7 @@ def test_max_batch_comes_from_the_flag_or_the_environment_and_reaches_the_engine
     from optdemo.app.settings import parse_settings
     from optdemo.core import defaults
     from optdemo.core.errors import ConfigError
-    from optdemo.web import create_app
+    from optdemo.web.blocks import create_app
 
     assert parse_settings([], env={}).max_batch == defaults.DEFAULT_MAX_BATCH == 8
     assert parse_settings([], env={"OPTDEMO_MAX_BATCH": "5"}).max_batch == 5

@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import TINY_TOTAL_BYTES
 
+from optdemo.core.defaults import STREAM_DEPTH
 from optdemo.core.load_config import LoadConfig
-from optdemo.runtime.tiers.disk_map import STREAM_DEPTH, place_disk_tier
+from optdemo.runtime.tiers.disk_map import place_disk_tier
 from optdemo.runtime.tiers.disk_stream import block_span, release, safetensors_header
 
 pytestmark = pytest.mark.slow
@@ -78,10 +79,10 @@ def test_auto_maps_what_fits_and_streams_the_rest(tiny_model_dir, tmp_path, refe
     model = _offloaded(tiny_model_dir, tmp_path)
     block = 4 * 49984  # one tiny decoder layer in float32
     # Room for one block beside the headroom and the ring: one mapped, three streamed.
-    from optdemo.runtime.tiers import disk_map as offload
+    from optdemo.plan.policy import HEADROOM_BYTES
 
     cpu_tier = TINY_TOTAL_BYTES - 4 * block  # embeddings, final norm, layers 0-1: mapped too
-    available = offload._HEADROOM + cpu_tier + STREAM_DEPTH * block + block + 100
+    available = HEADROOM_BYTES + cpu_tier + STREAM_DEPTH * block + block + 100
     report = place_disk_tier(model, "auto", available_bytes=available)
     assert (report.mapped_bytes, report.streamed_blocks, report.streamed_bytes) == (block, 3, 3 * block)
     assert "mapped" in report.choice and "streamed" in report.choice and "available" in report.choice

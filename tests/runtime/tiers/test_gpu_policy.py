@@ -14,15 +14,16 @@ import torch
 
 from optdemo.core.defaults import DEFAULT_CPU_LAYERS
 from optdemo.core.load_config import LoadConfig
-from optdemo.plan.speed import Bandwidths, choose_policy
+from optdemo.plan.bandwidth import Bandwidths
+from optdemo.plan.policy import choose_policy
 from optdemo.runtime.tiers.gpu_policy import (
     LOG_EVENTS,
     PackedBlock,
     apply_policy,
+    copy_ahead_to_gpu,
     main_gpu,
     movable_entries,
     offloaded_entries,
-    prefetch_on_device,
     release,
     run_on_cpu,
 )
@@ -123,7 +124,7 @@ def test_tied_entries_stay_with_accelerate(tiny_model):
 def test_prefetch_schedule_uses_two_buffers_and_keeps_outputs(tiny_model):
     before = _greedy(tiny_model)
     entries = [f"model.decoder.layers.{i}" for i in range(1, 5)]
-    prefetcher = prefetch_on_device(tiny_model, entries, "cpu")
+    prefetcher = copy_ahead_to_gpu(tiny_model, entries, "cpu")
     assert torch.equal(before, _greedy(tiny_model))
     log = list(prefetcher.log)
     assert [i for what, i in log if what == "run"][:4] == [0, 1, 2, 3]
@@ -142,7 +143,7 @@ def test_prefetch_schedule_uses_two_buffers_and_keeps_outputs(tiny_model):
 
 
 def test_prefetch_log_is_bounded_however_long_the_generation(tiny_model):
-    prefetcher = prefetch_on_device(tiny_model, [f"model.decoder.layers.{i}" for i in range(6)], "cpu")
+    prefetcher = copy_ahead_to_gpu(tiny_model, [f"model.decoder.layers.{i}" for i in range(6)], "cpu")
     _greedy(tiny_model, tokens=40)  # 41 forward passes x 6 blocks x 3 events
     assert len(prefetcher.log) == LOG_EVENTS
     assert len(prefetcher.pending) <= 1 and not prefetcher.running
@@ -151,7 +152,7 @@ def test_prefetch_log_is_bounded_however_long_the_generation(tiny_model):
 def test_a_failing_block_leaves_no_device_copy_behind(tiny_model):
     entries = [f"model.decoder.layers.{i}" for i in range(1, 4)]
     before = _greedy(tiny_model)
-    prefetcher = prefetch_on_device(tiny_model, entries, "cpu")
+    prefetcher = copy_ahead_to_gpu(tiny_model, entries, "cpu")
     layer = tiny_model.get_submodule(entries[1])
     original = layer.fc2.forward
     layer.fc2.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
@@ -188,7 +189,7 @@ def test_prefetch_takes_accelerates_cpu_copies_out_of_its_weights_map(tiny_model
     assert tiny_model.model.decoder.layers[2].fc1.weight.device.type == "meta"
     prefix = "model.decoder.layers.2."
     assert any(key.startswith(prefix) for key in loader.state_dict)
-    prefetch_on_device(tiny_model, ["model.decoder.layers.2"], "cpu")
+    copy_ahead_to_gpu(tiny_model, ["model.decoder.layers.2"], "cpu")
     # The packed block is now the only host copy of that layer's weights.
     assert not any(key.startswith(prefix) for key in loader.state_dict)
     assert torch.equal(before, _greedy(tiny_model))
@@ -197,12 +198,12 @@ def test_prefetch_takes_accelerates_cpu_copies_out_of_its_weights_map(tiny_model
 def test_release_restores_forwards_and_frees_the_buffers(tiny_model):
     before = _greedy(tiny_model)
     entries = ["model.decoder.layers.0", "model.decoder.layers.1"]
-    prefetcher = prefetch_on_device(tiny_model, entries, "cpu")
+    prefetcher = copy_ahead_to_gpu(tiny_model, entries, "cpu")
     layer = tiny_model.get_submodule(entries[0])
     assert "forward" in layer.__dict__  # wrapped
     release(tiny_model)
     assert "forward" not in layer.__dict__  # the class's own forward again
-    assert not hasattr(tiny_model, "_optdemo_prefetcher") and prefetcher.slots == []
+    assert not hasattr(tiny_model, "_optdemo_gpu_upload") and prefetcher.slots == []
     assert torch.equal(before, _greedy(tiny_model))  # weights stay usable from host memory
     release(tiny_model)  # idempotent, and safe on any model
 

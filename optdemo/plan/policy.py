@@ -1,0 +1,121 @@
+"""The placement decisions, in one place: the speed prediction and the runtime both decide with
+these functions, so a plan predicts exactly what a load then does (FlexGen's one ``Policy``).
+
+* the disk tier of a CPU-executed model: which blocks stay memory-mapped (the page cache keeps
+  them) and which are streamed past the page cache (:func:`split_disk_tier`);
+* with a GPU in the map, where offloaded layers run: on the GPU with their weights crossing PCIe
+  (from pageable memory as plain Accelerate, or pinned and copied ahead) or on the CPU
+  (:func:`choose_policy`);
+* whether a CPU-only machine quantizes with optdemo's own kernels (:func:`cpu_quantization`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from optdemo.core.defaults import STREAM_DEPTH
+from optdemo.plan.bandwidth import Bandwidths
+
+if TYPE_CHECKING:
+    from optdemo.core.load_config import LoadConfig
+    from optdemo.system.hardware import Hardware
+
+# Memory left free beside the mapped part of the disk tier (activations, the allocator, other
+# programs' pages): a twentieth of what is available, at least this much. Mapping to the last byte
+# makes the kernel evict mapped pages every token, which costs more than streaming a little more
+# (docs/BENCHMARKS.md, "Larger than RAM").
+HEADROOM_BYTES = 256 * 2**20
+HEADROOM_SHARE = 0.05
+
+
+def mapped_prefix(sizes: list[int], available: int, cpu_tier: int) -> int:
+    """How many disk blocks (in execution order, of ``sizes`` bytes) stay memory-mapped: all when
+    the memory ``available`` can cache them beside the CPU tier and the headroom; else as many as
+    fit beside the stream buffers too."""
+    room = available - cpu_tier - max(HEADROOM_BYTES, int(available * HEADROOM_SHARE))
+    if sum(sizes) <= room:
+        return len(sizes)
+    room -= STREAM_DEPTH * max(sizes, default=0)
+    count = used = 0
+    for size in sizes:
+        if used + size > room:
+            break
+        count, used = count + 1, used + size
+    return count
+
+
+def split_disk_tier(sizes: list[int], mode: str, available: int | None, cpu_tier: int = 0) -> tuple[int, str]:
+    """How many disk blocks (a prefix, in execution order) stay mapped, and a sentence saying why:
+    ``mode`` "map" or "stream" forces one; "auto" keeps what the memory ``available`` can cache
+    beside the CPU tier, a little headroom and the stream buffers."""
+    total = sum(sizes)
+    if mode == "map":
+        return len(sizes), "mapped: chosen in the configuration"
+    if mode == "stream":
+        return 0, "streamed: chosen in the configuration"
+    assert available is not None, "auto needs the memory available"
+    kept = mapped_prefix(sizes, available, cpu_tier)
+    if kept == len(sizes):
+        return kept, f"mapped: the page cache can hold all {_gib(total)} ({_gib(available)} available)"
+    used = sum(sizes[:kept])
+    return kept, (
+        f"{_gib(used)} mapped, {_gib(total - used)} streamed: only {_gib(available)} of memory is "
+        f"available for the {_gib(total)} disk tier"
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+_POLICY_REASONS = {
+    "accelerate": "plain Accelerate: offloaded weights cross PCIe from pageable memory every token",
+    "gpu": "weights cross PCIe from pinned memory, the next block copied while one computes",
+    "cpu": "offloaded layers compute on the CPU; only activations cross PCIe",
+}
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """The policy for offloaded layers with a GPU in the map, with each policy's predicted seconds
+    per token (None where unknown: no GPU measured)."""
+
+    policy: str  # "accelerate", "gpu" or "cpu"
+    gpu_seconds: float | None
+    cpu_seconds: float | None
+    reason: str
+    accelerate_seconds: float | None = None
+
+
+def choose_policy(
+    resident_bytes: int, disk_bytes: int, dtype: str, bandwidths: Bandwidths, requested: str = "auto"
+) -> PolicyChoice | None:
+    """Where offloaded layers run: ``requested`` when it names a policy; for ``auto`` the faster
+    by prediction of moving their weights over PCIe (``gpu``: resident bytes from pinned memory,
+    disk bytes through Accelerate) and consuming all of them on the CPU (``cpu``). None when
+    nothing is offloaded (there is nothing to decide)."""
+    if resident_bytes + disk_bytes <= 0:
+        return None
+    pageable, pinned = bandwidths.host_to_device, bandwidths.pinned_rate
+    accelerate_s = (resident_bytes + disk_bytes) / pageable if pageable else None
+    gpu_s = resident_bytes / pinned + disk_bytes / pageable if pageable and pinned else None
+    cpu_s = (resident_bytes + disk_bytes) / bandwidths.cpu_rate(dtype)
+    if requested in _POLICY_REASONS:
+        policy = requested
+        why = "chosen in the configuration"
+    else:
+        policy = "cpu" if gpu_s is None or cpu_s <= gpu_s else "gpu"
+        why = "predicted faster from this machine's measured bandwidths"
+    return PolicyChoice(policy, gpu_s, cpu_s, f"{_POLICY_REASONS[policy]} ({why})", accelerate_s)
+
+
+def cpu_quantization(config: LoadConfig, hardware: Hardware) -> str:
+    """The scheme :mod:`optdemo.weights.quantize` applies (``8bit``/``4bit``): quantization asked for
+    on a machine without a GPU, planned for this machine (a budget naming no GPU). "none" otherwise:
+    with a GPU, bitsandbytes quantizes at load time."""
+    if config.quantization == "none" or hardware.gpu_count:
+        return "none"
+    if config.max_memory is not None and config.max_memory.gpu_indices:
+        return "none"
+    return config.quantization
