@@ -1,4 +1,5 @@
-"""The OpenAI wire format's parsers (optdemo.app.openai_format) on bad input, without a server.
+"""The OpenAI wire format's parsers (optdemo.app.openai_format, with the field checks of
+optdemo.app.openai_fields) on bad input, without a server.
 
 Every malformed or unsupported field is a 400 in OpenAI's shape that names the field and says what
 this server supports; no input makes a parser raise anything but :class:`OpenAIError` (which the
@@ -9,13 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from optdemo.app.openai_format import (
-    MAX_STOP_SEQUENCES,
-    OpenAIError,
-    check_unicode,
-    parse_chat,
-    parse_completion,
-)
+from optdemo.app.openai_fields import MAX_STOP_SEQUENCES, FieldError, check_unicode
+from optdemo.app.openai_format import OpenAIError, parse_chat, parse_completion
 from optdemo.core.defaults import MAX_STOP_CHARS
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -169,7 +165,7 @@ def test_check_unicode_walks_deep_bodies_without_recursion() -> None:
     deep: object = "\ud800"
     for _ in range(5000):  # deeper than Python's recursion limit
         deep = [deep]
-    with pytest.raises(OpenAIError, match="not valid Unicode"):
+    with pytest.raises(FieldError, match="not valid Unicode"):
         check_unicode({"messages": deep})
     check_unicode({"messages": [{"role": "user", "content": "élan 😀"}]})  # real characters pass
 
