@@ -256,12 +256,14 @@ def test_other_write_errors_are_not_taken_for_a_full_disk(tiny_bin_model_dir, fr
 def test_what_counts_as_a_full_disk(error: str, full: bool) -> None:
     from safetensors import SafetensorError
 
+    from optdemo.weights.disk_full import is_disk_full
+
     kind, _, detail = error.partition(":")
     if kind == "OSError":
         exc: BaseException = OSError(int(detail), os.strerror(int(detail)))
     else:
         exc = {"SafetensorError": SafetensorError, "ValueError": ValueError}[kind](detail)
-    assert convert.is_disk_full(exc) is full
+    assert is_disk_full(exc) is full
 
 
 # ---------------------------------------------------------------------------------- the command line
