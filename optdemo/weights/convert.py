@@ -433,10 +433,18 @@ def clear_cache(in_use: str | None = None) -> int:
             f"the loaded model reads its weights from the conversion cache ({in_use}): unload it "
             "first, then clear the cache"
         )
-    stale = interrupted_conversions()
-    freed = sum(entry.bytes for entry in cache_entries()) + sum(folder_bytes(p) for p in stale)
+    freed = 0
     for entry in cache_entries():
         shutil.rmtree(entry.path, ignore_errors=True)
+        freed += entry.bytes
+    return freed + clear_interrupted()
+
+
+def clear_interrupted() -> int:
+    """Delete what killed conversions left (never a running conversion's folder, nor a complete
+    entry); returns the bytes freed."""
+    stale = interrupted_conversions()
+    freed = sum(folder_bytes(path) for path in stale)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return freed
