@@ -8,17 +8,26 @@ unit-tested without a server; every refusal is an :class:`OpenAIError` whose mes
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from optdemo.app.openai_fields import (
+    CHAT_UNSUPPORTED,
+    COMPLETION_UNSUPPORTED,
+    FieldError,
+    Unsupported,
+    check_unicode,
+    refuse_unsupported,
+    stop_sequences,
+)
 from optdemo.core import defaults
 from optdemo.core.chat_prompt import ChatTurn
 from optdemo.core.errors import AccessError, BusyError, EndpointError, NoModelError, OptdemoError
 from optdemo.core.generation import GenerationStats, cut_at_stop
 
-MAX_STOP_SEQUENCES = 4  # as OpenAI's API: "up to 4 sequences"
 OWNER = "optdemo"  # the ``owned_by`` of the models listed by /v1/models
 # ``model`` values that mean "whatever this server serves": none, "default", and "dummy", which
 # huggingface_hub's InferenceClient sends when it was given a URL instead of a model (as for TGI).
@@ -107,8 +116,7 @@ def parse_chat(body: object, max_chars: int) -> ChatRequest:
     Raises:
         OpenAIError: a missing or malformed field, or a feature this server does not offer.
     """
-    body = _object(body)
-    _refuse_unsupported(body, ("tools", "functions", "logprobs", "top_logprobs"))
+    body = _object(body, CHAT_UNSUPPORTED)
     history, message, system = conversation(body.get("messages"), max_chars)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return ChatRequest(
@@ -122,8 +130,7 @@ def parse_completion(body: object) -> CompletionRequest:
     Raises:
         OpenAIError: a missing or malformed field, or a feature this server does not offer.
     """
-    body = _object(body)
-    _refuse_unsupported(body, ("logprobs", "suffix", "echo", "best_of"))
+    body = _object(body, COMPLETION_UNSUPPORTED)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -134,18 +141,24 @@ def parse_completion(body: object) -> CompletionRequest:
     return CompletionRequest(_model(body), prompt, _sampling(body, body.get("max_tokens")), *_streaming(body))
 
 
-def _object(body: object) -> Mapping:
+def _object(body: object, unsupported: Mapping[str, Unsupported]) -> Mapping:
+    """``body`` as a JSON object whose text is valid Unicode and which asks for nothing in
+    ``unsupported`` (the first such field is refused, naming it and what optdemo offers)."""
     if not isinstance(body, Mapping):
         raise OpenAIError("the request body must be a JSON object")
-    if body.get("n", 1) not in (1, None):
-        raise OpenAIError("n must be 1: this server writes one reply per request", param="n")
+    with _refused():
+        check_unicode(body)
+        refuse_unsupported(body, unsupported)
     return body
 
 
-def _refuse_unsupported(body: Mapping, names: Sequence[str]) -> None:
-    for name in names:
-        if body.get(name) not in (None, False, [], 0, ""):
-            raise OpenAIError(f"{name} is not supported by this server", param=name)
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A field check's :class:`FieldError` as the 400 it is."""
+    try:
+        yield
+    except FieldError as err:
+        raise OpenAIError(str(err), param=err.param, code=err.code) from None
 
 
 def _model(body: Mapping) -> str | None:
@@ -156,12 +169,6 @@ def _model(body: Mapping) -> str | None:
 
 
 def _sampling(body: Mapping, max_tokens: object) -> Sampling:
-    stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stops):
-        raise OpenAIError(
-            f"stop must be a text or a list of up to {MAX_STOP_SEQUENCES} non-empty texts", param="stop"
-        )
     given = {
         name: body[name]
         for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -169,6 +176,8 @@ def _sampling(body: Mapping, max_tokens: object) -> Sampling:
     }
     if max_tokens is not None:
         given["max_tokens"] = max_tokens
+    with _refused():
+        stops = stop_sequences(body.get("stop"))
     return Sampling(**given, stop=stops)
 
 
@@ -194,7 +203,9 @@ def _text(message: object, index: int) -> tuple[str, str]:
     if isinstance(content, list):
         if not all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
             raise OpenAIError(f"{param}: only text content is supported by this server", param=param)
-        content = "".join(str(p.get("text") or "") for p in content)
+        if not all(isinstance(p.get("text", ""), str) for p in content):
+            raise OpenAIError(f"{param}: the text of a content part must be text", param=param)
+        content = "".join(p.get("text", "") for p in content)
     if content is None and message["role"] == "assistant":
         content = ""
     if not isinstance(content, str):

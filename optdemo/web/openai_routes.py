@@ -143,11 +143,16 @@ class OpenAIServer:
         self._lock = threading.Lock()
 
     def routes(self) -> list[BaseRoute]:
-        """The routes to add to Gradio's FastAPI app (``launch(app_kwargs={"routes": ...})``)."""
+        """The routes to add to Gradio's FastAPI app (``launch(app_kwargs={"routes": ...})``): the
+        API's own, then one for anything else under ``/v1``, so that an unknown path or a wrong
+        method gets OpenAI's error shape rather than FastAPI's ``{"detail": ...}``. Only ``/v1``
+        paths are caught: Gradio's own routes answer as before."""
         router = APIRouter(prefix="/v1")
         router.add_api_route("/models", self.models, methods=["GET"], include_in_schema=False)
         router.add_api_route("/chat/completions", self.chat, methods=["POST"], include_in_schema=False)
         router.add_api_route("/completions", self.completions, methods=["POST"], include_in_schema=False)
+        for path in ("", "/{rest:path}"):  # after the API's routes: only what they do not answer
+            router.add_api_route(path, _elsewhere, methods=list(_ANY_METHOD), include_in_schema=False)
         return list(router.routes)
 
     # ---------------------------------------------------------------- endpoints
@@ -329,6 +334,33 @@ class OpenAIServer:
         yield _event("[DONE]")
 
 
+_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+_ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+async def _elsewhere(request: Request) -> Response:
+    """Any /v1 request the API's routes did not take: a 405 (with ``Allow``) for a known path
+    asked with the wrong method, else a 404 listing what is offered; both in OpenAI's shape."""
+    rest = request.path_params.get("rest")
+    path = "/v1" if rest is None else f"/v1/{rest}"
+    allowed = _ROUTES.get(path)
+    if allowed is not None:
+        response = error_response(
+            OpenAIError(
+                f"{request.method} is not allowed on {path}: use {allowed} {path}",
+                405,
+                code="method_not_allowed",
+            )
+        )
+        response.headers["Allow"] = allowed
+        return response
+    offered = ", ".join(f"{method} {route}" for route, method in _ROUTES.items())
+    shown = path if len(path) <= 120 else path[:120] + "..."
+    return error_response(
+        OpenAIError(f"there is no {shown} here: this server offers {offered}", 404, code="unknown_url")
+    )
+
+
 def _session() -> str:
     """A session of its own for each request: its stop event is this request's alone."""
     return f"openai-{uuid.uuid4().hex}"
@@ -349,7 +381,14 @@ def _reported(exc: Exception) -> OpenAIError:
 
 
 async def _json(request: Request) -> object:
+    """The request's JSON body (its text is checked by the parsers: lone surrogates are refused).
+
+    Raises:
+        OpenAIError: not JSON, or nested deeper than Python's parser goes (a RecursionError).
+    """
     try:
         return await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise OpenAIError("the request body must be JSON") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise OpenAIError(
+            "the request body must be JSON (UTF-8 text, nested at most a few hundred levels)"
+        ) from None

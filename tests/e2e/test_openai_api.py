@@ -31,7 +31,7 @@ from optdemo.runtime.status import ModelStatus
 
 SCRIPTED = "optdemo/scripted"
 SCRIPT = {
-    "hi": [["Hel", "Hello wor", "Hello world!"]] * 4,
+    "hi": [["Hel", "Hello wor", "Hello world!"]] * 6,
     "Once": [[" upon", " upon a", " upon a time"]] * 4,
     "stop here": [["abc STOP", "abc STOP def", "abc STOP def ghi"]] * 2,
     "long": [["one", "one two", "one two three", "one two three four"]] * 2,
@@ -257,6 +257,88 @@ def test_errors_are_openai_shaped(scripted) -> None:
     raw = httpx.post(scripted.url + "v1/chat/completions", content=b"{not json")
     assert raw.status_code == 400
     assert set(raw.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [True, 5, 1.5, {"STOP": 1}, "x" * 500])
+def test_a_bad_stop_is_a_400_naming_stop_not_a_500(scripted, stop: object) -> None:
+    for route, body in (
+        ("chat/completions", {"model": SCRIPTED, "messages": [{"role": "user", "content": "hi"}]}),
+        ("completions", {"model": SCRIPTED, "prompt": "Once"}),
+    ):
+        raw = httpx.post(scripted.url + "v1/" + route, json={**body, "stop": stop})
+        assert raw.status_code == 400, raw.text
+        error = raw.json()["error"]
+        assert error["param"] == "stop" and "Traceback" not in raw.text
+        assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.slow
+def test_unknown_paths_and_wrong_methods_under_v1_are_openai_shaped(scripted) -> None:
+    missing = httpx.get(scripted.url + "v1/engines")
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["code"] == "unknown_url" and error["type"] == "invalid_request_error"
+    assert "/v1/engines" in error["message"] and "POST /v1/chat/completions" in error["message"]
+    assert httpx.post(scripted.url + "v1", json={}).json()["error"]["code"] == "unknown_url"
+    for method, route, allowed in (
+        ("POST", "models", "GET"),
+        ("GET", "chat/completions", "POST"),
+        ("DELETE", "completions", "POST"),
+    ):
+        wrong = httpx.request(method, scripted.url + "v1/" + route)
+        assert wrong.status_code == 405, (method, route)
+        assert wrong.headers["allow"] == allowed
+        error = wrong.json()["error"]
+        assert error["code"] == "method_not_allowed" and f"{allowed} /v1/{route}" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(scripted).files.list()
+    # Gradio's own routes are unchanged.
+    assert httpx.get(scripted.url + "gradio_api/info").status_code == 200
+    assert httpx.get(scripted.url + "no-such-page").json() == {"detail": "Not Found"}
+
+
+@pytest.mark.slow
+def test_lone_surrogates_are_a_400_saying_the_text_is_not_valid_unicode(scripted) -> None:
+    for route, body in (
+        ("chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+        ("completions", b'{"prompt": "\\udfff Once"}'),
+        ("completions", b'{"prompt": "\xed\xa0\x80"}'),  # a surrogate encoded as raw bytes
+    ):
+        raw = httpx.post(scripted.url + "v1/" + route, content=body)
+        assert raw.status_code == 400, raw.text
+        assert "not valid Unicode" in raw.json()["error"]["message"]
+        assert "TypeError" not in raw.text
+
+
+@pytest.mark.slow
+def test_deeply_nested_json_is_a_400_not_a_500(scripted) -> None:
+    raw = httpx.post(scripted.url + "v1/completions", content=b"[" * 100_000 + b"]" * 100_000)
+    assert raw.status_code == 400, raw.text
+    assert raw.json()["error"]["message"].startswith("the request body must be JSON")
+
+
+@pytest.mark.slow
+def test_unsupported_fields_are_refused_not_ignored(scripted) -> None:
+    api = client(scripted)
+    hello = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model=SCRIPTED, messages=hello, response_format={"type": "json_object"})
+    assert info.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model=SCRIPTED, messages=hello, presence_penalty=1.0)
+    assert (
+        info.value.body["param"] == "presence_penalty" and "repetition_penalty" in info.value.body["message"]
+    )
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        api.chat.completions.create(
+            model=SCRIPTED, messages=hello, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
+    # The defaults are accepted: plain text, one reply.
+    reply = api.chat.completions.create(
+        model=SCRIPTED, messages=hello, response_format={"type": "text"}, n=1, frequency_penalty=0
+    )
+    assert reply.choices[0].message.content == "Hello world!"
 
 
 @pytest.mark.slow
