@@ -3,9 +3,9 @@
 One threaded ``http.server`` on 127.0.0.1 answers ``/v1/models`` (one model, ``m``) and streams
 ``/v1/completions`` and ``/v1/chat/completions`` as :attr:`FakeEngine.behaviour` says: a normal
 two-piece reply, keep-alive comments forever, a silent stall (before or after the headers), a
-5 MB reply, output that is not JSON or not shaped as OpenAI's, or an error event that quotes the
-Authorization header it received. It records when the client hung up and how many bytes it sent,
-so a test can tell that the connection really was closed.
+5 MB reply, output that is not JSON or not shaped as OpenAI's, an error event or a 401 that
+quotes the Authorization header it received, or one data line as given. It records when the
+client hung up, so a test can tell that the connection really was closed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class FakeEngine:
         self.error_text = ""  # the message of the "error" behaviour's event
         self.streaming = threading.Event()  # a reply's headers (and first piece, if any) went out
         self.gone = threading.Event()  # the client hung up during a reply
-        self.sent = 0  # bytes of the last reply's body written
         self.authorization: str | None = None  # the last request's Authorization header
         self._closing = threading.Event()
         self.server = _Server(("127.0.0.1", 0), _handler(self))
@@ -56,7 +55,6 @@ class FakeEngine:
         self.behaviour, self.error_text = behaviour, error_text
         self.streaming.clear()
         self.gone.clear()
-        self.sent = 0
 
     def __enter__(self) -> FakeEngine:
         return self
@@ -70,7 +68,7 @@ class FakeEngine:
     def events(self, chat: bool) -> Iterator[bytes | None]:
         """The body of a streamed reply, as chunks to write; None means "wait a while"."""
         behaviour = self.behaviour
-        if behaviour == "stall-before-headers":
+        if behaviour in ("stall-before-headers", "refuse"):
             return
         yield _event(_piece(FIRST, chat))
         if behaviour == "ok":
@@ -89,8 +87,8 @@ class FakeEngine:
             yield b"<html><body>502 Bad Gateway</body></html>\n"
         elif behaviour == "error":
             yield _event({"error": {"message": self.error_text, "type": "invalid_request_error"}})
-        elif behaviour.startswith("malformed:"):
-            yield f"data: {behaviour.removeprefix('malformed:')}\n\n".encode()
+        elif behaviour.startswith(("malformed:", "raw:")):  # one data line as given
+            yield f"data: {behaviour.split(':', 1)[1]}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
     def stalls(self) -> bool:
@@ -140,6 +138,14 @@ def _handler(engine: FakeEngine) -> type[http.server.BaseHTTPRequestHandler]:
             engine.authorization = self.headers.get("authorization")
             self.rfile.read(int(self.headers["content-length"]))
             chat = self.path.endswith("/chat/completions")
+            if engine.behaviour == "refuse":  # a 401 whose body quotes the header it got
+                body = json.dumps({"error": {"message": engine.error_text}}).encode()
+                self.send_response(401)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             try:
                 if engine.behaviour != "stall-before-headers":
                     self.send_response(200)
@@ -160,7 +166,6 @@ def _handler(engine: FakeEngine) -> type[http.server.BaseHTTPRequestHandler]:
                     continue
                 self.wfile.write(chunk)
                 self.wfile.flush()
-                engine.sent += len(chunk)
                 if number == 0:
                     engine.streaming.set()
             engine.streaming.set()

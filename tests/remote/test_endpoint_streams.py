@@ -26,6 +26,7 @@ from optdemo.core.defaults import ENDPOINT_MIN_REPLY_BYTES, ENDPOINT_REPLY_BYTES
 from optdemo.core.errors import EndpointError
 from optdemo.core.generation import GenerationParams, GenerationUpdate
 from optdemo.core.redact import redact
+from optdemo.remote import engine_stream
 from optdemo.remote.client import parse_endpoint
 from optdemo.remote.endpoint_backend import EndpointBackend
 from optdemo.runtime.manager import ModelManager
@@ -128,6 +129,20 @@ def test_disconnecting_the_endpoint_ends_a_stalled_reply_within_a_second(engine:
     assert engine.gone.wait(STOP_SECONDS)
 
 
+def test_keep_alive_comments_alone_time_out_as_silence_does(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_stream, "ENDPOINT_READ_TIMEOUT_SECONDS", 0.3)
+    engine.expect("ping")
+    with pytest.raises(EndpointError) as caught:
+        list(reply(connect(engine), "completion"))
+    assert str(caught.value) == (
+        f"the serving endpoint at {engine.url} did not answer in time: check that the engine is running "
+        "and not overloaded"
+    )
+    assert engine.gone.wait(STOP_SECONDS)
+
+
 # ---------------------------------------------------------------------------------- size
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("behaviour", ["huge-pieces", "huge-piece"])
@@ -185,9 +200,26 @@ def test_an_error_event_quoting_the_token_never_shows_it(engine: FakeEngine, rou
     engine.expect("error", QUOTED)
     with pytest.raises(EndpointError) as caught:
         list(reply(remote, route))
-    message = str(caught.value)
-    assert message.startswith(f"the serving endpoint at {engine.url} failed: rejected header ")
-    assert TOKEN not in message and "***" in message
+    assert str(caught.value) == (
+        f"the serving endpoint at {engine.url} failed during the reply (rejected header Authorization: "
+        "*** the token *** is unknown): check the engine's log, then send again"
+    )
+
+
+def test_a_refusal_quoting_the_token_never_shows_it(engine: FakeEngine) -> None:
+    remote = connect(engine)
+    engine.expect("refuse", QUOTED)
+    with pytest.raises(EndpointError) as caught:
+        list(reply(remote, "completion"))
+    assert str(caught.value) == (
+        f"the serving endpoint at {engine.url} refused the request (HTTP 401: rejected header "
+        "Authorization: *** the token *** is unknown): check the endpoint's token (--backend-token)"
+    )
+
+
+def test_lone_surrogates_from_the_engine_become_question_marks(engine: FakeEngine) -> None:
+    engine.expect('raw:{"choices": [{"text": "a\\ud800b", "finish_reason": "stop"}]}')
+    assert list(reply(connect(engine), "completion"))[-1].text == f"{FIRST}a?b"
 
 
 def test_the_token_is_a_secret_from_the_moment_the_endpoint_is_given() -> None:
@@ -252,7 +284,7 @@ def test_v1_never_returns_the_token_and_names_the_engine(
     assert TOKEN not in response.text and TOKEN not in caplog.text
     error = (last_event(response) if stream else response.json())["error"]
     assert error["code"] == "backend_error"
-    assert error["message"].startswith(f"the serving endpoint at {engine.url} failed: ")
+    assert error["message"].startswith(f"the serving endpoint at {engine.url} failed during the reply (")
     assert response.status_code == (200 if stream else 502)
 
 
@@ -275,7 +307,7 @@ def test_named_api_and_chat_never_return_the_token(app, engine: FakeEngine) -> N
         with pytest.raises(AppError) as caught:
             client.predict(*args, api_name=api_name)
         assert TOKEN not in str(caught.value)
-        assert f"the serving endpoint at {engine.url} failed: rejected header" in str(caught.value)
+        assert f"the serving endpoint at {engine.url} failed during the reply (" in str(caught.value)
     engine.expect("malformed:[1]")
     with pytest.raises(AppError, match="sent a reply optdemo cannot read"):
         client.predict("Hi", 8, api_name="/generate")
