@@ -157,8 +157,9 @@ class EndpointBackend:
             # Closed: the engine saw its client go, and stops.
         except (httpx2.HTTPError, OfflineModeIsEnabled) as exc:
             raise explain(exc, self.config, started_reply=bool(reply.text), chat=chat) from None
-        reply.stopped = stream.stopped and not (reply.finished or reply.hit or reply.capped)
         reply.capped = reply.capped or stream.capped
+        # Stop (or a disconnect) says "stopped" only where the reply had not already ended.
+        reply.stopped = stream.stopped and not (reply.finished or reply.hit or reply.capped)
         if not (reply.finished or reply.stopped or reply.hit or reply.capped):
             raise failure(
                 self.config,
