@@ -72,6 +72,24 @@ def error_for(exc: OptdemoError) -> OpenAIError:
     return OpenAIError(message, 400)
 
 
+def cut_error(stats: GenerationStats | None, stopped_at_sequence: bool) -> OpenAIError | None:
+    """The error for a reply the server cut before its end (its stats say ``stopped``, and no stop
+    sequence ended it: the model was unloaded or replaced, or the serving endpoint disconnected),
+    or None for a reply that ended by itself. OpenAI's finish_reason has no value for a cut reply
+    ("stop" says the model ended it, "length" that max_tokens did): a client told either would keep
+    a truncated reply as complete, so it gets a 503 (a stream: an error event after its text), as
+    OpenAI reports a reply its servers could not finish, and sends again."""
+    if stats is None or not stats.stopped or stopped_at_sequence:
+        return None
+    return OpenAIError(
+        "the reply was cut short: the model was unloaded or replaced, or its serving endpoint "
+        "disconnected, while it was being written; send the request again",
+        503,
+        "server_error",
+        code="reply_cut",
+    )
+
+
 # ---------------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class Sampling:

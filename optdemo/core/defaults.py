@@ -54,6 +54,16 @@ LOAD_WAIT_SECONDS = 120.0
 # How long connecting to a serving endpoint waits for its model list, and a reply for its next piece.
 ENDPOINT_CONNECT_TIMEOUT_SECONDS = 10.0
 ENDPOINT_READ_TIMEOUT_SECONDS = 120.0
+# A reply streamed from a serving endpoint is read up to a size derived from its max_new_tokens:
+# this many bytes of text per token (a token's text is rarely over 16 bytes), and at least the
+# minimum; whatever the engine sends beyond is not read. One event may add the overhead to that.
+ENDPOINT_REPLY_BYTES_PER_TOKEN = 64
+ENDPOINT_MIN_REPLY_BYTES = 4096
+ENDPOINT_EVENT_OVERHEAD_BYTES = 64 * 1024
+# Events without text an engine may add to one per token (the role, the finish, the usage).
+ENDPOINT_EXTRA_EVENTS = 16
+# How often a reply's stop watcher checks whether its reply is over (Stop itself acts at once).
+ENDPOINT_STOP_POLL_SECONDS = 0.1
 # How long a generation waits for the model (a load, or other users' generations) before giving up.
 GENERATION_WAIT_SECONDS = 600.0
 # How often the Chat tab refreshes its line on how many replies run and wait.

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from optdemo.app.openai_format import (
     StopCutter,
     as_error,
     check_model,
+    cut_error,
     error_for,
     finish_reason,
     model_card,
@@ -43,7 +45,7 @@ from optdemo.app.openai_format import (
 )
 from optdemo.app.service import ChatReply, DemoService
 from optdemo.core.errors import OptdemoError
-from optdemo.core.generation import GenerationParams
+from optdemo.core.generation import GenerationParams, GenerationStats
 from optdemo.core.redact import redact
 
 log = logging.getLogger("optdemo")
@@ -289,6 +291,7 @@ class OpenAIServer:
                 if cutter.hit and step.stats is None:
                     self.service.stop(job.session)  # the reply ends at the stop sequence
                 step = await pump.next(request)
+            _raise_if_cut(stats, cutter.hit)
         except ClientGone:
             return Response(status_code=499)
         except asyncio.CancelledError:  # the server is shutting down, or the client went away
@@ -315,6 +318,7 @@ class OpenAIServer:
                 if cutter.hit and not final:
                     self.service.stop(job.session)  # the reply ends at the stop sequence
                 step = await pump.next(request)
+            _raise_if_cut(stats, cutter.hit)
             yield _event(
                 job.shape.chunk(
                     None if job.shape.chat else "", finish_reason(stats, job.max_tokens, cutter.hit)
@@ -366,12 +370,21 @@ def _session() -> str:
     return f"openai-{uuid.uuid4().hex}"
 
 
+def _raise_if_cut(stats: GenerationStats | None, stopped_at_sequence: bool) -> None:
+    """Raise the error of a reply the server cut before its end (see :func:`cut_error`)."""
+    cut = cut_error(stats, stopped_at_sequence)
+    if cut is not None:
+        raise cut
+
+
 def _reported(exc: Exception) -> OpenAIError:
-    """The OpenAI error for an exception of a reply; an unexpected one is logged as the bug it is."""
+    """The OpenAI error for an exception of a reply (a failed serving endpoint: 502), with secrets
+    removed; an unexpected one is logged as the bug it is, its traceback scrubbed too."""
     err = as_error(exc)
     if err is not None:
         return OpenAIError(redact(err.message), err.status, err.type, err.param, err.code)
-    log.exception("unexpected error in the OpenAI-compatible API", exc_info=exc)
+    trace = "".join(traceback.format_exception(exc))
+    log.error("unexpected error in the OpenAI-compatible API: %s", redact(trace))
     return OpenAIError(
         f"Something went wrong ({type(exc).__name__}: {redact(str(exc))[:200]}). The server is "
         "still running: try again, and report this if it repeats.",
