@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 
 PUBLIC = ["--lock-config", "--auth", "admin:pw"]
 LOAD_ARGS = ["tiny-opt", "cpu=1GiB", "auto", ""]  # what the operator loaded: /load reuses it
-OTHER_LOAD = ["tiny-opt", "cpu=2GiB", "auto", ""]  # another configuration: a real change
+# Another configuration (a real change), every parameter given: raw HTTP calls get no defaults.
+OTHER_LOAD = ["tiny-opt", "cpu=2GiB", "auto", "", "auto", "auto", "none"]
 REFUSED = "visitors cannot"
 
 
