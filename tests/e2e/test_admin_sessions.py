@@ -171,6 +171,21 @@ def test_the_grant_says_when_it_expires_and_sign_out_revokes_it(public_app: Runn
     still_loaded(public_app)
 
 
+def test_an_unused_token_expires_after_an_hour(public_app: RunningApp) -> None:
+    operator_loads(public_app)
+    admins = public_app.service.access.admins
+    token = sign_in(public_app)["token"]
+    real_clock = admins.clock
+    try:
+        admins.clock = lambda: real_clock() + 3600 + 1  # an hour and a second later
+        answer = run(public_app, "unload", [], bearer(token))
+        assert answer.status_code != 200 and REFUSED in answer.json()["error"]
+    finally:
+        admins.clock = real_clock
+    assert run(public_app, "unload", [], bearer(token)).status_code != 200  # ended for good
+    still_loaded(public_app)
+
+
 def test_sign_in_through_the_queue_is_refused_and_says_how(public_app: RunningApp) -> None:
     """gradio_client sends every call through the queue, whose answers travel on the session's
     stream, readable by whoever knows the session hash: the token is never sent there."""
@@ -178,6 +193,12 @@ def test_sign_in_through_the_queue_is_refused_and_says_how(public_app: RunningAp
     message = app_error(client, "/sign_in", "admin", "pw")
     assert "gradio_api/run/sign_in" in message
     assert not re.search(r"[A-Za-z0-9_-]{43}", message)  # no token in the refusal
+    # Gradio's two-step REST route (/call/...) goes through the queue too: refused alike.
+    url = public_app.url + "gradio_api/call/sign_in"
+    event_id = httpx.post(url, json={"data": ["admin", "pw"]}).json()["event_id"]
+    events = httpx.get(f"{url}/{event_id}", timeout=30).text
+    assert "event: error" in events and "gradio_api/run/sign_in" in events
+    assert not re.search(r"[A-Za-z0-9_-]{43}", events)
 
 
 def test_wrong_passwords_are_refused_in_a_sentence(public_app: RunningApp) -> None:
