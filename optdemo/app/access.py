@@ -51,12 +51,11 @@ class AccessPolicy:
             AccessError: wrong username or password (saying so, and the wait it now imposes).
         """
         self.limiter.check(client)
-        user_bytes, secret_bytes = str(username).encode(), str(password).encode()
+        typed_user, typed_secret = _bytes(username), _bytes(password)
         ok = False
         for user, secret in self.settings.auth:
-            ok |= hmac.compare_digest(user_bytes, user.encode()) & hmac.compare_digest(
-                secret_bytes, secret.encode()
-            )
+            same_user = hmac.compare_digest(typed_user, _bytes(user))
+            ok |= same_user & hmac.compare_digest(typed_secret, _bytes(secret))
         if not ok:
             wait = self.limiter.failed(client)
             if wait:
@@ -172,3 +171,8 @@ class AccessPolicy:
                 f"the offload folder must be inside {base_real}: {candidate[:80]!r} is outside it"
             )
         return target
+
+
+def _bytes(text: object) -> bytes:
+    """``text`` as bytes for a constant-time comparison (any string, lone surrogates included)."""
+    return str(text).encode("utf-8", "surrogatepass")

@@ -7,9 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from optdemo.app.admin_sessions import SignInLimiter, TooManySignInsError
 
 from optdemo.app.access import AccessPolicy
+from optdemo.app.admin_sessions import SignInLimiter, TooManySignInsError
 from optdemo.app.sessions import SessionStore
 from optdemo.app.settings import AppSettings, parse_settings
 from optdemo.core.defaults import describe_seconds
@@ -33,7 +33,7 @@ def test_sign_in_issues_a_credential_not_bound_to_any_session() -> None:
     """Admin rights live in a token the server issues at sign-in (256 random bits), never in a
     client-chosen session id: nothing but the token is admin, and "anonymous" is nobody."""
     policy = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN))
-    for username, password in (("admin", "wrong"), ("nobody", "s3cret"), ("", "")):
+    for username, password in (("admin", "wrong"), ("nobody", "s3cret"), ("", ""), ("admin", "\ud800é")):
         with pytest.raises(AccessError, match=WRONG):
             policy.sign_in("10.0.0.1", username, password)
     grant = policy.sign_in("10.0.0.1", "admin", "s3cret")
