@@ -48,6 +48,19 @@ DEFAULT_MAX_BATCH = 8  # --max-batch: replies decoded together (the memory budge
 DEFAULT_QUEUE_SIZE = 64  # --queue-size: waiting requests before new ones are refused
 MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used are forgotten)
 
+# ---------------------------------------------------------------- admin sign-in (public mode)
+# A sign-in issues a random credential (a bearer token for scripts, an HttpOnly cookie for browsers);
+# it ends at sign-out, after this long unused, or this long after sign-in, whichever comes first.
+ADMIN_SESSION_IDLE_SECONDS = 3600.0
+ADMIN_SESSION_MAX_SECONDS = 12 * 3600.0
+MAX_ADMIN_SESSIONS = 64  # live admin credentials; a sign-in past this ends the oldest
+# Wrong passwords from one address: a few free tries, then a wait that doubles with each failure
+# (2 s, 4 s, 8 s...) up to the maximum; the count is forgotten this long after the last failure.
+SIGN_IN_FREE_FAILURES = 4
+SIGN_IN_MAX_WAIT_SECONDS = 900.0
+SIGN_IN_FORGET_SECONDS = 3600.0
+MAX_SIGN_IN_CLIENTS = 10_000  # addresses whose failures are remembered (least recent forgotten)
+
 # ---------------------------------------------------------------- wait times (seconds)
 # How long a load (or unload) waits for a running generation to notice its stop event and end.
 LOAD_WAIT_SECONDS = 120.0

@@ -7,6 +7,7 @@ import gradio as gr
 from optdemo.app.service import DemoService
 from optdemo.app.settings import AppSettings
 from optdemo.runtime.manager import ModelManager
+from optdemo.web.admin_routes import AdminRoutes
 from optdemo.web.api import register_api
 from optdemo.web.binding import bind
 from optdemo.web.mcp import keep_only_mcp_tools, register_mcp_tools
@@ -15,6 +16,7 @@ from optdemo.web.tabs.chat import layout_chat_tab, refresh_model_line, wire_chat
 from optdemo.web.tabs.chat_history import browser_store, restore
 from optdemo.web.tabs.config import layout_config_tab, preview, refresh_status, wire_config_tab
 from optdemo.web.tabs.devicemap import layout_devicemap_tab, wire_devicemap_tab
+from optdemo.web.tabs.sign_in import admin_controls, refresh_admin
 
 THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
 CSS = """
@@ -93,6 +95,9 @@ def build_app(service: DemoService) -> gr.Blocks:
             api_visibility="private",
         )
         demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
+        if config.sign_in is not None:  # a reload keeps an admin signed in (the cookie says so)
+            admin = bind(refresh_admin, service, config)
+            demo.load(admin, {config.loaded}, admin_controls(config), **private)
     if service.settings.mcp:
         keep_only_mcp_tools(demo)
     demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
@@ -108,14 +113,15 @@ def create_app(settings: AppSettings, manager: ModelManager | None = None) -> tu
 def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
     """Launch with the app's theme and the settings' network options; returns Gradio's tuple.
 
-    The OpenAI-compatible API's routes go into Gradio's FastAPI app as it is created (FastAPI's
+    The OpenAI-compatible API's routes and the browser's admin sign-in routes
+    (:mod:`optdemo.web.admin_routes`) go into Gradio's FastAPI app as it is created (FastAPI's
     ``routes`` argument, through ``app_kwargs``), so they answer from the first request on, on the
     same server and port as the UI. With ``--mcp`` Gradio's MCP server is mounted too
     (``/gradio_api/mcp/``), offering the tools :mod:`optdemo.web.mcp` leaves public.
     """
     settings = service.settings
     options: dict[str, object] = {
-        "app_kwargs": {"routes": OpenAIServer(service).routes()},
+        "app_kwargs": {"routes": [*OpenAIServer(service).routes(), *AdminRoutes(service).routes()]},
         "mcp_server": settings.mcp,
         "server_name": settings.host,
         "server_port": settings.port,
