@@ -98,6 +98,57 @@ def template_renderer(tokenizer: Any) -> Renderer:
     return render
 
 
+def checked_history(history: object, max_turns: int, max_chars: int, max_total_chars: int) -> list[ChatTurn]:
+    """``history`` as (message, reply) pairs of text, once it is known to be one and within the
+    deployment's bounds; ``None`` for a text (no reply yet) is "". A conversation comes from
+    outside (an API call, the browser's saved chats), so its size bounds what a request costs.
+
+    Args:
+        history: earlier turns, oldest first, as sent.
+        max_turns: a conversation with this many turns is refused (--max-history-turns).
+        max_chars: longest message or reply in a turn (--max-message-chars).
+        max_total_chars: most characters in all its turns (--max-history-chars).
+
+    Raises:
+        GenerationError: the limit broken, in a sentence that says what to do.
+    """
+    if not isinstance(history, (list, tuple)):
+        raise GenerationError(
+            "the conversation's earlier turns must be a list of (message, reply) pairs: clear the "
+            "conversation to go on"
+        )
+    if len(history) >= max_turns:  # before reading any turn
+        raise GenerationError(
+            f"this conversation has reached the limit of {max_turns} turns here: clear it (or undo a "
+            "turn) to go on"
+        )
+    remedy = "clear the conversation (or undo turns) to go on"
+    turns: list[ChatTurn] = []
+    total = 0
+    for number, turn in enumerate(history, start=1):
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+            raise GenerationError(
+                f"turn {number} of this conversation is not a (message, reply) pair: {remedy}"
+            )
+        user, bot = ("" if text is None else text for text in turn)
+        for text, what in ((user, "message"), (bot, "reply")):
+            where = f"the {what} in turn {number} of this conversation"
+            if not isinstance(text, str):
+                raise GenerationError(f"{where} is not text: {remedy}")
+            if len(text) > max_chars:
+                raise GenerationError(
+                    f"{where} is {len(text)} characters long; the limit here is {max_chars}: {remedy}"
+                )
+        total += len(user) + len(bot)
+        if total > max_total_chars:
+            raise GenerationError(
+                f"the earlier turns of this conversation hold more than {max_total_chars} characters, "
+                "the limit here: clear it (or undo turns) to go on"
+            )
+        turns.append((user, bot))
+    return turns
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether the tokenizer carries a chat template (an instruction-tuned model)."""
     return bool(getattr(tokenizer, "chat_template", None))
