@@ -48,6 +48,10 @@ DEFAULT_MAX_HISTORY_CHARS = 200_000  # --max-history-chars: characters in a conv
 DEFAULT_MAX_BATCH = 8  # --max-batch: replies decoded together (the memory budget may lower it)
 DEFAULT_QUEUE_SIZE = 64  # --queue-size: waiting requests before new ones are refused
 MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used are forgotten)
+# A browser's saved chats (its localStorage, sent with the Chat tab's events): at most this many
+# characters, about the size of their JSON. A bigger store is cut to its newest chats before the
+# server does anything else with it, and an import that would pass it is refused.
+MAX_SAVED_CHATS_CHARS = 1_000_000
 
 # ---------------------------------------------------------------- wait times (seconds)
 # How long a load (or unload) waits for a running generation to notice its stop event and end.
