@@ -238,7 +238,8 @@ def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str,
     (its chat template's, or the plain format's preamble) rather than as words of the user.
 
     Raises:
-        OpenAIError: a malformed message, one over ``max_chars``, or no user message last.
+        OpenAIError: a malformed message, one over ``max_chars`` (user messages in a row count as
+            one), or no user message last. The turns' number and size are the service's to check.
     """
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("messages must be a non-empty list of {role, content} objects", param="messages")
@@ -255,7 +256,14 @@ def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str,
             system.append(text)
         elif role == "user" and (not turns or turns[-1][1] is not None):
             turns.append([text, None])  # type: ignore[list-item]
-        elif role == "user":  # two user messages in a row: one message
+        elif role == "user":  # two user messages in a row: one message, under the same limit
+            joined = len(turns[-1][0]) + 1 + len(text)
+            if joined > max_chars:  # checked before joining: a long run is never joined in full
+                raise OpenAIError(
+                    f"messages[{index}] makes the user's message {joined} characters long (user "
+                    f"messages in a row are one message); the limit here is {max_chars}",
+                    param=f"messages[{index}]",
+                )
             turns[-1][0] = f"{turns[-1][0]}\n{text}"
         elif turns and turns[-1][1] is None:
             turns[-1][1] = text

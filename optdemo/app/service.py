@@ -26,7 +26,7 @@ from optdemo.core import defaults
 from optdemo.core.backend import Backend
 from optdemo.core.budget import format_bytes, parse_max_memory
 from optdemo.core.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
-from optdemo.core.chat_prompt import ChatTurn
+from optdemo.core.chat_prompt import ChatTurn, checked_history
 from optdemo.core.errors import (
     ConfigError,
     GenerationError,
@@ -352,12 +352,10 @@ class DemoService:
         system_prompt = self._check_text(
             system_prompt or "", "system prompt", defaults.MAX_SYSTEM_PROMPT_CHARS, empty_ok=True
         )
-        history = list(history)
-        if len(history) >= self.settings.max_history_turns:
-            raise GenerationError(
-                f"this conversation has reached the limit of {self.settings.max_history_turns} turns "
-                "here: clear it (or undo a turn) to go on"
-            )
+        limits = self.settings
+        history = checked_history(
+            history, limits.max_history_turns, limits.max_message_chars, limits.max_history_chars
+        )
         cap = self.settings.max_new_tokens_cap
         backend = self.backend
         yield from self._streamed(

@@ -44,9 +44,14 @@ MAX_SYSTEM_PROMPT_CHARS = 4000  # longest system prompt (chat)
 DEFAULT_MAX_NEW_TOKENS_CAP = 512  # --max-new-tokens-cap
 DEFAULT_MAX_MESSAGE_CHARS = 4000  # --max-message-chars: longest message or prompt a visitor sends
 DEFAULT_MAX_HISTORY_TURNS = 50  # --max-history-turns: chat turns kept per session
+DEFAULT_MAX_HISTORY_CHARS = 200_000  # --max-history-chars: characters in a conversation's earlier turns
 DEFAULT_MAX_BATCH = 8  # --max-batch: replies decoded together (the memory budget may lower it)
 DEFAULT_QUEUE_SIZE = 64  # --queue-size: waiting requests before new ones are refused
 MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used are forgotten)
+# A browser's saved chats (its localStorage, sent with the Chat tab's events): at most this many
+# characters, about the size of their JSON. A bigger store is cut to its newest chats before the
+# server does anything else with it, and an import that would pass it is refused.
+MAX_SAVED_CHATS_CHARS = 1_000_000
 
 # ---------------------------------------------------------------- admin sign-in (public mode)
 # A sign-in issues a random credential (a bearer token for scripts, an HttpOnly cookie for browsers);

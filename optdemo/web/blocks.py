@@ -10,7 +10,7 @@ from optdemo.runtime.manager import ModelManager
 from optdemo.web.admin_routes import AdminRoutes
 from optdemo.web.api import register_api
 from optdemo.web.binding import bind
-from optdemo.web.mcp import keep_only_mcp_tools, register_mcp_tools
+from optdemo.web.mcp import keep_only_mcp_tools, mcp_middleware, register_mcp_tools
 from optdemo.web.openai_routes import OpenAIServer
 from optdemo.web.tabs.chat import layout_chat_tab, refresh_model_line, wire_chat_tab
 from optdemo.web.tabs.chat_history import browser_store, restore
@@ -117,11 +117,15 @@ def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
     (:mod:`optdemo.web.admin_routes`) go into Gradio's FastAPI app as it is created (FastAPI's
     ``routes`` argument, through ``app_kwargs``), so they answer from the first request on, on the
     same server and port as the UI. With ``--mcp`` Gradio's MCP server is mounted too
-    (``/gradio_api/mcp/``), offering the tools :mod:`optdemo.web.mcp` leaves public.
+    (``/gradio_api/mcp/``), offering the tools :mod:`optdemo.web.mcp` leaves public; with
+    ``--api-key`` as well, its middleware makes the MCP server want the key.
     """
     settings = service.settings
     options: dict[str, object] = {
-        "app_kwargs": {"routes": [*OpenAIServer(service).routes(), *AdminRoutes(service).routes()]},
+        "app_kwargs": {
+            "routes": [*OpenAIServer(service).routes(), *AdminRoutes(service).routes()],
+            "middleware": mcp_middleware(settings),
+        },
         "mcp_server": settings.mcp,
         "server_name": settings.host,
         "server_port": settings.port,

@@ -7,14 +7,25 @@ state-free endpoints may be tools: /plan, /status, /generate, and /chat_messages
 whole conversation each time. The endpoints that keep per-session state (/chat's history,
 /sign_in's admin rights, /stop, /clear_chat) or change the model (/load, /unload) stay callable
 through the named API but are left out of the docs page and of MCP ("undocumented").
+
+With ``--api-key``, the MCP server itself (``/gradio_api/mcp``: streamable HTTP, SSE, its schema)
+wants ``Authorization: Bearer KEY`` as /v1 does (:class:`McpKeyGuard`, a middleware on Gradio's
+app). Gradio runs a tool call through its own loopback client on the named API, which the guard
+leaves alone, as it leaves the UI and the named API: those stay as open as the app itself.
 """
 
 from __future__ import annotations
 
+import hmac
+
 import gradio as gr
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optdemo.app.openai_format import OpenAIError, conversation
 from optdemo.app.service import DemoService
+from optdemo.app.settings import AppSettings
 from optdemo.core import defaults
 from optdemo.core.errors import GenerationError
 from optdemo.web.api import reply_group, session_of
@@ -22,6 +33,11 @@ from optdemo.web.errors import user_errors
 
 # The named endpoints offered as MCP tools; every other public endpoint is hidden from MCP.
 MCP_ENDPOINTS = ("plan", "status", "generate", "chat_messages")
+MCP_PATH = "/gradio_api/mcp"  # where Gradio mounts its MCP server (every transport under it)
+KEY_REQUIRED = (
+    "a valid API key is required: send it as 'Authorization: Bearer KEY' (the key given to the "
+    "server with --api-key)"
+)
 
 
 def register_mcp_tools(service: DemoService) -> None:
@@ -66,3 +82,44 @@ def keep_only_mcp_tools(demo: gr.Blocks) -> None:
     for fn in demo.fns.values():
         if fn.api_visibility == "public" and fn.api_name not in MCP_ENDPOINTS:
             fn.api_visibility = "undocumented"
+
+
+class McpKeyGuard:
+    """ASGI middleware: a request to the MCP server without ``Authorization: Bearer KEY`` is
+    answered 401 (OpenAI's error shape, as /v1's), never reaching it; other paths pass untouched.
+
+    Args:
+        app: the application it wraps (Gradio's).
+        key: the bearer token (``--api-key``); compared in constant time, never shown.
+    """
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self._key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_mcp_path(scope.get("path", "")) and not self._allowed(scope):
+            error = {"message": KEY_REQUIRED, "type": "authentication_error", "param": None}
+            body = {"error": {**error, "code": "invalid_api_key"}}
+            await JSONResponse(body, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"), self._key)
+
+
+def is_mcp_path(path: str) -> bool:
+    """Whether ``path`` (behind any root path) is the MCP server's or below it."""
+    index = path.find(MCP_PATH)
+    return index >= 0 and path[index + len(MCP_PATH) : index + len(MCP_PATH) + 1] in ("", "/")
+
+
+def mcp_middleware(settings: AppSettings) -> list[Middleware]:
+    """The middleware Gradio's app needs for MCP here: the key guard with ``--mcp`` and
+    ``--api-key``, else none."""
+    if not settings.mcp or not settings.api_key:
+        return []
+    return [Middleware(McpKeyGuard, key=settings.api_key)]

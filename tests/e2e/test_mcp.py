@@ -24,12 +24,14 @@ from optdemo.web.mcp import MCP_ENDPOINTS
 pytestmark = pytest.mark.slow
 
 
-def with_mcp(url: str, work: Callable[[ClientSession], Awaitable[Any]]) -> Any:
-    """Run ``work`` in an initialized MCP session on the app at ``url``."""
+def with_mcp(url: str, work: Callable[[ClientSession], Awaitable[Any]], key: str | None = None) -> Any:
+    """Run ``work`` in an initialized MCP session on the app at ``url`` (sending ``key`` as a
+    bearer token when given)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else None
 
     async def session() -> Any:
         async with (
-            streamablehttp_client(url + "gradio_api/mcp/") as (read, write, _),
+            streamablehttp_client(url + "gradio_api/mcp/", headers=headers) as (read, write, _),
             ClientSession(read, write) as client,
         ):
             await client.initialize()
@@ -98,6 +100,33 @@ def test_refusals_are_tool_errors(mcp_app) -> None:
     bad_messages, sign_in, load = with_mcp(mcp_app.url, calls)
     assert bad_messages.isError and "the last message must be the user's" in bad_messages.content[0].text
     assert sign_in.isError and load.isError  # not tools: an MCP client has no session of its own
+
+
+def test_chat_messages_holds_to_the_history_limits(mcp_app) -> None:
+    turn = [{"role": "user", "content": "x" * 4000}, {"role": "assistant", "content": "y" * 4000}]
+    messages = turn * 30 + [{"role": "user", "content": "hi"}]
+    result = with_mcp(mcp_app.url, lambda client: client.call_tool("chat_messages", {"messages": messages}))
+    assert result.isError
+    assert "hold more than 200000 characters, the limit here: clear it" in result.content[0].text
+    assert all(len(history) < 30 for history in mcp_app.service.manager.histories)
+
+
+def test_api_key_protects_the_mcp_server_too() -> None:
+    """With --api-key, the MCP transport (streamable HTTP, SSE, the schema) wants the bearer key,
+    as /v1 does; with it, the tools answer."""
+    with running_app(["--mcp", "--api-key", "s3cret-key"], manager=LoadedScript(SCRIPT)) as app:
+        base = app.url + "gradio_api/mcp"
+        for method, path in [("POST", "/"), ("POST", ""), ("GET", "/sse"), ("GET", "/schema")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+                refused = httpx.request(method, base + path, headers=headers, json={}, timeout=10)
+                assert refused.status_code == 401, (method, path, headers)
+                assert "--api-key" in refused.json()["error"]["message"]
+                assert "s3cret-key" not in refused.text
+                assert refused.headers["www-authenticate"] == "Bearer"
+        messages = [{"role": "user", "content": "hi"}]
+        call = with_mcp(app.url, lambda c: c.call_tool("chat_messages", {"messages": messages}), "s3cret-key")
+        assert text_of(call) == "Hello world!"
+        assert httpx.get(app.url + "gradio_api/info", timeout=10).status_code == 200  # the rest is as before
 
 
 def test_other_endpoints_stay_callable_through_the_named_api(mcp_app) -> None:

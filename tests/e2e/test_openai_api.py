@@ -110,6 +110,21 @@ def test_malformed_chat_requests_name_the_field(body: dict, param: str) -> None:
     assert info.value.to_dict()["error"]["type"] == "invalid_request_error"
 
 
+def test_user_messages_in_a_row_are_one_message_under_the_same_limit() -> None:
+    """Consecutive user messages become one, so their sum is held to the message limit as it
+    grows: a long run of them is refused where it passes the limit, never joined in full first."""
+    with pytest.raises(OpenAIError) as info:
+        parse_chat({"messages": [{"role": "user", "content": "x" * 60}] * 1000}, max_chars=100)
+    assert info.value.param == "messages[1]"
+    assert info.value.message == (
+        "messages[1] makes the user's message 121 characters long (user messages in a row are "
+        "one message); the limit here is 100"
+    )
+    assert parse_chat({"messages": [{"role": "user", "content": "x" * 49}] * 2}, 100).message == (
+        "x" * 49 + "\n" + "x" * 49
+    )
+
+
 def test_completion_prompt_is_one_text() -> None:
     assert parse_completion({"prompt": ["Once"]}).prompt == "Once"
     with pytest.raises(OpenAIError, match="one text"):
@@ -406,6 +421,24 @@ def test_huggingface_hub_inference_client(scripted, monkeypatch: pytest.MonkeyPa
         for c in hf.chat_completion(messages=[{"role": "user", "content": "hi"}], stream=True)
     ]
     assert "".join(p or "" for p in pieces) == "Hello world!"
+
+
+@pytest.mark.slow
+def test_conversations_over_the_history_limits_are_400s_that_say_so(scripted) -> None:
+    api = client(scripted)
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="reached the limit of 50 turns here: clear it"):
+        api.chat.completions.create(model=SCRIPTED, messages=turn * 50 + hi)
+    long = [{"role": "user", "content": "x" * 4000}, {"role": "assistant", "content": "y" * 4000}]
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model=SCRIPTED, messages=long * 30 + hi)
+    assert info.value.body["message"] == (
+        "the earlier turns of this conversation hold more than 200000 characters, the limit here: "
+        "clear it (or undo turns) to go on"
+    )
+    assert info.value.body["type"] == "invalid_request_error"
+    assert all(len(history) < 30 for history in scripted.service.manager.histories)  # never reached it
 
 
 # ---------------------------------------------------------------------------------- access
