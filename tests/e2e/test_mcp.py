@@ -21,6 +21,9 @@ from test_openai_api import SCRIPT, SCRIPTED, LoadedScript
 
 from optdemo.web.mcp import MCP_ENDPOINTS
 
+# The named API's endpoints (tests/e2e/test_named_api.py pins their parameters).
+NAMED_API = ("plan", "load", "unload", "status", "chat", "generate", "stop", "clear_chat", "sign_in")
+
 pytestmark = pytest.mark.slow
 
 
@@ -104,7 +107,22 @@ def test_other_endpoints_stay_callable_through_the_named_api(mcp_app) -> None:
     client = mcp_app.client()
     assert client.predict(api_name="/clear_chat") is True
     documented = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {name.lstrip("/") for name in documented} == set(MCP_ENDPOINTS)
+    assert {name.lstrip("/") for name in documented} == {*NAMED_API, *MCP_ENDPOINTS}
+
+
+def test_keyword_calls_work_with_mcp_on(mcp_app) -> None:
+    """Reproduces issue 23 (8): with --mcp, /chat, /load, /unload and /sign_in answered "This
+    endpoint does not support key-word arguments", and positional calls needed every argument, so
+    the docs' gradio_client examples failed. The tools stay exactly the four."""
+    client = mcp_app.client()
+    assert client.predict(message="hi", temperature=0.0, api_name="/chat") == "Hello world!"
+    assert client.predict("hi", api_name="/chat") == "Hello world!"  # the rest from the defaults
+    assert client.predict(username="nobody", password="wrong", api_name="/sign_in") is False
+    plan = client.predict(model="tiny-opt", max_memory="cpu=1GiB", api_name="/plan")
+    assert plan["fits"] is True and plan["device_map"] == {"": "cpu"}
+    assert client.predict(api_name="/unload")["unloaded"] is False  # the scripted model stays
+    tools = with_mcp(mcp_app.url, lambda session: session.list_tools()).tools
+    assert sorted(tool.name for tool in tools) == sorted(MCP_ENDPOINTS)
 
 
 def test_without_the_flag_there_is_no_mcp_server() -> None:
