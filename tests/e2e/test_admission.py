@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from app_fixtures import RunningApp, ScriptedManager, running_app
+from gradio_client import Client
 from gradio_client.exceptions import AppError
 from test_mcp import with_mcp
 
@@ -214,7 +215,7 @@ def test_more_held_replies_than_anyio_threads_leave_status_answering() -> None:
     manager = HeldManager()
     flags = ["--queue-size", "40", "--max-batch", "2"]
     with running_app(flags, manager=manager) as app, httpx.Client(timeout=30) as http:
-        client = app.client()
+        client = Client(app.url, verbose=False, max_workers=64)  # its default runs 40 jobs at once
         try:
             jobs = [client.submit("Once", api_name="/generate") for _ in range(42)]
             wait_for(lambda: manager.entered == 42, "42 replies to reach the model")
@@ -223,3 +224,27 @@ def test_more_held_replies_than_anyio_threads_leave_status_answering() -> None:
         finally:
             manager.release.set()
         assert [job.result() for job in jobs] == ["held reply"] * 42
+
+
+def test_as_many_held_mcp_calls_as_anyio_threads_leave_status_answering() -> None:
+    """Gradio's MCP server waits for each queued tool call in a thread of anyio's default limiter
+    (40 threads), the limiter FastAPI's login check of every Gradio route needs, the MCP call's own
+    included: 40 held chat_messages calls must neither stall each other nor Status. (40: Gradio's
+    MCP server runs at most 40 queued calls at once, through its one gradio_client.)"""
+    manager = HeldManager()
+    flags = ["--queue-size", "40", "--max-batch", "2", "--mcp"]
+    with running_app(flags, manager=manager) as app, httpx.Client(timeout=30) as http:
+
+        async def chat(client: Any) -> Any:
+            messages = [{"role": "user", "content": "Once"}]
+            return await client.call_tool("chat_messages", {"messages": messages})
+
+        with ThreadPoolExecutor(40) as pool:
+            try:
+                calls = [pool.submit(with_mcp, app.url, chat) for _ in range(40)]
+                wait_for(lambda: manager.entered == 40, "40 MCP calls to reach the model")
+                assert_control_answers(app, http)
+            finally:
+                manager.release.set()
+            results = [call.result() for call in calls]
+        assert [result.content[0].text for result in results] == ["held reply"] * 40

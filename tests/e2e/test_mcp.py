@@ -19,7 +19,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
 from test_openai_api import SCRIPT, SCRIPTED, LoadedScript
 
-from optdemo.web.mcp import MCP_ENDPOINTS
+from optdemo.web.mcp import MCP_ENDPOINTS, McpGate
 
 # The named API's endpoints (tests/e2e/test_named_api.py pins their parameters).
 NAMED_API = ("plan", "load", "unload", "status", "chat", "generate", "stop", "clear_chat", "sign_in")
@@ -130,3 +130,36 @@ def test_without_the_flag_there_is_no_mcp_server() -> None:
         assert httpx.post(app.url + "gradio_api/mcp/", json={}).status_code == 404
         documented = app.client().view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert "/chat_messages" not in documented and "/load" in documented and "/sign_in" in documented
+
+
+def test_the_gate_refuses_mcp_requests_past_its_limit_at_once() -> None:
+    """McpGate bounds the MCP requests in flight (each may hold one of anyio's threads in Gradio's
+    MCP server): past the limit, a 429 that says so; other paths are never counted."""
+    release = asyncio.Event()
+    entered: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        entered.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario() -> list:
+        transport = httpx.ASGITransport(app=McpGate(app, limit=2))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            held = [asyncio.create_task(http.post("/gradio_api/mcp/", json={})) for _ in range(2)]
+            other = asyncio.create_task(http.get("/gradio_api/info"))  # not MCP: never counted
+            while len(entered) < 3:
+                await asyncio.sleep(0.01)
+            refused = await http.post("/gradio_api/mcp/", json={})
+            release.set()
+            answers = [*(await asyncio.gather(*held, other)), await http.post("/gradio_api/mcp", json={})]
+            return [refused, *answers]
+
+    refused, *answers = asyncio.run(scenario())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert (
+        refused.json()["error"] == "too many MCP requests are running (at most 2 here): try again in a moment"
+    )
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 200]
+    assert sorted(entered) == ["/gradio_api/info", "/gradio_api/mcp", "/gradio_api/mcp/", "/gradio_api/mcp/"]
