@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from optdemo.app.admission import QueueFullError
 from optdemo.app.openai_fields import (
     CHAT_UNSUPPORTED,
     COMPLETION_UNSUPPORTED,
@@ -63,6 +64,8 @@ def error_for(exc: OptdemoError) -> OpenAIError:
             "server_error",
             code="model_not_loaded",
         )
+    if isinstance(exc, QueueFullError):  # every place for a reply is taken: retry later
+        return OpenAIError(message, 429, "rate_limit_error", code="queue_full")
     if isinstance(exc, BusyError):
         return OpenAIError(message, 503, "server_error", code="model_busy")
     if isinstance(exc, AccessError):

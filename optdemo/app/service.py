@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from optdemo.app.access import AccessPolicy
 from optdemo.app.admin_sessions import AdminGrant
+from optdemo.app.admission import Admission
 from optdemo.app.backend_choice import BackendChoice
 from optdemo.app.sessions import SessionStore
 from optdemo.app.settings import AppSettings
@@ -95,6 +96,8 @@ class DemoService:
         self.settings = settings
         self.access = AccessPolicy(settings)
         self.sessions = SessionStore(settings.max_history_turns)
+        # Every reply, from any route, holds one of these places until it ends.
+        self.admission = Admission(settings.queue_size, settings.max_batch)
         # The local model, or the serving endpoint connected in its place.
         self.backends = BackendChoice(manager, settings, self.access, self.sessions)
 
@@ -393,25 +396,27 @@ class DemoService:
         admin: str | None = None,
     ) -> Iterator[ChatReply]:
         """Run one reply with a stop event registered for the session, as ChatReply steps (the
-        place-in-line steps only when ``waiting_status``)."""
-        event = self.sessions.start_reply(session_id)
-        try:
-            for update in start(event):
-                if update.stats is not None:
-                    self.backends.record(update.stats)
-                if update.status and not waiting_status:
-                    continue
-                yield ChatReply(update.text, update.stats, update.status)
-        except NoModelError:
-            if self.settings.public and not self.access.is_admin(admin):
-                # A visitor cannot load one: say who can, not where the (locked) button is.
-                raise NoModelForVisitorsError(
-                    "no model is loaded, and visitors cannot load one here: the operator or a "
-                    "signed-in admin can; try again once one is loaded"
-                ) from None
-            raise
-        finally:
-            self.sessions.end_reply(session_id, event)
+        place-in-line steps only when ``waiting_status``). The reply holds an admission place
+        from its first step to its end (refused at once when none is left: QueueFullError)."""
+        with self.admission.place():
+            event = self.sessions.start_reply(session_id)
+            try:
+                for update in start(event):
+                    if update.stats is not None:
+                        self.backends.record(update.stats)
+                    if update.status and not waiting_status:
+                        continue
+                    yield ChatReply(update.text, update.stats, update.status)
+            except NoModelError:
+                if self.settings.public and not self.access.is_admin(admin):
+                    # A visitor cannot load one: say who can, not where the (locked) button is.
+                    raise NoModelForVisitorsError(
+                        "no model is loaded, and visitors cannot load one here: the operator or a "
+                        "signed-in admin can; try again once one is loaded"
+                    ) from None
+                raise
+            finally:
+                self.sessions.end_reply(session_id, event)
 
     def stop(self, session_id: str) -> bool:
         """Stop this session's running reply, if any."""

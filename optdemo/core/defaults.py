@@ -47,6 +47,10 @@ DEFAULT_MAX_HISTORY_TURNS = 50  # --max-history-turns: chat turns kept per sessi
 DEFAULT_MAX_HISTORY_CHARS = 200_000  # --max-history-chars: characters in a conversation's earlier turns
 DEFAULT_MAX_BATCH = 8  # --max-batch: replies decoded together (the memory budget may lower it)
 DEFAULT_QUEUE_SIZE = 64  # --queue-size: waiting requests before new ones are refused
+# Replies let in at once are --queue-size (waiting) plus --max-batch (written): the rest are
+# refused at once (optdemo/app/admission.py). Gradio's worker threads are sized above that, plus
+# these for calls that skip its queue (the page's instant events, /gradio_api/run/status).
+DIRECT_CALL_THREADS = 8
 MAX_API_SESSIONS = 1000  # API chat sessions kept in memory (least recently used are forgotten)
 # A browser's saved chats (its localStorage, sent with the Chat tab's events): at most this many
 # characters, about the size of their JSON. A bigger store is cut to its newest chats before the

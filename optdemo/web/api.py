@@ -35,15 +35,19 @@ QUEUE_SIGN_IN = (
 )
 
 MODEL_GROUP = "model"  # loading and unloading: one at a time
-# Replies (chat, completion, from the UI and the API) share the model through the batching engine:
-# Gradio hands it twice a batch at once, so the engine's own line (telling each its place) holds
-# the overflow. A load stops the running replies itself (ModelManager.load).
+# Replies (chat, completion, from the UI, the API and MCP) share the model through the batching
+# engine. Gradio starts every reply event at once: the service's admission (--queue-size plus
+# --max-batch places, optdemo/app/admission.py) lets a reply in or refuses it there and then, and
+# the engine's own line tells the ones let in their place. A Gradio limit here would make a second
+# line in front of that one, which neither counts against the limit nor says where one stands.
+# A load stops the running replies itself (ModelManager.load).
 REPLY_GROUP = "replies"
 
 
 def reply_group(service: DemoService) -> dict:
-    """The concurrency settings of every reply event: the replies group, 2 x ``--max-batch``."""
-    return {"concurrency_id": REPLY_GROUP, "concurrency_limit": 2 * service.settings.max_batch}
+    """The concurrency settings of every reply event: the replies group, which Gradio does not
+    limit, since ``service.admission`` does (one limit for the page, the APIs and MCP)."""
+    return {"concurrency_id": REPLY_GROUP, "concurrency_limit": None}
 
 
 # Plans touch no weights: a few run at once, in their own group, beside a load or a reply.

@@ -1,17 +1,13 @@
 """MCP tools (``--mcp``): plan, status, generate and chat for agents, through Gradio's own MCP server.
 
-Gradio (``launch(mcp_server=True)``, the ``gradio[mcp]`` extra) turns every *public* named endpoint
-into an MCP tool, named after its function and described by its docstring. An MCP client has no
-session of its own here (Gradio calls the app for it through one shared client), so only
-state-free endpoints may be tools: /plan, /status, /generate, and /chat_messages, which takes the
-whole conversation each time. The endpoints that keep per-session state (/chat's history,
-/sign_in's admin rights, /stop, /clear_chat) or change the model (/load, /unload) stay callable
-through the named API but are left out of the docs page and of MCP ("undocumented").
-
-With ``--api-key``, the MCP server itself (``/gradio_api/mcp``: streamable HTTP, SSE, its schema)
-wants ``Authorization: Bearer KEY`` as /v1 does (:class:`McpKeyGuard`, a middleware on Gradio's
-app). Gradio runs a tool call through its own loopback client on the named API, which the guard
-leaves alone, as it leaves the UI and the named API: those stay as open as the app itself.
+Only state-free endpoints are tools (an MCP client has no session of its own here): /plan, /status,
+/generate and /chat_messages, which takes the whole conversation each time. Gradio offers no
+per-endpoint MCP switch but visibility, which would cost gradio_client its keyword arguments, so
+every endpoint stays public and the MCP server's tool map is cut to :data:`MCP_ENDPOINTS` as it
+starts (:func:`keep_only_mcp_tools`, from the app's lifespan). :class:`McpGate` bounds the MCP
+requests in flight (Gradio's MCP server holds a thread of anyio's default pool per tool call, the
+pool every route's login check needs), and with ``--api-key`` :class:`McpKeyGuard` makes the MCP
+server want the key as /v1 does; the UI and the named API stay as open as the app itself.
 """
 
 from __future__ import annotations
@@ -77,11 +73,17 @@ def register_mcp_tools(service: DemoService) -> None:
 
 
 def keep_only_mcp_tools(demo: gr.Blocks) -> None:
-    """Mark every public named endpoint but :data:`MCP_ENDPOINTS` "undocumented": still callable
-    through the named API, absent from the docs page and from the MCP tools."""
-    for fn in demo.fns.values():
-        if fn.api_visibility == "public" and fn.api_name not in MCP_ENDPOINTS:
-            fn.api_visibility = "undocumented"
+    """Cut the tools of ``demo``'s MCP server (none without ``--mcp``) to :data:`MCP_ENDPOINTS`:
+    the other endpoints are neither listed nor callable as tools, and stay public to the named API
+    (keyword arguments included)."""
+    server = demo.mcp_server_obj
+    if server is None:
+        return
+    server.tool_to_endpoint = {
+        tool: endpoint
+        for tool, endpoint in server.tool_to_endpoint.items()
+        if endpoint.lstrip("/") in MCP_ENDPOINTS
+    }
 
 
 class McpKeyGuard:
@@ -123,3 +125,28 @@ def mcp_middleware(settings: AppSettings) -> list[Middleware]:
     if not settings.mcp or not settings.api_key:
         return []
     return [Middleware(McpKeyGuard, key=settings.api_key)]
+
+
+class McpGate:
+    """ASGI middleware: at most ``limit`` requests to Gradio's MCP server at once (a tool call is
+    one request, open until its result); past that, a 429 at once. Other paths pass untouched."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0  # the event loop's own count: no lock, ASGI calls share one thread
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_mcp_path(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            message = f"too many MCP requests are running (at most {self.limit} here): try again in a moment"
+            refusal = JSONResponse({"error": message}, status_code=429, headers={"Retry-After": "1"})
+            await refusal(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

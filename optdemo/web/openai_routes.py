@@ -7,6 +7,7 @@ validation, the model lock), shaped by :mod:`optdemo.app.openai_format`. ``--api
 a bearer token; in public mode it answers only when the operator turned it on (``--openai-api``).
 The service's blocking reply runs in a thread of its own (:class:`_Pump`) that always drains it,
 so the model lock is released however the request ends; a client that goes away stops the reply.
+Replies here hold the service's admission places like every other route's (a 429 past them).
 """
 
 from __future__ import annotations
@@ -73,24 +74,20 @@ class _Pump:
     to the event loop. ``stop()`` ends the reply early through the service's stop event; the thread
     still drains it, so the model lock is released in the thread that took it."""
 
-    def __init__(
-        self, service: DemoService, session: str, steps: Iterator[ChatReply], done: Callable
-    ) -> None:
+    def __init__(self, service: DemoService, session: str, steps: Iterator[ChatReply]) -> None:
         self.service, self.session = service, session
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self._getter: asyncio.Future | None = None
-        threading.Thread(target=self._run, args=(steps, done), name="optdemo-openai", daemon=True).start()
+        threading.Thread(target=self._run, args=(steps,), name="optdemo-openai", daemon=True).start()
 
-    def _run(self, steps: Iterator[ChatReply], done: Callable) -> None:
+    def _run(self, steps: Iterator[ChatReply]) -> None:
         try:
             for step in steps:
                 self._put(step)
             self._put(_END)
         except Exception as exc:  # noqa: BLE001 - handed to the request, which reports it
             self._put(exc)
-        finally:
-            done()
 
     def _put(self, item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the server (and its loop) already shut down
@@ -141,8 +138,6 @@ class OpenAIServer:
 
     def __init__(self, service: DemoService) -> None:
         self.service = service
-        self._running = 0  # requests accepted and not yet finished
-        self._lock = threading.Lock()
 
     def routes(self) -> list[BaseRoute]:
         """The routes to add to Gradio's FastAPI app (``launch(app_kwargs={"routes": ...})``): the
@@ -248,32 +243,11 @@ class OpenAIServer:
             raise error_for(exc) from None
         return ReplyShape(status.model_id, chat), params
 
-    def _admit(self) -> None:
-        """Count one more running request, refusing beyond the queue size (as Gradio's queue does)."""
-        limit = self.service.settings.queue_size + 1  # the one generating, and those waiting
-        with self._lock:
-            if self._running >= limit:
-                raise OpenAIError(
-                    f"too many requests are waiting for the model (at most {limit - 1} here): try again "
-                    "in a moment",
-                    429,
-                    "rate_limit_error",
-                    code="queue_full",
-                )
-            self._running += 1
-
-    def _finished(self) -> None:
-        with self._lock:
-            self._running -= 1
-
     # ---------------------------------------------------------------- running a reply
     async def _reply(self, request: Request, job: _Job) -> Response:
-        """Start the reply; wait for its first step, so a refusal is an HTTP error, then answer."""
-        try:
-            self._admit()
-        except OpenAIError as err:
-            return error_response(err)
-        pump = _Pump(self.service, job.session, job.start(), self._finished)
+        """Start the reply; wait for its first step, so a refusal is an HTTP error (past the
+        service's admission limit: a 429), then answer."""
+        pump = _Pump(self.service, job.session, job.start())
         try:
             first = await pump.next(request)
         except ClientGone:

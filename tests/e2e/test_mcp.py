@@ -19,7 +19,10 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
 from test_openai_api import SCRIPT, SCRIPTED, LoadedScript
 
-from optdemo.web.mcp import MCP_ENDPOINTS
+from optdemo.web.mcp import MCP_ENDPOINTS, McpGate
+
+# The named API's endpoints (tests/e2e/test_named_api.py pins their parameters).
+NAMED_API = ("plan", "load", "unload", "status", "chat", "generate", "stop", "clear_chat", "sign_in")
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +136,22 @@ def test_other_endpoints_stay_callable_through_the_named_api(mcp_app) -> None:
     client = mcp_app.client()
     assert client.predict(api_name="/clear_chat") is True
     documented = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {name.lstrip("/") for name in documented} == set(MCP_ENDPOINTS)
+    assert {name.lstrip("/") for name in documented} == {*NAMED_API, *MCP_ENDPOINTS}
+
+
+def test_keyword_calls_work_with_mcp_on(mcp_app) -> None:
+    """Reproduces issue 23 (8): with --mcp, /chat, /load, /unload and /sign_in answered "This
+    endpoint does not support key-word arguments", and positional calls needed every argument, so
+    the docs' gradio_client examples failed. The tools stay exactly the four."""
+    client = mcp_app.client()
+    assert client.predict(message="hi", temperature=0.0, api_name="/chat") == "Hello world!"
+    assert client.predict("hi", api_name="/chat") == "Hello world!"  # the rest from the defaults
+    assert client.predict(username="nobody", password="wrong", api_name="/sign_in") is False
+    plan = client.predict(model="tiny-opt", max_memory="cpu=1GiB", api_name="/plan")
+    assert plan["fits"] is True and plan["device_map"] == {"": "cpu"}
+    assert client.predict(api_name="/unload")["unloaded"] is False  # the scripted model stays
+    tools = with_mcp(mcp_app.url, lambda session: session.list_tools()).tools
+    assert sorted(tool.name for tool in tools) == sorted(MCP_ENDPOINTS)
 
 
 def test_without_the_flag_there_is_no_mcp_server() -> None:
@@ -141,3 +159,36 @@ def test_without_the_flag_there_is_no_mcp_server() -> None:
         assert httpx.post(app.url + "gradio_api/mcp/", json={}).status_code == 404
         documented = app.client().view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert "/chat_messages" not in documented and "/load" in documented and "/sign_in" in documented
+
+
+def test_the_gate_refuses_mcp_requests_past_its_limit_at_once() -> None:
+    """McpGate bounds the MCP requests in flight (each may hold one of anyio's threads in Gradio's
+    MCP server): past the limit, a 429 that says so; other paths are never counted."""
+    release = asyncio.Event()
+    entered: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        entered.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario() -> list:
+        transport = httpx.ASGITransport(app=McpGate(app, limit=2))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            held = [asyncio.create_task(http.post("/gradio_api/mcp/", json={})) for _ in range(2)]
+            other = asyncio.create_task(http.get("/gradio_api/info"))  # not MCP: never counted
+            while len(entered) < 3:
+                await asyncio.sleep(0.01)
+            refused = await http.post("/gradio_api/mcp/", json={})
+            release.set()
+            answers = [*(await asyncio.gather(*held, other)), await http.post("/gradio_api/mcp", json={})]
+            return [refused, *answers]
+
+    refused, *answers = asyncio.run(scenario())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert (
+        refused.json()["error"] == "too many MCP requests are running (at most 2 here): try again in a moment"
+    )
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 200]
+    assert sorted(entered) == ["/gradio_api/info", "/gradio_api/mcp", "/gradio_api/mcp/", "/gradio_api/mcp/"]

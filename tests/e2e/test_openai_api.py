@@ -382,7 +382,8 @@ def test_requests_beyond_the_queue_size_are_refused() -> None:
     manager = LoadedScript(SCRIPT)
     manager.until_stopped = True  # every reply waits after its first step until told to stop
     body = {"model": SCRIPTED, "messages": [{"role": "user", "content": "long"}], "stream": True}
-    with running_app(["--queue-size", "1"], manager=manager) as app, httpx.Client(timeout=10) as http:
+    flags = ["--queue-size", "1", "--max-batch", "1"]  # one reply written, one waiting
+    with running_app(flags, manager=manager) as app, httpx.Client(timeout=10) as http:
         url = app.url + "v1/chat/completions"
         with http.stream("POST", url, json=body) as first, http.stream("POST", url, json=body) as second:
             assert (first.status_code, second.status_code) == (200, 200)  # one running, one waiting
