@@ -13,7 +13,7 @@ The session hash is chosen by the client and shows in URLs and logs: it is never
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
@@ -238,6 +238,17 @@ def register_api(service: DemoService) -> None:
     gr.api(api.clear_chat, api_name="clear_chat", queue=False)
     gr.api(api.sign_in, api_name="sign_in", queue=False)
     gr.api(api.sign_out, api_name="sign_out", queue=False)
+
+
+def leaving(service: DemoService) -> Callable[[gr.Request], None]:
+    """The page's unload callback: a browser tab closed (or reloaded) stops its session's running
+    reply at once, rather than once the backend next sends something (a stalled serving endpoint
+    may send nothing for minutes)."""
+
+    def stop_on_leave(request: gr.Request) -> None:
+        service.stop(session_of(request))
+
+    return stop_on_leave
 
 
 def session_of(request: Any) -> str:

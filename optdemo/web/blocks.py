@@ -15,9 +15,10 @@ from optdemo.app.service import DemoService
 from optdemo.app.settings import AppSettings
 from optdemo.core import defaults
 from optdemo.runtime.manager import ModelManager
-from optdemo.web.api import REPLY_GROUP, register_api
+from optdemo.web.admin_routes import AdminRoutes
+from optdemo.web.api import REPLY_GROUP, leaving, register_api
 from optdemo.web.binding import bind
-from optdemo.web.mcp import McpGate, keep_only_mcp_tools, register_mcp_tools
+from optdemo.web.mcp import McpGate, keep_only_mcp_tools, mcp_middleware, register_mcp_tools
 from optdemo.web.openai_routes import OpenAIServer
 from optdemo.web.tabs.chat import layout_chat_tab, refresh_model_line, wire_chat_tab
 from optdemo.web.tabs.chat_history import browser_store, restore
@@ -65,6 +66,7 @@ def build_app(service: DemoService) -> gr.Blocks:
         theme.click(None, js=TOGGLE_THEME_JS, api_visibility="private", queue=False)
         demo.load(None, js=APPLY_THEME_JS, api_visibility="private", queue=False)
         register_api(service)  # first, so the named endpoints keep their names
+        demo.unload(leaving(service))  # a closed tab ends its reply, whatever the backend is doing
         if service.settings.mcp:
             register_mcp_tools(service)
         store = browser_store()  # outside the tabs: it reads localStorage as the page loads
@@ -166,10 +168,11 @@ def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
     settings = service.settings
     threads = worker_threads(demo, service.admission.limit)
     app_kwargs = {
-        "routes": OpenAIServer(service).routes(),
+        "routes": [*OpenAIServer(service).routes(), *AdminRoutes(service).routes()],
         "lifespan": server_lifespan(demo, threads),
-        # An MCP call beyond the ones the queue could run anyway is refused (a 429) at once.
-        "middleware": [Middleware(McpGate, limit=threads)],
+        # An MCP call beyond the ones the queue could run anyway is refused (a 429) at once; with
+        # --api-key, the MCP server wants the key.
+        "middleware": [Middleware(McpGate, limit=threads), *mcp_middleware(settings)],
     }
     options: dict[str, object] = {
         "app_kwargs": app_kwargs,

@@ -100,6 +100,21 @@ def refusal(message: dict) -> str:
     return str(message["output"].get("error"))
 
 
+def call_events(app: RunningApp, api_name: str, data: list, **credentials: dict) -> str:
+    """The events of ``/gradio_api/call/<api_name>`` (Gradio's REST route through the queue), with
+    ``headers`` or ``cookies``."""
+    with httpx.Client(timeout=30, **credentials) as client:
+        started = client.post(f"{app.url}gradio_api/call/{api_name}", json={"data": data})
+        return client.get(f"{app.url}gradio_api/call/{api_name}/{started.json()['event_id']}").text
+
+
+def call(app: RunningApp, api_name: str, data: list, headers: dict | None = None, **credentials: dict) -> str:
+    """The error text of a ``/gradio_api/call/<api_name>`` that must fail."""
+    events = call_events(app, api_name, data, headers=headers or {}, **credentials)
+    assert "event: error" in events, f"the stranger's /call/{api_name} succeeded: {events}"
+    return events
+
+
 def app_error(client: Client, api_name: str, *args: object) -> str:
     with pytest.raises(AppError) as info:
         client.predict(*args, api_name=api_name)
@@ -111,13 +126,16 @@ def app_error(client: Client, api_name: str, *args: object) -> str:
 # ---------------------------------------------------------------------------------- the reproductions
 def test_a_rest_sign_in_without_a_session_makes_no_stranger_admin(public_app: RunningApp) -> None:
     """The tester's first reproduction: the admin signs in with `curl .../run/sign_in` (no session
-    id); a stranger's `/run/unload` and `/run/load` must still be refused."""
+    id); a stranger's `/run/unload` and `/run/load` must still be refused: the direct route refuses
+    queued endpoints outright (they must join the queue), and through the queue (/call/) the
+    stranger is no admin."""
     operator_loads(public_app)
     assert run(public_app, "sign_in", ["admin", "pw"]).status_code == 200
     for api_name, data in (("unload", []), ("load", OTHER_LOAD)):
         answer = run(public_app, api_name, data)
         assert answer.status_code != 200, f"a stranger's /run/{api_name} succeeded"
-        assert REFUSED in answer.json()["error"]
+        assert "join the queue" in answer.text
+        assert REFUSED in call(public_app, api_name, data)
     still_loaded(public_app)
 
 
@@ -178,11 +196,10 @@ def test_an_unused_token_expires_after_an_hour(public_app: RunningApp) -> None:
     real_clock = admins.clock
     try:
         admins.clock = lambda: real_clock() + 3600 + 1  # an hour and a second later
-        answer = run(public_app, "unload", [], bearer(token))
-        assert answer.status_code != 200 and REFUSED in answer.json()["error"]
+        assert REFUSED in call(public_app, "unload", [], bearer(token))
     finally:
         admins.clock = real_clock
-    assert run(public_app, "unload", [], bearer(token)).status_code != 200  # ended for good
+    assert REFUSED in call(public_app, "unload", [], bearer(token))  # ended for good
     still_loaded(public_app)
 
 
@@ -248,8 +265,7 @@ def test_the_browser_route_sets_an_httponly_strict_cookie(public_app: RunningApp
         out = browser.post(url + "optdemo/sign-out")
         assert out.status_code == 200 and "optdemo_admin=" in out.headers["set-cookie"]
         assert "Max-Age=0" in out.headers["set-cookie"] or "expires=" in out.headers["set-cookie"].lower()
-    answer = httpx.post(url + "gradio_api/run/unload", json={"data": []}, cookies=jar)
-    assert answer.status_code != 200 and REFUSED in answer.json()["error"]
+    assert REFUSED in call(public_app, "unload", [], cookies=jar)
     still_loaded(public_app)
 
 
@@ -257,8 +273,8 @@ def test_the_cookie_makes_its_holder_admin(public_app: RunningApp) -> None:
     operator_loads(public_app)
     answer = httpx.post(public_app.url + "optdemo/sign-in", json={"username": "admin", "password": "pw"})
     jar = {"optdemo_admin": answer.cookies["optdemo_admin"]}
-    unload = httpx.post(public_app.url + "gradio_api/run/unload", json={"data": []}, cookies=jar)
-    assert unload.status_code == 200 and unload.json()["data"][0]["unloaded"] is True
+    events = call_events(public_app, "unload", [], cookies=jar)
+    assert "event: complete" in events and '"unloaded": true' in events
 
 
 # ---------------------------------------------------------------------------------- rate limit

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from app_fixtures import running_app
+from gradio_client.exceptions import AppError
 from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
 from test_openai_api import SCRIPT, SCRIPTED, LoadedScript
@@ -22,7 +23,18 @@ from test_openai_api import SCRIPT, SCRIPTED, LoadedScript
 from optdemo.web.mcp import MCP_ENDPOINTS, McpGate
 
 # The named API's endpoints (tests/e2e/test_named_api.py pins their parameters).
-NAMED_API = ("plan", "load", "unload", "status", "chat", "generate", "stop", "clear_chat", "sign_in")
+NAMED_API = (
+    "plan",
+    "load",
+    "unload",
+    "status",
+    "chat",
+    "generate",
+    "stop",
+    "clear_chat",
+    "sign_in",
+    "sign_out",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +158,9 @@ def test_keyword_calls_work_with_mcp_on(mcp_app) -> None:
     client = mcp_app.client()
     assert client.predict(message="hi", temperature=0.0, api_name="/chat") == "Hello world!"
     assert client.predict("hi", api_name="/chat") == "Hello world!"  # the rest from the defaults
-    assert client.predict(username="nobody", password="wrong", api_name="/sign_in") is False
+    # /sign_in takes its keywords, then refuses the queue (its credential would travel on it).
+    with pytest.raises(AppError, match="sign in with a direct request"):
+        client.predict(username="nobody", password="wrong", api_name="/sign_in")
     plan = client.predict(model="tiny-opt", max_memory="cpu=1GiB", api_name="/plan")
     assert plan["fits"] is True and plan["device_map"] == {"": "cpu"}
     assert client.predict(api_name="/unload")["unloaded"] is False  # the scripted model stays

@@ -431,3 +431,19 @@ def test_quantization_radio_is_enabled_and_plans_quantized_on_the_cpu() -> None:
         f"**tiny-opt** ({format_bytes(four_plan.total_bytes)}, 4-bit decoder weights, bfloat16 elsewhere)"
         in (four[tab.summary])
     )
+
+
+def test_closing_the_tab_stops_the_sessions_reply() -> None:
+    """The page's unload event (Gradio runs it when a tab's heartbeat ends) stops that session's
+    running reply at once, whatever the backend is sending, and no other session's."""
+    from optdemo.app.service import DemoService
+    from optdemo.app.settings import AppSettings
+    from optdemo.web.blocks import build_app
+
+    service = DemoService(ScriptedManager({}), AppSettings())
+    demo = build_app(service)
+    unload = [fn for fn in demo.fns.values() if any(target[1] == "unload" for target in fn.targets)]
+    assert len(unload) == 1
+    mine, other = service.sessions.start_reply("tab-1"), service.sessions.start_reply("tab-2")
+    unload[0].fn(SimpleNamespace(session_hash="tab-1"))
+    assert mine.is_set() and not other.is_set()
