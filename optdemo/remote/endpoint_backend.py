@@ -28,7 +28,13 @@ from huggingface_hub.utils import get_session, hf_raise_for_status
 from optdemo.core.chat_prompt import ChatTurn
 from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT
 from optdemo.core.errors import EndpointError, GenerationError
-from optdemo.core.generation import GenerationParams, GenerationStats, GenerationUpdate, cut_at_stop
+from optdemo.core.generation import (
+    CacheScope,
+    GenerationParams,
+    GenerationStats,
+    GenerationUpdate,
+    cut_at_stop,
+)
 from optdemo.remote.client import (
     EndpointConfig,
     EngineInfo,
@@ -85,8 +91,10 @@ class EndpointBackend:
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
         system_prompt: str = "",
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
-        """Stream a chat reply through ``InferenceClient.chat_completion(stream=True)``."""
+        """Stream a chat reply through ``InferenceClient.chat_completion(stream=True)`` (the engine
+        keeps its own prompt caches: ``cache_scope`` is not its business)."""
         self._check_length(params, max_new_tokens_cap)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         for user, assistant in history:
@@ -103,6 +111,7 @@ class EndpointBackend:
         params: GenerationParams,
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         """Stream a continuation of ``prompt`` from the engine's ``/v1/completions``."""
         self._check_length(params, max_new_tokens_cap)

@@ -42,9 +42,17 @@ from optdemo.core.errors import (
     OptdemoError,
     SupersededError,
 )
-from optdemo.core.generation import GenerationParams, GenerationUpdate, context_window, encode_prompt
+from optdemo.core.generation import (
+    CacheScope,
+    GenerationParams,
+    GenerationUpdate,
+    context_window,
+    encode_prompt,
+)
 from optdemo.core.load_config import LoadConfig
+from optdemo.plan.bandwidth import measured_bandwidths
 from optdemo.plan.planner import Plan, plan_device_map
+from optdemo.plan.policy import choose_prompt_kernel
 from optdemo.runtime.batching.request import Prompt, Serving
 from optdemo.runtime.batching.scheduler import BatchEngine
 from optdemo.runtime.loader import LoadedModel, load_model, preflight
@@ -59,9 +67,11 @@ from optdemo.weights.checkpoints import ProgressCallback
 class ModelManager:
     """Owns at most one loaded model; thread-safe; create one per process and pass it around."""
 
-    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH, reuse_prompts: bool = True) -> None:
         """Args:
         max_batch: the most replies decoded together (``--max-batch``); more wait in line.
+        reuse_prompts: keep each prompt's cache for the next prompt that starts with it
+            (``--no-prefix-cache`` turns it off; replies are the same either way).
         """
         self._model_lock = threading.Lock()  # held by a load or a generation step, never both
         self._state_lock = threading.Lock()  # guards the small fields below for status()
@@ -69,6 +79,7 @@ class ModelManager:
         self._busy: str | None = None
         # Every reply runs through the engine, which decodes the running ones together.
         self.engine = BatchEngine(self._model_lock, self._current, self._set_generation_busy, max_batch)
+        self.engine.reuse_prompts = reuse_prompts
         # The newest load request and its number: an older one still waiting for the model lock
         # gives way to it rather than load a model nobody wants any more.
         self._load_requests = 0
@@ -87,7 +98,7 @@ class ModelManager:
             loaded, busy = self._loaded, self._busy
         if loaded is None:
             return ModelStatus(None, busy)
-        return replace(loaded.status, busy=busy)
+        return replace(loaded.status, busy=busy, prefix_cache=self.engine.prefix_cache.counts())
 
     @property
     def current_config(self) -> LoadConfig | None:
@@ -260,8 +271,13 @@ class ModelManager:
             return self._loaded
 
     def _set_loaded(self, loaded: LoadedModel) -> None:
-        """Make ``loaded`` current, and cap the batch at the sequences its budget leaves room for."""
+        """Make ``loaded`` current: cap the batch at the sequences its budget leaves room for, give
+        the rest of that room to prompt caches, and choose the kernel its prompts run on."""
         plan = loaded.status.plan
+        prompt = choose_prompt_kernel(plan.dtype, measured_bandwidths()) if plan is not None else None
+        if prompt is not None and loaded.model is not None:
+            loaded.model._optdemo_prompt_kernel = prompt.kernel
+        loaded.status = replace(loaded.status, prompt_kernel=prompt)
         self.engine.room = plan.batch if plan is not None else None
         with self._state_lock:
             self._loaded = loaded
@@ -274,6 +290,7 @@ class ModelManager:
         if loaded is None:
             return None
         dropped = (loaded.config, loaded.status.plan)
+        self.engine.prefix_cache.clear()  # computed by this model: meaningless for the next
         _release(loaded)
         del loaded
         _free_memory()
@@ -302,14 +319,16 @@ class ModelManager:
         params: GenerationParams,
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         """Continue ``prompt`` (the original scripts' mode), streaming the accumulated text (after
-        status-only updates while it waits for a place in the batch)."""
+        status-only updates while it waits for a place in the batch); a prefix cached in
+        ``cache_scope`` is reused."""
 
         def prepare(loaded: LoadedModel) -> Prompt:
             model, tokenizer = loaded.model, loaded.tokenizer
             ids = encode_prompt(model, tokenizer, prompt, params, max_new_tokens_cap)
-            return Prompt(ids, context_window=context_window(model))
+            return Prompt(ids, context_window=context_window(model), **_scoped(cache_scope))
 
         yield from self._generate(prepare, params, stop_event)
 
@@ -321,10 +340,12 @@ class ModelManager:
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
         system_prompt: str = "",
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         """Reply to ``message`` after ``history``: through the tokenizer's chat template when it
         has one, else in a plain User/Assistant transcript. The final stats say how much of the
-        window the prompt used and how many old turns were left out to fit."""
+        window the prompt used, how many old turns were left out to fit, and how much of the prompt
+        came from a cache kept in ``cache_scope`` (the conversation's previous turn)."""
 
         def prepare(loaded: LoadedModel) -> Prompt:
             tokenizer = loaded.tokenizer
@@ -349,7 +370,9 @@ class ModelManager:
                 add_special_tokens=not templated,
             )
             stops = () if templated else CHAT_STOP_STRINGS
-            return Prompt(ids, stops, context_window=window, dropped_turns=prompt.dropped_turns)
+            return Prompt(
+                ids, stops, context_window=window, dropped_turns=prompt.dropped_turns, **_scoped(cache_scope)
+            )
 
         for update in self._generate(prepare, params, stop_event):
             # The transcript ends with "Assistant:"; the reply itself starts after its space.
@@ -382,6 +405,13 @@ class ModelManager:
         with self._state_lock:
             if self._busy is None or self._busy.startswith("generating"):
                 self._busy = what
+
+
+def _scoped(scope: CacheScope | None) -> dict:
+    """The prompt's cache fields for ``scope`` (none: nothing reused nor kept)."""
+    if scope is None:
+        return {}
+    return {"cache_scope": scope.name, "one_conversation": scope.one_conversation}
 
 
 def _release(loaded: LoadedModel) -> None:

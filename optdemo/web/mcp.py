@@ -17,11 +17,14 @@ from optdemo.app.openai_format import OpenAIError, conversation
 from optdemo.app.service import DemoService
 from optdemo.core import defaults
 from optdemo.core.errors import GenerationError
+from optdemo.core.generation import CacheScope
 from optdemo.web.api import reply_group, session_of
 from optdemo.web.errors import user_errors
 
 # The named endpoints offered as MCP tools; every other public endpoint is hidden from MCP.
 MCP_ENDPOINTS = ("plan", "status", "generate", "chat_messages")
+# MCP clients send the whole conversation each time and share one session: one shared scope.
+MCP_SCOPE = CacheScope("mcp")
 
 
 def register_mcp_tools(service: DemoService) -> None:
@@ -53,7 +56,10 @@ def register_mcp_tools(service: DemoService) -> None:
             raise GenerationError(err.message) from None
         params = service.params(max_new_tokens, temperature, top_p)
         reply = ""
-        for step in service.chat(session_of(request), history, message, params, system_prompt=system):
+        session = session_of(request)
+        for step in service.chat(
+            session, history, message, params, system_prompt=system, cache_scope=MCP_SCOPE
+        ):
             reply = step.text
         return reply
 

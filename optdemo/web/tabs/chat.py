@@ -20,6 +20,7 @@ import gradio as gr
 
 from optdemo.app.service import DemoService
 from optdemo.core import defaults
+from optdemo.core.generation import CacheScope
 from optdemo.web.api import reply_group, session_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.errors import to_gradio_error, user_errors
@@ -176,9 +177,9 @@ def _reply(
             tab.message: "",
             tab.notice: BUSY_NOTICE,
         }
-        for step in service.chat(
-            session_of(request), pairs, text, params, system_prompt, waiting_status=True
-        ):
+        session = session_of(request)
+        scope = CacheScope(f"chat:{session}:{values.get(tab.saved.chat_id) or 'new'}", one_conversation=True)
+        for step in service.chat(session, pairs, text, params, system_prompt, True, scope):
             if step.status:  # waiting for a place in the batch: say where in line
                 waiting = True
                 yield {tab.notice: step.status}
@@ -294,7 +295,8 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         **private,
     )
     # Inputs given as a set reach a handler as one {component: value} dict.
-    with_params = {tab.turns, tab.system_prompt, *tab.controls.all()}
+    # The saved chat's id too: each conversation reuses its own prompt caches.
+    with_params = {tab.turns, tab.system_prompt, tab.saved.chat_id, *tab.controls.all()}
     conversation = [tab.chatbot, tab.turns, tab.message, tab.notice, tab.context_line]
     saved = tab.saved
     save = {
