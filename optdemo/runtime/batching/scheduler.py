@@ -138,10 +138,7 @@ class BatchEngine:
     def prefix_budget(self) -> int:
         """Bytes the prompt caches may hold: the room less the running replies' worst case (the
         batch in force, each at the model's full context); without a computed room, none."""
-        room = self._room
-        if room is None:
-            return 0
-        return max(0, room.room_bytes - self.limit() * room.bytes_per_sequence)
+        return 0 if self._room is None else self._room.prompt_cache_bytes(self.max_batch)
 
     def limit(self) -> int:
         """The batch size in force: the flag, lowered to what the memory budget holds."""
