@@ -2,6 +2,7 @@
 
 python -m optdemo plan facebook/opt-66b --max-memory 0=5GiB,cpu=20GiB
 python -m optdemo generate optdemo/tiny-opt --prompt "Hello" --max-new-tokens 30
+python -m optdemo cache [--clear | --clear-interrupted]
 """
 
 from __future__ import annotations
@@ -69,17 +70,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """List the converted-checkpoint cache with sizes, or clear it."""
+    """List the converted-checkpoint cache with sizes, and what killed conversions left behind
+    (their staging folders take room too, and nothing else shows them); or clear either."""
+    root = convert.converted_root()
     if args.clear:
-        print(f"freed {format_bytes(convert.clear_cache())} in {convert.converted_root()}")
+        print(f"freed {format_bytes(convert.clear_cache())} in {root}")
+        return 0
+    if args.clear_interrupted:
+        print(f"freed {format_bytes(convert.clear_interrupted())} of interrupted conversions in {root}")
         return 0
     entries = convert.cache_entries()
     for entry in entries:
         print(
             f"{format_bytes(entry.bytes):>10}  {entry.model}@{entry.revision} ({entry.dtype})  {entry.path}"
         )
+    stale = [(path, convert.folder_bytes(path)) for path in convert.interrupted_conversions()]
+    for path, size in stale:
+        print(f"{format_bytes(size):>10}  interrupted conversion (a killed load's leftovers)  {path}")
     total = sum(entry.bytes for entry in entries)
-    print(f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in {convert.converted_root()}")
+    print(f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in {root}")
+    if stale:
+        left = format_bytes(sum(size for _, size in stale))
+        print(
+            f"{len(stale)} interrupted conversion(s) left {left}: remove them with "
+            "`python -m optdemo cache --clear-interrupted` (the converted checkpoints stay)"
+        )
     return 0
 
 
@@ -97,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.set_defaults(run=cmd_generate)
     cache = commands.add_parser("cache", help="show (or --clear) the .bin -> safetensors conversion cache")
-    cache.add_argument("--clear", action="store_true", help="delete every converted checkpoint")
+    clearing = cache.add_mutually_exclusive_group()
+    clearing.add_argument(
+        "--clear", action="store_true", help="delete every converted checkpoint and interrupted conversion"
+    )
+    clearing.add_argument(
+        "--clear-interrupted", action="store_true", help="delete only what killed conversions left behind"
+    )
     cache.set_defaults(run=cmd_cache)
     args = parser.parse_args(argv)
     try:

@@ -2,57 +2,82 @@
 
 Outside public mode the person at the machine is the admin and everything is allowed. In public
 mode (``--share``, ``--lock-config``, or a Hugging Face Space; see :class:`AppSettings.public`)
-visitors may chat and preview plans of the allowed models, and only sessions signed in with an
-``--auth`` account may load, unload or clear the conversion cache. Offload folders are confined
-under ``--offload-base`` (always in public mode). Refusals say the true reason and the remedy.
+visitors may chat and preview plans of the allowed models, and only the holders of an admin
+credential may load, unload or clear the conversion cache. A credential is issued by
+:meth:`AccessPolicy.sign_in` for an ``--auth`` account and lives in
+:class:`~optdemo.app.admin_sessions.AdminSessions` (random, expiring, revocable); a call that
+carries none is a visitor's, whatever session it claims. Offload folders are confined under
+``--offload-base`` (always in public mode). Refusals say the true reason and the remedy.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import threading
+import time
 
+from optdemo.app.admin_sessions import AdminGrant, AdminSessions, Clock, SignInLimiter
 from optdemo.app.settings import AppSettings
 from optdemo.core.catalog import OPT_SIZES, TINY_MODEL_ID
+from optdemo.core.defaults import describe_seconds
 from optdemo.core.errors import AccessError
 from optdemo.core.load_config import LoadConfig, normalize_model
 
 
 class AccessPolicy:
-    """The deployment's access rules and the sessions signed in as admins; thread-safe."""
+    """The deployment's access rules, its live admin credentials and its sign-in limit;
+    thread-safe. ``clock`` (monotonic seconds) drives expiry and waits: tests pass their own."""
 
-    def __init__(self, settings: AppSettings) -> None:
+    def __init__(self, settings: AppSettings, clock: Clock = time.monotonic) -> None:
         self.settings = settings
-        self._admins: set[str] = set()
-        self._lock = threading.Lock()
+        self.admins = AdminSessions(clock=clock)
+        self.limiter = SignInLimiter(clock=clock)
 
     # ---------------------------------------------------------------- admins
-    def is_admin(self, session_id: str | None) -> bool:
-        """Whether this session may change the configuration (always, outside public mode)."""
+    def is_admin(self, credential: str | None) -> bool:
+        """Whether the holder of ``credential`` (an admin token, or None) may change the
+        configuration: always outside public mode, else only with a live credential."""
         if not self.settings.public:
             return True
-        with self._lock:
-            return session_id is not None and session_id in self._admins
+        return self.admins.valid(credential)
 
-    def sign_in(self, session_id: str | None, username: str, password: str) -> bool:
-        """Make this session an admin if the credentials match one ``--auth`` account (compared
-        in constant time, every account checked)."""
+    def sign_in(self, client: str, username: object, password: object) -> AdminGrant:
+        """A new admin credential, if the username and password match one ``--auth`` account
+        (compared in constant time, every account checked) and ``client`` (the caller's address)
+        is not waiting after too many failures.
+
+        Raises:
+            TooManySignInsError: during a wait, even with the right password; says how long.
+            AccessError: wrong username or password (saying so, and the wait it now imposes).
+        """
+        self.limiter.check(client)
+        typed_user, typed_secret = _bytes(username), _bytes(password)
         ok = False
         for user, secret in self.settings.auth:
-            ok |= hmac.compare_digest(str(username), user) & hmac.compare_digest(str(password), secret)
-        if ok and session_id:
-            with self._lock:
-                self._admins.add(session_id)
-        return ok
+            same_user = hmac.compare_digest(typed_user, _bytes(user))
+            ok |= same_user & hmac.compare_digest(typed_secret, _bytes(secret))
+        if not ok:
+            wait = self.limiter.failed(client)
+            if wait:
+                raise AccessError(
+                    "wrong username or password, and too many failed sign-ins from your address: "
+                    f"try again in {describe_seconds(wait)}"
+                )
+            raise AccessError("wrong username or password: check them and sign in again")
+        self.limiter.succeeded(client)
+        return self.admins.issue(str(username))
 
-    def require_admin(self, session_id: str | None, action: str) -> None:
-        """Refuse ``action`` (e.g. "unload the model") unless this session is an admin.
+    def sign_out(self, credential: str | None) -> bool:
+        """End ``credential``; True if it was a live one."""
+        return self.admins.revoke(credential)
+
+    def require_admin(self, credential: str | None, action: str) -> None:
+        """Refuse ``action`` (e.g. "unload the model") unless ``credential`` is an admin's.
 
         Raises:
             AccessError: saying why visitors are refused here and what would allow it.
         """
-        if not self.is_admin(session_id):
+        if not self.is_admin(credential):
             raise AccessError(f"visitors cannot {action}: {self.public_reason()}; {self.remedy()}")
 
     def public_reason(self) -> str:
@@ -85,10 +110,10 @@ class AccessPolicy:
         return f"the operator must restart the app with --auth USER:PASS, or without {without}"
 
     # ---------------------------------------------------------------- what visitors may name
-    def allowed_models(self, session_id: str | None = None) -> tuple[str, ...]:
-        """Models this session may name in public mode: for visitors the ``--allow-model`` entries,
-        else the configured one; for admins :meth:`admin_models`."""
-        if self.settings.public and session_id is not None and self.is_admin(session_id):
+    def allowed_models(self, credential: str | None = None) -> tuple[str, ...]:
+        """Models the caller may name in public mode: for visitors the ``--allow-model`` entries,
+        else the configured one; for holders of an admin ``credential`` :meth:`admin_models`."""
+        if self.settings.public and credential is not None and self.is_admin(credential):
             return self.admin_models()
         names = self.settings.allow_models or (self.settings.model,)
         return tuple(normalize_model(name) for name in names)
@@ -102,8 +127,8 @@ class AccessPolicy:
         catalog = (TINY_MODEL_ID, *(normalize_model(name) for name in OPT_SIZES))
         return tuple(dict.fromkeys((*self.allowed_models(), *catalog)))
 
-    def check_config(self, config: LoadConfig, session_id: str | None = None) -> None:
-        """Refuse, in public mode, a model this session may not name, or a tokenizer of a visitor's
+    def check_config(self, config: LoadConfig, credential: str | None = None) -> None:
+        """Refuse, in public mode, a model the caller may not name, or a tokenizer of a visitor's
         choice (an admin's must be one of the admins' models).
 
         Raises:
@@ -111,8 +136,8 @@ class AccessPolicy:
         """
         if not self.settings.public:
             return
-        admin = session_id is not None and self.is_admin(session_id)
-        allowed = self.allowed_models(session_id)
+        admin = credential is not None and self.is_admin(credential)
+        allowed = self.allowed_models(credential if admin else None)
         if config.model not in allowed:
             who = "admins of this public deployment may use" if admin else "this public deployment allows"
             remedy = (
@@ -146,3 +171,8 @@ class AccessPolicy:
                 f"the offload folder must be inside {base_real}: {candidate[:80]!r} is outside it"
             )
         return target
+
+
+def _bytes(text: object) -> bytes:
+    """``text`` as bytes for a constant-time comparison (any string, lone surrogates included)."""
+    return str(text).encode("utf-8", "surrogatepass")

@@ -67,16 +67,17 @@ class BackendChoice:
         return parse_endpoint(settings.backend_url, settings.backend_model, settings.backend_token)
 
     def endpoint_config(
-        self, url: object, model: object = None, token: object = None, session_id: str | None = None
+        self, url: object, model: object = None, token: object = None, admin: str | None = None
     ) -> EndpointConfig:
         """The endpoint a form or call names, with this deployment's rules: in public mode only an
-        admin connects, and only to the operator's endpoint with the operator's token. An empty
-        token or model with the operator's URL means the operator's.
+        admin (``admin``: the caller's admin credential) connects, and only to the operator's
+        endpoint with the operator's token. An empty token or model with the operator's URL means
+        the operator's.
 
         Raises:
             ConfigError: not a usable URL. AccessError: not allowed here.
         """
-        self.access.require_admin(session_id, "connect to a serving endpoint")
+        self.access.require_admin(admin, "connect to a serving endpoint")
         config = parse_endpoint(url, model, token)
         operator = self.operator_endpoint()
         same = operator is not None and operator.url == config.url
@@ -90,14 +91,14 @@ class BackendChoice:
             config = replace(config, model=config.model or operator.model, token=token)
         return config
 
-    def connect(self, config: EndpointConfig, session_id: str | None = None) -> EngineInfo:
+    def connect(self, config: EndpointConfig, admin: str | None = None) -> EngineInfo:
         """Check ``config``'s engine and make it answer chat and completion (admins only in public
         mode). Only once the engine answered is the local model unloaded, to free its memory.
 
         Raises:
             EndpointError: the engine cannot be used, in one sentence (the local model stays).
         """
-        self.access.require_admin(session_id, "connect to a serving endpoint")
+        self.access.require_admin(admin, "connect to a serving endpoint")
         return self.connect_operator(config)
 
     def connect_operator(self, config: EndpointConfig) -> EngineInfo:
@@ -107,10 +108,10 @@ class BackendChoice:
         self.endpoint, self._endpoint_stats = backend, None
         return backend.info
 
-    def disconnect(self, session_id: str | None = None) -> bool:
+    def disconnect(self, admin: str | None = None) -> bool:
         """Stop using the serving endpoint, and the replies it is streaming (admins only in public
         mode); True if one was in use."""
-        self.access.require_admin(session_id, "disconnect the serving endpoint")
+        self.access.require_admin(admin, "disconnect the serving endpoint")
         was, self.endpoint = self.endpoint, None
         if was is not None:
             self.sessions.stop_all()  # as an unload stops the reply in progress

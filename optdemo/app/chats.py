@@ -5,15 +5,23 @@ The Chat tab keeps a *store* in the browser's localStorage (Gradio's ``BrowserSt
 and a turn is ``{"user", "assistant", "stats"}``. The functions here change a store and return a
 new one (never mutating their input), and export/import chats as JSON and as Markdown, so the tab's
 handlers stay thin and all of it is tested without a browser.
+
+The store comes from the browser with each event, so its size is checked before anything reads it:
+:func:`bounded` measures chats in order, newest first, and stops at the first that passes
+``MAX_STORE_CHARS`` (:func:`store_size` stops counting there too), so a forged or damaged store of
+any size costs the server no more than the limit.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+from optdemo.core.defaults import MAX_SAVED_CHATS_CHARS
 from optdemo.core.errors import OptdemoError
 
 Turn = dict  # {"user": str, "assistant": str, "stats": str}
@@ -23,7 +31,8 @@ Store = dict  # {"chats": list[Chat], "current": str | None}
 EXPORT_FORMAT = "optdemo-chats"  # the "format" field of an exported JSON file
 EXPORT_VERSION = 1
 MAX_SAVED_CHATS = 100  # the oldest chats beyond this are forgotten
-MAX_IMPORT_CHARS = 5_000_000  # largest export accepted back
+MAX_STORE_CHARS = MAX_SAVED_CHATS_CHARS  # ...and beyond this size (characters, about its JSON's)
+MAX_IMPORT_CHARS = MAX_STORE_CHARS  # largest export accepted back (checked before it is parsed)
 TITLE_CHARS = 48  # a new chat's title: the start of its first message
 USER_HEADING = "### User"
 ASSISTANT_HEADING = "### Assistant"
@@ -39,13 +48,47 @@ def empty_store() -> Store:
 
 
 def normalized(store: Any) -> Store:
-    """A valid store from whatever the browser sent (None, an older shape, damaged data)."""
+    """A valid store from whatever the browser sent (None, an older shape, damaged data), within
+    the size limit (see :func:`bounded`)."""
+    return bounded(store)[0]
+
+
+def bounded(store: Any) -> tuple[Store, int]:
+    """A valid store from whatever the browser sent, and how many chats were left out of it: its
+    first (newest) chats up to ``MAX_SAVED_CHATS`` and ``MAX_STORE_CHARS``. The first chat that
+    does not fit ends it, so what lies beyond is never read."""
     if not isinstance(store, dict) or not isinstance(store.get("chats"), list):
-        return empty_store()
-    chats = [chat for chat in (_clean_chat(c) for c in store["chats"]) if chat is not None]
+        return empty_store(), 0
+    raw = store["chats"]
+    kept = _first_that_fit(raw)
+    chats = [chat for chat in (_clean_chat(c) for c in kept) if chat is not None]
     ids = {chat["id"] for chat in chats}
     current = store.get("current") if store.get("current") in ids else None
-    return {"chats": chats, "current": current}
+    return {"chats": chats, "current": current}, len(raw) - len(kept)
+
+
+def store_size(value: object, limit: int) -> int:
+    """About the size of ``value``'s JSON (a store, a chat): each text's characters and its two
+    quotes, one for every other value. Counting stops once past ``limit`` (every value counts at
+    least one), so measuring costs no more than the limit whatever the value holds."""
+    size = 0
+    pending: list[Iterator[object]] = [iter((value,))]
+    while pending and size <= limit:
+        item = next(pending[-1], _END)
+        if item is _END:
+            pending.pop()
+        elif isinstance(item, str):
+            size += len(item) + 2
+        else:
+            size += 1
+            if isinstance(item, dict):
+                pending.append(itertools.chain.from_iterable(item.items()))
+            elif isinstance(item, (list, tuple)):
+                pending.append(iter(item))
+    return size
+
+
+_END = object()  # store_size's "no more items here"
 
 
 def find(store: Store, chat_id: str | None) -> Chat | None:
@@ -71,7 +114,8 @@ def save(
     store: Store, chat_id: str | None, turns: list[Turn], now: float | None = None
 ) -> tuple[Store, str | None]:
     """Store ``turns`` as chat ``chat_id`` (a new chat when None) and make it current; returns the
-    new store and the chat's id. A chat with no turns is removed (nothing worth keeping)."""
+    new store and the chat's id. A chat with no turns is removed (nothing worth keeping); the
+    oldest chats beyond the store's limits are forgotten (and a chat too big to keep, its id None)."""
     now = time.time() if now is None else now
     chats = [dict(chat) for chat in store["chats"]]
     existing = next((chat for chat in chats if chat["id"] == chat_id), None)
@@ -81,7 +125,9 @@ def save(
         existing = {"id": chat_id or new_id(), "title": title_for(turns), "turns": [], "updated": now}
         chats.append(existing)
     existing.update(turns=[dict(turn) for turn in turns], updated=now)
-    return {"chats": _newest(chats), "current": existing["id"]}, existing["id"]
+    chats = _newest(chats)
+    saved = existing["id"] if any(chat is existing for chat in chats) else None  # None: too big to keep
+    return {"chats": chats, "current": saved}, saved
 
 
 def rename(store: Store, chat_id: str | None, title: str) -> Store:
@@ -99,10 +145,20 @@ def delete(store: Store, chat_id: str | None) -> Store:
 
 
 def add_imported(store: Store, imported: list[Chat], now: float | None = None) -> Store:
-    """The store with ``imported`` chats added (new ids, so importing twice never overwrites)."""
+    """The store with ``imported`` chats added (new ids, so importing twice never overwrites).
+
+    Raises:
+        ChatStoreError: together they would pass ``MAX_STORE_CHARS``.
+    """
     now = time.time() if now is None else now
     added = [dict(chat, id=new_id(), updated=now + index * 1e-3) for index, chat in enumerate(imported)]
-    return {"chats": _newest([*store["chats"], *added]), "current": store["current"]}
+    chats = [*store["chats"], *added]
+    if store_size(chats, MAX_STORE_CHARS) > MAX_STORE_CHARS:
+        raise ChatStoreError(
+            f"importing these chats would take this browser's saved chats over {MAX_STORE_CHARS} "
+            "characters, the limit here: delete some saved chats (or import fewer) first"
+        )
+    return {"chats": _newest(chats), "current": store["current"]}
 
 
 def new_id() -> str:
@@ -148,7 +204,10 @@ def parse_export(text: object) -> list[Chat]:
     if not isinstance(text, str) or not text.strip():
         raise ChatStoreError("nothing to import: paste an exported chat (JSON or Markdown)")
     if len(text) > MAX_IMPORT_CHARS:
-        raise ChatStoreError(f"the import is {len(text)} characters long; the limit is {MAX_IMPORT_CHARS}")
+        raise ChatStoreError(
+            f"the import is {len(text)} characters long; the limit is {MAX_IMPORT_CHARS}: import fewer "
+            "chats at a time"
+        )
     chats = _parse_json(text) if text.lstrip().startswith("{") else _parse_markdown(text)
     chats = [chat for chat in chats if chat["turns"]]
     if not chats:
@@ -224,5 +283,18 @@ def _clean_chat(chat: Any) -> Chat | None:
 
 
 def _newest(chats: list[Chat]) -> list[Chat]:
-    """The most recently changed ``MAX_SAVED_CHATS`` chats."""
-    return sorted(chats, key=lambda chat: chat["updated"], reverse=True)[:MAX_SAVED_CHATS]
+    """The most recently changed chats, at most ``MAX_SAVED_CHATS`` and ``MAX_STORE_CHARS``."""
+    return _first_that_fit(sorted(chats, key=lambda chat: chat["updated"], reverse=True))
+
+
+def _first_that_fit(chats: list[Any]) -> list[Any]:
+    """The first ``chats`` within ``MAX_SAVED_CHATS`` and ``MAX_STORE_CHARS``: the first that
+    does not fit ends the list, and nothing after it is read."""
+    kept, room = [], MAX_STORE_CHARS
+    for chat in chats[:MAX_SAVED_CHATS]:
+        size = store_size(chat, room)
+        if size > room:
+            break
+        kept.append(chat)
+        room -= size
+    return kept

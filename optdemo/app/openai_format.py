@@ -8,17 +8,27 @@ unit-tested without a server; every refusal is an :class:`OpenAIError` whose mes
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from optdemo.app.admission import QueueFullError
+from optdemo.app.openai_fields import (
+    CHAT_UNSUPPORTED,
+    COMPLETION_UNSUPPORTED,
+    FieldError,
+    Unsupported,
+    check_unicode,
+    refuse_unsupported,
+    stop_sequences,
+)
 from optdemo.core import defaults
 from optdemo.core.chat_prompt import ChatTurn
 from optdemo.core.errors import AccessError, BusyError, EndpointError, NoModelError, OptdemoError
 from optdemo.core.generation import GenerationStats, cut_at_stop
 
-MAX_STOP_SEQUENCES = 4  # as OpenAI's API: "up to 4 sequences"
 OWNER = "optdemo"  # the ``owned_by`` of the models listed by /v1/models
 # ``model`` values that mean "whatever this server serves": none, "default", and "dummy", which
 # huggingface_hub's InferenceClient sends when it was given a URL instead of a model (as for TGI).
@@ -54,6 +64,8 @@ def error_for(exc: OptdemoError) -> OpenAIError:
             "server_error",
             code="model_not_loaded",
         )
+    if isinstance(exc, QueueFullError):  # every place for a reply is taken: retry later
+        return OpenAIError(message, 429, "rate_limit_error", code="queue_full")
     if isinstance(exc, BusyError):
         return OpenAIError(message, 503, "server_error", code="model_busy")
     if isinstance(exc, AccessError):
@@ -61,6 +73,24 @@ def error_for(exc: OptdemoError) -> OpenAIError:
     if isinstance(exc, EndpointError):  # the serving endpoint behind this server failed
         return OpenAIError(message, 502, "server_error", code="backend_error")
     return OpenAIError(message, 400)
+
+
+def cut_error(stats: GenerationStats | None, stopped_at_sequence: bool) -> OpenAIError | None:
+    """The error for a reply the server cut before its end (its stats say ``stopped``, and no stop
+    sequence ended it: the model was unloaded or replaced, or the serving endpoint disconnected),
+    or None for a reply that ended by itself. OpenAI's finish_reason has no value for a cut reply
+    ("stop" says the model ended it, "length" that max_tokens did): a client told either would keep
+    a truncated reply as complete, so it gets a 503 (a stream: an error event after its text), as
+    OpenAI reports a reply its servers could not finish, and sends again."""
+    if stats is None or not stats.stopped or stopped_at_sequence:
+        return None
+    return OpenAIError(
+        "the reply was cut short: the model was unloaded or replaced, or its serving endpoint "
+        "disconnected, while it was being written; send the request again",
+        503,
+        "server_error",
+        code="reply_cut",
+    )
 
 
 # ---------------------------------------------------------------------------------- requests
@@ -107,8 +137,7 @@ def parse_chat(body: object, max_chars: int) -> ChatRequest:
     Raises:
         OpenAIError: a missing or malformed field, or a feature this server does not offer.
     """
-    body = _object(body)
-    _refuse_unsupported(body, ("tools", "functions", "logprobs", "top_logprobs"))
+    body = _object(body, CHAT_UNSUPPORTED)
     history, message, system = conversation(body.get("messages"), max_chars)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return ChatRequest(
@@ -122,8 +151,7 @@ def parse_completion(body: object) -> CompletionRequest:
     Raises:
         OpenAIError: a missing or malformed field, or a feature this server does not offer.
     """
-    body = _object(body)
-    _refuse_unsupported(body, ("logprobs", "suffix", "echo", "best_of"))
+    body = _object(body, COMPLETION_UNSUPPORTED)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -134,18 +162,24 @@ def parse_completion(body: object) -> CompletionRequest:
     return CompletionRequest(_model(body), prompt, _sampling(body, body.get("max_tokens")), *_streaming(body))
 
 
-def _object(body: object) -> Mapping:
+def _object(body: object, unsupported: Mapping[str, Unsupported]) -> Mapping:
+    """``body`` as a JSON object whose text is valid Unicode and which asks for nothing in
+    ``unsupported`` (the first such field is refused, naming it and what optdemo offers)."""
     if not isinstance(body, Mapping):
         raise OpenAIError("the request body must be a JSON object")
-    if body.get("n", 1) not in (1, None):
-        raise OpenAIError("n must be 1: this server writes one reply per request", param="n")
+    with _refused():
+        check_unicode(body)
+        refuse_unsupported(body, unsupported)
     return body
 
 
-def _refuse_unsupported(body: Mapping, names: Sequence[str]) -> None:
-    for name in names:
-        if body.get(name) not in (None, False, [], 0, ""):
-            raise OpenAIError(f"{name} is not supported by this server", param=name)
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A field check's :class:`FieldError` as the 400 it is."""
+    try:
+        yield
+    except FieldError as err:
+        raise OpenAIError(str(err), param=err.param, code=err.code) from None
 
 
 def _model(body: Mapping) -> str | None:
@@ -156,12 +190,6 @@ def _model(body: Mapping) -> str | None:
 
 
 def _sampling(body: Mapping, max_tokens: object) -> Sampling:
-    stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stops):
-        raise OpenAIError(
-            f"stop must be a text or a list of up to {MAX_STOP_SEQUENCES} non-empty texts", param="stop"
-        )
     given = {
         name: body[name]
         for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -169,6 +197,8 @@ def _sampling(body: Mapping, max_tokens: object) -> Sampling:
     }
     if max_tokens is not None:
         given["max_tokens"] = max_tokens
+    with _refused():
+        stops = stop_sequences(body.get("stop"))
     return Sampling(**given, stop=stops)
 
 
@@ -194,7 +224,9 @@ def _text(message: object, index: int) -> tuple[str, str]:
     if isinstance(content, list):
         if not all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
             raise OpenAIError(f"{param}: only text content is supported by this server", param=param)
-        content = "".join(str(p.get("text") or "") for p in content)
+        if not all(isinstance(p.get("text", ""), str) for p in content):
+            raise OpenAIError(f"{param}: the text of a content part must be text", param=param)
+        content = "".join(p.get("text", "") for p in content)
     if content is None and message["role"] == "assistant":
         content = ""
     if not isinstance(content, str):
@@ -209,7 +241,8 @@ def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str,
     (its chat template's, or the plain format's preamble) rather than as words of the user.
 
     Raises:
-        OpenAIError: a malformed message, one over ``max_chars``, or no user message last.
+        OpenAIError: a malformed message, one over ``max_chars`` (user messages in a row count as
+            one), or no user message last. The turns' number and size are the service's to check.
     """
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("messages must be a non-empty list of {role, content} objects", param="messages")
@@ -226,7 +259,14 @@ def conversation(messages: object, max_chars: int) -> tuple[list[ChatTurn], str,
             system.append(text)
         elif role == "user" and (not turns or turns[-1][1] is not None):
             turns.append([text, None])  # type: ignore[list-item]
-        elif role == "user":  # two user messages in a row: one message
+        elif role == "user":  # two user messages in a row: one message, under the same limit
+            joined = len(turns[-1][0]) + 1 + len(text)
+            if joined > max_chars:  # checked before joining: a long run is never joined in full
+                raise OpenAIError(
+                    f"messages[{index}] makes the user's message {joined} characters long (user "
+                    f"messages in a row are one message); the limit here is {max_chars}",
+                    param=f"messages[{index}]",
+                )
             turns[-1][0] = f"{turns[-1][0]}\n{text}"
         elif turns and turns[-1][1] is None:
             turns[-1][1] = text

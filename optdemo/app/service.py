@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from optdemo.app.access import AccessPolicy
+from optdemo.app.admin_sessions import AdminGrant
+from optdemo.app.admission import Admission
 from optdemo.app.backend_choice import BackendChoice
 from optdemo.app.sessions import SessionStore
 from optdemo.app.settings import AppSettings
@@ -25,7 +27,7 @@ from optdemo.core import defaults
 from optdemo.core.backend import Backend
 from optdemo.core.budget import format_bytes, parse_max_memory
 from optdemo.core.catalog import OPT_SIZES, TINY_MODEL_ID, catalog_entry
-from optdemo.core.chat_prompt import ChatTurn
+from optdemo.core.chat_prompt import ChatTurn, checked_history
 from optdemo.core.errors import (
     ConfigError,
     GenerationError,
@@ -94,6 +96,8 @@ class DemoService:
         self.settings = settings
         self.access = AccessPolicy(settings)
         self.sessions = SessionStore(settings.max_history_turns)
+        # Every reply, from any route, holds one of these places until it ends.
+        self.admission = Admission(settings.queue_size, settings.max_batch)
         # The local model, or the serving endpoint connected in its place.
         self.backends = BackendChoice(manager, settings, self.access, self.sessions)
 
@@ -116,13 +120,21 @@ class DemoService:
         return self.backends.endpoint
 
     # ---------------------------------------------------------------- access
-    def is_admin(self, session_id: str | None) -> bool:
-        """Whether this session may change the configuration (always, outside public mode)."""
-        return self.access.is_admin(session_id)
+    # ``admin`` below is the caller's admin credential (the token a sign-in issued, or None),
+    # never a session id: a session hash is chosen by the client and seen by others.
+    def is_admin(self, admin: str | None) -> bool:
+        """Whether the holder of ``admin`` may change the configuration (always, outside public
+        mode)."""
+        return self.access.is_admin(admin)
 
-    def sign_in(self, session_id: str | None, username: str, password: str) -> bool:
-        """Make this session an admin if the credentials match one ``--auth`` account."""
-        return self.access.sign_in(session_id, username, password)
+    def sign_in(self, client: str, username: object, password: object) -> AdminGrant:
+        """A new admin credential for an ``--auth`` account; ``client`` is the caller's address,
+        whose failed attempts make it wait (:meth:`AccessPolicy.sign_in`)."""
+        return self.access.sign_in(client, username, password)
+
+    def sign_out(self, admin: str | None) -> bool:
+        """End the admin credential ``admin``; True if it was live."""
+        return self.access.sign_out(admin)
 
     # ---------------------------------------------------------------- configuration
     def initial_config(self) -> LoadConfig:
@@ -139,9 +151,9 @@ class DemoService:
             quantization=self.settings.quantization,
         )
 
-    def model_choices(self, session_id: str | None = None) -> list[tuple[str, str]]:
+    def model_choices(self, admin: str | None = None) -> list[tuple[str, str]]:
         """(label, value) pairs for the model picker: the tiny model and the eight OPT sizes (in
-        public mode, those this session may use)."""
+        public mode, those the caller may use)."""
         choices = [("tiny-opt (built-in, 0.3M params, works offline)", TINY_MODEL_ID)]
         for name in OPT_SIZES:
             entry = catalog_entry(name)
@@ -153,7 +165,7 @@ class DemoService:
                 )
             )
         if self.settings.public:
-            allowed = set(self.access.allowed_models(session_id))
+            allowed = set(self.access.allowed_models(admin))
             choices = [c for c in choices if c[1] in allowed]
         return choices
 
@@ -168,11 +180,11 @@ class DemoService:
         tokenizer: str | None = None,
         fast_offload: bool = True,
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
-        session_id: str | None = None,
+        admin: str | None = None,
         disk_tier: str = defaults.DEFAULT_DISK_TIER,
     ) -> LoadConfig:
-        """Build a :class:`LoadConfig` from form or API values, applying public-mode rules for this
-        session (admins may name more models than visitors).
+        """Build a :class:`LoadConfig` from form or API values, applying public-mode rules for the
+        caller (holders of an admin credential may name more models than visitors).
 
         Raises:
             ConfigError / BudgetError: a value is invalid or not allowed here.
@@ -202,7 +214,7 @@ class DemoService:
             cpu_layers=cpu_layers or defaults.DEFAULT_CPU_LAYERS,
             disk_tier=disk_tier or defaults.DEFAULT_DISK_TIER,
         )
-        self.access.check_config(config, session_id)
+        self.access.check_config(config, admin)
         return config
 
     # ---------------------------------------------------------------- plan / load
@@ -227,7 +239,7 @@ class DemoService:
         return predict_plan(plan, probe_hardware().ram_available_bytes)
 
     def load(
-        self, config: LoadConfig, session_id: str | None = None, progress: Callable | None = None
+        self, config: LoadConfig, admin: str | None = None, progress: Callable | None = None
     ) -> LoadReport:
         """Load ``config`` (admins only in public mode); reuses when unchanged. Every error names
         the model it is about, so that the failure of an earlier request (a slow one, for another
@@ -235,7 +247,7 @@ class DemoService:
         try:
             current = self.manager.current_config
             if current is None or current != config or self.endpoint is not None:
-                self.access.require_admin(session_id, "load or change the model")
+                self.access.require_admin(admin, "load or change the model")
             report = self.manager.load(config, progress)
         except OptdemoError as exc:
             raise naming_model(exc, config) from None
@@ -250,11 +262,11 @@ class DemoService:
             return self.backends.connect_operator(operator).describe()
         return self.manager.load(self.initial_config()).message
 
-    def unload(self, session_id: str | None = None) -> bool:
+    def unload(self, admin: str | None = None) -> bool:
         """Unload the model, or disconnect the serving endpoint (admins only in public mode)."""
         if self.endpoint is not None:
-            return self.backends.disconnect(session_id)
-        self.access.require_admin(session_id, "unload the model")
+            return self.backends.disconnect(admin)
+        self.access.require_admin(admin, "unload the model")
         return self.manager.unload()
 
     def conversion_cache(self) -> str:
@@ -271,11 +283,11 @@ class DemoService:
             line += f"; {len(stale)} interrupted conversion(s) left {left} (Clear cache removes them)"
         return line
 
-    def clear_conversion_cache(self, session_id: str | None = None) -> int:
+    def clear_conversion_cache(self, admin: str | None = None) -> int:
         """Delete the converted checkpoints (admins only in public mode); returns bytes freed."""
         from optdemo.weights import convert
 
-        self.access.require_admin(session_id, "clear the conversion cache")
+        self.access.require_admin(admin, "clear the conversion cache")
         return convert.clear_cache(in_use=self.manager.status().checkpoint or None)
 
     # ---------------------------------------------------------------- generation
@@ -334,24 +346,24 @@ class DemoService:
         params: GenerationParams,
         system_prompt: str = "",
         waiting_status: bool = False,
+        admin: str | None = None,
         cache_scope: CacheScope | None = None,
     ) -> Iterator[ChatReply]:
         """Stream a chat reply for one session; ``stop(session_id)`` ends it early.
         ``system_prompt`` replaces the default instructions (in the model's chat template, or
         as the plain transcript's preamble). With ``waiting_status``, steps with a ``status``
-        (and no text) tell the place in line while the reply waits for the model. The prompt
-        reuses what the conversation's previous turn cached, in ``cache_scope`` (by default the
-        session's one conversation)."""
+        (and no text) tell the place in line while the reply waits for the model. ``admin`` (the
+        caller's admin credential) only words the error when no model is loaded. The prompt reuses
+        what the conversation's previous turn cached, in ``cache_scope`` (by default the session's
+        one conversation)."""
         message = self._check_text(message, "message")
         system_prompt = self._check_text(
             system_prompt or "", "system prompt", defaults.MAX_SYSTEM_PROMPT_CHARS, empty_ok=True
         )
-        history = list(history)
-        if len(history) >= self.settings.max_history_turns:
-            raise GenerationError(
-                f"this conversation has reached the limit of {self.settings.max_history_turns} turns "
-                "here: clear it (or undo a turn) to go on"
-            )
+        limits = self.settings
+        history = checked_history(
+            history, limits.max_history_turns, limits.max_message_chars, limits.max_history_chars
+        )
         cap = self.settings.max_new_tokens_cap
         backend = self.backend
         scope = cache_scope or CacheScope(f"session:{session_id}", one_conversation=True)
@@ -359,6 +371,7 @@ class DemoService:
             session_id,
             lambda stop: backend.stream_chat(history, message, params, stop, cap, system_prompt, scope),
             waiting_status,
+            admin,
         )
 
     def complete(
@@ -367,10 +380,12 @@ class DemoService:
         prompt: str,
         params: GenerationParams,
         waiting_status: bool = False,
+        admin: str | None = None,
         cache_scope: CacheScope | None = None,
     ) -> Iterator[ChatReply]:
-        """Stream a continuation of ``prompt`` (the original scripts' mode); ``waiting_status`` as
-        in :meth:`chat`; a prefix cached in ``cache_scope`` (by default the session's) is reused."""
+        """Stream a continuation of ``prompt`` (the original scripts' mode); ``waiting_status`` and
+        ``admin`` as in :meth:`chat`; a prefix cached in ``cache_scope`` (by default the session's)
+        is reused."""
         prompt = self._check_text(prompt, "prompt")
         cap = self.settings.max_new_tokens_cap
         backend = self.backend
@@ -379,6 +394,7 @@ class DemoService:
             session_id,
             lambda stop: backend.stream_completion(prompt, params, stop, cap, scope),
             waiting_status,
+            admin,
         )
 
     def _streamed(
@@ -386,27 +402,30 @@ class DemoService:
         session_id: str,
         start: Callable[[threading.Event], Iterator[GenerationUpdate]],
         waiting_status: bool,
+        admin: str | None = None,
     ) -> Iterator[ChatReply]:
         """Run one reply with a stop event registered for the session, as ChatReply steps (the
-        place-in-line steps only when ``waiting_status``)."""
-        event = self.sessions.start_reply(session_id)
-        try:
-            for update in start(event):
-                if update.stats is not None:
-                    self.backends.record(update.stats)
-                if update.status and not waiting_status:
-                    continue
-                yield ChatReply(update.text, update.stats, update.status)
-        except NoModelError:
-            if self.settings.public and not self.access.is_admin(session_id):
-                # A visitor cannot load one: say who can, not where the (locked) button is.
-                raise NoModelForVisitorsError(
-                    "no model is loaded, and visitors cannot load one here: the operator or a "
-                    "signed-in admin can; try again once one is loaded"
-                ) from None
-            raise
-        finally:
-            self.sessions.end_reply(session_id, event)
+        place-in-line steps only when ``waiting_status``). The reply holds an admission place
+        from its first step to its end (refused at once when none is left: QueueFullError)."""
+        with self.admission.place():
+            event = self.sessions.start_reply(session_id)
+            try:
+                for update in start(event):
+                    if update.stats is not None:
+                        self.backends.record(update.stats)
+                    if update.status and not waiting_status:
+                        continue
+                    yield ChatReply(update.text, update.stats, update.status)
+            except NoModelError:
+                if self.settings.public and not self.access.is_admin(admin):
+                    # A visitor cannot load one: say who can, not where the (locked) button is.
+                    raise NoModelForVisitorsError(
+                        "no model is loaded, and visitors cannot load one here: the operator or a "
+                        "signed-in admin can; try again once one is loaded"
+                    ) from None
+                raise
+            finally:
+                self.sessions.end_reply(session_id, event)
 
     def stop(self, session_id: str) -> bool:
         """Stop this session's running reply, if any."""

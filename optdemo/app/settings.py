@@ -20,6 +20,7 @@ from optdemo.core.defaults import (
     DEFAULT_CPU_LAYERS,
     DEFAULT_DISK_TIER,
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_HISTORY_CHARS,
     DEFAULT_MAX_HISTORY_TURNS,
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MAX_NEW_TOKENS_CAP,
@@ -59,6 +60,7 @@ class AppSettings:
     max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     max_history_turns: int = DEFAULT_MAX_HISTORY_TURNS
+    max_history_chars: int = DEFAULT_MAX_HISTORY_CHARS  # characters in a conversation's earlier turns
     queue_size: int = DEFAULT_QUEUE_SIZE
     max_batch: int = DEFAULT_MAX_BATCH  # replies decoded together; more wait in line
     prefix_cache: bool = True  # keep prompts' caches for the next prompts that start with them
@@ -206,6 +208,13 @@ FLAGS = (
         f"chat turns kept per session (default {DEFAULT_MAX_HISTORY_TURNS})",
         kind="int",
         default=DEFAULT_MAX_HISTORY_TURNS,
+    ),
+    Flag(
+        "max-history-chars",
+        "most characters in a conversation's earlier turns, all together (default "
+        f"{DEFAULT_MAX_HISTORY_CHARS})",
+        kind="int",
+        default=DEFAULT_MAX_HISTORY_CHARS,
     ),
     Flag(
         "queue-size",
@@ -394,6 +403,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         max_new_tokens_cap=args.max_new_tokens_cap,
         max_message_chars=args.max_message_chars,
         max_history_turns=args.max_history_turns,
+        max_history_chars=args.max_history_chars,
         queue_size=args.queue_size,
         max_batch=args.max_batch,
         prefix_cache=not args.no_prefix_cache,

@@ -98,6 +98,57 @@ def template_renderer(tokenizer: Any) -> Renderer:
     return render
 
 
+def checked_history(history: object, max_turns: int, max_chars: int, max_total_chars: int) -> list[ChatTurn]:
+    """``history`` as (message, reply) pairs of text, once it is known to be one and within the
+    deployment's bounds; ``None`` for a text (no reply yet) is "". A conversation comes from
+    outside (an API call, the browser's saved chats), so its size bounds what a request costs.
+
+    Args:
+        history: earlier turns, oldest first, as sent.
+        max_turns: a conversation with this many turns is refused (--max-history-turns).
+        max_chars: longest message or reply in a turn (--max-message-chars).
+        max_total_chars: most characters in all its turns (--max-history-chars).
+
+    Raises:
+        GenerationError: the limit broken, in a sentence that says what to do.
+    """
+    if not isinstance(history, (list, tuple)):
+        raise GenerationError(
+            "the conversation's earlier turns must be a list of (message, reply) pairs: clear the "
+            "conversation to go on"
+        )
+    if len(history) >= max_turns:  # before reading any turn
+        raise GenerationError(
+            f"this conversation has reached the limit of {max_turns} turns here: clear it (or undo a "
+            "turn) to go on"
+        )
+    remedy = "clear the conversation (or undo turns) to go on"
+    turns: list[ChatTurn] = []
+    total = 0
+    for number, turn in enumerate(history, start=1):
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+            raise GenerationError(
+                f"turn {number} of this conversation is not a (message, reply) pair: {remedy}"
+            )
+        user, bot = ("" if text is None else text for text in turn)
+        for text, what in ((user, "message"), (bot, "reply")):
+            where = f"the {what} in turn {number} of this conversation"
+            if not isinstance(text, str):
+                raise GenerationError(f"{where} is not text: {remedy}")
+            if len(text) > max_chars:
+                raise GenerationError(
+                    f"{where} is {len(text)} characters long; the limit here is {max_chars}: {remedy}"
+                )
+        total += len(user) + len(bot)
+        if total > max_total_chars:
+            raise GenerationError(
+                f"the earlier turns of this conversation hold more than {max_total_chars} characters, "
+                "the limit here: clear it (or undo turns) to go on"
+            )
+        turns.append((user, bot))
+    return turns
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether the tokenizer carries a chat template (an instruction-tuned model)."""
     return bool(getattr(tokenizer, "chat_template", None))
@@ -110,12 +161,13 @@ def chat_format_name(tokenizer: Any) -> str:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A conversation laid out for the model: the text, its token count, and how many old turns
-    were left out to fit the window."""
+    """A conversation laid out for the model: the text, its token count, how many old turns were
+    left out to fit the window, and (when the layout was given an ``encode``) the text's token ids."""
 
     text: str
     dropped_turns: int
     prompt_tokens: int = 0
+    input_ids: tuple[int, ...] | None = None
 
 
 def build_chat_prompt(
@@ -127,8 +179,19 @@ def build_chat_prompt(
     cap: int = MAX_NEW_TOKENS_LIMIT,
     render: Renderer = render_plain,
     system_prompt: str = "",
+    encode: Callable[[str], Sequence[int]] | None = None,
 ) -> ChatPrompt:
-    """Lay out the conversation with ``render`` and drop the oldest turns until the reply fits.
+    """Lay out the conversation with ``render``, leaving out the oldest turns the reply has no room
+    for: the fewest dropped turns whose whole prompt fits ``window - max_new_tokens``.
+
+    The work is linear in what is kept, whatever the history's length: each turn is counted once,
+    alone, newest first, up to the first that cannot fit (its tokens in a one-turn conversation
+    minus those of none, which is exact for the plain transcript and close for a template); then
+    the whole prompt is rendered and counted near that estimate, twice when it is exact (it fits,
+    and one more turn does not), else by a galloping search over the number of dropped turns
+    (a few more renders, logarithmic in the estimate's error). Old turns that cannot fit are never
+    rendered. The result equals rendering and counting the whole conversation once per dropped
+    turn, as long as dropping a turn never lengthens the prompt.
 
     Args:
         history: earlier (user, assistant) turns, oldest first.
@@ -139,15 +202,100 @@ def build_chat_prompt(
         cap: the operator's cap on max_new_tokens.
         render: the chat format (plain transcript or the model's template).
         system_prompt: instructions before the conversation ("" for the format's default).
+        encode: the tokenizer's ids for a text; when given, the whole prompt is tokenized with it
+            (the ids kept in ``input_ids``: exactly the whole text's tokenization).
 
     Raises:
         GenerationError: max_new_tokens breaks the rule even with every old turn dropped.
     """
-    check_max_new_tokens(max_new_tokens, window, count_tokens(render(system_prompt, [], message)), cap)
+    layouts = _Layouts(history, message, render, system_prompt, count_tokens, encode)
+    alone = layouts.of(len(history))  # the message alone: every old turn dropped
+    check_max_new_tokens(max_new_tokens, window, alone.prompt_tokens, cap)
     budget = window - max_new_tokens
-    for dropped in range(len(history) + 1):
-        text = render(system_prompt, history[dropped:], message)
-        tokens = count_tokens(text)
-        if tokens <= budget:
-            return ChatPrompt(text, dropped, tokens)
-    raise AssertionError("unreachable: the message alone was checked to fit")  # pragma: no cover
+    estimate = _estimated_drop(history, render, count_tokens, budget - alone.prompt_tokens)
+    dropped = _fewest_dropped(estimate, len(history), lambda d: layouts.of(d).prompt_tokens <= budget)
+    return layouts.of(dropped)
+
+
+class _Layouts:
+    """The whole prompt for a number of dropped turns, rendered and tokenized once each."""
+
+    def __init__(
+        self,
+        history: Sequence[ChatTurn],
+        message: str,
+        render: Renderer,
+        system_prompt: str,
+        count_tokens: Callable[[str], int],
+        encode: Callable[[str], Sequence[int]] | None,
+    ) -> None:
+        self._history, self._message, self._render, self._system = history, message, render, system_prompt
+        self._count, self._encode = count_tokens, encode
+        self._done: dict[int, ChatPrompt] = {}
+
+    def of(self, dropped: int) -> ChatPrompt:
+        """The prompt without the ``dropped`` oldest turns."""
+        if dropped not in self._done:
+            text = self._render(self._system, self._history[dropped:], self._message)
+            if self._encode is None:
+                self._done[dropped] = ChatPrompt(text, dropped, self._count(text))
+            else:
+                ids = tuple(self._encode(text))
+                self._done[dropped] = ChatPrompt(text, dropped, len(ids), ids)
+        return self._done[dropped]
+
+
+# A stand-in message for counting one turn's tokens apart from the real message.
+_PROBE_MESSAGE = "?"
+
+
+def _estimated_drop(
+    history: Sequence[ChatTurn], render: Renderer, count_tokens: Callable[[str], int], room: int
+) -> int:
+    """How many oldest turns to drop, from each turn's own tokens: newest first, until the turns'
+    sum passes ``room`` (the budget minus the message alone). Each turn is counted once."""
+    empty = _turn_tokens(render, count_tokens, None)
+    used = 0
+    for index in range(len(history) - 1, -1, -1):
+        used += _turn_tokens(render, count_tokens, history[index]) - empty
+        if used > room:
+            return index + 1
+    return 0
+
+
+def _turn_tokens(render: Renderer, count_tokens: Callable[[str], int], turn: ChatTurn | None) -> int:
+    """Tokens of a conversation of ``turn`` (None: of none) and a short message; a template that
+    refuses such a conversation is estimated from the turn's text alone (the search corrects it)."""
+    try:
+        return count_tokens(render("", [] if turn is None else [turn], _PROBE_MESSAGE))
+    except GenerationError:
+        return 0 if turn is None else count_tokens(f"{turn[0] or ''}\n{turn[1] or ''}")
+
+
+def _fewest_dropped(start: int, most: int, fits: Callable[[int], bool]) -> int:
+    """The smallest number of dropped turns in [0, most] that ``fits``, searched from ``start``
+    (``fits(most)`` holds: the message alone was checked): a step at a time, doubling, until the
+    answer is bracketed, then halving. Assumes dropping more never stops a prompt from fitting."""
+    if fits(start):
+        good, step = start, 1
+        while True:  # does keeping more also fit?
+            probe = good - step
+            if probe < 0 or not fits(probe):
+                bad = max(probe, -1)
+                break
+            good, step = probe, step * 2
+    else:
+        bad, step = start, 1
+        while True:  # drop more until it fits
+            probe = bad + step
+            if probe >= most or fits(probe):
+                good = min(probe, most)
+                break
+            bad, step = probe, step * 2
+    while good - bad > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good

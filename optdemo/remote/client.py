@@ -1,14 +1,16 @@
 """Talking to a serving engine's OpenAI-compatible API: which endpoint (:class:`EndpointConfig`),
 what it reported when checked (:class:`EngineInfo`), and every failure as one sentence
-(:func:`explain`). Requests go through huggingface_hub's HTTP session, as InferenceClient's do, so
-they obey the same settings (HF_HUB_OFFLINE included).
+(:func:`explain`, :func:`refusal`, all made by :func:`failure`, which removes secrets). Requests go
+through huggingface_hub's HTTP session (streamed replies: :mod:`optdemo.remote.engine_stream`), so
+they obey the same settings (HF_HUB_OFFLINE included). The endpoint's token is registered as a
+secret as soon as it is given, so no message or log shows it, even quoted back by the engine.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -19,7 +21,7 @@ from huggingface_hub.utils import get_session, hf_raise_for_status
 
 from optdemo.core.defaults import ENDPOINT_CONNECT_TIMEOUT_SECONDS, ENDPOINT_READ_TIMEOUT_SECONDS
 from optdemo.core.errors import ConfigError, EndpointError
-from optdemo.core.redact import redact
+from optdemo.core.redact import redact, register_secret
 
 T = TypeVar("T")
 _MAX_URL_CHARS = 500
@@ -71,6 +73,7 @@ def parse_endpoint(url: object, model: object = None, token: object = None) -> E
         raise ConfigError("the endpoint URL takes no query or fragment: give the server's base URL")
     path = parts.path.rstrip("/")
     path = path[: -len("/v1")] if path.endswith("/v1") else path
+    register_secret(str(token).strip() if token else None)  # from now on, never shown
     return EndpointConfig(
         url=f"{parts.scheme}://{parts.netloc}{path}",
         model=str(model).strip() or None if model else None,
@@ -126,15 +129,17 @@ def check_engine(config: EndpointConfig) -> EngineInfo:
     ids = [str(entry.get("id")) for entry in models if entry.get("id")]
     note = ""
     if config.model is None and not ids:
-        raise EndpointError(
+        raise failure(
+            config,
             f"the serving endpoint at {config.url} lists no models: give the model's name (--backend-"
-            "model, or the Model field; for transformers serve, the folder or repo it serves)"
+            "model, or the Model field; for transformers serve, the folder or repo it serves)",
         )
     model = config.model or ids[0]
     if ids and model not in ids:
-        raise EndpointError(
+        raise failure(
+            config,
             f"the serving endpoint at {config.url} does not serve {model!r}: it serves "
-            f"{', '.join(repr(i) for i in ids[:8])}; check the model name (--backend-model)"
+            f"{', '.join(repr(i[:100]) for i in ids[:8])}; check the model name (--backend-model)",
         )
     if not ids:
         _probe(config, model)
@@ -162,7 +167,9 @@ def explain(
             "Hub cannot be reached) and restart the app"
         )
     elif isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        message = _http_refusal(where, exc.response, chat)
+        response = exc.response
+        body = _json_body(response)
+        message = _http_refusal(where, response.status_code, response.reason_phrase, body, chat)
     elif isinstance(exc, (httpx2.TimeoutException, InferenceTimeoutError)):
         message = f"{where} did not answer in time: check that the engine is running and not overloaded"
     elif isinstance(exc, httpx2.ConnectError):
@@ -177,14 +184,32 @@ def explain(
         )
     else:
         message = f"{where} failed ({type(exc).__name__}: {_reason(exc)}): check the engine, then try again"
+    return failure(config, message)
+
+
+def failure(config: EndpointConfig, message: str) -> EndpointError:
+    """The :class:`EndpointError` for ``message``, with every secret removed (the endpoint's token,
+    registered ones, the HF token, credential shapes): every failure of an endpoint is made here."""
     return EndpointError(redact(message, config.token))
 
 
-def _http_refusal(where: str, response: Any, chat: bool = False) -> str:
+def refusal(
+    config: EndpointConfig, status: int, reason: str, body: bytes, chat: bool = False
+) -> EndpointError:
+    """The error for an engine's HTTP refusal of a streamed request (``body``: the start of its body)."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        parsed = None
+    detail = parsed if isinstance(parsed, dict) else {}
+    where = f"the serving endpoint at {config.url}"
+    return failure(config, _http_refusal(where, status, reason, detail, chat))
+
+
+def _http_refusal(where: str, status: int, reason: str, body: dict, chat: bool = False) -> str:
     """The engine's HTTP error as a sentence with what to do for its status code (a chat that
     fails on the engine's side is most often a model without a chat template)."""
-    status = response.status_code
-    detail = error_text(_json_body(response)) or response.reason_phrase
+    detail = error_text(body) or reason
     said = f"{where} refused the request (HTTP {status}: {detail[:300]})"
     if status in (401, 403):
         return f"{said}: check the endpoint's token (--backend-token)"
@@ -273,9 +298,10 @@ def _models(config: EndpointConfig) -> list[dict]:
         body = None
     data = body.get("data") if isinstance(body, dict) else body
     if not isinstance(data, list):
-        raise EndpointError(
+        raise failure(
+            config,
             f"the server at {config.url} answered /v1/models but not as an OpenAI-compatible engine "
-            "does: check the URL"
+            "does: check the URL",
         )
     return [entry for entry in data if isinstance(entry, dict)]
 
@@ -324,19 +350,3 @@ def _context_length(entry: dict) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[dict]:
-    """The JSON events of a server-sent-events stream, up to ``data: [DONE]``."""
-    for line in lines:
-        if not line.startswith("data:"):
-            continue
-        data = line[len("data:") :].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            yield event

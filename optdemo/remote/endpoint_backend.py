@@ -1,33 +1,41 @@
 """A serving endpoint as the backend: chat and completion from TGI, vLLM, ``transformers serve`` or
 a Hugging Face Inference Endpoint, through their OpenAI-compatible API.
 
-:class:`EndpointBackend` streams chat through ``huggingface_hub.InferenceClient.chat_completion`` and
-completion through the same library's HTTP session (``/v1/completions``), yielding the same
-:class:`~optdemo.core.generation.GenerationUpdate` values as the local model, so every caller works
-unchanged. :meth:`EndpointBackend.connect` checks the engine first; every failure becomes one
-:class:`~optdemo.core.errors.EndpointError` sentence. Sent to the engine: ``max_tokens``,
-``temperature``, ``top_p``, ``seed`` and ``stop`` (stop sequences are also applied here);
-``top_k`` and ``repetition_penalty`` are not part of the OpenAI protocol: the engine's defaults
-apply. The endpoint's token goes only to the endpoint and never into a message, a log or a status.
+:class:`EndpointBackend` streams chat from the engine's ``/v1/chat/completions`` and completion from
+its ``/v1/completions`` (:class:`~optdemo.remote.engine_stream.EngineStream`: Stop and a client that
+goes away end a reply within a second whatever the engine sends, and output optdemo cannot read is
+an error naming the engine), yielding the same :class:`~optdemo.core.generation.GenerationUpdate`
+values as the local model, so every caller works unchanged. A reply is capped by its
+``max_new_tokens``: no more than that many pieces, nor more text than
+``ENDPOINT_REPLY_BYTES_PER_TOKEN`` bytes per token, are kept, whatever the engine sends; a capped
+reply counts as one that ran into ``max_new_tokens``. :meth:`EndpointBackend.connect` checks the
+engine first; every failure becomes one :class:`~optdemo.core.errors.EndpointError` sentence. Sent
+to the engine: ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop`` (stop sequences
+are also applied here); ``top_k`` and ``repetition_penalty`` are not part of the OpenAI protocol:
+the engine's defaults apply. The endpoint's token goes only to the endpoint and never into a
+message, a log or a status.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx2
-from huggingface_hub import InferenceClient
-from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, OfflineModeIsEnabled
-from huggingface_hub.utils import get_session, hf_raise_for_status
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from optdemo.core.chat_prompt import ChatTurn
-from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT
-from optdemo.core.errors import EndpointError, GenerationError
+from optdemo.core.defaults import (
+    ENDPOINT_EVENT_OVERHEAD_BYTES,
+    ENDPOINT_EXTRA_EVENTS,
+    ENDPOINT_MIN_REPLY_BYTES,
+    ENDPOINT_REPLY_BYTES_PER_TOKEN,
+    MAX_NEW_TOKENS_LIMIT,
+)
+from optdemo.core.errors import GenerationError
 from optdemo.core.generation import (
     CacheScope,
     GenerationParams,
@@ -35,24 +43,19 @@ from optdemo.core.generation import (
     GenerationUpdate,
     cut_at_stop,
 )
-from optdemo.remote.client import (
-    EndpointConfig,
-    EngineInfo,
-    check_engine,
-    error_text,
-    explain,
-    once_more_if_stale,
-    request_headers,
-    request_timeout,
-    sse_events,
-)
+from optdemo.remote.client import EndpointConfig, EngineInfo, check_engine, explain, failure
+from optdemo.remote.engine_stream import EngineStream, StreamLimits
 
 ENDPOINT_FORMAT = (
     "the serving endpoint's own chat template (the engine lays out the conversation; top_k and "
     "repetition_penalty are not sent to it: the engine's defaults apply)"
 )
 OPENAI_MAX_STOP = 4  # stop sequences the OpenAI protocol takes; the rest are applied here only
-Piece = tuple[str, str | None, dict | None]  # streamed text, finish_reason (at the end), usage
+
+
+def reply_bytes(max_new_tokens: int) -> int:
+    """The most bytes of text (UTF-8) a reply of ``max_new_tokens`` keeps from an engine."""
+    return max(ENDPOINT_MIN_REPLY_BYTES, ENDPOINT_REPLY_BYTES_PER_TOKEN * max_new_tokens)
 
 
 class EndpointBackend:
@@ -93,14 +96,15 @@ class EndpointBackend:
         system_prompt: str = "",
         cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
-        """Stream a chat reply through ``InferenceClient.chat_completion(stream=True)`` (the engine
-        keeps its own prompt caches: ``cache_scope`` is not its business)."""
+        """Stream a chat reply from the engine's ``/v1/chat/completions`` (its chat template; the
+        engine keeps its own prompt caches: ``cache_scope`` is not its business)."""
         self._check_length(params, max_new_tokens_cap)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": message})
-        chat = self._stream(lambda: self._chat_pieces(messages, params), params, stop_event, chat=True)
+        payload = {"model": self.info.model, "messages": messages, "stream": True, **self._sampling(params)}
+        chat = self._stream("chat/completions", payload, params, stop_event, chat=True)
         for update in chat:
             # As the local transcript's: a reply starts at its first word (after "Assistant:").
             yield replace(update, text=update.text.lstrip())
@@ -115,7 +119,8 @@ class EndpointBackend:
     ) -> Iterator[GenerationUpdate]:
         """Stream a continuation of ``prompt`` from the engine's ``/v1/completions``."""
         self._check_length(params, max_new_tokens_cap)
-        yield from self._stream(lambda: self._completion_pieces(prompt, params), params, stop_event)
+        payload = {"model": self.info.model, "prompt": prompt, "stream": True, **self._sampling(params)}
+        yield from self._stream("completions", payload, params, stop_event)
 
     def _check_length(self, params: GenerationParams, cap: int) -> None:
         """max_new_tokens within the operator's cap and below the engine's context length (the
@@ -134,65 +139,62 @@ class EndpointBackend:
     # ---------------------------------------------------------------- streaming
     def _stream(
         self,
-        open_pieces: Callable[[], _Pieces],
+        route: str,
+        payload: dict[str, Any],
         params: GenerationParams,
         stop_event: threading.Event | None,
         chat: bool = False,
     ) -> Iterator[GenerationUpdate]:
-        """Run one request: accumulate the engine's pieces, hold back and cut stop sequences, end
-        early on ``stop_event``, and turn every failure into an :class:`EndpointError`."""
+        """Run one request: accumulate the engine's pieces up to the reply's caps, hold back and cut
+        stop sequences, end on ``stop_event`` (within a second, whatever the engine does), and turn
+        every failure into an :class:`EndpointError`."""
         stop_event = stop_event or threading.Event()
         started = time.perf_counter()
-        first: float | None = None
-        text, shown, pieces, usage = "", "", 0, None
-        finished = stopped = hit = False
+        reply = _Reply(params)
+        limits = StreamLimits(
+            events=params.max_new_tokens + ENDPOINT_EXTRA_EVENTS,
+            line_bytes=reply.max_bytes + ENDPOINT_EVENT_OVERHEAD_BYTES,
+        )
         try:
-            stream = once_more_if_stale(open_pieces)
-            try:
-                for piece, finish, piece_usage in stream:
-                    usage = piece_usage or usage
-                    finished = finished or finish is not None
-                    if stop_event.is_set():
-                        stopped = True
-                        break
-                    if not piece:
-                        continue
-                    first = first or time.perf_counter()
-                    pieces += 1
-                    text += piece
-                    visible, hit = cut_at_stop(text, params.stop)
-                    if hit:
-                        text = visible
-                        break
-                    if visible != shown:
-                        shown = visible
+            with EngineStream(self.config, route, payload, stop_event, limits, chat) as stream:
+                for piece in stream:
+                    visible = reply.add(piece.text, piece.finish, piece.usage)
+                    if visible is not None:
                         yield GenerationUpdate(visible)
-            finally:
-                stream.close()  # closes the response: the engine sees the client go and stops
-        except (httpx2.HTTPError, HfHubHTTPError, OfflineModeIsEnabled, InferenceTimeoutError) as exc:
-            raise explain(exc, self.config, started_reply=bool(text), chat=chat) from None
-        if not (finished or stopped or hit):
-            raise EndpointError(
+                    if reply.over:
+                        break
+            # Closed: the engine saw its client go, and stops.
+        except (httpx2.HTTPError, OfflineModeIsEnabled) as exc:
+            raise explain(exc, self.config, started_reply=bool(reply.text), chat=chat) from None
+        reply.capped = reply.capped or stream.capped
+        # Stop (or a disconnect) says "stopped" only where the reply had not already ended.
+        reply.stopped = stream.stopped and not (reply.finished or reply.hit or reply.capped)
+        if not (reply.finished or reply.stopped or reply.hit or reply.capped):
+            raise failure(
+                self.config,
                 f"the serving endpoint at {self.config.url} ended the reply without finishing it (it may "
-                "have stopped or restarted): check the engine, then send again"
+                "have stopped or restarted): check the engine, then send again",
             )
-        text, _ = cut_at_stop(text, params.stop, final=True)
-        yield GenerationUpdate(text, self._stats(started, first, pieces, usage, stopped))
+        text, _ = cut_at_stop(reply.text, params.stop, final=True)
+        yield GenerationUpdate(text, self._stats(started, reply))
 
-    def _stats(
-        self, started: float, first: float | None, pieces: int, usage: dict | None, stopped: bool
-    ) -> GenerationStats:
+    def _stats(self, started: float, reply: _Reply) -> GenerationStats:
         """The reply's stats: token counts from the engine's ``usage`` where it sent one, else one
-        token per streamed piece (engines stream about one token per piece)."""
+        token per streamed piece (engines stream about one token per piece); a capped reply
+        counts as one that ran into max_new_tokens, and one that Stop ended says ``stopped``."""
         total = time.perf_counter() - started
-        new_tokens = int((usage or {}).get("completion_tokens") or pieces)
-        prompt_tokens = int((usage or {}).get("prompt_tokens") or 0)
-        ttft = None if first is None else first - started
+        usage = reply.usage or {}
+        new_tokens = int(usage.get("completion_tokens") or reply.pieces)
+        if reply.capped:
+            new_tokens = reply.params.max_new_tokens
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        ttft = None if reply.first is None else reply.first - started
         rate = None
         if ttft is not None and new_tokens > 1 and total > ttft:
             rate = (new_tokens - 1) / (total - ttft)
+        window = self.info.context_length
         return GenerationStats(
-            prompt_tokens, new_tokens, ttft, total, rate, stopped, context_window=self.info.context_length
+            prompt_tokens, new_tokens, ttft, total, rate, reply.stopped, context_window=window
         )
 
     def _sampling(self, params: GenerationParams) -> dict[str, Any]:
@@ -206,74 +208,58 @@ class EndpointBackend:
             sampling["stop"] = list(params.stop[:OPENAI_MAX_STOP])
         return sampling
 
-    def _chat_pieces(self, messages: list[dict], params: GenerationParams) -> _Pieces:
-        client = InferenceClient(
-            base_url=self.config.api_url,
-            token=self.config.token,
-            # No token of ours: an empty header, or InferenceClient would send the HF token.
-            headers={} if self.config.token else {"authorization": ""},
-            timeout=request_timeout(),  # type: ignore[arg-type]  # handed to httpx as it is
-        )
-        try:
-            chunks = client.chat_completion(
-                messages, model=self.info.model, stream=True, **self._sampling(params)
-            )
-        except BaseException:
-            client.close()  # the refused response is held open by the client until then
-            raise
 
-        def pieces() -> Iterator[Piece]:
-            for chunk in chunks:
-                usage = chunk.usage
-                usage_dict = None if usage is None else {k: getattr(usage, k, None) for k in _USAGE_KEYS}
-                choice = chunk.choices[0] if chunk.choices else None
-                content = (choice.delta.content or "") if choice is not None else ""
-                yield content, choice.finish_reason if choice is not None else None, usage_dict
+@dataclass
+class _Reply:
+    """One reply as it accumulates: its text within the caps, and how it ended."""
 
-        return _Pieces(pieces(), client.close)
+    params: GenerationParams
+    text: str = ""
+    shown: str = ""  # the text last shown (stop sequences held back)
+    pieces: int = 0  # pieces with text
+    size: int = 0  # bytes of text (UTF-8)
+    first: float | None = None  # when the first text came (perf_counter)
+    usage: dict | None = None
+    finished: bool = False  # the engine said why it ended (finish_reason)
+    hit: bool = False  # a stop sequence ended it
+    capped: bool = False  # max_new_tokens' caps ended it
+    stopped: bool = False  # Stop (or a disconnect) ended it
 
-    def _completion_pieces(self, prompt: str, params: GenerationParams) -> _Pieces:
-        payload = {"model": self.info.model, "prompt": prompt, "stream": True, **self._sampling(params)}
-        context = get_session().stream(
-            "POST",
-            f"{self.config.api_url}/completions",
-            json=payload,
-            headers=request_headers(self.config),
-            timeout=request_timeout(),
-        )
-        response = context.__enter__()
-        try:
-            hf_raise_for_status(response)
-        except BaseException:
-            context.__exit__(None, None, None)
-            raise
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes of text kept."""
+        return reply_bytes(self.params.max_new_tokens)
 
-        def pieces() -> Iterator[Piece]:
-            for event in sse_events(response.iter_lines()):
-                if "error" in event:
-                    raise EndpointError(
-                        f"the serving endpoint at {self.config.url} failed: {error_text(event)}"
-                    )
-                choice = (event.get("choices") or [{}])[0]
-                yield choice.get("text") or "", choice.get("finish_reason"), event.get("usage")
+    @property
+    def over(self) -> bool:
+        """Whether the reply has ended here (a stop sequence, or the caps)."""
+        return self.hit or self.capped
 
-        return _Pieces(pieces(), lambda: context.__exit__(None, None, None))
+    def add(self, piece: str, finish: str | None, usage: dict | None) -> str | None:
+        """Take one piece; the text to show now, or None when nothing new can be shown."""
+        self.usage = usage or self.usage
+        self.finished = self.finished or finish is not None
+        if not piece:
+            return None
+        if self.pieces == self.params.max_new_tokens:  # one more than max_new_tokens allows
+            self.capped = True
+            return None
+        self.first = self.first or time.perf_counter()
+        self.pieces += 1
+        self.size += len(piece.encode("utf-8", "replace"))
+        self.text += piece
+        if self.size > self.max_bytes:
+            self.text = _within(self.text, self.max_bytes)
+            self.capped = True
+        visible, self.hit = cut_at_stop(self.text, self.params.stop)
+        if self.hit:
+            self.text = visible
+        if visible == self.shown:
+            return None
+        self.shown = visible
+        return visible
 
 
-_USAGE_KEYS = ("prompt_tokens", "completion_tokens")
-
-
-class _Pieces:
-    """An iterator of (text, finish_reason, usage) with the close that ends its request."""
-
-    def __init__(self, items: Iterator[Piece], close: Callable[[], object]) -> None:
-        self._items = items
-        self._close = close
-
-    def __iter__(self) -> Iterator[Piece]:
-        return self._items
-
-    def close(self) -> None:
-        # Closing a dead connection must not hide the real error.
-        with contextlib.suppress(Exception):
-            self._close()
+def _within(text: str, limit: int) -> str:
+    """The longest start of ``text`` of at most ``limit`` bytes in UTF-8 (whole characters)."""
+    return text.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")

@@ -8,7 +8,6 @@ request is refused while the current model is still loaded. ``load_model`` then 
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import tempfile
@@ -38,6 +37,7 @@ from optdemo.runtime.tiers.gpu_policy import apply_policy
 from optdemo.system.hardware import Hardware, probe_hardware, quantization_unavailable
 from optdemo.weights import convert
 from optdemo.weights.checkpoints import ProgressCallback, fast_checkpoint, quantized_checkpoint
+from optdemo.weights.disk_full import is_disk_full
 
 # progress(fraction or None when unknown, description)
 
@@ -234,7 +234,7 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
         return f"the GPU ran out of memory loading {name}: lower the GPU budget so more goes to CPU"
     if isinstance(exc, MemoryError):
         return f"RAM ran out loading {name}: lower the cpu budget so more goes to disk"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):  # before the corrupt-checkpoint test: safetensors' full disk is no OSError
         return (
             f"the disk filled up while loading {name}: free space in the offload folder "
             f"({config.offload_folder}) and the Hugging Face cache, or raise the memory budget"

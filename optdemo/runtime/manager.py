@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 from optdemo.core.chat_prompt import (
     CHAT_STOP_STRINGS,
@@ -33,10 +34,12 @@ from optdemo.core.defaults import (
     DEFAULT_MAX_BATCH,
     LOAD_WAIT_SECONDS,
     MAX_NEW_TOKENS_LIMIT,
+    MAX_PROMPT_CHARS,
     describe_seconds,
 )
 from optdemo.core.errors import (
     BusyError,
+    GenerationError,
     LoadError,
     NoModelError,
     OptdemoError,
@@ -347,32 +350,45 @@ class ModelManager:
         window the prompt used, how many old turns were left out to fit, and how much of the prompt
         came from a cache kept in ``cache_scope`` (the conversation's previous turn)."""
 
-        def prepare(loaded: LoadedModel) -> Prompt:
-            tokenizer = loaded.tokenizer
+        def layout(model: Any, tokenizer: Any) -> Prompt:
             templated = has_chat_template(tokenizer)
-            window = context_window(loaded.model)
+            window = context_window(model)
+
+            def encode(text: str) -> list[int]:
+                return list(tokenizer(text, add_special_tokens=not templated).input_ids)
+
             prompt = build_chat_prompt(
                 history,
                 message,
-                lambda text: len(tokenizer(text, add_special_tokens=not templated).input_ids),
+                lambda text: len(encode(text)),
                 window,
                 params.max_new_tokens,
                 max_new_tokens_cap,
                 template_renderer(tokenizer) if templated else render_plain,
                 system_prompt,
+                encode=encode,
             )
-            ids = encode_prompt(
-                loaded.model,
-                tokenizer,
-                prompt.text,
-                params,
-                max_new_tokens_cap,
-                add_special_tokens=not templated,
-            )
+            if len(prompt.text) > MAX_PROMPT_CHARS:  # the engine's ceiling, as for a completion
+                raise GenerationError(
+                    f"the prompt is {len(prompt.text)} characters long; the limit is {MAX_PROMPT_CHARS}"
+                )
             stops = () if templated else CHAT_STOP_STRINGS
+            ids = list(prompt.input_ids or ())
             return Prompt(
                 ids, stops, context_window=window, dropped_turns=prompt.dropped_turns, **_scoped(cache_scope)
             )
+
+        # Laid out and tokenized here, in the caller's thread, before the request waits for the
+        # model: the scheduler, which holds the model lock, only takes it (or, if another model was
+        # loaded meanwhile, lays it out again for that one). A refusal comes at once.
+        current = self._current()
+        model, tokenizer = (current.model, current.tokenizer) if current is not None else (None, None)
+        ready = layout(model, tokenizer) if model is not None and tokenizer is not None else None
+
+        def prepare(loaded: LoadedModel) -> Prompt:
+            if ready is not None and loaded is current and loaded.tokenizer is tokenizer:
+                return ready
+            return layout(loaded.model, loaded.tokenizer)
 
         for update in self._generate(prepare, params, stop_event):
             # The transcript ends with "Assistant:"; the reply itself starts after its space.

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import anyio.to_thread
 import gradio as gr
+from starlette.middleware import Middleware
 
 from optdemo.app.service import DemoService
 from optdemo.app.settings import AppSettings
+from optdemo.core import defaults
 from optdemo.runtime.manager import ModelManager
-from optdemo.web.api import register_api
+from optdemo.web.api import REPLY_GROUP, register_api
 from optdemo.web.binding import bind
-from optdemo.web.mcp import keep_only_mcp_tools, register_mcp_tools
+from optdemo.web.mcp import McpGate, keep_only_mcp_tools, register_mcp_tools
 from optdemo.web.openai_routes import OpenAIServer
 from optdemo.web.tabs.chat import layout_chat_tab, refresh_model_line, wire_chat_tab
 from optdemo.web.tabs.chat_history import browser_store, restore
 from optdemo.web.tabs.config import layout_config_tab, preview, refresh_status, wire_config_tab
 from optdemo.web.tabs.devicemap import layout_devicemap_tab, wire_devicemap_tab
+from optdemo.web.tabs.sign_in import admin_controls, refresh_admin
+
+# The concurrency limit of the events that name none (demo.queue's default_concurrency_limit).
+DEFAULT_CONCURRENCY = 1
+# Gradio runs sync handlers on anyio's default thread limiter, which FastAPI's own sync work (the
+# login check every Gradio route depends on, /gradio_api/info) shares, exactly when max_threads is
+# this number; any other gives the handlers a limiter of their own.
+ANYIO_DEFAULT_THREADS = 40
 
 THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
 CSS = """
@@ -93,10 +109,41 @@ def build_app(service: DemoService) -> gr.Blocks:
             api_visibility="private",
         )
         demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
-    if service.settings.mcp:
-        keep_only_mcp_tools(demo)
-    demo.queue(max_size=service.settings.queue_size, default_concurrency_limit=1)
+        if config.sign_in is not None:  # a reload keeps an admin signed in (the cookie says so)
+            admin = bind(refresh_admin, service, config)
+            demo.load(admin, {config.loaded}, admin_controls(config), **private)
+    # api_open=False: Gradio's direct route (/gradio_api/run/<name>) refuses the endpoints that go
+    # through the queue, since it would skip the queue and its limits (it is closed on Spaces by
+    # default too). gradio_client and the page join the queue, and /gradio_api/call/<name> is
+    # Gradio's REST route through it; Status, Stop, clear_chat and sign_in never queue, so they
+    # stay on the direct route as well.
+    # Replies leave Gradio's queue as soon as they arrive (the admission answers them), so its
+    # events wait only for a worker or their group's turn (plans, loads): it may hold as many as
+    # there are workers, and a burst of replies reaches the admission rather than Gradio's cut.
+    demo.queue(
+        max_size=worker_threads(demo, service.admission.limit),
+        default_concurrency_limit=DEFAULT_CONCURRENCY,
+        api_open=False,
+    )
     return demo
+
+
+def worker_threads(demo: gr.Blocks, replies: int) -> int:
+    """Gradio's threads and queue workers (``launch(max_threads=...)``) for ``demo``: one for each
+    of the ``replies`` the admission lets in (a reply holds one while it waits for the model), the
+    limit of every other concurrency group (plans, loads, Status, Stop, the page's events), and a
+    few for direct calls, so that replies can never take the thread Status or Stop needs. Never
+    :data:`ANYIO_DEFAULT_THREADS`, so FastAPI's own work keeps anyio's default limiter to itself."""
+    groups: dict[str, int] = {}
+    for fn in demo.fns.values():
+        if fn.fn is None or fn.concurrency_id == REPLY_GROUP:
+            continue  # a browser-only event, or a reply (counted by the admission)
+        limit = DEFAULT_CONCURRENCY if fn.concurrency_limit == "default" else fn.concurrency_limit
+        if limit is None:
+            raise RuntimeError(f"the event {fn.api_name} needs a concurrency limit: only replies go without")
+        groups[fn.concurrency_id] = min(groups.get(fn.concurrency_id, limit), limit)
+    threads = replies + sum(groups.values()) + defaults.DIRECT_CALL_THREADS
+    return max(threads, ANYIO_DEFAULT_THREADS + 1)
 
 
 def create_app(settings: AppSettings, manager: ModelManager | None = None) -> tuple[gr.Blocks, DemoService]:
@@ -108,14 +155,25 @@ def create_app(settings: AppSettings, manager: ModelManager | None = None) -> tu
 def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
     """Launch with the app's theme and the settings' network options; returns Gradio's tuple.
 
-    The OpenAI-compatible API's routes go into Gradio's FastAPI app as it is created (FastAPI's
+    The OpenAI-compatible API's routes and the browser's admin sign-in routes
+    (:mod:`optdemo.web.admin_routes`) go into Gradio's FastAPI app as it is created (FastAPI's
     ``routes`` argument, through ``app_kwargs``), so they answer from the first request on, on the
     same server and port as the UI. With ``--mcp`` Gradio's MCP server is mounted too
-    (``/gradio_api/mcp/``), offering the tools :mod:`optdemo.web.mcp` leaves public.
+    (``/gradio_api/mcp/``), cut to the tools :mod:`optdemo.web.mcp` names as the server starts
+    (the app's lifespan); with ``--api-key`` as well, its middleware makes the MCP server want the
+    key. Gradio's threads are sized by :func:`worker_threads`.
     """
     settings = service.settings
+    threads = worker_threads(demo, service.admission.limit)
+    app_kwargs = {
+        "routes": OpenAIServer(service).routes(),
+        "lifespan": server_lifespan(demo, threads),
+        # An MCP call beyond the ones the queue could run anyway is refused (a 429) at once.
+        "middleware": [Middleware(McpGate, limit=threads)],
+    }
     options: dict[str, object] = {
-        "app_kwargs": {"routes": OpenAIServer(service).routes()},
+        "app_kwargs": app_kwargs,
+        "max_threads": threads,
         "mcp_server": settings.mcp,
         "server_name": settings.host,
         "server_port": settings.port,
@@ -127,3 +185,19 @@ def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
     }
     options.update(overrides)
     return demo.launch(**options)
+
+
+def server_lifespan(demo: gr.Blocks, threads: int) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """The lifespan of ``demo``'s server (``launch(app_kwargs={"lifespan": ...})``), run in its
+    event loop before the first request: MCP keeps only its tools, and anyio's default limiter
+    (FastAPI's sync work, Gradio's MCP waits: at most ``threads`` of those, :class:`McpGate`) gets
+    room for both, so MCP calls can never take the thread a route's login check needs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        keep_only_mcp_tools(demo)
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, ANYIO_DEFAULT_THREADS + threads)
+        yield
+
+    return lifespan

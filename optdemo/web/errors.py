@@ -2,7 +2,7 @@
 
 Expected problems (:class:`~optdemo.core.errors.OptdemoError`) pass their message through. Anything else
 is a bug: it is logged with its traceback for the operator and shown as a short apology, and the app
-keeps serving.
+keeps serving. Every message and log line goes through :func:`~optdemo.core.redact.redact` first.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,7 +29,8 @@ def to_gradio_error(exc: BaseException) -> gr.Error:
         return exc
     if isinstance(exc, OptdemoError):
         return gr.Error(redact(str(exc)) + _ui_advice(exc), print_exception=False)
-    log.exception("unexpected error", exc_info=exc)
+    # The traceback is for the operator, with secrets removed (an engine may quote a token).
+    log.error("unexpected error: %s", redact("".join(traceback.format_exception(exc))))
     return gr.Error(
         f"Something went wrong ({type(exc).__name__}: {redact(str(exc))[:200]}). The app is "
         "still running: try again, and report this if it repeats.",

@@ -7,6 +7,7 @@ validation, the model lock), shaped by :mod:`optdemo.app.openai_format`. ``--api
 a bearer token; in public mode it answers only when the operator turned it on (``--openai-api``).
 The service's blocking reply runs in a thread of its own (:class:`_Pump`) that always drains it,
 so the model lock is released however the request ends; a client that goes away stops the reply.
+Replies here hold the service's admission places like every other route's (a 429 past them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hmac
 import json
 import logging
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from optdemo.app.openai_format import (
     StopCutter,
     as_error,
     check_model,
+    cut_error,
     error_for,
     finish_reason,
     model_card,
@@ -43,7 +46,7 @@ from optdemo.app.openai_format import (
 )
 from optdemo.app.service import ChatReply, DemoService
 from optdemo.core.errors import OptdemoError
-from optdemo.core.generation import CacheScope, GenerationParams
+from optdemo.core.generation import CacheScope, GenerationParams, GenerationStats
 from optdemo.core.redact import redact
 
 log = logging.getLogger("optdemo")
@@ -74,24 +77,20 @@ class _Pump:
     to the event loop. ``stop()`` ends the reply early through the service's stop event; the thread
     still drains it, so the model lock is released in the thread that took it."""
 
-    def __init__(
-        self, service: DemoService, session: str, steps: Iterator[ChatReply], done: Callable
-    ) -> None:
+    def __init__(self, service: DemoService, session: str, steps: Iterator[ChatReply]) -> None:
         self.service, self.session = service, session
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self._getter: asyncio.Future | None = None
-        threading.Thread(target=self._run, args=(steps, done), name="optdemo-openai", daemon=True).start()
+        threading.Thread(target=self._run, args=(steps,), name="optdemo-openai", daemon=True).start()
 
-    def _run(self, steps: Iterator[ChatReply], done: Callable) -> None:
+    def _run(self, steps: Iterator[ChatReply]) -> None:
         try:
             for step in steps:
                 self._put(step)
             self._put(_END)
         except Exception as exc:  # noqa: BLE001 - handed to the request, which reports it
             self._put(exc)
-        finally:
-            done()
 
     def _put(self, item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the server (and its loop) already shut down
@@ -142,15 +141,18 @@ class OpenAIServer:
 
     def __init__(self, service: DemoService) -> None:
         self.service = service
-        self._running = 0  # requests accepted and not yet finished
-        self._lock = threading.Lock()
 
     def routes(self) -> list[BaseRoute]:
-        """The routes to add to Gradio's FastAPI app (``launch(app_kwargs={"routes": ...})``)."""
+        """The routes to add to Gradio's FastAPI app (``launch(app_kwargs={"routes": ...})``): the
+        API's own, then one for anything else under ``/v1``, so that an unknown path or a wrong
+        method gets OpenAI's error shape rather than FastAPI's ``{"detail": ...}``. Only ``/v1``
+        paths are caught: Gradio's own routes answer as before."""
         router = APIRouter(prefix="/v1")
         router.add_api_route("/models", self.models, methods=["GET"], include_in_schema=False)
         router.add_api_route("/chat/completions", self.chat, methods=["POST"], include_in_schema=False)
         router.add_api_route("/completions", self.completions, methods=["POST"], include_in_schema=False)
+        for path in ("", "/{rest:path}"):  # after the API's routes: only what they do not answer
+            router.add_api_route(path, _elsewhere, methods=list(_ANY_METHOD), include_in_schema=False)
         return list(router.routes)
 
     # ---------------------------------------------------------------- endpoints
@@ -252,32 +254,11 @@ class OpenAIServer:
             raise error_for(exc) from None
         return ReplyShape(status.model_id, chat), params
 
-    def _admit(self) -> None:
-        """Count one more running request, refusing beyond the queue size (as Gradio's queue does)."""
-        limit = self.service.settings.queue_size + 1  # the one generating, and those waiting
-        with self._lock:
-            if self._running >= limit:
-                raise OpenAIError(
-                    f"too many requests are waiting for the model (at most {limit - 1} here): try again "
-                    "in a moment",
-                    429,
-                    "rate_limit_error",
-                    code="queue_full",
-                )
-            self._running += 1
-
-    def _finished(self) -> None:
-        with self._lock:
-            self._running -= 1
-
     # ---------------------------------------------------------------- running a reply
     async def _reply(self, request: Request, job: _Job) -> Response:
-        """Start the reply; wait for its first step, so a refusal is an HTTP error, then answer."""
-        try:
-            self._admit()
-        except OpenAIError as err:
-            return error_response(err)
-        pump = _Pump(self.service, job.session, job.start(), self._finished)
+        """Start the reply; wait for its first step, so a refusal is an HTTP error (past the
+        service's admission limit: a 429), then answer."""
+        pump = _Pump(self.service, job.session, job.start())
         try:
             first = await pump.next(request)
         except ClientGone:
@@ -295,6 +276,7 @@ class OpenAIServer:
                 if cutter.hit and step.stats is None:
                     self.service.stop(job.session)  # the reply ends at the stop sequence
                 step = await pump.next(request)
+            _raise_if_cut(stats, cutter.hit)
         except ClientGone:
             return Response(status_code=499)
         except asyncio.CancelledError:  # the server is shutting down, or the client went away
@@ -321,6 +303,7 @@ class OpenAIServer:
                 if cutter.hit and not final:
                     self.service.stop(job.session)  # the reply ends at the stop sequence
                 step = await pump.next(request)
+            _raise_if_cut(stats, cutter.hit)
             yield _event(
                 job.shape.chunk(
                     None if job.shape.chat else "", finish_reason(stats, job.max_tokens, cutter.hit)
@@ -340,17 +323,53 @@ class OpenAIServer:
         yield _event("[DONE]")
 
 
+_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+_ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+async def _elsewhere(request: Request) -> Response:
+    """Any /v1 request the API's routes did not take: a 405 (with ``Allow``) for a known path
+    asked with the wrong method, else a 404 listing what is offered; both in OpenAI's shape."""
+    rest = request.path_params.get("rest")
+    path = "/v1" if rest is None else f"/v1/{rest}"
+    allowed = _ROUTES.get(path)
+    if allowed is not None:
+        response = error_response(
+            OpenAIError(
+                f"{request.method} is not allowed on {path}: use {allowed} {path}",
+                405,
+                code="method_not_allowed",
+            )
+        )
+        response.headers["Allow"] = allowed
+        return response
+    offered = ", ".join(f"{method} {route}" for route, method in _ROUTES.items())
+    shown = path if len(path) <= 120 else path[:120] + "..."
+    return error_response(
+        OpenAIError(f"there is no {shown} here: this server offers {offered}", 404, code="unknown_url")
+    )
+
+
 def _session() -> str:
     """A session of its own for each request: its stop event is this request's alone."""
     return f"openai-{uuid.uuid4().hex}"
 
 
+def _raise_if_cut(stats: GenerationStats | None, stopped_at_sequence: bool) -> None:
+    """Raise the error of a reply the server cut before its end (see :func:`cut_error`)."""
+    cut = cut_error(stats, stopped_at_sequence)
+    if cut is not None:
+        raise cut
+
+
 def _reported(exc: Exception) -> OpenAIError:
-    """The OpenAI error for an exception of a reply; an unexpected one is logged as the bug it is."""
+    """The OpenAI error for an exception of a reply (a failed serving endpoint: 502), with secrets
+    removed; an unexpected one is logged as the bug it is, its traceback scrubbed too."""
     err = as_error(exc)
     if err is not None:
         return OpenAIError(redact(err.message), err.status, err.type, err.param, err.code)
-    log.exception("unexpected error in the OpenAI-compatible API", exc_info=exc)
+    trace = "".join(traceback.format_exception(exc))
+    log.error("unexpected error in the OpenAI-compatible API: %s", redact(trace))
     return OpenAIError(
         f"Something went wrong ({type(exc).__name__}: {redact(str(exc))[:200]}). The server is "
         "still running: try again, and report this if it repeats.",
@@ -360,7 +379,14 @@ def _reported(exc: Exception) -> OpenAIError:
 
 
 async def _json(request: Request) -> object:
+    """The request's JSON body (its text is checked by the parsers: lone surrogates are refused).
+
+    Raises:
+        OpenAIError: not JSON, or nested deeper than Python's parser goes (a RecursionError).
+    """
     try:
         return await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise OpenAIError("the request body must be JSON") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise OpenAIError(
+            "the request body must be JSON (UTF-8 text, nested at most a few hundred levels)"
+        ) from None

@@ -28,6 +28,7 @@ from filelock import FileLock, Timeout
 
 from optdemo.core.errors import CacheInUseError
 from optdemo.core.paths import cache_dir
+from optdemo.weights.disk_full import disk_full_error, is_disk_full
 
 _WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 _COMPLETE_MARKER = ".optdemo-complete"
@@ -205,6 +206,7 @@ def ensure_converted(
         target,
         {"model": model, "revision": revision or "main", "dtype": dtype},
         lambda staging: convert_checkpoint(source_dir, staging, dtype, progress),
+        (source_dir, "about", dtype),
     )
 
 
@@ -222,7 +224,7 @@ def ensure_quantized(
     and clean-up as :func:`ensure_converted`, keyed by the stored format
     (:func:`optdemo.weights.quantize.scheme_key`) instead of a dtype. ``transform`` turns one shard's
     tensors into the quantized ones. The entry records how long quantizing took
-    (:func:`quantization_info`)."""
+    (:func:`quantization_info`). A full disk is reported with the bfloat16 size as the most needed."""
     from optdemo.weights.quantize import save_aligned, scheme_key
 
     key = scheme_key(scheme)
@@ -234,7 +236,8 @@ def ensure_quantized(
         info = {"scheme": scheme, "format": key, "quantize_seconds": time.perf_counter() - started}
         (staging / QUANTIZATION_INFO).write_text(json.dumps(info, indent=2))
 
-    return _ensure_entry(target, {"model": model, "revision": revision or "main", "dtype": key}, build)
+    meta = {"model": model, "revision": revision or "main", "dtype": key}
+    return _ensure_entry(target, meta, build, (source_dir, "up to", "bfloat16"))
 
 
 def quantization_info(folder: str | Path) -> dict | None:
@@ -246,10 +249,16 @@ def quantization_info(folder: str | Path) -> dict | None:
         return None
 
 
-def _ensure_entry(target: Path, meta: dict, build: Callable[[Path], None]) -> Path:
+def _ensure_entry(
+    target: Path, meta: dict, build: Callable[[Path], None], needs: tuple[str, str, str]
+) -> Path:
     """The complete cache entry ``target``, built first by ``build(staging folder)`` when missing:
     under the entry's file lock (one process builds, the others wait, then reuse), in a staging
-    folder renamed into place only when complete (a killed build's leftovers are removed)."""
+    folder renamed into place only when complete (a killed build's leftovers are removed).
+
+    Raises:
+        LoadError: the disk filled up, with the room ``needs`` (source folder, "about"/"up to", dtype).
+    """
     if (target / _COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -259,16 +268,27 @@ def _ensure_entry(target: Path, meta: dict, build: Callable[[Path], None]) -> Pa
             return target
         for leftover in target.parent.glob(f"{_STAGING}{target.name}-*"):
             shutil.rmtree(leftover, ignore_errors=True)  # a killed conversion's: we hold the lock
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{target.name}-", dir=target.parent))
         try:
-            build(staging)
-            (staging / _COMPLETE_MARKER).write_text(json.dumps(meta))
-            if target.exists():
-                shutil.rmtree(target)  # a stale, incomplete entry from an interrupted run
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _build_entry(target, meta, build)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            source, bound, dtype = needs  # the staging folder is gone: the free space is what's left
+            raise disk_full_error(target.parent, _shards(source), dtype, bound) from None
     return target
+
+
+def _build_entry(target: Path, meta: dict, build: Callable[[Path], None]) -> None:
+    """Build ``target`` in a staging folder renamed into place when complete, else removed."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        (staging / _COMPLETE_MARKER).write_text(json.dumps(meta))
+        if target.exists():
+            shutil.rmtree(target)  # a stale, incomplete entry from an interrupted run
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def convert_checkpoint(
@@ -289,10 +309,9 @@ def convert_checkpoint(
     save = save or save_file
     target_dtype = getattr(torch, dtype)
     transform = transform or (lambda state: _cast(state, target_dtype))
-    from_bin = is_bin_checkpoint(source_dir)
-    index_path = Path(source_dir) / (BIN_INDEX if from_bin else SAFETENSORS_INDEX)
+    index_path = Path(source_dir) / (BIN_INDEX if is_bin_checkpoint(source_dir) else SAFETENSORS_INDEX)
     index = json.loads(index_path.read_text()) if index_path.exists() else None
-    shards = bin_weight_files(source_dir) if from_bin else safetensors_weight_files(source_dir)
+    shards = [path.name for path in _shards(source_dir)]
     written: dict[str, str] = {}  # tensor name -> the shard it was written to
     sizes = [os.path.getsize(Path(source_dir) / shard) for shard in shards]
     report = progress or (lambda done, count, done_bytes, total_bytes: None)
@@ -326,6 +345,13 @@ def convert_checkpoint(
         config["torch_dtype"] = dtype
         config.pop("dtype", None)
         config_path.write_text(json.dumps(config, indent=2))
+
+
+def _shards(source_dir: str) -> list[Path]:
+    """The weight files a conversion of ``source_dir`` reads: its ``.bin`` ones, else safetensors."""
+    from_bin = is_bin_checkpoint(source_dir)
+    names = bin_weight_files(source_dir) if from_bin else safetensors_weight_files(source_dir)
+    return [Path(source_dir) / name for name in names]
 
 
 def _cast(state: dict, dtype: Any) -> dict:
@@ -407,10 +433,18 @@ def clear_cache(in_use: str | None = None) -> int:
             f"the loaded model reads its weights from the conversion cache ({in_use}): unload it "
             "first, then clear the cache"
         )
-    stale = interrupted_conversions()
-    freed = sum(entry.bytes for entry in cache_entries()) + sum(folder_bytes(p) for p in stale)
+    freed = 0
     for entry in cache_entries():
         shutil.rmtree(entry.path, ignore_errors=True)
+        freed += entry.bytes
+    return freed + clear_interrupted()
+
+
+def clear_interrupted() -> int:
+    """Delete what killed conversions left (never a running conversion's folder, nor a complete
+    entry); returns the bytes freed."""
+    stale = interrupted_conversions()
+    freed = sum(folder_bytes(path) for path in stale)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return freed

@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 
 from optdemo.app.access import AccessPolicy
+from optdemo.app.admin_sessions import SignInLimiter, TooManySignInsError
 from optdemo.app.sessions import SessionStore
 from optdemo.app.settings import AppSettings, parse_settings
+from optdemo.core.defaults import describe_seconds
 from optdemo.core.errors import AccessError
 from optdemo.core.load_config import LoadConfig
 
 ADMIN = (("admin", "s3cret"),)
+WRONG = r"^wrong username or password: check them and sign in again$"
 
 
 # ---------------------------------------------------------------------------------- admins
@@ -26,18 +29,123 @@ def test_outside_public_mode_everyone_is_admin() -> None:
     policy.check_config(LoadConfig("facebook/opt-66b", tokenizer="gpt2"))  # anything goes
 
 
-def test_sign_in_makes_only_that_session_admin() -> None:
+def test_sign_in_issues_a_credential_not_bound_to_any_session() -> None:
+    """Admin rights live in a token the server issues at sign-in (256 random bits), never in a
+    client-chosen session id: nothing but the token is admin, and "anonymous" is nobody."""
     policy = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN))
-    assert not policy.is_admin("a")
-    assert policy.sign_in("a", "admin", "wrong") is False
-    assert policy.sign_in("a", "nobody", "s3cret") is False
-    assert not policy.is_admin("a")
-    assert policy.sign_in("a", "admin", "s3cret") is True
-    assert policy.is_admin("a")
-    assert not policy.is_admin("b") and not policy.is_admin(None)
-    # Right credentials without a session (an anonymous call) make nobody admin.
-    assert policy.sign_in(None, "admin", "s3cret") is True
-    assert not policy.is_admin(None)
+    for username, password in (("admin", "wrong"), ("nobody", "s3cret"), ("", ""), ("admin", "\ud800é")):
+        with pytest.raises(AccessError, match=WRONG):
+            policy.sign_in("10.0.0.1", username, password)
+    grant = policy.sign_in("10.0.0.1", "admin", "s3cret")
+    assert len(grant.token) >= 43 and grant.token != policy.sign_in("10.0.0.1", "admin", "s3cret").token
+    assert (grant.expires_in, grant.idle_timeout) == (12 * 3600, 3600)
+    assert policy.is_admin(grant.token)
+    for other in (None, "", "anonymous", "10.0.0.1", "admin", grant.token[:-1], grant.token + "x"):
+        assert not policy.is_admin(other), other
+    assert grant.token not in repr(grant)  # a logged grant shows no credential
+    assert grant.token not in repr(vars(policy.admins))  # kept only as a digest
+
+
+def test_sign_out_revokes_only_that_credential() -> None:
+    policy = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN))
+    first, second = (policy.sign_in("a", "admin", "s3cret") for _ in range(2))
+    assert policy.sign_out(first.token) is True
+    assert not policy.is_admin(first.token) and policy.is_admin(second.token)
+    assert policy.sign_out(first.token) is False
+    assert policy.sign_out(None) is False and policy.sign_out("made-up") is False
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_credentials_expire_when_idle_and_at_their_age() -> None:
+    clock = FakeClock()
+    policy = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN), clock=clock)
+    idle = policy.sign_in("a", "admin", "s3cret")
+    clock.now += 3600 - 1
+    assert policy.is_admin(idle.token)  # used: its idle time starts again
+    clock.now += 3600 - 1
+    assert policy.is_admin(idle.token)
+    clock.now += 3600 + 1
+    assert not policy.is_admin(idle.token)  # an hour unused
+    busy = policy.sign_in("a", "admin", "s3cret")
+    for _ in range(12 * 6 - 1):
+        clock.now += 600
+        assert policy.is_admin(busy.token)
+    clock.now += 600
+    assert not policy.is_admin(busy.token)  # 12 hours after sign-in, however busy
+    with pytest.raises(AccessError, match=r"^visitors cannot unload the model: "):
+        policy.require_admin(busy.token, "unload the model")
+
+
+def test_live_credentials_are_bounded_and_the_oldest_go_first() -> None:
+    policy = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN))
+    grants = [policy.sign_in("a", "admin", "s3cret") for _ in range(65)]
+    assert not policy.is_admin(grants[0].token)
+    assert all(policy.is_admin(grant.token) for grant in grants[1:])
+
+
+def test_failed_sign_ins_wait_longer_each_time_and_say_how_long() -> None:
+    clock = FakeClock()
+    policy = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN), clock=clock)
+    for _ in range(4):  # four free tries
+        with pytest.raises(AccessError, match=WRONG):
+            policy.sign_in("10.0.0.1", "admin", "guess")
+    waits = []
+    for _ in range(12):
+        with pytest.raises(AccessError) as wrong:
+            policy.sign_in("10.0.0.1", "admin", "guess")
+        wait = policy.limiter.wait("10.0.0.1")
+        waits.append(wait)
+        assert str(wrong.value) == (
+            "wrong username or password, and too many failed sign-ins from your address: "
+            f"try again in {describe_seconds(wait)}"
+        )
+        # The right password during the wait is refused too, with the time left.
+        clock.now += 1
+        with pytest.raises(TooManySignInsError) as locked:
+            policy.sign_in("10.0.0.1", "admin", "s3cret")
+        assert locked.value.retry_after == wait - 1
+        assert str(locked.value) == (
+            f"too many failed sign-ins from your address: try again in {describe_seconds(wait - 1)}"
+        )
+        clock.now += wait - 1
+    assert waits == [2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900, 900]
+    # Other addresses are not held up; after the wait the right password works and clears the count.
+    assert policy.is_admin(policy.sign_in("10.0.0.2", "admin", "s3cret").token)
+    assert policy.is_admin(policy.sign_in("10.0.0.1", "admin", "s3cret").token)
+    assert policy.limiter.wait("10.0.0.1") == 0
+    for _ in range(4):
+        with pytest.raises(AccessError, match=WRONG):
+            policy.sign_in("10.0.0.1", "admin", "guess")
+
+
+def test_failures_are_forgotten_an_hour_after_the_last_one() -> None:
+    clock = FakeClock()
+    limiter = AccessPolicy(AppSettings(lock_config=True, auth=ADMIN), clock=clock).limiter
+    for _ in range(4):
+        assert limiter.failed("c") == 0
+    clock.now += 3600
+    assert limiter.failed("c") == 0  # the count started again
+    for _ in range(3):
+        limiter.failed("c")
+    assert limiter.failed("c") == 2
+
+
+def test_the_limiter_keeps_a_bounded_number_of_addresses() -> None:
+    limiter = SignInLimiter(max_clients=3, clock=FakeClock())
+    for client in ("a", "b", "c", "d"):
+        for _ in range(5):
+            limiter.failed(client)
+    assert limiter.wait("a") == 0 and limiter.wait("d") == 2
+    assert len(limiter) == 3
 
 
 def refusal(settings: AppSettings) -> str:
@@ -165,15 +273,15 @@ def test_admins_are_not_bound_by_the_visitors_list() -> None:
     """Issue #12: a signed-in admin may plan and load the catalog's OPT sizes and tiny-opt (and the
     visitors' models), never an arbitrary local folder or Hub repository."""
     policy = AccessPolicy(AppSettings(model="opt-125m", lock_config=True, auth=ADMIN))
-    assert policy.sign_in("owner", "admin", "s3cret")
+    owner = policy.sign_in("127.0.0.1", "admin", "s3cret").token
     for model in ("opt-1.3b", "facebook/opt-66b", "tiny-opt", "opt-125m"):
-        policy.check_config(LoadConfig(model), "owner")  # no error
+        policy.check_config(LoadConfig(model), owner)  # no error
     with pytest.raises(AccessError) as info:
-        policy.check_config(LoadConfig("someone/arbitrary-model"), "owner")
+        policy.check_config(LoadConfig("someone/arbitrary-model"), owner)
     assert str(info.value).startswith("someone/arbitrary-model is not offered here: admins of this")
     assert str(info.value).endswith("the operator can allow more with --admin-allow-model")
     with pytest.raises(AccessError):
-        policy.check_config(LoadConfig(os.path.dirname(__file__)), "owner")  # a local folder
+        policy.check_config(LoadConfig(os.path.dirname(__file__)), owner)  # a local folder
     # Visitors stay bound by theirs, and are told an admin may use more.
     with pytest.raises(AccessError) as info:
         policy.check_config(LoadConfig("opt-1.3b"), "visitor")
@@ -192,10 +300,10 @@ def test_the_operator_sets_what_admins_may_use(tmp_path: Path) -> None:
     env = parse_settings([], env={"OPTDEMO_ADMIN_ALLOW_MODEL": "opt-2.7b,opt-6.7b"})
     assert env.admin_allow_models == ("opt-2.7b", "opt-6.7b")
     policy = AccessPolicy(settings)
-    policy.sign_in("owner", "admin", "s3cret")
-    policy.check_config(LoadConfig(str(tmp_path)), "owner")  # listed: allowed
+    owner = policy.sign_in("127.0.0.1", "admin", "s3cret").token
+    policy.check_config(LoadConfig(str(tmp_path)), owner)  # listed: allowed
     with pytest.raises(AccessError):
-        policy.check_config(LoadConfig("opt-1.3b"), "owner")  # the list replaces the default
+        policy.check_config(LoadConfig("opt-1.3b"), owner)  # the list replaces the default
     with pytest.raises(AccessError):
         policy.check_config(LoadConfig(str(tmp_path)), "visitor")
 
@@ -207,11 +315,11 @@ def test_admins_plan_and_load_through_the_service(tiny_model_dir: Path) -> None:
     allowed = (str(tiny_model_dir),)
     settings = AppSettings(model="opt-125m", lock_config=True, auth=ADMIN, admin_allow_models=allowed)
     service = DemoService(ModelManager(), settings)
-    service.sign_in("owner", "admin", "s3cret")
-    config = service.make_config(str(tiny_model_dir), "cpu=1GiB", session_id="owner")
+    owner = service.sign_in("127.0.0.1", "admin", "s3cret").token
+    config = service.make_config(str(tiny_model_dir), "cpu=1GiB", admin=owner)
     assert service.plan(config).plan.fits
     with pytest.raises(AccessError):
-        service.make_config(str(tiny_model_dir), "cpu=1GiB", session_id="visitor")
+        service.make_config(str(tiny_model_dir), "cpu=1GiB", admin="visitor")
     assert [value for _, value in service.model_choices("visitor")] == ["facebook/opt-125m"]
 
 
@@ -233,8 +341,8 @@ def test_with_no_model_visitors_are_told_who_can_load_one() -> None:
         "can; try again once one is loaded"
     )
     assert "Configuration tab" not in to_gradio_error(visitor.value).message
-    public.sign_in("admin", *ADMIN[0])
+    token = public.sign_in("127.0.0.1", *ADMIN[0]).token
     with pytest.raises(NoModelError) as admin:
-        list(public.complete("admin", "Hello", params))
+        list(public.complete("session-1", "Hello", params, admin=token))
     assert not isinstance(admin.value, NoModelForVisitorsError)
     assert to_gradio_error(admin.value).message.endswith("(in the Configuration tab)")

@@ -90,6 +90,66 @@ def test_the_number_of_saved_chats_is_bounded() -> None:
     assert store["chats"][-1]["title"] == "message 5"  # the oldest five were forgotten
 
 
+class Untouchable(dict):
+    """A chat that fails the test if anything reads it."""
+
+    def _read(self, *args: object) -> None:
+        raise AssertionError("a chat beyond the store's limit was read")
+
+    get = items = keys = values = __iter__ = __getitem__ = __len__ = _read
+
+
+def big_chat(index: int, chars: int) -> dict:
+    return {"id": f"c{index}", "title": f"chat {index}", "turns": [turn("x" * chars, "")], "updated": -index}
+
+
+def test_store_size_stops_counting_past_its_limit() -> None:
+    # Texts count with their quotes, every other value as one: about the size of its JSON.
+    assert chats.store_size({"chats": [], "current": None}, 100) == len("chats") + len("current") + 7
+    assert chats.store_size(["ab", ["c", 5]], 100) == (2 + 2) + 1 + (1 + 2) + 1 + 1
+    huge = {"chats": [big_chat(0, 50), *[Untouchable()] * 10**6]}
+    assert 100 < chats.store_size(huge, 100) < 200  # nothing past the limit was read
+
+
+def test_an_oversized_store_keeps_its_newest_chats_and_never_reads_the_rest() -> None:
+    """A store bigger than a browser may keep (a damaged or forged localStorage, ~2 MB in the
+    report) is cut to its first (newest) chats that fit, before anything else is done with it."""
+    size = chats.MAX_STORE_CHARS // 3
+    store = {
+        "chats": [big_chat(0, size), big_chat(1, size), big_chat(2, size), Untouchable()],
+        "current": "c2",
+    }
+    kept, left_out = chats.bounded(store)
+    assert [chat["id"] for chat in kept["chats"]] == ["c0", "c1"] and left_out == 2
+    assert kept["current"] is None  # the chat it had open was left out
+    assert chats.normalized(store) == kept
+    assert chats.bounded(kept) == (kept, 0)
+
+
+def test_saving_forgets_the_oldest_chats_beyond_the_size_limit() -> None:
+    size = chats.MAX_STORE_CHARS // 3
+    store = chats.empty_store()
+    for index in range(4):
+        store, chat_id = chats.save(store, None, [turn("x" * size, str(index))], now=float(index))
+    assert [chat["turns"][0]["assistant"] for chat in store["chats"]] == ["3", "2"]
+    assert store["current"] == chat_id
+    assert chats.store_size(store, chats.MAX_STORE_CHARS) <= chats.MAX_STORE_CHARS
+
+
+def test_an_import_that_would_overfill_the_store_is_refused() -> None:
+    size = chats.MAX_STORE_CHARS // 3
+    store, _ = chats.save(chats.empty_store(), None, [turn("x" * size, "")], now=1.0)
+    store, _ = chats.save(store, None, [turn("y" * size, "")], now=2.0)
+    imported = chats.parse_export(chats.to_json([big_chat(9, size)]))
+    with pytest.raises(chats.ChatStoreError) as info:
+        chats.add_imported(store, imported)
+    assert str(info.value) == (
+        f"importing these chats would take this browser's saved chats over {chats.MAX_STORE_CHARS} "
+        "characters, the limit here: delete some saved chats (or import fewer) first"
+    )
+    assert len(chats.add_imported(chats.empty_store(), imported)["chats"]) == 1
+
+
 # ---------------------------------------------------------------------------------- export / import
 def two_chats() -> list[dict]:
     store, _ = chats.save(chats.empty_store(), None, CAPITAL, now=1.0)
@@ -182,6 +242,25 @@ def test_a_finished_turn_is_saved_then_restored_after_a_reload() -> None:
     streaming = to_messages([turn("Another question", "")])
     busy = chat_history.restore(service, tab, {**blank, tab.chatbot: streaming}, REQUEST)
     assert busy == {saved.picker: {**page[saved.picker], "value": None}}
+
+
+def test_restoring_an_oversized_store_says_what_was_left_out() -> None:
+    service, tab = chat_ui()
+    saved = tab.saved
+    size = chats.MAX_STORE_CHARS // 3
+    store = {"chats": [big_chat(0, size), big_chat(1, size), big_chat(2, size)], "current": "c0"}
+    page = chat_history.restore(
+        service, tab, {saved.store: store, saved.chat_id: None, tab.chatbot: []}, REQUEST
+    )
+    assert page[saved.chat_id] == "c0" and page[tab.turns] == store["chats"][0]["turns"]
+    assert [choice[1] for choice in page[saved.picker]["choices"]] == ["c0", "c1"]
+    assert page[saved.message] == (
+        "1 older saved chat was left out: this browser's saved chats held more than "
+        f"{chats.MAX_STORE_CHARS} "
+        "characters, the limit here, and the oldest are forgotten at the next save; delete chats you no "
+        "longer need to keep room"
+    )
+    assert saved.message in saved.restored_outputs()
 
 
 def test_new_open_rename_delete() -> None:

@@ -409,3 +409,49 @@ def test_a_waiting_reply_shows_its_place_in_line_and_the_serving_line_counts(bro
         wait_for_text(page, "#od-chatbot", r"Hi there\.")
         expect(page.locator("#od-chat-notice")).not_to_contain_text("Waiting", timeout=WAIT_MS)
         expect(page.locator("#od-serving")).not_to_contain_text("Writing", timeout=WAIT_MS)
+
+
+def test_admin_sign_in_keeps_the_credential_in_an_httponly_cookie(browser) -> None:
+    """Public mode, issue #23: the form's password goes to /optdemo/sign-in only (no Gradio event
+    carries it), the credential comes back as an HttpOnly, SameSite=Strict cookie the page's scripts
+    cannot read, the admin controls unlock and stay so after a reload, and lock again at sign-out."""
+    from playwright.sync_api import expect
+
+    secret = "s3cret-Pa55"
+    with (
+        running_app(["--lock-config", "--auth", f"admin:{secret}"]) as app,
+        opened_page(browser, app.url) as page,
+    ):
+        posted: list[tuple[str, str]] = []
+        page.on("request", lambda r: r.method == "POST" and posted.append((r.url, r.post_data or "")))
+        load = page.get_by_role("button", name="Load model", exact=True)
+        expect(load).to_be_disabled()
+        page.get_by_role("button", name="Admin sign-in").click()
+        user, password = page.get_by_label("Username"), page.get_by_label("Password")
+        message = page.get_by_text("wrong username or password", exact=False)
+
+        def sign_in(typed: str) -> None:
+            user.fill("admin")
+            password.fill(typed)
+            page.get_by_role("button", name="Sign in", exact=True).click()
+
+        retry(lambda: sign_in("wrong"), lambda timeout: expect(message).to_be_visible(timeout=timeout))
+        expect(password).to_have_value("")
+        expect(load).to_be_disabled()
+        sign_in(secret)
+        expect(load).to_be_enabled()
+        expect(page.get_by_text("Signed in as admin", exact=False)).to_be_visible()
+        expect(password).to_have_value("")
+        cookie = {c["name"]: c for c in page.context.cookies()}["optdemo_admin"]
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        assert "optdemo_admin" not in page.evaluate("document.cookie")
+        carried = [url for url, data in posted if secret in data]
+        assert carried and all(url.endswith("/optdemo/sign-in") for url in carried), carried
+        page.reload(wait_until="domcontentloaded")
+        expect(page.get_by_role("button", name="Load model", exact=True)).to_be_enabled()
+        page.get_by_role("button", name="Admin sign-in").click()
+        page.get_by_role("button", name="Sign out", exact=True).click()
+        expect(page.get_by_text("Signed out.", exact=True)).to_be_visible()
+        expect(page.get_by_role("button", name="Load model", exact=True)).to_be_disabled()
+        assert "optdemo_admin" not in {c["name"] for c in page.context.cookies()}
+        assert len(app.service.access.admins) == 0

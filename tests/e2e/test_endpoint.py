@@ -257,10 +257,10 @@ def test_public_mode_never_requests_a_visitors_url() -> None:
     settings = AppSettings(lock_config=True, auth=(("admin", "pw"),), backend_url="http://10.0.0.5:8000")
     service = DemoService(ModelManager(), settings)
     with pytest.raises(AccessError, match="visitors cannot connect to a serving endpoint"):
-        service.backends.endpoint_config("http://evil.example:80", session_id="visitor")
-    assert service.sign_in("admin-session", "admin", "pw")
+        service.backends.endpoint_config("http://evil.example:80", admin="visitor")
+    admin = service.sign_in("127.0.0.1", "admin", "pw").token
     with pytest.raises(AccessError, match="only the operator chooses the serving endpoint"):
-        service.backends.endpoint_config("http://169.254.169.254", session_id="admin-session")
+        service.backends.endpoint_config("http://169.254.169.254", admin=admin)
     with pytest.raises(AccessError):
         service.backends.connect(parse_endpoint("http://evil.example"), "visitor")
     # The operator's endpoint, with the operator's token whatever the admin typed.
@@ -268,8 +268,8 @@ def test_public_mode_never_requests_a_visitors_url() -> None:
         lock_config=True, auth=(("a", "b"),), backend_url="http://h:1", backend_token=TOKEN
     )
     service = DemoService(ModelManager(), operator)
-    service.sign_in("s", "a", "b")
-    config = service.backends.endpoint_config("http://h:1/v1", "m", "typed-token", session_id="s")
+    admin = service.sign_in("127.0.0.1", "a", "b").token
+    config = service.backends.endpoint_config("http://h:1/v1", "m", "typed-token", admin=admin)
     assert (config.url, config.model, config.token) == ("http://h:1", "m", TOKEN)
 
 

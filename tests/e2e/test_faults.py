@@ -18,6 +18,7 @@ from optdemo.core.load_config import LoadConfig
 from tools.loadtest import LoadTestResult, check_loopback, run_load_test
 
 SPLIT = "cpu=700KiB"
+DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors 0.8
 GREEDY = GenerationParams(max_new_tokens=8, temperature=0)
 
 
@@ -35,6 +36,7 @@ def _generate_threads() -> list[threading.Thread]:
     ("failure", "expected"),
     [
         (OSError(errno.ENOSPC, "No space left on device"), "disk filled up"),
+        ("safetensors-full", "disk filled up"),  # what safetensors really raises: not an OSError
         ("vanish", "vanished"),
     ],
 )
@@ -48,6 +50,10 @@ def test_offload_disk_fault_mid_load_keeps_previous_model(
     offload = tmp_path / "offload"
 
     def failing_save(tensors, filename, *args, **kwargs):
+        if failure == "safetensors-full":
+            from safetensors import SafetensorError
+
+            raise SafetensorError(DISK_FULL)
         if failure == "vanish":
             shutil.rmtree(offload, ignore_errors=True)
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(filename))
@@ -65,6 +71,41 @@ def test_offload_disk_fault_mid_load_keeps_previous_model(
     assert manager.status().config == LoadConfig(str(tiny_model_dir))
     assert _answers(manager) == before
     assert not _generate_threads()
+
+
+@pytest.mark.slow
+def test_full_disk_during_conversion_is_not_a_corrupt_checkpoint(
+    manager, tiny_model_dir, tiny_bin_model_dir, fresh_cache, tmp_path, monkeypatch
+):
+    """Converting a .bin checkpoint for fast offloading writes safetensors into the conversion
+    cache; safetensors reports a full disk as a SafetensorError, which once read as a corrupt
+    checkpoint ("save the model again"). It is a full disk, said with the room needed, and the
+    half-written conversion is removed."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from optdemo.weights import convert
+
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    before = _answers(manager)
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError(DISK_FULL)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(LoadError) as caught:
+        manager.load(
+            LoadConfig(str(tiny_bin_model_dir), max_memory=SPLIT, offload_folder=str(tmp_path / "off"))
+        )
+    message = str(caught.value)
+    assert f"the disk at {convert.converted_root()} is full" in message
+    assert "the conversion needs about" in message and "OPTDEMO_CACHE" in message
+    assert "corrupt" not in message and "save the model again" not in message
+    assert "loaded again" in message
+    assert not list(convert.converted_root().glob(".converting-*"))
+    assert convert.interrupted_conversions() == []
+    assert manager.status().config == LoadConfig(str(tiny_model_dir))
+    assert _answers(manager) == before
 
 
 @pytest.mark.slow

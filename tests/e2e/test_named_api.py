@@ -136,6 +136,7 @@ def test_named_endpoints_and_parameters(client) -> None:
         "/stop": [],
         "/clear_chat": [],
         "/sign_in": ["username", "password"],
+        "/sign_out": [],
     }
     # The UI's own events are private: no unnamed endpoints for scripts to stumble on.
     assert not api.get("unnamed_endpoints")
@@ -480,6 +481,7 @@ def test_public_named_endpoints_are_the_same(public_app: RunningApp) -> None:
         "/stop",
         "/clear_chat",
         "/sign_in",
+        "/sign_out",
     }
 
 
@@ -515,16 +517,23 @@ def test_public_offload_folder_inside_the_base_is_accepted(public_app: RunningAp
     assert plan["fits"] is True
 
 
-def test_public_admin_signs_in_per_session(public_app: RunningApp) -> None:
-    admin, visitor = public_app.client(), public_app.client()
-    sign_in = sign_in_endpoint(admin)
-    assert call(admin, sign_in, "admin", "wrong") is False
-    assert call(admin, sign_in, "nobody", "pw") is False
-    assert "visitors cannot" in app_error(admin, "/load", *LOAD_ARGS)
-    assert call(admin, sign_in, "admin", "pw") is True
+def test_public_admin_rights_go_with_the_token(public_app: RunningApp) -> None:
+    """A script signs in with a direct request (docs/USAGE.md) and sends the token with its calls;
+    wrong credentials are refused in a sentence, and other clients stay visitors."""
+    import httpx
+    from gradio_client import Client
+
+    sign_in = sign_in_endpoint(public_app.client())
+    url = public_app.url + "gradio_api/run" + sign_in
+    for username, password in (("admin", "wrong"), ("nobody", "pw")):
+        refused = httpx.post(url, json={"data": [username, password]})
+        assert refused.json()["error"] == "wrong username or password: check them and sign in again"
+    token = httpx.post(url, json={"data": ["admin", "pw"]}).json()["data"][0]["token"]
+    admin = Client(public_app.url, headers={"Authorization": f"Bearer {token}"}, verbose=False)
+    visitor = public_app.client()
     report = call(admin, "/load", *LOAD_ARGS)
     assert report["status"] == "loaded" and report["model"] == TINY
-    # Admin rights belong to that session only.
+    # Admin rights belong to the token's holder only.
     assert "visitors cannot" in app_error(visitor, "/load", "tiny-opt", "cpu=2GiB", "auto", "")
     assert "visitors cannot" in app_error(visitor, "/unload")
     # Visitors chat with what the admin loaded, and "loading" the same configuration just reuses it.
@@ -533,6 +542,7 @@ def test_public_admin_signs_in_per_session(public_app: RunningApp) -> None:
     assert call(visitor, "/load", *LOAD_ARGS)["status"] == "reused"
     assert call(admin, "/unload")["unloaded"] is True
     assert call(visitor, "/status")["loaded"] is False
+    assert call(admin, "/sign_out") is True
 
 
 # ---------------------------------------------------------------------------------- scripted model

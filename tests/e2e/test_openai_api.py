@@ -31,7 +31,7 @@ from optdemo.runtime.status import ModelStatus
 
 SCRIPTED = "optdemo/scripted"
 SCRIPT = {
-    "hi": [["Hel", "Hello wor", "Hello world!"]] * 4,
+    "hi": [["Hel", "Hello wor", "Hello world!"]] * 6,
     "Once": [[" upon", " upon a", " upon a time"]] * 4,
     "stop here": [["abc STOP", "abc STOP def", "abc STOP def ghi"]] * 2,
     "long": [["one", "one two", "one two three", "one two three four"]] * 2,
@@ -108,6 +108,21 @@ def test_malformed_chat_requests_name_the_field(body: dict, param: str) -> None:
         parse_chat(body, max_chars=100)
     assert info.value.status == 400 and info.value.param == param
     assert info.value.to_dict()["error"]["type"] == "invalid_request_error"
+
+
+def test_user_messages_in_a_row_are_one_message_under_the_same_limit() -> None:
+    """Consecutive user messages become one, so their sum is held to the message limit as it
+    grows: a long run of them is refused where it passes the limit, never joined in full first."""
+    with pytest.raises(OpenAIError) as info:
+        parse_chat({"messages": [{"role": "user", "content": "x" * 60}] * 1000}, max_chars=100)
+    assert info.value.param == "messages[1]"
+    assert info.value.message == (
+        "messages[1] makes the user's message 121 characters long (user messages in a row are "
+        "one message); the limit here is 100"
+    )
+    assert parse_chat({"messages": [{"role": "user", "content": "x" * 49}] * 2}, 100).message == (
+        "x" * 49 + "\n" + "x" * 49
+    )
 
 
 def test_completion_prompt_is_one_text() -> None:
@@ -260,6 +275,88 @@ def test_errors_are_openai_shaped(scripted) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [True, 5, 1.5, {"STOP": 1}, "x" * 500])
+def test_a_bad_stop_is_a_400_naming_stop_not_a_500(scripted, stop: object) -> None:
+    for route, body in (
+        ("chat/completions", {"model": SCRIPTED, "messages": [{"role": "user", "content": "hi"}]}),
+        ("completions", {"model": SCRIPTED, "prompt": "Once"}),
+    ):
+        raw = httpx.post(scripted.url + "v1/" + route, json={**body, "stop": stop})
+        assert raw.status_code == 400, raw.text
+        error = raw.json()["error"]
+        assert error["param"] == "stop" and "Traceback" not in raw.text
+        assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.slow
+def test_unknown_paths_and_wrong_methods_under_v1_are_openai_shaped(scripted) -> None:
+    missing = httpx.get(scripted.url + "v1/engines")
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["code"] == "unknown_url" and error["type"] == "invalid_request_error"
+    assert "/v1/engines" in error["message"] and "POST /v1/chat/completions" in error["message"]
+    assert httpx.post(scripted.url + "v1", json={}).json()["error"]["code"] == "unknown_url"
+    for method, route, allowed in (
+        ("POST", "models", "GET"),
+        ("GET", "chat/completions", "POST"),
+        ("DELETE", "completions", "POST"),
+    ):
+        wrong = httpx.request(method, scripted.url + "v1/" + route)
+        assert wrong.status_code == 405, (method, route)
+        assert wrong.headers["allow"] == allowed
+        error = wrong.json()["error"]
+        assert error["code"] == "method_not_allowed" and f"{allowed} /v1/{route}" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(scripted).files.list()
+    # Gradio's own routes are unchanged.
+    assert httpx.get(scripted.url + "gradio_api/info").status_code == 200
+    assert httpx.get(scripted.url + "no-such-page").json() == {"detail": "Not Found"}
+
+
+@pytest.mark.slow
+def test_lone_surrogates_are_a_400_saying_the_text_is_not_valid_unicode(scripted) -> None:
+    for route, body in (
+        ("chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+        ("completions", b'{"prompt": "\\udfff Once"}'),
+        ("completions", b'{"prompt": "\xed\xa0\x80"}'),  # a surrogate encoded as raw bytes
+    ):
+        raw = httpx.post(scripted.url + "v1/" + route, content=body)
+        assert raw.status_code == 400, raw.text
+        assert "not valid Unicode" in raw.json()["error"]["message"]
+        assert "TypeError" not in raw.text
+
+
+@pytest.mark.slow
+def test_deeply_nested_json_is_a_400_not_a_500(scripted) -> None:
+    raw = httpx.post(scripted.url + "v1/completions", content=b"[" * 100_000 + b"]" * 100_000)
+    assert raw.status_code == 400, raw.text
+    assert raw.json()["error"]["message"].startswith("the request body must be JSON")
+
+
+@pytest.mark.slow
+def test_unsupported_fields_are_refused_not_ignored(scripted) -> None:
+    api = client(scripted)
+    hello = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model=SCRIPTED, messages=hello, response_format={"type": "json_object"})
+    assert info.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model=SCRIPTED, messages=hello, presence_penalty=1.0)
+    assert (
+        info.value.body["param"] == "presence_penalty" and "repetition_penalty" in info.value.body["message"]
+    )
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        api.chat.completions.create(
+            model=SCRIPTED, messages=hello, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
+    # The defaults are accepted: plain text, one reply.
+    reply = api.chat.completions.create(
+        model=SCRIPTED, messages=hello, response_format={"type": "text"}, n=1, frequency_penalty=0
+    )
+    assert reply.choices[0].message.content == "Hello world!"
+
+
+@pytest.mark.slow
 def test_client_disconnect_stops_generation(scripted) -> None:
     manager = scripted.service.manager
     manager.until_stopped = True  # the reply waits after its first step until told to stop
@@ -285,7 +382,8 @@ def test_requests_beyond_the_queue_size_are_refused() -> None:
     manager = LoadedScript(SCRIPT)
     manager.until_stopped = True  # every reply waits after its first step until told to stop
     body = {"model": SCRIPTED, "messages": [{"role": "user", "content": "long"}], "stream": True}
-    with running_app(["--queue-size", "1"], manager=manager) as app, httpx.Client(timeout=10) as http:
+    flags = ["--queue-size", "1", "--max-batch", "1"]  # one reply written, one waiting
+    with running_app(flags, manager=manager) as app, httpx.Client(timeout=10) as http:
         url = app.url + "v1/chat/completions"
         with http.stream("POST", url, json=body) as first, http.stream("POST", url, json=body) as second:
             assert (first.status_code, second.status_code) == (200, 200)  # one running, one waiting
@@ -324,6 +422,24 @@ def test_huggingface_hub_inference_client(scripted, monkeypatch: pytest.MonkeyPa
         for c in hf.chat_completion(messages=[{"role": "user", "content": "hi"}], stream=True)
     ]
     assert "".join(p or "" for p in pieces) == "Hello world!"
+
+
+@pytest.mark.slow
+def test_conversations_over_the_history_limits_are_400s_that_say_so(scripted) -> None:
+    api = client(scripted)
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="reached the limit of 50 turns here: clear it"):
+        api.chat.completions.create(model=SCRIPTED, messages=turn * 50 + hi)
+    long = [{"role": "user", "content": "x" * 4000}, {"role": "assistant", "content": "y" * 4000}]
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model=SCRIPTED, messages=long * 30 + hi)
+    assert info.value.body["message"] == (
+        "the earlier turns of this conversation hold more than 200000 characters, the limit here: "
+        "clear it (or undo turns) to go on"
+    )
+    assert info.value.body["type"] == "invalid_request_error"
+    assert all(len(history) < 30 for history in scripted.service.manager.histories)  # never reached it
 
 
 # ---------------------------------------------------------------------------------- access

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
+import random
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from optdemo.core.chat_prompt import (
     build_chat_prompt,
     check_max_new_tokens,
     render_plain,
+    template_renderer,
 )
 from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT
 from optdemo.core.errors import GenerationError
@@ -160,6 +163,94 @@ def test_chat_prompt_states_the_max_new_tokens_rule() -> None:
     # The operator's cap is the bound when it is lower.
     with pytest.raises(GenerationError, match=r"max_new_tokens is at most 32 here: .* the operator's cap 32"):
         build_chat_prompt([], "now", words, 512, 33, cap=32)
+
+
+def reference_layout(history, message, count, window, max_new_tokens, render=render_plain, system=""):
+    """The prompt as optdemo laid it out before it counted turns: the whole conversation rendered
+    and counted again for each number of dropped turns (quadratic), the first that fits wins."""
+    for dropped in range(len(history) + 1):
+        text = render(system, history[dropped:], message)
+        if count(text) <= window - max_new_tokens:
+            return text, dropped, count(text)
+    raise AssertionError("the message alone does not fit")
+
+
+class Counted:
+    """A token counter that counts its own work: calls, and characters it was given."""
+
+    def __init__(self, count) -> None:
+        self.count, self.calls, self.chars = count, 0, 0
+
+    def __call__(self, text: str) -> int:
+        self.calls += 1
+        self.chars += len(text)
+        return self.count(text)
+
+
+def test_chat_prompt_work_is_linear_in_the_history() -> None:
+    """A long history costs what its kept turns cost: each turn is counted once, newest first, and
+    the old turns that cannot fit are never rendered (it was one render of the whole rest per
+    dropped turn: 400 turns here made 24 million characters of counting)."""
+    history = [(f"question {i} " * 20, f"answer {i} " * 20) for i in range(400)]
+    counted = Counted(words)
+    prompt = build_chat_prompt(history, "now", counted, 1000, 600)
+    assert (prompt.text, prompt.dropped_turns, prompt.prompt_tokens) == reference_layout(
+        history, "now", words, 1000, 600
+    )
+    assert 0 < len(history) - prompt.dropped_turns < 10
+    kept = len(history) - prompt.dropped_turns
+    assert counted.calls <= kept + 8  # a turn each (and the one that did not fit), a few renders
+    assert counted.chars <= 8 * len(prompt.text) + 400 * (kept + 2)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_chat_prompt_keeps_the_whole_history_layout(seed: int) -> None:
+    """Counting turn by turn drops exactly the turns the whole-conversation layout dropped."""
+    rng = random.Random(seed)
+    vocabulary = ["a", "bb", "ccc", "", " ", "\n", "tail  "]
+    history = [
+        (
+            " ".join(rng.choices(vocabulary, k=rng.randrange(8))),
+            " ".join(rng.choices(vocabulary, k=rng.randrange(8))),
+        )
+        for _ in range(rng.randrange(1, 30))
+    ]
+    base = words(render_plain("", [], "now"))
+    for room in range(0, 60, 3):
+        expected = reference_layout(history, "now", words, 1000, 1000 - base - room)
+        prompt = build_chat_prompt(history, "now", words, 1000, 1000 - base - room)
+        assert (prompt.text, prompt.dropped_turns, prompt.prompt_tokens) == expected
+
+
+def numbered(system: str, turns, message: str) -> str:
+    """A format whose turns cost more the later they stand (a numbered transcript): a turn counted
+    alone costs less than it does in the conversation."""
+    lines = [f"{'#' * (5 * index)} {user} / {bot}\n" for index, (user, bot) in enumerate(turns)]
+    return system + "".join(lines) + message
+
+
+def lonely(system: str, turns, message: str) -> str:
+    """A format that says so when there is one turn only: a turn counted alone costs more."""
+    header = "(a conversation of a single turn so far) " if len(turns) == 1 else ""
+    return system + header + "".join(f"{user} / {bot}\n" for user, bot in turns) + message
+
+
+@pytest.mark.parametrize("render", [numbered, lonely])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_turn_estimate_that_is_off_is_corrected_by_a_bounded_search(render, seed: int) -> None:
+    rng = random.Random(seed)
+    history = [("x" * rng.randrange(40), "y" * rng.randrange(40)) for _ in range(rng.randrange(20, 60))]
+
+    def chars(text: str) -> int:
+        return len(text) // 3
+
+    for reply in range(100, 1000, 45):
+        counted = Counted(chars)
+        prompt = build_chat_prompt(history, "now", counted, 1000, reply, render=render)
+        expected = reference_layout(history, "now", chars, 1000, reply, render)
+        assert (prompt.text, prompt.dropped_turns, prompt.prompt_tokens) == expected
+        # A count per turn, then a galloping search: logarithmic in how far off the estimate was.
+        assert counted.calls <= len(history) + 2 + 2 * math.ceil(math.log2(len(history) + 1)) + 2
 
 
 def test_max_new_tokens_rule() -> None:
@@ -495,3 +586,123 @@ def test_a_model_without_a_template_keeps_the_plain_transcript(loaded) -> None:
     params = GenerationParams(max_new_tokens=4, temperature=0)
     stats = list(loaded.stream_chat([], "Capital?", params, system_prompt="Be brief."))[-1].stats
     assert stats.prompt_tokens == len(tokenizer("Be brief.\n\nUser: Capital?\nAssistant:").input_ids)
+
+
+# ---------------------------------------------------------------- prompt building, bounded
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def awkward_history(rng: random.Random) -> list[tuple[str, str]]:
+    """Turns whose edges a byte-level BPE tokenizes differently alone and in context: empty
+    replies, trailing spaces and newlines, punctuation, accents, tags inside the text."""
+    pieces = ["Paris", " is", "", "  ", "\n", "é", "!", "?\n\n", "User:", "offload", "123", "\t"]
+    return [
+        ("".join(rng.choices(pieces, k=rng.randrange(6))), "".join(rng.choices(pieces, k=rng.randrange(6))))
+        for _ in range(rng.randrange(1, 25))
+    ]
+
+
+@pytest.mark.parametrize("templated", [False, True])
+def test_token_ids_are_the_whole_prompts_and_the_turns_those_of_the_old_layout(
+    tiny_tokenizer, templated: bool
+) -> None:
+    """With the tiny model's real tokenizer (plain transcript and a chat template): the same turns
+    dropped as the whole-conversation layout, and the ids are the whole prompt's tokenization (a
+    later KV cache reuse matches prompts by id prefix)."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE if templated else None
+    render = template_renderer(tokenizer) if templated else render_plain
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=not templated).input_ids)
+
+    def count(text: str) -> int:
+        return len(encode(text))
+
+    rng = random.Random(7)
+    for _ in range(15):
+        history, system = awkward_history(rng), rng.choice(["", "Be brief. "])
+        base = count(render(system, [], "now ?"))
+        for room in (0, 5, 17, 40, 90, 400):
+            reply = 512 - base - room
+            expected = reference_layout(history, "now ?", count, 512, reply, render, system)
+            prompt = build_chat_prompt(
+                history, "now ?", count, 512, reply, 512, render, system, encode=encode
+            )
+            assert (prompt.text, prompt.dropped_turns, prompt.prompt_tokens) == expected
+            assert list(prompt.input_ids) == encode(prompt.text)
+
+
+class SpyTokenizer:
+    """The loaded tokenizer, recording which thread tokenized how many characters."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, text, *args, **kwargs):
+        self.calls.append((threading.current_thread().name, len(text)))
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.slow
+def test_the_chat_prompt_is_tokenized_before_the_request_waits_for_the_model(loaded) -> None:
+    """The prompt is laid out and tokenized in the caller's thread, never in the scheduler under
+    the model lock: with the lock held elsewhere, a refusal still comes at once, and a reply's
+    prompt is ready before the model is free."""
+    spy = SpyTokenizer(loaded._loaded.tokenizer)
+    loaded._loaded.tokenizer = spy
+    history = [(f"question {i} " * 30, f"answer {i} " * 30) for i in range(40)]
+    results: dict[str, object] = {}
+
+    def chat(key: str, params: GenerationParams) -> None:
+        try:
+            results[key] = list(loaded.stream_chat(history, "last question", params))[-1]
+        except GenerationError as exc:
+            results[key] = exc
+
+    with loaded._model_lock:  # the model is busy (a load, a long step) for as long as this holds
+        refused = threading.Thread(target=chat, args=("refused", GenerationParams(max_new_tokens=600)))
+        refused.start()
+        refused.join(5)
+        assert isinstance(results.get("refused"), GenerationError), "the refusal waited for the model"
+        answered = threading.Thread(target=chat, args=("answered", GenerationParams(max_new_tokens=8)))
+        answered.start()
+        deadline = time.monotonic() + 5
+        while sum(1 for name, _ in spy.calls if name == answered.name) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tokenized = sum(chars for name, chars in spy.calls if name == answered.name)
+        assert tokenized > 0, "nothing was tokenized before the model was free"
+        assert "answered" not in results
+    answered.join(10)
+    stats = results["answered"].stats
+    assert 0 < stats.dropped_turns < len(history)
+    assert not [call for call in spy.calls if call[0] == "optdemo-generate"]  # never under the lock
+    # A turn each (and the first that did not fit) and a few renders: not the whole history again.
+    assert tokenized < 6 * 512 * 8
+
+
+@pytest.mark.slow
+def test_the_prompt_is_laid_out_again_only_for_another_model(loaded, monkeypatch) -> None:
+    prepared: list = []
+    monkeypatch.setattr(loaded.engine, "submit", lambda prepare, *args: prepared.append(prepare) or iter(()))
+    spy = SpyTokenizer(loaded._loaded.tokenizer)
+    loaded._loaded.tokenizer = spy
+    list(loaded.stream_chat([("Hi", "Hello")], "Capital?", GenerationParams(max_new_tokens=8)))
+    before = len(spy.calls)
+    assert before > 0  # laid out before the request was queued
+    ready = prepared[0](loaded._loaded)
+    assert len(spy.calls) == before  # the same model: the prompt made before is used as it is
+    other = SpyTokenizer(spy._tokenizer)
+    again = prepared[0](SimpleNamespace(model=loaded._loaded.model, tokenizer=other))
+    assert other.calls and again.input_ids == ready.input_ids  # another model: laid out again
+    assert ready.input_ids == list(spy._tokenizer(render_plain("", [("Hi", "Hello")], "Capital?")).input_ids)

@@ -21,10 +21,12 @@ from optdemo.app.settings import AppSettings
 from optdemo.core.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
 from optdemo.core.load_config import LoadConfig
 from optdemo.runtime.manager import ModelManager
+from optdemo.web.api import ADMIN_COOKIE, admin_of, session_of
 from optdemo.web.render import to_messages
 from optdemo.web.tabs import chat as chat_tab
 from optdemo.web.tabs import config as config_tab
 from optdemo.web.tabs import devicemap as devicemap_tab
+from optdemo.web.tabs import sign_in as sign_in_tab
 from optdemo.web.tabs.chat_components import ChatTab
 
 REQUEST = SimpleNamespace(session_hash="session-1")
@@ -281,21 +283,63 @@ def test_preview_shows_a_bad_budget_in_place() -> None:
     assert "not a size" in updates[tab.summary]
 
 
-def test_sign_in_unlocks_the_admin_controls() -> None:
+def signed(token: str | None, how: str = "cookie") -> SimpleNamespace:
+    """A request as Gradio hands it over: the session hash, and the admin credential (as the
+    browser's cookie, or a script's bearer token) when there is one."""
+    headers = {"authorization": f"Bearer {token}"} if token and how == "bearer" else {}
+    cookies = {ADMIN_COOKIE: token} if token and how == "cookie" else {}
+    return SimpleNamespace(session_hash="session-1", headers=headers, cookies=cookies)
+
+
+def test_the_sign_in_cookie_unlocks_the_admin_controls() -> None:
     service, tab = config_ui(lock_config=True, auth=(("admin", "pw"),))
     form = tab.sign_in
     assert form is not None
-    assert tab.load_btn.interactive is False
-    wrong = config_tab.sign_in(service, tab, {form.user: "admin", form.password: "nope"}, REQUEST)
-    assert wrong == {form.message: "Wrong username or password."}
-    assert not service.is_admin(REQUEST.session_hash)
-    right = config_tab.sign_in(service, tab, {form.user: "admin", form.password: "pw"}, REQUEST)
-    assert right[form.message] == "Signed in as admin: you can load, unload and clear the cache."
-    for control in (tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer):
-        assert right[control]["interactive"] is True
-    assert right[tab.model]["allow_custom_value"] is True
-    assert service.is_admin(REQUEST.session_hash)
-    assert not service.is_admin("someone-else")
+    admin_controls = (tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer)
+    assert all(control.interactive is False for control in admin_controls)
+    # The session hash alone, or a made-up cookie, unlocks nothing (and the message is left alone).
+    for request in (REQUEST, signed("session-1"), signed("made-up")):
+        visitor = sign_in_tab.refresh_admin(service, tab, {}, request)
+        assert all(visitor[control]["interactive"] is False for control in admin_controls)
+        assert form.message not in visitor
+        assert [value for _, value in visitor[tab.model]["choices"]] == ["optdemo/tiny-opt"]
+    token = service.sign_in("127.0.0.1", "admin", "pw").token
+    for how in ("cookie", "bearer"):
+        admin = sign_in_tab.refresh_admin(service, tab, {}, signed(token, how))
+        assert admin[form.message] == "Signed in as admin: you can load, unload and clear the cache."
+        assert all(admin[control]["interactive"] is True for control in admin_controls)
+        assert admin[tab.model]["allow_custom_value"] is True
+        assert "facebook/opt-1.3b" in [value for _, value in admin[tab.model]["choices"]]
+    # Signed out, the same cookie unlocks nothing.
+    assert service.sign_out(token) is True
+    after = sign_in_tab.refresh_admin(service, tab, {}, signed(token))
+    assert all(after[control]["interactive"] is False for control in admin_controls)
+
+
+def test_the_password_goes_only_to_the_sign_in_route() -> None:
+    """The Sign in button runs in the browser: its script posts the form to /optdemo/sign-in (which
+    sets the HttpOnly cookie) and clears the password box; no Gradio event carries the password,
+    and the admin controls are then refreshed from the cookie."""
+    from optdemo.web.blocks import build_app
+
+    service = DemoService(ModelManager(), AppSettings(lock_config=True, auth=(("admin", "pw"),)))
+    demo = build_app(service)
+    form = next(d for d in demo.config["components"] if d["props"].get("label") == "Password")
+    events = demo.config["dependencies"]
+    clicked = [e for e in events if e.get("js") and "optdemo/sign-in" in e["js"]]
+    assert len(clicked) == 1 and clicked[0]["backend_fn"] is False
+    assert form["id"] in clicked[0]["outputs"]  # cleared
+    assert all(form["id"] not in e["inputs"] for e in events if e["backend_fn"])
+    assert any(e.get("js") and "optdemo/sign-out" in e["js"] for e in events)
+
+
+def test_the_credential_comes_from_a_cookie_or_a_bearer_token_never_the_session() -> None:
+    assert admin_of(signed("t0k3n")) == "t0k3n" and admin_of(signed("t0k3n", "bearer")) == "t0k3n"
+    assert admin_of(REQUEST) is None and admin_of(None) is None
+    assert admin_of(SimpleNamespace(session_hash="s", headers={"authorization": "t0k3n"}, cookies={})) is None
+    # A call without a session id shares no identity with any other.
+    assert session_of(REQUEST) == "session-1"
+    assert session_of(None) != session_of(None) and "anonymous" not in session_of(None)
 
 
 def test_no_sign_in_form_without_accounts() -> None:

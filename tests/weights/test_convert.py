@@ -154,3 +154,138 @@ def test_killed_conversions_are_counted_and_cleaned(tiny_bin_model_dir, fresh_ca
     assert not left.exists() and convert.cached(
         str(tiny_bin_model_dir), None, "float32", str(tiny_bin_model_dir)
     )
+
+
+# ---------------------------------------------------------------------------------- a full disk
+DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors 0.8's
+
+
+def _disk_usage_with_free(monkeypatch, free: int) -> None:
+    """``shutil.disk_usage`` says ``free`` bytes are free on every disk."""
+    real = shutil.disk_usage
+
+    def usage(path):
+        total, used, _ = real(path)
+        return type(real(path))(total, used, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+def _tensor_bytes(folder: Path) -> int:
+    """What the .bin checkpoint's tensors take in float32 (their stored dtype)."""
+    import torch
+
+    shards = [torch.load(f, weights_only=True) for f in sorted(folder.glob("pytorch_model-*.bin"))]
+    return sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+
+
+def test_a_full_disk_during_conversion_says_so_and_leaves_nothing(
+    tiny_bin_model_dir, fresh_cache, monkeypatch
+):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from optdemo.core.budget import format_bytes
+    from optdemo.core.errors import LoadError
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")  # what a write that ran out of room leaves
+        raise SafetensorError(DISK_FULL)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    _disk_usage_with_free(monkeypatch, 3 * 2**20)
+    folder = str(tiny_bin_model_dir)
+    with pytest.raises(LoadError) as caught:
+        convert.ensure_converted(folder, None, "float32", folder, local=True)
+    message = str(caught.value)
+    needed = format_bytes(_tensor_bytes(tiny_bin_model_dir))
+    assert message == (
+        f"the disk at {convert.converted_root()} is full: 3 MiB free, the conversion needs about "
+        f"{needed}: free space or choose another cache folder (OPTDEMO_CACHE)"
+    )
+    assert "corrupt" not in message and "save the model again" not in message
+    # No partial entry: the staging folder is gone, nothing counts as cached or interrupted.
+    assert not list(convert.converted_root().glob(".converting-*"))
+    assert convert.cached(folder, None, "float32", folder) is None
+    assert convert.interrupted_conversions() == [] and convert.cache_entries() == []
+
+
+def test_a_full_disk_while_quantizing_says_so(tiny_model_dir, fresh_cache, monkeypatch):
+    import errno
+
+    from optdemo.core.errors import LoadError
+    from optdemo.weights import quantize
+
+    def full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(quantize, "save_aligned", full)
+    folder = str(tiny_model_dir)
+    with pytest.raises(LoadError, match=r"^the disk at .* is full: .* free, the conversion needs up to "):
+        convert.ensure_quantized(folder, None, "8bit", folder, True, lambda state: state)
+    assert not list(convert.converted_root().glob(".converting-*"))
+
+
+def test_other_write_errors_are_not_taken_for_a_full_disk(tiny_bin_model_dir, fresh_cache, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def denied(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", denied)
+    folder = str(tiny_bin_model_dir)
+    with pytest.raises(SafetensorError, match="Permission denied"):
+        convert.ensure_converted(folder, None, "float32", folder, local=True)
+    assert not list(convert.converted_root().glob(".converting-*"))
+
+
+@pytest.mark.parametrize(
+    ("error", "full"),
+    [
+        ("SafetensorError:" + DISK_FULL, True),
+        ("SafetensorError:Error while serializing: I/O error: Disk quota exceeded (os error 122)", True),
+        ("SafetensorError:Error while deserializing header: HeaderTooLarge", False),
+        ("SafetensorError:Error while serializing: I/O error: Permission denied (os error 13)", False),
+        ("OSError:28", True),
+        ("OSError:122", True),
+        ("OSError:13", False),
+        ("ValueError:No space left on device", False),  # only write errors count
+    ],
+)
+def test_what_counts_as_a_full_disk(error: str, full: bool) -> None:
+    from safetensors import SafetensorError
+
+    from optdemo.weights.disk_full import is_disk_full
+
+    kind, _, detail = error.partition(":")
+    if kind == "OSError":
+        exc: BaseException = OSError(int(detail), os.strerror(int(detail)))
+    else:
+        exc = {"SafetensorError": SafetensorError, "ValueError": ValueError}[kind](detail)
+    assert is_disk_full(exc) is full
+
+
+# ---------------------------------------------------------------------------------- the command line
+def test_cache_command_lists_interrupted_conversions_and_how_to_remove_them(
+    tiny_bin_model_dir, fresh_cache, capsys
+):
+    from optdemo.__main__ import main
+
+    folder = str(tiny_bin_model_dir)
+    entry = convert.ensure_converted(folder, None, "float32", folder, local=True)
+    left = entry.parent / f".converting-{entry.name}-abc123"
+    left.mkdir()
+    (left / "model-00001-of-00002.safetensors").write_bytes(b"x" * 3000)
+    (left / "model-00002-of-00002.safetensors").write_bytes(b"x" * 72)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert "1 converted checkpoint(s)" in out
+    assert f"3 KiB  interrupted conversion (a killed load's leftovers)  {left}" in out
+    assert "1 interrupted conversion(s) left 3 KiB: remove them with" in out
+    assert "python -m optdemo cache --clear-interrupted" in out
+    assert main(["cache", "--clear-interrupted"]) == 0
+    assert "freed 3 KiB" in capsys.readouterr().out
+    assert not left.exists() and convert.cache_entries()  # the complete entry stays
+    assert main(["cache"]) == 0
+    assert "interrupted" not in capsys.readouterr().out

@@ -21,7 +21,7 @@ import gradio as gr
 from optdemo.app.service import DemoService
 from optdemo.core import defaults
 from optdemo.core.generation import CacheScope
-from optdemo.web.api import reply_group, session_of
+from optdemo.web.api import admin_of, reply_group, session_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.errors import to_gradio_error, user_errors
 from optdemo.web.render import status_text, to_messages
@@ -179,7 +179,10 @@ def _reply(
         }
         session = session_of(request)
         scope = CacheScope(f"chat:{session}:{values.get(tab.saved.chat_id) or 'new'}", one_conversation=True)
-        for step in service.chat(session, pairs, text, params, system_prompt, True, scope):
+        steps = service.chat(
+            session, pairs, text, params, system_prompt, True, admin=admin_of(request), cache_scope=scope
+        )
+        for step in steps:
             if step.status:  # waiting for a place in the batch: say where in line
                 waiting = True
                 yield {tab.notice: step.status}
@@ -247,7 +250,10 @@ def stop(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Upda
 def complete(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Iterator[Updates]:
     """Stream a continuation of the prompt with its stats line (the original scripts' mode)."""
     params = tab.controls.params_from(service, values)
-    for step in service.complete(session_of(request), values[tab.prompt], params, waiting_status=True):
+    steps = service.complete(
+        session_of(request), values[tab.prompt], params, waiting_status=True, admin=admin_of(request)
+    )
+    for step in steps:
         if step.status:  # waiting for a place in the batch: the stats line says where in line
             yield {tab.completion_stats: step.status}
             continue

@@ -88,5 +88,6 @@ class SavedChats:
 
     def restored_outputs(self) -> list:
         """What :func:`restore` updates besides the conversation itself (never the store: writing
-        it would fire its change event again)."""
-        return [self.chat_id, self.picker, self.title]
+        it would fire its change event again), with the message saying what a store over the size
+        limit left out."""
+        return [self.chat_id, self.picker, self.title, self.message]

@@ -91,12 +91,21 @@ def _show(tab: ChatTab, store: chats.Store, chat: chats.Chat | None) -> Updates:
 def restore(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
     """When the browser's store arrives (page load), changes, or the Chat tab opens: list its
     chats, and show the chat it had open, if this page shows no conversation yet (never replacing
-    one on screen, even one whose first reply is still streaming)."""
-    store = chats.normalized(values[tab.saved.store])
+    one on screen, even one whose first reply is still streaming). A store over the size limit is
+    cut to its newest chats first (:func:`~optdemo.app.chats.bounded`), and the message says so."""
+    store, left_out = chats.bounded(values[tab.saved.store])
     blank = values[tab.saved.chat_id] is None and not values[tab.chatbot]
     if not blank or store["current"] is None:
-        return {tab.saved.picker: _picker(store, values[tab.saved.chat_id])}
-    return _show(tab, store, chats.find(store, store["current"]))
+        updates = {tab.saved.picker: _picker(store, values[tab.saved.chat_id])}
+    else:
+        updates = _show(tab, store, chats.find(store, store["current"]))
+    if left_out:
+        updates[tab.saved.message] = (
+            f"{left_out} older saved chat{' was' if left_out == 1 else 's were'} left out: this "
+            f"browser's saved chats held more than {chats.MAX_STORE_CHARS} characters, the limit here, "
+            "and the oldest are forgotten at the next save; delete chats you no longer need to keep room"
+        )
+    return updates
 
 
 def save_current(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:

@@ -16,17 +16,18 @@ from typing import Any
 import gradio as gr
 
 import optdemo.web.tabs.endpoint_form as endpoint_form  # (not "from optdemo.web": no cycle via the package)
+import optdemo.web.tabs.sign_in as sign_in_form
 from optdemo.app.machine import probe
 from optdemo.app.service import DemoService, PlanNotice
 from optdemo.core import defaults
 from optdemo.core.budget import format_bytes
 from optdemo.core.load_config import DTYPES, QUANTIZATIONS, LoadConfig
 from optdemo.system.hardware import Hardware
-from optdemo.web.api import MODEL_GROUP, PLAN_GROUP, session_of
+from optdemo.web.api import MODEL_GROUP, PLAN_GROUP, admin_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.errors import to_gradio_error, user_errors
 from optdemo.web.render import describe_placement, plan_summary
-from optdemo.web.tabs.config_components import ENDPOINT, ConfigTab, SignIn
+from optdemo.web.tabs.config_components import ENDPOINT, ConfigTab
 from optdemo.web.tabs.config_text import (
     budget_spec,
     hardware_summary,
@@ -79,7 +80,7 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
                     f"**Conversion cache:** {service.conversion_cache()}", elem_classes=["od-paths"]
                 )
                 clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
-            sign_in = _sign_in_form() if locked and service.settings.auth else None
+            sign_in = sign_in_form.layout_sign_in() if locked and service.settings.auth else None
     return ConfigTab(
         **form,
         plan_btn=plan_btn,
@@ -197,19 +198,10 @@ def _offloading_controls(initial: LoadConfig, hardware: Hardware) -> dict[str, A
     return controls
 
 
-def _sign_in_form() -> SignIn:
-    with gr.Accordion("Admin sign-in", open=False):
-        return SignIn(
-            gr.Textbox(label="Username"),
-            gr.Textbox(label="Password", type="password"),
-            gr.Button("Sign in"),
-            gr.Markdown(),
-        )
-
-
 # ---------------------------------------------------------------------------------- handlers
 def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request: Any = None) -> LoadConfig:
-    """The configuration the form describes (validated by the service, for this session)."""
+    """The configuration the form describes (validated by the service, for this caller: an admin,
+    by the credential its request carries, may name more models)."""
     return service.make_config(
         model=values[tab.model] or "",
         max_memory=budget_spec(
@@ -225,6 +217,7 @@ def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request
         fast_offload=bool(values[tab.fast_offload]),
         cpu_layers=values[tab.cpu_layers] or defaults.DEFAULT_CPU_LAYERS,
         disk_tier=values[tab.disk_tier] or defaults.DEFAULT_DISK_TIER,
+        admin=admin_of(request),
     )
 
 
@@ -256,13 +249,13 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
     serving endpoint" chosen, connect to it instead."""
     if values.get(tab.endpoint.backend) == ENDPOINT:
         return endpoint_form.connect(service, tab, values, request)
-    config = config_from_form(service, tab, values)
+    config = config_from_form(service, tab, values, request)
 
     def report(fraction: float | None, text: str) -> None:
         if progress is not None:
             progress(fraction, desc=text)  # gr.Progress's signature; load_live's reporter too
 
-    result = service.load(config, session_id=session_of(request), progress=report)
+    result = service.load(config, admin=admin_of(request), progress=report)
     verb = "Reused" if result.status == "reused" else "Loaded"
     check = "as planned ✓" if result.matches_plan else "⚠ differs from the plan (see Device map)"
     message = (
@@ -314,7 +307,7 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
 def unload(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """Unload the model and free its memory, or disconnect the serving endpoint."""
     remote = service.endpoint is not None
-    was_loaded = service.unload(session_of(request))
+    was_loaded = service.unload(admin_of(request))
     message = "Model unloaded; memory released." if was_loaded else "Nothing was loaded."
     message = endpoint_form.DISCONNECTED if remote else message
     return {tab.status: message, tab.loaded: time.monotonic()}
@@ -323,7 +316,7 @@ def unload(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> 
 @user_errors
 def clear_cache(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """Empty the conversion cache and say how much it freed."""
-    freed = service.clear_conversion_cache(session_of(request))
+    freed = service.clear_conversion_cache(admin_of(request))
     cleared = f"cleared ({format_bytes(freed)} freed)"
     return {tab.cache_info: f"**Conversion cache:** {cleared}. {service.conversion_cache()}"}
 
@@ -334,23 +327,9 @@ def free_space(service: DemoService, tab: ConfigTab, values: dict, request: Any)
     return {tab.offload_info: offload_info(values[tab.offload])}
 
 
-def sign_in(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
-    """Sign this session in as an admin, unlocking loading, unloading and the cache button."""
-    form = tab.sign_in
-    assert form is not None, "the sign-in form exists only in public mode with --auth accounts"
-    if not service.sign_in(session_of(request), values[form.user], values[form.password]):
-        return {form.message: "Wrong username or password."}
-    unlocked = gr.update(interactive=True)
-    return {
-        form.message: "Signed in as admin: you can load, unload and clear the cache.",
-        **dict.fromkeys((tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer), unlocked),
-        tab.model: gr.update(allow_custom_value=True, choices=service.model_choices(session_of(request))),
-    }
-
-
 def refresh_status(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """The status line for what is loaded now."""
-    return {tab.status: status_for(service, session_of(request))}
+    return {tab.status: status_for(service, admin_of(request))}
 
 
 # ---------------------------------------------------------------------------------- wiring
@@ -399,11 +378,4 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
     endpoint_form.wire_endpoint_form(service, tab)
     tab.unload_btn.click(bind(unload, service, tab), {tab.loaded}, [tab.status, tab.loaded], **in_model_group)
     if tab.sign_in is not None:
-        form = tab.sign_in
-        form.button.click(
-            bind(sign_in, service, tab),
-            {form.user, form.password},
-            [form.message, tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer, tab.model],
-            queue=False,
-            **private,
-        )
+        sign_in_form.wire_sign_in(service, tab)

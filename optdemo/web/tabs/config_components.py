@@ -16,12 +16,14 @@ BACKEND_CHOICES = (LOCAL, ENDPOINT)
 
 @dataclass
 class SignIn:
-    """The admin sign-in form (public mode with --auth accounts only)."""
+    """The admin sign-in form (public mode with --auth accounts only): its buttons talk to the
+    sign-in routes from the browser (optdemo.web.tabs.sign_in)."""
 
     user: gr.Textbox
-    password: gr.Textbox
+    password: gr.Textbox  # sent only to the sign-in route, never in a Gradio event
     button: gr.Button
     message: gr.Markdown
+    sign_out: gr.Button
 
 
 @dataclass

@@ -67,11 +67,11 @@ def offload_info(folder: str | None) -> str:
     return f"Free space at `{check.disk_path}`: {format_bytes(check.free_bytes)}"
 
 
-def status_for(service: DemoService, session_id: str | None) -> str:
-    """The status line for this session: what is loaded, or, where this session cannot load a
-    model (a visitor in public mode), what a visitor can do instead of "Load model"."""
+def status_for(service: DemoService, admin: str | None) -> str:
+    """The status line for this caller (``admin``: its admin credential, if any): what is loaded,
+    or, where it cannot load a model (a visitor in public mode), what it can do instead."""
     status = service.status()
-    if status.loaded or service.is_admin(session_id):
+    if status.loaded or service.is_admin(admin):
         return status_text(status)
     how = (
         "an admin can load one (sign in under *Admin sign-in* if you are one)"

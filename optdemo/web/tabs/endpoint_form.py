@@ -15,7 +15,7 @@ import gradio as gr
 
 from optdemo.app.service import DemoService
 from optdemo.remote.client import EngineInfo
-from optdemo.web.api import session_of
+from optdemo.web.api import admin_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.tabs.config_components import BACKEND_CHOICES, ENDPOINT, LOCAL, ConfigTab, EndpointForm
 
@@ -66,11 +66,11 @@ def connect(service: DemoService, tab: ConfigTab, values: dict, request: Any) ->
     """Connect to the endpoint the form names (this deployment's rules apply: in public mode only
     an admin, and only to the operator's endpoint)."""
     form = tab.endpoint
-    session = session_of(request)
+    admin = admin_of(request)  # the admin credential the browser holds (its cookie), if any
     config = service.backends.endpoint_config(
-        values[form.url], values[form.model], values.get(form.token), session
+        values[form.url], values[form.model], values.get(form.token), admin
     )
-    info = service.backends.connect(config, session)
+    info = service.backends.connect(config, admin)
     return {tab.status: connected_text(info), tab.loaded: time.monotonic()}
 
 

@@ -507,9 +507,10 @@ def test_max_batch_comes_from_the_flag_or_the_environment_and_reaches_the_engine
     demo, service = create_app(parse_settings(["--max-batch", "3"], env={}))
     try:
         assert service.manager.engine.max_batch == 3 and service.manager.engine.limit() == 3
-        # Gradio hands the engine up to twice a batch of replies at once (the rest wait in its queue).
+        # Gradio starts every reply at once: the service lets in --queue-size + --max-batch of them.
         replies = [fn for fn in demo.fns.values() if fn.api_name in ("chat", "generate")]
-        assert len(replies) == 2 and {fn.concurrency_limit for fn in replies} == {6}
+        assert len(replies) == 2 and {fn.concurrency_limit for fn in replies} == {None}
+        assert service.admission.limit == defaults.DEFAULT_QUEUE_SIZE + 3
         assert {fn.concurrency_id for fn in replies} == {"replies"}
     finally:
         demo.close()
