@@ -59,11 +59,11 @@ from optdemo.plan.policy import choose_prompt_kernel
 from optdemo.runtime.batching.request import Prompt, Serving
 from optdemo.runtime.batching.scheduler import BatchEngine
 from optdemo.runtime.loader import LoadedModel, load_model, preflight
-from optdemo.runtime.readahead import ColdStartReadAhead, start_cold_read_ahead
+from optdemo.runtime.readahead import ReadAheadSlot
 from optdemo.runtime.status import LoadReport, ModelStatus
 from optdemo.runtime.tiers.disk_map import release_disk_tier
 from optdemo.runtime.tiers.gpu_policy import release as release_offload
-from optdemo.system.hardware import Hardware, probe_hardware
+from optdemo.system.hardware import probe_hardware
 from optdemo.weights.checkpoints import ProgressCallback
 
 
@@ -88,7 +88,7 @@ class ModelManager:
         self._load_requests = 0
         self._newest_load: LoadConfig | None = None
         self._loads_in_flight = 0  # load() calls under way (planning, waiting or loading)
-        self._reading: ColdStartReadAhead | None = None  # the one read-ahead under way
+        self._reading = ReadAheadSlot()  # one read-ahead at a time, the model holder's
 
     # ---------------------------------------------------------------- inspection
     def plan(self, config: LoadConfig) -> Plan:
@@ -131,7 +131,7 @@ class ModelManager:
         # With nothing loaded and no other load under way, reading ahead evicts nothing in use:
         # start reading the weights while the model's code is imported and planned. Otherwise
         # only once this load holds the model and the current one is gone.
-        prefetch = self._read_ahead(config, hardware, None) if alone else None
+        prefetch = self._reading.claim(config, hardware, None) if alone else None
         try:
             plan = preflight(config, hardware)
             ticket = self._register_load(config)
@@ -145,11 +145,13 @@ class ModelManager:
                     try:
                         previous = self._drop_current()
                         # This load holds the model and nothing is loaded now: the disk is its.
-                        prefetch = self._read_ahead(config, probe_hardware(config.offload_folder), prefetch)
+                        prefetch = self._reading.claim(
+                            config, probe_hardware(config.offload_folder), prefetch
+                        )
                         try:
                             loaded = load_model(config, plan, progress)
                         except OptdemoError as exc:
-                            self._stop_read_ahead(prefetch)  # the previous model may come back
+                            self._reading.stop(prefetch)  # the previous model may come back
                             raise LoadError(self._after_failure(str(exc), previous)) from None
                         self._set_loaded(loaded)
                     finally:
@@ -157,9 +159,9 @@ class ModelManager:
                 finally:
                     # Stop reading ahead before another load may take the model; once loaded, the
                     # model's own warm-up reads the rest, with the exact split.
-                    self._stop_read_ahead(prefetch)
+                    self._reading.stop(prefetch)
         finally:
-            self._stop_read_ahead(prefetch)  # refused before it held the model
+            self._reading.stop(prefetch)  # refused before it held the model
             with self._state_lock:
                 self._loads_in_flight -= 1
         moved = ""
@@ -171,29 +173,6 @@ class ModelManager:
             )
         message = f"loaded {config.display_name} in {loaded.status.load_seconds:.1f} s{moved}"
         return LoadReport.of(loaded.status, "loaded", message, bool(stopped))
-
-    def _read_ahead(
-        self, config: LoadConfig, hardware: Hardware, mine: ColdStartReadAhead | None
-    ) -> ColdStartReadAhead | None:
-        """Read ``config``'s checkpoint ahead (:mod:`optdemo.runtime.readahead`), keeping ``mine`` if this
-        load has one already; any other load's read-ahead is stopped first: one at a time, so that
-        two never evict each other, and the one that holds the model wins."""
-        with self._state_lock:
-            other = self._reading if self._reading is not mine else None
-        self._stop_read_ahead(other)
-        if mine is None or mine.stopped.is_set():  # none yet, or stopped by another load
-            mine = start_cold_read_ahead(config, hardware)
-        with self._state_lock:
-            self._reading = mine
-        return mine
-
-    def _stop_read_ahead(self, prefetch: ColdStartReadAhead | None) -> None:
-        if prefetch is None:
-            return
-        prefetch.stop()
-        with self._state_lock:
-            if self._reading is prefetch:
-                self._reading = None
 
     def _register_load(self, config: LoadConfig) -> int:
         """Record ``config`` as the newest load request; returns its number."""
