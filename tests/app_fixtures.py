@@ -16,7 +16,7 @@ from typing import Any
 from optdemo.core.chat_prompt import PLAIN_FORMAT, ChatTurn, check_max_new_tokens
 from optdemo.core.defaults import MAX_NEW_TOKENS_LIMIT
 from optdemo.core.errors import NoModelError
-from optdemo.core.generation import GenerationParams, GenerationStats, GenerationUpdate
+from optdemo.core.generation import CacheScope, GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.runtime.manager import ModelManager
 
 FAKE_TOKEN = "hf_FAKEtoken123"  # set as HF_TOKEN while an app runs: it must never come back
@@ -72,6 +72,7 @@ class ScriptedManager(ModelManager):
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
         system_prompt: str = "",
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         self.histories.append(list(history))
         self.system_prompts.append(system_prompt)
@@ -83,6 +84,7 @@ class ScriptedManager(ModelManager):
         params: GenerationParams,
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         if not self.script.get(prompt):
             raise NoModelError("no model is loaded: load one first")

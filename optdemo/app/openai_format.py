@@ -327,10 +327,16 @@ def finish_reason(stats: GenerationStats | None, max_tokens: int, stopped_at_seq
 
 
 def usage(stats: GenerationStats | None) -> dict:
-    """OpenAI's usage counts from a reply's stats (zeros when a reply ended without them)."""
+    """OpenAI's usage counts from a reply's stats (zeros when a reply ended without them), with
+    the prompt's tokens served from a cached prefix as ``prompt_tokens_details.cached_tokens``."""
     prompt = stats.prompt_tokens if stats else 0
     completion = stats.new_tokens if stats else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0},
+    }
 
 
 @dataclass(frozen=True)

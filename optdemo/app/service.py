@@ -35,7 +35,7 @@ from optdemo.core.errors import (
     NoModelForVisitorsError,
     OptdemoError,
 )
-from optdemo.core.generation import GenerationParams, GenerationStats, GenerationUpdate
+from optdemo.core.generation import CacheScope, GenerationParams, GenerationStats, GenerationUpdate
 from optdemo.core.load_config import LoadConfig
 from optdemo.plan.planner import Plan
 from optdemo.plan.speed import SpeedPrediction, predict_plan
@@ -105,7 +105,9 @@ class DemoService:
     def for_settings(cls, settings: AppSettings, manager: ModelManager | None = None) -> DemoService:
         """The service of a server started with ``settings``, with its one model manager (built
         here unless given: tests pass their own)."""
-        return cls(manager or ModelManager(max_batch=settings.max_batch), settings)
+        if manager is None:
+            manager = ModelManager(max_batch=settings.max_batch, reuse_prompts=settings.prefix_cache)
+        return cls(manager, settings)
 
     @property
     def backend(self) -> Backend:
@@ -345,12 +347,15 @@ class DemoService:
         system_prompt: str = "",
         waiting_status: bool = False,
         admin: str | None = None,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[ChatReply]:
         """Stream a chat reply for one session; ``stop(session_id)`` ends it early.
         ``system_prompt`` replaces the default instructions (in the model's chat template, or
         as the plain transcript's preamble). With ``waiting_status``, steps with a ``status``
         (and no text) tell the place in line while the reply waits for the model. ``admin`` (the
-        caller's admin credential) only words the error when no model is loaded."""
+        caller's admin credential) only words the error when no model is loaded. The prompt reuses
+        what the conversation's previous turn cached, in ``cache_scope`` (by default the session's
+        one conversation)."""
         message = self._check_text(message, "message")
         system_prompt = self._check_text(
             system_prompt or "", "system prompt", defaults.MAX_SYSTEM_PROMPT_CHARS, empty_ok=True
@@ -361,9 +366,10 @@ class DemoService:
         )
         cap = self.settings.max_new_tokens_cap
         backend = self.backend
+        scope = cache_scope or CacheScope(f"session:{session_id}", one_conversation=True)
         yield from self._streamed(
             session_id,
-            lambda stop: backend.stream_chat(history, message, params, stop, cap, system_prompt),
+            lambda stop: backend.stream_chat(history, message, params, stop, cap, system_prompt, scope),
             waiting_status,
             admin,
         )
@@ -375,15 +381,18 @@ class DemoService:
         params: GenerationParams,
         waiting_status: bool = False,
         admin: str | None = None,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[ChatReply]:
         """Stream a continuation of ``prompt`` (the original scripts' mode); ``waiting_status`` and
-        ``admin`` as in :meth:`chat`."""
+        ``admin`` as in :meth:`chat`; a prefix cached in ``cache_scope`` (by default the session's)
+        is reused."""
         prompt = self._check_text(prompt, "prompt")
         cap = self.settings.max_new_tokens_cap
         backend = self.backend
+        scope = cache_scope or CacheScope(f"session:{session_id}")
         yield from self._streamed(
             session_id,
-            lambda stop: backend.stream_completion(prompt, params, stop, cap),
+            lambda stop: backend.stream_completion(prompt, params, stop, cap, scope),
             waiting_status,
             admin,
         )

@@ -63,6 +63,7 @@ class AppSettings:
     max_history_chars: int = DEFAULT_MAX_HISTORY_CHARS  # characters in a conversation's earlier turns
     queue_size: int = DEFAULT_QUEUE_SIZE
     max_batch: int = DEFAULT_MAX_BATCH  # replies decoded together; more wait in line
+    prefix_cache: bool = True  # keep prompts' caches for the next prompts that start with them
     api_key: str | None = field(default=None, repr=False)  # bearer token the /v1 API requires
     openai_api: bool = False  # serve the /v1 API in public mode too (it is always on otherwise)
     mcp: bool = False  # serve the MCP tools (Gradio's MCP server) at /gradio_api/mcp/
@@ -227,6 +228,11 @@ FLAGS = (
         f"cache room the memory budget leaves may lower it (default {DEFAULT_MAX_BATCH})",
         kind="int",
         default=DEFAULT_MAX_BATCH,
+    ),
+    Flag(
+        "no-prefix-cache",
+        "keep no prompt caches between requests: every prompt is computed whole (replies are the same)",
+        kind="bool",
     ),
     Flag("api-key", "bearer token the OpenAI-compatible API (/v1) requires (default: none)", metavar="KEY"),
     Flag("openai-api", "serve the OpenAI-compatible API (/v1) in public mode too", kind="bool"),
@@ -400,6 +406,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         max_history_chars=args.max_history_chars,
         queue_size=args.queue_size,
         max_batch=args.max_batch,
+        prefix_cache=not args.no_prefix_cache,
         api_key=args.api_key or None,
         openai_api=args.openai_api,
         mcp=args.mcp,

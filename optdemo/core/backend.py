@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from optdemo.core.chat_prompt import ChatTurn
-from optdemo.core.generation import GenerationParams, GenerationUpdate
+from optdemo.core.generation import CacheScope, GenerationParams, GenerationUpdate
 
 
 class Backend(Protocol):
@@ -28,8 +28,10 @@ class Backend(Protocol):
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = ...,
         system_prompt: str = "",
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
-        """Reply to ``message`` after ``history``; ``stop_event`` ends the reply early."""
+        """Reply to ``message`` after ``history``; ``stop_event`` ends the reply early; a backend
+        that keeps prompt caches reuses those of ``cache_scope``."""
         ...
 
     def stream_completion(
@@ -38,6 +40,7 @@ class Backend(Protocol):
         params: GenerationParams,
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = ...,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         """Continue ``prompt``; ``stop_event`` ends the continuation early."""
         ...

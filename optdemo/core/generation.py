@@ -112,6 +112,16 @@ def _as_float(name: str, value: object) -> float:
 
 
 @dataclass(frozen=True)
+class CacheScope:
+    """Whose prompt caches a request may reuse: ``name`` (a browser's chat, an API session, the
+    OpenAI API shared by its clients), and whether the scope holds one conversation (then an
+    edited conversation's older caches are dropped rather than kept beside the new one)."""
+
+    name: str
+    one_conversation: bool = False
+
+
+@dataclass(frozen=True)
 class GenerationStats:
     """What one reply cost: token counts and timings (seconds)."""
 
@@ -124,12 +134,21 @@ class GenerationStats:
     dropped_turns: int = 0  # chat: oldest turns left out of the prompt to fit the window
     context_window: int | None = None  # the model's window (tokens), when known
     batch_size: int | None = None  # most replies decoded together while this one ran; None: unknown
+    # Of the prompt's tokens, how many came from a cached prefix (not computed again), and the
+    # seconds computing the rest took: the wait before the first token, explained.
+    cached_tokens: int = 0
+    prompt_seconds: float | None = None
+
+    @property
+    def processed_tokens(self) -> int:
+        """The prompt's tokens computed for this reply (the rest were reused)."""
+        return self.prompt_tokens - self.cached_tokens
 
     def summary(self) -> str:
         """One line for people, e.g. ``24 tokens · first token 0.41 s · 12.3 tokens/s``."""
         parts = [f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''}"]
         if self.time_to_first_token is not None:
-            parts.append(f"first token {self.time_to_first_token:.2f} s")
+            parts.append(f"first token {self.time_to_first_token:.2f} s{self._prompt_part()}")
         if self.tokens_per_second is not None:
             parts.append(f"{self.tokens_per_second:.1f} tokens/s")
         parts.append(f"{self.total_seconds:.2f} s total")
@@ -140,6 +159,14 @@ class GenerationStats:
         if self.stopped:
             parts.append("stopped")
         return " · ".join(parts)
+
+    def _prompt_part(self) -> str:
+        """`` (prompt: reused 460 cached tokens, processed 23 in 0.38 s)``: what the first token
+        waited for; empty when not measured."""
+        if self.prompt_seconds is None:
+            return ""
+        reused = f"reused {self.cached_tokens} cached tokens, " if self.cached_tokens else ""
+        return f" (prompt: {reused}processed {self.processed_tokens} in {self.prompt_seconds:.2f} s)"
 
     def context_summary(self) -> str:
         """How much of the window this reply used, and whether old turns were left out, e.g.

@@ -18,10 +18,15 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optdemo.core.paths import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 _PROBE_WEIGHT_BYTES = 64 * 2**20  # the probe weight: big enough to leave the CPU caches, as layers do
 _DISK_PROBE_BYTES = 128 * 2**20
@@ -46,6 +51,10 @@ class Bandwidths:
     # before optdemo said (buffered reads of a fresh file, which a virtual disk's host cache
     # flatters), measured again.
     disk_probe: str = ""
+    # FLOP/s of a prompt-sized product (PROMPT_ROWS rows) per way of computing it on the CPU:
+    # "float32", "bfloat16", "float16", and "float16-in-float32" (float16 weights computed in
+    # float32 block by block); empty in caches written before optdemo measured it, measured again.
+    prompt_matmul: dict[str, float] = field(default_factory=dict)
 
     def cpu_rate(self, dtype: str) -> float:
         """CPU weight-consumption rate for ``dtype`` (float32's when unmeasured)."""
@@ -63,29 +72,39 @@ def bandwidths_path() -> Path:
 
 
 def measured_bandwidths(refresh: bool = False, disk_folder: str | None = None) -> Bandwidths:
-    """This machine's bandwidths, measured once (a few seconds) and then read from the cache."""
+    """This machine's bandwidths, measured once (a few seconds) and then read from the cache; a
+    cache written by an older optdemo gains what it lacks, nothing else is measured again."""
     path = bandwidths_path()
     with _lock:
+        result = None
         if path.exists() and not refresh:
             try:
                 result = Bandwidths(**json.loads(path.read_text()))
             except (ValueError, TypeError):
                 result = None  # an old or damaged file: measure again
-            fresh = result is not None and all(kind in result.cpu_matvec for kind in KERNELS.values())
-            if fresh and result.disk_probe:
+        if result is None:
+            result = measure_bandwidths(disk_folder)
+        else:
+            completed = _completed(result, disk_folder)
+            if completed == result:
                 return result
-            if result is not None:  # measured before the quantized kernels or the direct disk probe
-                if not fresh:
-                    result.cpu_matvec.update(_quantized_rates())
-                if not result.disk_probe:
-                    rate, method = _disk_read_rate(disk_folder or str(cache_dir()))
-                    result = replace(result, disk_read=rate, disk_probe=method)
-                path.write_text(json.dumps(asdict(result), indent=2))
-                return result
-        result = measure_bandwidths(disk_folder)
+            result = completed
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(result), indent=2))
         return result
+
+
+def _completed(result: Bandwidths, disk_folder: str | None) -> Bandwidths:
+    """``result`` with what older caches lack measured now: the quantized kernels' rates, the
+    disk read past the page cache, the prompt products' rates."""
+    if not all(kind in result.cpu_matvec for kind in KERNELS.values()):
+        result = replace(result, cpu_matvec={**result.cpu_matvec, **_quantized_rates()})
+    if not result.disk_probe:
+        rate, method = _disk_read_rate(disk_folder or str(cache_dir()))
+        result = replace(result, disk_read=rate, disk_probe=method)
+    if not result.prompt_matmul:
+        result = replace(result, prompt_matmul=prompt_rates())
+    return result
 
 
 def measure_bandwidths(disk_folder: str | None = None) -> Bandwidths:
@@ -102,7 +121,61 @@ def measure_bandwidths(disk_folder: str | None = None) -> Bandwidths:
             name: _matvec_rate(getattr(torch, name), "cuda") for name in ("float32", "float16", "bfloat16")
         }
     disk, method = _disk_read_rate(disk_folder or str(cache_dir()))
-    return Bandwidths(cpu, disk, h2d, gpu, pinned, method)
+    return Bandwidths(cpu, disk, h2d, gpu, pinned, method, prompt_rates())
+
+
+PROMPT_ROWS = 128  # a short prompt's tokens: the rows of a prompt-sized product
+FLOAT16_IN_FLOAT32 = "float16-in-float32"
+
+
+def prompt_rates() -> dict[str, float]:
+    """FLOP/s of a prompt-sized product (``PROMPT_ROWS`` x 2048 by 2048 x 2048) on the CPU, per
+    way of computing it: each dtype's own kernel, and float16 weights cast to float32 block by
+    block (:func:`float16_in_float32`), the one alternative as exact as float16's own."""
+    import torch
+
+    rates = {}
+    for name in ("float32", "bfloat16", "float16", FLOAT16_IN_FLOAT32):
+        dtype = torch.float16 if name == FLOAT16_IN_FLOAT32 else getattr(torch, name)
+        weight = (torch.randn(2048, 2048) / 45).to(dtype)
+        x = torch.randn(PROMPT_ROWS, 2048).to(dtype)
+
+        def product(weight: torch.Tensor = weight, x: torch.Tensor = x, name: str = name) -> object:
+            if name == FLOAT16_IN_FLOAT32:
+                return float16_in_float32(x, weight, None)
+            return torch.nn.functional.linear(x, weight)
+
+        with torch.inference_mode():
+            product()  # warm-up (kernel selection)
+            repeats, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 0.2 or repeats < 2:
+                product()
+                repeats += 1
+            rates[name] = repeats * 2 * PROMPT_ROWS * weight.numel() / (time.perf_counter() - started)
+    return rates
+
+
+_BLOCK_BYTES = 2**21  # float32 weight bytes cast per block: stays in a core's cache
+
+
+def float16_in_float32(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, linear: Callable | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for float16 weights computed in float32, a block of output features
+    at a time (each block of weights cast while it is in the cache), rounded once to ``x``'s
+    dtype: never less accurate than float16's own product, and faster where the CPU has no
+    float16 units. ``linear`` is the product to call (torch's by default)."""
+    import torch
+
+    linear = linear or torch.nn.functional.linear
+    x32 = x.float()
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    step = max(64, _BLOCK_BYTES // (4 * weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        block = weight[start : start + step].float()
+        part_bias = None if bias is None else bias[start : start + step].float()
+        out[:, start : start + step] = linear(x32, block, part_bias)
+    return out
 
 
 def _matvec_rate(dtype: object, device: str) -> float:

@@ -43,7 +43,18 @@ class BatchRoom:
         )
         if max_batch is not None:
             line += f" (--max-batch {max_batch}: {batch_in_force(max_batch, self)} decoded together)"
+            cached = self.prompt_cache_bytes(max_batch)
+            line += (
+                f"; {format_bytes(cached)} left for prompt caches (a conversation's next turn reuses them)"
+                if cached
+                else "; no room left for prompt caches: every prompt is computed whole"
+            )
         return line
+
+    def prompt_cache_bytes(self, max_batch: int) -> int:
+        """What the running replies cannot use of the room, in the worst case (the batch in force,
+        each at the full context): the prompt caches kept for the next prompts may hold it."""
+        return max(0, self.room_bytes - batch_in_force(max_batch, self) * self.bytes_per_sequence)
 
     def to_dict(self) -> dict:
         """The plan JSON's ``batch`` entry."""

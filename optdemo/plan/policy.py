@@ -6,7 +6,8 @@ these functions, so a plan predicts exactly what a load then does (FlexGen's one
 * with a GPU in the map, where offloaded layers run: on the GPU with their weights crossing PCIe
   (from pageable memory as plain Accelerate, or pinned and copied ahead) or on the CPU
   (:func:`choose_policy`);
-* whether a CPU-only machine quantizes with optdemo's own kernels (:func:`cpu_quantization`).
+* whether a CPU-only machine quantizes with optdemo's own kernels (:func:`cpu_quantization`);
+* which kernel computes prompts (:func:`choose_prompt_kernel`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from optdemo.core.defaults import STREAM_DEPTH
-from optdemo.plan.bandwidth import Bandwidths
+from optdemo.plan.bandwidth import FLOAT16_IN_FLOAT32, Bandwidths
 
 if TYPE_CHECKING:
     from optdemo.core.load_config import LoadConfig
@@ -119,3 +120,38 @@ def cpu_quantization(config: LoadConfig, hardware: Hardware) -> str:
     if config.max_memory is not None and config.max_memory.gpu_indices:
         return "none"
     return config.quantization
+
+
+# How prompts are computed: the load dtype's own kernel, or (float16 weights) in float32.
+NATIVE_KERNEL = "native"
+FLOAT32_KERNEL = "float32"
+
+
+@dataclass(frozen=True)
+class PromptKernel:
+    """The kernel prompts are computed with, and why (the measured rates)."""
+
+    kernel: str  # NATIVE_KERNEL or FLOAT32_KERNEL
+    reason: str
+    speedup: float = 1.0  # against the load dtype's own kernel, as measured
+
+    def to_dict(self) -> dict:
+        """Plain data for the plan's JSON."""
+        return {"kernel": self.kernel, "reason": self.reason, "speedup": round(self.speedup, 2)}
+
+
+def choose_prompt_kernel(dtype: str, bandwidths: Bandwidths) -> PromptKernel:
+    """The fastest way to compute a prompt whose results are at least as exact as the load dtype's
+    own kernel: for float16 weights, float32 products (exact float16 inputs, float32 sums, rounded
+    once) when this CPU runs them faster than its float16 products; the dtype's own kernel
+    otherwise (bfloat16 and float32 have no faster exact alternative)."""
+    rates = bandwidths.prompt_matmul
+    if dtype == "float16" and rates.get(FLOAT16_IN_FLOAT32, 0) > rates.get("float16", float("inf")):
+        speedup = rates[FLOAT16_IN_FLOAT32] / rates["float16"]
+        return PromptKernel(
+            FLOAT32_KERNEL,
+            f"prompts: float16 weights computed in float32, {speedup:.1f}x float16's own kernel on "
+            "this CPU, never less exact",
+            speedup,
+        )
+    return PromptKernel(NATIVE_KERNEL, f"prompts: {dtype}'s own kernel (the fastest exact one here)")

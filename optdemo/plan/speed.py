@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from optdemo.plan.bandwidth import KERNELS, Bandwidths, measured_bandwidths
-from optdemo.plan.policy import PolicyChoice, choose_policy, mapped_prefix
+from optdemo.plan.policy import PolicyChoice, PromptKernel, choose_policy, choose_prompt_kernel, mapped_prefix
 
 if TYPE_CHECKING:
     from optdemo.plan.planner import Plan
@@ -32,6 +32,7 @@ class SpeedPrediction:
     breakdown: dict[str, float]  # tier label -> seconds per token
     assumption: str  # what the prediction assumes (warm page cache or disk reads)
     cpu_layers: PolicyChoice | None = None  # with a GPU and offloaded layers: where they run, and why
+    prompt_kernel: PromptKernel | None = None  # how prompts will be computed here, and why
 
     @property
     def tokens_per_second(self) -> float:
@@ -56,6 +57,7 @@ class SpeedPrediction:
             "breakdown": self.breakdown,
             "assumption": self.assumption,
             "summary": self.summary(),
+            "prompt_kernel": None if self.prompt_kernel is None else self.prompt_kernel.to_dict(),
         }
 
 
@@ -159,4 +161,4 @@ def predict_plan(plan: Plan, ram_available_bytes: int) -> SpeedPrediction:
     prediction = predict(
         plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "accelerate"
     )
-    return replace(prediction, cpu_layers=policy)
+    return replace(prediction, cpu_layers=policy, prompt_kernel=choose_prompt_kernel(plan.dtype, bandwidths))

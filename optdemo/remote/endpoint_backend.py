@@ -36,7 +36,13 @@ from optdemo.core.defaults import (
     MAX_NEW_TOKENS_LIMIT,
 )
 from optdemo.core.errors import GenerationError
-from optdemo.core.generation import GenerationParams, GenerationStats, GenerationUpdate, cut_at_stop
+from optdemo.core.generation import (
+    CacheScope,
+    GenerationParams,
+    GenerationStats,
+    GenerationUpdate,
+    cut_at_stop,
+)
 from optdemo.remote.client import EndpointConfig, EngineInfo, check_engine, explain, failure
 from optdemo.remote.engine_stream import EngineStream, StreamLimits
 
@@ -88,8 +94,10 @@ class EndpointBackend:
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
         system_prompt: str = "",
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
-        """Stream a chat reply from the engine's ``/v1/chat/completions`` (its chat template)."""
+        """Stream a chat reply from the engine's ``/v1/chat/completions`` (its chat template; the
+        engine keeps its own prompt caches: ``cache_scope`` is not its business)."""
         self._check_length(params, max_new_tokens_cap)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         for user, assistant in history:
@@ -107,6 +115,7 @@ class EndpointBackend:
         params: GenerationParams,
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         """Stream a continuation of ``prompt`` from the engine's ``/v1/completions``."""
         self._check_length(params, max_new_tokens_cap)

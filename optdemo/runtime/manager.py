@@ -45,26 +45,36 @@ from optdemo.core.errors import (
     OptdemoError,
     SupersededError,
 )
-from optdemo.core.generation import GenerationParams, GenerationUpdate, context_window, encode_prompt
+from optdemo.core.generation import (
+    CacheScope,
+    GenerationParams,
+    GenerationUpdate,
+    context_window,
+    encode_prompt,
+)
 from optdemo.core.load_config import LoadConfig
+from optdemo.plan.bandwidth import measured_bandwidths
 from optdemo.plan.planner import Plan, plan_device_map
+from optdemo.plan.policy import choose_prompt_kernel
 from optdemo.runtime.batching.request import Prompt, Serving
 from optdemo.runtime.batching.scheduler import BatchEngine
 from optdemo.runtime.loader import LoadedModel, load_model, preflight
-from optdemo.runtime.readahead import ColdStartReadAhead, start_cold_read_ahead
+from optdemo.runtime.readahead import ReadAheadSlot
 from optdemo.runtime.status import LoadReport, ModelStatus
 from optdemo.runtime.tiers.disk_map import release_disk_tier
 from optdemo.runtime.tiers.gpu_policy import release as release_offload
-from optdemo.system.hardware import Hardware, probe_hardware
+from optdemo.system.hardware import probe_hardware
 from optdemo.weights.checkpoints import ProgressCallback
 
 
 class ModelManager:
     """Owns at most one loaded model; thread-safe; create one per process and pass it around."""
 
-    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH, reuse_prompts: bool = True) -> None:
         """Args:
         max_batch: the most replies decoded together (``--max-batch``); more wait in line.
+        reuse_prompts: keep each prompt's cache for the next prompt that starts with it
+            (``--no-prefix-cache`` turns it off; replies are the same either way).
         """
         self._model_lock = threading.Lock()  # held by a load or a generation step, never both
         self._state_lock = threading.Lock()  # guards the small fields below for status()
@@ -72,12 +82,13 @@ class ModelManager:
         self._busy: str | None = None
         # Every reply runs through the engine, which decodes the running ones together.
         self.engine = BatchEngine(self._model_lock, self._current, self._set_generation_busy, max_batch)
+        self.engine.reuse_prompts = reuse_prompts
         # The newest load request and its number: an older one still waiting for the model lock
         # gives way to it rather than load a model nobody wants any more.
         self._load_requests = 0
         self._newest_load: LoadConfig | None = None
         self._loads_in_flight = 0  # load() calls under way (planning, waiting or loading)
-        self._reading: ColdStartReadAhead | None = None  # the one read-ahead under way
+        self._reading = ReadAheadSlot()  # one read-ahead at a time, the model holder's
 
     # ---------------------------------------------------------------- inspection
     def plan(self, config: LoadConfig) -> Plan:
@@ -90,7 +101,7 @@ class ModelManager:
             loaded, busy = self._loaded, self._busy
         if loaded is None:
             return ModelStatus(None, busy)
-        return replace(loaded.status, busy=busy)
+        return replace(loaded.status, busy=busy, prefix_cache=self.engine.prefix_cache.counts())
 
     @property
     def current_config(self) -> LoadConfig | None:
@@ -120,7 +131,7 @@ class ModelManager:
         # With nothing loaded and no other load under way, reading ahead evicts nothing in use:
         # start reading the weights while the model's code is imported and planned. Otherwise
         # only once this load holds the model and the current one is gone.
-        prefetch = self._read_ahead(config, hardware, None) if alone else None
+        prefetch = self._reading.claim(config, hardware, None) if alone else None
         try:
             plan = preflight(config, hardware)
             ticket = self._register_load(config)
@@ -134,11 +145,13 @@ class ModelManager:
                     try:
                         previous = self._drop_current()
                         # This load holds the model and nothing is loaded now: the disk is its.
-                        prefetch = self._read_ahead(config, probe_hardware(config.offload_folder), prefetch)
+                        prefetch = self._reading.claim(
+                            config, probe_hardware(config.offload_folder), prefetch
+                        )
                         try:
                             loaded = load_model(config, plan, progress)
                         except OptdemoError as exc:
-                            self._stop_read_ahead(prefetch)  # the previous model may come back
+                            self._reading.stop(prefetch)  # the previous model may come back
                             raise LoadError(self._after_failure(str(exc), previous)) from None
                         self._set_loaded(loaded)
                     finally:
@@ -146,9 +159,9 @@ class ModelManager:
                 finally:
                     # Stop reading ahead before another load may take the model; once loaded, the
                     # model's own warm-up reads the rest, with the exact split.
-                    self._stop_read_ahead(prefetch)
+                    self._reading.stop(prefetch)
         finally:
-            self._stop_read_ahead(prefetch)  # refused before it held the model
+            self._reading.stop(prefetch)  # refused before it held the model
             with self._state_lock:
                 self._loads_in_flight -= 1
         moved = ""
@@ -160,29 +173,6 @@ class ModelManager:
             )
         message = f"loaded {config.display_name} in {loaded.status.load_seconds:.1f} s{moved}"
         return LoadReport.of(loaded.status, "loaded", message, bool(stopped))
-
-    def _read_ahead(
-        self, config: LoadConfig, hardware: Hardware, mine: ColdStartReadAhead | None
-    ) -> ColdStartReadAhead | None:
-        """Read ``config``'s checkpoint ahead (:mod:`optdemo.runtime.readahead`), keeping ``mine`` if this
-        load has one already; any other load's read-ahead is stopped first: one at a time, so that
-        two never evict each other, and the one that holds the model wins."""
-        with self._state_lock:
-            other = self._reading if self._reading is not mine else None
-        self._stop_read_ahead(other)
-        if mine is None or mine.stopped.is_set():  # none yet, or stopped by another load
-            mine = start_cold_read_ahead(config, hardware)
-        with self._state_lock:
-            self._reading = mine
-        return mine
-
-    def _stop_read_ahead(self, prefetch: ColdStartReadAhead | None) -> None:
-        if prefetch is None:
-            return
-        prefetch.stop()
-        with self._state_lock:
-            if self._reading is prefetch:
-                self._reading = None
 
     def _register_load(self, config: LoadConfig) -> int:
         """Record ``config`` as the newest load request; returns its number."""
@@ -263,8 +253,13 @@ class ModelManager:
             return self._loaded
 
     def _set_loaded(self, loaded: LoadedModel) -> None:
-        """Make ``loaded`` current, and cap the batch at the sequences its budget leaves room for."""
+        """Make ``loaded`` current: cap the batch at the sequences its budget leaves room for, give
+        the rest of that room to prompt caches, and choose the kernel its prompts run on."""
         plan = loaded.status.plan
+        prompt = choose_prompt_kernel(plan.dtype, measured_bandwidths()) if plan is not None else None
+        if prompt is not None and loaded.model is not None:
+            loaded.model._optdemo_prompt_kernel = prompt.kernel
+        loaded.status = replace(loaded.status, prompt_kernel=prompt)
         self.engine.room = plan.batch if plan is not None else None
         with self._state_lock:
             self._loaded = loaded
@@ -277,6 +272,7 @@ class ModelManager:
         if loaded is None:
             return None
         dropped = (loaded.config, loaded.status.plan)
+        self.engine.prefix_cache.clear()  # computed by this model: meaningless for the next
         _release(loaded)
         del loaded
         _free_memory()
@@ -305,14 +301,16 @@ class ModelManager:
         params: GenerationParams,
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         """Continue ``prompt`` (the original scripts' mode), streaming the accumulated text (after
-        status-only updates while it waits for a place in the batch)."""
+        status-only updates while it waits for a place in the batch); a prefix cached in
+        ``cache_scope`` is reused."""
 
         def prepare(loaded: LoadedModel) -> Prompt:
             model, tokenizer = loaded.model, loaded.tokenizer
             ids = encode_prompt(model, tokenizer, prompt, params, max_new_tokens_cap)
-            return Prompt(ids, context_window=context_window(model))
+            return Prompt(ids, context_window=context_window(model), **_scoped(cache_scope))
 
         yield from self._generate(prepare, params, stop_event)
 
@@ -324,10 +322,12 @@ class ModelManager:
         stop_event: threading.Event | None = None,
         max_new_tokens_cap: int = MAX_NEW_TOKENS_LIMIT,
         system_prompt: str = "",
+        cache_scope: CacheScope | None = None,
     ) -> Iterator[GenerationUpdate]:
         """Reply to ``message`` after ``history``: through the tokenizer's chat template when it
         has one, else in a plain User/Assistant transcript. The final stats say how much of the
-        window the prompt used and how many old turns were left out to fit."""
+        window the prompt used, how many old turns were left out to fit, and how much of the prompt
+        came from a cache kept in ``cache_scope`` (the conversation's previous turn)."""
 
         def layout(model: Any, tokenizer: Any) -> Prompt:
             templated = has_chat_template(tokenizer)
@@ -353,7 +353,9 @@ class ModelManager:
                 )
             stops = () if templated else CHAT_STOP_STRINGS
             ids = list(prompt.input_ids or ())
-            return Prompt(ids, stops, context_window=window, dropped_turns=prompt.dropped_turns)
+            return Prompt(
+                ids, stops, context_window=window, dropped_turns=prompt.dropped_turns, **_scoped(cache_scope)
+            )
 
         # Laid out and tokenized here, in the caller's thread, before the request waits for the
         # model: the scheduler, which holds the model lock, only takes it (or, if another model was
@@ -398,6 +400,13 @@ class ModelManager:
         with self._state_lock:
             if self._busy is None or self._busy.startswith("generating"):
                 self._busy = what
+
+
+def _scoped(scope: CacheScope | None) -> dict:
+    """The prompt's cache fields for ``scope`` (none: nothing reused nor kept)."""
+    if scope is None:
+        return {}
+    return {"cache_scope": scope.name, "one_conversation": scope.one_conversation}
 
 
 def _release(loaded: LoadedModel) -> None:

@@ -16,6 +16,7 @@ import math
 import mmap
 import os
 import re
+import threading
 from pathlib import Path
 
 from optdemo.core.load_config import LoadConfig
@@ -103,3 +104,35 @@ def start_cold_read_ahead(config: LoadConfig, hardware: Hardware) -> ColdStartRe
     except (OSError, ValueError, KeyError):
         return None  # a hint only: the load reads the files itself and reports what is wrong
     return ColdStartReadAhead(ranges) if ranges else None
+
+
+class ReadAheadSlot:
+    """One read-ahead at a time, so that two loads' reads never evict each other: a load claims the
+    slot, which stops any other load's read-ahead first; the load that holds the model wins."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: ColdStartReadAhead | None = None
+
+    def claim(
+        self, config: LoadConfig, hardware: Hardware, mine: ColdStartReadAhead | None
+    ) -> ColdStartReadAhead | None:
+        """Read ``config``'s checkpoint ahead, keeping ``mine`` if this load has one already (and
+        nobody stopped it); returns the read-ahead now under way for this load, or None."""
+        with self._lock:
+            other = self._current if self._current is not mine else None
+        self.stop(other)
+        if mine is None or mine.stopped.is_set():  # none yet, or stopped by another load
+            mine = start_cold_read_ahead(config, hardware)
+        with self._lock:
+            self._current = mine
+        return mine
+
+    def stop(self, read_ahead: ColdStartReadAhead | None) -> None:
+        """Stop ``read_ahead`` (if any) and free the slot when it held it."""
+        if read_ahead is None:
+            return
+        read_ahead.stop()
+        with self._lock:
+            if self._current is read_ahead:
+                self._current = None

@@ -16,7 +16,8 @@ from optdemo.core.budget import Device
 from optdemo.core.generation import GenerationStats
 from optdemo.core.load_config import LoadConfig
 from optdemo.plan.planner import Plan, device_map_json, per_device_json
-from optdemo.plan.policy import PolicyChoice
+from optdemo.plan.policy import PolicyChoice, PromptKernel
+from optdemo.runtime.batching.prefix_cache import CacheCounts
 from optdemo.runtime.tiers.disk_map import DiskTierReport
 
 
@@ -36,6 +37,8 @@ class ModelStatus:
     checkpoint: str = ""  # where the weights were read from (the converted cache for .bin)
     cpu_layers: PolicyChoice | None = None  # with a GPU in the map: where CPU-resident layers run
     last_stats: GenerationStats | None = None  # the latest reply's measured speed
+    prompt_kernel: PromptKernel | None = None  # how prompts are computed (chosen at load)
+    prefix_cache: CacheCounts | None = None  # prompt caches kept for the next prompts
 
     @property
     def loaded(self) -> bool:
@@ -78,6 +81,8 @@ class ModelStatus:
             "disk_tier": disk_tier_dict(self.disk_tier),
             "cpu_layers": policy_dict(self.cpu_layers),
             "last_generation": None if self.last_stats is None else asdict(self.last_stats),
+            "prompt_kernel": None if self.prompt_kernel is None else self.prompt_kernel.to_dict(),
+            "prefix_cache": None if self.prefix_cache is None else self.prefix_cache.to_dict(),
         }
 
 

@@ -24,6 +24,7 @@ from optdemo.app.service import DemoService
 from optdemo.app.settings import AppSettings
 from optdemo.core import defaults
 from optdemo.core.errors import GenerationError
+from optdemo.core.generation import CacheScope
 from optdemo.web.api import reply_group, session_of
 from optdemo.web.errors import user_errors
 
@@ -34,6 +35,8 @@ KEY_REQUIRED = (
     "a valid API key is required: send it as 'Authorization: Bearer KEY' (the key given to the "
     "server with --api-key)"
 )
+# MCP clients send the whole conversation each time and share one session: one shared scope.
+MCP_SCOPE = CacheScope("mcp")
 
 
 def register_mcp_tools(service: DemoService) -> None:
@@ -65,7 +68,10 @@ def register_mcp_tools(service: DemoService) -> None:
             raise GenerationError(err.message) from None
         params = service.params(max_new_tokens, temperature, top_p)
         reply = ""
-        for step in service.chat(session_of(request), history, message, params, system_prompt=system):
+        session = session_of(request)
+        for step in service.chat(
+            session, history, message, params, system_prompt=system, cache_scope=MCP_SCOPE
+        ):
             reply = step.text
         return reply
 

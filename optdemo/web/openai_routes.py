@@ -46,10 +46,13 @@ from optdemo.app.openai_format import (
 )
 from optdemo.app.service import ChatReply, DemoService
 from optdemo.core.errors import OptdemoError
-from optdemo.core.generation import GenerationParams, GenerationStats
+from optdemo.core.generation import CacheScope, GenerationParams, GenerationStats
 from optdemo.core.redact import redact
 
 log = logging.getLogger("optdemo")
+# OpenAI clients resend the whole conversation and carry no session: their prompts share one
+# scope, where the longest common token prefix is reused (as llama.cpp's and vLLM's servers do).
+OPENAI_SCOPE = CacheScope("openai")
 DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
 _END = object()  # the pump's "reply finished" marker
 
@@ -173,7 +176,13 @@ class OpenAIServer:
             return error_response(err)
         session = _session()
         start = functools.partial(
-            self.service.chat, session, req.history, req.message, params, system_prompt=req.system
+            self.service.chat,
+            session,
+            req.history,
+            req.message,
+            params,
+            system_prompt=req.system,
+            cache_scope=OPENAI_SCOPE,
         )
         job = _Job(
             shape, session, start, req.sampling.stop, req.stream, req.include_usage, params.max_new_tokens
@@ -189,7 +198,9 @@ class OpenAIServer:
         except OpenAIError as err:
             return error_response(err)
         session = _session()
-        start = functools.partial(self.service.complete, session, req.prompt, params)
+        start = functools.partial(
+            self.service.complete, session, req.prompt, params, cache_scope=OPENAI_SCOPE
+        )
         job = _Job(
             shape, session, start, req.sampling.stop, req.stream, req.include_usage, params.max_new_tokens
         )

@@ -149,9 +149,10 @@ def device_map_rows(plan: Plan, actual: dict[str, Device] | None = None) -> list
     return rows
 
 
-def plan_summary(plan: Plan, prediction: SpeedPrediction | None = None) -> str:
-    """A short Markdown verdict on a plan: fits or not, where the bytes go, the predicted speed and
-    the warnings."""
+def plan_summary(plan: Plan, prediction: SpeedPrediction | None = None, max_batch: int | None = None) -> str:
+    """A short Markdown verdict on a plan: fits or not, where the bytes go, the predicted speed, how
+    prompts are computed, the KV cache room (with ``max_batch``: what is left for prompt caches)
+    and the warnings."""
     placement = " · ".join(
         f"**{device_label(device)}** {format_bytes(size)}" for device, size in plan.bytes_per_device.items()
     )
@@ -166,8 +167,10 @@ def plan_summary(plan: Plan, prediction: SpeedPrediction | None = None) -> str:
     ]
     if prediction is not None:
         lines += ["", f"**Predicted speed:** {prediction.summary()}"]
+        if prediction.prompt_kernel is not None:
+            lines += ["", f"**Prompts:** {prediction.prompt_kernel.reason.removeprefix('prompts: ')}"]
     if plan.batch is not None:
-        lines += ["", plan.batch.text()]
+        lines += ["", plan.batch.text(max_batch)]
     lines += [f"- {warning}" for warning in plan.warnings]
     return "\n".join(lines)
 

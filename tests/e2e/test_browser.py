@@ -390,7 +390,9 @@ def test_a_waiting_reply_shows_its_place_in_line_and_the_serving_line_counts(bro
     waiting = "Waiting for the model: number 1 in line (8 replies being written, at most 8 at once)"
 
     class Queued(ScriptedManager):
-        def stream_completion(self, prompt, params, stop_event=None, max_new_tokens_cap=512):
+        def stream_completion(
+            self, prompt, params, stop_event=None, max_new_tokens_cap=512, cache_scope=None
+        ):
             yield GenerationUpdate("", status=waiting)
             self.pause.wait(30)
             yield from super().stream_completion(prompt, params, stop_event, max_new_tokens_cap)

@@ -20,7 +20,7 @@ from optdemo.core.defaults import STREAM_DEPTH
 from optdemo.core.errors import BudgetError
 from optdemo.core.load_config import LoadConfig
 from optdemo.plan.policy import HEADROOM_BYTES
-from optdemo.runtime import manager as manager_module
+from optdemo.runtime import readahead as readahead_module
 from optdemo.runtime.readahead import ColdStartReadAhead, block_order, first_ranges, start_cold_read_ahead
 from optdemo.runtime.tiers.disk_stream import Segment, safetensors_header
 from optdemo.weights.convert import safetensors_weight_files
@@ -152,7 +152,7 @@ def started(monkeypatch, manager) -> list[tuple[ColdStartReadAhead | None, bool]
     """Every prefetch the manager starts, and whether a model was loaded or another prefetch still
     reading when it started (either would be evicted by it)."""
     seen: list[tuple[ColdStartReadAhead | None, bool]] = []
-    original = manager_module.start_cold_read_ahead
+    original = readahead_module.start_cold_read_ahead
 
     def recording(config, hardware):
         reading = [p for p, *_ in seen if p is not None and not p.done.is_set()]
@@ -160,7 +160,7 @@ def started(monkeypatch, manager) -> list[tuple[ColdStartReadAhead | None, bool]
         seen.append((prefetch, manager._loaded is not None or bool(reading)))
         return prefetch
 
-    monkeypatch.setattr(manager_module, "start_cold_read_ahead", recording)
+    monkeypatch.setattr(readahead_module, "start_cold_read_ahead", recording)
     return seen
 
 

@@ -49,6 +49,8 @@ STATUS_KEYS = {
     "disk_tier",
     "cpu_layers",
     "last_generation",
+    "prompt_kernel",
+    "prefix_cache",
 }
 
 

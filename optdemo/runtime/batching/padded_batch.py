@@ -5,12 +5,6 @@ shorter of (batch, newcomer) on the left to the longer, and an attention mask ma
 no query ever attends to it. Position ids count each row's own tokens, so a row computes exactly
 what it would alone. Leaving drops the row and the padding columns nobody needs any more.
 
-A bfloat16 model's lone request decodes beside a ghost copy of itself: torch's one-row bfloat16
-product rounds differently from its several-row one, so without the ghost a reply alone would
-differ from the same reply in company (docs/BENCHMARKS.md, "Many visitors", has the
-measurements). The ghost is made only when a batch falls to one request, and dropped when another
-joins.
-
 Only plain full-attention caches (every layer a ``DynamicLayer``) can be padded this way; other
 cache kinds (sliding windows, linear attention) run one request at a time (:func:`paddable`).
 """
@@ -27,11 +21,10 @@ if TYPE_CHECKING:
 class PaddedBatch:
     """The running requests' KV caches as one left-padded cache, and its attention mask."""
 
-    def __init__(self, config: Any, cache: Any, mask: torch.Tensor, ghost: bool = False) -> None:
+    def __init__(self, config: Any, cache: Any, mask: torch.Tensor) -> None:
         self.config = config
         self.cache = cache
         self.mask = mask  # [batch, cached positions]: 1 for a real token, 0 for padding
-        self.ghost = ghost  # the last row is a copy of the only request's (see the module's text)
 
     @classmethod
     def of(cls, model: Any, cache: Any) -> PaddedBatch:
@@ -43,24 +36,8 @@ class PaddedBatch:
 
     @property
     def size(self) -> int:
-        """How many rows the forward pass computes (a ghost row included)."""
+        """How many rows (requests) the batch holds."""
         return int(self.mask.shape[0])
-
-    @property
-    def requests(self) -> int:
-        """How many requests' rows the batch holds (the ghost row not counted)."""
-        return self.size - int(self.ghost)
-
-    def with_ghost(self) -> PaddedBatch:
-        """A one-request batch with a ghost copy of its row (see the module's text)."""
-        if self.ghost or self.size != 1:
-            return self
-        joined = self.with_row(self.cache)
-        joined.ghost = True
-        return joined
-
-    def _real(self) -> PaddedBatch:
-        return self._without(self.size - 1) if self.ghost else self
 
     def grown_mask(self) -> torch.Tensor:
         """The mask with one more real position per row (the tokens being fed now)."""
@@ -69,12 +46,9 @@ class PaddedBatch:
         return torch.cat([self.mask, torch.ones((self.size, 1), dtype=torch.long)], dim=1)
 
     def with_row(self, cache: Any) -> PaddedBatch:
-        """This batch (less a ghost row) plus one request's prefilled cache, both left-padded to
-        the longer."""
+        """This batch plus one request's prefilled cache, both left-padded to the longer."""
         import torch
 
-        if self.ghost:
-            return self._real().with_row(cache)
         length, new = int(self.mask.shape[1]), cache.get_seq_length()
         total = max(length, new)
         layers = [
@@ -86,14 +60,10 @@ class PaddedBatch:
         ]
         row = torch.ones((1, new), dtype=torch.long)
         mask = torch.cat([_pad_left(self.mask, total - length), _pad_left(row, total - new)])
-        return PaddedBatch(self.config, _cache_of(self.config, layers), mask)
+        return PaddedBatch(self.config, cache_of(self.config, layers), mask)
 
     def without(self, rows: Sequence[int]) -> PaddedBatch:
-        """This batch less ``rows`` (and less a ghost row), with the padding columns no remaining
-        row needs cut off."""
-        return self._real()._without(*rows)
-
-    def _without(self, *rows: int) -> PaddedBatch:
+        """This batch less ``rows``, with the padding columns no remaining row needs cut off."""
         import torch
 
         keep = torch.tensor([i for i in range(self.size) if i not in set(rows)], dtype=torch.long)
@@ -103,18 +73,37 @@ class PaddedBatch:
             tuple(t.index_select(0, keep.to(t.device))[:, :, first:] for t in pair)
             for pair in _layers(self.cache)
         ]
-        return PaddedBatch(self.config, _cache_of(self.config, layers), mask[:, first:])
+        return PaddedBatch(self.config, cache_of(self.config, layers), mask[:, first:])
 
 
 # ---------------------------------------------------------------- model calls
 def forward(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
 ) -> torch.Tensor:
-    """The last position's logits (float32, one row per sequence); the cache grows in place."""
+    """The last position's logits (float32, one row per sequence); the cache grows in place. Only
+    the last position goes through the LM head where the model allows (a prompt's other positions'
+    logits are never used)."""
+    extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **extra,
     )
     return out.logits[:, -1, :].float()
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (most causal LMs of transformers 5)."""
+    import inspect
+
+    cached = getattr(model, "_optdemo_keeps_logits", None)
+    if cached is None:
+        cached = "logits_to_keep" in inspect.signature(model.forward).parameters
+        model._optdemo_keeps_logits = cached
+    return cached
 
 
 def positions(starts: Sequence[int], length: int, device: Any) -> torch.Tensor:
@@ -136,7 +125,9 @@ def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _cache_of(config: Any, layers: list) -> Any:
+def cache_of(config: Any, layers: list) -> Any:
+    """A cache holding ``layers`` (per layer: keys, values), which later steps extend (each
+    extension makes new tensors: the given ones are never changed)."""
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=layers, config=config)

@@ -22,6 +22,8 @@ class Prompt:
     stop_strings: tuple[str, ...] = ()  # ends the reply (never shown), besides the params' own
     context_window: int | None = None  # the model's window, for the stats
     dropped_turns: int = 0  # chat: oldest turns left out to fit the window
+    cache_scope: str | None = None  # whose prompt caches it may reuse (None: none)
+    one_conversation: bool = False  # the scope holds one conversation (a chat session)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Request:
     first_at: float | None = None
     last_at: float | None = None
     peak_batch: int = 1
+    cached_tokens: int = 0  # prompt tokens whose cache was reused, not computed
+    prompt_seconds: float | None = None  # computing the rest of the prompt (its first token's wait)
     place: int = 0  # place in line last told to the consumer (0: not told yet)
     stop_hit: bool = False
     done: bool = False

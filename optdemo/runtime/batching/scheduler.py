@@ -31,9 +31,18 @@ from optdemo.core.generation import (
     generation_failure,
 )
 from optdemo.plan.kv_room import BatchRoom, batch_in_force
-from optdemo.runtime.batching.padded_batch import PaddedBatch, forward, new_cache, paddable, positions
+from optdemo.runtime.batching import kernels
+from optdemo.runtime.batching.padded_batch import (
+    PaddedBatch,
+    cache_of,
+    forward,
+    new_cache,
+    paddable,
+    positions,
+)
+from optdemo.runtime.batching.prefix_cache import PrefixCache
 from optdemo.runtime.batching.request import Prepare, Prompt, Request, Serving
-from optdemo.runtime.batching.row_attention import use_row_attention
+from optdemo.runtime.batching.row_attention import prepare_model
 from optdemo.runtime.batching.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -74,7 +83,9 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._batch: PaddedBatch | None = None  # scheduler thread only
         self._holds = 0  # loads and unloads waiting for the model: admit nobody meanwhile
-        self.room: BatchRoom | None = None  # the KV cache room of the loaded model's plan (set on load)
+        self._room: BatchRoom | None = None  # the KV cache room of the loaded model's plan
+        self.prefix_cache = PrefixCache()  # prompts' caches for the next prompts (scheduler's)
+        self.reuse_prompts = True  # keep prompts' caches (--no-prefix-cache turns it off)
 
     # ---------------------------------------------------------------- consumers
     def submit(
@@ -110,6 +121,24 @@ class BatchEngine:
         """How many replies run and wait now, and the batch size in force."""
         running, waiting = self.counts()
         return Serving(running, waiting, self.limit())
+
+    @property
+    def room(self) -> BatchRoom | None:
+        """The KV cache room of the loaded model's plan (None: not computed, no limit)."""
+        return self._room
+
+    @room.setter
+    def room(self, room: BatchRoom | None) -> None:
+        """Set on load: it caps the batch, and what the running replies cannot use of it holds the
+        prompt caches (emptied: they belong to the model that computed them)."""
+        self._room = room
+        self.prefix_cache.clear()
+        self.prefix_cache.budget_bytes = self.prefix_budget() if self.reuse_prompts else 0
+
+    def prefix_budget(self) -> int:
+        """Bytes the prompt caches may hold: the room less the running replies' worst case (the
+        batch in force, each at the model's full context); without a computed room, none."""
+        return 0 if self._room is None else self._room.prompt_cache_bytes(self.max_batch)
 
     def limit(self) -> int:
         """The batch size in force: the flag, lowered to what the memory budget holds."""
@@ -254,6 +283,8 @@ class BatchEngine:
             dropped_turns=request.prompt.dropped_turns if request.prompt else 0,
             context_window=request.prompt.context_window if request.prompt else None,
             batch_size=request.peak_batch,
+            cached_tokens=request.cached_tokens,
+            prompt_seconds=request.prompt_seconds,
         )
         reply = tuple(request.ids[len(request.prompt.input_ids) :]) if request.prompt else ()
         request.updates.put(GenerationUpdate(text, stats, token_ids=reply))
@@ -327,29 +358,39 @@ class BatchEngine:
             request.updates.put(GenerationUpdate("", status=status))
 
     def _prefill(self, loaded: Any, request: Request) -> None:
-        """Run the request's prompt alone, take its first token, and join the batch. A prefill
-        that fails (say, memory for a long prompt) fails that request only."""
+        """Run the request's prompt alone (after the longest prefix cached for its scope), take its
+        first token, keep its cache for the next prompt, and join the batch. A prefill that fails
+        (say, memory for a long prompt) fails that request only."""
         import torch
 
         assert request.prompt is not None
-        _batchable(loaded.model)
-        request.ids = list(request.prompt.input_ids)
+        choice = prepare_model(loaded.model)
+        prompt = request.prompt
+        request.ids = list(prompt.input_ids)
         request.sampler = Sampler(request.params)
-        ids = torch.tensor([request.ids], dtype=torch.long, device=loaded.input_device)
-        cache = new_cache(loaded.model)
+        hit = self.prefix_cache.lookup(prompt.cache_scope, request.ids) if choice.exact else None
+        done = hit.tokens if hit is not None else 0
+        cache = new_cache(loaded.model) if hit is None else cache_of(loaded.model.config, hit.layers)
+        ids = torch.tensor([request.ids[done:]], dtype=torch.long, device=loaded.input_device)
+        mask = torch.ones((1, len(request.ids)), dtype=torch.long, device=ids.device)
         with self._lock:
             self._running.append(request)
         self._publish_busy()
+        started = time.perf_counter()
         try:
-            logits = forward(
-                loaded.model, ids, torch.ones_like(ids), positions([0], ids.shape[1], ids.device), cache
-            )
+            with kernels.computing(kernels.PROMPT, choice):
+                logits = forward(loaded.model, ids, mask, positions([done], ids.shape[1], ids.device), cache)
         except Exception as exc:  # noqa: BLE001 - this request's own failure, for its consumer
             with self._lock:
                 self._running.remove(request)
             self._publish_busy()
             request.updates.put(generation_failure(exc))
             return
+        request.prompt_seconds = time.perf_counter() - started
+        request.cached_tokens = done
+        if choice.exact:  # the rows just computed are what any later prompt computes for them
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            self.prefix_cache.store(prompt.cache_scope, request.ids, layers, prompt.one_conversation)
         self._batch = (
             PaddedBatch.of(loaded.model, cache) if self._batch is None else self._batch.with_row(cache)
         )
@@ -361,17 +402,15 @@ class BatchEngine:
         import torch
 
         batch = self._batch
-        assert batch is not None and batch.requests == len(running)
-        if len(running) == 1 and _rounds_by_row_count(loaded.model):
-            batch = self._batch = batch.with_ghost()
+        assert batch is not None and batch.size == len(running)
         device = loaded.input_device
-        rows = running + running[:1] if batch.ghost else running
-        ids = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=device)
-        starts = [len(r.ids) - 1 for r in rows]
+        ids = torch.tensor([[r.ids[-1]] for r in running], dtype=torch.long, device=device)
+        starts = [len(r.ids) - 1 for r in running]
         mask = batch.grown_mask()
-        logits = forward(loaded.model, ids, mask.to(device), positions(starts, 1, device), batch.cache)
+        with kernels.computing(kernels.STEP, prepare_model(loaded.model)):
+            logits = forward(loaded.model, ids, mask.to(device), positions(starts, 1, device), batch.cache)
         batch.mask = mask
-        for request, row in zip(running, logits[: len(running)], strict=True):
+        for request, row in zip(running, logits, strict=True):
             request.peak_batch = max(request.peak_batch, len(running))
             self._take_token(loaded, request, row)
 
@@ -398,30 +437,6 @@ class BatchEngine:
         elif visible and visible != request.shown and not visible.endswith("\ufffd"):
             request.shown = visible
             request.updates.put(GenerationUpdate(visible))
-
-
-def _batchable(model: Any) -> None:
-    """Once per model: attention that computes a batched row as it computes alone
-    (:mod:`optdemo.runtime.batching.row_attention`), so replies do not depend on who else is being served."""
-    if not getattr(model, "_optdemo_row_attention", False):
-        use_row_attention(model)
-        model._optdemo_row_attention = True
-
-
-def _rounds_by_row_count(model: Any) -> bool:
-    """Whether the model computes with bfloat16 Linear layers, whose one-row product rounds
-    differently from a several-row one (the reason for a lone request's ghost row). Quantized
-    layers (optdemo.weights.quantize) and float16 ones give every row the same bits at any row count."""
-    import torch
-
-    cached = getattr(model, "_optdemo_rounds_by_row_count", None)
-    if cached is None:
-        cached = any(
-            type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
-            for module in model.modules()
-        )
-        model._optdemo_rounds_by_row_count = cached
-    return cached
 
 
 def _eos_ids(loaded: Any) -> set[int]:

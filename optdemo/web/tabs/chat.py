@@ -20,7 +20,8 @@ import gradio as gr
 
 from optdemo.app.service import DemoService
 from optdemo.core import defaults
-from optdemo.web.api import reply_group, session_of
+from optdemo.core.generation import CacheScope
+from optdemo.web.api import admin_of, reply_group, session_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.errors import to_gradio_error, user_errors
 from optdemo.web.render import status_text, to_messages
@@ -176,9 +177,12 @@ def _reply(
             tab.message: "",
             tab.notice: BUSY_NOTICE,
         }
-        for step in service.chat(
-            session_of(request), pairs, text, params, system_prompt, waiting_status=True
-        ):
+        session = session_of(request)
+        scope = CacheScope(f"chat:{session}:{values.get(tab.saved.chat_id) or 'new'}", one_conversation=True)
+        steps = service.chat(
+            session, pairs, text, params, system_prompt, True, admin=admin_of(request), cache_scope=scope
+        )
+        for step in steps:
             if step.status:  # waiting for a place in the batch: say where in line
                 waiting = True
                 yield {tab.notice: step.status}
@@ -246,7 +250,10 @@ def stop(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Upda
 def complete(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Iterator[Updates]:
     """Stream a continuation of the prompt with its stats line (the original scripts' mode)."""
     params = tab.controls.params_from(service, values)
-    for step in service.complete(session_of(request), values[tab.prompt], params, waiting_status=True):
+    steps = service.complete(
+        session_of(request), values[tab.prompt], params, waiting_status=True, admin=admin_of(request)
+    )
+    for step in steps:
         if step.status:  # waiting for a place in the batch: the stats line says where in line
             yield {tab.completion_stats: step.status}
             continue
@@ -294,7 +301,8 @@ def wire_chat_tab(service: DemoService, tab: ChatTab) -> None:
         **private,
     )
     # Inputs given as a set reach a handler as one {component: value} dict.
-    with_params = {tab.turns, tab.system_prompt, *tab.controls.all()}
+    # The saved chat's id too: each conversation reuses its own prompt caches.
+    with_params = {tab.turns, tab.system_prompt, tab.saved.chat_id, *tab.controls.all()}
     conversation = [tab.chatbot, tab.turns, tab.message, tab.notice, tab.context_line]
     saved = tab.saved
     save = {

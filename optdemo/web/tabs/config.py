@@ -230,7 +230,8 @@ def preview(service: DemoService, tab: ConfigTab, values: dict, request: Any) ->
     except Exception as exc:  # noqa: BLE001 - rendered as a message in the summary
         message = f"**Cannot plan {name}:** {to_gradio_error(exc).message}"
         return {tab.summary: message, tab.plan_state: PlanNotice(name, message)}
-    return {tab.summary: plan_summary(view.plan, view.prediction), tab.plan_state: view}
+    summary = plan_summary(view.plan, view.prediction, service.settings.max_batch)
+    return {tab.summary: summary, tab.plan_state: view}
 
 
 def plan_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:

@@ -104,8 +104,8 @@ def texts(updates: list[GenerationUpdate]) -> list[str]:
 )
 def test_greedy_output_is_the_same_alone_and_in_a_batch_of_eight(where, manager, tiny_model_dir, tmp_path):
     """Token for token, alone and among seven others, wherever the layers are and in the dtypes
-    whose kernels round differently by row count (bfloat16: a lone reply decodes beside a ghost
-    copy of itself) or not at all (the int8/int4 kernels)."""
+    whose kernels round differently by row count (bfloat16's one-row product: padded to two rows,
+    optdemo.runtime.batching.kernels) or not at all (the int8/int4 kernels)."""
     config = LoadConfig(str(tiny_model_dir))
     if where == "ram, bfloat16":
         config = LoadConfig(str(tiny_model_dir), dtype="bfloat16")
@@ -427,7 +427,7 @@ def chat_tab_with(updates: list[GenerationUpdate]):
     from optdemo.web.tabs import chat as chat_tab
 
     class Waiting(ScriptedManager):
-        def stream_completion(self, prompt, params, stop_event=None, max_new_tokens_cap=0):
+        def stream_completion(self, prompt, params, stop_event=None, max_new_tokens_cap=0, cache_scope=None):
             yield from updates
 
     service = DemoService(Waiting({}), AppSettings(max_batch=2))
@@ -514,34 +514,6 @@ def test_max_batch_comes_from_the_flag_or_the_environment_and_reaches_the_engine
         assert {fn.concurrency_id for fn in replies} == {"replies"}
     finally:
         demo.close()
-
-
-def test_a_lone_bfloat16_request_decodes_beside_a_ghost_that_joins_and_leaves_cleanly() -> None:
-    """The ghost row (a copy of a lone request's row, for bfloat16's row-count rounding) is made
-    once, counted apart from the requests, and dropped when another request joins or one leaves."""
-    import torch
-    from transformers import DynamicCache, OPTConfig
-
-    from optdemo.runtime.batching.padded_batch import PaddedBatch
-
-    config = OPTConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=2)
-
-    def cache(length: int, fill: float) -> DynamicCache:
-        layers = [(torch.full((1, 2, length, 4), fill), torch.full((1, 2, length, 4), -fill))] * 2
-        return DynamicCache(ddp_cache_data=layers, config=config)
-
-    lone = PaddedBatch(config, cache(3, 1.0), torch.ones((1, 3), dtype=torch.long))
-    ghosted = lone.with_ghost()
-    assert (ghosted.size, ghosted.requests, ghosted.ghost) == (2, 1, True)
-    keys = ghosted.cache.layers[0].keys
-    assert torch.equal(keys[0], keys[1])  # the same row twice
-    assert ghosted.with_ghost() is ghosted  # made once
-    joined = ghosted.with_row(cache(5, 2.0))  # a newcomer replaces the ghost
-    assert (joined.size, joined.requests, joined.ghost) == (2, 2, False)
-    assert joined.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert torch.equal(joined.cache.layers[0].keys[1], torch.full((2, 5, 4), 2.0))
-    left = ghosted.without([0])  # the lone request leaves: nothing (not the ghost) remains
-    assert left.size == 0 and left.requests == 0
 
 
 def test_row_attention_computes_each_padded_row_as_it_would_alone() -> None:
