@@ -291,8 +291,10 @@ def test_kv_bytes_are_layers_times_two_times_hidden_times_dtype(tiny_model_dir):
     assert room.sequences == 1
     assert room.text(8) == (
         "KV cache: 1.5 MiB per 512-token sequence; the budget leaves 2.6 MiB next to the weights, "
-        "room for 1 such sequence at once (--max-batch 8: 1 decoded together)"
+        "room for 1 such sequence at once (--max-batch 8: 1 decoded together); 1.1 MiB left for "
+        "prompt caches (a conversation's next turn reuses them)"
     )
+    assert room.prompt_cache_bytes(8) == 2_731_520 - 1_572_864
     from optdemo.web.render import plan_summary  # the Configuration tab's plan summary shows it
 
     assert room.text() in plan_summary(plan).splitlines()
