@@ -53,7 +53,7 @@ SMOOTHING = 0.3
 PRIOR_WEIGHT = 4.0
 PRIOR_ACCEPTANCE = 0.7
 EXPLORE_K = 3  # the draft length that measures a pass's extra cost and the draft's, once per model
-REMEASURE_EVERY = 16  # speculative passes between plain ones, which keep the one-token cost fresh
+REMEASURE_EVERY = 32  # speculative passes between plain ones, which keep the one-token cost fresh
 PROBE_EVERY = 32  # plain passes in a row after which one proposal checks whether acceptance rose
 _OPTIMISTIC = 0.95  # the acceptance a probe is worth trying for
 
@@ -124,6 +124,7 @@ class Speculator:
         self._counts: weakref.WeakKeyDictionary[Request, ReplyCounts] = weakref.WeakKeyDictionary()
         self._plain_run = 0  # plain passes in a row
         self._since_plain = 0  # speculative passes since the last plain one
+        self._warm = False  # the model's first pass (kernel probes, cold caches) is not measured
 
     def reset(self) -> None:
         """Forget the model (another is loaded, or none): its costs, draft state and references."""
@@ -131,6 +132,7 @@ class Speculator:
         self._owner = None
         self._state = None
         self._plain_run = self._since_plain = 0
+        self._warm = False
 
     def step(
         self, loaded: Any, running: Sequence[Request], batch: PaddedBatch, waiting: int, emit: Emit
@@ -181,7 +183,7 @@ class Speculator:
 
     def choose_k(self, request: Request, window: int) -> int:
         """The next pass's draft length: within the reply's remaining tokens and the draft's window,
-        the best by the measured costs; a plain pass first (its cost) and one of ``EXPLORE_K``
+        the best by the measured costs; plain passes first (a warm-up, then its cost) and one of ``EXPLORE_K``
         (a several-token pass's and the draft's), a plain one now and then, a probe after a long
         plain run."""
         remaining = request.params.max_new_tokens - request.generated
@@ -272,8 +274,12 @@ class Speculator:
         return proposals, q_rows
 
     def _measure_pass(self, tokens: int, seconds: float) -> None:
-        """Record a pass's time: a one-token pass's own, or what each further token added."""
+        """Record a pass's time: a one-token pass's own, or what each further token added (the
+        model's first pass warms up: not recorded)."""
         measured = self.measured
+        if not self._warm:
+            self._warm = True
+            return
         if tokens == 1:
             measured.one_pass = _smoothed(measured.one_pass, seconds)
             self._plain_run, self._since_plain = self._plain_run + 1, 0

@@ -263,13 +263,15 @@ def test_the_draft_length_follows_the_costs() -> None:
 
 
 def test_the_engine_measures_before_it_speculates_then_chooses_by_the_costs() -> None:
-    """A fresh model: a plain pass first (its cost), then a pass of EXPLORE_K (a longer pass's
+    """A fresh model: plain passes first (a warm-up, then its cost), then a pass of EXPLORE_K (a longer pass's
     and the draft's costs), then the rule's k at this reply's acceptance; never past the reply's
     last token nor the draft's window; a plain pass now and then."""
     chooser = speculative.Speculator()
     request = Request(lambda loaded: None, GenerationParams(max_new_tokens=40), threading.Event())
     request.ids, request.generated = [1, 2, 3], 1
     assert chooser.choose_k(request, window=512) == 0
+    chooser._measure_pass(1, 9.0)  # the first pass warms up (kernel probes, cold caches): not counted
+    assert chooser.measured.one_pass is None and chooser.choose_k(request, window=512) == 0
     chooser._measure_pass(1, 1.0)
     assert chooser.choose_k(request, window=512) == speculative.EXPLORE_K
     chooser._measure_pass(4, 1.06)
