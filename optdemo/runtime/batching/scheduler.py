@@ -399,8 +399,7 @@ class BatchEngine:
 
     # ---------------------------------------------------------------- decoding
     def _decode(self, loaded: Any, running: list[Request]) -> None:
-        """One forward pass for every running request: each feeds its last token (a reply alone
-        with a draft loaded: a speculative pass, optdemo.runtime.batching.speculative)."""
+        """One forward pass for every running request's last token (alone with a draft: speculative)."""
         import torch
 
         batch = self._batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 from collections import Counter
 from pathlib import Path
@@ -146,6 +147,39 @@ def test_stop_sequences_and_max_new_tokens_end_a_reply_inside_a_kept_run(
         assert all(stop not in u.text for u in updates) or params is short
     assert len(final.token_ids) == 13
     assert whole.text.startswith(references[0].text) and len(references[0].token_ids) < 40
+
+
+def test_the_end_of_text_and_stop_end_a_reply_inside_a_kept_run(
+    manager: ModelManager, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token of the model's reply made its end-of-text token: with 8 proposals a pass the reply
+    ends at its first occurrence, as without a draft; Stop pressed after the 5th token: no 6th."""
+    from optdemo.runtime.batching.scheduler import BatchEngine
+
+    model = tmp_path / "eos"
+    shutil.copytree(tiny_model_dir, model)
+    manager.load(LoadConfig(str(model)))
+    whole = list(manager.stream_completion(PROMPTS[0], GREEDY))[-1].token_ids
+    eos = next(token for index, token in enumerate(whole) if index >= 6 and token not in whole[:index])
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    manager.unload()
+    manager.load(LoadConfig(str(model)))
+    ended = list(manager.stream_completion(PROMPTS[0], GREEDY))[-1].token_ids
+    assert ended == whole[: whole.index(eos) + 1]
+    manager.load(LoadConfig(str(model), draft="8bit"))
+    manager.engine.speculator.fixed_k = 8
+    update = list(manager.stream_completion(PROMPTS[0], GREEDY))[-1]
+    assert update.token_ids == ended and update.stats.passes > 0
+    emit = BatchEngine._emit
+
+    def stop_after_five(self, loaded, request, token) -> None:
+        emit(self, loaded, request, token)
+        if request.generated == 5:
+            request.stop_event.set()  # what Stop does, between two tokens of a kept run
+
+    monkeypatch.setattr(BatchEngine, "_emit", stop_after_five)
+    stopped = list(manager.stream_completion(PROMPTS[0], GREEDY))[-1]
+    assert stopped.token_ids == ended[:5] and stopped.stats.stopped is True
 
 
 # ---------------------------------------------------------------------------------- sampling
