@@ -183,9 +183,9 @@ class Speculator:
 
     def choose_k(self, request: Request, window: int) -> int:
         """The next pass's draft length: within the reply's remaining tokens and the draft's window,
-        the best by the measured costs; plain passes first (a warm-up, then its cost) and one of ``EXPLORE_K``
-        (a several-token pass's and the draft's), a plain one now and then, a probe after a long
-        plain run."""
+        the best by the measured costs. Plain passes first (a warm-up, then their cost), then one
+        of ``EXPLORE_K`` (a several-token pass's cost and the draft's); a plain pass now and then,
+        and a single proposal after a long plain run (has acceptance risen?)."""
         remaining = request.params.max_new_tokens - request.generated
         cap = min(MAX_DRAFT_LENGTH, remaining - 1, window - len(request.ids))
         if cap <= 0:
