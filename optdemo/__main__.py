@@ -2,18 +2,20 @@
 
 python -m optdemo plan facebook/opt-66b --max-memory 0=5GiB,cpu=20GiB
 python -m optdemo generate optdemo/tiny-opt --prompt "Hello" --max-new-tokens 30
+python -m optdemo generate opt-13b --max-memory cpu=8GiB --offload-folder off --draft 4bit --json
 python -m optdemo cache [--clear | --clear-interrupted]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from optdemo.core.budget import format_bytes
-from optdemo.core.errors import OptdemoError
-from optdemo.core.generation import GenerationParams
-from optdemo.core.load_config import LoadConfig
+from optdemo.core.errors import ConfigError, OptdemoError
+from optdemo.core.generation import GenerationParams, GenerationStats
+from optdemo.core.load_config import DRAFT_COPIES, LoadConfig
 from optdemo.plan.planner import device_label, plan_device_map
 from optdemo.runtime.manager import ModelManager
 from optdemo.weights import convert
@@ -27,15 +29,25 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantization", default="none", help="none, 8bit or 4bit (on a CPU-only machine: torch's int8/int4)"
     )
+    parser.add_argument(
+        "--draft",
+        default="none",
+        choices=("none", *DRAFT_COPIES),
+        help="speculative decoding with the model's own 8bit / 4bit copy in RAM as the draft",
+    )
+    parser.add_argument("--draft-model", help="speculative decoding with this smaller model as the draft")
 
 
 def _config(args: argparse.Namespace) -> LoadConfig:
+    if args.draft_model and args.draft != "none":
+        raise ConfigError("--draft and --draft-model both set the draft: give one of them")
     return LoadConfig(
         args.model,
         dtype=args.dtype,
         max_memory=args.max_memory,
         offload_folder=args.offload_folder,
         quantization=args.quantization,
+        draft=args.draft_model or args.draft,
     )
 
 
@@ -55,18 +67,58 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Load, then stream a continuation of the prompt with timings, as the original scripts did."""
+    """Load, then stream a continuation of the prompt with timings, as the original scripts did;
+    with ``--json``, print one JSON object instead (the benchmark's record)."""
     manager = ModelManager()
     report = manager.load(_config(args))
     print(f"[{report.message}; placement: {report.bytes_per_device}]", file=sys.stderr)
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )
     shown = ""
     for update in manager.stream_completion(args.prompt, params):
-        print(update.text[len(shown) :], end="", flush=True)
+        if not args.json:
+            print(update.text[len(shown) :], end="", flush=True)
         shown = update.text
         if update.stats:
             print(f"\n[{update.stats.summary()}]", file=sys.stderr)
+            if args.json:
+                record = generation_record(manager, report.load_seconds, update.token_ids, update.stats)
+                print(json.dumps({**record, "text": update.text}))
     return 0
+
+
+def generation_record(
+    manager: ModelManager, load_seconds: float | None, token_ids: tuple[int, ...], stats: GenerationStats
+) -> dict:
+    """What ``generate --json`` prints: the reply's tokens and timings and, with a draft, its
+    speculation (proposals, kept, passes, the k of each pass) and the costs the engine measured
+    (a one-token pass, each further token of a pass, a draft token)."""
+    config, measured = manager.current_config, manager.engine.speculator.measured
+    decode = None if not stats.tokens_per_second else 1.0 / stats.tokens_per_second
+    mean_k = sum(stats.draft_lengths) / len(stats.draft_lengths) if stats.draft_lengths else None
+    ratio = None
+    if mean_k is not None and measured.one_pass and measured.per_extra_token is not None:
+        ratio = (measured.one_pass + mean_k * measured.per_extra_token) / measured.one_pass
+    return {
+        "model": None if config is None else config.model,
+        "draft": None if config is None else config.draft,
+        "token_ids": list(token_ids),
+        "load_seconds": load_seconds,
+        "time_to_first_token": stats.time_to_first_token,
+        "decode_seconds_per_token": decode,
+        "new_tokens": stats.new_tokens,
+        "total_seconds": stats.total_seconds,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "passes": stats.passes,
+        "k_used": list(stats.draft_lengths),
+        "acceptance": stats.accepted / stats.drafted if stats.drafted else None,
+        "one_token_pass_seconds": measured.one_pass,
+        "per_extra_token_seconds": measured.per_extra_token,
+        "draft_token_seconds": measured.draft_token,
+        "k_pass_over_one_pass": ratio,  # a pass over mean k + 1 tokens against one over 1 token
+    }
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -110,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--prompt", default="Hello, my name is")
     generate.add_argument("--max-new-tokens", type=int, default=30)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    generate.add_argument(
+        "--json", action="store_true", help="print one JSON object: tokens, timings, the draft's figures"
+    )
     generate.set_defaults(run=cmd_generate)
     cache = commands.add_parser("cache", help="show (or --clear) the .bin -> safetensors conversion cache")
     clearing = cache.add_mutually_exclusive_group()

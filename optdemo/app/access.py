@@ -128,8 +128,8 @@ class AccessPolicy:
         return tuple(dict.fromkeys((*self.allowed_models(), *catalog)))
 
     def check_config(self, config: LoadConfig, credential: str | None = None) -> None:
-        """Refuse, in public mode, a model the caller may not name, or a tokenizer of a visitor's
-        choice (an admin's must be one of the admins' models).
+        """Refuse, in public mode, a model the caller may not name, or a tokenizer or draft model of
+        a visitor's choice (an admin's must be one of the admins' models).
 
         Raises:
             AccessError: naming what is allowed.
@@ -148,6 +148,8 @@ class AccessPolicy:
             raise AccessError(f"{config.model} is not offered here: {who} {', '.join(allowed)}{remedy}")
         if config.tokenizer is not None and not (admin and config.tokenizer in allowed):
             raise AccessError("visitors cannot choose another tokenizer in this public deployment")
+        if config.draft_model is not None and not (admin and config.draft_model in allowed):
+            raise AccessError("visitors cannot choose a draft model in this public deployment")
 
     def confine_offload(self, folder: str | None) -> str | None:
         """The offload folder to use for ``folder``: kept under ``--offload-base`` (always in public

@@ -149,6 +149,7 @@ class DemoService:
             cpu_layers=self.settings.cpu_layers,
             disk_tier=self.settings.disk_tier,
             quantization=self.settings.quantization,
+            draft=self.settings.draft,
         )
 
     def model_choices(self, admin: str | None = None) -> list[tuple[str, str]]:
@@ -182,6 +183,7 @@ class DemoService:
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
         admin: str | None = None,
         disk_tier: str = defaults.DEFAULT_DISK_TIER,
+        draft: str = "none",
     ) -> LoadConfig:
         """Build a :class:`LoadConfig` from form or API values, applying public-mode rules for the
         caller (holders of an admin credential may name more models than visitors).
@@ -199,6 +201,7 @@ class DemoService:
             ("tokenizer", tokenizer),
             ("cpu_layers", cpu_layers),
             ("disk_tier", disk_tier),
+            ("draft", draft),
         ):
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be text, not {type(value).__name__}")
@@ -213,6 +216,7 @@ class DemoService:
             fast_offload=fast_offload,
             cpu_layers=cpu_layers or defaults.DEFAULT_CPU_LAYERS,
             disk_tier=disk_tier or defaults.DEFAULT_DISK_TIER,
+            draft=draft or "none",
         )
         self.access.check_config(config, admin)
         return config

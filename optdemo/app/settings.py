@@ -28,7 +28,7 @@ from optdemo.core.defaults import (
     DISK_TIER_MODES,
 )
 from optdemo.core.errors import ConfigError, OptdemoError
-from optdemo.core.load_config import DTYPES, QUANTIZATIONS, normalize_model
+from optdemo.core.load_config import DRAFT_COPIES, DTYPES, QUANTIZATIONS, normalize_draft, normalize_model
 from optdemo.remote.client import parse_endpoint
 
 MAX_PORT = 65535
@@ -46,6 +46,7 @@ class AppSettings:
     fast_offload: bool = True  # False: plain Accelerate everywhere
     disk_tier: str = DEFAULT_DISK_TIER  # CPU-executed models: map, stream, or auto
     quantization: str = "none"  # 8bit / 4bit: bitsandbytes on a GPU, optdemo.weights.quantize on the CPU
+    draft: str = "none"  # speculative decoding's draft: none, 8bit / 4bit (the model's copy), a model
     preload: bool = False  # load the model before serving the first request
     host: str = "127.0.0.1"
     port: int | None = None  # None: Gradio picks 7860 or the next free port
@@ -166,6 +167,14 @@ FLAGS = (
         default="none",
         choices=QUANTIZATIONS,
     ),
+    Flag(
+        "draft",
+        "speculative decoding (default none): the model's own 8bit / 4bit copy, kept in RAM, proposes "
+        "tokens that the model verifies several at a time; the reply is the model's own",
+        default="none",
+        choices=("none", *DRAFT_COPIES),
+    ),
+    Flag("draft-model", "speculative decoding with this smaller model sharing the tokenizer as the draft"),
     Flag(
         "plain-accelerate", "turn fast offloading off: load and run exactly as plain Accelerate", kind="bool"
     ),
@@ -339,6 +348,7 @@ def _check_values(args: argparse.Namespace) -> None:
         ("--model", args.model, normalize_model),
         ("--max-memory", args.max_memory, parse_max_memory),
     ]
+    checks += [("--draft-model", args.draft_model, normalize_draft)]
     checks += [("--allow-model", name, normalize_model) for name in args.allow_model]
     checks += [("--admin-allow-model", name, normalize_model) for name in args.admin_allow_model]
     for flag, value, check in checks:
@@ -355,6 +365,8 @@ def _check_values(args: argparse.Namespace) -> None:
             raise ConfigError(f"--backend-url: {exc}") from None
     elif args.backend_model or args.backend_token:
         raise ConfigError("--backend-model and --backend-token need --backend-url")
+    if args.draft_model and args.draft != "none":
+        raise ConfigError("--draft and --draft-model both set the draft: give one of them")
     if args.offload_folder and os.path.exists(args.offload_folder) and not os.path.isdir(args.offload_folder):
         raise ConfigError(f"--offload-folder: {args.offload_folder} is a file, not a folder")
 
@@ -390,6 +402,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         fast_offload=not args.plain_accelerate,
         disk_tier=args.disk_tier,
         quantization=args.quantization,
+        draft=args.draft_model or args.draft,
         # Public mode starts with a loaded model: visitors cannot load one, so without it nobody could.
         preload=args.preload or on_space or args.share or args.lock_config,
         host=args.host,

@@ -138,6 +138,13 @@ class GenerationStats:
     # seconds computing the rest took: the wait before the first token, explained.
     cached_tokens: int = 0
     prompt_seconds: float | None = None
+    # Speculative decoding (a draft loaded, the reply alone on the model): tokens the draft
+    # proposed, how many of them the model accepted, the verification passes that checked them,
+    # and the draft length k of each pass (chosen from the measured costs).
+    drafted: int = 0
+    accepted: int = 0
+    passes: int = 0
+    draft_lengths: tuple[int, ...] = ()
 
     @property
     def processed_tokens(self) -> int:
@@ -156,9 +163,20 @@ class GenerationStats:
             parts.append("alone on the model")
         elif self.batch_size is not None:
             parts.append(f"shared the model (batch of up to {self.batch_size})")
+        if self.passes:
+            parts.append(self.speculation_summary())
         if self.stopped:
             parts.append("stopped")
         return " · ".join(parts)
+
+    def speculation_summary(self) -> str:
+        """``draft: 30 of 48 tokens accepted in 12 passes (k 2-6)``; empty without a pass."""
+        if not self.passes:
+            return ""
+        low, high = min(self.draft_lengths, default=0), max(self.draft_lengths, default=0)
+        k = f"k {low}" if low == high else f"k {low}-{high}"
+        passes = "pass" if self.passes == 1 else "passes"
+        return f"draft: {self.accepted} of {self.drafted} tokens accepted in {self.passes} {passes} ({k})"
 
     def _prompt_part(self) -> str:
         """`` (prompt: reused 460 cached tokens, processed 23 in 0.38 s)``: what the first token

@@ -21,6 +21,8 @@ from optdemo.core.errors import ConfigError
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+# A draft for speculative decoding: none, the model's own int8 / int4 copy, or another model's id.
+DRAFT_COPIES = ("8bit", "4bit")
 MAX_MODEL_CHARS = 300
 _REVISION_RE = re.compile(r"^[\w./-]{1,200}$")
 
@@ -57,6 +59,10 @@ class LoadConfig:
     # On a CPU-executed model, how the disk tier is served: "auto" (memory-mapped where the memory
     # available can cache it, streamed past the page cache where it cannot), "map" or "stream".
     disk_tier: str = DEFAULT_DISK_TIER
+    # Speculative decoding's draft: "none"; "8bit" / "4bit", the model's own quantized copy (made
+    # once in the conversion cache, kept in RAM); or a smaller model sharing the tokenizer (a repo
+    # id, catalog name or folder, normalised like ``model``). The output stays the model's own.
+    draft: str = "none"
     # Not part of equality: a cosmetic label for the UI is not a different load.
     label: str = field(default="", compare=False)
 
@@ -94,6 +100,18 @@ class LoadConfig:
             raise ConfigError(f"disk_tier {self.disk_tier!r} is not supported: choose one of {choices}")
         if not isinstance(self.fast_offload, bool):
             raise ConfigError("fast_offload must be true or false")
+        object.__setattr__(self, "draft", normalize_draft(self.draft))
+        if self.draft in DRAFT_COPIES and self.draft == self.quantization:
+            raise ConfigError(
+                f"the model is loaded {self.draft} already, so its {self.draft} copy would draft "
+                "exactly what it computes: choose another draft or none"
+            )
+
+    @property
+    def draft_model(self) -> str | None:
+        """The separate model that drafts (its normalised reference), or None (no draft, or the
+        model's own quantized copy)."""
+        return None if self.draft in ("none", *DRAFT_COPIES) else self.draft
 
     @property
     def cpu_layers_in_force(self) -> str:
@@ -113,6 +131,28 @@ class LoadConfig:
         if entry is not None:
             return entry.name
         return self.model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def normalize_draft(draft: object) -> str:
+    """A draft's canonical form: ``none`` (also for empty or None), ``8bit``, ``4bit``, or a model
+    reference normalised as :func:`normalize_model` does.
+
+    Raises:
+        ConfigError: not text, or neither a copy scheme nor a model reference.
+    """
+    if draft is None:
+        return "none"
+    if not isinstance(draft, str):
+        raise ConfigError(f"draft must be text (none, 8bit, 4bit or a model id), not {type(draft).__name__}")
+    text = draft.strip()
+    if text.lower() in ("", "none"):
+        return "none"
+    if text.lower() in DRAFT_COPIES:
+        return text.lower()
+    try:
+        return normalize_model(text)
+    except ConfigError as exc:
+        raise ConfigError(f"draft model: {exc}") from None
 
 
 def normalize_model(model: str) -> str:

@@ -18,15 +18,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from optdemo.core.budget import Device, MemoryBudget
+from optdemo.core.budget import Device, MemoryBudget, format_bytes
 from optdemo.core.construction import construction_lock
 from optdemo.core.defaults import DEFAULT_CPU_LAYERS, DEFAULT_DISK_TIER
 from optdemo.core.generation import context_window
-from optdemo.core.load_config import LoadConfig
+from optdemo.core.load_config import DRAFT_COPIES, LoadConfig
 from optdemo.models.hf_compat import auto_device_map
 from optdemo.models.source import ModelSource, resolve_model
+from optdemo.plan.bandwidth import KERNELS
 from optdemo.plan.kv_room import BatchRoom, batch_room
-from optdemo.plan.notes import assess, disk_writes, note_conversion, quantized_conversion, stored_format
+from optdemo.plan.notes import (
+    Notes,
+    assess,
+    disk_writes,
+    note_conversion,
+    quantized_conversion,
+    stored_format,
+)
 from optdemo.plan.policy import cpu_quantization
 from optdemo.system.hardware import Hardware, probe_hardware
 
@@ -50,6 +58,22 @@ class Block:
     bytes: int
     kind: str  # "layer", "embedding", "norm", "head" or "other"
     tied_to: str | None = None
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """Speculative decoding's draft as planned: loaded whole in RAM, beside the model's budget."""
+
+    draft: str  # "8bit" / "4bit" (the model's own copy) or the draft model's reference
+    display_name: str  # for people: "opt-1.3b's 4bit copy", "opt-125m"
+    bytes: int  # RAM its weights take
+    layers: int  # its decoder layers (the per-token bookkeeping of speed.py)
+    kernel: str  # what computes it, a Bandwidths.cpu_matvec key: "int8", "int4" or a dtype
+    vocab_size: int | None = None  # the tokens its logits cover (a draft must share the model's)
+
+    def to_dict(self) -> dict:
+        """Plain data for the plan's JSON."""
+        return {"draft": self.draft, "display_name": self.display_name, "bytes": self.bytes}
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,7 @@ class Plan:
     # (unquantized, or bitsandbytes on a GPU, which quantizes at load time).
     quantization: str = "none"
     batch: BatchRoom | None = None  # KV cache room for concurrent replies (optdemo.plan.kv_room)
+    draft: DraftPlan | None = None  # speculative decoding's draft, in RAM (None: no draft)
 
     @property
     def fits(self) -> bool:
@@ -114,6 +139,7 @@ class Plan:
             "warnings": list(self.warnings),
             "blockers": list(self.blockers),
             "batch": None if self.batch is None else self.batch.to_dict(),
+            "draft": None if self.draft is None else self.draft.to_dict(),
             "blocks": [
                 {
                     "name": b.name,
@@ -245,6 +271,9 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
         )
     if conversion:
         note_conversion(notes, conversion, quantization)
+    draft = plan_draft(config, source)
+    if draft is not None:
+        _note_draft(notes, draft, source, bytes_per_device.get("cpu", 0), hardware.ram_available_bytes)
     return Plan(
         model=config.model,
         display_name=config.display_name,
@@ -273,7 +302,53 @@ def plan_device_map(config: LoadConfig, hardware: Hardware | None = None) -> Pla
             hardware.ram_available_bytes,
             [block.device for block in blocks if block.kind == "layer"],
         ),
+        draft=draft,
     )
+
+
+def plan_draft(config: LoadConfig, source: ModelSource) -> DraftPlan | None:
+    """The draft ``config`` asks for, sized on the meta device: the model's own int8 / int4 copy
+    (the sizes of optdemo's quantized layers) or the draft model in its own dtype; None without.
+
+    Raises:
+        ConfigError: the draft model cannot be resolved.
+    """
+    import torch
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    if config.draft == "none":
+        return None
+    if config.draft in DRAFT_COPIES:
+        model = meta_model(source, torch.bfloat16, config.draft)
+        name, kernel = f"{config.display_name}'s {config.draft} copy", KERNELS[config.draft]
+    else:
+        draft_config = LoadConfig(config.draft, trust_remote_code=config.trust_remote_code)
+        draft_source = resolve_model(draft_config.model, None, config.trust_remote_code)
+        dtype = resolve_dtype(draft_config, draft_source)
+        model = meta_model(draft_source, dtype)
+        name, kernel = draft_config.display_name, str(dtype).removeprefix("torch.")
+    sizes, _ = compute_module_sizes(model)
+    layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    vocab = getattr(model.config, "vocab_size", None)
+    return DraftPlan(config.draft, name, int(sizes.get("", 0)), layers, kernel, vocab)
+
+
+def _note_draft(notes: Notes, draft: DraftPlan, source: ModelSource, cpu_bytes: int, available: int) -> None:
+    """Block a draft model whose vocabulary differs from the model's (its tokens would mean other
+    words), and warn when RAM cannot hold the draft beside the model's CPU tier."""
+    ours, theirs = getattr(source.config, "vocab_size", None), draft.vocab_size
+    if draft.draft not in DRAFT_COPIES and ours != theirs:
+        notes.block(
+            f"the draft {draft.display_name} has a vocabulary of {theirs} tokens and the model one of "
+            f"{ours}: a draft must share the model's tokenizer; choose one of the same family "
+            "(for OPT, opt-125m) or no draft"
+        )
+    if draft.bytes + cpu_bytes > available:
+        notes.warn(
+            f"the draft ({draft.display_name}) needs {format_bytes(draft.bytes)} of RAM beside the "
+            f"model's {format_bytes(cpu_bytes)} there, and {format_bytes(available)} is available: "
+            "lower the cpu budget, choose a smaller draft, or none"
+        )
 
 
 @contextlib.contextmanager

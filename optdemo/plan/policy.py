@@ -7,7 +7,8 @@ these functions, so a plan predicts exactly what a load then does (FlexGen's one
   (from pageable memory as plain Accelerate, or pinned and copied ahead) or on the CPU
   (:func:`choose_policy`);
 * whether a CPU-only machine quantizes with optdemo's own kernels (:func:`cpu_quantization`);
-* which kernel computes prompts (:func:`choose_prompt_kernel`).
+* which kernel computes prompts (:func:`choose_prompt_kernel`);
+* how many tokens a draft proposes per verification pass (:func:`choose_draft_length`).
 """
 
 from __future__ import annotations
@@ -155,3 +156,48 @@ def choose_prompt_kernel(dtype: str, bandwidths: Bandwidths) -> PromptKernel:
             speedup,
         )
     return PromptKernel(NATIVE_KERNEL, f"prompts: {dtype}'s own kernel (the fastest exact one here)")
+
+
+# Speculative decoding: the most tokens a draft proposes per verification pass, and how much faster
+# than plain decoding a draft length must be predicted to run before it is used (measured costs
+# are noisy; a draft that only ties with plain decoding is not worth its risk).
+MAX_DRAFT_LENGTH = 8
+SPECULATION_MARGIN = 1.05
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    """What speculative decoding costs, in seconds: the model's pass over one token, each further
+    token in the same pass (nearly nothing where reading the weights dominates, as on a disk tier;
+    nearly a whole pass where computing does, as in RAM on a CPU), and one token of the draft."""
+
+    one_pass: float
+    per_extra_token: float
+    draft_token: float
+
+    def pass_seconds(self, k: int) -> float:
+        """Seconds of one speculative pass: ``k`` draft tokens, then the model's pass over k + 1."""
+        return k * self.draft_token + self.one_pass + k * self.per_extra_token
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one pass yields on average when each drafted token is accepted with probability
+    ``acceptance`` until the first rejection: the accepted ones plus the model's own token
+    ``(1 - a^(k+1)) / (1 - a)``."""
+    if acceptance >= 1.0:
+        return float(k + 1)
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def choose_draft_length(
+    costs: DraftCosts, acceptance: float, max_k: int = MAX_DRAFT_LENGTH
+) -> tuple[int, float]:
+    """The draft length k in 0..``max_k`` with the most expected tokens per second, and that rate;
+    k = 0 (plain decoding, one token per pass) unless some k beats it by ``SPECULATION_MARGIN``."""
+    plain = 1.0 / costs.one_pass if costs.one_pass > 0 else float("inf")
+    best_k, best_rate = 0, plain
+    for k in range(1, max(0, max_k) + 1):
+        rate = expected_tokens(acceptance, k) / costs.pass_seconds(k)
+        if rate > best_rate and rate >= plain * SPECULATION_MARGIN:
+            best_k, best_rate = k, rate
+    return best_k, best_rate

@@ -9,7 +9,15 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from optdemo.plan.bandwidth import KERNELS, Bandwidths, measured_bandwidths
-from optdemo.plan.policy import PolicyChoice, PromptKernel, choose_policy, choose_prompt_kernel, mapped_prefix
+from optdemo.plan.policy import (
+    DraftCosts,
+    PolicyChoice,
+    PromptKernel,
+    choose_draft_length,
+    choose_policy,
+    choose_prompt_kernel,
+    mapped_prefix,
+)
 
 if TYPE_CHECKING:
     from optdemo.plan.planner import Plan
@@ -22,6 +30,51 @@ LAYER_OVERHEAD_SECONDS = 0.0004
 # The share of the shorter of streaming and computing that does not overlap the longer
 # (docs/BENCHMARKS.md, "Larger than RAM").
 _UNHIDDEN = 0.5
+# Acceptance rates (the share of drafted tokens the model agrees with) the plan predicts at:
+# random weights agree differently from trained ones, so the plan shows a range.
+ACCEPTANCE_RATES = (0.5, 0.7, 0.9)
+# Bytes per weight of the kernels a CPU pass computes with (weights counted from bytes).
+_WEIGHT_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class DraftPrediction:
+    """Predicted speed with speculative decoding: plain decoding against a draft proposing k tokens
+    per verification pass, at a few acceptance rates, from this machine's measured costs."""
+
+    display_name: str  # the draft, for people
+    draft_bytes: int  # RAM the draft takes
+    costs: DraftCosts  # what the choice of k weighs (optdemo.plan.policy.choose_draft_length)
+    plain_tokens_per_second: float
+    speculative: tuple[tuple[float, int, float], ...]  # (acceptance, k chosen, tokens/s)
+
+    def summary(self) -> str:
+        """``draft opt-13b's 4bit copy (6.70 GiB in RAM): 0.9 tokens/s without it; 1.5 / 2.1 / 3.4
+        at acceptance 0.5 / 0.7 / 0.9 (k 3 / 5 / 8; k 0 is plain decoding)``."""
+        rates = " / ".join(f"{rate:.3g}" for _, _, rate in self.speculative)
+        accept = " / ".join(f"{a:g}" for a, _, _ in self.speculative)
+        ks = " / ".join(str(k) for _, k, _ in self.speculative)
+        return (
+            f"draft {self.display_name} ({self.draft_bytes / 2**30:.2f} GiB in RAM): "
+            f"{self.plain_tokens_per_second:.3g} tokens/s without it; {rates} at acceptance {accept} "
+            f"(k {ks}; k 0 is plain decoding)"
+        )
+
+    def to_dict(self) -> dict:
+        """Plain data for the plan's JSON."""
+        return {
+            "draft": self.display_name,
+            "draft_bytes": self.draft_bytes,
+            "seconds": {
+                "one_token_pass": self.costs.one_pass,
+                "per_extra_token": self.costs.per_extra_token,
+                "draft_token": self.costs.draft_token,
+            },
+            "plain_tokens_per_second": self.plain_tokens_per_second,
+            "speculative": [
+                {"acceptance": a, "k": k, "tokens_per_second": rate} for a, k, rate in self.speculative
+            ],
+        }
 
 
 @dataclass(frozen=True)
@@ -33,6 +86,7 @@ class SpeedPrediction:
     assumption: str  # what the prediction assumes (warm page cache or disk reads)
     cpu_layers: PolicyChoice | None = None  # with a GPU and offloaded layers: where they run, and why
     prompt_kernel: PromptKernel | None = None  # how prompts will be computed here, and why
+    draft: DraftPrediction | None = None  # with a draft: the speed with and without it
 
     @property
     def tokens_per_second(self) -> float:
@@ -40,12 +94,13 @@ class SpeedPrediction:
         return 1.0 / self.seconds_per_token if self.seconds_per_token else float("inf")
 
     def summary(self) -> str:
-        """``~0.84 s/token (1.2 tokens/s), mostly disk``."""
+        """``~0.84 s/token (1.2 tokens/s), mostly disk; ...``, and with a draft its prediction."""
         main = max(self.breakdown, key=self.breakdown.get) if self.breakdown else "-"
-        return (
+        line = (
             f"~{self.seconds_per_token:.3g} s/token ({self.tokens_per_second:.3g} tokens/s), "
             f"mostly {main}; {self.assumption}"
         )
+        return line if self.draft is None else f"{line}; {self.draft.summary()}"
 
     def to_dict(self) -> dict:
         """Plain JSON-friendly data for the API."""
@@ -58,6 +113,7 @@ class SpeedPrediction:
             "assumption": self.assumption,
             "summary": self.summary(),
             "prompt_kernel": None if self.prompt_kernel is None else self.prompt_kernel.to_dict(),
+            "draft": None if self.draft is None else self.draft.to_dict(),
         }
 
 
@@ -161,4 +217,41 @@ def predict_plan(plan: Plan, ram_available_bytes: int) -> SpeedPrediction:
     prediction = predict(
         plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "accelerate"
     )
-    return replace(prediction, cpu_layers=policy, prompt_kernel=choose_prompt_kernel(plan.dtype, bandwidths))
+    cpu_executes = policy is None or policy.policy == "cpu"
+    return replace(
+        prediction,
+        cpu_layers=policy,
+        prompt_kernel=choose_prompt_kernel(plan.dtype, bandwidths),
+        draft=predict_draft(plan, bandwidths, prediction.seconds_per_token, cpu_executes),
+    )
+
+
+def predict_draft(
+    plan: Plan, bandwidths: Bandwidths, one_pass: float, cpu_executes: bool = True
+) -> DraftPrediction | None:
+    """The speed with the plan's draft (None without one): a pass over k + 1 tokens reads the
+    weights once, as a pass over one token does (``one_pass``), and computes each further token:
+    on the CPU, the weights it executes at the rate of a prompt-sized product plus each layer's
+    bookkeeping (on a GPU, only the bookkeeping); the draft's token costs its bytes at its kernel's
+    rate. The draft length at each acceptance rate is the one the engine would choose
+    (:func:`~optdemo.plan.policy.choose_draft_length`)."""
+    draft = plan.draft
+    if draft is None:
+        return None
+    executed = plan.bytes_per_device.get("cpu", 0) + plan.bytes_per_device.get("disk", 0)
+    kernel = KERNELS.get(plan.quantization, plan.dtype)
+    prompt_rate = bandwidths.prompt_matmul.get(plan.dtype) or bandwidths.prompt_matmul.get("bfloat16")
+    compute = 0.0
+    if cpu_executes and executed:
+        flops = 2 * executed / _WEIGHT_BYTES.get(kernel, 2.0)
+        # Unmeasured prompt rate: assume each further token costs what a whole pass computes.
+        compute = flops / prompt_rate if prompt_rate else executed / plan_rate(bandwidths, plan)
+    costs = DraftCosts(
+        one_pass,
+        compute + LAYER_OVERHEAD_SECONDS * len(plan.layers),
+        draft.bytes / bandwidths.cpu_rate(draft.kernel)
+        + STEP_OVERHEAD_SECONDS
+        + LAYER_OVERHEAD_SECONDS * draft.layers,
+    )
+    speculative = tuple((a, *choose_draft_length(costs, a)) for a in ACCEPTANCE_RATES)
+    return DraftPrediction(draft.display_name, draft.bytes, costs, 1.0 / one_pass, speculative)

@@ -30,6 +30,7 @@ from optdemo.models.source import (
     resolve_model,
 )
 from optdemo.plan.planner import Plan, device_of, plan_device_map, resolve_dtype
+from optdemo.runtime.draft import Draft, load_draft, preflight_draft
 from optdemo.runtime.quantized_load import load_quantized, shard_transform
 from optdemo.runtime.status import ModelStatus
 from optdemo.runtime.tiers.disk_map import DiskTierReport, place_disk_tier
@@ -50,6 +51,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     status: ModelStatus  # configuration, plan, actual placement, timings; ``busy`` is always None
+    draft: Draft | None = None  # speculative decoding's draft, whole in RAM (LoadConfig.draft)
 
     @property
     def config(self) -> LoadConfig:
@@ -90,6 +92,7 @@ def preflight(config: LoadConfig, hardware: Hardware | None = None) -> Plan:
     source = resolve_model(config.model, config.revision, config.trust_remote_code)
     if source.kind in ("hub", "catalog"):
         _check_hub_reachable(config, source, plan)
+    preflight_draft(config, source)
     if plan.blockers:
         raise PlanError(plan.blockers[0])
     if plan.bytes_per_device.get("disk") and config.offload_folder:  # from_pretrained creates it
@@ -183,6 +186,7 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
             else:
                 with construction_lock:
                     model = AutoModelForCausalLM.from_pretrained(location, tqdm_class=bar_class, **kwargs)
+            draft = load_draft(config, source, tokenizer, bar_class, report)
     except OptdemoError:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an actionable message
@@ -209,7 +213,7 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
         checkpoint=str(location),
         cpu_layers=policy,
     )
-    return LoadedModel(model, tokenizer, status)
+    return LoadedModel(model, tokenizer, status, draft)
 
 
 def _quantization_config(config: LoadConfig, plan: Plan) -> Any:

@@ -273,6 +273,7 @@ class ModelManager:
             return None
         dropped = (loaded.config, loaded.status.plan)
         self.engine.prefix_cache.clear()  # computed by this model: meaningless for the next
+        self.engine.speculator.reset()  # its costs and draft state, and its references to it
         _release(loaded)
         del loaded
         _free_memory()
@@ -422,6 +423,7 @@ def _release(loaded: LoadedModel) -> None:
         remove_hook_from_submodules(loaded.model)
     loaded.model = None
     loaded.tokenizer = None
+    loaded.draft = None
 
 
 def _free_memory() -> None:

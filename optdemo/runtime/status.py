@@ -134,6 +134,7 @@ def config_dict(config: LoadConfig) -> dict:
         "offload_folder": config.offload_folder,
         "quantization": config.quantization,
         "tokenizer": config.tokenizer,
+        "draft": config.draft,
     }
 
 

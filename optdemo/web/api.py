@@ -70,6 +70,7 @@ class Endpoints:
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
         disk_tier: str = defaults.DEFAULT_DISK_TIER,
         quantization: str = "none",
+        draft: str = "none",
         request: gr.Request = None,
     ) -> dict:
         """Plan where the model's layers would go under max_memory, without touching weights.
@@ -85,9 +86,12 @@ class Endpoints:
             disk_tier: on a CPU-executed model, how disk layers are served: auto, map or stream.
             quantization: none, 8bit or 4bit (bitsandbytes on a GPU; torch's int8/int4 kernels on
                 a CPU-only machine, where the plan's sizes are the quantized ones).
+            draft: speculative decoding's draft: none, 8bit or 4bit (the model's own copy, kept in
+                RAM), or a smaller model sharing its tokenizer; the plan gives its memory and
+                prediction.draft the speed with and without it.
         """
         config = self._config(
-            model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request, quantization
+            model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request, quantization, draft
         )
         return self.service.plan(config).to_dict()
 
@@ -101,14 +105,16 @@ class Endpoints:
         cpu_layers: str = defaults.DEFAULT_CPU_LAYERS,
         disk_tier: str = defaults.DEFAULT_DISK_TIER,
         quantization: str = "none",
+        draft: str = "none",
         request: gr.Request = None,
     ) -> dict:
         """Load the model (or reuse it when the configuration is unchanged). Returns status
         ("loaded" or "reused"), load_seconds, device_map, bytes_per_device, cpu_layers (with a GPU
         in the map: the policy in force and why) and disk_tier (what is memory-mapped, what is
-        streamed, and why)."""
+        streamed, and why). draft as in /plan: replies alone on the model are then decoded
+        speculatively, and their stats say how many drafted tokens were kept."""
         config = self._config(
-            model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request, quantization
+            model, max_memory, dtype, offload_folder, cpu_layers, disk_tier, request, quantization, draft
         )
         return self.service.load(config, admin=admin_of(request)).to_dict()
 
@@ -122,6 +128,7 @@ class Endpoints:
         disk_tier: str,
         request: gr.Request | None,
         quantization: str = "none",
+        draft: str = "none",
     ) -> LoadConfig:
         """The configuration /plan and /load describe, checked for this caller."""
         return self.service.make_config(
@@ -133,6 +140,7 @@ class Endpoints:
             admin=admin_of(request),
             disk_tier=disk_tier,
             quantization=quantization,
+            draft=draft,
         )
 
     @user_errors

@@ -123,7 +123,10 @@ def test_named_endpoints_and_parameters(client) -> None:
         name: [p["parameter_name"] for p in info["parameters"]]
         for name, info in api["named_endpoints"].items()
     }
-    config = ["model", "max_memory", "dtype", "offload_folder", "cpu_layers", "disk_tier", "quantization"]
+    config = [
+        *("model", "max_memory", "dtype", "offload_folder", "cpu_layers", "disk_tier", "quantization"),
+        "draft",
+    ]
     # Every sampling setting the Chat tab has, with the same validation (GenerationParams).
     sampling = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop"]
     assert endpoints == {
@@ -260,6 +263,23 @@ def test_plan_and_load_four_bit_on_this_cpu(client) -> None:
     call(client, "/unload")
 
 
+def test_plan_and_load_take_a_draft(client) -> None:
+    """Issue #22: /plan and /load take ``draft``; the plan gives the draft's RAM and the speed with
+    and without it; a greedy reply with the draft is the model's own, with its speculation in the
+    reply's stats."""
+    call(client, "/load", *LOAD_ARGS)
+    _, plain = stream(client, "/generate", "Once upon a time", **GREEDY)
+    plan = call(client, "/plan", *LOAD_ARGS, draft="8bit")
+    assert plan["draft"]["draft"] == "8bit" and 0 < plan["draft"]["bytes"] < TINY_TOTAL_BYTES
+    assert [s["acceptance"] for s in plan["prediction"]["draft"]["speculative"]] == [0.5, 0.7, 0.9]
+    assert call(client, "/load", *LOAD_ARGS, draft="8bit")["status"] == "loaded"
+    _, drafted = stream(client, "/generate", "Once upon a time", **GREEDY)
+    assert drafted == plain
+    status = call(client, "/status")
+    assert status["config"]["draft"] == "8bit" and status["last_generation"]["passes"] >= 1
+    call(client, "/unload")
+
+
 def test_status_reports_the_loaded_model(client, loaded: dict) -> None:
     status = loaded
     assert status["display_name"] == "tiny-opt"
@@ -272,6 +292,7 @@ def test_status_reports_the_loaded_model(client, loaded: dict) -> None:
         "offload_folder": None,
         "quantization": "none",
         "tokenizer": None,
+        "draft": "none",
     }
     assert status["device_map"] == {"": "cpu"}
     assert status["bytes_per_device"] == {"cpu": TINY_TOTAL_BYTES}

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from optdemo.core.defaults import GENERATION_WAIT_SECONDS
 from optdemo.core.errors import BusyError, NoModelError, OptdemoError
@@ -44,9 +44,7 @@ from optdemo.runtime.batching.prefix_cache import PrefixCache
 from optdemo.runtime.batching.request import Prepare, Prompt, Request, Serving
 from optdemo.runtime.batching.row_attention import prepare_model
 from optdemo.runtime.batching.sampling import Sampler
-
-if TYPE_CHECKING:
-    import torch
+from optdemo.runtime.batching.speculative import Speculator
 
 # How often a waiting consumer wakes up to notice that it went away (gradio closes generators).
 _POLL_SECONDS = 0.1
@@ -86,6 +84,7 @@ class BatchEngine:
         self._room: BatchRoom | None = None  # the KV cache room of the loaded model's plan
         self.prefix_cache = PrefixCache()  # prompts' caches for the next prompts (scheduler's)
         self.reuse_prompts = True  # keep prompts' caches (--no-prefix-cache turns it off)
+        self.speculator = Speculator()  # a lone reply's speculative decoding, with a draft loaded
 
     # ---------------------------------------------------------------- consumers
     def submit(
@@ -265,6 +264,7 @@ class BatchEngine:
 
     def _finish(self, request: Request) -> None:
         """Send the request's final update (its stats) unless its consumer went away."""
+        speculation = self.speculator.finish(request)  # its stats, and it leaves the speculator
         if request.gone.is_set():
             return
         end = time.perf_counter()
@@ -285,6 +285,7 @@ class BatchEngine:
             batch_size=request.peak_batch,
             cached_tokens=request.cached_tokens,
             prompt_seconds=request.prompt_seconds,
+            **speculation,
         )
         reply = tuple(request.ids[len(request.prompt.input_ids) :]) if request.prompt else ()
         request.updates.put(GenerationUpdate(text, stats, token_ids=reply))
@@ -394,15 +395,17 @@ class BatchEngine:
         self._batch = (
             PaddedBatch.of(loaded.model, cache) if self._batch is None else self._batch.with_row(cache)
         )
-        self._take_token(loaded, request, logits[0])
+        self._emit(loaded, request, request.sampler.next_token(request.ids, logits[0]))
 
     # ---------------------------------------------------------------- decoding
     def _decode(self, loaded: Any, running: list[Request]) -> None:
-        """One forward pass for every running request: each feeds its last token."""
+        """One forward pass for every running request's last token (alone with a draft: speculative)."""
         import torch
 
         batch = self._batch
         assert batch is not None and batch.size == len(running)
+        if self.speculator.step(loaded, running, batch, self.counts()[1], self._emit):
+            return
         device = loaded.input_device
         ids = torch.tensor([[r.ids[-1]] for r in running], dtype=torch.long, device=device)
         starts = [len(r.ids) - 1 for r in running]
@@ -412,12 +415,12 @@ class BatchEngine:
         batch.mask = mask
         for request, row in zip(running, logits, strict=True):
             request.peak_batch = max(request.peak_batch, len(running))
-            self._take_token(loaded, request, row)
+            assert request.sampler is not None
+            self._emit(loaded, request, request.sampler.next_token(request.ids, row))
 
-    def _take_token(self, loaded: Any, request: Request, logits: torch.Tensor) -> None:
-        """Choose the request's next token from its logits row and stream the new text."""
-        assert request.sampler is not None
-        token = request.sampler.next_token(request.ids, logits)
+    def _emit(self, loaded: Any, request: Request, token: int) -> None:
+        """Add the request's next token and stream the new text (a stop sequence, the end of text or
+        ``max_new_tokens`` ends it); the token comes from its sampler or a speculative pass."""
         now = time.perf_counter()
         request.first_at = request.first_at or now
         request.last_at = now

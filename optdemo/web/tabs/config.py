@@ -27,7 +27,7 @@ from optdemo.web.api import MODEL_GROUP, PLAN_GROUP, admin_of
 from optdemo.web.binding import Updates, bind
 from optdemo.web.errors import to_gradio_error, user_errors
 from optdemo.web.render import describe_placement, plan_summary
-from optdemo.web.tabs.config_components import ENDPOINT, ConfigTab
+from optdemo.web.tabs.config_components import DRAFT_MODEL, ENDPOINT, ConfigTab
 from optdemo.web.tabs.config_text import (
     budget_spec,
     hardware_summary,
@@ -152,6 +152,7 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
             placeholder="another repo id or folder; empty: the model's own",
             interactive=not locked,
         )
+        controls.update(_draft_controls(initial, locked))
     controls["offload"] = gr.Textbox(
         label="Offload folder",
         value=initial.offload_folder or "",
@@ -198,6 +199,33 @@ def _offloading_controls(initial: LoadConfig, hardware: Hardware) -> dict[str, A
     return controls
 
 
+def _draft_controls(initial: LoadConfig, locked: bool) -> dict[str, Any]:
+    """Speculative decoding's draft: none, the model's own quantized copy, or a smaller model."""
+    model = initial.draft_model
+    with gr.Row():
+        draft = gr.Dropdown(
+            [
+                ("none", "none"),
+                ("the model's 4bit copy (in RAM)", "4bit"),
+                ("the model's 8bit copy (in RAM)", "8bit"),
+                ("a smaller model sharing the tokenizer", DRAFT_MODEL),
+            ],
+            value=DRAFT_MODEL if model else initial.draft,
+            label="Draft (speculative decoding)",
+            info="Proposes tokens the model checks several at a time: faster when the model's weights "
+            "stream from disk; the reply is the model's own. The plan predicts the speed with and without.",
+            scale=2,
+        )
+        draft_model = gr.Textbox(
+            value=model or "",
+            label="Draft model",
+            placeholder="e.g. opt-125m for any OPT",
+            interactive=not locked,
+            scale=1,
+        )
+    return {"draft": draft, "draft_model": draft_model}
+
+
 # ---------------------------------------------------------------------------------- handlers
 def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request: Any = None) -> LoadConfig:
     """The configuration the form describes (validated by the service, for this caller: an admin,
@@ -218,6 +246,7 @@ def config_from_form(service: DemoService, tab: ConfigTab, values: dict, request
         cpu_layers=values[tab.cpu_layers] or defaults.DEFAULT_CPU_LAYERS,
         disk_tier=values[tab.disk_tier] or defaults.DEFAULT_DISK_TIER,
         admin=admin_of(request),
+        draft=(values[tab.draft_model] or "") if values[tab.draft] == DRAFT_MODEL else values[tab.draft],
     )
 
 
@@ -337,13 +366,13 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
     """Connect the Configuration tab's events to its handlers (all private: the API has its own)."""
     private = {"api_visibility": "private"}
     in_model_group = {**private, "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
-    texts = (tab.revision, tab.advanced, tab.offload, tab.tokenizer)
+    texts = (tab.revision, tab.advanced, tab.offload, tab.tokenizer, tab.draft_model)
     # Every control re-plans at once (sliders when released, text fields on Enter or leaving them).
     gr.on(
         [
             tab.plan_btn.click,
             *(c.change for c in (tab.model, tab.dtype, tab.quantization, tab.fast_offload)),
-            *(c.change for c in (tab.cpu_layers, tab.disk_tier)),
+            *(c.change for c in (tab.cpu_layers, tab.disk_tier, tab.draft)),
             *(slider.release for slider in (*tab.gpu_sliders, tab.cpu_slider)),
             *(text.submit for text in texts),
             *(text.blur for text in texts),

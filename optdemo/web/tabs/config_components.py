@@ -12,6 +12,8 @@ import gradio as gr
 LOCAL = "this machine"
 ENDPOINT = "a serving endpoint"
 BACKEND_CHOICES = (LOCAL, ENDPOINT)
+# The Draft dropdown's value for "a smaller model" (the model field then names it).
+DRAFT_MODEL = "model"
 
 
 @dataclass
@@ -41,6 +43,8 @@ class ConfigTab:
     cpu_layers: gr.Dropdown
     disk_tier: gr.Dropdown
     tokenizer: gr.Textbox
+    draft: gr.Dropdown  # speculative decoding: none, the model's 8bit / 4bit copy, or DRAFT_MODEL
+    draft_model: gr.Textbox  # the draft model, when ``draft`` is DRAFT_MODEL
     offload: gr.Textbox
     offload_info: gr.Markdown
     plan_btn: gr.Button
@@ -69,6 +73,8 @@ class ConfigTab:
             self.offload,
             self.quantization,
             self.tokenizer,
+            self.draft,
+            self.draft_model,
             self.fast_offload,
             self.cpu_layers,
             self.disk_tier,
