@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 PUBLIC = ["--lock-config", "--auth", "admin:pw"]
 LOAD_ARGS = ["tiny-opt", "cpu=1GiB", "auto", ""]  # what the operator loaded: /load reuses it
 # Another configuration (a real change), every parameter given: raw HTTP calls get no defaults.
-OTHER_LOAD = ["tiny-opt", "cpu=2GiB", "auto", "", "auto", "auto", "none"]
+OTHER_LOAD = ["tiny-opt", "cpu=2GiB", "auto", "", "auto", "auto", "none", "none"]  # /load's every parameter
 REFUSED = "visitors cannot"
 
 
