@@ -455,3 +455,28 @@ def test_admin_sign_in_keeps_the_credential_in_an_httponly_cookie(browser) -> No
         expect(page.get_by_role("button", name="Load model", exact=True)).to_be_disabled()
         assert "optdemo_admin" not in {c["name"] for c in page.context.cookies()}
         assert len(app.service.access.admins) == 0
+
+
+# ---------------------------------------------------------------------------------- issue 24
+# Gradio's red "Error" pill over a failed event's outputs, and its error toast.
+ERROR_PILL = '[data-testid="status-tracker"] .error'
+ERROR_TOAST = '[data-testid="toast-body"]'
+
+
+def assert_no_error_shown(page) -> None:
+    """Neither Gradio's "Error" pill nor an error toast is on the page."""
+    assert page.locator(ERROR_PILL).count() == 0, page.locator(ERROR_PILL).all_inner_texts()
+    assert page.locator(ERROR_TOAST).count() == 0, page.locator(ERROR_TOAST).all_inner_texts()
+
+
+def test_a_first_message_right_after_start_up_gets_a_reply(browser) -> None:
+    """Issue #24: right after start-up nothing is loaded and tiny-opt (works offline) is selected;
+    the first message loads it and gets a reply, with no toast and no "Error" pill."""
+    with running_app() as app, opened_page(browser, app.url) as page:
+        assert not app.service.status().loaded
+        open_tab(page, "Chat")
+        send(page, "What is the capital of France?")
+        chat = wait_for_text(page, "#od-chatbot", r"tokens/s")
+        assert "What is the capital of France?" in chat
+        assert app.service.status().model_id == "optdemo/tiny-opt"
+        assert_no_error_shown(page)

@@ -76,11 +76,11 @@ def test_load_progress_reaches_the_status_line_naming_the_model() -> None:
     statuses = [u[tab.status] for u in updates]
     assert statuses == [
         "**Loading opt-1.3b…**",
-        "**Loading opt-1.3b:** Downloading (1.00 GiB of 2.00 GiB) — 50%",
-        "**Loading opt-1.3b:** Converting opt-1.3b's .bin checkpoint to safetensors (once): "
+        "**Loading opt-1.3b** (0 s): Downloading (1.00 GiB of 2.00 GiB) — 50%",
+        "**Loading opt-1.3b** (0 s): Converting opt-1.3b's .bin checkpoint to safetensors (once): "
         "512 MiB of 2.00 GiB — 25%",
-        "**Loading opt-1.3b:** Loading the tokenizer of opt-1.3b",
-        "**Could not load opt-1.3b.** the disk filled up while loading opt-1.3b: free space",
+        "**Loading opt-1.3b** (0 s): Loading the tokenizer of opt-1.3b",
+        "**Could not load opt-1.3b:** the disk filled up while loading opt-1.3b: free space",
     ]
     assert info.value.message == "the disk filled up while loading opt-1.3b: free space"
 
