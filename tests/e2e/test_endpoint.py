@@ -354,7 +354,8 @@ def test_configuration_tab_connects_and_disconnects(engine: Engine) -> None:
     values = {**form_values(tab), form.backend: ENDPOINT, form.url: engine.url, form.model: engine.model}
     connected = config_tab.load(service, tab, values, REQUEST)[tab.status]
     assert connected.startswith("**Connected** in ")
-    assert f"serving endpoint {engine.url} ({engine.model}) — engine not reported by the engine" in connected
+    described = f"serving endpoint {engine.url} ({engine.model})"
+    assert f"{described} — the engine does not say which it is" in connected
     assert service.chat_format() == ENDPOINT_FORMAT
     disconnected = config_tab.unload(service, tab, values, REQUEST)[tab.status]
     assert disconnected.startswith("Disconnected from the serving endpoint")
