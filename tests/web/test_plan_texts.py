@@ -169,3 +169,61 @@ def test_the_plan_of_a_decimal_budget_says_what_it_comes_to() -> None:
     assert plan[tab.summary].endswith(
         "**Budget:** 5 GB = 4.66 GiB (a GB is 10^9 bytes, a GiB 2^30: the plan counts in GiB)"
     )
+
+
+# ---------------------------------------------------------------------------------- polish
+def test_an_engine_that_does_not_say_which_it_is() -> None:
+    """The status said "engine not reported by the engine"."""
+    from optdemo.remote.client import EngineInfo
+    from optdemo.web.tabs.endpoint_form import connected_text
+
+    silent = connected_text(EngineInfo("http://h:8000", "m", 2048, connect_seconds=0.5))
+    assert silent == (
+        "**Connected** in 0.50 s: serving endpoint http://h:8000 (m) — the engine does not say which "
+        "it is, 2048-token context. Chat and completion now come from that engine."
+    )
+    assert "— engine vLLM 0.11, " in connected_text(EngineInfo("http://h:8000", "m", 2048, "vLLM", "0.11"))
+
+
+def test_a_failed_load_names_the_model_once() -> None:
+    """The status said "Could not load X. loading X: ..." (the service names the model for the API)."""
+    from app_fixtures import ScriptedManager
+
+    from optdemo.core.errors import LoadError
+
+    class Failing(ScriptedManager):
+        def load(self, config, progress=None):  # type: ignore[no-untyped-def]
+            raise LoadError("the checkpoint is damaged: download it again")
+
+    service, tab = config_ui(Failing({}))
+    updates = list(config_tab.load_live(service, tab, form_values(tab), REQUEST))  # no gr.Error: no badge
+    assert (
+        updates[-1][tab.status] == "**Could not load tiny-opt:** the checkpoint is damaged: download it again"
+    )
+
+
+def test_a_long_load_step_still_moves_on_the_page() -> None:
+    """A one-shard quantization reported "shard 1 of 1 - 0%" for its whole run: the status line
+    counts the seconds meanwhile."""
+    import threading
+
+    from app_fixtures import ScriptedManager
+
+    release = threading.Event()
+
+    class Slow(ScriptedManager):
+        def load(self, config, progress=None):  # type: ignore[no-untyped-def]
+            progress(0.0, "Quantizing tiny-opt to 8bit (once): shard 1 of 1")
+            release.wait(10)
+            raise RuntimeError("stopped by the test")
+
+    service, tab = config_ui(Slow({}))
+    stream = config_tab.load_live(service, tab, form_values(tab), REQUEST)
+    seen = [next(stream)[tab.status] for _ in range(4)]
+    release.set()
+    assert list(stream)[-1][tab.status].startswith("**Could not load tiny-opt:** Something went wrong")
+    assert seen[0] == "**Loading tiny-opt…**"
+    assert seen[1:] == [
+        f"**Loading tiny-opt** ({seconds} s): Quantizing tiny-opt to 8bit (once): shard 1 of 1"
+        for seconds in (0, 1, 2)
+    ]

@@ -81,7 +81,9 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
             machine = gr.Markdown(hardware_summary(hardware), elem_id="od-machine", elem_classes=["od-paths"])
             with gr.Row():
                 cache_info = gr.Markdown(
-                    f"**Conversion cache:** {service.conversion_cache()}", elem_classes=["od-paths"]
+                    f"**Conversion cache:** {service.conversion_cache()}",
+                    elem_id="od-cache",
+                    elem_classes=["od-paths"],
                 )
                 clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
             sign_in = sign_in_form.layout_sign_in() if locked and service.settings.auth else None
@@ -293,14 +295,17 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
     """:func:`load`, with what is happening (download, conversion with bytes done, shards) shown
     in the status line itself, which names the model and counts the seconds: the load runs in a
     worker thread and its progress reports are streamed to the page (no progress overlay covers
-    the status), at least once a second, so a long step (a one-shard quantization) still moves."""
+    the status), at least once a second, so a long step (a one-shard quantization) still moves.
+    A failure is said there too, as the last update (never a pop-up over the page)."""
     remote = values.get(tab.endpoint.backend) == ENDPOINT
     name = str(values[tab.endpoint.url] or "the endpoint") if remote else model_label(values[tab.model])
     reports: queue.Queue[str] = queue.Queue()
     outcome: dict[str, Any] = {}
 
     def report(fraction: float | None, desc: str = "") -> None:
-        reports.put(desc if fraction is None else f"{desc} — {fraction:.0%}")
+        # No "0%" at a step's start: one shard of one stays there for its whole run (the seconds
+        # beside it say it is moving).
+        reports.put(desc if not fraction else f"{desc} — {fraction:.0%}")
 
     def work() -> None:
         try:
@@ -324,10 +329,10 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
         elapsed = f"{shown - started:.0f} s"
         yield {tab.status: f"**{doing}** ({elapsed}){': ' + text if text else '…'}"}
     worker.join()
-    if "error" in outcome:
+    if "error" in outcome:  # said in the status line, at the top of the page: no pop-up, no badge
         verb = "connect to" if remote else "load"
         yield {tab.status: f"**Could not {verb} {name}:** {without_name(outcome['error'].message, name)}"}
-        raise outcome["error"]
+        return
     yield outcome["updates"]
 
 
