@@ -8,7 +8,6 @@ tested without a browser; :func:`wire_config_tab` connects them to the component
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from optdemo.web.tabs.config_text import (
     form_values_for,
     hardware_summary,
     model_label,
+    model_names,
     offload_info,
     quantization_availability,
     status_for,
@@ -288,7 +288,8 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
     if result.status == "reused":
         message += "  \nConfiguration unchanged: nothing was reloaded."
     assert result.plan is not None
-    return {tab.status: message, tab.plan_state: service.view(result.plan), tab.loaded: time.monotonic()}
+    view = service.view(result.plan, config.offload_folder, config)  # the chat may load it again
+    return {tab.status: message, tab.plan_state: view, tab.loaded: time.monotonic()}
 
 
 def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
@@ -331,14 +332,19 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
     worker.join()
     if "error" in outcome:  # said in the status line, at the top of the page: no pop-up, no badge
         verb = "connect to" if remote else "load"
-        yield {tab.status: f"**Could not {verb} {name}:** {without_name(outcome['error'].message, name)}"}
+        names = (name,) if remote else model_names(values[tab.model])
+        yield {tab.status: f"**Could not {verb} {name}:** {without_name(outcome['error'].message, names)}"}
         return
     yield outcome["updates"]
 
 
-def without_name(message: str, name: str) -> str:
-    """``message`` without a leading "loading <name>: " (the status line names the model already)."""
-    return re.sub(rf"^loading {re.escape(name)}: ", "", message)
+def without_name(message: str, names: tuple[str, ...]) -> str:
+    """``message`` without a leading "loading <name>: " for one of the model's ``names`` (the
+    service names the model for every caller; the status line names it already)."""
+    for name in names:
+        if message.startswith(f"loading {name}: "):
+            return message.removeprefix(f"loading {name}: ")
+    return message
 
 
 @user_errors

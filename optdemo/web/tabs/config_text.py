@@ -88,6 +88,15 @@ def model_label(model: object) -> str:
     return config.model if hub_id and config.model != TINY_MODEL_ID else config.display_name
 
 
+def model_names(model: object) -> tuple[str, ...]:
+    """Every name a message may give the model in the form: the page's (:func:`model_label`) and
+    the engine's short one (``opt-1.3b`` for ``facebok/opt-1.3b``)."""
+    try:
+        return (model_label(model), LoadConfig(str(model or "")).display_name)
+    except OptdemoError:
+        return (model_label(model),)
+
+
 def offload_info(folder: str | None) -> str:
     """Markdown under the offload-folder field: where free space was measured and how much, or
     why the folder cannot be used."""
