@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from optdemo.app.machine import conversion_cache_summary
 from optdemo.core.budget import format_bytes
 from optdemo.core.errors import ConfigError, OptdemoError
 from optdemo.core.generation import GenerationParams, GenerationStats
@@ -139,8 +140,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     stale = [(path, convert.folder_bytes(path)) for path in convert.interrupted_conversions()]
     for path, size in stale:
         print(f"{format_bytes(size):>10}  interrupted conversion (a killed load's leftovers)  {path}")
-    total = sum(entry.bytes for entry in entries)
-    print(f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in {root}")
+    # The same count and size as the Configuration tab's "Conversion cache", from the same function.
+    print(conversion_cache_summary(None, code=False))
     if stale:
         left = format_bytes(sum(size for _, size in stale))
         print(

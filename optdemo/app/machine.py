@@ -1,13 +1,15 @@
 """What the app tells people about this machine: its GPUs, RAM and disk, whether quantization can
-run here, and whether an offload folder can be used. The web layer formats these; it never probes
-the system itself."""
+run here, whether an offload folder can be used, and what the conversion cache holds. The web layer
+formats these; it never probes the system itself."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+from optdemo.core.budget import format_bytes
 from optdemo.system.hardware import Hardware, existing_parent, probe_hardware, quantization_unavailable
+from optdemo.weights import convert
 
 
 def probe(folder: str | None = None) -> Hardware:
@@ -46,3 +48,26 @@ def check_offload_folder(folder: str | None) -> FolderCheck:
             return FolderCheck(path, f"{what}: pick a folder you can write to")
     info = probe_hardware(folder or None)
     return FolderCheck(path, None, info.disk_path, info.disk_free_bytes)
+
+
+def free_disk_text(folder: str | None) -> str:
+    """ "12.3 GiB free at `/data`": the free space where ``folder`` would be (the current folder
+    for an empty field), measured now. The one wording of free disk space in every view."""
+    info = probe_hardware((folder or "").strip() or None)
+    return f"{format_bytes(info.disk_free_bytes)} free at `{info.disk_path}`"
+
+
+def conversion_cache_summary(remedy: str | None = "Clear cache removes them", code: bool = True) -> str:
+    """One line on the conversion cache, read now: how many converted checkpoints, how big, where;
+    and what interrupted conversions left (``remedy`` says how to remove it; None: not said here).
+    The Configuration tab and ``python -m optdemo cache`` both print this line (``code``: the
+    folder in backticks)."""
+    entries = convert.cache_entries()
+    root = convert.converted_root()
+    where = f"`{root}`" if code else str(root)
+    line = f"{len(entries)} converted checkpoint(s), {format_bytes(sum(e.bytes for e in entries))} in {where}"
+    stale = convert.interrupted_conversions() if remedy is not None else []
+    if stale:
+        left = format_bytes(sum(convert.folder_bytes(path) for path in stale))
+        line += f"; {len(stale)} interrupted conversion(s) left {left} ({remedy})"
+    return line

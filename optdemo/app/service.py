@@ -20,6 +20,8 @@ from optdemo.app.access import AccessPolicy
 from optdemo.app.admin_sessions import AdminGrant
 from optdemo.app.admission import Admission
 from optdemo.app.backend_choice import BackendChoice
+from optdemo.app.machine import conversion_cache_summary
+from optdemo.app.prompt_room import PromptCounter
 from optdemo.app.sessions import SessionStore
 from optdemo.app.settings import AppSettings
 from optdemo.app.status import BackendStatus
@@ -54,6 +56,7 @@ class PlanView:
 
     plan: Plan
     prediction: SpeedPrediction
+    config: LoadConfig | None = None  # the configuration planned, when known (the form's)
 
     def to_dict(self) -> dict:
         """The ``/plan`` JSON: the plan's fields and a ``prediction``."""
@@ -100,6 +103,7 @@ class DemoService:
         self.admission = Admission(settings.queue_size, settings.max_batch)
         # The local model, or the serving endpoint connected in its place.
         self.backends = BackendChoice(manager, settings, self.access, self.sessions)
+        self.prompts = PromptCounter()  # the loaded model's prompt tokens, for max_new_tokens' limit
 
     @classmethod
     def for_settings(cls, settings: AppSettings, manager: ModelManager | None = None) -> DemoService:
@@ -224,11 +228,11 @@ class DemoService:
     # ---------------------------------------------------------------- plan / load
     def plan(self, config: LoadConfig) -> PlanView:
         """The plan for ``config`` (never touches weights), with its predicted speed here."""
-        return self.view(self.manager.plan(config), config.offload_folder)
+        return self.view(self.manager.plan(config), config.offload_folder, config)
 
-    def view(self, plan: Plan, offload_folder: str | None = None) -> PlanView:
-        """``plan`` with its predicted speed on this machine (RAM free now decides the page cache)."""
-        return PlanView(plan, predict_plan(plan, probe_hardware(offload_folder).ram_available_bytes))
+    def view(self, plan: Plan, folder: str | None = None, config: LoadConfig | None = None) -> PlanView:
+        """``plan`` (of ``config``) with its predicted speed here (RAM free now decides the page cache)."""
+        return PlanView(plan, predict_plan(plan, probe_hardware(folder).ram_available_bytes), config)
 
     def status(self) -> BackendStatus:
         """What is loaded now (or which endpoint serves), and whether a load or a reply is running."""
@@ -274,18 +278,9 @@ class DemoService:
         return self.manager.unload()
 
     def conversion_cache(self) -> str:
-        """One line on the .bin -> safetensors conversion cache: how many checkpoints, how big."""
-        from optdemo.weights import convert
-
-        entries = convert.cache_entries()
-        total = sum(entry.bytes for entry in entries)
-        root = convert.converted_root()
-        line = f"{len(entries)} converted checkpoint(s), {format_bytes(total)} in `{root}`"
-        stale = convert.interrupted_conversions()
-        if stale:
-            left = format_bytes(sum(convert.folder_bytes(path) for path in stale))
-            line += f"; {len(stale)} interrupted conversion(s) left {left} (Clear cache removes them)"
-        return line
+        """One line on the .bin -> safetensors conversion cache: how many checkpoints, how big
+        (the line ``python -m optdemo cache`` ends with)."""
+        return conversion_cache_summary()
 
     def clear_conversion_cache(self, admin: str | None = None) -> int:
         """Delete the converted checkpoints (admins only in public mode); returns bytes freed."""
@@ -312,12 +307,18 @@ class DemoService:
             seed = None
         return GenerationParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
 
-    def max_new_tokens_limit(self) -> int:
-        """The most max_new_tokens can be with the loaded model (its window minus a one-token
-        prompt, and the operator's cap); the operator's cap when nothing is loaded."""
-        cap = self.settings.max_new_tokens_cap
-        window = self.backend.context_window()
-        return cap if window is None else max(1, min(cap, window - 1))
+    def max_new_tokens_limit(self, message: str = "", system: str = "", completion: bool = False) -> int:
+        """The most max_new_tokens can be now: min(the operator's cap, the window minus the tokens of
+        a chat of only the ``system`` prompt and ``message`` (older turns make room), or of the prompt
+        ``message`` with ``completion``); the window minus one where they cannot be counted here (a
+        serving endpoint's tokenizer is the engine's); the operator's cap when nothing is loaded."""
+        cap, window = self.settings.max_new_tokens_cap, self.backend.context_window()
+        if window is None:
+            return cap
+        used = (
+            None if self.endpoint else self.prompts.tokens(self.manager.status(), message, system, completion)
+        )
+        return max(1, min(cap, window - (used or 1)))
 
     def context_window(self) -> int | None:
         """The model's context window (tokens), or None (nothing loaded, or not told)."""

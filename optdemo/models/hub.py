@@ -27,6 +27,9 @@ from optdemo.core.defaults import (
 )
 
 _TRUE_WORDS = ("1", "true", "yes", "on")
+# How close an id under another owner must be to one of ours to read as a typo of it: a letter
+# off in the owner (facebok/opt-1.3b), not another owner's model of the same name.
+OWNER_TYPO_CUTOFF = 0.9
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 # The remembered answer: (reason it is offline or None when reachable, monotonic time it expires).
@@ -163,8 +166,15 @@ def known_names() -> tuple[str, ...]:
 
 
 def suggestion(model: str) -> str | None:
-    """The catalog name ``model`` is probably a typo of (``opt-1.3`` -> ``opt-1.3b``), or None."""
-    short = model.strip().lower().removeprefix("facebook/").removeprefix(TINY_MODEL_ID.split("/")[0] + "/")
+    """The catalog name ``model`` is probably a typo of (``opt-1.3`` -> ``opt-1.3b``), or None;
+    a typo in the owner is answered with the whole id (``facebok/opt-1.3b`` ->
+    ``facebook/opt-1.3b``)."""
+    typed = model.strip().lower()
+    short = typed.removeprefix("facebook/").removeprefix(TINY_MODEL_ID.split("/")[0] + "/")
+    if "/" in short:  # another owner: close to one of ours, owner included?
+        ids = [TINY_MODEL_ID, *(f"facebook/{name}" for name in OPT_SIZES)]
+        matches = difflib.get_close_matches(typed, ids, n=1, cutoff=OWNER_TYPO_CUTOFF)
+        return matches[0] if matches and matches[0] != typed else None
     matches = difflib.get_close_matches(short, known_names(), n=1, cutoff=0.75)
     return matches[0] if matches and matches[0] != short else None
 

@@ -18,6 +18,10 @@ from typing import Any
 
 from optdemo.core.budget import Device, format_bytes
 
+# The plan counts out at most this many sequences ("room for over 1000"): beyond it, the number
+# says nothing a person can use.
+MAX_STATED_SEQUENCES = 1000
+
 
 @dataclass(frozen=True)
 class BatchRoom:
@@ -25,8 +29,11 @@ class BatchRoom:
 
     bytes_per_token: int  # KV bytes one token of one sequence adds (all layers, keys and values)
     context_length: int  # the model's window (tokens)
-    room_bytes: int  # memory the budget leaves for the KV cache
+    room_bytes: int  # memory the budget leaves for the KV cache (beyond_budget_bytes included)
     sequences: int  # sequences of context_length tokens that fit in room_bytes
+    # Of room_bytes, the RAM available beyond the cpu budget: it counts only when weights spill to
+    # disk, since the disk tier's page cache gives way to the KV cache.
+    beyond_budget_bytes: int = 0
 
     @property
     def bytes_per_sequence(self) -> int:
@@ -35,14 +42,36 @@ class BatchRoom:
 
     def text(self, max_batch: int | None = None) -> str:
         """One line for the plan, e.g. ``KV cache: 192 KiB per 2048-token sequence; the budget
-        leaves 3 GiB, room for 16 such sequences at once (--max-batch 8: 8 run together)``."""
+        leaves 3 GiB next to the weights, room for 2 such sequences at once (--max-batch 8: 2
+        decoded together)``. Where the room comes from is said as it is (the budget, or RAM beyond
+        it); no room for one sequence says that visitors are served one at a time, and why; a room
+        larger than the batch is not counted out."""
+        inside = self.room_bytes - self.beyond_budget_bytes
         line = (
             f"KV cache: {format_bytes(self.bytes_per_sequence)} per {self.context_length}-token "
-            f"sequence; the budget leaves {format_bytes(self.room_bytes)} next to the weights, room "
-            f"for {self.sequences} such sequence{'s' if self.sequences != 1 else ''} at once"
+            f"sequence; the budget leaves {format_bytes(inside)} next to the weights"
         )
+        if self.beyond_budget_bytes:
+            line += (
+                f", and RAM beyond the budget ({format_bytes(self.beyond_budget_bytes)} available now) "
+                "holds the cache too, since the disk tier's pages give way to it"
+            )
+        if self.sequences == 0:
+            return line + (
+                ": less than one such sequence, so visitors are served one at a time (a long "
+                "conversation may outgrow the budget); give the model more memory to serve several at once"
+            )
+        if max_batch is not None and self.sequences > max_batch:
+            line += f", room for more such sequences than the batch (--max-batch {max_batch}: "
+            line += f"{max_batch} decoded together)"
+        else:
+            count = (
+                self.sequences if self.sequences <= MAX_STATED_SEQUENCES else f"over {MAX_STATED_SEQUENCES}"
+            )
+            line += f", room for {count} such sequence{'s' if self.sequences != 1 else ''} at once"
+            if max_batch is not None:
+                line += f" (--max-batch {max_batch}: {batch_in_force(max_batch, self)} decoded together)"
         if max_batch is not None:
-            line += f" (--max-batch {max_batch}: {batch_in_force(max_batch, self)} decoded together)"
             cached = self.prompt_cache_bytes(max_batch)
             line += (
                 f"; {format_bytes(cached)} left for prompt caches (a conversation's next turn reuses them)"
@@ -110,11 +139,13 @@ def batch_room(
         home: Device = device if isinstance(device, int) else "cpu"
         share[home] = share.get(home, 0) + 1
     rooms = {device: max(0, budget.get(device, 0) - bytes_per_device.get(device, 0)) for device in share}
+    beyond = 0
     if "cpu" in rooms and bytes_per_device.get("disk", 0):
-        rooms["cpu"] += max(0, ram_available - budget.get("cpu", 0))
+        beyond = max(0, ram_available - budget.get("cpu", 0))
+        rooms["cpu"] += beyond
     per_sequence = per_token * context_length
     sequences = min(rooms[d] * layers // (per_sequence * share[d]) for d in share)
-    return BatchRoom(per_token, context_length, sum(rooms.values()), sequences)
+    return BatchRoom(per_token, context_length, sum(rooms.values()), sequences, beyond)
 
 
 def batch_in_force(max_batch: int, room: BatchRoom | None) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TextIO
 
 import anyio.to_thread
 import gradio as gr
@@ -20,10 +22,19 @@ from optdemo.web.api import REPLY_GROUP, leaving, register_api
 from optdemo.web.binding import bind
 from optdemo.web.mcp import McpGate, keep_only_mcp_tools, mcp_middleware, register_mcp_tools
 from optdemo.web.openai_routes import OpenAIServer
-from optdemo.web.tabs.chat import layout_chat_tab, refresh_model_line, wire_chat_tab
-from optdemo.web.tabs.chat_history import browser_store, restore
-from optdemo.web.tabs.config import layout_config_tab, preview, refresh_status, wire_config_tab
-from optdemo.web.tabs.devicemap import layout_devicemap_tab, wire_devicemap_tab
+from optdemo.web.tabs.chat import layout_chat_tab, wire_chat_tab
+from optdemo.web.tabs.chat_components import ChatTab, ModelLink
+from optdemo.web.tabs.chat_history import browser_store, restore, restored_outputs
+from optdemo.web.tabs.chat_model import refresh_model_line
+from optdemo.web.tabs.config import (
+    layout_config_tab,
+    page_load,
+    refresh_machine,
+    refresh_status,
+    wire_config_tab,
+)
+from optdemo.web.tabs.config_components import ConfigTab
+from optdemo.web.tabs.devicemap import DeviceMapTab, layout_devicemap_tab, wire_devicemap_tab
 from optdemo.web.tabs.sign_in import admin_controls, refresh_admin
 
 # The concurrency limit of the events that name none (demo.queue's default_concurrency_limit).
@@ -32,6 +43,12 @@ DEFAULT_CONCURRENCY = 1
 # login check every Gradio route depends on, /gradio_api/info) shares, exactly when max_threads is
 # this number; any other gives the handlers a limiter of their own.
 ANYIO_DEFAULT_THREADS = 40
+
+# What Gradio prints at start-up when the app is not shared, and what optdemo says instead.
+GRADIO_SHARE_ADVICE = "To create a public link, set `share=True` in `launch()`."
+SHARE_ADVICE = (
+    "To create a public link, start optdemo with --share (public mode: visitors chat, admins load)."
+)
 
 THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
 CSS = """
@@ -47,9 +64,18 @@ TOGGLE_THEME_JS = """() => {
   const dark = document.body.classList.toggle('dark');
   localStorage.setItem('optdemo-theme', dark ? 'dark' : 'light');
 }"""
-APPLY_THEME_JS = """() => {
+# As the page loads: apply the remembered theme; and make Enter in a number box (a slider's, as
+# the CPU RAM one) leave the box, which is what tells Gradio the value is final (the slider's
+# "release"): typing a budget and pressing Enter re-plans, as dragging the slider does.
+PAGE_JS = """() => {
   const saved = localStorage.getItem('optdemo-theme');
   if (saved) document.body.classList.toggle('dark', saved === 'dark');
+  if (window.optdemoEnterLeaves) return;
+  window.optdemoEnterLeaves = true;
+  document.addEventListener('keydown', (event) => {
+    const box = event.target;
+    if (event.key === 'Enter' && box instanceof HTMLInputElement && box.type === 'number') box.blur();
+  }, true);
 }"""
 
 
@@ -64,7 +90,7 @@ def build_app(service: DemoService) -> gr.Blocks:
             )
             theme = gr.Button("◐ Dark / light", size="sm", elem_id="od-theme", scale=0, min_width=130)
         theme.click(None, js=TOGGLE_THEME_JS, api_visibility="private", queue=False)
-        demo.load(None, js=APPLY_THEME_JS, api_visibility="private", queue=False)
+        demo.load(None, js=PAGE_JS, api_visibility="private", queue=False)
         register_api(service)  # first, so the named endpoints keep their names
         demo.unload(leaving(service))  # a closed tab ends its reply, whatever the backend is doing
         if service.settings.mcp:
@@ -76,44 +102,12 @@ def build_app(service: DemoService) -> gr.Blocks:
             with gr.Tab("Device map", id="device-map") as map_tab:
                 device_map = layout_devicemap_tab(config.plan_state)
             with gr.Tab("Chat", id="chat") as chat_tab:
-                chat = layout_chat_tab(service, store)
+                chat = layout_chat_tab(
+                    service, store, ModelLink(config.plan_state, config.loaded, config.status)
+                )
         wire_config_tab(service, config)
         wire_chat_tab(service, chat)
-        # Across tabs: the map follows the session's plan and the loaded model; the chat's model
-        # line follows loads. After a load the Configuration tab keeps the load's own message.
-        wire_devicemap_tab(
-            service, device_map, [config.plan_state.change, config.loaded.change, map_tab.select]
-        )
-        private = {"api_visibility": "private", "queue": False}
-        gr.on(
-            [demo.load, config.loaded.change, chat_tab.select],
-            bind(refresh_model_line, service, chat),
-            {chat.turns, chat.controls.max_new_tokens},
-            [chat.model_line, chat.controls.max_new_tokens],
-            **private,
-        )
-        # This browser's saved chats: the one it had open comes back after a reload. The store
-        # reaches the page from localStorage as the page mounts, as a change.
-        restored = [chat.turns, chat.chatbot, chat.context_line, *chat.saved.restored_outputs()]
-        # Opening the Chat tab tries again, should the store arrive after the page's load event.
-        gr.on(
-            [demo.load, chat.saved.store.change, chat_tab.select],
-            bind(restore, service, chat),
-            {chat.saved.store, chat.saved.chat_id, chat.chatbot},
-            restored,
-            show_progress="hidden",  # instant, and mostly a no-op: no flicker over the chat
-            **private,
-        )
-        demo.load(
-            bind(preview, service, config),
-            config.form,
-            [config.summary, config.plan_state],
-            api_visibility="private",
-        )
-        demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
-        if config.sign_in is not None:  # a reload keeps an admin signed in (the cookie says so)
-            admin = bind(refresh_admin, service, config)
-            demo.load(admin, {config.loaded}, admin_controls(config), **private)
+        wire_across_tabs(demo, service, config, device_map, chat, map_tab.select, chat_tab.select)
     # api_open=False: Gradio's direct route (/gradio_api/run/<name>) refuses the endpoints that go
     # through the queue, since it would skip the queue and its limits (it is closed on Spaces by
     # default too). gradio_client and the page join the queue, and /gradio_api/call/<name> is
@@ -128,6 +122,61 @@ def build_app(service: DemoService) -> gr.Blocks:
         api_open=False,
     )
     return demo
+
+
+def wire_across_tabs(
+    demo: gr.Blocks,
+    service: DemoService,
+    config: ConfigTab,
+    device_map: DeviceMapTab,
+    chat: ChatTab,
+    map_opened: Any,
+    chat_opened: Any,
+) -> None:
+    """What crosses tabs: the map follows the session's plan and the loaded model; the chat's model
+    line follows loads and the selected model; the page's load shows the loaded configuration in
+    the form (or plans the default one), the status line, this browser's saved chats, and an admin
+    still signed in. After a load the Configuration tab keeps the load's own message."""
+    private = {"api_visibility": "private", "queue": False}
+    wire_devicemap_tab(service, device_map, [config.plan_state.change, config.loaded.change, map_opened])
+    gr.on(
+        [demo.load, config.loaded.change, chat_opened, config.plan_state.change],
+        bind(refresh_model_line, service, chat),
+        {
+            config.plan_state,
+            chat.message,
+            chat.system_prompt,
+            chat.prompt,
+            chat.mode,
+            chat.controls.max_new_tokens,
+        },
+        [chat.model_line, chat.controls.max_new_tokens, chat.hint],
+        **private,
+    )
+    # This browser's saved chats: the one it had open comes back after a reload. The store reaches
+    # the page from localStorage as the page mounts, as a change; opening the Chat tab tries again,
+    # should the store arrive after the page's load event.
+    gr.on(
+        [demo.load, chat.saved.store.change, chat_opened],
+        bind(restore, service, chat),
+        {chat.saved.store, chat.saved.chat_id, chat.chatbot},
+        restored_outputs(chat),
+        show_progress="hidden",  # instant, and mostly a no-op: no flicker over the chat
+        **private,
+    )
+    demo.load(
+        bind(page_load, service, config),
+        config.form,
+        [*config.fields, config.summary, config.plan_state],
+        show_progress="hidden",  # the summary says "Planning…"; no spinner over every field
+        api_visibility="private",
+    )
+    demo.load(bind(refresh_status, service, config), {config.loaded}, config.status, **private)
+    machine = [config.offload_info, config.machine, config.cache_info]
+    demo.load(bind(refresh_machine, service, config), {config.offload}, machine, **private)
+    if config.sign_in is not None:  # a reload keeps an admin signed in (the cookie says so)
+        admin = bind(refresh_admin, service, config)
+        demo.load(admin, {config.loaded}, admin_controls(config), **private)
 
 
 def worker_threads(demo: gr.Blocks, replies: int) -> int:
@@ -187,7 +236,32 @@ def launch(demo: gr.Blocks, service: DemoService, **overrides: object) -> tuple:
         "footer_links": ["api", "gradio"],
     }
     options.update(overrides)
-    return demo.launch(**options)
+    # Gradio prints its start-up lines (local URL, how to get a public link) during launch; the
+    # server then runs in its own threads, and this thread waits as Gradio's own launch would.
+    block = not options.get("prevent_thread_lock", False)
+    options["prevent_thread_lock"] = True
+    with contextlib.redirect_stdout(OptdemoWords(sys.stdout)):
+        started = demo.launch(**options)
+    if block:
+        demo.block_thread()
+    return started
+
+
+class OptdemoWords(io.TextIOBase):
+    """Gradio's start-up lines as they are, but its advice for a public link, which names its own
+    API (``share=True`` in ``launch()``): here the flag is ``--share``."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, text: str) -> int:
+        """Write ``text`` on, with Gradio's share advice replaced by optdemo's."""
+        self.out.write(text.replace(GRADIO_SHARE_ADVICE, SHARE_ADVICE))
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush the stream written to."""
+        self.out.flush()
 
 
 def server_lifespan(demo: gr.Blocks, threads: int) -> Callable[[Any], AbstractAsyncContextManager[None]]:

@@ -39,17 +39,33 @@ def landed_on(block: Block, actual: dict[str, Device] | None) -> Device | None:
     return device_of(block.name, actual)
 
 
+# Short names for the blocks that are not numbered layers (the tooltip has the full name).
+_SHORT_NAMES = {
+    "embed_tokens": "tok",
+    "embed_positions": "pos",
+    "final_layer_norm": "norm",
+    "lm_head": "head",
+    "project_in": "in",  # opt-350m projects between its 512 embedding and 1024 hidden sizes
+    "project_out": "out",
+}
+
+
 def _short_label(name: str, kind: str) -> str:
+    """The text on a block: a layer's number, a short name, or the module's own name in full
+    (the block widens to hold it: a label is never cut)."""
     match = _LAYER_INDEX.search(name)
     if kind == "layer" and match:
         return match.group(1)
     leaf = name.rsplit(".", 1)[-1]
-    return {
-        "embed_tokens": "tok",
-        "embed_positions": "pos",
-        "final_layer_norm": "norm",
-        "lm_head": "head",
-    }.get(leaf, leaf[:5])
+    return _SHORT_NAMES.get(leaf, leaf)
+
+
+def weights_format(plan: Plan) -> str:
+    """How the plan's weights are stored: ``bfloat16``, or with optdemo's CPU quantization
+    ``8-bit decoder weights, bfloat16 elsewhere`` (the sizes are the quantized ones)."""
+    if plan.quantization == "none":
+        return plan.dtype
+    return f"{plan.quantization.replace('bit', '-bit')} decoder weights, {plan.dtype} elsewhere"
 
 
 def render_device_map(
@@ -82,7 +98,8 @@ def render_device_map(
             f'<div class="od-block" data-device="{html.escape(device_label(shown))}" '
             f'data-module="{html.escape(block.name)}" title="{html.escape(tooltip)}" '
             f'aria-label="{html.escape(tooltip)}" role="img" '
-            f'style="background:{device_color(shown)};color:white;width:{width}px;height:38px;'
+            f'style="background:{device_color(shown)};color:white;min-width:{width}px;height:38px;'
+            "padding:0 6px;box-sizing:border-box;white-space:nowrap;"
             "border-radius:6px;display:flex;align-items:center;justify-content:center;"
             f'font:600 12px/1.1 system-ui,sans-serif;{border}">{html.escape(_short_label(block.name, block.kind))}'
             "</div>"
@@ -119,7 +136,10 @@ def render_legend(plan: Plan, landed: dict[Device, int] | None = None) -> str:
             f"<span>{format_bytes(used)}{of}</span></div>"
         )
     rows += [_tied_row(block) for block in plan.blocks if block.device is None and block.tied_to]
-    total = f'<div style="font:13px system-ui,sans-serif;margin-top:6px">Total {format_bytes(plan.total_bytes)} in {plan.dtype}</div>'
+    total = (
+        '<div style="font:13px system-ui,sans-serif;margin-top:6px">'
+        f"Total {format_bytes(plan.total_bytes)}: {html.escape(weights_format(plan))}</div>"
+    )
     return '<div class="od-legend">' + "".join(rows) + total + "</div>"
 
 
@@ -157,11 +177,10 @@ def plan_summary(plan: Plan, prediction: SpeedPrediction | None = None, max_batc
         f"**{device_label(device)}** {format_bytes(size)}" for device, size in plan.bytes_per_device.items()
     )
     verdict = "fits" if plan.fits else "**does not fit** as configured"
-    kind = plan.dtype
-    if plan.quantization != "none":  # optdemo's CPU quantization: the sizes are the quantized ones
-        kind = f"{plan.quantization.replace('bit', '-bit')} decoder weights, {plan.dtype} elsewhere"
+    if plan.fits and plan.batch is not None and plan.batch.sequences == 0:
+        verdict = "fits, serving one reply at a time (see the KV cache below)"
     lines = [
-        f"**{plan.display_name}** ({format_bytes(plan.total_bytes)}, {kind}): {verdict}",
+        f"**{plan.display_name}** ({format_bytes(plan.total_bytes)}, {weights_format(plan)}): {verdict}",
         "",
         placement,
     ]

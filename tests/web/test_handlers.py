@@ -19,11 +19,13 @@ from app_fixtures import ScriptedManager, config_ui, form_values
 from optdemo.app.service import DemoService, PlanNotice, PlanView
 from optdemo.app.settings import AppSettings
 from optdemo.core.chat_prompt import PLAIN_FORMAT, TEMPLATE_FORMAT
+from optdemo.core.errors import GenerationError
 from optdemo.core.load_config import LoadConfig
 from optdemo.runtime.manager import ModelManager
 from optdemo.web.api import ADMIN_COOKIE, admin_of, session_of
 from optdemo.web.render import to_messages
 from optdemo.web.tabs import chat as chat_tab
+from optdemo.web.tabs import chat_model
 from optdemo.web.tabs import config as config_tab
 from optdemo.web.tabs import devicemap as devicemap_tab
 from optdemo.web.tabs import sign_in as sign_in_tab
@@ -77,16 +79,25 @@ def test_respond_streams_the_reply_then_keeps_the_turn() -> None:
     assert updates[-1][tab.context_line] == "Context: 3 + 3 of 512 tokens (prompt + reply)"
 
 
+def not_sent(text: str) -> dict:
+    """The note a failed reply leaves after the conversation (never kept in it)."""
+    return {"role": "assistant", "content": f"**Not sent:** {text}"}
+
+
 def test_a_failed_reply_restores_the_chat_and_the_message() -> None:
+    """Issue #24: what went wrong is said in the conversation itself (no gr.Error: Gradio would
+    cover the conversation and the box with "Error" badges), and the message is back in the box."""
     service, tab = chat_ui({})  # no reply: fails as with no model loaded
     earlier = [turn("Hi", "Hello")]
-    stream = chat_tab.respond(service, tab, chat_values(tab, "Still there?", earlier), REQUEST)
-    updates = []
-    with pytest.raises(gr.Error) as info:
-        updates.extend(stream)
-    assert info.value.message == "no model is loaded: load one first (in the Configuration tab)"
+    updates = list(chat_tab.respond(service, tab, chat_values(tab, "Still there?", earlier), REQUEST))
     assert updates[-1] == {
-        tab.chatbot: to_messages(earlier),
+        tab.chatbot: [
+            *to_messages(earlier),
+            not_sent(
+                "no model is loaded: load one first (in the Configuration tab). Your message is back "
+                "in the box."
+            ),
+        ],
         tab.turns: earlier,
         tab.message: "Still there?",
         tab.notice: "",
@@ -96,27 +107,35 @@ def test_a_failed_reply_restores_the_chat_and_the_message() -> None:
 def test_bad_parameters_restore_the_chat() -> None:
     service, tab = chat_ui({"Hi": [["Hello"]]}, max_new_tokens_cap=32)
     values = chat_values(tab, "Hi", max_new_tokens=100)
-    updates = []
-    with pytest.raises(gr.Error) as info:
-        updates.extend(chat_tab.respond(service, tab, values, REQUEST))
-    assert info.value.message == (
-        "max_new_tokens is at most 32 here: the model's 512-token window minus this prompt's 1 "
-        "tokens, and the operator's cap 32; you asked for 100"
-    )
-    assert updates[-1] == {tab.chatbot: [], tab.turns: [], tab.message: "Hi", tab.notice: ""}
+    updates = list(chat_tab.respond(service, tab, values, REQUEST))
+    assert updates[-1] == {
+        tab.chatbot: [
+            not_sent(
+                "max_new_tokens is at most 32 here: the model's 512-token window minus this prompt's 1 "
+                "tokens, and the operator's cap 32; you asked for 100. Your message is back in the box."
+            )
+        ],
+        tab.turns: [],
+        tab.message: "Hi",
+        tab.notice: "",
+    }
 
 
 def test_the_slider_follows_the_loaded_models_window() -> None:
-    """The max_new_tokens slider's maximum is min(cap, window - 1): below tiny-opt's 512 window."""
+    """The max_new_tokens slider's maximum is min(cap, window - the prompt's tokens): a scripted
+    model's prompt cannot be counted here, so one token is kept for it (511 for a 512 window)."""
     service, tab = chat_ui({})
     assert tab.controls.max_new_tokens.maximum == 512  # the operator's cap, before any model
-    updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 512}, REQUEST)
+    updates = chat_model.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 512}, REQUEST)
     slider = updates[tab.controls.max_new_tokens]
     assert slider["maximum"] == 511 and slider["value"] == 511
-    assert slider["info"] == "at most min(512, the model's 512-token window minus the prompt)"
+    assert slider["info"] == (
+        "at most 511 here: min(512, the model's 512-token window minus the prompt); older turns are "
+        "left out to make room"
+    )
     assert f"Chat format: {PLAIN_FORMAT}" in updates[tab.model_line]
     service, tab = chat_ui({}, max_new_tokens_cap=128)
-    updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 64}, REQUEST)
+    updates = chat_model.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 64}, REQUEST)
     assert updates[tab.controls.max_new_tokens]["maximum"] == 128
     assert updates[tab.controls.max_new_tokens]["value"] == 64
 
@@ -124,7 +143,8 @@ def test_the_slider_follows_the_loaded_models_window() -> None:
 @pytest.mark.slow
 def test_the_chat_tab_shows_the_format_and_the_real_window(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A model saved with a chat template is chatted with through it, and the tab says so; the
-    same model without one keeps the plain transcript. The slider stops below the 512 window."""
+    same model without one keeps the plain transcript. The slider stops where the prompt leaves
+    off: the 512 window minus the format's own tokens (issue #24: never a maximum refused)."""
     import shutil
 
     templated = tmp_path / "tiny-chat"
@@ -138,9 +158,20 @@ def test_the_chat_tab_shows_the_format_and_the_real_window(tiny_model_dir: Path,
     try:
         for path, expected in ((templated, TEMPLATE_FORMAT), (tiny_model_dir, PLAIN_FORMAT)):
             service.manager.load(LoadConfig(str(path)))
-            updates = chat_tab.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 512}, REQUEST)
+            updates = chat_model.refresh_model_line(service, tab, {tab.controls.max_new_tokens: 512}, REQUEST)
             assert f"Chat format: {expected}" in updates[tab.model_line]
-            assert updates[tab.controls.max_new_tokens]["maximum"] == 511
+            assert updates[tab.controls.max_new_tokens]["maximum"] < 511  # the format's own tokens
+            # With a message typed, the maximum is exactly what a chat accepts: one more is refused.
+            message = "What is the capital of France?"
+            values = {tab.controls.max_new_tokens: 512, tab.message: message}
+            maximum = chat_model.refresh_model_line(service, tab, values, REQUEST)[
+                tab.controls.max_new_tokens
+            ]
+            *_, last = service.chat("s", [], message, service.params(maximum["maximum"], 0.0))
+            assert last.stats is not None and 0 < last.stats.new_tokens <= maximum["maximum"]
+            assert last.stats.prompt_tokens + maximum["maximum"] == 512
+            with pytest.raises(GenerationError, match=f"max_new_tokens is at most {maximum['maximum']} here"):
+                list(service.chat("s", [], message, service.params(maximum["maximum"] + 1, 0.0)))
     finally:
         service.manager.unload()
 
@@ -156,14 +187,15 @@ def test_system_prompt_and_stop_sequences_reach_the_service() -> None:
 def test_history_cap_refuses_and_keeps_the_conversation() -> None:
     service, tab = chat_ui({"Third": [["never"]]}, max_history_turns=2)
     full = [turn("One", "1"), turn("Two", "2")]
-    updates = []
-    with pytest.raises(gr.Error) as info:
-        updates.extend(chat_tab.respond(service, tab, chat_values(tab, "Third", full), REQUEST))
-    assert info.value.message == (
-        "this conversation has reached the limit of 2 turns here: clear it (or undo a turn) to go on"
-    )
+    updates = list(chat_tab.respond(service, tab, chat_values(tab, "Third", full), REQUEST))
     assert updates[-1] == {
-        tab.chatbot: to_messages(full),
+        tab.chatbot: [
+            *to_messages(full),
+            not_sent(
+                "this conversation has reached the limit of 2 turns here: clear it (or undo a turn) to go "
+                "on. Your message is back in the box."
+            ),
+        ],
         tab.turns: full,
         tab.message: "Third",
         tab.notice: "",
@@ -192,30 +224,39 @@ def test_retry_replaces_the_last_reply() -> None:
 def test_a_failed_retry_keeps_the_last_turn() -> None:
     service, tab = chat_ui({})
     history = [turn("Hi", "Hello")]
-    updates = []
-    with pytest.raises(gr.Error, match="no model is loaded"):
-        updates.extend(chat_tab.retry(service, tab, chat_values(tab, "", history), REQUEST))
-    assert updates[-1] == {tab.chatbot: to_messages(history), tab.turns: history, tab.notice: ""}
+    updates = list(chat_tab.retry(service, tab, chat_values(tab, "", history), REQUEST))
+    assert updates[-1] == {
+        tab.chatbot: [
+            *to_messages(history),
+            not_sent("no model is loaded: load one first (in the Configuration tab)."),
+        ],
+        tab.turns: history,
+        tab.notice: "",
+    }
 
 
 def test_retry_with_nothing_to_retry() -> None:
     service, tab = chat_ui({})
-    with pytest.raises(gr.Error, match="Nothing to retry yet"):
-        list(chat_tab.retry(service, tab, chat_values(tab), REQUEST))
+    assert list(chat_tab.retry(service, tab, chat_values(tab), REQUEST)) == [
+        {tab.notice: "Nothing to retry yet: send a message first."}
+    ]
 
 
 def test_undo_puts_the_last_message_back_and_clear_forgets() -> None:
     service, tab = chat_ui({})
     history = [turn("Hi", "Hello"), turn("Capital?", "Paris")]
+    # The context line described the undone reply: it is cleared (issue #24).
     assert chat_tab.undo(service, tab, {tab.turns: history}, REQUEST) == {
         tab.chatbot: to_messages(history[:1]),
         tab.turns: history[:1],
         tab.message: "Capital?",
+        tab.context_line: "",
     }
     assert chat_tab.undo(service, tab, {tab.turns: []}, REQUEST) == {
         tab.chatbot: [],
         tab.turns: [],
         tab.message: "",
+        tab.context_line: "",
     }
     assert chat_tab.clear(service, tab, {tab.turns: history}, REQUEST) == {
         tab.chatbot: [],
@@ -247,16 +288,17 @@ def test_complete_streams_the_continuation_and_its_stats() -> None:
     updates = list(chat_tab.complete(service, tab, values, REQUEST))
     assert updates == [
         {tab.completion: " there", tab.completion_stats: ""},
-        {tab.completion: " there was", tab.completion_stats: updates[-1][tab.completion_stats]},
+        {tab.completion: " there was", tab.completion_stats: updates[1][tab.completion_stats]},
+        {tab.serving_line: ""},  # issue #24: "Writing 1 reply" never stays after it
     ]
-    assert updates[-1][tab.completion_stats].startswith("2 tokens")
+    assert updates[1][tab.completion_stats].startswith("2 tokens")
 
 
 def test_mode_switch_and_model_line() -> None:
     service, tab = chat_ui({})
     shown = chat_tab.switch_mode(service, tab, {tab.mode: "Completion"}, REQUEST)
     assert shown[tab.chat_box]["visible"] is False and shown[tab.completion_box]["visible"] is True
-    line = chat_tab.refresh_model_line(service, tab, {}, REQUEST)
+    line = chat_model.refresh_model_line(service, tab, {}, REQUEST)
     assert line[tab.model_line] == (
         "No model loaded yet. Choose one, check the plan, then **Load model**.  \n"
         f"Chat format: {PLAIN_FORMAT}"

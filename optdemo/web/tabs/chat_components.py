@@ -66,6 +66,22 @@ class ChatTab:
     turns: gr.State  # this session's conversation: a list of Turn
     serving_line: gr.Markdown  # how many replies the model is writing together, and how many wait
     serving_timer: gr.Timer  # refreshes serving_line
+    hint: gr.Markdown | None = None  # what the built-in tiny model can answer (shown while it is in use)
+    link: ModelLink | None = None  # the Configuration tab's parts the chat follows (None: a chat alone)
+
+    def link_outputs(self) -> list:
+        """The Configuration tab's components a reply may update (after loading the selected model)."""
+        return [] if self.link is None else [self.link.loaded, self.link.status]
+
+
+@dataclass
+class ModelLink:
+    """The Configuration tab's parts the Chat tab reads and updates: with no model loaded, the
+    first message loads the model selected there (when it works offline and this visitor may load)."""
+
+    plan_state: gr.State  # the session's PlanView (or PlanNotice): the selected configuration
+    loaded: gr.State  # bumped after a load, so the other tabs refresh
+    status: gr.Markdown  # the Configuration tab's status line
 
 
 @dataclass
@@ -85,9 +101,3 @@ class SavedChats:
     pasted: gr.Textbox
     import_btn: gr.Button
     message: gr.Markdown
-
-    def restored_outputs(self) -> list:
-        """What :func:`restore` updates besides the conversation itself (never the store: writing
-        it would fire its change event again), with the message saying what a store over the size
-        limit left out."""
-        return [self.chat_id, self.picker, self.title, self.message]

@@ -9,14 +9,15 @@ current conversation of the Chat tab (its ``turns``), so they take the whole
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from optdemo.app import chats
 from optdemo.app.service import DemoService
-from optdemo.web.binding import Updates
-from optdemo.web.errors import user_errors
+from optdemo.web.binding import Updates, bind
 from optdemo.web.render import to_messages
 from optdemo.web.tabs.chat_components import ChatTab, SavedChats
 
@@ -87,6 +88,91 @@ def _show(tab: ChatTab, store: chats.Store, chat: chats.Chat | None) -> Updates:
     }
 
 
+def _unchanged(outputs: list, message: str | None = None) -> Updates:
+    """Every one of ``outputs`` left as it is, but the last (the panel's message, by convention)
+    set to ``message`` unless it is None."""
+    updates: Updates = {output: gr.skip() for output in outputs}
+    if message is not None:
+        updates[outputs[-1]] = message
+    return updates
+
+
+def _switching(tab: ChatTab) -> list:
+    """What new / open / delete update: the conversation on screen, the panel, its message last."""
+    saved = tab.saved
+    return [
+        tab.turns,
+        tab.chatbot,
+        tab.context_line,
+        saved.chat_id,
+        saved.picker,
+        saved.title,
+        saved.store,
+        saved.message,
+    ]
+
+
+def _storing(tab: ChatTab, *more: Any) -> list:
+    """What rename and import update: the store and the picker, ``more``, the message last."""
+    return [tab.saved.store, tab.saved.picker, *more, tab.saved.message]
+
+
+# ---------------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class SavedChatEvent:
+    """One saved-chats handler as wired: what triggers it, what it reads, and the outputs it
+    declares, every one of which it returns (Gradio refuses a callback that returns fewer, and
+    replaces the outputs with an "Error" badge)."""
+
+    handler: Callable[..., Updates]
+    trigger: Any  # the component event, e.g. ``saved.new.click``
+    inputs: set
+    outputs: list
+
+
+def saved_chat_events(tab: ChatTab) -> list[SavedChatEvent]:
+    """The saved-chats panel's events: new / open / rename / delete, export and import."""
+    saved = tab.saved
+    store_in = {saved.store, saved.chat_id}
+    exported = [saved.exported, saved.message]
+    return [
+        SavedChatEvent(new_chat, saved.new.click, store_in, _switching(tab)),
+        SavedChatEvent(open_chat, saved.picker.input, {*store_in, saved.picker}, _switching(tab)),
+        SavedChatEvent(rename_chat, saved.rename.click, {*store_in, saved.title}, _storing(tab)),
+        SavedChatEvent(delete_chat, saved.delete.click, store_in, _switching(tab)),
+        SavedChatEvent(export_json, saved.export_json.click, store_in, exported),
+        SavedChatEvent(export_markdown, saved.export_markdown.click, store_in, exported),
+        SavedChatEvent(
+            import_chats, saved.import_btn.click, {*store_in, saved.pasted}, _storing(tab, saved.pasted)
+        ),
+    ]
+
+
+def restored_outputs(tab: ChatTab) -> list:
+    """What :func:`restore` updates, the panel's message last (never the store: writing it would
+    fire its change event again)."""
+    saved = tab.saved
+    return [tab.turns, tab.chatbot, tab.context_line, saved.chat_id, saved.picker, saved.title, saved.message]
+
+
+def saved_outputs(tab: ChatTab) -> list:
+    """What :func:`save_current` updates after each change to the conversation."""
+    saved = tab.saved
+    return [saved.store, saved.chat_id, saved.picker, saved.title]
+
+
+def wire_saved_chats(service: DemoService, tab: ChatTab) -> None:
+    """Connect the saved-chats panel's events (:func:`saved_chat_events`) to their handlers."""
+    for event in saved_chat_events(tab):
+        event.trigger(
+            bind(event.handler, service, tab),
+            event.inputs,
+            event.outputs,
+            api_visibility="private",
+            queue=False,
+        )
+
+
 # ---------------------------------------------------------------------------------- handlers
 def restore(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
     """When the browser's store arrives (page load), changes, or the Chat tab opens: list its
@@ -95,10 +181,11 @@ def restore(service: DemoService, tab: ChatTab, values: dict, request: Any) -> U
     cut to its newest chats first (:func:`~optdemo.app.chats.bounded`), and the message says so."""
     store, left_out = chats.bounded(values[tab.saved.store])
     blank = values[tab.saved.chat_id] is None and not values[tab.chatbot]
+    updates = _unchanged(restored_outputs(tab))  # the message too, unless a store was cut
     if not blank or store["current"] is None:
-        updates = {tab.saved.picker: _picker(store, values[tab.saved.chat_id])}
+        updates[tab.saved.picker] = _picker(store, values[tab.saved.chat_id])
     else:
-        updates = _show(tab, store, chats.find(store, store["current"]))
+        updates.update(_show(tab, store, chats.find(store, store["current"])))
     if left_out:
         updates[tab.saved.message] = (
             f"{left_out} older saved chat{' was' if left_out == 1 else 's were'} left out: this "
@@ -132,51 +219,78 @@ def new_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> 
 
 
 def open_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
-    """Show the chat picked in the list."""
+    """Show the chat picked in the list (a chat no longer there, or the one on screen: nothing
+    changes, and the message says so for the first)."""
     store = chats.normalized(values[tab.saved.store])
     chat = chats.find(store, values[tab.saved.picker])
+    if chat is None and values[tab.saved.picker]:
+        return _unchanged(_switching(tab), "That chat is no longer saved in this browser: pick another.")
     if chat is None or chat["id"] == values[tab.saved.chat_id]:
-        return {}
+        return _unchanged(_switching(tab))  # the one on screen, or none picked: nothing to do
     store = {**store, "current": chat["id"]}
     return {**_show(tab, store, chat), tab.saved.store: store, tab.saved.message: ""}
 
 
-@user_errors
 def rename_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
-    """Give the current chat the name typed in the name field."""
+    """Give the current chat the name typed in the name field; what prevents it is said in the
+    panel's message."""
     saved = tab.saved
+    outputs = _storing(tab)
     store = chats.normalized(values[saved.store])
     chat_id = values[saved.chat_id]
     if chats.find(store, chat_id) is None:
-        raise gr.Error("Nothing to rename yet: send a message first, or pick a saved chat.")
-    store = chats.rename(store, chat_id, values[saved.title])
+        return _unchanged(outputs, "Nothing to rename yet: send a message first, or pick a saved chat.")
+    try:
+        store = chats.rename(store, chat_id, values[saved.title])
+    except chats.ChatStoreError as exc:
+        return _unchanged(outputs, f"Not renamed: {exc}.")
     return {saved.store: store, saved.picker: _picker(store, chat_id), saved.message: "Renamed."}
 
 
 def delete_chat(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
     """Forget the current chat (in this browser) and start an empty one."""
-    store = chats.delete(chats.normalized(values[tab.saved.store]), values[tab.saved.chat_id])
-    return {**_show(tab, store, None), tab.saved.store: store, tab.saved.message: "Deleted."}
+    store = chats.normalized(values[tab.saved.store])
+    gone = chats.find(store, values[tab.saved.chat_id]) is not None
+    store = chats.delete(store, values[tab.saved.chat_id])
+    message = "Deleted." if gone else "Nothing to delete: this chat was not saved."
+    return {**_show(tab, store, None), tab.saved.store: store, tab.saved.message: message}
 
 
 def export_json(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
     """Every saved chat as JSON (import it back here or in another browser)."""
     store = chats.normalized(values[tab.saved.store])
-    return {tab.saved.exported: gr.update(value=chats.to_json(store["chats"]), language="json")}
+    return {
+        tab.saved.exported: gr.update(value=chats.to_json(store["chats"]), language="json"),
+        tab.saved.message: _exported(store),
+    }
 
 
 def export_markdown(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
     """Every saved chat as Markdown, to read or to import back."""
     store = chats.normalized(values[tab.saved.store])
-    return {tab.saved.exported: gr.update(value=chats.to_markdown(store["chats"]), language="markdown")}
+    return {
+        tab.saved.exported: gr.update(value=chats.to_markdown(store["chats"]), language="markdown"),
+        tab.saved.message: _exported(store),
+    }
 
 
-@user_errors
+def _exported(store: chats.Store) -> str:
+    count = len(store["chats"])
+    if not count:
+        return "No saved chats to export yet: the export is empty."
+    return f"Exported {count} chat{'s' if count != 1 else ''}: copy or download it below."
+
+
 def import_chats(service: DemoService, tab: ChatTab, values: dict, request: Any) -> Updates:
-    """Add the chats of a pasted export (JSON or Markdown) to this browser's list."""
+    """Add the chats of a pasted export (JSON or Markdown) to this browser's list; what prevents
+    it is said in the panel's message, and the pasted text stays to be fixed."""
     saved = tab.saved
-    imported = chats.parse_export(values[saved.pasted])
-    store = chats.add_imported(chats.normalized(values[saved.store]), imported)
+    outputs = _storing(tab, saved.pasted)
+    try:
+        imported = chats.parse_export(values[saved.pasted])
+        store = chats.add_imported(chats.normalized(values[saved.store]), imported)
+    except chats.ChatStoreError as exc:
+        return _unchanged(outputs, f"Not imported: {exc}.")
     count = f"{len(imported)} chat{'s' if len(imported) != 1 else ''}"
     return {
         saved.store: store,

@@ -29,15 +29,18 @@ from optdemo.web.errors import to_gradio_error, user_errors
 from optdemo.web.render import describe_placement, plan_summary
 from optdemo.web.tabs.config_components import DRAFT_MODEL, ENDPOINT, ConfigTab
 from optdemo.web.tabs.config_text import (
+    GIB,
     budget_spec,
+    budget_units_note,
+    form_values_for,
     hardware_summary,
     model_label,
+    model_names,
     offload_info,
     quantization_availability,
     status_for,
 )
 
-GIB = 2**30
 MAX_GPU_SLIDERS = 8  # more GPUs than this are budgeted through the advanced field
 PROGRESS_POLL_SECONDS = 0.1  # how often a load's progress reports are passed to the page
 # Load clicks reach the manager at once rather than wait in Gradio's queue behind the load running
@@ -69,15 +72,18 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
                 plan_btn = gr.Button("Plan", variant="secondary", visible=not remote)
                 load_btn = gr.Button(load_label, variant="primary", interactive=not locked)
                 unload_btn = gr.Button(unload_label, variant="stop", interactive=not locked)
-            status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])
         with gr.Column(scale=2):
+            # At the top, beside the form: a load's progress shows without scrolling on a laptop.
+            status = gr.Markdown(status_for(service, None), elem_id="od-status", elem_classes=["od-paths"])
             gr.Markdown("### Plan")
             summary = gr.Markdown("Planning…", elem_id="od-plan-summary")
             gr.Markdown("### This machine")
-            gr.Markdown(hardware_summary(hardware), elem_classes=["od-paths"])
+            machine = gr.Markdown(hardware_summary(hardware), elem_id="od-machine", elem_classes=["od-paths"])
             with gr.Row():
                 cache_info = gr.Markdown(
-                    f"**Conversion cache:** {service.conversion_cache()}", elem_classes=["od-paths"]
+                    f"**Conversion cache:** {service.conversion_cache()}",
+                    elem_id="od-cache",
+                    elem_classes=["od-paths"],
                 )
                 clear_cache_btn = gr.Button("Clear cache", size="sm", scale=0, interactive=not locked)
             sign_in = sign_in_form.layout_sign_in() if locked and service.settings.auth else None
@@ -90,6 +96,7 @@ def layout_config_tab(service: DemoService) -> ConfigTab:
         summary=summary,
         cache_info=cache_info,
         clear_cache_btn=clear_cache_btn,
+        machine=machine,
         sign_in=sign_in,
         plan_state=gr.State(None),
         loaded=gr.State(0),
@@ -108,7 +115,9 @@ def _form(service: DemoService, initial: LoadConfig, hardware: Hardware) -> dict
         value=initial.model,
         label="Model",
         info="An OPT size, the built-in tiny model, a Hugging Face repo id, or a local folder.",
-        allow_custom_value=not locked,
+        # Typed names are accepted even in public mode: the plan then says whether this
+        # deployment offers the model (the box never keeps a refused name without a word).
+        allow_custom_value=True,
         interactive=True,
     )
     with gr.Row():
@@ -260,7 +269,21 @@ def preview(service: DemoService, tab: ConfigTab, values: dict, request: Any) ->
         message = f"**Cannot plan {name}:** {to_gradio_error(exc).message}"
         return {tab.summary: message, tab.plan_state: PlanNotice(name, message)}
     summary = plan_summary(view.plan, view.prediction, service.settings.max_batch)
-    return {tab.summary: summary, tab.plan_state: view}
+    note = budget_units_note(values[tab.advanced] or "")
+    return {tab.summary: f"{summary}\n\n{note}" if note else summary, tab.plan_state: view}
+
+
+def page_load(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """As a page opens: the form shows the configuration of the model loaded here, with its plan,
+    so a reload or a second visitor sees what is loaded rather than the defaults (and the Device
+    map shows no preview of another configuration); with nothing loaded here, the form's plan."""
+    status = service.status()
+    if status.endpoint is not None or status.config is None or status.plan is None:
+        return {**{field: gr.skip() for field in tab.fields}, **preview(service, tab, values, request)}
+    config = status.config
+    view = service.view(status.plan, config.offload_folder, config)
+    summary = plan_summary(view.plan, view.prediction, service.settings.max_batch)
+    return {**form_values_for(tab, config), tab.summary: summary, tab.plan_state: view}
 
 
 def plan_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
@@ -294,20 +317,25 @@ def load(service: DemoService, tab: ConfigTab, values: dict, request: Any, progr
     if result.status == "reused":
         message += "  \nConfiguration unchanged: nothing was reloaded."
     assert result.plan is not None
-    return {tab.status: message, tab.plan_state: service.view(result.plan), tab.loaded: time.monotonic()}
+    view = service.view(result.plan, config.offload_folder, config)  # the chat may load it again
+    return {tab.status: message, tab.plan_state: view, tab.loaded: time.monotonic()}
 
 
 def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Iterator[Updates]:
     """:func:`load`, with what is happening (download, conversion with bytes done, shards) shown
-    in the status line itself, which names the model: the load runs in a worker thread and its
-    progress reports are streamed to the page (no progress overlay covers the status)."""
+    in the status line itself, which names the model and counts the seconds: the load runs in a
+    worker thread and its progress reports are streamed to the page (no progress overlay covers
+    the status), at least once a second, so a long step (a one-shard quantization) still moves.
+    A failure is said there too, as the last update (never a pop-up over the page)."""
     remote = values.get(tab.endpoint.backend) == ENDPOINT
     name = str(values[tab.endpoint.url] or "the endpoint") if remote else model_label(values[tab.model])
     reports: queue.Queue[str] = queue.Queue()
     outcome: dict[str, Any] = {}
 
     def report(fraction: float | None, desc: str = "") -> None:
-        reports.put(desc if fraction is None else f"{desc} — {fraction:.0%}")
+        # No "0%" at a step's start: one shard of one stays there for its whole run (the seconds
+        # beside it say it is moving).
+        reports.put(desc if not fraction else f"{desc} — {fraction:.0%}")
 
     def work() -> None:
         try:
@@ -316,20 +344,36 @@ def load_live(service: DemoService, tab: ConfigTab, values: dict, request: Any) 
             outcome["error"] = exc
 
     worker = threading.Thread(target=work, name="optdemo-load", daemon=True)
+    started = time.monotonic()
     worker.start()
-    yield {tab.status: f"**{'Connecting to' if remote else 'Loading'} {name}…**"}
+    doing = f"{'Connecting to' if remote else 'Loading'} {name}"
+    yield {tab.status: f"**{doing}…**"}
+    text, shown = "", 0.0
     while worker.is_alive() or not reports.empty():
         try:
             text = reports.get(timeout=PROGRESS_POLL_SECONDS)
         except queue.Empty:
-            continue
-        yield {tab.status: f"**Loading {name}:** {text}"}
+            if time.monotonic() - shown < 1:
+                continue
+        shown = time.monotonic()
+        elapsed = f"{shown - started:.0f} s"
+        yield {tab.status: f"**{doing}** ({elapsed}){': ' + text if text else '…'}"}
     worker.join()
-    if "error" in outcome:
+    if "error" in outcome:  # said in the status line, at the top of the page: no pop-up, no badge
         verb = "connect to" if remote else "load"
-        yield {tab.status: f"**Could not {verb} {name}.** {outcome['error'].message}"}
-        raise outcome["error"]
+        names = (name,) if remote else model_names(values[tab.model])
+        yield {tab.status: f"**Could not {verb} {name}:** {without_name(outcome['error'].message, names)}"}
+        return
     yield outcome["updates"]
+
+
+def without_name(message: str, names: tuple[str, ...]) -> str:
+    """``message`` without a leading "loading <name>: " for one of the model's ``names`` (the
+    service names the model for every caller; the status line names it already)."""
+    for name in names:
+        if message.startswith(f"loading {name}: "):
+            return message.removeprefix(f"loading {name}: ")
+    return message
 
 
 @user_errors
@@ -352,8 +396,19 @@ def clear_cache(service: DemoService, tab: ConfigTab, values: dict, request: Any
 
 def free_space(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
     """The free space where the offload folder would be (naming the place measured), or at once a
-    warning when the path is a file or cannot be created."""
-    return {tab.offload_info: offload_info(values[tab.offload])}
+    warning when the path is a file or cannot be created; "This machine" measures the same place at
+    the same moment, so the two never disagree."""
+    folder = values[tab.offload]
+    return {tab.offload_info: offload_info(folder), tab.machine: hardware_summary(probe(folder or None))}
+
+
+def refresh_machine(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
+    """After a load or unload, and as a page opens: free disk, RAM and the conversion cache read
+    again (a load may have converted or quantized into the cache), never the figures of start-up."""
+    return {
+        **free_space(service, tab, values, request),
+        tab.cache_info: f"**Conversion cache:** {service.conversion_cache()}",
+    }
 
 
 def refresh_status(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:
@@ -389,10 +444,12 @@ def wire_config_tab(service: DemoService, tab: ConfigTab) -> None:
         [tab.offload.change, tab.offload.blur],
         bind(free_space, service, tab),
         {tab.offload},
-        tab.offload_info,
+        [tab.offload_info, tab.machine],
         queue=False,
         **private,
     )
+    machine = [tab.offload_info, tab.machine, tab.cache_info]
+    tab.loaded.change(bind(refresh_machine, service, tab), {tab.offload}, machine, queue=False, **private)
     tab.clear_cache_btn.click(
         bind(clear_cache, service, tab), {tab.loaded}, tab.cache_info, concurrency_id=MODEL_GROUP, **private
     )

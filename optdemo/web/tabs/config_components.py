@@ -54,32 +54,37 @@ class ConfigTab:
     summary: gr.Markdown
     cache_info: gr.Markdown
     clear_cache_btn: gr.Button
+    machine: gr.Markdown  # this machine's GPUs, RAM and free disk
     sign_in: SignIn | None
     plan_state: gr.State  # the session's latest PlanView, or None
     loaded: gr.State  # bumped after each load/unload so other tabs refresh
     endpoint: EndpointForm  # this machine or a serving endpoint, and which
 
     @property
-    def form(self) -> set:
-        """The controls whose values make a LoadConfig (a set: Gradio passes them as one dict,
-        whatever the number of GPUs)."""
-        return {
+    def fields(self) -> list:
+        """The controls whose values make a LoadConfig, in the page's order."""
+        return [
             self.model,
             self.revision,
             self.dtype,
+            self.quantization,
             *self.gpu_sliders,
             self.cpu_slider,
             self.advanced,
-            self.offload,
-            self.quantization,
-            self.tokenizer,
-            self.draft,
-            self.draft_model,
             self.fast_offload,
             self.cpu_layers,
             self.disk_tier,
-            *self.endpoint.controls,
-        }
+            self.tokenizer,
+            self.offload,
+            self.draft,
+            self.draft_model,
+        ]
+
+    @property
+    def form(self) -> set:
+        """Those controls and the backend's (a set: Gradio passes them as one dict, whatever the
+        number of GPUs)."""
+        return {*self.fields, *self.endpoint.controls}
 
 
 @dataclass

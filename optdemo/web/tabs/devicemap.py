@@ -46,22 +46,22 @@ def render_tab(
     """Heading, picture and table for this session's plan and the loaded model (``status``, with
     its predicted speed).
 
-    The loaded model is drawn with its actual placement (differences from its plan outlined in
-    red); a plan preview for a different configuration is drawn above it.
+    The loaded model is drawn first, with its actual placement (differences from its plan
+    outlined in red); a plan preview of another configuration in the form is drawn below it, never
+    above, and says it is the form's.
     """
     sections: list[str] = []
     heading: list[str] = []
     table: list[list[str]] = []
+    preview: str | None = None
     if isinstance(view, PlanNotice):  # a plan being computed, or none possible: say so, for whom
         heading.append(view.message)
         sections.append(_notice_html(view.message))
     elif view is not None and not (status.plan is not None and _same_plan(view.plan, status.plan)):
         plan = view.plan
-        sections.append(render_device_map(plan, title=f"Plan preview: {plan.display_name} (not loaded)"))
-        heading.append(
-            f"**Plan preview** for {plan.display_name}: nothing is loaded for it yet. "
-            f"Predicted speed: {view.prediction.summary()}."
-        )
+        title, what = _preview_words(plan, status)
+        preview = render_device_map(plan, title=title)
+        heading.append(f"**Plan preview** for {what}. Predicted speed: {view.prediction.summary()}.")
         table = device_map_rows(plan)
     if status.endpoint is not None:  # no local map: what the engine reports instead
         heading.insert(0, endpoint_heading(status))
@@ -72,6 +72,8 @@ def render_tab(
         # The legend shows the bytes that really landed on each device.
         sections.append(render_device_map(status.plan, status.device_map, title, status.bytes_per_device))
         table = table or device_map_rows(status.plan, status.device_map)
+    if preview is not None:
+        sections.append(preview)
     if not sections:
         return "", EMPTY_HTML, []
     return "  \n".join(heading), '<hr style="margin:16px 0">'.join(sections), table
@@ -109,6 +111,25 @@ def endpoint_html(info: EngineInfo) -> str:
     return (
         '<div style="padding:16px;font:14px system-ui,sans-serif" id="od-endpoint">'
         f"<b>Serving endpoint</b><table>{cells}</table></div>"
+    )
+
+
+def _preview_words(plan: Plan, status: BackendStatus) -> tuple[str, str]:
+    """The preview's title and what its heading calls it: the form's configuration, not loaded
+    (of the model that is loaded, when it is the same model with other settings)."""
+    if status.plan is None:
+        return (
+            f"Plan preview: {plan.display_name} (not loaded)",
+            f"{plan.display_name}: nothing is loaded for it yet",
+        )
+    if status.plan.model == plan.model:
+        return (
+            f"Plan preview of the form's other settings for {plan.display_name} (not loaded)",
+            f"the form's other settings for {plan.display_name}: Load model applies them",
+        )
+    return (
+        f"Plan preview of the form's {plan.display_name} (not loaded)",
+        f"{plan.display_name}, selected in the form: not loaded",
     )
 
 

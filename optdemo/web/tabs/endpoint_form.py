@@ -78,9 +78,16 @@ def connected_text(info: EngineInfo) -> str:
     """The status line after connecting: the endpoint, its model, and what the engine told."""
     window = f"{info.context_length}-token context" if info.context_length else "context length not reported"
     return (
-        f"**Connected** in {info.connect_seconds:.2f} s: {info.describe()} — engine "
-        f"{info.engine_text()}, {window}. Chat and completion now come from that engine."
+        f"**Connected** in {info.connect_seconds:.2f} s: {info.describe()} — {engine_phrase(info)}, "
+        f"{window}. Chat and completion now come from that engine."
     )
+
+
+def engine_phrase(info: EngineInfo) -> str:
+    """``engine vLLM 0.11.0``, or, when the engine says nothing of itself, that it does not."""
+    if info.engine or info.version:
+        return f"engine {info.engine_text()}"
+    return "the engine does not say which it is"
 
 
 def switch_backend(service: DemoService, tab: ConfigTab, values: dict, request: Any) -> Updates:

@@ -79,7 +79,8 @@ def refresh_admin(service: DemoService, tab: ConfigTab, values: dict, request: A
     allowed = gr.update(interactive=signed_in)
     updates: Updates = {
         **dict.fromkeys((tab.load_btn, tab.unload_btn, tab.clear_cache_btn, tab.tokenizer), allowed),
-        tab.model: gr.update(allow_custom_value=signed_in, choices=service.model_choices(admin)),
+        # A typed name is always taken: the plan says whether this caller may use it.
+        tab.model: gr.update(allow_custom_value=True, choices=service.model_choices(admin)),
         tab.status: status_for(service, admin),
     }
     if signed_in:
