@@ -149,11 +149,11 @@ def config_ui(manager: object = None, **settings: object) -> tuple[Any, Any]:
 
     from optdemo.app.service import DemoService
     from optdemo.app.settings import AppSettings
-    from optdemo.web.tabs import config as config_tab
+    from optdemo.web.tabs import config_layout
 
     service = DemoService(manager or ModelManager(), AppSettings(**settings))  # type: ignore[arg-type]
     with gr.Blocks():
-        tab = config_tab.layout_config_tab(service)
+        tab = config_layout.layout_config_tab(service)
     return service, tab
 
 

@@ -27,13 +27,13 @@ from optdemo.web.tabs.chat_components import ChatTab, ModelLink
 from optdemo.web.tabs.chat_history import browser_store, restore, restored_outputs
 from optdemo.web.tabs.chat_model import refresh_model_line
 from optdemo.web.tabs.config import (
-    layout_config_tab,
     page_load,
     refresh_machine,
     refresh_status,
     wire_config_tab,
 )
 from optdemo.web.tabs.config_components import ConfigTab
+from optdemo.web.tabs.config_layout import layout_config_tab
 from optdemo.web.tabs.devicemap import DeviceMapTab, layout_devicemap_tab, wire_devicemap_tab
 from optdemo.web.tabs.sign_in import admin_controls, refresh_admin
 
