@@ -51,8 +51,7 @@ def test_suggested_budget_survives_the_sliders():
     configuration, or pressing Load on an unchanged form would reload instead of reuse."""
     from optdemo.core.budget import parse_max_memory
     from optdemo.system.hardware import GpuInfo, Hardware, suggest_budget
-    from optdemo.web.tabs.config_text import GIB
-    from optdemo.web.tabs.config_text import budget_spec
+    from optdemo.web.tabs.config_text import GIB, budget_spec
 
     for ram, gpu_free in ((23.5 * GIB, None), (16 * GIB + 12345, 7_999_999_999), (64 * GIB, 10 * GIB + 1)):
         gpus = () if gpu_free is None else (GpuInfo(0, "GPU", 16 * GIB, gpu_free),)
