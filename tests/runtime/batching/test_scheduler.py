@@ -464,7 +464,8 @@ def test_the_chat_tab_shows_the_place_in_line_then_whether_the_reply_shared_the_
     )
     completion = list(chat_tab.complete(service, tab, values, request))
     assert completion[0] == {tab.completion_stats: WAITING}
-    assert completion[-1][tab.completion] == "Paris"
+    assert completion[-2][tab.completion] == "Paris"
+    assert completion[-1] == {tab.serving_line: ""}  # then the serving line, no longer writing it
     # The API streams no waiting steps: only text.
     assert [step.text for step in service.complete("s", "Hi", service.params())] == ["Par", "Paris"]
 
