@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from optdemo.runtime import timing
+from optdemo.runtime.timing_data import DISK
 from optdemo.weights.tensors import assign_tensors
 
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
@@ -154,6 +156,7 @@ class DiskStreamer:
         self.failure: list[BaseException] = []
         self.direct = direct
         self.bytes_read = 0
+        self.issued_bytes = 0  # asked of the disk, counted as each read starts (as the kernel does)
         self._requests: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._files: dict[str, int] = {}
         self._thread = threading.Thread(target=self._read_loop, name="optdemo-disk-stream", daemon=True)
@@ -200,6 +203,7 @@ class DiskStreamer:
     def _read_segment(self, segment: Segment, view: memoryview) -> None:
         fd = self._open(segment.path)
         begin, length = segment.aligned_start, len(view)
+        self.issued_bytes += length
         done = 0
         while done < length:  # a read at the end of the file returns less than asked: that is all
             got = os.preadv(fd, [view[done:]], begin + done)
@@ -222,13 +226,16 @@ class DiskStreamer:
         return self._files[path]
 
     def tensors(self, index: int) -> dict[str, Any]:
-        """Block ``index``'s weights as views of its buffer, once its read has finished."""
+        """Block ``index``'s weights as views of its buffer, once its read has finished (the time
+        waited for it, and the bytes read for it, are the block's: :mod:`optdemo.runtime.timing`)."""
         import torch
 
+        started = timing.stamp()
         if self._ran % len(self.spans) != index:  # the last pass was cut short: start over here
             self._restart_at(index)
         slot = self._ran % self.depth
         self.ready[slot].wait()
+        timing.waited(started, DISK, disk_bytes=self.spans[index].buffer_bytes)
         if self.failure:
             raise self.failure[0]
         raw = torch.frombuffer(self.buffers[slot], dtype=torch.uint8)

@@ -1,0 +1,310 @@
+"""The hooks that measure a loaded model's forward passes, block by block (:mod:`optdemo.runtime.timing`
+says what is measured, and holds the records).
+
+One :class:`BlockTimer` per loaded model, installed by the model manager once the tiers are in
+place: a pre- and a post-hook on the model (a pass begins and ends) and on each block of the plan
+(its clock; its reads), and Accelerate's offload hooks' ``pre_forward`` timed as the block's wait.
+
+Page faults, the one wait no tier reports: a block whose weights are in RAM or memory-mapped
+faults them in from disk when they are not cached, inside the matrix products, on whichever of
+their threads touches a page first. So the block's reads are the bytes the *process* read from
+storage while it ran (``/proc/self/io`` ``read_bytes``: page-cache hits excluded), less what the
+streamed tier's reader thread asked of the disk meanwhile; when it read any, the time beyond its
+compute estimate counts as waiting: its own time in the latest pass of the same kind in which it
+read nothing (a prompt's scaled up to this prompt's tokens, never down), else what this machine's
+measured rates predict for its weights (:mod:`optdemo.plan.bandwidth`). Reads by other threads
+of the process while a block runs (the page-cache warm-up right after a load) count as its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from optdemo.core.budget import Device
+from optdemo.plan.bandwidth import KERNELS, Bandwidths
+from optdemo.plan.planner import Plan, device_of
+from optdemo.plan.speed import LAYER_OVERHEAD_SECONDS
+from optdemo.runtime import timing
+from optdemo.runtime.batching import kernels
+from optdemo.runtime.timing import PROMPT, STEP, PassRecord
+from optdemo.runtime.timing_data import COPY, DISK, PAGE_FAULTS, ReplyTiming
+
+_io_fd: int | None = None  # /proc/self/io, opened once (-1: not available here)
+
+
+def _read_bytes() -> int:
+    """Bytes this process has had read from storage (page-cache hits excluded); 0 where the kernel
+    does not say. One ``pread`` of an open file: about 2 microseconds."""
+    global _io_fd
+    if _io_fd is None:
+        try:
+            _io_fd = os.open("/proc/self/io", os.O_RDONLY)
+        except OSError:
+            _io_fd = -1
+    if _io_fd < 0:
+        return 0
+    data = os.pread(_io_fd, 512, 0)
+    at = data.find(b"read_bytes: ")
+    return int(data[at + 12 : data.index(b"\n", at)]) if at >= 0 else 0
+
+
+class BlockTimer:
+    """The hooks on one loaded model, what they measured last, and the pass in flight.
+
+    Args:
+        model: the loaded model, its tiers in place.
+        plan: its plan: the blocks measured are the plan's.
+        device_map: where its weights really are (a block in RAM or on disk gets its reads
+            measured).
+        bandwidths: this machine's measured rates (compute estimates, the floor).
+    """
+
+    def __init__(self, model: Any, plan: Plan, device_map: dict[str, Device], bandwidths: Bandwidths) -> None:
+        blocks = [block for block in plan.blocks if _has_module(model, block.name)]
+        self.names = [block.name for block in blocks]
+        modules = [model.get_submodule(name) for name in self.names]
+        self.layer = [block.kind == "layer" for block in blocks]
+        self.layers = sum(self.layer)
+        self.reads = [device_of(name, device_map) in ("cpu", "disk") for name in self.names]
+        gpus = [_gpu_of(model, module) for module in modules]
+        self.on_gpu = [gpu is not None for gpu in gpus]
+        self.gpu = next((gpu for gpu in gpus if gpu is not None), None)  # torch.device or None
+        self.estimates = [
+            _estimates(module, plan, block.kind, bandwidths)
+            for module, block in zip(modules, blocks, strict=True)
+        ]
+        self.disk_rate = bandwidths.disk_read
+        self.copy_rate = bandwidths.pinned_rate if self.gpu is not None else None
+        self.streamer = getattr(model, "_optdemo_disk_streamer", None)
+        self.latest: ReplyTiming | None = None
+        self.replies = 0  # replies timed since the load
+        self.run: PassRecord | None = None  # the pass in flight
+        self.recordings: list[Any] = []  # timing's accumulators of recordings
+        self._warm: dict[tuple[int, str], tuple[int, float]] = {}  # (block, mode) -> (tokens, s)
+        self._gpu_events: list[tuple[Any, Any]] = []
+        if self.gpu is not None:
+            import torch
+
+            self._gpu_events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in modules
+            ]
+        self._handles = [
+            model.register_forward_pre_hook(self._pass_begins, with_kwargs=True),
+            model.register_forward_hook(self._pass_ends, with_kwargs=True, always_call=True),
+        ]
+        for index, module in enumerate(modules):
+            self._handles.append(module.register_forward_pre_hook(self._block_begins(index)))
+            self._handles.append(module.register_forward_hook(self._block_ends(index), always_call=True))
+        self._timed_hooks = [hook for module in modules for hook in _time_accelerate_loads(module)]
+
+    def remove(self) -> None:
+        """Take every hook off the model."""
+        for handle in self._handles:
+            handle.remove()
+        for hook in self._timed_hooks:
+            hook.__dict__.pop("pre_forward", None)  # back to Accelerate's own method
+        self._handles, self._timed_hooks = [], []
+
+    # ------------------------------------------------------------------------------ the hooks
+    def _pass_begins(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        shape = tuple(getattr(ids, "shape", (1, 1))) or (1,)
+        length = shape[1] if len(shape) > 1 else 1
+        timing.begin(self, kernels.current_mode() or (PROMPT if length > 1 else STEP), shape[0] * length)
+
+    def _pass_ends(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        run = timing.end(self)
+        if run is not None and output is not None:  # a pass that failed is nobody's
+            self._close(run)
+            timing.charge(run)
+
+    def _block_begins(self, index: int) -> Any:
+        def begins(module: Any, args: tuple) -> None:
+            run = timing.current()
+            if run is None or run.timer is not self:
+                return
+            run.block = index
+            if self.on_gpu[index]:
+                self._gpu_events[index][0].record(_stream(self.gpu))
+            elif self.gpu is not None:
+                _stream(self.gpu).synchronize()  # the GPU's queued blocks are theirs, not this one's
+            if self.reads[index]:
+                run.read_from, run.issued_from = _read_bytes(), self._issued()
+            run.begun = time.perf_counter()
+
+        return begins
+
+    def _block_ends(self, index: int) -> Any:
+        def ends(module: Any, args: tuple, output: Any) -> None:
+            ended = time.perf_counter()
+            run = timing.current()
+            if run is None or run.timer is not self or run.block != index:
+                return
+            run.block = -1
+            run.layers_done += self.layer[index]
+            wall = ended - run.begun
+            if self.on_gpu[index]:  # its time is read from the GPU's clock at the end of the pass
+                self._gpu_events[index][1].record(_stream(self.gpu))
+                run.on_gpu.append(index)
+            else:
+                run.wall[index] += wall
+            if self.reads[index]:
+                read = max(0, _read_bytes() - run.read_from - (self._issued() - run.issued_from))
+                if read and not run.disk[index]:  # a tier that reads for itself said how much
+                    run.disk[index] = read
+                if read and not run.reported[index] and not self.on_gpu[index]:
+                    run.wait[index] += min(wall, max(0.0, wall - self._estimate(index, run)))
+                    run.kind[index] = PAGE_FAULTS
+
+        return ends
+
+    # ------------------------------------------------------------------------------ helpers
+    def _issued(self) -> int:
+        """Bytes the streamer's reader thread has asked the disk for so far (not this block's)."""
+        return self.streamer.issued_bytes if self.streamer is not None else 0
+
+    def _estimate(self, index: int, run: PassRecord) -> float:
+        """The block's compute time for this pass: its own time in the latest pass of this kind in
+        which it read nothing (a prompt's scaled up to this one's tokens, never down), else what
+        the measured rates predict."""
+        warm = self._warm.get((index, run.mode))
+        if warm is not None:
+            tokens, seconds = warm
+            return seconds * max(1.0, run.tokens / tokens) if run.mode == PROMPT else seconds
+        step, per_token = self.estimates[index]
+        return max(step, per_token * run.tokens) if run.mode == PROMPT else step
+
+    def _close(self, run: PassRecord) -> None:
+        """End of a pass: read the GPU's clocks (once, after its work), keep each block that read
+        nothing as the compute reference of its kind of pass."""
+        if self.gpu is not None:
+            _stream(self.gpu).synchronize()
+            for index in run.on_gpu:
+                start, end = self._gpu_events[index]
+                run.wall[index] += start.elapsed_time(end) / 1000
+            for index, start, end in run.events:
+                run.wait[index] += start.elapsed_time(end) / 1000
+        run.seconds = time.perf_counter() - run.started
+        for index, wall in enumerate(run.wall):
+            if not run.disk[index] and not run.reported[index] and wall:
+                self._warm[(index, run.mode)] = (max(1, run.tokens), wall)
+
+
+def install(model: Any, plan: Plan, device_map: dict[str, Device], bandwidths: Bandwidths) -> BlockTimer:
+    """Measure every forward pass of ``model`` from now on, per block of ``plan`` (its tiers must
+    be in place: their hooks are timed too); replaces a timer installed before."""
+    uninstall(model)
+    timer = BlockTimer(model, plan, device_map, bandwidths)
+    model._optdemo_timer = timer
+    return timer
+
+
+def uninstall(model: Any) -> None:
+    """Stop measuring ``model`` (before it is dropped); safe on any model."""
+    timer = model.__dict__.pop("_optdemo_timer", None) if model is not None else None
+    if timer is not None:
+        timer.remove()
+
+
+def _has_module(model: Any, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _stream(device: Any) -> Any:
+    import torch
+
+    return torch.cuda.current_stream(device)
+
+
+def _gpu_of(model: Any, module: Any) -> Any:
+    """The GPU a block computes on (``torch.device``), or None: where its weights are, where
+    Accelerate's hooks move them, or the prefetcher's device."""
+    devices = [tensor.device for tensor in (*module.parameters(), *module.buffers())]
+    for sub in module.modules():
+        devices += [_as_device(hook.execution_device) for hook in _hooks_of(sub) if _executes(hook)]
+    prefetcher = getattr(model, "_optdemo_gpu_upload", None)
+    if prefetcher is not None and id(module) in prefetcher.order:
+        devices.append(prefetcher.device)
+    return next((device for device in devices if device.type == "cuda"), None)
+
+
+def _executes(hook: Any) -> bool:
+    """Whether an Accelerate hook names the device its module computes on."""
+    return getattr(hook, "execution_device", None) is not None
+
+
+def _as_device(device: Any) -> Any:
+    """A ``torch.device`` for what Accelerate names a device (an int is a GPU)."""
+    import torch
+
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def _hooks_of(module: Any) -> list[Any]:
+    """Accelerate's hooks on ``module`` (a SequentialHook's parts), none when it has none."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", [hook]))
+
+
+def _time_accelerate_loads(block: Any) -> list[Any]:
+    """Time the ``pre_forward`` of Accelerate's offload hooks in ``block`` (they load the weights
+    from the offload files, or copy them to the GPU, every forward); returns the hooks timed."""
+    from accelerate.utils import named_module_tensors
+
+    timed = []
+    for module in block.modules():
+        for hook in _hooks_of(module):
+            if not getattr(hook, "offload", False) or "pre_forward" in hook.__dict__:
+                continue
+            tensors = named_module_tensors(
+                module,
+                include_buffers=hook.offload_buffers,
+                recurse=hook.place_submodules,
+                remove_non_persistent=True,
+            )
+            nbytes = sum(tensor.numel() * tensor.element_size() for _, tensor in tensors)
+            device = _as_device(hook.execution_device) if _executes(hook) else None
+            gpu = device is not None and device.type == "cuda"
+            hook.pre_forward = _timed(hook.pre_forward, nbytes, device if gpu else None)
+            timed.append(hook)
+    return timed
+
+
+def _timed(pre_forward: Any, nbytes: int, gpu: Any) -> Any:
+    """``pre_forward`` reporting its time as the block's wait and its bytes: a copy to ``gpu``
+    (a ``torch.device``), or without one a load from the offload files (whose bytes read from
+    storage the block's own measurement counts)."""
+
+    def timed(module: Any, *args: Any, **kwargs: Any) -> Any:
+        started = timing.stamp(gpu)
+        try:
+            return pre_forward(module, *args, **kwargs)
+        finally:
+            timing.waited(
+                started,
+                COPY if gpu is not None else DISK,
+                copy_bytes=nbytes if gpu is not None else 0,
+            )
+
+    return timed
+
+
+def _estimates(module: Any, plan: Plan, kind: str, bandwidths: Bandwidths) -> tuple[float, float]:
+    """(seconds for a decode step, seconds per prompt token) this machine's measured rates predict
+    for a block: its weights read once at the CPU's rate for their kind, plus the per-layer cost
+    of eager PyTorch; a prompt's products at the measured prompt rate."""
+    weights = [*module.parameters(), *module.buffers()]
+    nbytes = sum(tensor.numel() * tensor.element_size() for tensor in weights)
+    params = sum(tensor.numel() for tensor in weights)
+    kernel = KERNELS[plan.quantization] if plan.quantization != "none" and kind == "layer" else plan.dtype
+    step = nbytes / bandwidths.cpu_rate(kernel) + (LAYER_OVERHEAD_SECONDS if kind == "layer" else 0.0)
+    flops = bandwidths.prompt_matmul.get(plan.dtype)
+    return step, (2 * params / flops if flops else 0.0)
