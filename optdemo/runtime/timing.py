@@ -61,7 +61,7 @@ class PassRecord:
         self.on_gpu: list[int] = []  # blocks timed by CUDA events in this pass
         self.block = -1  # the block running now
         self.begun = 0.0
-        self.read_from = self.issued_from = 0
+        self.read_from = self.reader_from = 0
         self.layers_done = 0
         self.nested = 0  # calls of the model inside this pass (part of it)
         self.seconds = 0.0

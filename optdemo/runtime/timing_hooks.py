@@ -9,7 +9,8 @@ Page faults, the one wait no tier reports: a block whose weights are in RAM or m
 faults them in from disk when they are not cached, inside the matrix products, on whichever of
 their threads touches a page first. So the block's reads are the bytes the *process* read from
 storage while it ran (``/proc/self/io`` ``read_bytes``: page-cache hits excluded), less what the
-streamed tier's reader thread asked of the disk meanwhile; when it read any, the time beyond its
+streamed tier's reader thread read meanwhile (its own ``/proc`` io file, read at the same moments);
+when it read any, the time beyond its
 compute estimate counts as waiting: its own time in the latest pass of the same kind in which it
 read nothing (a prompt's scaled up to this prompt's tokens, never down), else what this machine's
 measured rates predict for its weights (:mod:`optdemo.plan.bandwidth`). Reads by other threads
@@ -31,21 +32,32 @@ from optdemo.runtime.batching import kernels
 from optdemo.runtime.timing import PROMPT, STEP, PassRecord
 from optdemo.runtime.timing_data import COPY, DISK, PAGE_FAULTS, ReplyTiming
 
-_io_fd: int | None = None  # /proc/self/io, opened once (-1: not available here)
+_process_io: int | None = None  # /proc/self/io, opened once (-1: not available here)
 
 
-def _read_bytes() -> int:
-    """Bytes this process has had read from storage (page-cache hits excluded); 0 where the kernel
-    does not say. One ``pread`` of an open file: about 2 microseconds."""
-    global _io_fd
-    if _io_fd is None:
-        try:
-            _io_fd = os.open("/proc/self/io", os.O_RDONLY)
-        except OSError:
-            _io_fd = -1
-    if _io_fd < 0:
+def _open_io(path: str) -> int:
+    """A descriptor on an I/O accounting file of /proc (-1 where there is none)."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return -1
+
+
+def _read_bytes(fd: int | None = None) -> int:
+    """Bytes read from storage (page-cache hits excluded) by this process, or by the thread whose
+    ``/proc`` io file ``fd`` is; 0 where the kernel does not say. One ``pread`` of an open file:
+    about 2 microseconds."""
+    global _process_io
+    if fd is None:
+        if _process_io is None:
+            _process_io = _open_io("/proc/self/io")
+        fd = _process_io
+    if fd < 0:
         return 0
-    data = os.pread(_io_fd, 512, 0)
+    try:
+        data = os.pread(fd, 512, 0)
+    except OSError:  # the thread is gone
+        return 0
     at = data.find(b"read_bytes: ")
     return int(data[at + 12 : data.index(b"\n", at)]) if at >= 0 else 0
 
@@ -77,7 +89,9 @@ class BlockTimer:
         ]
         self.disk_rate = bandwidths.disk_read
         self.copy_rate = bandwidths.pinned_rate if self.gpu is not None else None
-        self.streamer = getattr(model, "_optdemo_disk_streamer", None)
+        streamer = getattr(model, "_optdemo_disk_streamer", None)
+        reader = getattr(streamer, "reader_id", None)
+        self._reader_io = _open_io(f"/proc/self/task/{reader}/io") if reader is not None else -1
         self.latest: ReplyTiming | None = None
         self.replies = 0  # replies timed since the load
         self.run: PassRecord | None = None  # the pass in flight
@@ -100,7 +114,10 @@ class BlockTimer:
         self._timed_hooks = [hook for module in modules for hook in _time_accelerate_loads(module)]
 
     def remove(self) -> None:
-        """Take every hook off the model."""
+        """Take every hook off the model (and close what it read the streamer's reads from)."""
+        if self._reader_io >= 0:
+            os.close(self._reader_io)
+            self._reader_io = -1
         for handle in self._handles:
             handle.remove()
         for hook in self._timed_hooks:
@@ -133,7 +150,7 @@ class BlockTimer:
             elif self.gpu is not None:
                 _stream(self.gpu).synchronize()  # the GPU's queued blocks are theirs, not this one's
             if self.reads[index]:
-                run.read_from, run.issued_from = _read_bytes(), self._issued()
+                run.read_from, run.reader_from = _read_bytes(), self._reader_read()
             run.begun = time.perf_counter()
 
         return begins
@@ -153,7 +170,7 @@ class BlockTimer:
             else:
                 run.wall[index] += wall
             if self.reads[index]:
-                read = max(0, _read_bytes() - run.read_from - (self._issued() - run.issued_from))
+                read = max(0, _read_bytes() - run.read_from - (self._reader_read() - run.reader_from))
                 if read and not run.disk[index]:  # a tier that reads for itself said how much
                     run.disk[index] = read
                 if read and not run.reported[index] and not self.on_gpu[index]:
@@ -163,9 +180,9 @@ class BlockTimer:
         return ends
 
     # ------------------------------------------------------------------------------ helpers
-    def _issued(self) -> int:
-        """Bytes the streamer's reader thread has asked the disk for so far (not this block's)."""
-        return self.streamer.issued_bytes if self.streamer is not None else 0
+    def _reader_read(self) -> int:
+        """Bytes the streamer's reader thread has read so far (for the blocks ahead, not this one)."""
+        return _read_bytes(self._reader_io) if self._reader_io >= 0 else 0
 
     def _estimate(self, index: int, run: PassRecord) -> float:
         """The block's compute time for this pass: its own time in the latest pass of this kind in

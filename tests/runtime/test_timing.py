@@ -98,25 +98,27 @@ def test_streamed_blocks_wait_for_their_reads_and_say_how_many_bytes(manager, ti
 
 
 def test_a_slow_read_is_the_blocks_wait(manager, tiny_model_dir, tmp_path, monkeypatch):
-    """A disk that takes 100 ms a block: the streamed blocks wait for it, the others do not."""
+    """A disk that takes 250 ms a block: the streamed blocks wait for it, the others do not."""
     from optdemo.runtime.tiers.disk_stream import DiskStreamer
 
     manager.load(disk_config(tiny_model_dir, tmp_path, "stream"))
     read = DiskStreamer._read
 
     def slow(self, index, buffer):
-        time.sleep(0.1)
+        time.sleep(0.25)
         read(self, index, buffer)
 
     monkeypatch.setattr(DiskStreamer, "_read", slow)
-    reply(manager, params=GenerationParams(max_new_tokens=3, temperature=0))
+    reply(manager, params=GenerationParams(max_new_tokens=2, temperature=0))
     result = manager.status().timing.latest
-    step = {b.name: b.wait_seconds / result.decode.passes for b in result.decode.blocks}
-    # Five reads of 100 ms a step, one at a time, two blocks ahead: what computing (milliseconds
-    # a block) does not hide is waited for by the streamed blocks, and only by them.
-    assert sum(step[name] for name in LAYERS[1:]) > 0.3 and all(step[n] > 0.05 for n in LAYERS[3:])
+    assert result.decode.passes == 1
+    step = {b.name: b.wait_seconds for b in result.decode.blocks}
+    # Five reads of 250 ms a step, one at a time, two blocks ahead: what the rest of the step
+    # (milliseconds a block, more on a busy machine) does not hide, the streamed blocks wait for;
+    # the last three each wait for most of their read.
+    assert sum(step[name] for name in LAYERS[1:]) > 0.7 and all(step[n] > 0.1 for n in LAYERS[3:])
     assert all(wait == 0.0 for name, wait in step.items() if name not in LAYERS[1:])
-    assert result.waits_for == DISK and result.wait_share > 0.8
+    assert result.waits_for == DISK and result.decode.wait_seconds > result.decode.blocks_seconds / 2
 
 
 def test_page_faults_are_the_time_beyond_the_blocks_own_warm_time(tiny_model_dir, monkeypatch):
@@ -127,7 +129,7 @@ def test_page_faults_are_the_time_beyond_the_blocks_own_warm_time(tiny_model_dir
     forward(model)  # warm: every block's reference time
     layer = model.get_submodule(LAYERS[3])
     read = {"bytes": 0}
-    monkeypatch.setattr(timing_hooks, "_read_bytes", lambda: read["bytes"])
+    monkeypatch.setattr(timing_hooks, "_read_bytes", lambda fd=None: read["bytes"])
 
     compute = layer.forward
 

@@ -156,7 +156,6 @@ class DiskStreamer:
         self.failure: list[BaseException] = []
         self.direct = direct
         self.bytes_read = 0
-        self.issued_bytes = 0  # asked of the disk, counted as each read starts (as the kernel does)
         self._requests: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._files: dict[str, int] = {}
         self._thread = threading.Thread(target=self._read_loop, name="optdemo-disk-stream", daemon=True)
@@ -168,6 +167,12 @@ class DiskStreamer:
     def buffer_bytes(self) -> int:
         """Memory the streamer holds: its buffers (the bound; nothing else grows)."""
         return sum(len(buffer) for buffer in self.buffers)
+
+    @property
+    def reader_id(self) -> int | None:
+        """The reader thread's id for the OS (whose reads :mod:`optdemo.runtime.timing_hooks`
+        tells apart from the blocks' own)."""
+        return self._thread.native_id
 
     def _issue(self) -> None:
         slot = self._issued % self.depth
@@ -203,7 +208,6 @@ class DiskStreamer:
     def _read_segment(self, segment: Segment, view: memoryview) -> None:
         fd = self._open(segment.path)
         begin, length = segment.aligned_start, len(view)
-        self.issued_bytes += length
         done = 0
         while done < length:  # a read at the end of the file returns less than asked: that is all
             got = os.preadv(fd, [view[done:]], begin + done)
