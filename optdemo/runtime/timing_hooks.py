@@ -9,16 +9,22 @@ Page faults, the one wait no tier reports: a block whose weights are in RAM or m
 faults them in from disk when they are not cached, inside the matrix products, on whichever of
 their threads touches a page first. So the block's reads are the bytes the *process* read from
 storage while it ran (``/proc/self/io`` ``read_bytes``: page-cache hits excluded), less what the
-streamed tier's reader thread read meanwhile (its own ``/proc`` io file, read at the same moments);
-when it read any, the time beyond its
-compute estimate counts as waiting: its own time in the latest pass of the same kind in which it
-read nothing (a prompt's scaled up to this prompt's tokens, never down), else what this machine's
+streamed tier's reader thread read meanwhile (its own ``/proc`` io file, read at the same moments),
+plus what the mapped tier's read-ahead hint for it had read (issued as the block before it starts:
+:func:`optdemo.runtime.timing.read_ahead`); when it read any, the time beyond its
+compute estimate counts as waiting: its fastest in the latest three passes of the same kind in
+which it read nothing (a prompt's scaled up to this prompt's tokens, never down), else what this machine's
 measured rates predict for its weights (:mod:`optdemo.plan.bandwidth`). Reads by other threads
 of the process while a block runs (the page-cache warm-up right after a load) count as its own.
+The blocks' reads are measured (two ``pread`` of /proc a block) only in passes after one that
+read from storage, and in the first: once a pass reads nothing, the next ones measure it for the
+whole pass only (two ``pread``), until one reads again, whose bytes the blocks of the pass after
+it get.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from typing import Any
@@ -32,34 +38,7 @@ from optdemo.runtime.batching import kernels
 from optdemo.runtime.timing import PROMPT, STEP, PassRecord
 from optdemo.runtime.timing_data import COPY, DISK, PAGE_FAULTS, ReplyTiming
 
-_process_io: int | None = None  # /proc/self/io, opened once (-1: not available here)
-
-
-def _open_io(path: str) -> int:
-    """A descriptor on an I/O accounting file of /proc (-1 where there is none)."""
-    try:
-        return os.open(path, os.O_RDONLY)
-    except OSError:
-        return -1
-
-
-def _read_bytes(fd: int | None = None) -> int:
-    """Bytes read from storage (page-cache hits excluded) by this process, or by the thread whose
-    ``/proc`` io file ``fd`` is; 0 where the kernel does not say. One ``pread`` of an open file:
-    about 2 microseconds."""
-    global _process_io
-    if fd is None:
-        if _process_io is None:
-            _process_io = _open_io("/proc/self/io")
-        fd = _process_io
-    if fd < 0:
-        return 0
-    try:
-        data = os.pread(fd, 512, 0)
-    except OSError:  # the thread is gone
-        return 0
-    at = data.find(b"read_bytes: ")
-    return int(data[at + 12 : data.index(b"\n", at)]) if at >= 0 else 0
+WARM_PASSES = 3  # read-free passes a block's compute estimate is the fastest of
 
 
 class BlockTimer:
@@ -91,12 +70,18 @@ class BlockTimer:
         self.copy_rate = bandwidths.pinned_rate if self.gpu is not None else None
         streamer = getattr(model, "_optdemo_disk_streamer", None)
         reader = getattr(streamer, "reader_id", None)
-        self._reader_io = _open_io(f"/proc/self/task/{reader}/io") if reader is not None else -1
+        self._reader_io = timing.open_io(f"/proc/self/task/{reader}/io") if reader is not None else -1
+        # Reads are measured block by block only while passes read from storage: the first after
+        # the load, and each after one that did (a warm pass costs two reads of /proc, not 4 a block).
+        self._measures_reads = any(self.reads)
+        self._sampling = True
+        self._ahead: dict[int, int] = {}  # read ahead in a pass for a block of the next one
         self.latest: ReplyTiming | None = None
         self.replies = 0  # replies timed since the load
         self.run: PassRecord | None = None  # the pass in flight
         self.recordings: list[Any] = []  # timing's accumulators of recordings
-        self._warm: dict[tuple[int, str], tuple[int, float]] = {}  # (block, mode) -> (tokens, s)
+        # (block, mode) -> its latest read-free passes: (tokens, seconds), the fastest counts
+        self._warm: dict[tuple[int, str], collections.deque[tuple[int, float]]] = {}
         self._gpu_events: list[tuple[Any, Any]] = []
         if self.gpu is not None:
             import torch
@@ -131,7 +116,12 @@ class BlockTimer:
             ids = kwargs.get("inputs_embeds")
         shape = tuple(getattr(ids, "shape", (1, 1))) or (1,)
         length = shape[1] if len(shape) > 1 else 1
-        timing.begin(self, kernels.current_mode() or (PROMPT if length > 1 else STEP), shape[0] * length)
+        run = timing.begin(
+            self, kernels.current_mode() or (PROMPT if length > 1 else STEP), shape[0] * length
+        )
+        if run is not None and self._measures_reads:
+            run.sampling, run.ahead, self._ahead = self._sampling, self._ahead, {}
+            run.reads_at = self.storage_reads()
 
     def _pass_ends(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         run = timing.end(self)
@@ -140,58 +130,77 @@ class BlockTimer:
             timing.charge(run)
 
     def _block_begins(self, index: int) -> Any:
+        # What the hook needs, bound once: it runs twice a block and pass (see docs/BENCHMARKS.md).
+        reads, on_gpu, clock = self.reads[index], self.on_gpu[index], time.perf_counter
+
         def begins(module: Any, args: tuple) -> None:
-            run = timing.current()
-            if run is None or run.timer is not self:
+            run = self.run  # the engine runs one pass of a model at a time (its lock)
+            if run is None:
                 return
             run.block = index
-            if self.on_gpu[index]:
+            if on_gpu:
                 self._gpu_events[index][0].record(_stream(self.gpu))
             elif self.gpu is not None:
                 _stream(self.gpu).synchronize()  # the GPU's queued blocks are theirs, not this one's
-            if self.reads[index]:
-                run.read_from, run.reader_from = _read_bytes(), self._reader_read()
-            run.begun = time.perf_counter()
+            if reads and run.sampling:
+                run.read_from = self.storage_reads()
+            run.begun = clock()
 
         return begins
 
     def _block_ends(self, index: int) -> Any:
+        reads, on_gpu, layer, clock = (
+            self.reads[index],
+            self.on_gpu[index],
+            self.layer[index],
+            time.perf_counter,
+        )
+
         def ends(module: Any, args: tuple, output: Any) -> None:
-            ended = time.perf_counter()
-            run = timing.current()
-            if run is None or run.timer is not self or run.block != index:
+            ended = clock()
+            run = self.run
+            if run is None or run.block != index:
                 return
             run.block = -1
-            run.layers_done += self.layer[index]
+            run.layers_done += layer
             wall = ended - run.begun
-            if self.on_gpu[index]:  # its time is read from the GPU's clock at the end of the pass
+            if on_gpu:  # its time is read from the GPU's clock at the end of the pass
                 self._gpu_events[index][1].record(_stream(self.gpu))
                 run.on_gpu.append(index)
             else:
                 run.wall[index] += wall
-            if self.reads[index]:
-                read = max(0, _read_bytes() - run.read_from - (self._reader_read() - run.reader_from))
+            if reads and run.sampling:
+                read = max(0, self.storage_reads() - run.read_from) + run.ahead.pop(id(module), 0)
                 if read and not run.disk[index]:  # a tier that reads for itself said how much
                     run.disk[index] = read
-                if read and not run.reported[index] and not self.on_gpu[index]:
+                if read and not run.reported[index] and not on_gpu:
                     run.wait[index] += min(wall, max(0.0, wall - self._estimate(index, run)))
                     run.kind[index] = PAGE_FAULTS
 
         return ends
 
     # ------------------------------------------------------------------------------ helpers
-    def _reader_read(self) -> int:
-        """Bytes the streamer's reader thread has read so far (for the blocks ahead, not this one)."""
-        return _read_bytes(self._reader_io) if self._reader_io >= 0 else 0
+    def storage_reads(self) -> int:
+        """Bytes the process has read from storage so far, less the streamer's reader thread's
+        (which reads for the blocks ahead; the streamer says which block each read is for)."""
+        if self._reader_io < 0:
+            return timing.read_bytes()
+        for _ in range(3):  # the reader's count the same before and after: none of it was missed
+            reader = timing.read_bytes(self._reader_io)
+            process = timing.read_bytes()
+            if timing.read_bytes(self._reader_io) == reader:
+                break
+        return process - reader
 
     def _estimate(self, index: int, run: PassRecord) -> float:
-        """The block's compute time for this pass: its own time in the latest pass of this kind in
-        which it read nothing (a prompt's scaled up to this one's tokens, never down), else what
-        the measured rates predict."""
+        """The block's compute time for this pass: its fastest in the latest passes of this kind in
+        which it read nothing (a prompt's scaled up to this one's tokens, never down; the fastest,
+        since a busy machine can stall any one of them), else what the measured rates predict."""
         warm = self._warm.get((index, run.mode))
-        if warm is not None:
-            tokens, seconds = warm
-            return seconds * max(1.0, run.tokens / tokens) if run.mode == PROMPT else seconds
+        if warm:
+            if run.mode == PROMPT:
+                return min(seconds * max(1.0, run.tokens / tokens) for tokens, seconds in warm)
+            return min(seconds for _, seconds in warm)
         step, per_token = self.estimates[index]
         return max(step, per_token * run.tokens) if run.mode == PROMPT else step
 
@@ -206,9 +215,17 @@ class BlockTimer:
             for index, start, end in run.events:
                 run.wait[index] += start.elapsed_time(end) / 1000
         run.seconds = time.perf_counter() - run.started
+        read_free = True
+        if self._measures_reads:  # measure the next pass's blocks if this pass read anything
+            read_free = self.storage_reads() <= run.reads_at
+            self._sampling, self._ahead = not read_free, run.ahead  # (hints for its first blocks)
         for index, wall in enumerate(run.wall):
-            if not run.disk[index] and not run.reported[index] and wall:
-                self._warm[(index, run.mode)] = (max(1, run.tokens), wall)
+            measured_free = run.sampling and not run.disk[index]
+            if wall and not run.reported[index] and (read_free or measured_free):
+                key = (index, run.mode)
+                if key not in self._warm:
+                    self._warm[key] = collections.deque(maxlen=WARM_PASSES)
+                self._warm[key].append((max(1, run.tokens), wall))
 
 
 def install(model: Any, plan: Plan, device_map: dict[str, Device], bandwidths: Bandwidths) -> BlockTimer:
