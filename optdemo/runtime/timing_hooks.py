@@ -59,9 +59,9 @@ class BlockTimer:
         self.layer = [block.kind == "layer" for block in blocks]
         self.layers = sum(self.layer)
         self.reads = [device_of(name, device_map) in ("cpu", "disk") for name in self.names]
-        gpus = [_gpu_of(model, module) for module in modules]
-        self.on_gpu = [gpu is not None for gpu in gpus]
-        self.gpu = next((gpu for gpu in gpus if gpu is not None), None)  # torch.device or None
+        self.gpus = [_gpu_of(model, module) for module in modules]  # where each computes (None: CPU)
+        self.gpu_devices = list(dict.fromkeys(gpu for gpu in self.gpus if gpu is not None))
+        self.gpu = self.gpu_devices[0] if self.gpu_devices else None
         self.estimates = [
             _estimates(module, plan, block.kind, bandwidths)
             for module, block in zip(modules, blocks, strict=True)
@@ -131,17 +131,18 @@ class BlockTimer:
 
     def _block_begins(self, index: int) -> Any:
         # What the hook needs, bound once: it runs twice a block and pass (see docs/BENCHMARKS.md).
-        reads, on_gpu, clock = self.reads[index], self.on_gpu[index], time.perf_counter
+        reads, gpu, clock = self.reads[index], self.gpus[index], time.perf_counter
 
         def begins(module: Any, args: tuple) -> None:
             run = self.run  # the engine runs one pass of a model at a time (its lock)
             if run is None:
                 return
             run.block = index
-            if on_gpu:
-                self._gpu_events[index][0].record(_stream(self.gpu))
-            elif self.gpu is not None:
-                _stream(self.gpu).synchronize()  # the GPU's queued blocks are theirs, not this one's
+            if gpu is not None:
+                self._gpu_events[index][0].record(_stream(gpu))
+            else:
+                for device in self.gpu_devices:  # the GPUs' queued blocks are theirs, not this one's
+                    _stream(device).synchronize()
             if reads and run.sampling:
                 run.read_from = self.storage_reads()
             run.begun = clock()
@@ -149,12 +150,7 @@ class BlockTimer:
         return begins
 
     def _block_ends(self, index: int) -> Any:
-        reads, on_gpu, layer, clock = (
-            self.reads[index],
-            self.on_gpu[index],
-            self.layer[index],
-            time.perf_counter,
-        )
+        reads, gpu, layer, clock = self.reads[index], self.gpus[index], self.layer[index], time.perf_counter
 
         def ends(module: Any, args: tuple, output: Any) -> None:
             ended = clock()
@@ -164,8 +160,8 @@ class BlockTimer:
             run.block = -1
             run.layers_done += layer
             wall = ended - run.begun
-            if on_gpu:  # its time is read from the GPU's clock at the end of the pass
-                self._gpu_events[index][1].record(_stream(self.gpu))
+            if gpu is not None:  # its time is read from the GPU's clock at the end of the pass
+                self._gpu_events[index][1].record(_stream(gpu))
                 run.on_gpu.append(index)
             else:
                 run.wall[index] += wall
@@ -173,7 +169,7 @@ class BlockTimer:
                 read = max(0, self.storage_reads() - run.read_from) + run.ahead.pop(id(module), 0)
                 if read and not run.disk[index]:  # a tier that reads for itself said how much
                     run.disk[index] = read
-                if read and not run.reported[index] and not on_gpu:
+                if read and not run.reported[index] and gpu is None:
                     run.wait[index] += min(wall, max(0.0, wall - self._estimate(index, run)))
                     run.kind[index] = PAGE_FAULTS
 
@@ -207,8 +203,9 @@ class BlockTimer:
     def _close(self, run: PassRecord) -> None:
         """End of a pass: read the GPU's clocks (once, after its work), keep each block that read
         nothing as the compute reference of its kind of pass."""
-        if self.gpu is not None:
-            _stream(self.gpu).synchronize()
+        if self.gpu_devices:
+            for device in self.gpu_devices:
+                _stream(device).synchronize()
             for index in run.on_gpu:
                 start, end = self._gpu_events[index]
                 run.wall[index] += start.elapsed_time(end) / 1000
