@@ -9,17 +9,18 @@ Page faults, the one wait no tier reports: a block whose weights are in RAM or m
 faults them in from disk when they are not cached, inside the matrix products, on whichever of
 their threads touches a page first. So the block's reads are the bytes the *process* read from
 storage while it ran (``/proc/self/io`` ``read_bytes``: page-cache hits excluded), less what the
-streamed tier's reader thread read meanwhile (its own ``/proc`` io file, read at the same moments),
-plus what the mapped tier's read-ahead hint for it had read (issued as the block before it starts:
-:func:`optdemo.runtime.timing.read_ahead`); when it read any, the time beyond its
-compute estimate counts as waiting: its fastest in the latest three passes of the same kind in
-which it read nothing (a prompt's scaled up to this prompt's tokens, never down), else what this machine's
-measured rates predict for its weights (:mod:`optdemo.plan.bandwidth`). Reads by other threads
-of the process while a block runs (the page-cache warm-up right after a load) count as its own.
-The blocks' reads are measured (two ``pread`` of /proc a block) only in passes after one that
-read from storage, and in the first: once a pass reads nothing, the next ones measure it for the
-whole pass only (two ``pread``), until one reads again, whose bytes the blocks of the pass after
-it get.
+streamed tier's reader thread read meanwhile (its own ``/proc`` io file, read at the same
+moments), plus what the mapped tier's read-ahead hint for it read (issued as the block before it
+starts: :func:`optdemo.runtime.timing.read_ahead`). When it read any, the time beyond its compute
+estimate counts as waiting: its fastest in its latest three passes of the same kind that read
+nothing (a prompt's scaled up to this prompt's tokens, never down), else what this machine's
+measured rates predict for its weights (:mod:`optdemo.plan.bandwidth`). Reads by other threads of
+the process while a block runs (the page-cache warm-up right after a load) count as its own.
+
+What it costs: the reads are measured block by block (two ``pread`` of /proc a block) in the
+first pass after the load and in each pass after one that read from storage; after a pass that
+read nothing, the next is measured as a whole only (two ``pread``), so a pass that reads after
+warm ones has its bytes counted for the pass, and the blocks of the passes after it theirs.
 """
 
 from __future__ import annotations
