@@ -13,7 +13,8 @@ a user); the *warm* regime leaves the OS cache alone. An all-in-RAM run gives th
 
 Sides: ``ram`` (``from_pretrained`` with no device map), ``accelerate`` (``from_pretrained(
 device_map="auto", max_memory, offload_folder)`` + ``generate``: nothing of ours) and ``optdemo``
-(:class:`~optdemo.runtime.manager.ModelManager` with fast offloading). ``--quantization 8bit,4bit`` adds,
+(:class:`~optdemo.runtime.manager.ModelManager` with fast offloading; its runs carry ``timing``,
+where the time went block by block, from :mod:`optdemo.runtime.timing`). ``--quantization 8bit,4bit`` adds,
 beside them, optdemo's CPU-quantized model all in RAM (``ram-4bit``) and under the same budget
 (``optdemo-4bit``), with the one-time quantization time; every run records the bytes it read from
 disk per token (``/proc/self/io``: page-cache hits excluded).
@@ -41,6 +42,7 @@ from optdemo.core.catalog import catalog_entry
 from optdemo.core.load_config import LoadConfig
 from optdemo.core.paths import cache_dir
 from optdemo.models.synthetic import build_random_opt
+from optdemo.runtime import timing
 from optdemo.runtime.manager import ModelManager
 from optdemo.weights.convert import converted_root, quantization_info
 from tools.batch_bench import format_levels, run_concurrency
@@ -258,7 +260,10 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, regime: str,
         drop_page_cache(model, offload, converted_root())
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
     reads: list[int] = []
-    token_ids, times, begin = timed_greedy(net, ids, tokens, reads)
+    # optdemo's own hooks record where its time went, block by block (the other sides have none).
+    with timing.recording(net) as record:
+        token_ids, times, begin = timed_greedy(net, ids, tokens, reads)
+    blocks = record.result()
     first = times[0] - begin
     per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else first
     shutil.rmtree(offload, ignore_errors=True)
@@ -283,6 +288,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, regime: str,
         "token_ids": token_ids,
         "disk_tier": disk_tier,
         "device_map": {k: str(v) for k, v in (getattr(net, "hf_device_map", None) or {"": "cpu"}).items()},
+        "timing": None if blocks is None else blocks.to_dict(),  # per block: prompt pass, decode steps
     }
 
 

@@ -56,6 +56,7 @@ from optdemo.core.load_config import LoadConfig
 from optdemo.plan.bandwidth import measured_bandwidths
 from optdemo.plan.planner import Plan, plan_device_map
 from optdemo.plan.policy import choose_prompt_kernel
+from optdemo.runtime import timing, timing_hooks
 from optdemo.runtime.batching.request import Prompt, Serving
 from optdemo.runtime.batching.scheduler import BatchEngine
 from optdemo.runtime.loader import LoadedModel, load_model, preflight
@@ -101,7 +102,8 @@ class ModelManager:
             loaded, busy = self._loaded, self._busy
         if loaded is None:
             return ModelStatus(None, busy)
-        return replace(loaded.status, busy=busy, prefix_cache=self.engine.prefix_cache.counts())
+        counts = self.engine.prefix_cache.counts()
+        return replace(loaded.status, busy=busy, prefix_cache=counts, timing=timing.report(loaded.model))
 
     @property
     def current_config(self) -> LoadConfig | None:
@@ -254,11 +256,14 @@ class ModelManager:
 
     def _set_loaded(self, loaded: LoadedModel) -> None:
         """Make ``loaded`` current: cap the batch at the sequences its budget leaves room for, give
-        the rest of that room to prompt caches, and choose the kernel its prompts run on."""
+        the rest of that room to prompt caches, choose the kernel its prompts run on, and time
+        its blocks (:mod:`optdemo.runtime.timing`)."""
         plan = loaded.status.plan
-        prompt = choose_prompt_kernel(plan.dtype, measured_bandwidths()) if plan is not None else None
+        bandwidths = measured_bandwidths()
+        prompt = choose_prompt_kernel(plan.dtype, bandwidths) if plan is not None else None
         if prompt is not None and loaded.model is not None:
             loaded.model._optdemo_prompt_kernel = prompt.kernel
+            timing_hooks.install(loaded.model, plan, loaded.status.device_map, bandwidths)
         loaded.status = replace(loaded.status, prompt_kernel=prompt)
         self.engine.room = plan.batch if plan is not None else None
         with self._state_lock:
@@ -415,6 +420,8 @@ def _release(loaded: LoadedModel) -> None:
     from accelerate.hooks import remove_hook_from_submodules
 
     # Freeing must not fail: whatever happens here, the references are dropped below.
+    with contextlib.suppress(Exception):
+        timing_hooks.uninstall(loaded.model)  # its hooks, and the latest reply's timing
     with contextlib.suppress(Exception):
         release_offload(loaded.model)  # prefetch buffers and pinned host memory
     with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ from optdemo.plan.planner import Plan, device_map_json, per_device_json
 from optdemo.plan.policy import PolicyChoice, PromptKernel
 from optdemo.runtime.batching.prefix_cache import CacheCounts
 from optdemo.runtime.tiers.disk_map import DiskTierReport
+from optdemo.runtime.timing_data import TimingReport
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ModelStatus:
     last_stats: GenerationStats | None = None  # the latest reply's measured speed
     prompt_kernel: PromptKernel | None = None  # how prompts are computed (chosen at load)
     prefix_cache: CacheCounts | None = None  # prompt caches kept for the next prompts
+    timing: TimingReport | None = None  # where the latest reply's time went, per block; the pass now
 
     @property
     def loaded(self) -> bool:
@@ -83,6 +85,7 @@ class ModelStatus:
             "last_generation": None if self.last_stats is None else asdict(self.last_stats),
             "prompt_kernel": None if self.prompt_kernel is None else self.prompt_kernel.to_dict(),
             "prefix_cache": None if self.prefix_cache is None else self.prefix_cache.to_dict(),
+            "timing": None if self.timing is None else self.timing.to_dict(),
         }
 
 

@@ -15,6 +15,7 @@ from optdemo.app.status import BackendStatus
 from optdemo.core.budget import Device, format_bytes
 from optdemo.plan.planner import Block, Plan, device_label, device_of
 from optdemo.plan.speed import SpeedPrediction
+from optdemo.runtime.timing_data import BlockTiming, Progress, ReplyTiming
 
 GPU_COLORS = ("#15803d", "#0f766e", "#4d7c0f", "#047857", "#166534", "#115e59", "#3f6212", "#065f46")
 DEVICE_COLORS = {"cpu": "#2563eb", "disk": "#ea580c", "tied": "#9ca3af", "meta": "#6b7280"}
@@ -73,6 +74,7 @@ def render_device_map(
     actual: dict[str, Device] | None = None,
     title: str = "",
     landed: dict[Device, int] | None = None,
+    timing: ReplyTiming | None = None,
 ) -> str:
     """HTML picture of a plan: a block per layer/embedding/norm/head coloured by device, with a
     legend of bytes per device against its budget. With ``actual`` (the loaded model's device map,
@@ -83,7 +85,11 @@ def render_device_map(
         actual: the loaded model's device map (keys as in ``hf_device_map``), or None before loading.
         title: a heading line above the picture.
         landed: bytes that really landed on each device, for the legend (default: the plan's).
+        timing: the latest reply's timing: a bar under each block, its height the block's time,
+            its red part the time it waited for its weights.
     """
+    times = block_times(timing) if timing is not None else {}
+    longest = max((t.seconds for t in times.values()), default=0.0)
     blocks_html = []
     for block in plan.blocks:
         loaded = landed_on(block, actual)
@@ -94,7 +100,7 @@ def render_device_map(
         tooltip = f"{block.name} · {format_bytes(block.bytes)} · {where}{note}"
         border = "outline:3px solid #dc2626;outline-offset:1px;" if note else ""
         width = 46 if block.kind == "layer" else 58
-        blocks_html.append(
+        drawn = (
             f'<div class="od-block" data-device="{html.escape(device_label(shown))}" '
             f'data-module="{html.escape(block.name)}" title="{html.escape(tooltip)}" '
             f'aria-label="{html.escape(tooltip)}" role="img" '
@@ -104,7 +110,13 @@ def render_device_map(
             f'font:600 12px/1.1 system-ui,sans-serif;{border}">{html.escape(_short_label(block.name, block.kind))}'
             "</div>"
         )
-    legend = render_legend(plan, landed)
+        if block.name in times:  # the block over its time bar
+            drawn = (
+                f'<div class="od-cell" style="display:flex;flex-direction:column;gap:3px;width:{width}px">'
+                f"{drawn}{_time_bar(times[block.name], longest)}</div>"
+            )
+        blocks_html.append(drawn)
+    legend = render_legend(plan, landed) + (_time_legend(longest) if times else "")
     heading = (
         f'<div style="font:600 15px system-ui,sans-serif;margin-bottom:8px">{html.escape(title)}</div>'
         if title
@@ -226,3 +238,209 @@ def status_text(status: BackendStatus) -> str:
         f"**{status.display_name}** is loaded (in {seconds:.1f} s){busy}: "
         f"{describe_placement(status.bytes_per_device)}"
     )
+
+
+# ---------------------------------------------------------------------------------- time on the map
+WAIT_COLOR = "#dc2626"  # the part of a block's time spent waiting for its weights
+COMPUTE_COLOR = "#475569"  # the rest: computing
+_BAR_PX = 44  # the tallest time bar (the slowest block)
+TIMING_HEADERS = [
+    "Block",
+    "Prompt (ms)",
+    "Decode (ms a step)",
+    "Waiting",
+    "Waits for",
+    "Read a token",
+    "Copied a token",
+]
+
+
+def block_times(timing: ReplyTiming) -> dict[str, BlockTiming]:
+    """Each block's time in a reply, its prompt pass and decode steps together."""
+    prompt = {block.name: block for block in timing.prompt.blocks}
+    times = {}
+    for block in timing.decode.blocks or timing.prompt.blocks:
+        first = prompt.get(block.name) if timing.decode.blocks else None
+        if first is not None:
+            block = BlockTiming(
+                block.name,
+                first.seconds + block.seconds,
+                first.wait_seconds + block.wait_seconds,
+                first.disk_bytes + block.disk_bytes,
+                first.copy_bytes + block.copy_bytes,
+                block.waits_for or first.waits_for,
+            )
+        times[block.name] = block
+    return times
+
+
+def _time_bar(block: BlockTiming, longest: float) -> str:
+    """The bar under a block: its height its share of the slowest block's time, red the part spent
+    waiting for its weights, slate the part computing."""
+    height = max(2, round(_BAR_PX * block.seconds / longest)) if longest and block.seconds else 0
+    waiting = round(height * block.wait_seconds / block.seconds) if block.seconds else 0
+    share = block.wait_seconds / block.seconds if block.seconds else 0.0
+    moved = _moved(block.disk_bytes, block.copy_bytes)
+    tooltip = (
+        f"{block.name} · {block.seconds:.3g} s in the latest reply · "
+        + (f"{share:.0%} waiting for {block.waits_for}" if block.wait_seconds else "no wait for its weights")
+        + (f" · {moved}" if moved else "")
+    )
+    return (
+        f'<div class="od-time" data-module="{html.escape(block.name)}" data-seconds="{block.seconds:.6f}" '
+        f'data-wait-seconds="{block.wait_seconds:.6f}" data-disk-bytes="{block.disk_bytes}" '
+        f'data-copy-bytes="{block.copy_bytes}" title="{html.escape(tooltip)}" aria-label="{html.escape(tooltip)}" '
+        f'role="img" style="height:{_BAR_PX}px;display:flex;flex-direction:column;justify-content:flex-end">'
+        f'<span style="height:{waiting}px;background:{WAIT_COLOR};border-radius:2px 2px 0 0"></span>'
+        f'<span style="height:{height - waiting}px;background:{COMPUTE_COLOR}"></span></div>'
+    )
+
+
+def _time_legend(longest: float) -> str:
+    return (
+        '<div class="od-time-legend" style="font:13px system-ui,sans-serif;margin-top:6px">'
+        f"Bars under the blocks: each block's time in the latest reply (the tallest {longest:.3g} s), "
+        f'<span style="color:{WAIT_COLOR};font-weight:600">red</span> the part waiting for its weights, '
+        f'<span style="color:{COMPUTE_COLOR};font-weight:600">slate</span> computing.</div>'
+    )
+
+
+def _moved(disk: float, copy: float) -> str:
+    """``3.1 MiB read, 1 MiB copied to the GPU`` ('' when nothing moved)."""
+    parts = [
+        f"{format_bytes(int(disk))} read" if disk else "",
+        f"{format_bytes(int(copy))} copied to the GPU" if copy else "",
+    ]
+    return ", ".join(part for part in parts if part)
+
+
+def timing_rows(timing: ReplyTiming) -> list[list[str]]:
+    """The table under the map: per block, its prompt time, its time a decode step, the share it
+    waited and for what, the bytes it moved a token; then the reply's time outside the blocks."""
+    prompt = {block.name: block for block in timing.prompt.blocks}
+    decode = {block.name: block for block in timing.decode.blocks}
+    steps = timing.decode.passes
+    rows = []
+    for name, block in block_times(timing).items():
+        per_step = decode.get(name)
+        moving = per_step or prompt[name]
+        count = steps if per_step is not None else max(1, timing.prompt.passes)
+        rows.append(
+            [
+                name,
+                _ms(prompt[name].seconds) if name in prompt and timing.prompt.passes else "",
+                _ms(per_step.seconds / steps) if per_step is not None and steps else "",
+                f"{block.wait_seconds / block.seconds:.0%}" if block.seconds else "",
+                block.waits_for,
+                format_bytes(moving.disk_bytes // count) if moving.disk_bytes else "",
+                format_bytes(moving.copy_bytes // count) if moving.copy_bytes else "",
+            ]
+        )
+    prompt_between, decode_between = (
+        timing.prompt.between_blocks_seconds,
+        timing.decode.between_blocks_seconds,
+    )
+    rows.append(
+        [
+            "between the blocks (the model's own code)",
+            _ms(prompt_between),
+            _ms(decode_between / steps) if steps else "",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
+    rows.append(
+        [
+            "outside the passes (preparing, sampling, text, the engine)",
+            _ms(timing.outside_passes_seconds),
+            "",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
+    return rows
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds, two decimals: ``12.34``."""
+    return f"{seconds * 1000:.2f}"
+
+
+def timing_summary(timing: ReplyTiming, prediction: SpeedPrediction | None = None) -> str:
+    """What explains the latest reply's speed, in Markdown: its decode rate, the share waiting
+    for weights and for what, the bytes moved a token and at what rate, the floor those bytes set
+    at this machine's measured rates and the predicted speed beside it; its prompt; where the rest
+    of its time went."""
+    lines = []
+    per_token = timing.seconds_per_token
+    if per_token is not None:
+        phase = timing.decode
+        line = f"**Latest reply**: a decode step took {per_token:.3g} s ({timing.decode.passes} steps)"
+    else:
+        phase = timing.prompt
+        line = f"**Latest reply**: its prompt only ({timing.prompt.tokens} tokens)"
+    share = phase.wait_seconds / phase.blocks_seconds if phase.blocks_seconds else 0.0
+    disk, copy = timing.moved_per_token if per_token is not None else (phase.disk_bytes, phase.copy_bytes)
+    moved = _moved(disk, copy)
+    if phase.wait_seconds:
+        kinds = timing.waits_for or "its weights"
+        line += f"; {share:.0%} waiting for {kinds}"
+        if moved and per_token:
+            line += f": {moved} a token, at {format_bytes(int((disk + copy) / per_token))}/s"
+    else:
+        line += "; no block waited for its weights" + (f" ({moved} a token)" if moved and per_token else "")
+    lines.append(line + ".")
+    floor = timing.floor_seconds_per_token
+    if floor is not None:
+        rates = [
+            f"disk reads {format_bytes(int(timing.disk_rate or 0))}/s" if disk else "",
+            f"copies to the GPU {format_bytes(int(timing.copy_rate or 0))}/s" if copy else "",
+        ]
+        lines.append(
+            f"Floor for moving those bytes at this machine's measured rates ({', '.join(r for r in rates if r)}): "
+            f"{floor:.3g} s/token."
+        )
+    if prediction is not None:
+        lines.append(f"Predicted: {prediction.seconds_per_token:.3g} s/token.")
+    if timing.prompt.passes:
+        prompt = timing.prompt
+        waiting = prompt.wait_seconds / prompt.blocks_seconds if prompt.blocks_seconds else 0.0
+        lines.append(f"Prompt: {prompt.tokens} tokens in {prompt.seconds:.3g} s ({waiting:.0%} waiting).")
+    if timing.batch > 1:
+        lines.append(
+            f"Decoded beside up to {timing.batch - 1} other repl{'y' if timing.batch == 2 else 'ies'}: a shared "
+            "step's time counts whole for each of them."
+        )
+    between = timing.prompt.between_blocks_seconds + timing.decode.between_blocks_seconds
+    lines.append(
+        f"Of its {timing.reply_seconds:.3g} s: {timing.blocks_seconds:.3g} s in the blocks, {between:.3g} s between "
+        f"them (the model's own code), {timing.outside_passes_seconds:.3g} s outside its passes (preparing, "
+        f"sampling, its text, the engine)"
+        + (
+            f"; it waited {timing.waited_seconds:.3g} s in line before."
+            if timing.waited_seconds >= 0.01
+            else "."
+        )
+    )
+    return " ".join(lines)
+
+
+def progress_text(progress: Progress) -> str:
+    """The pass running now: ``Computing a prompt of 450 tokens: layer 3 of 24, about 12 s left``."""
+    what = (
+        f"Computing a prompt of {progress.tokens} tokens"
+        if progress.mode == "prompt"
+        else f"Decoding the next token of {progress.tokens} repl{'y' if progress.tokens == 1 else 'ies'}"
+    )
+    layer = min(progress.layers_done + 1, progress.layers)
+    eta = progress.eta_seconds
+    left = (
+        f", about {eta:.0f} s left"
+        if eta is not None and eta >= 1
+        else (", almost done" if eta is not None else "")
+    )
+    return f"{what}: layer {layer} of {progress.layers}{left} ({progress.elapsed:.0f} s so far)."

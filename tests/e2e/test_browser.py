@@ -184,6 +184,39 @@ def test_plan_load_map_and_chat(page, app: RunningApp, artifacts: Path) -> None:
     page.screenshot(path=str(artifacts / "chat.png"), full_page=True)
 
 
+def test_the_device_map_shows_where_each_replys_time_went(page, app: RunningApp, artifacts: Path) -> None:
+    """Open on the Device map, a reply ends: within its refresh the map draws a bar of time under
+    every block and the totals above, with the numbers /status gives."""
+    from playwright.sync_api import expect
+
+    from optdemo.core.generation import GenerationParams
+
+    wait_for_text(page, "#od-plan-summary", r"\bfits\b")
+    page.get_by_role("button", name="Load model", exact=True).click()
+    wait_for_text(page, "#od-status", r"Loaded|Reused|is loaded")
+    open_tab(page, "Device map")
+    wait_for_text(page, "#od-map-heading", r"Loaded")
+    manager = app.service.manager
+    list(
+        manager.stream_completion(
+            "The capital of France is", GenerationParams(max_new_tokens=8, temperature=0)
+        )
+    )
+    latest = app.service.status().timing.latest
+    expected = {b.name: b.seconds for b in latest.prompt.blocks}
+    for block in latest.decode.blocks:
+        expected[block.name] += block.seconds
+    layer0 = page.locator('#od-devicemap .od-time[data-module="model.decoder.layers.0"]')
+    expect(layer0).to_have_attribute("data-seconds", f"{expected['model.decoder.layers.0']:.6f}")
+    bars = page.locator("#od-devicemap .od-time")
+    assert bars.count() == len(expected) == 10
+    assert "s in the latest reply" in layer0.get_attribute("title")
+    heading = wait_for_text(page, "#od-map-heading", r"Latest reply")
+    assert f"a decode step took {latest.seconds_per_token:.3g} s" in heading
+    expect(page.locator("#od-map-timing")).to_be_visible()
+    page.screenshot(path=str(artifacts / "device-map-timing.png"), full_page=True)
+
+
 def test_load_result_message_stays_visible(page) -> None:
     wait_for_text(page, "#od-plan-summary", r"\bfits\b")
     page.get_by_role("button", name="Load model", exact=True).click()

@@ -51,6 +51,7 @@ STATUS_KEYS = {
     "last_generation",
     "prompt_kernel",
     "prefix_cache",
+    "timing",
 }
 
 

@@ -31,6 +31,7 @@ from optdemo.core.generation import (
     generation_failure,
 )
 from optdemo.plan.kv_room import BatchRoom, batch_in_force
+from optdemo.runtime import timing
 from optdemo.runtime.batching import kernels
 from optdemo.runtime.batching.padded_batch import (
     PaddedBatch,
@@ -288,6 +289,7 @@ class BatchEngine:
             **speculation,
         )
         reply = tuple(request.ids[len(request.prompt.input_ids) :]) if request.prompt else ()
+        timing.finish(request, end)  # where its time went, per block: the model's latest reply
         request.updates.put(GenerationUpdate(text, stats, token_ids=reply))
 
     def _fail_running(self, error: Exception) -> None:
@@ -333,6 +335,7 @@ class BatchEngine:
                 if not self._waiting or len(self._running) >= limit or self._holds:
                     break
                 request = self._waiting.popleft()
+            timing.admitted(request)  # its wait in line ends here
             try:
                 request.prompt = request.prepare(loaded)
             except Exception as exc:  # noqa: BLE001 - this request's own error, for its consumer
@@ -379,7 +382,7 @@ class BatchEngine:
         self._publish_busy()
         started = time.perf_counter()
         try:
-            with kernels.computing(kernels.PROMPT, choice):
+            with kernels.computing(kernels.PROMPT, choice), timing.charged_to([request]):
                 logits = forward(loaded.model, ids, mask, positions([done], ids.shape[1], ids.device), cache)
         except Exception as exc:  # noqa: BLE001 - this request's own failure, for its consumer
             with self._lock:
@@ -410,7 +413,7 @@ class BatchEngine:
         ids = torch.tensor([[r.ids[-1]] for r in running], dtype=torch.long, device=device)
         starts = [len(r.ids) - 1 for r in running]
         mask = batch.grown_mask()
-        with kernels.computing(kernels.STEP, prepare_model(loaded.model)):
+        with kernels.computing(kernels.STEP, prepare_model(loaded.model)), timing.charged_to(running):
             logits = forward(loaded.model, ids, mask.to(device), positions(starts, 1, device), batch.cache)
         batch.mask = mask
         for request, row in zip(running, logits, strict=True):

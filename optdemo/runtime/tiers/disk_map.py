@@ -22,6 +22,7 @@ from typing import Any
 
 from optdemo.core.defaults import STREAM_DEPTH
 from optdemo.plan.policy import split_disk_tier
+from optdemo.runtime import timing
 from optdemo.system import libc
 from optdemo.weights.tensors import assign_tensors, entries_bytes, module_bytes
 
@@ -175,8 +176,13 @@ def hint_next_blocks(blocks: list[Any]) -> None:
     compute instead of stalling on page faults. A hint only: nothing changes when pages are cached."""
     ranges = [_page_ranges(block) for block in blocks]
     for index, block in enumerate(blocks):
-        upcoming = ranges[(index + 1) % len(blocks)]
-        block.register_forward_pre_hook(lambda module, args, upcoming=upcoming: libc.will_need(upcoming))
+        upcoming, following = ranges[(index + 1) % len(blocks)], blocks[(index + 1) % len(blocks)]
+
+        def hint(module: Any, args: Any, upcoming: list = upcoming, following: Any = following) -> None:
+            # What it reads is the next block's (optdemo.runtime.timing counts it so).
+            timing.read_ahead(following, libc.will_need, upcoming)
+
+        block.register_forward_pre_hook(hint)
 
 
 WARMUP_THREADS = 2  # two readers fetch ~2x what one does on the disks measured (docs/BENCHMARKS.md)

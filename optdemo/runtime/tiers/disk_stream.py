@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from optdemo.runtime import timing
+from optdemo.runtime.timing_data import DISK
 from optdemo.weights.tensors import assign_tensors
 
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
@@ -166,6 +168,12 @@ class DiskStreamer:
         """Memory the streamer holds: its buffers (the bound; nothing else grows)."""
         return sum(len(buffer) for buffer in self.buffers)
 
+    @property
+    def reader_id(self) -> int | None:
+        """The reader thread's id for the OS (whose reads :mod:`optdemo.runtime.timing_hooks`
+        tells apart from the blocks' own)."""
+        return self._thread.native_id
+
     def _issue(self) -> None:
         slot = self._issued % self.depth
         block = self._issued % len(self.spans)
@@ -222,13 +230,16 @@ class DiskStreamer:
         return self._files[path]
 
     def tensors(self, index: int) -> dict[str, Any]:
-        """Block ``index``'s weights as views of its buffer, once its read has finished."""
+        """Block ``index``'s weights as views of its buffer, once its read has finished (the time
+        waited for it, and the bytes read for it, are the block's: :mod:`optdemo.runtime.timing`)."""
         import torch
 
+        started = timing.stamp()
         if self._ran % len(self.spans) != index:  # the last pass was cut short: start over here
             self._restart_at(index)
         slot = self._ran % self.depth
         self.ready[slot].wait()
+        timing.waited(started, DISK, disk_bytes=self.spans[index].buffer_bytes)
         if self.failure:
             raise self.failure[0]
         raw = torch.frombuffer(self.buffers[slot], dtype=torch.uint8)

@@ -21,7 +21,9 @@ from typing import Any
 
 from optdemo.plan.bandwidth import measured_bandwidths
 from optdemo.plan.policy import PolicyChoice, choose_policy
+from optdemo.runtime import timing
 from optdemo.runtime.tiers.disk_map import map_offloaded_module
+from optdemo.runtime.timing_data import COPY
 from optdemo.weights.tensors import assign_tensors, module_bytes
 
 # Byte alignment of each tensor inside a packed block (keeps every view aligned for any dtype).
@@ -246,6 +248,9 @@ class GpuUploadAhead:
         import torch
 
         index = self.order[id(module)]
+        # The block's wait for its weights (:mod:`optdemo.runtime.timing`): on a GPU the compute
+        # stream's wait for the copy; on the CPU the copies themselves, which are synchronous.
+        started = timing.stamp(self.device)
         self._issue(index)
         slot = self.pending.pop(index)
         if self.copied is not None:
@@ -255,6 +260,7 @@ class GpuUploadAhead:
         self.running[index] = slot
         self.log.append(("run", index))
         self._issue((index + 1) % len(self.blocks))  # after the last block, the next token's first
+        timing.waited(started, COPY, copy_bytes=block.nbytes)
 
     def after(self, module: Any) -> None:
         """Block ``module`` finished (or failed): point it back at host memory and free its buffer

@@ -1,8 +1,11 @@
-"""The Device map tab: where every layer goes (the plan) and where it went (the loaded model).
+"""The Device map tab: where every layer goes (the plan), where it went (the loaded model), and
+where the latest reply's time went (a bar under each block, a table, the totals that explain it).
 
 :func:`layout_devicemap_tab` builds the components (a :class:`DeviceMapTab`), the handler
-:func:`refresh` redraws them from the session's plan and the loaded model, and
-:func:`wire_devicemap_tab` redraws on every new plan, load or unload, and when the tab is opened.
+:func:`refresh` redraws them from the session's plan and the loaded model, :func:`refresh_timing`
+the latest reply's table and the pass running now, and :func:`wire_devicemap_tab` redraws on every
+new plan, load or unload, when the tab is opened, and every couple of seconds (:func:`tick`: the
+pass running now, and the whole map once a reply has ended).
 """
 
 from __future__ import annotations
@@ -16,18 +19,27 @@ import gradio as gr
 from optdemo.app.service import DemoService, PlanNotice, PlanView
 from optdemo.app.status import BackendStatus
 from optdemo.core.budget import format_bytes
+from optdemo.core.defaults import SERVING_REFRESH_SECONDS
 from optdemo.plan.planner import Plan
 from optdemo.plan.speed import SpeedPrediction
 from optdemo.remote.client import EngineInfo
 from optdemo.runtime.tiers.disk_map import DiskTierReport
 from optdemo.web.binding import Updates, bind
-from optdemo.web.render import device_map_rows, render_device_map
+from optdemo.web.render import (
+    TIMING_HEADERS,
+    device_map_rows,
+    progress_text,
+    render_device_map,
+    timing_rows,
+    timing_summary,
+)
 
 TABLE_HEADERS = ["Module", "Device", "Size", "Planned", "Difference"]
 EMPTY_HTML = (
     '<div style="padding:24px;color:#6b7280;font:14px system-ui,sans-serif">No plan yet: choose a model '
     "in the Configuration tab.</div>"
 )
+PROGRESS_AFTER_SECONDS = 1.0  # a pass shorter than this is not worth a progress line
 
 
 @dataclass
@@ -38,6 +50,10 @@ class DeviceMapTab:
     picture: gr.HTML
     table: gr.Dataframe
     plan_state: gr.State  # the Configuration tab's PlanView state
+    progress: gr.Markdown  # the pass running now: its layer, the time left
+    timing_table: gr.Dataframe  # the latest reply's time per block
+    timer: gr.Timer  # refreshes the progress line, and the map once a reply has ended
+    drawn: gr.State  # how many replies the model had timed when the map was drawn
 
 
 def render_tab(
@@ -68,9 +84,14 @@ def render_tab(
         sections.insert(0, endpoint_html(status.endpoint))
     if status.plan is not None:
         heading.append(_loaded_heading(status, prediction))
+        latest = status.timing.latest if status.timing is not None else None
+        if latest is not None:
+            heading.append(timing_summary(latest, prediction))
         title = f"Loaded: {status.display_name} — actual placement"
         # The legend shows the bytes that really landed on each device.
-        sections.append(render_device_map(status.plan, status.device_map, title, status.bytes_per_device))
+        sections.append(
+            render_device_map(status.plan, status.device_map, title, status.bytes_per_device, latest)
+        )
         table = table or device_map_rows(status.plan, status.device_map)
     if preview is not None:
         sections.append(preview)
@@ -174,29 +195,75 @@ def refresh(service: DemoService, tab: DeviceMapTab, values: dict, request: Any)
     return {tab.heading: heading, tab.picture: picture, tab.table: table}
 
 
+def refresh_timing(service: DemoService, tab: DeviceMapTab, values: dict, request: Any) -> Updates:
+    """The latest reply's table, the pass running now, and which reply the map shows."""
+    report = service.status().timing
+    rows = timing_rows(report.latest) if report is not None and report.latest is not None else []
+    return {
+        tab.timing_table: gr.update(value=rows, visible=bool(rows)),
+        tab.progress: progress_line(service.status()),
+        tab.drawn: report.replies if report is not None else 0,
+    }
+
+
+def tick(service: DemoService, tab: DeviceMapTab, values: dict, request: Any) -> Updates:
+    """Every couple of seconds: the whole map once another reply has ended, else only the line
+    on the pass running now."""
+    status = service.status()
+    replies = status.timing.replies if status.timing is not None else 0
+    if replies != values[tab.drawn]:
+        return {**refresh(service, tab, values, request), **refresh_timing(service, tab, values, request)}
+    return {tab.progress: progress_line(status)}
+
+
+def progress_line(status: BackendStatus) -> str:
+    """How far the pass running now got (a long prompt: its layer, the time left); '' when none
+    has run long enough to say."""
+    progress = status.timing.progress if status.timing is not None else None
+    if progress is None or progress.elapsed < PROGRESS_AFTER_SECONDS:
+        return ""
+    return progress_text(progress)
+
+
 def layout_devicemap_tab(plan_state: gr.State) -> DeviceMapTab:
     """Build the Device map tab's components, drawing ``plan_state`` (a PlanView state)."""
     gr.Markdown(
         "Each block is a decoder layer (numbered), an embedding, the final norm or the LM head, "
-        "coloured by where its weights live: **GPUs** green, **CPU** blue, **disk** orange. Hover a "
-        "block for its name and size."
+        "coloured by where its weights live: **GPUs** green, **CPU** blue, **disk** orange. After a "
+        "reply, the bar under each block is its time (red: waiting for its weights). Hover a block "
+        "for its name, size and time."
     )
     heading = gr.Markdown(elem_id="od-map-heading")
+    progress = gr.Markdown(elem_id="od-map-progress")
     picture = gr.HTML(EMPTY_HTML, elem_id="od-devicemap")
+    timing_table = gr.Dataframe(
+        headers=TIMING_HEADERS,
+        label="Time per block, latest reply",
+        interactive=False,
+        wrap=True,
+        visible=False,
+        elem_id="od-map-timing",
+    )
     with gr.Accordion("Module table", open=False):
         table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
-    return DeviceMapTab(heading, picture, table, plan_state)
+    timer = gr.Timer(SERVING_REFRESH_SECONDS)
+    return DeviceMapTab(heading, picture, table, plan_state, progress, timing_table, timer, gr.State(-1))
 
 
 def wire_devicemap_tab(service: DemoService, tab: DeviceMapTab, triggers: list[Any]) -> None:
-    """Redraw the tab on each of ``triggers`` (events: a new plan, a load, opening the tab)."""
-    gr.on(
-        triggers,
-        bind(refresh, service, tab),
-        {tab.plan_state},
-        [tab.heading, tab.picture, tab.table],
-        api_visibility="private",
-        queue=False,
+    """Redraw the tab on each of ``triggers`` (events: a new plan, a load, opening the tab), and
+    on its timer: the pass running now, and the whole map after each reply."""
+    private = {"api_visibility": "private", "queue": False}
+    drawing = [tab.heading, tab.picture, tab.table]
+    timing = [tab.timing_table, tab.progress, tab.drawn]
+    gr.on(triggers, bind(refresh, service, tab), {tab.plan_state}, drawing, **private)
+    gr.on(triggers, bind(refresh_timing, service, tab), {tab.plan_state}, timing, **private)
+    tab.timer.tick(
+        bind(tick, service, tab),
+        {tab.plan_state, tab.drawn},
+        [*drawing, *timing],
+        show_progress="hidden",
+        **private,
     )
 
 
