@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from optdemo.core.generation import GenerationParams
+from optdemo.core.generation import GenerationParams, GenerationStats
 from optdemo.runtime.batching.sampling import Sampler
 
 
@@ -77,3 +77,26 @@ class Request:
     def stops(self) -> tuple[str, ...]:
         assert self.prompt is not None
         return (*self.prompt.stop_strings, *self.params.stop)
+
+    def final_stats(self, end: float, speculation: dict) -> GenerationStats:
+        """What the reply cost, as it ends at ``end`` (perf_counter); ``speculation`` adds a
+        draft's figures (drafted, accepted, passes)."""
+        first, last = self.first_at, self.last_at
+        rate = None
+        if self.generated > 1 and first is not None and last is not None and last > first:
+            rate = (self.generated - 1) / (last - first)
+        prompt = self.prompt
+        return GenerationStats(
+            prompt_tokens=len(prompt.input_ids) if prompt else 0,
+            new_tokens=self.generated,
+            time_to_first_token=None if first is None else first - self.submitted,
+            total_seconds=end - self.submitted,
+            tokens_per_second=rate,
+            stopped=self.stop_event.is_set() and not self.stop_hit,
+            dropped_turns=prompt.dropped_turns if prompt else 0,
+            context_window=prompt.context_window if prompt else None,
+            batch_size=self.peak_batch,
+            cached_tokens=self.cached_tokens,
+            prompt_seconds=self.prompt_seconds,
+            **speculation,
+        )

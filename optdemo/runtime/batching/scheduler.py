@@ -25,7 +25,6 @@ from optdemo.core.defaults import GENERATION_WAIT_SECONDS
 from optdemo.core.errors import BusyError, NoModelError, OptdemoError
 from optdemo.core.generation import (
     GenerationParams,
-    GenerationStats,
     GenerationUpdate,
     cut_at_stop,
     generation_failure,
@@ -270,24 +269,7 @@ class BatchEngine:
             return
         end = time.perf_counter()
         text, _ = cut_at_stop(request.text, request.stops, final=True)
-        first, last = request.first_at, request.last_at
-        rate = None
-        if request.generated > 1 and first is not None and last is not None and last > first:
-            rate = (request.generated - 1) / (last - first)
-        stats = GenerationStats(
-            prompt_tokens=len(request.prompt.input_ids) if request.prompt else 0,
-            new_tokens=request.generated,
-            time_to_first_token=None if first is None else first - request.submitted,
-            total_seconds=end - request.submitted,
-            tokens_per_second=rate,
-            stopped=request.stop_event.is_set() and not request.stop_hit,
-            dropped_turns=request.prompt.dropped_turns if request.prompt else 0,
-            context_window=request.prompt.context_window if request.prompt else None,
-            batch_size=request.peak_batch,
-            cached_tokens=request.cached_tokens,
-            prompt_seconds=request.prompt_seconds,
-            **speculation,
-        )
+        stats = request.final_stats(end, speculation)
         reply = tuple(request.ids[len(request.prompt.input_ids) :]) if request.prompt else ()
         timing.finish(request, end)  # where its time went, per block: the model's latest reply
         request.updates.put(GenerationUpdate(text, stats, token_ids=reply))
