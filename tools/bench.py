@@ -231,7 +231,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, regime: str,
         drop_page_cache(model, converted_root())
     started = time.perf_counter()
     quantization = side_quantization(side)
-    checkpoint = None
+    checkpoint = None  # optdemo's converted or quantized copy, where it loads one
     if side.startswith("optdemo") or quantization != "none":
         manager = ModelManager()
         budget = None if side.startswith("ram") else max_memory  # ram-4bit: everything in RAM
@@ -269,6 +269,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, regime: str,
     shutil.rmtree(offload, ignore_errors=True)
     # Like s_per_token, from the first new token to the last: what each further token reads.
     read_per_token = (reads[-1] - reads[0]) / (len(reads) - 1) if len(reads) > 1 else 0
+    quantized = (quantization_info(checkpoint) if checkpoint else None) or {}
     return {
         "side": side,
         "regime": regime,
@@ -281,9 +282,8 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, regime: str,
         "offload_bytes_written": written,
         "disk_bytes_per_token": read_per_token,
         "quantization": quantization,
-        "quantize_seconds": (quantization_info(checkpoint) or {}).get("quantize_seconds")
-        if checkpoint
-        else None,
+        "quantize_seconds": quantized.get("quantize_seconds"),
+        "quantize_peak_rss_bytes": quantized.get("peak_rss_bytes"),
         "tokens": len(times),
         "token_ids": token_ids,
         "disk_tier": disk_tier,
@@ -292,7 +292,7 @@ def run_worker(side: str, model: str, max_memory: str, tokens: int, regime: str,
     }
 
 
-def _spawn(side: str, args: argparse.Namespace, model: Path, regime: str) -> dict:
+def _spawn(side: str, args: argparse.Namespace, model: Path, regime: str, tokens: int | None = None) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -304,7 +304,7 @@ def _spawn(side: str, args: argparse.Namespace, model: Path, regime: str) -> dic
         "--max-memory",
         args.max_memory,
         "--tokens",
-        str(args.tokens),
+        str(tokens or args.tokens),
         "--dtype",
         args.dtype,
         "--worker-regime",
@@ -401,9 +401,12 @@ def run_sides(args: argparse.Namespace, model: Path, sides: list[str]) -> tuple[
         # optdemo converts a .bin checkpoint (or quantizes it) once into its cache: do that first,
         # untimed, so the runs below measure what every later load costs (the first load's time is
         # reported).
-        load_s = _spawn(side, args, model, "warm")["load_s"]
+        # One token is enough: the load, not decoding, is what this run is for.
+        first = _spawn(side, args, model, "warm", tokens=1)
+        load_s = first["load_s"]
         first_load = load_s if side == "optdemo" else first_load
         args.first_loads[side] = load_s
+        args.first_load_peaks[side] = first["peak_rss_bytes"]
         print(f"  {side} first load (one-time conversion included): {load_s:.2f}s", file=sys.stderr)
     for regime in regimes:
         for repeat in range(args.repeats):
@@ -476,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_concurrency_levels(args, model, argv if argv is not None else sys.argv[1:])
     sides = expand_sides([s.strip() for s in args.sides.split(",") if s.strip()], args.quantization)
     args.first_loads = {}
+    args.first_load_peaks = {}
     runs, first_load = run_sides(args, model, sides)
     report(args, model, runs, first_load, argv if argv is not None else sys.argv[1:])
     return 0

@@ -227,14 +227,19 @@ def quantized_report(
         config = LoadConfig(str(model), dtype=args.dtype, max_memory=args.max_memory, quantization=scheme)
         plan = plan_device_map(config)
         prediction = predict_plan(plan, available)
-        seconds = [r["quantize_seconds"] for r in runs if r["side"] == side and r.get("quantize_seconds")]
+        mine = [r for r in runs if r["side"] == side]
+        seconds = [r["quantize_seconds"] for r in mine if r.get("quantize_seconds")]
+        peaks = [r["quantize_peak_rss_bytes"] for r in mine if r.get("quantize_peak_rss_bytes")]
         measured = {r["regime"]: r["s_per_token"] for r in rows if r["side"] == side}
         result[scheme] = {
             "bytes_per_device": {str(k): v for k, v in plan.bytes_per_device.items()},
             "prediction": prediction.to_dict(),
             "measured_s_per_token": measured,
             "first_load_s": getattr(args, "first_loads", {}).get(side),
+            "first_load_peak_rss_bytes": getattr(args, "first_load_peaks", {}).get(side),
             "quantize_seconds": max(seconds, default=None),
+            # The quantizing process's high-water mark when it finished (streamed shard by shard).
+            "quantize_peak_rss_bytes": max(peaks, default=None),
         }
         # The warm figure when there is one (the prediction is for steady decoding), else the
         # regime that ran (a capped run is cold only).

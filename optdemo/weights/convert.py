@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -233,11 +234,27 @@ def ensure_quantized(
     def build(staging: Path) -> None:
         started = time.perf_counter()
         convert_checkpoint(source_dir, staging, "bfloat16", progress, transform, save_aligned)
-        info = {"scheme": scheme, "format": key, "quantize_seconds": time.perf_counter() - started}
+        info = {
+            "scheme": scheme,
+            "format": key,
+            "quantize_seconds": time.perf_counter() - started,
+            # Quantizing streams shard by shard: the high-water mark shows it never held the model.
+            "peak_rss_bytes": _peak_rss_bytes(),
+        }
         (staging / QUANTIZATION_INFO).write_text(json.dumps(info, indent=2))
 
     meta = {"model": model, "revision": revision or "main", "dtype": key}
     return _ensure_entry(target, meta, build, (source_dir, "up to", "bfloat16"))
+
+
+def _peak_rss_bytes() -> int | None:
+    """This process's resident-memory high-water mark so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def quantization_info(folder: str | Path) -> dict | None:
