@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     import torch
 
 QUERY_BLOCK = 64
-KEY_BLOCK = 128
+# Large key blocks: each block pair is a few tensor operations, so fewer, larger pairs keep a long
+# conversation's prompt bound by arithmetic rather than by the operations' own overhead.
+KEY_BLOCK = 512
 
 
 def block_attention(
@@ -34,22 +36,33 @@ def block_attention(
     first = total - rows  # absolute position of the first query row
     scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
     out = torch.empty((heads, rows, dim), dtype=torch.float32, device=query.device)
-    q, k, v = query[0].float(), key[0].float(), value[0].float()
+    q = query[0].float()
+    keys, values = _key_blocks(key[0], total), _key_blocks(value[0], total)
     key_positions = torch.arange(KEY_BLOCK, device=query.device)
     for block_start in range(first - first % QUERY_BLOCK, total, QUERY_BLOCK):
         lo, hi = max(block_start, first), min(block_start + QUERY_BLOCK, total)
         block = q.new_zeros((heads, QUERY_BLOCK, dim))
         block[:, lo - block_start : hi - block_start] = q[:, lo - first : hi - first]
         query_positions = block_start + torch.arange(QUERY_BLOCK, device=query.device)
-        result = _attend(block, k, v, query_positions, key_positions, total, scale)
+        result = _attend(block, keys, values, query_positions, key_positions, total, scale)
         out[:, lo - first : hi - first] = result[:, lo - block_start : hi - block_start]
     return out.to(query.dtype).transpose(0, 1).unsqueeze(0)
 
 
+def _key_blocks(rows: torch.Tensor, total: int) -> torch.Tensor:
+    """``[heads, total, dim]`` as float32 blocks ``[blocks, heads, KEY_BLOCK, dim]``, each one
+    contiguous (the same layout for every block pair) and the last padded with zero rows."""
+    heads, _, dim = rows.shape
+    blocks = -(-total // KEY_BLOCK)
+    padded = rows.new_zeros((heads, blocks * KEY_BLOCK, dim), dtype=rows.dtype)
+    padded[:, :total] = rows
+    return padded.float().view(heads, blocks, KEY_BLOCK, dim).transpose(0, 1).contiguous()
+
+
 def _attend(
     block: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
     total: int,
@@ -62,23 +75,19 @@ def _attend(
     maximum = block.new_full((heads, rows, 1), float("-inf"))
     norm = block.new_zeros((heads, rows, 1))
     acc = block.new_zeros((heads, rows, dim))
-    end = int(query_positions[-1]) + 1
-    for key_start in range(0, end, KEY_BLOCK):
-        keys = k.new_zeros((heads, KEY_BLOCK, dim))
-        values = v.new_zeros((heads, KEY_BLOCK, dim))
-        stop = min(key_start + KEY_BLOCK, total)
-        keys[:, : stop - key_start] = k[:, key_start:stop]
-        values[:, : stop - key_start] = v[:, key_start:stop]
-        positions = key_start + key_positions
-        hidden = (positions[None, :] > query_positions[:, None]) | (positions[None, :] >= total)
-        scores = torch.matmul(block, keys.transpose(1, 2)) * scale
-        scores = scores.masked_fill(hidden, float("-inf"))
+    first_row, end = int(query_positions[0]), int(query_positions[-1]) + 1
+    for index, key_start in enumerate(range(0, end, KEY_BLOCK)):
+        scores = torch.matmul(block, keys[index].transpose(1, 2)) * scale
+        if key_start + KEY_BLOCK > min(first_row + 1, total):  # some key is masked for some row
+            positions = key_start + key_positions
+            hidden = (positions[None, :] > query_positions[:, None]) | (positions[None, :] >= total)
+            scores = scores.masked_fill(hidden, float("-inf"))
         new_max = torch.maximum(maximum, scores.amax(dim=-1, keepdim=True))
         # Rows with nothing visible yet keep -inf: exp(-inf - -inf) is NaN, so shift by 0 there.
         shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
         weights = torch.exp(scores - shift)
         correction = torch.exp(maximum - shift)
         norm = norm * correction + weights.sum(dim=-1, keepdim=True)
-        acc = acc * correction + torch.matmul(weights, values)
+        acc = acc * correction + torch.matmul(weights, values[index])
         maximum = new_max
     return acc / norm.clamp_min(torch.finfo(acc.dtype).tiny)

@@ -11,7 +11,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from optdemo.runtime.batching import kernels
-from optdemo.runtime.batching.exact_attention import block_attention
+from optdemo.runtime.batching.exact_attention import KEY_BLOCK, QUERY_BLOCK, block_attention
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EXACT = kernels.KernelChoice(kernels.NATIVE, True, "")
@@ -84,16 +84,18 @@ def test_float16_prompts_in_float32_are_at_least_as_exact_as_float16() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prompt_attention_rows_do_not_depend_on_the_cut(dtype: torch.dtype) -> None:
-    """A 300-token prompt's attention computed whole, or after 1..299 cached tokens: the same bits
-    for every row, and the same values as SDPA's causal attention (to its rounding)."""
+    """A prompt over two and a half key blocks computed whole, or after any number of cached
+    tokens (block edges included): the same bits for every row, and the same values as SDPA's
+    causal attention (to its rounding)."""
     torch.manual_seed(0)
-    heads, total, dim = 4, 300, 32
+    heads, total, dim = 2, 2 * KEY_BLOCK + KEY_BLOCK // 2, 16
     q, k, v = (torch.randn(1, heads, total, dim).to(dtype) for _ in range(3))
     whole = block_attention(q, k, v)
-    for cached in (1, 63, 64, 65, 200, 299):
+    edges = (QUERY_BLOCK - 1, QUERY_BLOCK, KEY_BLOCK - 1, KEY_BLOCK, KEY_BLOCK + 1, 2 * KEY_BLOCK + 3)
+    for cached in (1, 65, 200, *edges, total - 1):
         part = block_attention(q[:, :, cached:], k, v)
         assert torch.equal(part, whole[:, cached:]), cached
-    for prefix in (10, 64, 129):  # a shorter prompt's rows, computed before the rest existed
+    for prefix in (10, QUERY_BLOCK, 129, KEY_BLOCK + 7):  # a shorter prompt's rows, computed first
         assert torch.equal(
             block_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix]), whole[:, :prefix]
         )
