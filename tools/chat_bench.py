@@ -279,7 +279,7 @@ def run_memory(args: argparse.Namespace, model: Path) -> dict:
     from optdemo.core.budget import parse_max_memory
     from tools.memcap import MemoryCap
 
-    budget = parse_max_memory(args.max_memory).limits["cpu"]
+    budget = parse_max_memory(args.max_memory).as_max_memory()["cpu"]
     cap_bytes = budget + int(args.overhead_gib * 2**30)
     with MemoryCap(cap_bytes) as cap:
         app = App(["--model", str(model), "--dtype", args.dtype, "--max-memory", args.max_memory], cap.join())
