@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from optdemo.app.machine import conversion_cache_summary
 from optdemo.core.budget import format_bytes
@@ -101,9 +102,17 @@ def generation_record(
     ratio = None
     if mean_k is not None and measured.one_pass and measured.per_extra_token is not None:
         ratio = (measured.one_pass + mean_k * measured.per_extra_token) / measured.one_pass
+    status = manager.status()
     return {
         "model": None if config is None else config.model,
         "draft": None if config is None else config.draft,
+        # What was in force, read back from the loaded model, not the flags: the budget, where every
+        # module landed, the bytes per device, the disk tier's split and the draft's RAM.
+        "max_memory": None if config is None or config.max_memory is None else str(config.max_memory),
+        "device_map": {name: str(device) for name, device in status.device_map.items()},
+        "bytes_per_device": {str(device): size for device, size in status.bytes_per_device.items()},
+        "disk_tier": None if status.disk_tier is None else asdict(status.disk_tier),
+        "draft_loaded": manager.draft_info,
         "token_ids": list(token_ids),
         "load_seconds": load_seconds,
         "time_to_first_token": stats.time_to_first_token,

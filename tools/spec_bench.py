@@ -114,6 +114,21 @@ def compare(runs: list[dict]) -> list[dict]:
     return rows
 
 
+_GIT: dict[str, Any] = {"cwd": REPO_ROOT, "capture_output": True, "text": True, "check": False}
+
+
+def _commit() -> str | None:
+    """The commit the runs were made at (with ``+changes`` when the tree differs), or None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **_GIT)
+        dirty = subprocess.run(["git", "status", "--porcelain"], **_GIT)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module's text)."""
     parser = argparse.ArgumentParser(prog="python -m tools.spec_bench", description=__doc__.split("\n")[0])
@@ -144,7 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             runs.append(run_once(args, draft, args.tokens))
             print(f"[{draft}: {runs[-1]['decode_seconds_per_token']} s/token]", file=sys.stderr)
-    report = {"model": args.model, "max_memory": args.max_memory, "tokens": args.tokens, "cold": args.cold}
+    report = {
+        "command": ["python", "-m", "tools.spec_bench", *(sys.argv[1:] if argv is None else argv)],
+        "commit": _commit(),
+        "model": args.model,
+        "max_memory": args.max_memory,
+        "tokens": args.tokens,
+        "cold": args.cold,
+    }
     report |= {"runs": runs, "comparison": compare(runs)}
     text = json.dumps(report, indent=2)
     if args.json:

@@ -111,6 +111,13 @@ class ModelManager:
         with self._state_lock:
             return self._loaded.config if self._loaded else None
 
+    @property
+    def draft_info(self) -> dict | None:
+        """The loaded draft as plain data (what, its RAM read back, its load time), or None."""
+        with self._state_lock:
+            draft = self._loaded.draft if self._loaded else None
+        return None if draft is None else draft.to_dict()
+
     # ---------------------------------------------------------------- loading
     def load(self, config: LoadConfig, progress: ProgressCallback | None = None) -> LoadReport:
         """Make ``config``'s model the loaded one, reusing it when the configuration is unchanged.
