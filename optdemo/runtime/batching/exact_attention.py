@@ -36,7 +36,7 @@ def block_attention(
     first = total - rows  # absolute position of the first query row
     scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
     out = torch.empty((heads, rows, dim), dtype=torch.float32, device=query.device)
-    q = query[0].float()
+    q = query[0].float() * scale  # scaled once here, not every block's scores
     keys, values = _key_blocks(key[0], total), _key_blocks(value[0], total)
     key_positions = torch.arange(KEY_BLOCK, device=query.device)
     for block_start in range(first - first % QUERY_BLOCK, total, QUERY_BLOCK):
@@ -44,7 +44,7 @@ def block_attention(
         block = q.new_zeros((heads, QUERY_BLOCK, dim))
         block[:, lo - block_start : hi - block_start] = q[:, lo - first : hi - first]
         query_positions = block_start + torch.arange(QUERY_BLOCK, device=query.device)
-        result = _attend(block, keys, values, query_positions, key_positions, total, scale)
+        result = _attend(block, keys, values, query_positions, key_positions, total)
         out[:, lo - first : hi - first] = result[:, lo - block_start : hi - block_start]
     return out.to(query.dtype).transpose(0, 1).unsqueeze(0)
 
@@ -66,9 +66,9 @@ def _attend(
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
     total: int,
-    scale: float,
 ) -> torch.Tensor:
-    """One query block against the key blocks up to its last position (online softmax)."""
+    """One (scaled) query block against the key blocks up to its last position (online softmax).
+    The scores are updated in place: each block pair is a few passes over one buffer."""
     import torch
 
     heads, rows, dim = block.shape
@@ -77,15 +77,15 @@ def _attend(
     acc = block.new_zeros((heads, rows, dim))
     first_row, end = int(query_positions[0]), int(query_positions[-1]) + 1
     for index, key_start in enumerate(range(0, end, KEY_BLOCK)):
-        scores = torch.matmul(block, keys[index].transpose(1, 2)) * scale
+        scores = torch.matmul(block, keys[index].transpose(1, 2))
         if key_start + KEY_BLOCK > min(first_row + 1, total):  # some key is masked for some row
             positions = key_start + key_positions
             hidden = (positions[None, :] > query_positions[:, None]) | (positions[None, :] >= total)
-            scores = scores.masked_fill(hidden, float("-inf"))
+            scores.masked_fill_(hidden, float("-inf"))
         new_max = torch.maximum(maximum, scores.amax(dim=-1, keepdim=True))
         # Rows with nothing visible yet keep -inf: exp(-inf - -inf) is NaN, so shift by 0 there.
         shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-        weights = torch.exp(scores - shift)
+        weights = scores.sub_(shift).exp_()
         correction = torch.exp(maximum - shift)
         norm = norm * correction + weights.sum(dim=-1, keepdim=True)
         acc = acc * correction + torch.matmul(weights, values[index])

@@ -70,7 +70,9 @@ def test_outside_the_engine_torch_computes_as_it_always_does() -> None:
 
 def test_float16_prompts_in_float32_are_at_least_as_exact_as_float16() -> None:
     """Against a float64 reference, float16 weights computed in float32 blocks err no more than
-    float16's own product, and round once: their results are float32 products rounded to float16."""
+    float16's own product, and round once: their results are float32 products rounded to float16
+    (the whole product's, to within one float16 step: a float32 product's last bits depend on how
+    the CPU's library blocks it, e.g. Intel's MKL against AMD's)."""
     torch.manual_seed(0)
     weight = (torch.randn(2048, 1024) / 32).half()
     x = torch.randn(40, 1024).half()
@@ -79,7 +81,10 @@ def test_float16_prompts_in_float32_are_at_least_as_exact_as_float16() -> None:
     in_float32 = _linear(x, weight, kernels.PROMPT, FLOAT32_PROMPTS)
     assert in_float32.dtype == torch.float16
     assert (in_float32.double() - reference).abs().max() <= (native.double() - reference).abs().max()
-    assert torch.equal(in_float32, (x.float() @ weight.float().T).half())
+    whole = (x.float() @ weight.float().T).half().float()
+    # One float16 step, or (where the sum cancels to near zero) a float32 sum's own error.
+    torch.testing.assert_close(in_float32.float(), whole, rtol=2**-10, atol=2**-18)
+    assert (in_float32.float() == whole).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
