@@ -128,6 +128,7 @@ def generation_record(
         "per_extra_token_seconds": measured.per_extra_token,
         "draft_token_seconds": measured.draft_token,
         "k_pass_over_one_pass": ratio,  # a pass over mean k + 1 tokens against one over 1 token
+        "draft_released": measured.released,  # why the draft was let go mid-reply, if it was
     }
 
 

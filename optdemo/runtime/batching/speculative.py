@@ -30,6 +30,8 @@ decodes in the batch, and speculates again once it is alone.
 
 from __future__ import annotations
 
+import gc
+import logging
 import secrets
 import time
 import weakref
@@ -42,6 +44,8 @@ from optdemo.runtime.batching import kernels
 from optdemo.runtime.batching.padded_batch import PaddedBatch, _keeps_logits, forward, new_cache, positions
 from optdemo.runtime.batching.request import Request
 from optdemo.runtime.batching.row_attention import prepare_model
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +95,7 @@ class Measured:
     per_extra_token: float | None = None
     draft_token: float | None = None
     acceptance: float = PRIOR_ACCEPTANCE
+    released: str | None = None  # why the draft was let go: no acceptance could make it pay here
 
     def costs(self) -> DraftCosts | None:
         """The costs the choice of k weighs, once all three are measured."""
@@ -148,6 +153,9 @@ class Speculator:
         if self._owner is not loaded:
             self.reset()
             self._owner = loaded
+        if self._release_if_hopeless(loaded):
+            self._state = None
+            return False
         request = running[0]
         cached = len(request.ids) - 1  # the reply's last token is not in the cache yet
         unpadded = batch.mask.shape[1] == cached and bool(batch.mask.all())
@@ -171,6 +179,26 @@ class Speculator:
             rate = counts.accepted / (counts.accepted + counts.rejected)
             self.measured.acceptance = _smoothed(self.measured.acceptance, rate)
         return counts.fields()
+
+    def _release_if_hopeless(self, loaded: Any) -> bool:
+        """Let the draft go once the measured costs show that no draft length pays even at an
+        acceptance of ``_OPTIMISTIC`` (e.g. a CPU without float16 units, where every further token of
+        a pass costs another float16 product): its RAM goes back to the model's page cache, and the
+        reason is kept in ``measured.released``. A configured ``fixed_k`` (tests) never releases."""
+        costs = self.measured.costs()
+        if costs is None or self.fixed_k is not None or choose_draft_length(costs, _OPTIMISTIC)[0]:
+            return False
+        name = loaded.draft.display_name
+        loaded.draft = None  # the last reference besides this engine's state, which goes too
+        self._state = None
+        gc.collect()
+        self.measured.released = (
+            f"the draft {name} was released: here a pass costs {costs.one_pass:.2f} s, each further "
+            f"token {costs.per_extra_token:.2f} s more and a draft token {costs.draft_token:.2f} s, so "
+            "no acceptance rate makes speculation pay; reload with the draft to try again"
+        )
+        log.warning("%s", self.measured.released)
+        return True
 
     # ---------------------------------------------------------------- choosing k
     def acceptance(self, request: Request) -> float:

@@ -323,6 +323,29 @@ def test_the_engine_measures_before_it_speculates_then_chooses_by_the_costs() ->
     assert chooser.choose_k(request, window=512) == 0
 
 
+def test_a_draft_that_cannot_pay_here_is_released(manager: ModelManager, tiny_model_dir: Path) -> None:
+    """Costs under which no draft length pays even at 95% acceptance (each further token of a pass
+    as dear as a whole pass): the draft is let go at the next step, with the reason, and the reply
+    goes on plainly, token for token the model's own; a new load brings the draft back."""
+    config = LoadConfig(str(tiny_model_dir))
+    manager.load(config)
+    reference = list(manager.stream_completion(PROMPTS[2], GREEDY))[-1].token_ids
+    manager.load(config.with_changes(draft="4bit"))
+    assert manager.draft_info is not None
+    speculator = manager.engine.speculator
+    speculator.fixed_k = None
+    speculator._owner = manager._loaded  # as after the model's first pass: its costs are known
+    speculator.measured = speculative.Measured(one_pass=0.1, per_extra_token=0.1, draft_token=0.05)
+    update = list(manager.stream_completion(PROMPTS[2], GREEDY))[-1]
+    assert update.token_ids == reference and update.stats.passes == 0
+    assert manager.draft_info is None
+    reason = speculator.measured.released
+    assert "was released" in reason and "no acceptance rate" in reason
+    manager.load(config)
+    manager.load(config.with_changes(draft="4bit"))
+    assert manager.draft_info is not None and speculator.measured.released is None
+
+
 # ---------------------------------------------------------------------------------- other visitors
 def test_two_replies_running_are_never_speculated(
     manager: ModelManager, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
