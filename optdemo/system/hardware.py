@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import psutil
@@ -113,6 +114,16 @@ def suggest_budget(hardware: Hardware) -> MemoryBudget:
 
 def _round_step(n: float) -> int:
     return int(n) // BUDGET_STEP_BYTES * BUDGET_STEP_BYTES
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's resident-memory high-water mark so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def quantization_unavailable(has_gpu: bool) -> str | None:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from filelock import FileLock, Timeout
 
 from optdemo.core.errors import CacheInUseError
 from optdemo.core.paths import cache_dir
+from optdemo.system.hardware import peak_rss_bytes
 from optdemo.weights.disk_full import disk_full_error, is_disk_full
 
 _WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
@@ -220,12 +220,10 @@ def ensure_quantized(
     transform: ShardTransform,
     progress: ShardProgress | None = None,
 ) -> Path:
-    """Return the cached quantized copy of the checkpoint in ``source_dir``, quantizing it first
-    if needed (once, shard by shard, even with concurrent callers): the same cache, keys, locks
-    and clean-up as :func:`ensure_converted`, keyed by the stored format
-    (:func:`optdemo.weights.quantize.scheme_key`) instead of a dtype. ``transform`` turns one shard's
-    tensors into the quantized ones. The entry records how long quantizing took
-    (:func:`quantization_info`). A full disk is reported with the bfloat16 size as the most needed."""
+    """The cached quantized copy of the checkpoint in ``source_dir``, quantized first if needed (once,
+    shard by shard by ``transform``, even with concurrent callers) in :func:`ensure_converted`'s cache
+    keyed by the stored format; the entry records the time and peak memory (:func:`quantization_info`).
+    A full disk is reported with the bfloat16 size as the most needed."""
     from optdemo.weights.quantize import save_aligned, scheme_key
 
     key = scheme_key(scheme)
@@ -234,27 +232,12 @@ def ensure_quantized(
     def build(staging: Path) -> None:
         started = time.perf_counter()
         convert_checkpoint(source_dir, staging, "bfloat16", progress, transform, save_aligned)
-        info = {
-            "scheme": scheme,
-            "format": key,
-            "quantize_seconds": time.perf_counter() - started,
-            # Quantizing streams shard by shard: the high-water mark shows it never held the model.
-            "peak_rss_bytes": _peak_rss_bytes(),
-        }
+        seconds, peak = time.perf_counter() - started, peak_rss_bytes()  # peak: it never held the model
+        info = {"scheme": scheme, "format": key, "quantize_seconds": seconds, "peak_rss_bytes": peak}
         (staging / QUANTIZATION_INFO).write_text(json.dumps(info, indent=2))
 
     meta = {"model": model, "revision": revision or "main", "dtype": key}
     return _ensure_entry(target, meta, build, (source_dir, "up to", "bfloat16"))
-
-
-def _peak_rss_bytes() -> int | None:
-    """This process's resident-memory high-water mark so far (None where the OS does not say)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def quantization_info(folder: str | Path) -> dict | None:
