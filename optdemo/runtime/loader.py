@@ -8,6 +8,7 @@ request is refused while the current model is still loaded. ``load_model`` then 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -192,11 +193,7 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an actionable message
         raise LoadError(load_error_message(exc, config, source)) from None
     model.eval()
-    disk_tier = (
-        place_disk_tier(model, config.disk_tier)
-        if config.fast_offload
-        else DiskTierReport(0, 0, "fast offloading is off")
-    )
+    disk_tier = _disk_tier(model, config, source)
     policy = None
     if config.quantization == "none":
         policy = apply_policy(model, config.cpu_layers_in_force, str(dtype).removeprefix("torch."))
@@ -214,6 +211,20 @@ def load_model(config: LoadConfig, plan: Plan, progress: ProgressCallback | None
         cpu_layers=policy,
     )
     return LoadedModel(model, tokenizer, status, draft)
+
+
+def _disk_tier(model: Any, config: LoadConfig, source: ModelSource) -> DiskTierReport:
+    """Fast offloading's disk tier for the loaded ``model``; RAM running out there (the streamed
+    tier's read buffers are a load's last large allocation) is a :class:`LoadError` that says what
+    to do."""
+    if not config.fast_offload:
+        return DiskTierReport(0, 0, "fast offloading is off")
+    try:
+        return place_disk_tier(model, config.disk_tier)
+    except (MemoryError, OSError) as exc:
+        if not isinstance(exc, MemoryError) and exc.errno != errno.ENOMEM:
+            raise
+        raise LoadError(load_error_message(exc, config, source)) from None
 
 
 def _quantization_config(config: LoadConfig, plan: Plan) -> Any:
@@ -236,8 +247,9 @@ def load_error_message(exc: BaseException, config: LoadConfig, source: ModelSour
     name = config.display_name
     if isinstance(exc, torch.OutOfMemoryError):
         return f"the GPU ran out of memory loading {name}: lower the GPU budget so more goes to CPU"
-    if isinstance(exc, MemoryError):
-        return f"RAM ran out loading {name}: lower the cpu budget so more goes to disk"
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        draft = ", or choose a smaller draft (or none)" if config.draft != "none" else ""
+        return f"RAM ran out loading {name}: lower the cpu budget so more goes to disk{draft}"
     if is_disk_full(exc):  # before the corrupt-checkpoint test: safetensors' full disk is no OSError
         return (
             f"the disk filled up while loading {name}: free space in the offload folder "

@@ -94,6 +94,29 @@ def test_every_load_error_says_what_to_do(exc: BaseException | None) -> None:
     assert any(word in remedy for word in ("pick", "load it again", "connect", "try again")), message
 
 
+def test_ram_running_out_while_the_disk_tier_is_placed_is_a_sentence(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streamed tier's buffers are allocated after the weights: ENOMEM there (a large draft in
+    RAM beside the model) is a load error that says what to do, not a traceback, and nothing stays
+    loaded."""
+    import errno
+
+    from optdemo.runtime import loader
+    from optdemo.runtime.manager import ModelManager
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(loader, "place_disk_tier", no_memory)
+    manager = ModelManager()
+    config = LoadConfig(str(tiny_model_dir), draft="8bit")
+    with pytest.raises(LoadError) as caught:
+        manager.load(config)
+    assert "RAM ran out loading" in str(caught.value) and "smaller draft" in str(caught.value)
+    assert manager.current_config is None
+
+
 # ---------------------------------------------------------------- item: a newer load supersedes
 @pytest.mark.slow
 def test_a_newer_load_supersedes_a_waiting_one_and_errors_name_their_model(
