@@ -52,6 +52,7 @@ def test_loading_an_opt_size_with_the_hub_unreachable_says_what_to_do() -> None:
         from optdemo.runtime.manager import ModelManager
         from optdemo.app.service import DemoService
         from optdemo.app.settings import AppSettings
+        from transformers import AutoModelForCausalLM, OPTForCausalLM  # imports: not the wait measured
         service = DemoService(ModelManager(), AppSettings())
         started = time.perf_counter()
         try:
