@@ -143,7 +143,7 @@ def test_the_tab_redraws_after_each_reply_and_shows_a_long_pass(manager, tiny_mo
     manager.load(LoadConfig(str(tiny_model_dir)))
     service, tab = map_ui(manager)
     values = {tab.plan_state: None, tab.drawn: -1}
-    first = devicemap_tab.refresh_timing(service, tab, values, REQUEST)
+    first = devicemap_tab.refresh(service, tab, values, REQUEST)
     assert first[tab.drawn] == 0 and first[tab.timing_table]["visible"] is False
     values[tab.drawn] = 0
     assert devicemap_tab.tick(service, tab, values, REQUEST) == {tab.progress: ""}  # nothing new
@@ -157,6 +157,27 @@ def test_the_tab_redraws_after_each_reply_and_shows_a_long_pass(manager, tiny_mo
     assert devicemap_tab.progress_line(replace(service.status(), timing=running)).startswith(
         "Computing a prompt of 450 tokens: layer 4 of 24"
     )
+
+
+@pytest.mark.slow
+def test_a_reply_ending_while_the_tab_draws_is_drawn_on_the_next_tick(manager, tiny_model_dir) -> None:
+    """The map and the reply count it records come from one snapshot: when a reply ends just
+    after the tab read the backend, the next tick sees a newer reply and draws it (were the count
+    read later than the map, the map would keep the older reply for good)."""
+    from optdemo.core.generation import GenerationParams
+    from optdemo.core.load_config import LoadConfig
+
+    manager.load(LoadConfig(str(tiny_model_dir)))
+    list(manager.stream_completion("Hello", GenerationParams(max_new_tokens=4, temperature=0)))
+    service, tab = map_ui(manager)
+    before = service.status()
+    later = replace(before, timing=replace(before.timing, replies=before.timing.replies + 1))
+    snapshots = iter([before])
+    service.status = lambda: next(snapshots, later)  # the reply ends after the first read
+    drawn = devicemap_tab.refresh(service, tab, {tab.plan_state: None, tab.drawn: -1}, REQUEST)
+    assert drawn[tab.drawn] == before.timing.replies
+    redrawn = devicemap_tab.tick(service, tab, {tab.plan_state: None, tab.drawn: drawn[tab.drawn]}, REQUEST)
+    assert redrawn[tab.drawn] == later.timing.replies and tab.picture in redrawn
 
 
 # ---------------------------------------------------------------------------------- done when

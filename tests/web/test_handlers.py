@@ -428,6 +428,9 @@ def test_load_then_device_map_then_unload(tiny_model_dir: Path) -> None:
         device_map.heading: "",
         device_map.picture: devicemap_tab.EMPTY_HTML,
         device_map.table: [],
+        device_map.timing_table: {"__type__": "update", "value": [], "visible": False},
+        device_map.progress: "",
+        device_map.drawn: 0,  # nothing loaded: no replies drawn
     }
 
 

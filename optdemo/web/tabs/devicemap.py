@@ -2,8 +2,8 @@
 where the latest reply's time went (a bar under each block, a table, the totals that explain it).
 
 :func:`layout_devicemap_tab` builds the components (a :class:`DeviceMapTab`), the handler
-:func:`refresh` redraws them from the session's plan and the loaded model, :func:`refresh_timing`
-the latest reply's table and the pass running now, and :func:`wire_devicemap_tab` redraws on every
+:func:`refresh` redraws them (the map, the latest reply's table, the pass running now) from the
+session's plan and the loaded model, and :func:`wire_devicemap_tab` redraws on every
 new plan, load or unload, when the tab is opened, and every couple of seconds (:func:`tick`: the
 pass running now, and the whole map once a reply has ended).
 """
@@ -188,20 +188,19 @@ def _same_plan(plan: Plan, loaded_plan: Plan) -> bool:
 
 
 def refresh(service: DemoService, tab: DeviceMapTab, values: dict, request: Any) -> Updates:
-    """Redraw the tab for this session's plan and the loaded model."""
-    heading, picture, table = render_tab(
-        values[tab.plan_state], service.status(), service.loaded_prediction()
-    )
-    return {tab.heading: heading, tab.picture: picture, tab.table: table}
-
-
-def refresh_timing(service: DemoService, tab: DeviceMapTab, values: dict, request: Any) -> Updates:
-    """The latest reply's table, the pass running now, and which reply the map shows."""
-    report = service.status().timing
+    """Redraw the whole tab (map, heading, tables, the pass running now) for this session's plan
+    and the loaded model, from one snapshot of the backend: the reply count it records is the one
+    the map was drawn from, so a reply that ends while the tab draws is redrawn on the next tick."""
+    status = service.status()
+    heading, picture, table = render_tab(values[tab.plan_state], status, service.loaded_prediction())
+    report = status.timing
     rows = timing_rows(report.latest) if report is not None and report.latest is not None else []
     return {
+        tab.heading: heading,
+        tab.picture: picture,
+        tab.table: table,
         tab.timing_table: gr.update(value=rows, visible=bool(rows)),
-        tab.progress: progress_line(service.status()),
+        tab.progress: progress_line(status),
         tab.drawn: report.replies if report is not None else 0,
     }
 
@@ -212,7 +211,7 @@ def tick(service: DemoService, tab: DeviceMapTab, values: dict, request: Any) ->
     status = service.status()
     replies = status.timing.replies if status.timing is not None else 0
     if replies != values[tab.drawn]:
-        return {**refresh(service, tab, values, request), **refresh_timing(service, tab, values, request)}
+        return refresh(service, tab, values, request)
     return {tab.progress: progress_line(status)}
 
 
@@ -254,14 +253,12 @@ def wire_devicemap_tab(service: DemoService, tab: DeviceMapTab, triggers: list[A
     """Redraw the tab on each of ``triggers`` (events: a new plan, a load, opening the tab), and
     on its timer: the pass running now, and the whole map after each reply."""
     private = {"api_visibility": "private", "queue": False}
-    drawing = [tab.heading, tab.picture, tab.table]
-    timing = [tab.timing_table, tab.progress, tab.drawn]
-    gr.on(triggers, bind(refresh, service, tab), {tab.plan_state}, drawing, **private)
-    gr.on(triggers, bind(refresh_timing, service, tab), {tab.plan_state}, timing, **private)
+    outputs = [tab.heading, tab.picture, tab.table, tab.timing_table, tab.progress, tab.drawn]
+    gr.on(triggers, bind(refresh, service, tab), {tab.plan_state}, outputs, **private)
     tab.timer.tick(
         bind(tick, service, tab),
         {tab.plan_state, tab.drawn},
-        [*drawing, *timing],
+        outputs,
         show_progress="hidden",
         **private,
     )
