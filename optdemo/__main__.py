@@ -19,6 +19,7 @@ from optdemo.core.errors import ConfigError, OptdemoError
 from optdemo.core.generation import GenerationParams, GenerationStats
 from optdemo.core.load_config import DRAFT_COPIES, LoadConfig
 from optdemo.plan.planner import device_label, plan_device_map
+from optdemo.plan.policy import MAX_DRAFT_LENGTH
 from optdemo.runtime.manager import ModelManager
 from optdemo.weights import convert
 
@@ -71,8 +72,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load, then stream a continuation of the prompt with timings, as the original scripts did;
     with ``--json``, print one JSON object instead (the benchmark's record)."""
+    config = _config(args)
+    if args.draft_length is not None and config.draft == "none":
+        raise ConfigError("--draft-length needs a draft: add --draft 4bit, --draft 8bit or --draft-model ID")
     manager = ModelManager()
-    report = manager.load(_config(args))
+    manager.engine.speculator.fixed_k = args.draft_length
+    report = manager.load(config)
     print(f"[{report.message}; placement: {report.bytes_per_device}]", file=sys.stderr)
     params = GenerationParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
@@ -174,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--max-new-tokens", type=int, default=30)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    generate.add_argument(
+        "--draft-length",
+        type=int,
+        choices=range(1, MAX_DRAFT_LENGTH + 1),
+        metavar=f"1..{MAX_DRAFT_LENGTH}",
+        help="with a draft: propose exactly this many tokens a pass, whatever the costs (to measure "
+        "such a pass; default: chosen from the costs, plain decoding where speculation cannot pay)",
+    )
     generate.add_argument(
         "--json", action="store_true", help="print one JSON object: tokens, timings, the draft's figures"
     )

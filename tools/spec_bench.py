@@ -6,8 +6,10 @@
 Each run is ``python -m optdemo generate ... --json`` (greedy) in a fresh process, so nothing in
 Python carries over; ``--cold`` drops the checkpoint, the offload folder and the conversion cache
 from the page cache first (and the whole page cache where the kernel allows it), as tools.bench
-does. ``--drafts`` names the runs: ``none``, ``8bit``, ``4bit``, or ``model:ID`` for a draft model;
-each draft's one-time quantization happens in a warm-up run that is not measured. The report holds
+does. ``--drafts`` names the runs: ``none``, ``8bit``, ``4bit``, or ``model:ID`` for a draft model,
+each optionally ``@K`` for a draft of exactly K tokens a pass (``generate --draft-length K``: it
+measures a K-token pass where the engine, by its costs, would not speculate); each draft's one-time
+quantization happens in a warm-up run that is not measured. The report holds
 every run's record (tokens, load seconds, time to first token, decode seconds per token, proposals,
 kept ones, passes, the k of each pass, the measured costs), whether each draft's tokens equal the
 run without one, its decode speed against that run, and the speed the measured costs predict at
@@ -33,13 +35,15 @@ from tools.memcap import drop_caches
 PROMPT = "The history of large language models began"
 
 
-def draft_flags(draft: str) -> list[str]:
-    """The ``generate`` flags of one run: none, a copy scheme, or ``model:ID``."""
+def draft_flags(run: str) -> list[str]:
+    """The ``generate`` flags of one run: none, a copy scheme, or ``model:ID``, each maybe ``@K``."""
+    draft, _, length = run.partition("@")
+    fixed = ["--draft-length", length] if length else []
     if draft == "none":
         return []
     if draft.startswith("model:"):
-        return ["--draft-model", draft.removeprefix("model:")]
-    return ["--draft", draft]
+        return ["--draft-model", draft.removeprefix("model:"), *fixed]
+    return ["--draft", draft, *fixed]
 
 
 def generate_command(args: argparse.Namespace, draft: str, tokens: int) -> list[str]:
@@ -104,6 +108,8 @@ def compare(runs: list[dict]) -> list[dict]:
             "run": run["run"],
             "acceptance": run.get("acceptance"),
             "k_used": run["k_used"],
+            "k_pass_over_one_pass": run.get("k_pass_over_one_pass"),
+            "draft_released": run.get("draft_released"),
         }
         if base is not None:
             row["token_identical"] = run["token_ids"] == base["token_ids"]
@@ -152,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run every draft's generation, then print or write the report."""
     args = build_parser().parse_args(argv)
     drafts = [draft.strip() for draft in args.drafts.split(",") if draft.strip()]
-    runs = []
+    runs, warmed = [], {"none"}
     for draft in drafts:
-        if not args.no_warmup and draft != "none":
+        if not args.no_warmup and draft.partition("@")[0] not in warmed:
             run_once(args, draft, 1)  # the one-time quantization into the cache, not measured
+            warmed.add(draft.partition("@")[0])
         for _ in range(args.repeats):
             runs.append(run_once(args, draft, args.tokens))
             print(f"[{draft}: {runs[-1]['decode_seconds_per_token']} s/token]", file=sys.stderr)

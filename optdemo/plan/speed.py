@@ -229,12 +229,24 @@ def predict_plan(plan: Plan, ram_available_bytes: int) -> SpeedPrediction:
 def predict_draft(
     plan: Plan, bandwidths: Bandwidths, one_pass: float, cpu_executes: bool = True
 ) -> DraftPrediction | None:
-    """The speed with the plan's draft (None without one): a pass over k + 1 tokens reads the
-    weights once, as a pass over one token does (``one_pass``), and computes each further token:
-    on the CPU, the weights it executes at the rate of a prompt-sized product plus each layer's
-    bookkeeping (on a GPU, only the bookkeeping); the draft's token costs its bytes at its kernel's
-    rate. The draft length at each acceptance rate is the one the engine would choose
+    """The speed with the plan's draft (None without one), from :func:`predict_draft_costs`; the
+    draft length at each acceptance rate is the one the engine would choose
     (:func:`~optdemo.plan.policy.choose_draft_length`)."""
+    costs = predict_draft_costs(plan, bandwidths, one_pass, cpu_executes)
+    if costs is None or plan.draft is None:
+        return None
+    speculative = tuple((a, *choose_draft_length(costs, a)) for a in ACCEPTANCE_RATES)
+    return DraftPrediction(plan.draft.display_name, plan.draft.bytes, costs, 1.0 / one_pass, speculative)
+
+
+def predict_draft_costs(
+    plan: Plan, bandwidths: Bandwidths, one_pass: float, cpu_executes: bool = True
+) -> DraftCosts | None:
+    """What speculation costs with the plan's draft on this machine (None without one): a pass over
+    k + 1 tokens reads the weights once, as a pass over one token does (``one_pass``), and computes
+    each further token: on the CPU, the weights it executes at the rate of a prompt-sized product
+    plus each layer's bookkeeping (on a GPU, only the bookkeeping); the draft's token costs its
+    bytes at its kernel's rate. The engine starts from these until it has measured its own."""
     draft = plan.draft
     if draft is None:
         return None
@@ -246,12 +258,10 @@ def predict_draft(
         flops = 2 * executed / _WEIGHT_BYTES.get(kernel, 2.0)
         # Unmeasured prompt rate: assume each further token costs what a whole pass computes.
         compute = flops / prompt_rate if prompt_rate else executed / plan_rate(bandwidths, plan)
-    costs = DraftCosts(
+    return DraftCosts(
         one_pass,
         compute + LAYER_OVERHEAD_SECONDS * len(plan.layers),
         draft.bytes / bandwidths.cpu_rate(draft.kernel)
         + STEP_OVERHEAD_SECONDS
         + LAYER_OVERHEAD_SECONDS * draft.layers,
     )
-    speculative = tuple((a, *choose_draft_length(costs, a)) for a in ACCEPTANCE_RATES)
-    return DraftPrediction(draft.display_name, draft.bytes, costs, 1.0 / one_pass, speculative)

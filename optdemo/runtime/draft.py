@@ -20,7 +20,10 @@ from optdemo.core.generation import context_window
 from optdemo.core.load_config import DRAFT_COPIES, LoadConfig
 from optdemo.models import hub
 from optdemo.models.source import ModelSource, hub_token, resolve_model
-from optdemo.plan.planner import resolve_dtype
+from optdemo.plan.bandwidth import Bandwidths
+from optdemo.plan.planner import Plan, resolve_dtype
+from optdemo.plan.policy import DraftCosts, PolicyChoice
+from optdemo.plan.speed import predict_draft_costs
 from optdemo.runtime.quantized_load import load_quantized, shard_transform
 from optdemo.weights.checkpoints import ProgressCallback, quantized_checkpoint
 
@@ -38,6 +41,9 @@ class Draft:
     bytes: int  # RAM its weights take
     load_seconds: float
     window: int  # its context window: no draft beyond it
+    # The plan's costs on this machine (a further token of a pass, a draft token), which the
+    # engine goes by until it has measured its own (predicted_costs).
+    predicted: DraftCosts | None = None
 
     def to_dict(self) -> dict:
         """Plain data for the benchmark's JSON."""
@@ -77,6 +83,15 @@ def load_draft(
         model = _load_model(draft_source, config)
     size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return Draft(model.eval(), config.draft, name, size, time.perf_counter() - started, context_window(model))
+
+
+def predicted_costs(plan: Plan, cpu_layers: PolicyChoice | None, bandwidths: Bandwidths) -> DraftCosts | None:
+    """What the plan predicts a further token of a verification pass and a draft token cost here
+    (its ``one_pass`` is 0: the engine measures that before it speculates), so the engine can tell
+    a draft that cannot pay before spending a pass on finding out. CPU-resident layers compute
+    each further token unless a GPU runs them (``cpu_layers``)."""
+    cpu_executes = cpu_layers is None or cpu_layers.policy == "cpu"
+    return predict_draft_costs(plan, bandwidths, 0.0, cpu_executes)
 
 
 def check_vocabulary(tokenizer: Any, draft_tokenizer: Any, draft_name: str, model_name: str) -> None:

@@ -59,6 +59,7 @@ from optdemo.plan.policy import choose_prompt_kernel
 from optdemo.runtime import timing, timing_hooks
 from optdemo.runtime.batching.request import Prompt, Serving
 from optdemo.runtime.batching.scheduler import BatchEngine
+from optdemo.runtime.draft import predicted_costs
 from optdemo.runtime.loader import LoadedModel, load_model, preflight
 from optdemo.runtime.readahead import ReadAheadSlot
 from optdemo.runtime.status import LoadReport, ModelStatus
@@ -263,8 +264,8 @@ class ModelManager:
 
     def _set_loaded(self, loaded: LoadedModel) -> None:
         """Make ``loaded`` current: cap the batch at the sequences its budget leaves room for, give
-        the rest of that room to prompt caches, choose the kernel its prompts run on, and time
-        its blocks (:mod:`optdemo.runtime.timing`)."""
+        the rest of that room to prompt caches, choose the kernel its prompts run on, time its
+        blocks (:mod:`optdemo.runtime.timing`) and predict its draft's costs."""
         plan = loaded.status.plan
         bandwidths = measured_bandwidths()
         prompt = choose_prompt_kernel(plan.dtype, bandwidths) if plan is not None else None
@@ -272,6 +273,8 @@ class ModelManager:
             loaded.model._optdemo_prompt_kernel = prompt.kernel
             timing_hooks.install(loaded.model, plan, loaded.status.device_map, bandwidths)
         loaded.status = replace(loaded.status, prompt_kernel=prompt)
+        if loaded.draft is not None and plan is not None:
+            loaded.draft.predicted = predicted_costs(plan, loaded.status.cpu_layers, bandwidths)
         self.engine.room = plan.batch if plan is not None else None
         with self._state_lock:
             self._loaded = loaded
@@ -441,8 +444,7 @@ def _release(loaded: LoadedModel) -> None:
 
 
 def _free_memory() -> None:
-    """Collect the dropped model's garbage, then hand the accelerator's cached blocks back to the
-    driver (CUDA, XPU, MPS, ...: Accelerate knows each backend's call)."""
+    """Collect the dropped model's garbage, then give the accelerator's cached blocks back (Accelerate)."""
     from accelerate.utils.memory import clear_device_cache  # imports torch: only when freeing
 
     clear_device_cache(garbage_collection=True)

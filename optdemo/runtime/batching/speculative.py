@@ -21,11 +21,12 @@ A pass reads the model's weights once however many tokens it checks, so where re
 cost (a disk tier) a pass over k + 1 tokens costs about one over a single token, and each kept
 proposal is a token that needed no pass of its own; in RAM on a CPU, computing dominates and it
 may not pay. k is chosen before each pass from costs measured as they happen, per loaded model
-(a one-token pass, each further token of a pass, a draft token) and the acceptance seen so far in
-this reply (with the model's recent replies as the prior), by the rule the plan predicts with
-(:func:`optdemo.plan.policy.choose_draft_length`); k = 0 is plain decoding. With other replies
-running, batching already shares each pass: a reply that is joined drops its draft state and
-decodes in the batch, and speculates again once it is alone.
+(a one-token pass, each further token of a pass, a draft token; the plan's predictions until
+measured, so a draft that cannot pay here is released before a speculative pass is spent) and the
+acceptance seen so far in this reply (with the model's recent replies as the prior), by the rule
+the plan predicts with (:func:`optdemo.plan.policy.choose_draft_length`); k = 0 is plain
+decoding. With other replies running, batching already shares each pass: a reply that is joined
+drops its draft state and decodes in the batch, and speculates again once it is alone.
 """
 
 from __future__ import annotations
@@ -96,12 +97,27 @@ class Measured:
     draft_token: float | None = None
     acceptance: float = PRIOR_ACCEPTANCE
     released: str | None = None  # why the draft was let go: no acceptance could make it pay here
+    predicted: DraftCosts | None = None  # the plan's costs here, for those not measured yet
 
     def costs(self) -> DraftCosts | None:
-        """The costs the choice of k weighs, once all three are measured."""
-        if self.one_pass is None or self.per_extra_token is None or self.draft_token is None:
+        """The costs the choice of k weighs: each as measured, else as the plan predicts it; None
+        until a one-token pass is measured, or while a cost is neither measured nor predicted."""
+        extra, draft = self.per_extra_token, self.draft_token
+        if self.predicted is not None:
+            extra = self.predicted.per_extra_token if extra is None else extra
+            draft = self.predicted.draft_token if draft is None else draft
+        if self.one_pass is None or extra is None or draft is None:
             return None
-        return DraftCosts(self.one_pass, self.per_extra_token, self.draft_token)
+        return DraftCosts(self.one_pass, extra, draft)
+
+    def describe(self, costs: DraftCosts) -> str:
+        """``costs`` for people, saying which are the plan's prediction rather than measured."""
+        extra = "" if self.per_extra_token is not None else " (predicted)"
+        draft = "" if self.draft_token is not None else " (predicted)"
+        return (
+            f"a pass costs {costs.one_pass:.2f} s, each further token {costs.per_extra_token:.2f} s"
+            f"{extra} more and a draft token {costs.draft_token:.2f} s{draft}"
+        )
 
 
 @dataclass
@@ -153,6 +169,7 @@ class Speculator:
         if self._owner is not loaded:
             self.reset()
             self._owner = loaded
+            self.measured.predicted = draft.predicted
         if self._release_if_hopeless(loaded):
             self._state = None
             return False
@@ -181,10 +198,12 @@ class Speculator:
         return counts.fields()
 
     def _release_if_hopeless(self, loaded: Any) -> bool:
-        """Let the draft go once the measured costs show that no draft length pays even at an
-        acceptance of ``_OPTIMISTIC`` (e.g. a CPU without float16 units, where every further token of
-        a pass costs another float16 product): its RAM goes back to the model's page cache, and the
-        reason is kept in ``measured.released``. A configured ``fixed_k`` (tests) never releases."""
+        """Let the draft go once the costs show that no draft length pays even at an acceptance of
+        ``_OPTIMISTIC`` (e.g. a CPU without float16 units, where every further token of a pass costs
+        another float16 product): its RAM goes back to the model's page cache, and the reason is
+        kept in ``measured.released``. With the plan's prediction this is known after the first
+        measured one-token pass, before any speculative pass is spent on finding out. A configured
+        ``fixed_k`` (tests, ``generate --draft-length``) never releases."""
         costs = self.measured.costs()
         if costs is None or self.fixed_k is not None or choose_draft_length(costs, _OPTIMISTIC)[0]:
             return False
@@ -193,9 +212,8 @@ class Speculator:
         self._state = None
         gc.collect()
         self.measured.released = (
-            f"the draft {name} was released: here a pass costs {costs.one_pass:.2f} s, each further "
-            f"token {costs.per_extra_token:.2f} s more and a draft token {costs.draft_token:.2f} s, so "
-            "no acceptance rate makes speculation pay; reload with the draft to try again"
+            f"the draft {name} was released: here {self.measured.describe(costs)}, so no acceptance "
+            "rate makes speculation pay; reload with the draft to try again"
         )
         log.warning("%s", self.measured.released)
         return True
@@ -211,17 +229,20 @@ class Speculator:
 
     def choose_k(self, request: Request, window: int) -> int:
         """The next pass's draft length: within the reply's remaining tokens and the draft's window,
-        the best by the measured costs. Plain passes first (a warm-up, then their cost), then one
-        of ``EXPLORE_K`` (a several-token pass's cost and the draft's); a plain pass now and then,
-        and a single proposal after a long plain run (has acceptance risen?)."""
+        the best by the costs. Plain passes first (a warm-up, then their cost); then, where the plan
+        predicted the other costs, the rule's k by them (each replaced by its measurement once one
+        is made), else one pass of ``EXPLORE_K`` to measure them; a plain pass now and then, and a
+        single proposal after a long plain run (has acceptance risen?)."""
         remaining = request.params.max_new_tokens - request.generated
         cap = min(MAX_DRAFT_LENGTH, remaining - 1, window - len(request.ids))
         if cap <= 0:
             return 0
+        measured = self.measured
+        if measured.one_pass is None:
+            return 0  # a warm-up, then the one-token pass every other cost is weighed against
         if self.fixed_k is not None:
             return min(self.fixed_k, cap)
-        measured = self.measured
-        if measured.one_pass is None or self._since_plain >= REMEASURE_EVERY:
+        if self._since_plain >= REMEASURE_EVERY:
             return 0
         costs = measured.costs()
         if costs is None:

@@ -241,7 +241,8 @@ def test_sampled_replies_follow_the_models_distribution(manager: ModelManager, t
     manager.load(LoadConfig(str(tiny_model_dir), draft="4bit"))
     manager.engine.speculator.fixed_k = 2
     updates = [list(manager.stream_completion(PROMPTS[1], p))[-1] for p in params]
-    assert sum(u.stats.passes for u in updates) >= 300 and sum(u.stats.accepted for u in updates) > 0
+    # Every reply but the first speculates (the first's two steps warm up and time a one-token pass).
+    assert sum(u.stats.passes for u in updates) == 299 and sum(u.stats.accepted for u in updates) > 0
     assert any(u.stats.accepted < u.stats.drafted for u in updates)  # rejections happened
     prompt_ids = list(AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPTS[1]).input_ids)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -346,6 +347,50 @@ def test_a_draft_that_cannot_pay_here_is_released(manager: ModelManager, tiny_mo
     assert manager.draft_info is not None and speculator.measured.released is None
 
 
+def test_the_plans_predicted_costs_stand_in_until_each_is_measured() -> None:
+    """With the plan's prediction, the first speculative pass after the one-token pass is measured
+    uses the rule's k by the predicted costs (no exploratory pass); each measurement then replaces
+    its prediction; and a prediction under which nothing pays is known before any speculative pass."""
+    chooser = speculative.Speculator()
+    chooser.measured.predicted = DraftCosts(0.0, 0.02, 0.05)  # one_pass: measured, never predicted
+    request = Request(lambda loaded: None, GenerationParams(max_new_tokens=40), threading.Event())
+    request.ids, request.generated = [1, 2, 3], 1
+    chooser._measure_pass(1, 9.0)  # the warm-up
+    assert chooser.measured.costs() is None and chooser.choose_k(request, window=512) == 0
+    chooser._measure_pass(1, 1.0)
+    assert chooser.measured.costs() == DraftCosts(1.0, 0.02, 0.05)
+    expected = choose_draft_length(DraftCosts(1.0, 0.02, 0.05), chooser.acceptance(request))[0]
+    assert chooser.choose_k(request, window=512) == expected == 5  # not EXPLORE_K: no exploring
+    chooser._measure_pass(4, 1.9)  # three further tokens cost 0.3 s each: measured, not predicted
+    assert chooser.measured.costs() == DraftCosts(1.0, pytest.approx(0.3), 0.05)
+    said = chooser.measured.describe(chooser.measured.costs())
+    assert said == "a pass costs 1.00 s, each further token 0.30 s more and a draft token 0.05 s (predicted)"
+    hopeless = speculative.Measured(one_pass=0.1, predicted=DraftCosts(0.0, 0.1, 0.05))
+    assert choose_draft_length(hopeless.costs(), 0.95)[0] == 0
+
+
+def test_a_draft_predicted_not_to_pay_is_released_before_any_speculative_pass(
+    manager: ModelManager, tiny_model_dir: Path
+) -> None:
+    """The load gives the draft the plan's predicted costs; where they say no draft length pays,
+    the draft goes after the first measured one-token pass: no speculative pass spent, the reply the
+    model's own, the reason saying which costs were predicted."""
+    config = LoadConfig(str(tiny_model_dir))
+    manager.load(config)
+    reference = list(manager.stream_completion(PROMPTS[2], GREEDY))[-1].token_ids
+    manager.load(config.with_changes(draft="4bit"))
+    predicted = manager._loaded.draft.predicted
+    assert predicted is not None and predicted.per_extra_token > 0 and predicted.draft_token > 0
+    manager._loaded.draft.predicted = DraftCosts(0.0, 10.0, 1.0)  # as on a CPU without float16 units
+    update = list(manager.stream_completion(PROMPTS[2], GREEDY))[-1]
+    assert update.token_ids == reference and update.stats.passes == update.stats.drafted == 0
+    assert manager.draft_info is None
+    reason = manager.engine.speculator.measured.released
+    assert (
+        "each further token 10.00 s (predicted) more" in reason and "draft token 1.00 s (predicted)" in reason
+    )
+
+
 # ---------------------------------------------------------------------------------- other visitors
 def test_two_replies_running_are_never_speculated(
     manager: ModelManager, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
@@ -358,12 +403,16 @@ def test_two_replies_running_are_never_speculated(
     alone = [list(manager.stream_completion(p, long))[-1].token_ids for p in PROMPTS[:2]]
     manager.load(LoadConfig(str(tiny_model_dir), draft="8bit"))
     manager.engine.speculator.fixed_k = 2
+    list(manager.stream_completion(PROMPTS[2], GREEDY))  # a warm-up and a one-token pass timed
     running_at_passes: list[int] = []
+    speculated = threading.Event()
     original = speculative.Speculator._pass
 
     def recording(self, loaded, request, batch, k, emit) -> None:
         running_at_passes.append(manager.engine.counts()[0])
         original(self, loaded, request, batch, k, emit)
+        if k:
+            speculated.set()
 
     monkeypatch.setattr(speculative.Speculator, "_pass", recording)
     results: dict[int, GenerationUpdate] = {}
@@ -371,8 +420,8 @@ def test_two_replies_running_are_never_speculated(
         target=lambda: results.__setitem__(1, list(manager.stream_completion(PROMPTS[1], long))[-1])
     )
     for update in manager.stream_completion(PROMPTS[0], long):
-        if update.text and second.ident is None:
-            second.start()  # joins while the first is being written
+        if speculated.is_set() and second.ident is None:
+            second.start()  # joins while the first is being written, after a speculative pass
         results[0] = update
     second.join(30)
     first, other = results[0], results[1]
@@ -514,13 +563,19 @@ def test_generate_json_prints_one_object_with_the_drafts_figures(
     assert main(base) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main([*base, "--draft", "8bit"]) == 0
+    adaptive = json.loads(capsys.readouterr().out)  # speculates or not, as the costs say
+    assert adaptive["token_ids"] == plain["token_ids"]
+    assert main([*base, "--draft", "8bit", "--draft-length", "3"]) == 0
     drafted = json.loads(capsys.readouterr().out)
     assert drafted["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 12
     assert drafted["text"] == plain["text"] and drafted["draft"] == "8bit" and plain["draft"] == "none"
     for key in ("load_seconds", "time_to_first_token", "decode_seconds_per_token", "one_token_pass_seconds"):
         assert drafted[key] > 0, key
-    assert drafted["passes"] == len(drafted["k_used"]) >= 1
+    assert drafted["passes"] == len(drafted["k_used"]) >= 1 and set(drafted["k_used"]) <= {1, 2, 3}
+    assert drafted["k_pass_over_one_pass"] > 0 and drafted["draft_released"] is None
     assert drafted["drafted"] == sum(drafted["k_used"]) and 0 <= drafted["accepted"] <= drafted["drafted"]
     assert (plain["passes"], plain["k_used"], plain["acceptance"]) == (0, [], None)
     assert main([*base, "--draft", "4bit", "--draft-model", "tiny-opt"]) == 1
     assert "give one of them" in capsys.readouterr().err
+    assert main([*base, "--draft-length", "3"]) == 1
+    assert "--draft-length needs a draft" in capsys.readouterr().err
