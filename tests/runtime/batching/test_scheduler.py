@@ -390,7 +390,7 @@ def test_eight_gradio_client_sessions_get_their_solo_greedy_replies():
     from gradio_client import Client
 
     prompts = [f"{prompt} (visitor {index})" for index, prompt in enumerate(PROMPTS)]
-    greedy = {"max_new_tokens": 200, "temperature": 0.0, "repetition_penalty": 1.3}
+    greedy = {"max_new_tokens": 80, "temperature": 0.0, "repetition_penalty": 1.3}
     with running_app() as app:
         client = app.client()
         client.predict("tiny-opt", "cpu=1GiB", "auto", "", api_name="/load")
