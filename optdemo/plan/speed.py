@@ -54,10 +54,16 @@ class DraftPrediction:
         rates = " / ".join(f"{rate:.3g}" for _, _, rate in self.speculative)
         accept = " / ".join(f"{a:g}" for a, _, _ in self.speculative)
         ks = " / ".join(str(k) for _, k, _ in self.speculative)
+        slower = ""
+        if self.costs.one_pass * self.plain_tokens_per_second > 1.01:
+            slower = (
+                f"; while it drafts, its RAM comes out of the disk tier's page cache: a pass of the model "
+                f"takes {self.costs.one_pass:.3g} s instead of {1 / self.plain_tokens_per_second:.3g} s"
+            )
         return (
             f"draft {self.display_name} ({self.draft_bytes / 2**30:.2f} GiB in RAM): "
             f"{self.plain_tokens_per_second:.3g} tokens/s without it; {rates} at acceptance {accept} "
-            f"(k {ks}; k 0 is plain decoding)"
+            f"(k {ks}; k 0 is plain decoding){slower}"
         )
 
     def to_dict(self) -> dict:
@@ -218,25 +224,41 @@ def predict_plan(plan: Plan, ram_available_bytes: int) -> SpeedPrediction:
         plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "accelerate"
     )
     cpu_executes = policy is None or policy.policy == "cpu"
+    with_draft = prediction.seconds_per_token
+    if plan.draft is not None and per_device.get("disk"):
+        # The draft stays in RAM: the disk tier's page cache is that much smaller while it is loaded.
+        room = max(0, ram_available_bytes - cpu_bytes - plan.draft.bytes)
+        with_draft = predict(
+            plan, bandwidths, room, policy.policy if policy else "accelerate"
+        ).seconds_per_token
     return replace(
         prediction,
         cpu_layers=policy,
         prompt_kernel=choose_prompt_kernel(plan.dtype, bandwidths),
-        draft=predict_draft(plan, bandwidths, prediction.seconds_per_token, cpu_executes),
+        draft=predict_draft(
+            plan, bandwidths, with_draft, cpu_executes, plain_pass=prediction.seconds_per_token
+        ),
     )
 
 
 def predict_draft(
-    plan: Plan, bandwidths: Bandwidths, one_pass: float, cpu_executes: bool = True
+    plan: Plan,
+    bandwidths: Bandwidths,
+    one_pass: float,
+    cpu_executes: bool = True,
+    plain_pass: float | None = None,
 ) -> DraftPrediction | None:
-    """The speed with the plan's draft (None without one), from :func:`predict_draft_costs`; the
-    draft length at each acceptance rate is the one the engine would choose
+    """The speed with the plan's draft (None without one), from :func:`predict_draft_costs`;
+    ``one_pass`` is a one-token pass with the draft loaded, ``plain_pass`` one without it (they
+    differ where the draft's RAM shrinks the disk tier's page cache; default: the same). The draft
+    length at each acceptance rate is the one the engine would choose
     (:func:`~optdemo.plan.policy.choose_draft_length`)."""
     costs = predict_draft_costs(plan, bandwidths, one_pass, cpu_executes)
     if costs is None or plan.draft is None:
         return None
     speculative = tuple((a, *choose_draft_length(costs, a)) for a in ACCEPTANCE_RATES)
-    return DraftPrediction(plan.draft.display_name, plan.draft.bytes, costs, 1.0 / one_pass, speculative)
+    plain = 1.0 / (plain_pass or one_pass)
+    return DraftPrediction(plan.draft.display_name, plan.draft.bytes, costs, plain, speculative)
 
 
 def predict_draft_costs(

@@ -502,6 +502,31 @@ def test_the_plan_gives_the_drafts_memory_and_the_speed_with_and_without(tiny_mo
     assert predict_draft(plan_device_map(LoadConfig(str(tiny_model_dir))), bandwidths, 1.0) is None
 
 
+def test_the_plan_counts_the_drafts_ram_against_the_disk_tiers_page_cache(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With a disk tier, the draft's RAM comes out of the page cache that holds the tier: where the
+    cache holds it either way, the prediction with the draft starts from the same plain pass; where
+    only the draft's RAM makes the difference, a plain pass with it loaded is slower, and the plan
+    says so beside the speed without it."""
+    from optdemo.plan.policy import HEADROOM_BYTES
+    from optdemo.plan.speed import predict_plan
+
+    config = tier_config(tiny_model_dir, "disk, map", tmp_path).with_changes(draft="4bit")
+    plan = plan_device_map(config)
+    disk, cpu, draft = plan.bytes_per_device["disk"], plan.bytes_per_device["cpu"], plan.draft.bytes
+    needed = cpu + disk + HEADROOM_BYTES  # the RAM that caches the whole tier beside the CPU tier
+    roomy = predict_plan(plan, needed + 2 * draft).draft
+    assert roomy.costs.one_pass == pytest.approx(1 / roomy.plain_tokens_per_second)
+    assert "page cache" not in roomy.summary()
+    tight = predict_plan(plan, needed + draft // 2).draft  # holds the tier only without the draft
+    assert tight.costs.one_pass > 1.01 / tight.plain_tokens_per_second
+    assert tight.plain_tokens_per_second == pytest.approx(roomy.plain_tokens_per_second)
+    assert (
+        "while it drafts, its RAM comes out of the disk tier's page cache: a pass of the" in tight.summary()
+    )
+
+
 # ---------------------------------------------------------------------------------- where a user sets it
 def test_the_draft_from_flags_and_environment() -> None:
     """``--draft`` and ``--draft-model`` (or OPTDEMO_DRAFT / OPTDEMO_DRAFT_MODEL) both set the
