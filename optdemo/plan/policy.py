@@ -169,15 +169,21 @@ SPECULATION_MARGIN = 1.05
 class DraftCosts:
     """What speculative decoding costs, in seconds: the model's pass over one token, each further
     token in the same pass (nearly nothing where reading the weights dominates, as on a disk tier;
-    nearly a whole pass where computing does, as in RAM on a CPU), and one token of the draft."""
+    nearly a whole pass where computing does, as in RAM on a CPU), and one token of the draft; and
+    how much slower the model's pass runs while the draft drafts (above 1 where the draft's RAM
+    comes out of the page cache that holds the disk tier: idle, its pages make way; drafting, the
+    model's do)."""
 
     one_pass: float
     per_extra_token: float
     draft_token: float
+    drafting_slowdown: float = 1.0
 
     def pass_seconds(self, k: int) -> float:
         """Seconds of one speculative pass: ``k`` draft tokens, then the model's pass over k + 1."""
-        return k * self.draft_token + self.one_pass + k * self.per_extra_token
+        if k == 0:
+            return self.one_pass
+        return k * self.draft_token + self.one_pass * self.drafting_slowdown + k * self.per_extra_token
 
 
 def expected_tokens(acceptance: float, k: int) -> float:

@@ -55,10 +55,11 @@ class DraftPrediction:
         accept = " / ".join(f"{a:g}" for a, _, _ in self.speculative)
         ks = " / ".join(str(k) for _, k, _ in self.speculative)
         slower = ""
-        if self.costs.one_pass * self.plain_tokens_per_second > 1.01:
+        if self.costs.drafting_slowdown > 1.01:
             slower = (
                 f"; while it drafts, its RAM comes out of the disk tier's page cache: a pass of the model "
-                f"takes {self.costs.one_pass:.3g} s instead of {1 / self.plain_tokens_per_second:.3g} s"
+                f"takes {self.costs.one_pass * self.costs.drafting_slowdown:.3g} s instead of "
+                f"{self.costs.one_pass:.3g} s"
             )
         return (
             f"draft {self.display_name} ({self.draft_bytes / 2**30:.2f} GiB in RAM): "
@@ -76,6 +77,7 @@ class DraftPrediction:
                 "per_extra_token": self.costs.per_extra_token,
                 "draft_token": self.costs.draft_token,
             },
+            "drafting_slowdown": self.costs.drafting_slowdown,
             "plain_tokens_per_second": self.plain_tokens_per_second,
             "speculative": [
                 {"acceptance": a, "k": k, "tokens_per_second": rate} for a, k, rate in self.speculative
@@ -224,41 +226,41 @@ def predict_plan(plan: Plan, ram_available_bytes: int) -> SpeedPrediction:
         plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), policy.policy if policy else "accelerate"
     )
     cpu_executes = policy is None or policy.policy == "cpu"
-    with_draft = prediction.seconds_per_token
-    if plan.draft is not None and per_device.get("disk"):
-        # The draft stays in RAM: the disk tier's page cache is that much smaller while it is loaded.
-        room = max(0, ram_available_bytes - cpu_bytes - plan.draft.bytes)
-        with_draft = predict(
-            plan, bandwidths, room, policy.policy if policy else "accelerate"
-        ).seconds_per_token
+    slowdown = drafting_slowdown(
+        plan, bandwidths, ram_available_bytes, policy.policy if policy else "accelerate"
+    )
     return replace(
         prediction,
         cpu_layers=policy,
         prompt_kernel=choose_prompt_kernel(plan.dtype, bandwidths),
-        draft=predict_draft(
-            plan, bandwidths, with_draft, cpu_executes, plain_pass=prediction.seconds_per_token
-        ),
+        draft=predict_draft(plan, bandwidths, prediction.seconds_per_token, cpu_executes, slowdown),
     )
 
 
+def drafting_slowdown(plan: Plan, bandwidths: Bandwidths, ram_available_bytes: int, cpu_layers: str) -> float:
+    """How much slower the model's pass runs while its draft drafts (1.0 without a draft or a disk
+    tier): the draft's RAM is then out of the page cache that holds the disk tier."""
+    cpu_bytes = plan.bytes_per_device.get("cpu", 0)
+    if plan.draft is None or not plan.bytes_per_device.get("disk"):
+        return 1.0
+    alone = predict(plan, bandwidths, max(0, ram_available_bytes - cpu_bytes), cpu_layers).seconds_per_token
+    room = max(0, ram_available_bytes - cpu_bytes - plan.draft.bytes)
+    return max(1.0, predict(plan, bandwidths, room, cpu_layers).seconds_per_token / alone)
+
+
 def predict_draft(
-    plan: Plan,
-    bandwidths: Bandwidths,
-    one_pass: float,
-    cpu_executes: bool = True,
-    plain_pass: float | None = None,
+    plan: Plan, bandwidths: Bandwidths, one_pass: float, cpu_executes: bool = True, slowdown: float = 1.0
 ) -> DraftPrediction | None:
-    """The speed with the plan's draft (None without one), from :func:`predict_draft_costs`;
-    ``one_pass`` is a one-token pass with the draft loaded, ``plain_pass`` one without it (they
-    differ where the draft's RAM shrinks the disk tier's page cache; default: the same). The draft
+    """The speed with the plan's draft (None without one), from :func:`predict_draft_costs` and
+    the model's pass ``slowdown`` while the draft drafts (:func:`drafting_slowdown`); the draft
     length at each acceptance rate is the one the engine would choose
     (:func:`~optdemo.plan.policy.choose_draft_length`)."""
     costs = predict_draft_costs(plan, bandwidths, one_pass, cpu_executes)
     if costs is None or plan.draft is None:
         return None
+    costs = replace(costs, drafting_slowdown=slowdown)
     speculative = tuple((a, *choose_draft_length(costs, a)) for a in ACCEPTANCE_RATES)
-    plain = 1.0 / (plain_pass or one_pass)
-    return DraftPrediction(plan.draft.display_name, plan.draft.bytes, costs, plain, speculative)
+    return DraftPrediction(plan.draft.display_name, plan.draft.bytes, costs, 1.0 / one_pass, speculative)
 
 
 def predict_draft_costs(

@@ -11,8 +11,8 @@ dtype. The model then verifies what the draft proposes
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from optdemo.core.construction import construction_lock
 from optdemo.core.errors import ConfigError
@@ -22,10 +22,13 @@ from optdemo.models import hub
 from optdemo.models.source import ModelSource, hub_token, resolve_model
 from optdemo.plan.bandwidth import Bandwidths
 from optdemo.plan.planner import Plan, resolve_dtype
-from optdemo.plan.policy import DraftCosts, PolicyChoice
-from optdemo.plan.speed import predict_draft_costs
+from optdemo.plan.policy import DraftCosts
+from optdemo.plan.speed import drafting_slowdown, predict_draft_costs
 from optdemo.runtime.quantized_load import load_quantized, shard_transform
 from optdemo.weights.checkpoints import ProgressCallback, quantized_checkpoint
+
+if TYPE_CHECKING:
+    from optdemo.runtime.status import ModelStatus
 
 # The draft is loaded whole in RAM: one entry that puts every module on the CPU.
 ALL_ON_CPU: dict[str, Any] = {"": "cpu"}
@@ -85,13 +88,20 @@ def load_draft(
     return Draft(model.eval(), config.draft, name, size, time.perf_counter() - started, context_window(model))
 
 
-def predicted_costs(plan: Plan, cpu_layers: PolicyChoice | None, bandwidths: Bandwidths) -> DraftCosts | None:
-    """What the plan predicts a further token of a verification pass and a draft token cost here
-    (its ``one_pass`` is 0: the engine measures that before it speculates), so the engine can tell
-    a draft that cannot pay before spending a pass on finding out. CPU-resident layers compute
-    each further token unless a GPU runs them (``cpu_layers``)."""
-    cpu_executes = cpu_layers is None or cpu_layers.policy == "cpu"
-    return predict_draft_costs(plan, bandwidths, 0.0, cpu_executes)
+def predicted_costs(plan: Plan, status: ModelStatus, bandwidths: Bandwidths) -> DraftCosts | None:
+    """What the plan predicts a further token of a verification pass and a draft token cost here,
+    and how much slower the model's pass runs while the draft drafts (its ``one_pass`` is 0: the
+    engine measures that before it speculates), so the engine can tell a draft that cannot pay
+    before spending a pass on finding out. CPU-resident layers compute each further token unless a
+    GPU runs them (``status.cpu_layers``); the slowdown comes from the memory the disk tier's split
+    found (``status.disk_tier``)."""
+    policy = status.cpu_layers
+    costs = predict_draft_costs(plan, bandwidths, 0.0, policy is None or policy.policy == "cpu")
+    tier = status.disk_tier
+    if costs is None or tier is None or not tier.available_bytes:
+        return costs
+    where = policy.policy if policy else "accelerate"
+    return replace(costs, drafting_slowdown=drafting_slowdown(plan, bandwidths, tier.available_bytes, where))
 
 
 def check_vocabulary(tokenizer: Any, draft_tokenizer: Any, draft_name: str, model_name: str) -> None:

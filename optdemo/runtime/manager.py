@@ -274,7 +274,7 @@ class ModelManager:
             timing_hooks.install(loaded.model, plan, loaded.status.device_map, bandwidths)
         loaded.status = replace(loaded.status, prompt_kernel=prompt)
         if loaded.draft is not None and plan is not None:
-            loaded.draft.predicted = predicted_costs(plan, loaded.status.cpu_layers, bandwidths)
+            loaded.draft.predicted = predicted_costs(plan, loaded.status, bandwidths)
         self.engine.room = plan.batch if plan is not None else None
         with self._state_lock:
             self._loaded = loaded

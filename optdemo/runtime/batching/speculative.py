@@ -13,9 +13,8 @@ of a one-token step (:mod:`optdemo.runtime.batching.kernels`, row by row attenti
   norm(max(0, p - q)), and a bonus token from the last position when all are kept (Leviathan et
   al. 2023, algorithm 1), so the tokens are distributed exactly as the model's own.
 
-The model's cache keeps only the positions of tokens kept; the draft's is cut back to them too.
-Stop sequences, the end of text, ``max_new_tokens`` and Stop end a reply inside a kept run: no
-token is sent past them.
+The caches keep only the positions of tokens kept. Stop sequences, the end of text,
+``max_new_tokens`` and Stop end a reply inside a kept run: no token is sent past them.
 
 A pass reads the model's weights once however many tokens it checks, so where reading them is the
 cost (a disk tier) a pass over k + 1 tokens costs about one over a single token, and each kept
@@ -79,12 +78,8 @@ class ReplyCounts:
 
     def fields(self) -> dict:
         """The reply's ``GenerationStats`` fields."""
-        return {
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "passes": len(self.lengths),
-            "draft_lengths": tuple(self.lengths),
-        }
+        passes = {"passes": len(self.lengths), "draft_lengths": tuple(self.lengths)}
+        return {"drafted": self.drafted, "accepted": self.accepted, **passes}
 
 
 @dataclass
@@ -102,21 +97,24 @@ class Measured:
     def costs(self) -> DraftCosts | None:
         """The costs the choice of k weighs: each as measured, else as the plan predicts it; None
         until a one-token pass is measured, or while a cost is neither measured nor predicted."""
-        extra, draft = self.per_extra_token, self.draft_token
+        extra, draft, slowdown = self.per_extra_token, self.draft_token, 1.0
         if self.predicted is not None:
             extra = self.predicted.per_extra_token if extra is None else extra
             draft = self.predicted.draft_token if draft is None else draft
+            slowdown = self.predicted.drafting_slowdown
         if self.one_pass is None or extra is None or draft is None:
             return None
-        return DraftCosts(self.one_pass, extra, draft)
+        return DraftCosts(self.one_pass, extra, draft, slowdown)
 
     def describe(self, costs: DraftCosts) -> str:
         """``costs`` for people, saying which are the plan's prediction rather than measured."""
         extra = "" if self.per_extra_token is not None else " (predicted)"
         draft = "" if self.draft_token is not None else " (predicted)"
+        slower = costs.drafting_slowdown
+        drafting = f" ({slower:.2g}x while drafting, predicted)" if slower > 1.01 else ""
         return (
-            f"a pass costs {costs.one_pass:.2f} s, each further token {costs.per_extra_token:.2f} s"
-            f"{extra} more and a draft token {costs.draft_token:.2f} s{draft}"
+            f"a pass costs {costs.one_pass:.2f} s{drafting}, each further token "
+            f"{costs.per_extra_token:.2f} s{extra} more and a draft token {costs.draft_token:.2f} s{draft}"
         )
 
 
@@ -323,8 +321,8 @@ class Speculator:
         return proposals, q_rows
 
     def _measure_pass(self, tokens: int, seconds: float) -> None:
-        """Record a pass's time: a one-token pass's own, or what each further token added (the
-        model's first pass warms up: not recorded)."""
+        """Record a pass's time: a one-token pass's own, or what each further token added to a pass
+        while drafting (the model's first pass warms up: not recorded)."""
         measured = self.measured
         if not self._warm:
             self._warm = True
@@ -335,7 +333,8 @@ class Speculator:
             return
         self._plain_run, self._since_plain = 0, self._since_plain + 1
         if measured.one_pass is not None:
-            extra = max(0.0, (seconds - measured.one_pass) / (tokens - 1))
+            slowdown = measured.predicted.drafting_slowdown if measured.predicted else 1.0
+            extra = max(0.0, (seconds - measured.one_pass * slowdown) / (tokens - 1))
             measured.per_extra_token = _smoothed(measured.per_extra_token, extra)
 
 

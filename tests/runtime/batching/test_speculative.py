@@ -381,6 +381,7 @@ def test_a_draft_predicted_not_to_pay_is_released_before_any_speculative_pass(
     manager.load(config.with_changes(draft="4bit"))
     predicted = manager._loaded.draft.predicted
     assert predicted is not None and predicted.per_extra_token > 0 and predicted.draft_token > 0
+    assert predicted.drafting_slowdown == 1.0  # all in RAM: the draft takes no page cache it needs
     manager._loaded.draft.predicted = DraftCosts(0.0, 10.0, 1.0)  # as on a CPU without float16 units
     update = list(manager.stream_completion(PROMPTS[2], GREEDY))[-1]
     assert update.token_ids == reference and update.stats.passes == update.stats.drafted == 0
@@ -518,12 +519,38 @@ def test_the_plan_counts_the_drafts_ram_against_the_disk_tiers_page_cache(
     needed = cpu + disk + HEADROOM_BYTES  # the RAM that caches the whole tier beside the CPU tier
     roomy = predict_plan(plan, needed + 2 * draft).draft
     assert roomy.costs.one_pass == pytest.approx(1 / roomy.plain_tokens_per_second)
-    assert "page cache" not in roomy.summary()
+    assert roomy.costs.drafting_slowdown == 1.0 and "page cache" not in roomy.summary()
     tight = predict_plan(plan, needed + draft // 2).draft  # holds the tier only without the draft
-    assert tight.costs.one_pass > 1.01 / tight.plain_tokens_per_second
+    assert tight.costs.drafting_slowdown > 1.01
     assert tight.plain_tokens_per_second == pytest.approx(roomy.plain_tokens_per_second)
-    assert (
-        "while it drafts, its RAM comes out of the disk tier's page cache: a pass of the" in tight.summary()
+    said = "while it drafts, its RAM comes out of the disk tier's page cache: a pass of the model takes"
+    assert said in tight.summary()
+    # The engine's rule weighs that: a pass while drafting costs the slowdown times a plain one.
+    costs = tight.costs
+    assert costs.pass_seconds(0) == costs.one_pass
+    assert costs.pass_seconds(2) == pytest.approx(
+        2 * costs.draft_token + costs.one_pass * costs.drafting_slowdown + 2 * costs.per_extra_token
+    )
+    assert tight.to_dict()["drafting_slowdown"] == costs.drafting_slowdown
+
+
+def test_a_slowdown_while_drafting_can_take_away_what_speculation_gains() -> None:
+    """On a disk-bound pass (further tokens and draft tokens cheap) a draft kept half the time pays;
+    the same costs with the model's pass 3x slower while drafting (the draft's RAM out of the page
+    cache) do not, and the engine measures a further token beyond that slower pass."""
+    disk = DraftCosts(1.0, 0.02, 0.05)
+    assert choose_draft_length(disk, 0.5)[0] > 0
+    assert choose_draft_length(DraftCosts(1.0, 0.02, 0.05, drafting_slowdown=3.0), 0.5)[0] == 0
+    chooser = speculative.Speculator()
+    chooser.measured.predicted = DraftCosts(0.0, 0.02, 0.05, drafting_slowdown=3.0)
+    chooser._measure_pass(1, 9.0)  # the warm-up
+    chooser._measure_pass(1, 1.0)
+    chooser._measure_pass(3, 3.4)  # a 3-token pass while drafting: 3 s, then 0.2 s for each further
+    assert chooser.measured.per_extra_token == pytest.approx(0.2)
+    assert chooser.measured.costs() == DraftCosts(1.0, pytest.approx(0.2), 0.05, 3.0)
+    said = chooser.measured.describe(chooser.measured.costs())
+    assert said.startswith(
+        "a pass costs 1.00 s (3x while drafting, predicted), each further token 0.20 s more"
     )
 
 
